@@ -1,0 +1,49 @@
+"""The seam between the pipeline and the money: who is asking, can they pay, who earned what.
+
+The network (web/ + workers/) talks only to this protocol. ``FreeBilling`` serves development
+without a ledger; the PostgreSQL ledger (azu.ledger) provides the real implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Billing(Protocol):
+    def authenticate(self, api_key: str | None) -> str:
+        """Return the user id owning ``api_key``; raise azu.errors.Unauthorized if it is unknown/revoked."""
+
+    def hold(self, *, user_id: str, job_id: str, model_id: str, max_token_layers: int) -> None:
+        """Reserve the most the job can cost; raise azu.errors.PaymentRequired when the balance can't cover it.
+
+        Idempotent per job_id.
+        """
+
+    def settle(self, *, job_id: str, usage: dict[str, int]) -> None:
+        """Charge actual usage (worker_id -> token-layers it ran), credit workers 80% / platform 20%,
+        release the rest of the hold. One transaction; settling a job twice changes nothing."""
+
+    def release(self, *, job_id: str) -> None:
+        """Give the whole hold back (the job failed before any token was produced). Idempotent."""
+
+    def register_worker(self, *, worker_id: str, wallet_address: str | None) -> None:
+        """Make sure the worker has a ledger account (and a payout address, when given)."""
+
+
+class FreeBilling:
+    """No accounts, no money: every request is user "local". For development and engine-only tests."""
+
+    def authenticate(self, api_key: str | None) -> str:
+        return "local"
+
+    def hold(self, *, user_id: str, job_id: str, model_id: str, max_token_layers: int) -> None:
+        return None
+
+    def settle(self, *, job_id: str, usage: dict[str, int]) -> None:
+        return None
+
+    def release(self, *, job_id: str) -> None:
+        return None
+
+    def register_worker(self, *, worker_id: str, wallet_address: str | None) -> None:
+        return None

@@ -1,0 +1,76 @@
+"""One exception hierarchy for the domain; web/ maps it to HTTP status codes in one place."""
+
+from __future__ import annotations
+
+
+class AzuError(Exception):
+    """Base of every error azu raises on purpose. `status` is the HTTP status the API answers with."""
+
+    status: int = 400
+    code: str = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(AzuError):
+    status = 400
+    code = "invalid_request"
+
+
+class Unauthorized(AzuError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class PaymentRequired(AzuError):
+    status = 402
+    code = "insufficient_funds"
+
+
+class Forbidden(AzuError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(AzuError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(AzuError):
+    status = 409
+    code = "conflict"
+
+
+class NoCapacity(AzuError):
+    status = 503
+    code = "no_capacity"
+
+
+class IntegrityFailure(AzuError):
+    """A file's bytes do not match the SHA-256 its manifest (or the hub) promised."""
+
+    status = 502
+    code = "integrity_failure"
+
+
+class UnsafeFormat(AzuError):
+    """Pickle-based weights (.bin/.pt/.pth/.pkl/.ckpt) are refused: they can run code when loaded."""
+
+    status = 400
+    code = "unsafe_format"
+
+
+class UnsupportedArchitecture(AzuError):
+    status = 400
+    code = "unsupported_architecture"
+
+
+class CacheFull(AzuError):
+    """A stage's bounded KV cache cannot take another job's tokens."""
+
+    status = 503
+    code = "cache_full"

@@ -1,0 +1,33 @@
+"""Celery settings, read from the environment (Celery's own convention: ``app.config_from_object``)."""
+
+from __future__ import annotations
+
+from azu.config import redis_url
+
+broker_url = redis_url()
+result_backend = None  # the chain carries itself; results travel on Redis streams, never AsyncResult.get()
+task_ignore_result = True
+
+# Workers are strangers: never pickle. msgpack carries bytes (tensors as safetensors bytes).
+task_serializer = "msgpack"
+result_serializer = "msgpack"
+accept_content = ["msgpack", "json"]
+result_accept_content = ["msgpack", "json"]
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_hijack_root_logger = False
+broker_connection_retry_on_startup = True
+task_default_queue = "core"
+task_create_missing_queues = True
+
+task_routes = {
+    "workers.scheduler.*": {"queue": "core"},
+    "workers.payouts.*": {"queue": "core"},
+    "workers.registry.*": {"queue": "registry"},
+    # workers.stage.* is routed per call: sig.set(queue="gpu.<worker_id>")
+}
+
+timezone = "UTC"
+enable_utc = True

@@ -1,0 +1,8 @@
+"""The Celery app. Thin: tasks receive, call azu, send on. ``celery -A workers worker -Q <queue>``."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+app = Celery("workers", include=[])
+app.config_from_object("celeryconfig")
