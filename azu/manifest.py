@@ -1,0 +1,253 @@
+"""The shard folder's ``manifest.json``: what each file holds and the SHA-256 it must have.
+
+Written by the sharder (``azu.sharding``), read by stages and served by the registry. Every consumer
+checks a file's hash *before* parsing it (``load_verified`` / ``read_verified_bytes``): shard files come
+from strangers, and a safetensors parser should never see bytes nobody vouched for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from azu.errors import IntegrityFailure, InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "azu-shards/1"
+MANIFEST_NAME = "manifest.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+HEAD_FILE = "head.safetensors"
+_CHUNK = 1 << 20  # hash in 1 MiB reads: memory stays flat whatever the file size
+
+FileKind = Literal["embeddings", "layer", "head"]
+
+
+def layer_file_name(index: int) -> str:
+    return f"layer_{index:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One weight file of the shard folder."""
+
+    name: str
+    kind: FileKind
+    layer: int | None
+    sha256: str
+    size: int
+    tensors: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "layer": self.layer, "sha256": self.sha256,
+                "size": self.size, "tensors": list(self.tensors)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileEntry:
+        return cls(name=d["name"], kind=d["kind"], layer=d["layer"], sha256=d["sha256"], size=int(d["size"]),
+                   tensors=tuple(d["tensors"]))
+
+
+@dataclass(frozen=True)
+class ExtraFile:
+    """A non-weight file copied from the source (config, tokenizer files)."""
+
+    name: str
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExtraFile:
+        return cls(name=d["name"], sha256=d["sha256"], size=int(d["size"]))
+
+
+@dataclass
+class Manifest:
+    model_id: str
+    source_revision: str | None
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    tied_head: bool
+    torch_dtype: str | None
+    config: dict[str, Any]
+    files: list[FileEntry]
+    extra_files: list[ExtraFile] = field(default_factory=list)
+    format: str = FORMAT
+    # Where the manifest was loaded from (not serialized).
+    directory: Path | None = field(default=None, compare=False)
+
+    # -- lookup -------------------------------------------------------------------------------------
+    def layer_file(self, index: int) -> FileEntry:
+        for entry in self.files:
+            if entry.kind == "layer" and entry.layer == index:
+                return entry
+        raise NotFound(f"manifest of {self.model_id} has no file for layer {index} "
+                       f"(it has {self.num_layers} layers)")
+
+    @property
+    def embeddings_file(self) -> FileEntry:
+        return self._single("embeddings")
+
+    @property
+    def head_file(self) -> FileEntry:
+        return self._single("head")
+
+    def _single(self, kind: FileKind) -> FileEntry:
+        for entry in self.files:
+            if entry.kind == kind:
+                return entry
+        raise NotFound(f"manifest of {self.model_id} has no {kind} file")
+
+    def files_for(
+        self, first_layer: int, last_layer: int, *, embeddings: bool, head: bool
+    ) -> list[FileEntry]:
+        """The files a stage holding layers ``[first_layer, last_layer)`` (plus embeddings/head) needs."""
+        if not 0 <= first_layer <= last_layer <= self.num_layers:
+            raise InvalidRequest(f"layer range [{first_layer}, {last_layer}) is outside the model's "
+                                 f"{self.num_layers} layers")
+        out = [self.embeddings_file] if embeddings else []
+        out += [self.layer_file(i) for i in range(first_layer, last_layer)]
+        if head:
+            out.append(self.head_file)
+        return out
+
+    def entry(self, name: str) -> FileEntry | ExtraFile:
+        """A weight or extra file by name (the registry serves both)."""
+        for e in [*self.files, *self.extra_files]:
+            if e.name == name:
+                return e
+        raise NotFound(f"{name!r} is not a file of {self.model_id}")
+
+    @property
+    def total_weight_bytes(self) -> int:
+        return sum(e.size for e in self.files)
+
+    # -- (de)serialization ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format, "model_id": self.model_id, "source_revision": self.source_revision,
+            "architecture": self.architecture, "model_type": self.model_type, "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "tied_head": self.tied_head,
+            "torch_dtype": self.torch_dtype, "config": self.config,
+            "files": [e.to_dict() for e in self.files],
+            "extra_files": [e.to_dict() for e in self.extra_files],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def summary(self) -> dict[str, Any]:
+        """What ``azu shard --json`` prints: the manifest without the per-tensor lists and the config."""
+        d = self.to_dict()
+        del d["config"]
+        d["files"] = [{k: v for k, v in e.to_dict().items() if k != "tensors"} | {"tensors": len(e.tensors)}
+                      for e in self.files]
+        d["directory"] = str(self.directory) if self.directory else None
+        d["total_weight_bytes"] = self.total_weight_bytes
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, directory: Path | None = None) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise InvalidRequest(f"unknown shard format {d.get('format')!r}; expected {FORMAT!r}")
+        try:
+            return cls(
+                model_id=d["model_id"], source_revision=d.get("source_revision"),
+                architecture=d["architecture"], model_type=d["model_type"], num_layers=int(d["num_layers"]),
+                hidden_size=int(d["hidden_size"]), vocab_size=int(d["vocab_size"]),
+                tied_head=bool(d["tied_head"]), torch_dtype=d.get("torch_dtype"), config=d["config"],
+                files=[FileEntry.from_dict(e) for e in d["files"]],
+                extra_files=[ExtraFile.from_dict(e) for e in d.get("extra_files", [])],
+                directory=directory,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequest(f"malformed manifest: {exc!r}") from exc
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> Manifest:
+        path = Path(directory) / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no {MANIFEST_NAME} in {directory} (not an `azu shard` folder)") from None
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data, directory=Path(directory))
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)  # atomic: a reader never sees half a manifest
+        self.directory = Path(directory)
+        return path
+
+
+# -- hashing and verified reads -------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int | None = None) -> bytes:
+    """The file's bytes; IntegrityFailure naming the file if its size or SHA-256 is not the promised one."""
+    p = Path(path)
+    try:
+        actual_size = p.stat().st_size
+    except FileNotFoundError:
+        raise NotFound(f"shard file {p} is missing") from None
+    # Size first: a truncated or padded file is refused without reading it.
+    if size is not None and actual_size != size:
+        raise IntegrityFailure(f"{p.name}: size {actual_size} bytes, manifest says {size}", param=p.name)
+    data = p.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != sha256.lower():
+        raise IntegrityFailure(f"{p.name}: SHA-256 {digest} does not match the manifest's {sha256}",
+                               param=p.name)
+    return data
+
+
+def load_verified(directory: str | os.PathLike[str], entry: FileEntry) -> dict[str, torch.Tensor]:
+    """Load one shard file's tensors after checking its size and SHA-256 against ``entry``.
+
+    The hash is computed over the very bytes that are then parsed (no re-read), so a file swapped on
+    disk between the check and the parse cannot slip through.
+    """
+    from safetensors.torch import load
+
+    data = read_verified_bytes(Path(directory) / entry.name, entry.sha256, size=entry.size)
+    tensors = load(data)
+    del data
+    if set(tensors) != set(entry.tensors):
+        raise IntegrityFailure(f"{entry.name}: tensors {sorted(tensors)} differ from the manifest's list",
+                               param=entry.name)
+    return tensors
+
+
+def verify_all(directory: str | os.PathLike[str], entries: Iterable[FileEntry | ExtraFile]) -> None:
+    """Check every listed file's size and SHA-256 (streaming; nothing is parsed)."""
+    for entry in entries:
+        p = Path(directory) / entry.name
+        if not p.exists():
+            raise NotFound(f"shard file {p} is missing")
+        if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+            raise IntegrityFailure(f"{entry.name}: contents do not match the manifest", param=entry.name)

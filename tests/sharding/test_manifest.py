@@ -1,0 +1,82 @@
+"""azu.manifest: round trip, lookups and verified loading (hash checked before parsing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from azu.errors import IntegrityFailure, InvalidRequest, NotFound
+from azu.manifest import FileEntry, Manifest, load_verified, read_verified_bytes, sha256_file
+
+
+def _entry(directory, name, kind, layer, tensors):
+    path = directory / name
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return FileEntry(name=name, kind=kind, layer=layer, sha256=sha256_file(path), size=path.stat().st_size,
+                     tensors=tuple(sorted(tensors)))
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    files = [
+        _entry(tmp_path, "embeddings.safetensors", "embeddings", None, {"e.weight": torch.ones(4, 2)}),
+        _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"layers.0.w": torch.arange(6.0)}),
+        _entry(tmp_path, "layer_00001.safetensors", "layer", 1, {"layers.1.w": torch.arange(3.0)}),
+        _entry(tmp_path, "head.safetensors", "head", None, {"lm_head.weight": torch.zeros(4, 2)}),
+    ]
+    m = Manifest(model_id="t", source_revision=None, architecture="LlamaForCausalLM", model_type="llama",
+                 num_layers=2, hidden_size=2, vocab_size=4, tied_head=False, torch_dtype="float32",
+                 config={"model_type": "llama"}, files=files)
+    m.save(tmp_path)
+    return tmp_path
+
+
+def test_round_trip_and_lookup(shard_dir):
+    m = Manifest.load(shard_dir)
+    assert m.layer_file(1).name == "layer_00001.safetensors"
+    assert m.embeddings_file.tensors == ("e.weight",)
+    assert m.head_file.name == "head.safetensors"
+    names = [e.name for e in m.files_for(1, 2, embeddings=False, head=True)]
+    assert names == ["layer_00001.safetensors", "head.safetensors"]
+    assert [e.name for e in m.files_for(0, 1, embeddings=True, head=False)] == [
+        "embeddings.safetensors", "layer_00000.safetensors"]
+    with pytest.raises(InvalidRequest):
+        m.files_for(0, 3, embeddings=False, head=False)
+    with pytest.raises(NotFound):
+        m.layer_file(5)
+    assert Manifest.load(shard_dir).to_dict() == m.to_dict()
+
+
+def test_load_verified_returns_tensors(shard_dir):
+    m = Manifest.load(shard_dir)
+    t = load_verified(shard_dir, m.layer_file(0))
+    assert torch.equal(t["layers.0.w"], torch.arange(6.0))
+
+
+def test_tampered_file_is_refused_naming_it(shard_dir):
+    m = Manifest.load(shard_dir)
+    path = shard_dir / "layer_00000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityFailure, match=r"layer_00000\.safetensors"):
+        load_verified(shard_dir, m.layer_file(0))
+    with pytest.raises(IntegrityFailure, match=r"layer_00000\.safetensors"):
+        read_verified_bytes(path, m.layer_file(0).sha256)
+
+
+def test_truncated_file_is_refused_by_size(shard_dir):
+    m = Manifest.load(shard_dir)
+    path = shard_dir / "head.safetensors"
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(IntegrityFailure, match="size"):
+        load_verified(shard_dir, m.head_file)
+
+
+def test_missing_manifest_and_bad_format(tmp_path):
+    with pytest.raises(NotFound):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "other/9"}')
+    with pytest.raises(InvalidRequest, match="format"):
+        Manifest.load(tmp_path)
