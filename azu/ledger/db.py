@@ -54,8 +54,9 @@ def alembic_config(url: str | None = None):  # -> alembic.config.Config (importe
 
     cfg = Config(str(REPO_ROOT / "alembic.ini")) if (REPO_ROOT / "alembic.ini").exists() else Config()
     cfg.set_main_option("script_location", str(ALEMBIC_DIR))
+    cfg.attributes["configure_logger"] = False  # called from code: keep the host's logging setup
     if url:
-        # Passed as an attribute, not a main option: ConfigParser would read '%' in a password as interpolation.
+        # An attribute, not a main option: ConfigParser would read a '%' in a password as interpolation.
         cfg.attributes["database_url"] = normalize_url(url)
     return cfg
 

@@ -1,0 +1,86 @@
+"""Alembic environment for the ledger.
+
+The URL comes from ``config.attributes["database_url"]`` (azu.ledger.db.migrate) or ``DATABASE_URL``.
+Each migration runs in its own transaction, under a 4 s lock timeout (fail fast rather than queue the live
+API behind an ACCESS EXCLUSIVE lock), and the whole run holds a PostgreSQL advisory lock so two deploys
+starting at once migrate one after the other.
+"""
+
+from __future__ import annotations
+
+import os
+from logging.config import fileConfig
+
+from sqlalchemy import create_engine, pool, text
+
+from alembic import context
+from azu.ledger.db import normalize_url
+from azu.ledger.models import Amount, Base
+
+config = context.config
+# The CLI configures logging from alembic.ini; azu.ledger.db.migrate() leaves the host app's logging alone.
+if config.config_file_name and config.attributes.get("configure_logger", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+target_metadata = Base.metadata
+
+# Any constant works; it only has to be the same for every process migrating this database.
+MIGRATION_LOCK_ID = 0x617A755F6C6564  # "azu_led"
+LOCK_TIMEOUT = "4s"
+STATEMENT_TIMEOUT = "60s"
+
+
+def _render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
+    # Migrations must not import app code (they are frozen history): render Amount as its plain column type.
+    if type_ == "type" and isinstance(obj, Amount):
+        return "sa.Numeric(precision=78, scale=0)"
+    return False
+
+
+def _url() -> str:
+    url = config.attributes.get("database_url") or os.environ.get("DATABASE_URL", "")
+    return normalize_url(url)
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        transaction_per_migration=True,
+        compare_type=True,
+        render_item=_render_item,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(_url(), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        # Session-level settings and lock, committed before Alembic starts its own per-migration
+        # transactions (Alembic leaves an already-open transaction to the caller).
+        connection.execute(text(f"SET lock_timeout = '{LOCK_TIMEOUT}'"))
+        connection.execute(text(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
+        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_ID})
+        connection.commit()
+        try:
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                transaction_per_migration=True,
+                compare_type=True,
+                render_item=_render_item,
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+        finally:
+            connection.rollback()
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_ID})
+            connection.commit()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

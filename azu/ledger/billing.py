@@ -1,0 +1,115 @@
+"""``LedgerBilling``: the ``azu.billing.Billing`` seam backed by the PostgreSQL ledger."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from azu import economics
+from azu.errors import InvalidRequest, Unauthorized
+from azu.ledger import service
+from azu.ledger.db import session_scope
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+API_KEY_PREFIX = "azu_"
+# SQLSTATEs after which PostgreSQL rolled the whole transaction back and a retry is the documented remedy.
+_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+
+
+def new_api_key() -> str:
+    """A fresh key: 256 random bits. Shown to the user once; only its hash is stored."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(api_key: str) -> str:
+    # A plain sha256 is enough: the key has 256 random bits, so there is nothing to brute-force or salt.
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def run_in_transaction(engine: Engine, fn: Callable[[Session], T], *, attempts: int = 3) -> T:
+    """Run ``fn`` in one committed transaction, retrying when PostgreSQL aborted it for a deadlock or a
+    serialization failure. Safe because every ledger operation is idempotent."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with session_scope(engine) as session:
+                return fn(session)
+        except OperationalError as exc:
+            sqlstate = getattr(exc.orig, "sqlstate", None)
+            if sqlstate not in _RETRYABLE or attempt == attempts:
+                raise
+            log.warning("ledger transaction aborted (%s), retry %d", sqlstate, attempt)
+            time.sleep(0.01 * attempt)  # back off a little before retrying, not a synchronization
+    raise AssertionError("unreachable")
+
+
+class LedgerBilling:
+    """Who is asking (API key -> wallet address), can they pay (hold), who earned what (settle)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        price_per_token_layer: int | None = None,
+        normalize_address: Callable[[str], str] | None = None,
+    ) -> None:
+        self.engine = engine
+        # A payment provider's validate_address, so a worker's payout wallet is checked before it is stored.
+        self.normalize_address = normalize_address
+        self.price = (
+            economics.price_per_token_layer() if price_per_token_layer is None else price_per_token_layer
+        )
+
+    def authenticate(self, api_key: str | None) -> str:
+        if not api_key:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <api key>' (POST /auth/keys)")
+        key_hash = hash_api_key(api_key)
+        address = run_in_transaction(self.engine, lambda s: service.user_for_key_hash(s, key_hash))
+        if address is None:
+            raise Unauthorized("unknown or revoked API key")
+        return address
+
+    def hold(self, *, user_id: str, job_id: str, model_id: str, max_token_layers: int) -> None:
+        if (
+            isinstance(max_token_layers, bool)
+            or not isinstance(max_token_layers, int)
+            or max_token_layers < 0
+        ):
+            raise InvalidRequest("max_token_layers must be a non-negative integer")
+        amount = economics.cost(max_token_layers, self.price)
+        run_in_transaction(
+            self.engine,
+            lambda s: service.hold_job(
+                s, job_id=job_id, user_address=user_id, amount=amount, model_id=model_id, price=self.price
+            ),
+        )
+
+    def settle(self, *, job_id: str, usage: dict[str, int]) -> None:
+        run_in_transaction(self.engine, lambda s: service.settle_job(s, job_id=job_id, usage=dict(usage)))
+
+    def release(self, *, job_id: str) -> None:
+        run_in_transaction(self.engine, lambda s: service.release_job(s, job_id=job_id))
+
+    def register_worker(self, *, worker_id: str, wallet_address: str | None) -> None:
+        wallet = (
+            self.normalize_address(wallet_address)
+            if wallet_address and self.normalize_address
+            else wallet_address
+        )
+
+        def register(session: Session) -> None:
+            service.worker_account(session, worker_id)
+            if wallet:
+                service.set_worker_wallet(session, worker_id, wallet)
+
+        run_in_transaction(self.engine, register)

@@ -1,0 +1,623 @@
+"""The only code that moves money. Every function takes a SQLAlchemy ``Session`` first and never commits
+(the caller owns the transaction: ``with session_scope(engine) as s: ...``). Amounts are ``int`` base units.
+
+Concurrency, in one place:
+- Every mutating function runs inside a SAVEPOINT, so a refusal (402, 409, ...) leaves the caller's
+  transaction usable and nothing of the refused operation behind.
+- Each money movement is a journal transaction with a unique idempotency key, inserted with
+  ``ON CONFLICT DO NOTHING``: a concurrent duplicate waits for the first one's COMMIT and then does nothing.
+- Rows are locked in one order to avoid deadlocks: the business row (job / payout / deposit key) first,
+  then the journal key, then the accounts involved, by ascending id.
+- Operations are idempotent, so a caller may retry a transaction that PostgreSQL aborted (deadlock,
+  serialization failure); LedgerBilling does.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from azu import economics
+from azu.errors import Conflict, InvalidRequest, NotFound, PaymentRequired, Unauthorized
+from azu.ledger.models import (
+    OPEN_PAYOUT_STATUSES,
+    PAYOUT_TRANSITIONS,
+    Account,
+    AccountKind,
+    ApiKey,
+    AuthChallenge,
+    Deposit,
+    Job,
+    JobStatus,
+    JobUsage,
+    JournalEntry,
+    JournalTransaction,
+    Payout,
+    PayoutStatus,
+    Worker,
+)
+
+log = logging.getLogger(__name__)
+
+CHALLENGE_TTL = timedelta(minutes=5)
+
+
+# --------------------------------------------------------------------------------------------- accounts
+
+
+def _account(session: Session, kind: AccountKind, owner: str = "") -> Account:
+    if kind.has_owner and not owner:
+        raise InvalidRequest(f"a {kind.value} account needs an owner")
+    query = select(Account).where(Account.kind == kind.value, Account.owner == owner)
+    account = session.execute(query).scalar_one_or_none()
+    if account is None:
+        # Two requests may create the same account at once: the loser's insert becomes a no-op.
+        session.execute(
+            pg_insert(Account)
+            .values(kind=kind.value, owner=owner)
+            .on_conflict_do_nothing(index_elements=["kind", "owner"])
+        )
+        account = session.execute(query).scalar_one()
+    return account
+
+
+def user_account(session: Session, address: str) -> Account:
+    """The account of a wallet ``address`` (already normalized by the payment provider)."""
+    return _account(session, AccountKind.USER, address)
+
+
+def worker_account(session: Session, worker_id: str) -> Account:
+    _ensure_worker(session, worker_id)
+    return _account(session, AccountKind.WORKER, worker_id)
+
+
+def platform_account(session: Session) -> Account:
+    return _account(session, AccountKind.PLATFORM)
+
+
+def chain_account(session: Session) -> Account:
+    """The outside world. Its balance is minus what the platform holds on behalf of everyone."""
+    return _account(session, AccountKind.CHAIN)
+
+
+def payouts_account(session: Session) -> Account:
+    """Payouts debited from workers and not yet confirmed on chain."""
+    return _account(session, AccountKind.PAYOUTS)
+
+
+def holds_account(session: Session) -> Account:
+    """What running jobs have reserved from their users."""
+    return _account(session, AccountKind.HOLDS)
+
+
+def balance(session: Session, account: Account | int) -> int:
+    """The committed-or-own-transaction balance, read fresh (triggers update it behind the ORM's back)."""
+    account_id = account if isinstance(account, int) else account.id
+    return session.execute(select(Account.balance).where(Account.id == account_id)).scalar_one()
+
+
+def user_balance(session: Session, address: str) -> int:
+    found = session.execute(
+        select(Account.balance).where(Account.kind == AccountKind.USER.value, Account.owner == address)
+    ).scalar_one_or_none()
+    return found or 0
+
+
+def held_for(session: Session, address: str) -> int:
+    """Sum of the holds of this user's running jobs."""
+    total = session.execute(
+        select(func.coalesce(func.sum(Job.hold_amount), 0)).where(
+            Job.user_address == address, Job.status == JobStatus.HELD.value
+        )
+    ).scalar_one()
+    return int(total)
+
+
+def _ensure_worker(session: Session, worker_id: str) -> None:
+    if not worker_id:
+        raise InvalidRequest("worker id must not be empty", param="worker_id")
+    if session.get(Worker, worker_id) is None:
+        session.execute(pg_insert(Worker).values(id=worker_id).on_conflict_do_nothing(index_elements=["id"]))
+
+
+def set_worker_wallet(session: Session, worker_id: str, address: str) -> Worker:
+    """Where the worker's payouts go (``address`` already normalized by the payment provider)."""
+    with session.begin_nested():
+        worker_account(session, worker_id)
+        session.execute(update(Worker).where(Worker.id == worker_id).values(wallet_address=address))
+    worker = session.get(Worker, worker_id, populate_existing=True)
+    assert worker is not None
+    return worker
+
+
+# --------------------------------------------------------------------------------------------- posting
+
+
+def _post(
+    session: Session, *, key: str, kind: str, legs: Iterable[tuple[Account, int]], memo: str | None = None
+) -> int | None:
+    """Write one balanced journal transaction; return its id, or None if ``key`` was already posted.
+
+    Refuses (PaymentRequired) to take a non-chain account below zero; the database's CHECK is the backstop.
+    """
+    by_account: dict[int, int] = defaultdict(int)
+    kinds: dict[int, str] = {}
+    for account, amount in legs:
+        by_account[account.id] += amount
+        kinds[account.id] = account.kind
+    moves = {account_id: amount for account_id, amount in by_account.items() if amount != 0}
+    if sum(moves.values()) != 0:
+        raise AssertionError(f"unbalanced journal transaction {key}: {moves}")
+
+    txn_id = session.execute(
+        pg_insert(JournalTransaction)
+        .values(idempotency_key=key, kind=kind, memo=memo)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(JournalTransaction.id)
+    ).scalar_one_or_none()
+    if txn_id is None:
+        return None
+    if not moves:
+        return txn_id
+
+    ordered = sorted(moves)  # lock in ascending id order: no deadlock between two postings
+    balances = dict(
+        session.execute(
+            select(Account.id, Account.balance)
+            .where(Account.id.in_(ordered))
+            .order_by(Account.id)
+            .with_for_update()
+        ).all()
+    )
+    for account_id in ordered:
+        after = balances[account_id] + moves[account_id]
+        if after < 0 and kinds[account_id] != AccountKind.CHAIN.value:
+            raise PaymentRequired(
+                f"{kinds[account_id]} account {account_id} holds {balances[account_id]} base units; "
+                f"{-moves[account_id]} needed"
+            )
+    session.execute(
+        pg_insert(JournalEntry),
+        [{"transaction_id": txn_id, "account_id": a, "amount": moves[a]} for a in ordered],
+    )
+    return txn_id
+
+
+# --------------------------------------------------------------------------------------------- deposits
+
+
+def deposit_for_tx(session: Session, tx_id: str) -> Deposit | None:
+    return session.execute(select(Deposit).where(Deposit.tx_id == tx_id)).scalar_one_or_none()
+
+
+def credit_deposit(
+    session: Session, *, tx_id: str, sender: str, amount: int, refuse_replay: bool = False
+) -> Deposit:
+    """Credit ``amount`` to ``sender``'s account, once per chain transaction ``tx_id``.
+
+    A second call with the same ``tx_id`` changes nothing and returns the first deposit, or raises
+    Conflict when ``refuse_replay`` (the API answers a replayed transaction with 409).
+    """
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise InvalidRequest(f"a deposit must carry a positive integer amount, got {amount!r}")
+    if not tx_id or not sender:
+        raise InvalidRequest("a deposit needs a transaction id and a sender")
+    with session.begin_nested():
+        user = user_account(session, sender)
+        chain = chain_account(session)
+        # The journal key is the lock: a concurrent credit of the same tx waits on it, then finds it taken.
+        deposit_id = _insert_deposit(
+            session, tx_id=tx_id, sender=sender, amount=amount, user=user, chain=chain
+        )
+    existing = session.execute(
+        select(Deposit).where(Deposit.tx_id == tx_id).execution_options(populate_existing=True)
+    ).scalar_one()
+    if deposit_id is None:
+        if existing.sender != sender or existing.amount != amount:
+            log.warning("deposit %s replayed with different sender/amount; the first credit stands", tx_id)
+        if refuse_replay:
+            raise Conflict(f"transaction {tx_id} was already credited to {existing.sender}", param="tx_sig")
+    return existing
+
+
+def _insert_deposit(
+    session: Session, *, tx_id: str, sender: str, amount: int, user: Account, chain: Account
+) -> int | None:
+    # Journal first (its unique key serializes duplicates), then the deposit row pointing at it.
+    txn_id = _post(
+        session,
+        key=f"deposit:{tx_id}",
+        kind="deposit",
+        legs=[(chain, -amount), (user, amount)],
+        memo=f"deposit {tx_id} from {sender}",
+    )
+    if txn_id is None:
+        return None
+    return session.execute(
+        pg_insert(Deposit)
+        .values(tx_id=tx_id, sender=sender, amount=amount, account_id=user.id, journal_transaction_id=txn_id)
+        .returning(Deposit.id)
+    ).scalar_one()
+
+
+# --------------------------------------------------------------------------------------------- jobs
+
+
+def _locked_job(session: Session, job_id: str) -> Job:
+    job = session.execute(
+        select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if job is None:
+        raise NotFound(f"no job {job_id!r} in the ledger", param="job_id")
+    return job
+
+
+def hold_job(
+    session: Session,
+    *,
+    job_id: str,
+    user_address: str,
+    amount: int,
+    model_id: str | None = None,
+    price: int | None = None,
+) -> Job:
+    """Reserve ``amount`` (the most the job can cost) from the user. Idempotent per ``job_id``.
+
+    Raises PaymentRequired (with both amounts) when the user's balance cannot cover it; nothing is written.
+    ``price`` (per token-layer) is fixed on the job now, so settlement charges what the user accepted.
+    """
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+        raise InvalidRequest(f"a hold must be a non-negative integer, got {amount!r}")
+    unit = economics.price_per_token_layer() if price is None else price
+    with session.begin_nested():
+        inserted = session.execute(
+            pg_insert(Job)
+            .values(id=job_id, user_address=user_address, model_id=model_id, hold_amount=amount, price=unit)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(Job.id)
+        ).scalar_one_or_none()
+        if inserted is None:
+            job = _locked_job(session, job_id)
+            if job.user_address != user_address or job.hold_amount != amount:
+                raise Conflict(f"job {job_id!r} already exists with another user or hold", param="job_id")
+            return job
+        user = user_account(session, user_address)
+        available = user_balance(session, user_address)
+        if available < amount:
+            raise PaymentRequired(
+                f"insufficient balance: this job may cost up to {amount} base units "
+                f"and {user_address} has {available}; deposit at least {amount - available} more"
+            )
+        _post(
+            session,
+            key=f"job:{job_id}:hold",
+            kind="hold",
+            legs=[(user, -amount), (holds_account(session), amount)],
+            memo=f"hold for job {job_id}",
+        )
+    return _job(session, job_id)
+
+
+def _job(session: Session, job_id: str) -> Job:
+    job = session.execute(
+        select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if job is None:
+        raise NotFound(f"no job {job_id!r} in the ledger", param="job_id")
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    return _job(session, job_id)
+
+
+def settle_job(session: Session, *, job_id: str, usage: dict[str, int], price: int | None = None) -> Job:
+    """Charge actual usage, credit each worker its share of 80 %, the platform 20 %, return the rest.
+
+    ``usage`` maps worker id -> token-layers it ran; ``price`` defaults to the one fixed at hold time.
+    The charge is capped at the hold (see azu.economics.settle). One transaction; settling a job that is
+    already settled or released changes nothing.
+    """
+    with session.begin_nested():
+        job = _locked_job(session, job_id)  # concurrent settlements queue here; the first one wins
+        if job.status != JobStatus.HELD.value:
+            if job.status == JobStatus.RELEASED.value:
+                log.warning("job %s was released before it was settled; not charging", job_id)
+            return job
+        result = economics.settle(usage, job.price if price is None else price, cap=job.hold_amount)
+        legs: list[tuple[Account, int]] = [
+            (holds_account(session), -job.hold_amount),
+            (user_account(session, job.user_address), job.hold_amount - result.charge),
+            (platform_account(session), result.platform),
+        ]
+        for worker_id in sorted(result.workers):
+            legs.append((worker_account(session, worker_id), result.workers[worker_id]))
+        _post(session, key=f"job:{job_id}:settle", kind="settle", legs=legs, memo=f"settle job {job_id}")
+        session.add_all(
+            JobUsage(job_id=job_id, worker_id=w, token_layers=usage[w], credited=result.workers[w])
+            for w in sorted(usage)
+        )
+        job.status = JobStatus.SETTLED.value
+        job.charged = result.charge
+        job.finished_at = func.now()
+        session.flush()
+    return _job(session, job_id)
+
+
+def release_job(session: Session, *, job_id: str) -> Job:
+    """Give the whole hold back (the job failed before producing anything). Idempotent."""
+    with session.begin_nested():
+        job = _locked_job(session, job_id)
+        if job.status != JobStatus.HELD.value:
+            return job
+        _post(
+            session,
+            key=f"job:{job_id}:release",
+            kind="release",
+            legs=[
+                (holds_account(session), -job.hold_amount),
+                (user_account(session, job.user_address), job.hold_amount),
+            ],
+            memo=f"release job {job_id}",
+        )
+        job.status = JobStatus.RELEASED.value
+        job.charged = 0
+        job.finished_at = func.now()
+        session.flush()
+    return _job(session, job_id)
+
+
+def job_usage(session: Session, job_id: str) -> dict[str, tuple[int, int]]:
+    """worker id -> (token-layers, credited) as recorded at settlement."""
+    rows = session.execute(
+        select(JobUsage.worker_id, JobUsage.token_layers, JobUsage.credited).where(JobUsage.job_id == job_id)
+    ).all()
+    return {w: (tl, credited) for w, tl, credited in rows}
+
+
+# --------------------------------------------------------------------------------------------- payouts
+
+
+def workers_due(session: Session, threshold: int) -> list[tuple[str, str, int]]:
+    """(worker id, wallet, whole balance) for each worker with a wallet, a balance >= ``threshold`` and no
+    payout already in flight."""
+    if threshold <= 0:
+        raise InvalidRequest("the payout threshold must be positive")
+    open_payout = exists().where(Payout.worker_id == Worker.id, Payout.status.in_(OPEN_PAYOUT_STATUSES))
+    rows = session.execute(
+        select(Worker.id, Worker.wallet_address, Account.balance)
+        .join(Account, (Account.kind == AccountKind.WORKER.value) & (Account.owner == Worker.id))
+        .where(Worker.wallet_address.is_not(None), Account.balance >= threshold, ~open_payout)
+        .order_by(Worker.id)
+    ).all()
+    return [(w, wallet, amount) for w, wallet, amount in rows if wallet]
+
+
+def _locked_payout(session: Session, payout_id: int) -> Payout:
+    payout = session.execute(
+        select(Payout)
+        .where(Payout.id == payout_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if payout is None:
+        raise NotFound(f"no payout {payout_id}", param="payout_id")
+    return payout
+
+
+def _move(payout: Payout, to: PayoutStatus) -> bool:
+    """Apply a status change allowed by PAYOUT_TRANSITIONS; False if already there; Conflict otherwise."""
+    current = PayoutStatus(payout.status)
+    if current == to:
+        return False
+    if to not in PAYOUT_TRANSITIONS[current]:
+        raise Conflict(
+            f"payout {payout.id} is {current.value}; it cannot become {to.value}", param="payout_id"
+        )
+    payout.status = to.value
+    return True
+
+
+def create_payout(session: Session, *, worker_id: str, amount: int, to_address: str) -> Payout:
+    """Debit the worker into the payouts-in-flight account and record a pending payout, in one transaction.
+
+    Call it (and commit) before anything is signed or sent. One payout per worker may be in flight:
+    a second one raises Conflict (the database's partial unique index is the backstop).
+    """
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise InvalidRequest(f"a payout must be a positive integer amount, got {amount!r}")
+    if not to_address:
+        raise InvalidRequest("a payout needs a destination address", param="to_address")
+    try:
+        with session.begin_nested():
+            worker = worker_account(session, worker_id)
+            payout = Payout(worker_id=worker_id, amount=amount, to_address=to_address)
+            session.add(payout)
+            session.flush()  # the partial unique index refuses a second open payout here
+            _post(
+                session,
+                key=f"payout:{payout.id}:debit",
+                kind="payout",
+                legs=[(worker, -amount), (payouts_account(session), amount)],
+                memo=f"payout {payout.id} to {to_address}",
+            )
+    except IntegrityError as exc:
+        if "uq_payouts_one_open_per_worker" in str(exc.orig):
+            raise Conflict(f"worker {worker_id} already has a payout in flight", param="worker_id") from exc
+        raise
+    return _payout(session, payout.id)
+
+
+def _payout(session: Session, payout_id: int) -> Payout:
+    payout = session.get(Payout, payout_id, populate_existing=True)
+    if payout is None:
+        raise NotFound(f"no payout {payout_id}", param="payout_id")
+    return payout
+
+
+def get_payout(session: Session, payout_id: int) -> Payout:
+    return _payout(session, payout_id)
+
+
+def record_signed(session: Session, payout_id: int, *, tx_id: str, nonce: int | None) -> Payout:
+    """Remember the signed transaction (hash, nonce) BEFORE it is broadcast, so a crash after sending can
+    be reconciled by tx id. Only while pending; the same (tx_id, nonce) again is a no-op; a different
+    tx for a payout that already has one raises Conflict (the first may be on the wire: reconcile it, then
+    mark_failed, and pay again with a new payout)."""
+    if not tx_id:
+        raise InvalidRequest("tx_id must not be empty", param="tx_id")
+    with session.begin_nested():
+        payout = _locked_payout(session, payout_id)
+        if payout.tx_id is not None:
+            if payout.tx_id == tx_id and payout.nonce == nonce:
+                return payout
+            raise Conflict(f"payout {payout_id} already has signed tx {payout.tx_id}", param="tx_id")
+        if payout.status != PayoutStatus.PENDING.value:
+            raise Conflict(f"payout {payout_id} is {payout.status}; only a pending payout can be signed")
+        payout.tx_id = tx_id
+        payout.nonce = nonce
+        session.flush()
+    return _payout(session, payout_id)
+
+
+def mark_sent(session: Session, payout_id: int) -> Payout:
+    """pending -> sent (broadcast). Idempotent."""
+    with session.begin_nested():
+        payout = _locked_payout(session, payout_id)
+        if payout.tx_id is None:
+            raise Conflict(f"payout {payout_id} has no recorded signed tx; record_signed comes first")
+        if _move(payout, PayoutStatus.SENT):
+            payout.sent_at = func.now()
+        session.flush()
+    return _payout(session, payout_id)
+
+
+def mark_confirmed(session: Session, payout_id: int) -> Payout:
+    """sent -> confirmed: the money left the system (payouts-in-flight -> outside chain). Idempotent."""
+    with session.begin_nested():
+        payout = _locked_payout(session, payout_id)
+        if _move(payout, PayoutStatus.CONFIRMED):
+            _post(
+                session,
+                key=f"payout:{payout_id}:confirm",
+                kind="payout_confirm",
+                legs=[(payouts_account(session), -payout.amount), (chain_account(session), payout.amount)],
+                memo=f"payout {payout_id} confirmed as {payout.tx_id}",
+            )
+            payout.finished_at = func.now()
+        session.flush()
+    return _payout(session, payout_id)
+
+
+def mark_failed(session: Session, payout_id: int, reason: str) -> Payout:
+    """pending|sent -> failed -> reversed: the amount goes back to the worker. Only for a payout that can
+    never land on chain. Idempotent; refused (Conflict) for a confirmed payout: that would pay twice."""
+    with session.begin_nested():
+        payout = _locked_payout(session, payout_id)
+        if payout.status == PayoutStatus.REVERSED.value:
+            return payout
+        _move(payout, PayoutStatus.FAILED)
+        payout.failure_reason = reason[:2000]
+        _post(
+            session,
+            key=f"payout:{payout_id}:reverse",
+            kind="payout_reverse",
+            legs=[
+                (payouts_account(session), -payout.amount),
+                (worker_account(session, payout.worker_id), payout.amount),
+            ],
+            memo=f"payout {payout_id} failed: {reason[:200]}",
+        )
+        _move(payout, PayoutStatus.REVERSED)
+        payout.finished_at = func.now()
+        session.flush()
+    return _payout(session, payout_id)
+
+
+def payouts_in(session: Session, *statuses: PayoutStatus | str) -> list[Payout]:
+    """Payouts in any of ``statuses`` (all payouts when none is given), oldest first."""
+    query = select(Payout).order_by(Payout.id)
+    if statuses:
+        query = query.where(Payout.status.in_([PayoutStatus(s).value for s in statuses]))
+    return list(session.execute(query).scalars())
+
+
+# --------------------------------------------------------------------------------------------- API keys
+
+
+def create_challenge(session: Session, address: str, *, ttl: timedelta = CHALLENGE_TTL) -> str:
+    """A single-use text for the wallet ``address`` to sign; valid for ``ttl``."""
+    nonce = secrets.token_hex(16)
+    now = session.execute(select(func.now())).scalar_one()
+    expires = now + ttl
+    message = (
+        "azu wants you to sign in with your wallet to create an API key.\n\n"
+        f"Address: {address}\n"
+        f"Nonce: {nonce}\n"
+        f"Issued At: {now.isoformat(timespec='seconds')}\n"
+        f"Expiration Time: {expires.isoformat(timespec='seconds')}"
+    )
+    session.add(AuthChallenge(address=address, nonce=nonce, message=message, expires_at=expires))
+    session.flush()
+    return message
+
+
+def consume_challenge(session: Session, address: str, challenge: str) -> None:
+    """Mark the challenge used; Unauthorized if it is unknown, for another address, expired or used.
+
+    One UPDATE ... WHERE used_at IS NULL: of two concurrent uses, exactly one succeeds."""
+    used = session.execute(
+        update(AuthChallenge)
+        .where(
+            AuthChallenge.address == address,
+            AuthChallenge.message == challenge,
+            AuthChallenge.used_at.is_(None),
+            AuthChallenge.expires_at > func.now(),
+        )
+        .values(used_at=func.now())
+        .returning(AuthChallenge.id)
+    ).scalar_one_or_none()
+    if used is None:
+        raise Unauthorized("unknown, expired or already used challenge; ask for a new one", param="challenge")
+
+
+def store_api_key(session: Session, *, address: str, key_hash: str, label: str | None) -> ApiKey:
+    key = ApiKey(address=address, key_hash=key_hash, label=label)
+    session.add(key)
+    session.flush()
+    return key
+
+
+def user_for_key_hash(session: Session, key_hash: str) -> str | None:
+    """The address owning a live (not revoked) key with this sha256 hex, else None."""
+    return session.execute(
+        select(ApiKey.address).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+    ).scalar_one_or_none()
+
+
+def list_api_keys(session: Session, address: str) -> Sequence[ApiKey]:
+    return list(
+        session.execute(select(ApiKey).where(ApiKey.address == address).order_by(ApiKey.id)).scalars()
+    )
+
+
+def revoke_api_key(session: Session, address: str, key_id: int) -> ApiKey:
+    """Revoke one of ``address``'s keys (NotFound for anyone else's). Idempotent."""
+    key = session.execute(
+        select(ApiKey).where(ApiKey.id == key_id, ApiKey.address == address).with_for_update()
+    ).scalar_one_or_none()
+    if key is None:
+        raise NotFound(f"no API key {key_id} for this address", param="key_id")
+    if key.revoked_at is None:
+        key.revoked_at = func.now()
+        session.flush()
+        session.refresh(key)
+    return key
