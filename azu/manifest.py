@@ -125,7 +125,8 @@ class Manifest:
 
     def entry(self, name: str) -> FileEntry | ExtraFile:
         """A weight or extra file by name (the registry serves both)."""
-        for e in [*self.files, *self.extra_files]:
+        entries: list[FileEntry | ExtraFile] = [*self.files, *self.extra_files]
+        for e in entries:
             if e.name == name:
                 return e
         raise NotFound(f"{name!r} is not a file of {self.model_id}")

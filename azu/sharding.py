@@ -1,0 +1,503 @@
+"""``azu shard``: split a Hugging Face causal LM into per-layer safetensors files plus ``manifest.json``.
+
+Why it is built this way:
+- Sharding only *moves bytes*: every output tensor is a byte range of a source file (a tied head is the
+  embedding's byte range again, under the name ``lm_head.weight``). So the sharder never parses tensors
+  into memory and never imports torch: it reads each source file's header, plans which output file each
+  tensor goes to (``azu.engine.naming.classify_tensor``), and streams the byte ranges through a small
+  fixed buffer into the output files, hashing as it writes. Peak memory is a few MB above the
+  interpreter's, whatever the size of the model or of its largest source file, and a layer whose
+  tensors are spread over several source files of a sharded checkpoint needs no pending buffers.
+- Output files are our own minimal safetensors writer: one ``__metadata__`` key (``{"format": "pt"}``),
+  tensors ordered by (element size descending, name), so every tensor is aligned to its element size
+  and the same source always gives the same bytes and hashes.
+- Only ``.safetensors`` weights are accepted; pickle-based weights are refused before any weight byte
+  is read, downloaded or written (they can run code when loaded).
+- Everything is checked before ``--out`` is touched; the folder is written under a temporary name next
+  to it and renamed into place at the end, so a failure never leaves half a shard folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from azu.engine.naming import Part, classify_tensor
+from azu.errors import AzuError, IntegrityFailure, InvalidRequest, NotFound, UnsafeFormat
+from azu.manifest import (
+    EMBEDDINGS_FILE,
+    HEAD_FILE,
+    MANIFEST_NAME,
+    ExtraFile,
+    FileEntry,
+    Manifest,
+    layer_file_name,
+)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+# Non-weight files copied into the shard folder when the source has them (all plain text / JSON /
+# sentencepiece protobuf: nothing that executes when read).
+EXTRA_FILE_NAMES = (
+    CONFIG_NAME, "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)
+# Input token embedding modules, by attribute name (the tensor a tied head is cloned from).
+_TOKEN_EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+# config.json aliases across families (GPT-2 says n_layer, MPT n_layers, ...).
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+
+_DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+_TORCH_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit: a larger header is an attack, not a model
+_COPY_CHUNK = 8 * 1024 * 1024
+
+
+# -- source files -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live in a source file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors file's header (the tensor bytes are not read)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise IntegrityFailure(f"{path.name} is not a safetensors file (shorter than 8 bytes)",
+                                   param=path.name)
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise IntegrityFailure(f"{path.name}: header length {n} is impossible for a {size}-byte file",
+                                   param=path.name)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IntegrityFailure(f"{path.name}: safetensors header is not JSON ({exc})",
+                                   param=path.name) from exc
+    if not isinstance(header, dict):
+        raise IntegrityFailure(f"{path.name}: safetensors header is not an object", param=path.name)
+    data_start, data_len = 8 + n, size - 8 - n
+    header.pop("__metadata__", None)
+    out: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            itemsize = _DTYPE_SIZES[dtype]
+            if not (all(isinstance(d, int) and d >= 0 for d in shape)
+                    and isinstance(start, int) and isinstance(end, int)):
+                raise ValueError("non-integer shape or offsets")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityFailure(f"{path.name}: bad header entry for {name!r} ({exc!r})",
+                                   param=path.name) from exc
+        if not 0 <= start <= end <= data_len or end - start != math.prod(shape) * itemsize:
+            raise IntegrityFailure(f"{path.name}: tensor {name!r} has offsets [{start}, {end}) that do not "
+                                   f"fit its shape {shape} x {dtype} inside the file", param=path.name)
+        out[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + start, end - start)
+    # Overlapping ranges would let one tensor's bytes masquerade as another's.
+    spans = sorted((t.offset, t.offset + t.nbytes) for t in out.values() if t.nbytes)
+    for (_, prev_end), (start, _) in itertools.pairwise(spans):
+        if start < prev_end:
+            raise IntegrityFailure(f"{path.name}: tensors overlap in the file", param=path.name)
+    return out
+
+
+def _check_file_name(name: str, what: str) -> str:
+    # Names come from an untrusted index / repo listing: never let one escape the source folder.
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise InvalidRequest(f"{what} names an unsafe file path {name!r}")
+    return name
+
+
+def select_weight_files(names: Iterable[str], index: dict[str, Any] | None, *, where: str) -> list[str]:
+    """The ``.safetensors`` files that make up the checkpoint, or UnsafeFormat if there are only pickles.
+
+    ``names``: every file of the source (repo-relative, ``/``-separated). An index decides when present
+    (a repo may also hold e.g. Mistral's ``consolidated.safetensors``, a duplicate of the same weights).
+    """
+    names = list(names)
+    top = {n for n in names if "/" not in n}
+    if index is not None:
+        files = sorted({_check_file_name(f, INDEX_NAME) for f in index["weight_map"].values()})
+        bad = [f for f in files if not f.endswith(".safetensors")]
+        if bad:
+            raise UnsafeFormat(f"{where}: {INDEX_NAME} points at non-safetensors files {bad}")
+        missing = [f for f in files if f not in top]
+        if missing:
+            raise NotFound(f"{where}: {INDEX_NAME} lists files that are not there: {missing}")
+        return files
+    if "model.safetensors" in top:
+        return ["model.safetensors"]
+    files = sorted(n for n in top if n.endswith(".safetensors"))
+    if files:
+        return files
+    pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise UnsafeFormat(
+            f"{where} has only pickle-based weights ({', '.join(pickles)}); azu accepts .safetensors only, "
+            "because loading a pickle can run arbitrary code. Convert the checkpoint to safetensors first."
+        )
+    raise NotFound(f"{where} has no .safetensors weights")
+
+
+def parse_index(raw: bytes, *, where: str) -> dict[str, Any]:
+    try:
+        index = json.loads(raw)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise TypeError("weight_map is not a name -> file object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise InvalidRequest(f"{where}: {INDEX_NAME} is malformed ({exc})") from exc
+    return index
+
+
+@dataclass
+class Source:
+    """A checkpoint on local disk, ready to shard: which files, and what they are."""
+
+    model_id: str
+    revision: str | None
+    weight_paths: dict[str, Path]
+    extra_paths: dict[str, Path]
+    index: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def local_source(directory: str | os.PathLike[str]) -> Source:
+    root = Path(directory)
+    if not root.is_dir():
+        raise NotFound(f"{root} is not a folder")
+    names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
+    index = parse_index((root / INDEX_NAME).read_bytes(), where=str(root)) if INDEX_NAME in names else None
+    weights = select_weight_files(names, index, where=str(root))
+    extras = [n for n in EXTRA_FILE_NAMES if n in names]
+    return Source(model_id=root.resolve().name, revision=None,
+                  weight_paths={n: root / n for n in weights}, extra_paths={n: root / n for n in extras},
+                  index=index)
+
+
+# -- planning -----------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    parts: dict[Part, list[TensorInfo]]
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    tied_head: bool
+    torch_dtype: str | None
+    architecture: str
+    model_type: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for infos in self.parts.values() for t in infos)
+
+
+def _config_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    for k in keys:
+        if isinstance(config.get(k), int):
+            return int(config[k])
+    return None
+
+
+def _token_embedding(candidates: list[TensorInfo], vocab_size: int | None, where: str) -> TensorInfo:
+    found = [t for t in candidates
+             if len(t.name.split(".")) >= 2 and t.name.split(".")[-2] in _TOKEN_EMBEDDING_MODULES
+             and t.name.endswith(".weight") and len(t.shape) == 2
+             and (vocab_size is None or t.shape[0] == vocab_size)]
+    if len(found) != 1:
+        raise InvalidRequest(f"{where}: the head is tied but the input embedding to clone is ambiguous "
+                             f"({[t.name for t in found] or 'none found'})")
+    return found[0]
+
+
+def plan(source: Source) -> Plan:
+    where = source.model_id
+    tensors: dict[str, TensorInfo] = {}
+    for name in sorted(source.weight_paths):
+        for t in read_header(source.weight_paths[name]).values():
+            if t.name in tensors:
+                raise IntegrityFailure(f"{where}: tensor {t.name!r} is in both {tensors[t.name].path.name} "
+                                       f"and {name}", param=name)
+            tensors[t.name] = t
+    if source.index is not None:
+        for tname, fname in source.index["weight_map"].items():
+            if tname not in tensors or tensors[tname].path.name != fname:
+                raise IntegrityFailure(f"{where}: {INDEX_NAME} puts {tname!r} in {fname}, but that file "
+                                       "does not hold it", param=fname)
+
+    config = source.config
+    parts: dict[Part, list[TensorInfo]] = {}
+    for t in tensors.values():
+        parts.setdefault(classify_tensor(t.name), []).append(t)
+    layers = sorted(k for k in parts if isinstance(k, int))
+    if not layers:
+        raise InvalidRequest(f"{where}: no decoder layers found among the checkpoint's tensors")
+    if layers != list(range(len(layers))):
+        missing = sorted(set(range(layers[-1] + 1)) - set(layers))
+        raise InvalidRequest(f"{where}: the checkpoint has no tensors for layers {missing}")
+    declared = _config_int(config, _LAYER_KEYS)
+    if declared is not None and declared != len(layers):
+        raise InvalidRequest(f"{where}: config.json declares {declared} layers, "
+                             f"the checkpoint holds {len(layers)}")
+    if "embeddings" not in parts:
+        raise InvalidRequest(f"{where}: the checkpoint has no embedding tensors")
+
+    vocab_size = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
+    tie_flag = config.get("tie_word_embeddings")
+    tied = bool(tie_flag)
+    if "lm_head.weight" not in tensors:
+        # A causal LM without lm_head on disk can only be tied; refuse when the config says otherwise.
+        if tie_flag is False:
+            raise InvalidRequest(f"{where}: no lm_head.weight in the checkpoint and config.json says the "
+                                 "head is not tied to the embeddings")
+        emb = _token_embedding(parts["embeddings"], vocab_size, where)
+        parts.setdefault("head", []).append(replace(emb, name="lm_head.weight"))
+        tied = True
+    head_emb = next(t for t in parts["head"] if t.name == "lm_head.weight")
+    hidden = _config_int(config, _HIDDEN_KEYS)
+    # dtype of the weights as stored (the bulk of the bytes), not what config.json claims.
+    by_dtype: dict[str, int] = {}
+    for t in tensors.values():
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+    main_dtype = max(sorted(by_dtype), key=lambda d: by_dtype[d])
+    architectures = config.get("architectures") or []
+    return Plan(
+        parts=parts, num_layers=len(layers), hidden_size=hidden if hidden is not None else head_emb.shape[-1],
+        vocab_size=vocab_size if vocab_size is not None else head_emb.shape[0], tied_head=tied,
+        torch_dtype=_TORCH_DTYPE_NAMES.get(main_dtype, main_dtype.lower()),
+        architecture=architectures[0] if architectures else "", model_type=str(config.get("model_type", "")),
+    )
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+class _Readers:
+    """Open source files on demand; one plain file handle each (no mmap: RSS stays flat)."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, io.BufferedReader] = {}
+        self.buffer = bytearray(_COPY_CHUNK)
+
+    def get(self, path: Path) -> io.BufferedReader:
+        if path not in self._files:
+            self._files[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
+        return self._files[path]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def write_safetensors(
+    path: Path, tensors: list[TensorInfo], readers: _Readers, bar: Any = None
+) -> tuple[str, int]:
+    """Write ``tensors`` (byte ranges of source files) as one safetensors file; return (sha256, size)."""
+    ordered = sorted(tensors, key=lambda t: (-_DTYPE_SIZES[t.dtype], t.name))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in ordered:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # pad so the data (and with this order every tensor) is aligned
+    digest = hashlib.sha256()
+    view = memoryview(readers.buffer)
+    with open(path, "wb") as out:
+        for chunk in (struct.pack("<Q", len(head)), head):
+            digest.update(chunk)
+            out.write(chunk)
+        for t in ordered:
+            src = readers.get(t.path)
+            src.seek(t.offset)
+            left = t.nbytes
+            while left:
+                n = src.readinto(view[: min(left, _COPY_CHUNK)])
+                if not n:
+                    raise IntegrityFailure(f"{t.path.name} ended inside tensor {t.name!r}", param=t.path.name)
+                digest.update(view[:n])
+                out.write(view[:n])
+                left -= n
+                if bar is not None:
+                    bar.update(n)
+        size = out.tell()
+    return digest.hexdigest(), size
+
+
+def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while chunk := fi.read(_COPY_CHUNK):
+            digest.update(chunk)
+            fo.write(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _part_file(part: Part) -> tuple[str, str, int | None]:
+    if part == "embeddings":
+        return EMBEDDINGS_FILE, "embeddings", None
+    if part == "head":
+        return HEAD_FILE, "head", None
+    return layer_file_name(part), "layer", part
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).exists())):
+        raise InvalidRequest(f"{out} exists and is not an azu shard folder; refusing to overwrite it")
+
+
+def write_shards(source: Source, out_dir: str | os.PathLike[str], *, progress: bool = True) -> Manifest:
+    """Plan, then write the shard folder under a temporary name and move it into place."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    p = plan(source)  # every check happens here, before --out is touched
+    _check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    readers = _Readers()
+    try:
+        order: list[Part] = ["embeddings", *range(p.num_layers), "head"]
+        files: list[FileEntry] = []
+        with tqdm(total=p.total_bytes, unit="B", unit_scale=True, desc=f"sharding {source.model_id}",
+                  disable=not progress, file=sys.stderr) as bar:
+            for part in order:
+                name, kind, layer = _part_file(part)
+                sha, size = write_safetensors(staging / name, p.parts[part], readers, bar)
+                files.append(FileEntry(name=name, kind=kind, layer=layer, sha256=sha, size=size,  # type: ignore[arg-type]
+                                       tensors=tuple(sorted(t.name for t in p.parts[part]))))
+        extras = []
+        for name in sorted(source.extra_paths):
+            sha, size = _copy_hashed(source.extra_paths[name], staging / name)
+            extras.append(ExtraFile(name=name, sha256=sha, size=size))
+        manifest = Manifest(
+            model_id=source.model_id, source_revision=source.revision, architecture=p.architecture,
+            model_type=p.model_type, num_layers=p.num_layers, hidden_size=p.hidden_size,
+            vocab_size=p.vocab_size, tied_head=p.tied_head, torch_dtype=p.torch_dtype, config=source.config,
+            files=files, extra_files=extras,
+        )
+        manifest.save(staging)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        readers.close()
+    manifest.directory = out
+    return manifest
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        # Checked above: empty, or an earlier shard folder. Swap it out, then delete it.
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- entry points -------------------------------------------------------------------------------------------
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _load_config(source: Source) -> None:
+    path = source.extra_paths.get(CONFIG_NAME)
+    if path is None:
+        raise NotFound(f"{source.model_id} has no config.json")
+    try:
+        config = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{source.model_id}: config.json is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{source.model_id}: config.json is not an object")
+    source.config = config
+
+
+def shard_model(
+    source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, token: str | None = None,
+    revision: str | None = None, progress: bool = True, cache_dir: str | os.PathLike[str] | None = None,
+    endpoint: str | None = None,
+) -> Manifest:
+    """Shard ``source`` (a local model folder or a hub id) into ``out_dir``; return the manifest.
+
+    Hub downloads honour ``HF_TOKEN`` (when ``token`` is None) and ``HF_ENDPOINT`` (when ``endpoint``
+    is None), go to the Hugging Face cache (or ``cache_dir``) and are each checked against the SHA-256
+    the hub publishes.
+    """
+    path = Path(source)
+    if path.exists():
+        src = local_source(path)
+        if revision is not None:
+            raise InvalidRequest("--revision applies to hub ids, not to a local folder")
+    elif isinstance(source, str) and _HUB_ID.fullmatch(source) and ".." not in source:
+        from azu.hub import fetch
+
+        src = fetch(source, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
+                    progress=progress)
+    else:
+        raise NotFound(f"{source} is neither a folder nor a Hugging Face model id")
+    _load_config(src)
+    return write_shards(src, out_dir, progress=progress)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="local Hugging Face model folder, or a hub id (Qwen/Qwen2.5-0.5B)")
+    parser.add_argument("--out", required=True, help="shard folder to write")
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
+    parser.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for hub downloads")
+    parser.add_argument("--json", action="store_true", help="print the manifest summary as one JSON object")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        manifest = shard_model(args.source, args.out, revision=args.revision, cache_dir=args.cache_dir,
+                               progress=not args.quiet)
+    except AzuError as exc:
+        print(f"azu shard: error: {exc.message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"code": exc.code, "message": exc.message}}, sort_keys=True))
+        return 2 if isinstance(exc, (UnsafeFormat, InvalidRequest, NotFound)) else 1
+    if args.json:
+        print(json.dumps(manifest.summary(), sort_keys=True))
+    else:
+        print(f"{manifest.model_id}: {manifest.num_layers} layers, {len(manifest.files)} files, "
+              f"{manifest.total_weight_bytes / 1e6:.1f} MB -> {args.out}")
+    return 0
