@@ -1,0 +1,390 @@
+"""A stage: one worker's contiguous range of layers, loaded from shard files, serving many jobs.
+
+How a stage runs a family without rewriting it: the model skeleton is built from its config with every
+parameter on ``meta`` (buffers such as rotary ``inv_freq`` stay real), only the stage's tensors are
+loaded (through ``transformers``' own checkpoint conversion, so per-expert MoE names on disk become the
+fused in-memory experts), the base model's layer list is cut down to the stage's layers (each keeps its
+global index, which drives layer types, MoE sparse steps and dense-first layers), and the modules the
+stage does not own are neutralised (see ``families``). Then the family's own forward runs.
+
+Each job has its own KV cache (``StageCache``) and position counter. The cache answers HF's "how long
+is the past" questions from a layer the stage owns, since HF asks cache layer 0 by default — a layer a
+later stage does not hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from azu.engine.families import Family, family_for
+from azu.engine.naming import classify_tensor
+from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
+from azu.manifest import Manifest, load_verified
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise InvalidRequest(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Layers ``[first_layer, last_layer)``, plus the embeddings (first stage) and/or the head (last stage)."""
+
+    first_layer: int
+    last_layer: int
+    embeddings: bool
+    head: bool
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first_layer < self.last_layer:
+            raise InvalidRequest(f"a stage holds at least one layer: got [{self.first_layer}, {self.last_layer})")
+        if self.embeddings and self.first_layer != 0:
+            raise InvalidRequest("only the stage starting at layer 0 can hold the embeddings")
+
+    @property
+    def num_layers(self) -> int:
+        return self.last_layer - self.first_layer
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Create every nn.Parameter on ``meta`` while buffers stay real (a plain meta device breaks them)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar per call; a worker loading one stage doesn't need it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class StageCache(DynamicCache):
+    """A full-size DynamicCache whose length/mask questions are answered by a layer the stage owns."""
+
+    def __init__(self, config, owned: range) -> None:
+        super().__init__(config=config)
+        self.owned = owned
+        sliding = self.is_sliding
+        self._full = next((i for i in owned if not sliding[i]), owned.start)
+        self._sliding = next((i for i in owned if sliding[i]), owned.start)
+
+    def _owned(self, layer_idx: int) -> int:
+        if layer_idx in self.owned:
+            return layer_idx
+        is_sliding = layer_idx < len(self.layers) and self.is_sliding[layer_idx]
+        return self._sliding if is_sliding else self._full
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._owned(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self._owned(layer_idx))
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return super().get_query_offset(self._owned(layer_idx))
+
+
+class _ZeroPositions(nn.Module):
+    """Stands for learned position embeddings on a stage that does not own them: adds exact zeros."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.dim, self.dtype, self.device = dim, dtype, device
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = next(a for a in args if isinstance(a, torch.Tensor))
+        return torch.zeros(*positions.shape, self.dim, dtype=self.dtype, device=self.device)
+
+
+@dataclass
+class _Job:
+    cache: StageCache
+    length: int = 0
+    last_used: float = 0.0
+
+
+def _resolve(module: nn.Module, path: str) -> nn.Module:
+    for part in filter(None, path.split(".")):
+        module = getattr(module, part)
+    return module
+
+
+class Stage:
+    """Serve one layer group. Build with :meth:`load`."""
+
+    def __init__(self, model: nn.Module, manifest: Manifest, spec: StageSpec, family: Family, *,
+                 device: torch.device, dtype: torch.dtype, max_cached_tokens: int) -> None:
+        self.model = model
+        self.manifest = manifest
+        self.spec = spec
+        self.family = family
+        self.device = device
+        self.dtype = dtype
+        self.max_cached_tokens = max_cached_tokens
+        self.config = model.config
+        self._base = _resolve(getattr(model, model.base_model_prefix), family.inner)
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+        self.max_positions = int(getattr(self.config, "max_position_embeddings", 0)
+                                 or getattr(self.config, "n_positions", 0)
+                                 or getattr(self.config, "max_seq_len", 0) or 1 << 30)
+        self._base_takes_positions = "position_ids" in inspect.signature(self._base.forward).parameters
+        self._lm_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, shard_dir: str | Path, spec: StageSpec, *, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = "float32", max_cached_tokens: int = 32768) -> Stage:
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        manifest = Manifest.load(shard_dir)
+        torch_dtype = parse_dtype(dtype)
+        torch_device = torch.device(device)
+        if spec.last_layer > manifest.num_layers:
+            raise InvalidRequest(f"{manifest.model_id} has {manifest.num_layers} layers; "
+                                 f"a stage cannot hold [{spec.first_layer}, {spec.last_layer})")
+        if spec.head and spec.last_layer != manifest.num_layers:
+            raise InvalidRequest("only the stage ending at the last layer can hold the head")
+
+        config = _build_config(manifest)
+        with _params_on_meta():
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError as exc:
+                raise UnsupportedArchitecture(
+                    f"architecture {manifest.architecture!r} is not a causal LM transformers can build: {exc}"
+                ) from None
+        model.eval()
+        base_root = getattr(model, model.base_model_prefix)
+        family = family_for(manifest.model_type, manifest.architecture, base_root)
+        base = _resolve(base_root, family.inner)
+
+        # Only this stage's files, each hash-checked before it is parsed.
+        state: dict[str, torch.Tensor] = {}
+        for entry in manifest.files_for(spec.first_layer, spec.last_layer, embeddings=spec.embeddings,
+                                        head=spec.head):
+            for name, tensor in load_verified(manifest.directory or shard_dir, entry).items():
+                if tensor.is_floating_point():
+                    tensor = tensor.to(torch_dtype)
+                state[name] = tensor
+        load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=torch_dtype,
+                                          device_map={"": torch_device})
+        with _quiet_transformers():
+            convert_and_load_state_dict_in_model(model, state, load_config)
+        del state
+        _check_materialised(model, spec, family)
+
+        # Cut the layer list down to the stage's layers; they keep their global index.
+        layers = getattr(base, family.layers)
+        setattr(base, family.layers, nn.ModuleList(layers[i] for i in range(spec.first_layer, spec.last_layer)))
+        local = copy.copy(base.config)
+        if getattr(local, "layer_types", None):
+            local.layer_types = list(local.layer_types[spec.first_layer:spec.last_layer])
+        base.config = local
+        for attr, how in family.first_stage.items():
+            if not spec.embeddings:
+                _neutralise(base, attr, how, torch_dtype, torch_device)
+        for attr, how in family.last_stage.items():
+            if not spec.head:
+                _neutralise(base, attr, how, torch_dtype, torch_device)
+        # Buffers (rotary inv_freq, ALiBi helpers) were built real on the CPU; move them along.
+        for module in model.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != torch_device:
+                    module._buffers[name] = buf.to(torch_device)
+        return cls(model, manifest, spec, family, device=torch_device, dtype=torch_dtype,
+                   max_cached_tokens=max_cached_tokens)
+
+    # -- jobs ----------------------------------------------------------------------------------
+    @property
+    def cached_tokens(self) -> int:
+        return sum(j.length for j in self._jobs.values())
+
+    @property
+    def jobs(self) -> list[str]:
+        return list(self._jobs)
+
+    def job_length(self, job_id: str) -> int:
+        job = self._jobs.get(job_id)
+        return job.length if job else 0
+
+    def end_job(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def expire_idle(self, max_idle_s: float) -> list[str]:
+        """Free the caches of jobs idle for longer than ``max_idle_s``; returns their ids."""
+        cutoff = time.monotonic() - max_idle_s
+        with self._lock:
+            stale = [jid for jid, job in self._jobs.items() if job.last_used < cutoff]
+            for jid in stale:
+                del self._jobs[jid]
+        return stale
+
+    def kv_bytes_per_token(self) -> int:
+        """Approximate KV-cache bytes one token costs on this stage (for admission control)."""
+        cfg = self.config
+        heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * self.spec.num_layers * int(heads) * int(head_dim) * torch.finfo(self.dtype).bits // 8
+
+    # -- compute -------------------------------------------------------------------------------
+    def forward(self, job_id: str, x: torch.Tensor) -> torch.Tensor:
+        """Run ``x`` (token ids ``[n]`` on the first stage, hidden ``[n, hidden]`` elsewhere) for one job.
+
+        Returns hidden states ``[n, hidden]``, or on the last stage float32 logits ``[vocab]`` of the last
+        position. The job's cache grows by ``n`` positions.
+        """
+        x = self._check_input(x)
+        n = int(x.shape[0])
+        with self._lock:
+            job = self._admit(job_id, n)
+            try:
+                out = self._run(job, x)
+            except Exception:
+                # A half-applied step leaves some layers' caches longer than others: drop the job.
+                self._jobs.pop(job_id, None)
+                raise
+            job.length += n
+            job.last_used = time.monotonic()
+        return out
+
+    def forward_batch(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Several jobs' steps, in order. Each job's cache advances as with :meth:`forward`."""
+        return [self.forward(job_id, x) for job_id, x in items]
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise InvalidRequest("stage input must be a tensor")
+        if self.spec.embeddings:
+            if x.ndim != 1 or x.dtype not in (torch.int64, torch.int32) or x.numel() == 0:
+                raise InvalidRequest("the first stage takes a non-empty 1-D tensor of token ids")
+            if int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size:
+                raise InvalidRequest(f"token ids must be in [0, {self.config.vocab_size})")
+            return x.to(self.device, torch.long)
+        hidden = self.manifest.hidden_size
+        if x.ndim != 2 or x.shape[1] != hidden or not x.is_floating_point() or x.shape[0] == 0:
+            raise InvalidRequest(f"this stage takes hidden states of shape [n, {hidden}], got {list(x.shape)}")
+        return x.to(self.device, self.dtype)
+
+    def _admit(self, job_id: str, n: int) -> _Job:
+        job = self._jobs.get(job_id)
+        length = job.length if job else 0
+        if length + n > self.max_positions:
+            raise InvalidRequest(f"job {job_id} would reach {length + n} positions; the model's context is "
+                                 f"{self.max_positions}")
+        if self.cached_tokens + n > self.max_cached_tokens:
+            raise CacheFull(f"this stage's KV cache holds {self.cached_tokens} of {self.max_cached_tokens} "
+                            f"tokens; job {job_id} needs {n} more. Retry later or route to another worker.")
+        if job is None:
+            owned = range(self.spec.first_layer, self.spec.last_layer)
+            job = self._jobs[job_id] = _Job(cache=StageCache(self.model.config, owned))
+        return job
+
+    @torch.inference_mode()
+    def _run(self, job: _Job, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        kwargs: dict = {"past_key_values": job.cache, "use_cache": True}
+        if self.spec.embeddings:
+            kwargs["input_ids"] = x.unsqueeze(0)
+        else:
+            kwargs["inputs_embeds"] = x.unsqueeze(0)
+        if self._base_takes_positions:
+            kwargs["position_ids"] = torch.arange(job.length, job.length + n, device=self.device).unsqueeze(0)
+        if self.spec.head:
+            if self._lm_takes_logits_to_keep:
+                kwargs["logits_to_keep"] = 1
+            out = self.model(**kwargs)
+            return out.logits[0, -1].float()
+        out = self._base(**kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden[0]
+
+
+def _build_config(manifest: Manifest):
+    from transformers import AutoConfig
+
+    cfg = dict(manifest.config)
+    model_type = cfg.pop("model_type", manifest.model_type)
+    try:
+        return AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r} ({manifest.architecture}) is unknown to transformers: {exc}") from None
+
+
+def _neutralise(owner: nn.Module, attr: str, how: str, dtype: torch.dtype, device: torch.device) -> None:
+    module = getattr(owner, attr, None)
+    if module is None:
+        return
+    if how == "identity":
+        setattr(owner, attr, nn.Identity())
+    elif how == "none":
+        setattr(owner, attr, None)
+    elif how == "zero_positions":
+        setattr(owner, attr, _ZeroPositions(int(module.weight.shape[-1]), dtype, device))
+    else:  # pragma: no cover - the table only holds the three
+        raise ValueError(how)
+
+
+def _check_materialised(model: nn.Module, spec: StageSpec, family: Family) -> None:
+    """Every parameter the stage will use came from its files (a missing tensor would stay on meta)."""
+    missing = []
+    for name, param in model.named_parameters():
+        if not param.is_meta:
+            continue
+        part = classify_tensor(name)
+        owned = (spec.first_layer <= part < spec.last_layer if isinstance(part, int)
+                 else spec.embeddings if part == "embeddings" else spec.head)
+        if owned:
+            missing.append(name)
+    if spec.head:
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.is_meta:
+            missing.append("lm_head.weight")
+    if missing:
+        raise IntegrityFailure(f"the shard files lack tensors this stage needs: {', '.join(sorted(missing)[:8])}"
+                               + (" ..." if len(missing) > 8 else ""))
