@@ -17,6 +17,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     errors.init_app(app)
 
+    from web import accounts
+
+    accounts.init_app(app)  # ledger + payment provider from config (DATABASE_URL, AZU_PAYMENT_PROVIDER...)
+
     from web.health import bp as health_bp
 
     app.register_blueprint(health_bp)
