@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import threading
 import time
@@ -134,6 +135,11 @@ class _ZeroPositions(nn.Module):
         if positions is None:
             positions = next(a for a in args if isinstance(a, torch.Tensor))
         return torch.zeros(*positions.shape, self.dim, dtype=self.dtype, device=self.device)
+
+
+# Families whose decode steps can be batched across jobs (rotary positions passed explicitly).
+_BATCHABLE = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "gemma", "gemma2",
+                        "starcoder2", "deepseek_v2", "phi"})
 
 
 @dataclass
@@ -293,8 +299,96 @@ class Stage:
         return out
 
     def forward_batch(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Several jobs' steps, in order. Each job's cache advances as with :meth:`forward`."""
-        return [self.forward(job_id, x) for job_id, x in items]
+        """Several jobs' steps at once. Each job's cache advances as with :meth:`forward`.
+
+        One-token decode steps of different jobs run as one batch (one pass over the weights for all of
+        them) where the stage's layers allow it; anything else runs job by job.
+        """
+        job_ids = [job_id for job_id, _ in items]
+        inputs = [self._check_input(x) for _, x in items]
+        batchable = (self._can_batch and len(items) > 1 and len(set(job_ids)) == len(job_ids)
+                     and all(int(x.shape[0]) == 1 for x in inputs))
+        if not batchable:
+            return [self.forward(job_id, x) for job_id, x in zip(job_ids, inputs, strict=True)]
+        with self._lock:
+            jobs = []
+            try:
+                for job_id in job_ids:
+                    jobs.append(self._admit(job_id, 1, pending=len(jobs)))
+            except Exception:
+                for job_id, job in zip(job_ids, jobs, strict=False):
+                    if job.length == 0:  # admitted just now for this batch: leave nothing behind
+                        self._jobs.pop(job_id, None)
+                raise
+            try:
+                outs = self._run_batch(jobs, inputs)
+            except Exception:
+                for job_id in job_ids:
+                    self._jobs.pop(job_id, None)
+                raise
+            now = time.monotonic()
+            for job in jobs:
+                job.length += 1
+                job.last_used = now
+        return outs
+
+    @functools.cached_property
+    def _can_batch(self) -> bool:
+        """Batched decode pads each job's cache on the left and masks the padding; that needs explicit
+        positions (rotary families) and plain full-attention cache layers."""
+        if self.family.name not in _BATCHABLE or not self._base_takes_positions:
+            return False
+        probe = StageCache(self.model.config, range(self.spec.first_layer, self.spec.last_layer))
+        return not any(probe.is_sliding[i] for i in probe.owned)
+
+    @torch.inference_mode()
+    def _run_batch(self, jobs: list[_Job], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        owned = range(self.spec.first_layer, self.spec.last_layer)
+        lengths = [job.length for job in jobs]
+        longest = max(lengths)
+        batch = len(jobs)
+        temp = StageCache(self.model.config, owned)
+        if longest:
+            for idx in owned:
+                keys = [job.cache.layers[idx].keys if lengths[b] else None for b, job in enumerate(jobs)]
+                values = [job.cache.layers[idx].values if lengths[b] else None for b, job in enumerate(jobs)]
+                sample_k = next(k for k in keys if k is not None)
+                sample_v = next(v for v in values if v is not None)
+                k_pad = sample_k.new_zeros(batch, sample_k.shape[1], longest, sample_k.shape[3])
+                v_pad = sample_v.new_zeros(batch, sample_v.shape[1], longest, sample_v.shape[3])
+                for b in range(batch):
+                    if lengths[b]:
+                        k_pad[b, :, longest - lengths[b]:] = keys[b][0]
+                        v_pad[b, :, longest - lengths[b]:] = values[b][0]
+                layer = temp.layers[idx]
+                layer.lazy_initialization(k_pad, v_pad)
+                layer.keys, layer.values = k_pad, v_pad
+        mask = torch.zeros(batch, longest + 1, dtype=torch.long, device=self.device)
+        for b, length in enumerate(lengths):
+            mask[b, longest - length:] = 1
+        positions = torch.tensor([[length] for length in lengths], device=self.device)
+        kwargs: dict = {"past_key_values": temp, "use_cache": True, "attention_mask": mask,
+                        "position_ids": positions}
+        if self.spec.embeddings:
+            kwargs["input_ids"] = torch.stack(inputs)  # [B, 1]
+        else:
+            kwargs["inputs_embeds"] = torch.stack(inputs)  # [B, 1, hidden]
+        if self.spec.head:
+            if self._lm_takes_logits_to_keep:
+                kwargs["logits_to_keep"] = 1
+            logits = self.model(**kwargs).logits[:, -1].float()
+            outs = list(logits.unbind(0))
+        else:
+            out = self._base(**kwargs)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            outs = [h for h in hidden]  # each [1, hidden]
+        # Hand each job its new key/value column.
+        for idx in owned:
+            new_k = temp.layers[idx].keys[:, :, -1:]
+            new_v = temp.layers[idx].values[:, :, -1:]
+            for b, job in enumerate(jobs):
+                job.cache.update(new_k[b:b + 1], new_v[b:b + 1], idx)
+        return outs
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -310,13 +404,13 @@ class Stage:
             raise InvalidRequest(f"this stage takes hidden states of shape [n, {hidden}], got {list(x.shape)}")
         return x.to(self.device, self.dtype)
 
-    def _admit(self, job_id: str, n: int) -> _Job:
+    def _admit(self, job_id: str, n: int, *, pending: int = 0) -> _Job:
         job = self._jobs.get(job_id)
         length = job.length if job else 0
         if length + n > self.max_positions:
             raise InvalidRequest(f"job {job_id} would reach {length + n} positions; the model's context is "
                                  f"{self.max_positions}")
-        if self.cached_tokens + n > self.max_cached_tokens:
+        if self.cached_tokens + pending + n > self.max_cached_tokens:
             raise CacheFull(f"this stage's KV cache holds {self.cached_tokens} of {self.max_cached_tokens} "
                             f"tokens; job {job_id} needs {n} more. Retry later or route to another worker.")
         if job is None:
