@@ -32,6 +32,7 @@ from sqlalchemy import (
     ForeignKey,
     Identity,
     Index,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
@@ -260,6 +261,9 @@ class Payout(Base):
     status: Mapped[str] = mapped_column(String(16), server_default=PayoutStatus.PENDING.value)
     tx_id: Mapped[str | None] = mapped_column(String(TX_ID_LEN), unique=True)
     nonce: Mapped[int | None] = mapped_column(BigInteger)
+    # The exact signed bytes, kept so a resend after a restart sends the same transaction, never a new one.
+    # Not a secret: broadcasting them can only make this very payment.
+    raw_tx: Mapped[bytes | None] = mapped_column(LargeBinary)
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

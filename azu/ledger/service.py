@@ -467,23 +467,30 @@ def get_payout(session: Session, payout_id: int) -> Payout:
     return _payout(session, payout_id)
 
 
-def record_signed(session: Session, payout_id: int, *, tx_id: str, nonce: int | None) -> Payout:
-    """Remember the signed transaction (hash, nonce) BEFORE it is broadcast, so a crash after sending can
-    be reconciled by tx id. Only while pending; the same (tx_id, nonce) again is a no-op; a different
-    tx for a payout that already has one raises Conflict (the first may be on the wire: reconcile it, then
-    mark_failed, and pay again with a new payout)."""
+def record_signed(
+    session: Session, payout_id: int, *, tx_id: str, nonce: int | None, raw: bytes | None = None
+) -> Payout:
+    """Remember the signed transaction (hash, nonce, and its bytes when given) BEFORE it is broadcast, so a
+    crash after sending can be reconciled by tx id and the same bytes resent. Only while pending; the same
+    tx again is a no-op (it may add the bytes); a different tx for a payout that already has one raises
+    Conflict (the first may be on the wire: reconcile it, mark_failed once it provably cannot land, and pay
+    with a new payout)."""
     if not tx_id:
         raise InvalidRequest("tx_id must not be empty", param="tx_id")
     with session.begin_nested():
         payout = _locked_payout(session, payout_id)
         if payout.tx_id is not None:
-            if payout.tx_id == tx_id and payout.nonce == nonce:
-                return payout
-            raise Conflict(f"payout {payout_id} already has signed tx {payout.tx_id}", param="tx_id")
+            if payout.tx_id != tx_id or payout.nonce != nonce:
+                raise Conflict(f"payout {payout_id} already has signed tx {payout.tx_id}", param="tx_id")
+            if raw is not None and payout.raw_tx is None:
+                payout.raw_tx = raw
+                session.flush()
+            return payout
         if payout.status != PayoutStatus.PENDING.value:
             raise Conflict(f"payout {payout_id} is {payout.status}; only a pending payout can be signed")
         payout.tx_id = tx_id
         payout.nonce = nonce
+        payout.raw_tx = raw
         session.flush()
     return _payout(session, payout_id)
 

@@ -52,6 +52,14 @@ def _tables(url: str) -> set[str]:
         eng.dispose()
 
 
+def _columns(url: str, table: str) -> list[dict]:  # type: ignore[type-arg]
+    eng = make_engine(url)
+    try:
+        return list(inspect(eng).get_columns(table))
+    finally:
+        eng.dispose()
+
+
 def test_upgrade_check_downgrade_upgrade(empty_database: str) -> None:
     up = _alembic_cli(empty_database, "upgrade", "head")
     assert up.returncode == 0, up.stderr
@@ -60,6 +68,11 @@ def test_upgrade_check_downgrade_upgrade(empty_database: str) -> None:
     check = _alembic_cli(empty_database, "check")
     assert check.returncode == 0, check.stderr + check.stdout
     assert "No new upgrade operations detected" in check.stdout + check.stderr
+    current = _alembic_cli(empty_database, "current")
+    assert current.returncode == 0 and "(head)" in current.stdout, current.stdout + current.stderr
+
+    command.downgrade(alembic_config(empty_database), "-1")  # one step at a time works too
+    assert "raw_tx" not in {c["name"] for c in _columns(empty_database, "payouts")}
 
     command.downgrade(alembic_config(empty_database), "base")
     assert _tables(empty_database) <= {"alembic_version"}

@@ -231,7 +231,10 @@ def test_payout_lifecycle_pending_sent_confirmed(engine: Engine) -> None:
         with pytest.raises(Conflict, match="record_signed"):
             service.mark_sent(s, payout.id)
         service.record_signed(s, payout.id, tx_id="0xabc", nonce=7)
-        service.record_signed(s, payout.id, tx_id="0xabc", nonce=7)  # same again: fine
+        signed = service.record_signed(
+            s, payout.id, tx_id="0xabc", nonce=7, raw=b"\x02signed"
+        )  # same tx: fine
+        assert signed.raw_tx == b"\x02signed"
         with pytest.raises(Conflict, match="already has signed tx"):
             service.record_signed(s, payout.id, tx_id="0xother", nonce=8)
         with pytest.raises(Conflict, match="cannot become confirmed"):
