@@ -1,0 +1,132 @@
+"""OpenAI-compatible routes: ``POST /v1/chat/completions`` (plain and server-sent events), ``GET /v1/models``.
+
+Errors under /v1 have OpenAI's shape (web/errors.py). The official ``openai`` Python client reads both the
+plain answer and the stream; ``stream_options.include_usage`` adds a last chunk with the usage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, stream_with_context
+
+from web import serving
+from web.errors import openai_error_body
+from web.protocol import ChatCompletionRequest, parse_body, stop_list
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+CHAT_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
+CHAT_DEFAULT_MAX_TOKENS = 512  # when the request sets none: capped by the context left after the prompt
+KEEPALIVE_EVERY_S = 10.0  # an SSE comment line this often while waiting: proxies keep the stream open
+
+
+@bp.get("/models")
+def list_models():
+    from azu import models as models_api
+
+    serving.current_user()
+    data = [{"id": model_id, "object": "model", "created": 0, "owned_by": "azu"}
+            for model_id in sorted(models_api.ready_models(serving.redis_client()))]
+    return jsonify({"object": "list", "data": data})
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    user_id = serving.current_user()
+    body = parse_body(ChatCompletionRequest)
+    model = serving.ready_model(body.model, param="model")
+    prompt_ids = model.tokenizer.encode_chat([m.as_template_dict() for m in body.messages])
+    max_tokens = serving.check_context(model, prompt_ids, body.token_budget, prompt_param="messages",
+                                       default_max_tokens=CHAT_DEFAULT_MAX_TOKENS)
+    sampling = serving.Sampling(
+        temperature=CHAT_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+        top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop_list(body.stop))
+    job_id = serving.start_job(model, user_id=user_id, prompt_ids=prompt_ids, max_tokens=max_tokens,
+                               sampling=sampling)
+    base = {"id": f"chatcmpl-{job_id.removeprefix('job-')}", "created": int(time.time()),
+            "model": model.model_id}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _stream(job_id, base, model, sampling, prompt_tokens=len(prompt_ids),
+                         include_usage=include_usage)
+        return Response(stream_with_context(events), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                 "X-Azu-Job-Id": job_id})
+
+    outcome = serving.wait_for(job_id)
+    serving.raise_for(outcome, job_id)
+    dec = serving.decoder(model, sampling)
+    dec.push(outcome.token_ids)
+    dec.finish()
+    usage = serving.usage_dict(outcome.usage, prompt_tokens=len(prompt_ids),
+                               completion_tokens=len(outcome.token_ids))
+    answer = {**base, "object": "chat.completion",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": dec.text},
+                           "finish_reason": outcome.finish_reason or "stop", "logprobs": None}],
+              "usage": usage}
+    return jsonify(answer), 200, {"X-Azu-Job-Id": job_id}
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _stream(job_id: str, base: dict[str, Any], model: serving.ReadyModel, sampling: serving.Sampling, *,
+            prompt_tokens: int, include_usage: bool) -> Iterator[str]:
+    """One chunk per piece of text; the finish reason; the usage (when asked); ``[DONE]``.
+
+    If the client goes away, the WSGI server closes this generator (GeneratorExit at a yield) and the job
+    is cancelled, so the workers stop spending on an answer nobody reads.
+    """
+    dec = serving.decoder(model, sampling)
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        return _sse({**base, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                  "logprobs": None}],
+                     **extra})
+
+    finished = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        last_sent = time.monotonic()
+        deadline = time.monotonic() + serving.request_timeout_s()
+        for event in serving.follow(job_id, deadline=deadline):
+            if event is None:
+                if time.monotonic() - last_sent >= KEEPALIVE_EVERY_S:
+                    last_sent = time.monotonic()
+                    yield ": keep-alive\n\n"
+                continue
+            if event.kind == "token" and event.token_id is not None:
+                text = dec.push(int(event.token_id))
+                if text:
+                    last_sent = time.monotonic()
+                    yield chunk({"content": text})
+            elif event.kind == "done":
+                finished = True
+                tail = dec.finish()
+                if tail:
+                    yield chunk({"content": tail})
+                yield chunk({}, event.finish_reason or "stop")
+                if include_usage:
+                    usage = serving.usage_dict(event.usage, prompt_tokens=prompt_tokens,
+                                               completion_tokens=len(dec.token_ids))
+                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                yield "data: [DONE]\n\n"
+            elif event.kind == "error":
+                finished = True
+                if event.error == "timeout":
+                    serving.cancel_quietly(job_id)
+                    err = serving.JobTimeout(f"job {job_id} did not finish in time; it was cancelled")
+                else:
+                    err = serving.JobFailed(f"job {job_id} failed: {event.error or 'unknown error'}")
+                yield _sse(openai_error_body(err.status, err.message, code=err.code))
+                yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            serving.cancel_quietly(job_id)

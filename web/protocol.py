@@ -1,0 +1,219 @@
+"""Request schemas of the whole API, validated in one place (pydantic), and how a request body is parsed.
+
+Every schema is strict (a number must be a JSON number, a flag a JSON boolean) and refuses unknown fields,
+so a typo like ``max_token`` is a 400 that names it instead of a silently ignored setting. OpenAI fields that
+azu does not implement are either accepted at their no-op value (``n=1``, ``presence_penalty=0``...) or
+refused with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+from flask import request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from azu.errors import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+SEED_MAX = 2**63 - 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+MaxTokens = Annotated[int, Field(ge=1, le=1_000_000)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+# top_k: 0 means "off"; vLLM's -1 is accepted with the same meaning.
+TopK = Annotated[int, Field(ge=-1, le=1_000_000)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    return list(stop)
+
+
+class SamplingFields(Strict):
+    temperature: Temperature | None = None
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
+    stop: Stop = None
+
+
+# --- POST /submit ------------------------------------------------------------------------------------------
+class SubmitRequest(SamplingFields):
+    model_id: Annotated[str, Field(min_length=1, max_length=512)]
+    prompt: Annotated[str, Field(min_length=1)]
+    max_tokens: MaxTokens | None = None
+    # The seed README's name for the token budget; same meaning as max_tokens.
+    est_tokens: MaxTokens | None = None
+    # The seed README sent the caller's wallet here; identity now comes from the API key, so it is ignored.
+    user_pubkey: str | None = None
+
+    @model_validator(mode="after")
+    def _budget(self) -> SubmitRequest:
+        if self.max_tokens is None and self.est_tokens is None:
+            raise ValueError("max_tokens (or est_tokens) is required: the most tokens to generate")
+        if self.max_tokens is not None and self.est_tokens is not None and self.max_tokens != self.est_tokens:
+            raise ValueError("max_tokens and est_tokens disagree; send one of them")
+        return self
+
+    @property
+    def token_budget(self) -> int:
+        return int(self.max_tokens if self.max_tokens is not None else self.est_tokens)  # type: ignore[arg-type]
+
+
+# --- POST /v1/chat/completions -----------------------------------------------------------------------------
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported, got type {kind!r}")
+        return content
+
+    def as_template_dict(self) -> dict[str, Any]:
+        # Chat templates expect a string; a list of text parts is joined (images etc. are refused earlier).
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        out: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted only at the value that means "feature off", so clients that always send them still work.
+    n: Literal[1] = 1
+    presence_penalty: Literal[0, 0.0] = 0.0
+    frequency_penalty: Literal[0, 0.0] = 0.0
+    logprobs: Literal[False] = False
+    metadata: dict[str, str] | None = None
+    store: Literal[False] = False
+
+    @field_validator("messages")
+    @classmethod
+    def _last_message(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if all(m.role in ("system", "developer") for m in messages):
+            raise ValueError("messages need at least one user or assistant message")
+        return messages
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# --- registry ----------------------------------------------------------------------------------------------
+class ShardRequest(Strict):
+    model_id: Annotated[str, Field(min_length=1, max_length=512)]
+
+
+# --- parsing -----------------------------------------------------------------------------------------------
+M = TypeVar("M", bound=BaseModel)
+
+
+# What a field accepts, for errors where the value matched none of a union's shapes.
+_HINTS = {
+    "stop": f"must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+    "content": "must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})",
+}
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> list[str]:
+    # pydantic puts the union member it tried into the location ("str", "list[str]", "TextPart"...);
+    # field names here are lower snake_case, so anything else is such a tag.
+    out = []
+    for part in loc:
+        text = str(part)
+        if isinstance(part, int) or (text.isidentifier() and text.islower() and text not in _TYPE_TAGS):
+            out.append(text)
+    return out
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _reason(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    cleaned = [(_clean_loc(e.get("loc", ())), e) for e in errors]
+    top = cleaned[0][0][:1]
+    same_field = [(loc, e) for loc, e in cleaned if loc[:1] == top]
+    deepest = max(len(loc) for loc, _ in same_field)
+    candidates = [(loc, e) for loc, e in same_field if len(loc) == deepest]
+    loc, err = candidates[0]
+    name = ".".join(loc)
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return f"unknown or unsupported field {name!r}", name or None
+    if kind == "missing":
+        return f"missing required field {name!r}", name or None
+    if len(candidates) > 1:  # the value fit none of the union's shapes
+        field = next((p for p in reversed(loc) if not p.isdigit()), "")
+        message = _HINTS.get(field) or " or ".join(sorted({str(e.get("msg")) for _, e in candidates}))
+    else:
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{name}: {message}" if name else message), name or None
+
+
+def parse_body(schema: type[M]) -> M:
+    """The request's JSON body validated against ``schema``; InvalidRequest (400) naming the field if not.
+
+    The body is parsed whatever the Content-Type says (curl's -d sends form-urlencoded by default).
+    """
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return validate(schema, data)
+
+
+def validate(schema: type[M], data: dict[str, Any]) -> M:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        message, param = _reason(exc.errors(include_url=False))
+        raise InvalidRequest(message, param=param) from None
