@@ -22,6 +22,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     accounts.init_app(app)  # ledger + payment provider from config (DATABASE_URL, AZU_PAYMENT_PROVIDER...)
 
     from web.health import bp as health_bp
+    from web.jobs import bp as jobs_bp
+    from web.openai import bp as openai_bp
+    from web.registry import bp as registry_bp
 
     app.register_blueprint(health_bp)
+    app.register_blueprint(jobs_bp)
+    app.register_blueprint(openai_bp)
+    app.register_blueprint(registry_bp)
     return app

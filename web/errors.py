@@ -17,10 +17,16 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402:
                  429: "rate_limit_error", 503: "service_unavailable"}
 
 
+def openai_error_body(status: int, message: str, *, code: str | None = None,
+                      param: str | None = None) -> dict:
+    """OpenAI's error object (also sent as the last event of a stream that fails)."""
+    return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "api_error"),
+                      "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None):
     if request.path.startswith("/v1/"):
-        body = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "api_error"),
-                          "param": param, "code": code}}
+        body = openai_error_body(status, message, code=code, param=param)
     else:
         body = {"error": message, "code": code}
         if param:
