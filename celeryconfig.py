@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from azu.config import redis_url
 
 broker_url = redis_url()
@@ -31,3 +33,13 @@ task_routes = {
 
 timezone = "UTC"
 enable_utc = True
+
+# Payouts (workers/payouts.py): pay due workers, then follow sent payouts, every PAYOUT_INTERVAL_S seconds.
+# expires: a tick nobody ran before the next one is dropped rather than piled up.
+_payout_interval_s = float(os.environ.get("PAYOUT_INTERVAL_S") or 60)
+beat_schedule = {
+    "payouts-pay-due": {"task": "workers.payouts.pay_due", "schedule": _payout_interval_s,
+                        "options": {"expires": _payout_interval_s}},
+    "payouts-confirm-sent": {"task": "workers.payouts.confirm_sent", "schedule": _payout_interval_s,
+                             "options": {"expires": _payout_interval_s}},
+}

@@ -4,5 +4,5 @@ from __future__ import annotations
 
 from celery import Celery
 
-app = Celery("workers", include=[])
+app = Celery("workers", include=["workers.payouts"])
 app.config_from_object("celeryconfig")

@@ -18,6 +18,7 @@ import requests
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from eth_utils import is_checksum_address, to_checksum_address
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TransactionNotFound
@@ -102,7 +103,7 @@ class HyperliquidProvider(PaymentProvider):
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
-    def payout_address(self) -> str:
+    def payout_address(self) -> ChecksumAddress:
         """The account payouts are sent from (the scheduler key's address)."""
         return self._signer().address
 

@@ -157,9 +157,11 @@ class SolanaProvider(PaymentProvider):
             raise ChainError(f"Solana RPC {method} answered something that is not JSON") from None
         # Checked by hand first: solders' parser aborts on some error shapes (e.g. no "data" field).
         if isinstance(doc, dict) and doc.get("error") is not None:
-            err = doc["error"] if isinstance(doc["error"], dict) else {"message": str(doc["error"])}
-            raise RpcError(f"Solana RPC {method}: {err.get('code')} {str(err.get('message'))[:300]}",
-                           rpc_code=err.get("code"), rpc_data=err.get("data"))
+            raw_err = doc["error"]
+            err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {"message": str(raw_err)}
+            code = err.get("code")
+            raise RpcError(f"Solana RPC {method}: {code} {str(err.get('message'))[:300]}",
+                           rpc_code=code if isinstance(code, int) else None, rpc_data=err.get("data"))
         try:
             return parser.from_json(answer.text)  # type: ignore[attr-defined,no-any-return]
         except Exception as exc:

@@ -1,0 +1,44 @@
+"""Beat jobs that pay workers on chain. Thin: the logic (and its exactly-once reasoning) is azu.payouts.
+
+``celery -A workers beat`` enqueues both every ``PAYOUT_INTERVAL_S`` seconds (celeryconfig.beat_schedule);
+a worker consuming the ``core`` queue runs them. Overlapping runs are harmless: each run takes a PostgreSQL
+advisory lock and a run that finds it taken does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+from typing import Any
+
+from azu import economics
+from azu.ledger.db import make_engine, session_factory
+from azu.payments.factory import get_provider
+from azu.payouts import PayoutRunner
+from workers import app
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def runner() -> PayoutRunner:
+    """One per worker process: it keeps the engine's pool and the provider's connection between runs."""
+    url = os.environ.get("DATABASE_URL", "")
+    provider = get_provider()
+    threshold = economics.payout_threshold(decimals=provider.decimals)
+    return PayoutRunner(session_factory(make_engine(url)), provider, threshold=threshold)
+
+
+# acks_late off: a redelivered beat tick is pointless (the next tick comes anyway), and the run itself is
+# idempotent under its lock.
+@app.task(name="workers.payouts.pay_due", acks_late=False, ignore_result=True)
+def pay_due() -> dict[str, Any]:
+    report = runner().pay_due()
+    return report.as_dict()
+
+
+@app.task(name="workers.payouts.confirm_sent", acks_late=False, ignore_result=True)
+def confirm_sent() -> dict[str, Any]:
+    report = runner().confirm_sent()
+    return report.as_dict()
