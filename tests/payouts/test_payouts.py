@@ -250,3 +250,32 @@ def test_beat_tasks_are_registered_and_run_the_runner(env: Env, monkeypatch: pyt
     assert tasks.pay_due.run()["broadcast"] == 1
     assert tasks.confirm_sent.run()["confirmed"] == 1
     assert env.w3.eth.get_balance(wallet) == AMOUNT
+
+
+# Runtime: revert when the block number is odd (NUMBER 1 AND JUMPI -> REVERT), else accept the value.
+ODD_BLOCK_REVERTER_INIT = "0x600e600c600039600e6000f3" + "43600116600857005b60006000fd"
+
+
+def test_payout_reverted_on_chain_is_reversed_then_paid_once(env: Env) -> None:
+    deploy = env.w3.eth.send_transaction({"from": env.w3.eth.accounts[0], "data": ODD_BLOCK_REVERTER_INIT,
+                                          "gas": 200_000})
+    wallet = str(env.w3.eth.get_transaction_receipt(deploy)["contractAddress"])
+    env.earn("w1", AMOUNT, wallet=wallet)
+    tester = env.chain.ethereum_tester
+    if (env.w3.eth.block_number + 1) % 2:  # gas is estimated against an even (accepting) pending block
+        tester.mine_blocks(1)
+
+    def mine_one_first() -> None:  # ... and a block lands before ours: it executes in an odd block
+        env.chain.before_send = None
+        tester.mine_blocks(1)
+
+    env.chain.before_send = mine_one_first
+    env.runner().pay_due()
+    [(_, _, _, reverted_tx)] = env.payouts()
+    assert env.w3.eth.get_transaction_receipt(reverted_tx)["status"] == 0  # type: ignore[arg-type]
+    assert env.w3.eth.get_balance(wallet) == 0
+    report = env.runner().pay_due()  # reverted -> reversed to the worker -> paid by a new payout
+    assert report.reversed == 1 and report.created == 1 and report.broadcast == 1
+    env.runner().confirm_sent()
+    assert [p[2] for p in env.payouts()] == ["reversed", "confirmed"]
+    assert env.w3.eth.get_balance(wallet) == AMOUNT
