@@ -43,3 +43,11 @@ beat_schedule = {
     "payouts-confirm-sent": {"task": "workers.payouts.confirm_sent", "schedule": _payout_interval_s,
                              "options": {"expires": _payout_interval_s}},
 }
+
+# The job watchdog (workers/scheduler.py): fail stalled jobs, start jobs whose layers finished loading.
+_watchdog_interval_s = float(os.environ.get("AZU_WATCHDOG_INTERVAL_S") or 5)
+beat_schedule["jobs-watchdog"] = {"task": "workers.scheduler.watchdog", "schedule": _watchdog_interval_s,
+                                  "options": {"expires": _watchdog_interval_s}}
+# Flower / `celery events` see tasks when workers send task events: `-E` or AZU_TASK_EVENTS=1.
+worker_send_task_events = os.environ.get("AZU_TASK_EVENTS", "") == "1"
+task_send_sent_event = worker_send_task_events

@@ -47,3 +47,27 @@ class FreeBilling:
 
     def register_worker(self, *, worker_id: str, wallet_address: str | None) -> None:
         return None
+
+
+_billing: Billing | None = None
+
+
+def get_billing() -> Billing:
+    """The process's billing: the PostgreSQL ledger when DATABASE_URL is set (and azu.ledger imports),
+    else FreeBilling. Built once per process (the ledger keeps a connection pool)."""
+    global _billing
+    if _billing is None:
+        import os
+
+        url = os.environ.get("DATABASE_URL") or ""
+        if url:
+            try:
+                from azu.ledger.billing import LedgerBilling
+                from azu.ledger.db import make_engine
+            except ImportError:  # a worker image without the ledger's dependencies
+                _billing = FreeBilling()
+            else:
+                _billing = LedgerBilling(make_engine(url))
+        else:
+            _billing = FreeBilling()
+    return _billing

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
-app = Celery("workers", include=["workers.payouts"])
+from azu.protocol import set_dispatcher
+
+app = Celery("workers", include=["workers.payouts", "workers.stage", "workers.scheduler", "workers.registry"])
 app.config_from_object("celeryconfig")
+
+
+class CeleryDispatcher:
+    """azu.protocol.Dispatcher over this app: per-call routing with ``sig.set(queue=...)``."""
+
+    def send_task(self, name: str, *, queue: str, args: list[Any] | tuple[Any, ...] = (),
+                  kwargs: dict[str, Any] | None = None) -> None:
+        app.signature(name, args=tuple(args), kwargs=kwargs or {}).set(queue=queue).apply_async()
+
+
+# azu/ never imports Celery: it sends through whatever dispatcher the process registered.
+set_dispatcher(CeleryDispatcher())

@@ -1,0 +1,573 @@
+"""A GPU worker: the layer groups it holds, the KV caches of its jobs, and what it does with a step.
+
+Framework-free: ``workers/stage.py`` (Celery) calls ``WorkerNode.process_pending`` when woken,
+``load`` on a load order and ``end_job`` when a job is over; ``start_heartbeat`` runs beside them.
+
+One wake-up takes *every* step payload waiting for this worker (``azu:pending:<worker>``), so the decode
+steps of all jobs at the same stage run as one ``Stage.forward_batch``. Each payload is checked before
+any cache is touched: its HMAC token must match its job and route, and its position must be the one the
+stage's cache has reached. A payload already applied (a redelivery) is answered from the stage's last
+output for that job instead of being run again, so a cache never advances twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from azu import directory, jobs
+from azu.errors import AzuError, Forbidden, IntegrityFailure, InvalidRequest, UnsafeFormat
+from azu.models import registry_file_url
+from azu.protocol import Dispatcher, Hop, check_token, pack_tensor, unpack, unpack_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+StageKey = tuple[str, int, int, bool, bool]  # (model_id, first, last, embeddings, head)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
+_MEMORY_HEADROOM = 1.25
+_ENDED_MEMORY = 100_000  # ended job ids remembered (a few MB at most)  # same rule as azu.placement: weights plus room for activations and KV caches
+
+
+@dataclass
+class _JobState:
+    """What this worker remembers of a job between steps (beside the stages' KV caches)."""
+
+    touched: float = 0.0
+    decoder: Any = None  # azu.tokenization.StreamDecoder, when the job has stop strings (last stage)
+    # hop -> (step, what that step produced): replayed when the same step arrives again
+    last_out: dict[int, tuple[int, Any]] = field(default_factory=dict)
+
+
+def _drain(r: redis.Redis, worker_id: str) -> list[bytes]:
+    pipe = r.pipeline(transaction=True)
+    pipe.hvals(jobs.pending_key(worker_id))
+    pipe.delete(jobs.pending_key(worker_id))
+    vals, _ = pipe.execute()
+    return list(vals)
+
+
+class WorkerNode:
+    def __init__(self, r: redis.Redis, *, worker_id: str, dispatch: Dispatcher, device: str = "cpu",
+                 dtype: str | None = None, cache_dir: str | Path = ".azu/cache",
+                 registry_url: str = "http://127.0.0.1:8002", p2p_url: str | None = None,
+                 wallet: str | None = None, memory_limit: int | None = None,
+                 max_cached_tokens: int = 32768, kv_idle_s: float = 600.0) -> None:
+        self.r = r
+        self.worker_id = worker_id
+        self.dispatch = dispatch
+        self.device = device
+        self.dtype = dtype
+        self.cache_dir = Path(cache_dir)
+        self.registry_url = registry_url
+        self.p2p_url = p2p_url
+        self.wallet = wallet
+        self.memory_limit = memory_limit
+        self.max_cached_tokens = max_cached_tokens
+        self.kv_idle_s = kv_idle_s
+        self.stages: dict[StageKey, Any] = {}
+        self.stage_bytes: dict[StageKey, int] = {}
+        self.folders: dict[str, Path] = {}  # model id -> its local shard folder (tokenizer files too)
+        self.jobs: dict[str, _JobState] = {}
+        # Jobs that ended here lately: a late duplicate of one of their steps must not revive a cache.
+        self.ended: OrderedDict[str, None] = OrderedDict()
+        self.started_at = time.time()
+        # Stage calls come from the task thread; the heartbeat thread only sweeps idle caches under it.
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- directory -------------------------------------------------------------------------------
+    def info(self) -> directory.WorkerInfo:
+        name, total, free = _device_memory(self.device)
+        if self.memory_limit:
+            total = min(total, self.memory_limit) if total else self.memory_limit
+            free = total
+        held = sum(self.stage_bytes.values())
+        free = max(0, min(free, total - held))
+        return directory.WorkerInfo(
+            worker_id=self.worker_id, queue=f"gpu.{self.worker_id}", device=name, total_memory=total,
+            free_memory=free, p2p_url=self.p2p_url, wallet=self.wallet,
+            stages=[directory.HeldStage(*k) for k in sorted(self.stages)], cached_jobs=len(self.jobs),
+            started_at=self.started_at)
+
+    def heartbeat(self) -> None:
+        directory.register(self.r, self.info())
+
+    def start_heartbeat(self, interval: float = 3.0) -> None:
+        self.heartbeat()
+
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.heartbeat()
+                    self.sweep_idle()
+                except Exception:  # a Redis hiccup must not kill the heartbeat for good
+                    log.exception("heartbeat failed")
+
+        self._thread = threading.Thread(target=run, name="azu-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        directory.deregister(self.r, self.worker_id)
+
+    # --- loading ---------------------------------------------------------------------------------
+    def load(self, *, model_id: str, first: int, last: int, embeddings: bool, head: bool,
+             manifest_sha256: str | None = None, **_: Any) -> None:
+        """Pull the stage's files from the registry (every SHA-256 checked), hold the layers, say so."""
+        key: StageKey = (model_id, int(first), int(last), bool(embeddings), bool(head))
+        try:
+            if key not in self.stages:
+                folder = self.fetch(model_id, first, last, embeddings=embeddings, head=head,
+                                    manifest_sha256=manifest_sha256)
+                self._load_stage(key, folder)
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, AzuError) else f"{type(exc).__name__}: {exc}"
+            log.error("worker %s could not load %s [%d, %d): %s", self.worker_id, model_id, first, last,
+                      reason)
+            self.r.hset(directory.worker_key(self.worker_id) + ":errors", model_id, reason[:2000])
+            jobs.fail_waiting_jobs(self.r, model_id, f"worker {self.worker_id} could not load layers "
+                                   f"[{first}, {last}) of {model_id}: {reason}", dispatch=self.dispatch)
+            return
+        self.heartbeat()  # publish the new holding now, not at the next beat
+        jobs.start_waiting_jobs(self.r, model_id, dispatch=self.dispatch)
+
+    def load_local(self, folder: str | Path, *, model_id: str, first: int, last: int, embeddings: bool,
+                   head: bool) -> None:
+        """Hold a stage from a shard folder already on this machine (benchmarks, self-checks)."""
+        self._load_stage((model_id, first, last, embeddings, head), Path(folder))
+        self.heartbeat()
+
+    def _load_stage(self, key: StageKey, folder: Path) -> None:
+        from azu.engine.stage import Stage, StageSpec
+        from azu.manifest import Manifest
+
+        model_id, first, last, emb, head = key
+        spec = StageSpec(first_layer=first, last_layer=last, embeddings=emb, head=head)
+        stage = Stage.load(folder, spec, device=self.device, dtype=self.dtype or "float32",
+                           max_cached_tokens=self.max_cached_tokens)
+        size = sum(e.size for e in Manifest.load(folder).files_for(first, last, embeddings=emb, head=head))
+        with self.lock:
+            self.stages[key] = stage
+            self.stage_bytes[key] = int(size * _MEMORY_HEADROOM)
+            self.folders[model_id] = folder
+
+    def model_folder(self, model_id: str) -> Path:
+        return self.cache_dir / model_id.replace("/", "--")
+
+    def fetch(self, model_id: str, first: int, last: int, *, embeddings: bool, head: bool,
+              manifest_sha256: str | None = None) -> Path:
+        import requests
+
+        from azu.manifest import Manifest
+
+        folder = self.model_folder(model_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        resp = requests.get(registry_file_url(self.registry_url, model_id, "manifest.json"), timeout=60)
+        if resp.status_code != 200:
+            raise AzuError(f"registry answered {resp.status_code} for the manifest of {model_id}")
+        raw = resp.content
+        if manifest_sha256 and hashlib.sha256(raw).hexdigest() != manifest_sha256:
+            raise IntegrityFailure(f"manifest.json of {model_id} does not match the load order's SHA-256")
+        manifest = Manifest.from_dict(json.loads(raw))
+        entries = [*manifest.files_for(first, last, embeddings=embeddings, head=head), *manifest.extra_files]
+        for entry in entries:
+            self._fetch_file(model_id, folder, entry.name, entry.sha256, entry.size,
+                             weights=entry in manifest.files)
+        tmp = folder / "manifest.json.tmp"
+        tmp.write_bytes(raw)
+        os.replace(tmp, folder / "manifest.json")
+        return folder
+
+    def _fetch_file(self, model_id: str, folder: Path, name: str, sha256: str, size: int, *,
+                    weights: bool) -> None:
+        import requests
+
+        from azu.manifest import sha256_file
+
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise InvalidRequest(f"manifest names an unsafe path {name!r}")
+        if name.lower().endswith(_PICKLE_SUFFIXES) or (weights and not name.endswith(".safetensors")):
+            raise UnsafeFormat(f"{name}: only .safetensors weights are accepted")
+        path = folder / name
+        if path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256:
+            return  # cached from an earlier load
+        tmp = folder / f".{name}.part"
+        h = hashlib.sha256()
+        got = 0
+        url = registry_file_url(self.registry_url, model_id, name)
+        with requests.get(url, stream=True, timeout=60) as resp:
+            if resp.status_code != 200:
+                raise AzuError(f"registry answered {resp.status_code} for {name} of {model_id}")
+            with open(tmp, "wb") as f:
+                for chunk in resp.iter_content(1 << 20):
+                    got += len(chunk)
+                    if got > size:
+                        break
+                    h.update(chunk)
+                    f.write(chunk)
+        if got != size or h.hexdigest() != sha256:
+            tmp.unlink(missing_ok=True)
+            raise IntegrityFailure(f"{name} of {model_id}: the registry's bytes do not match the manifest "
+                                   "(size or SHA-256)", param=name)
+        os.replace(tmp, path)
+
+    # --- steps -----------------------------------------------------------------------------------
+    def process_pending(self) -> int:
+        """Run every step payload waiting for this worker. Returns how many were run or replayed."""
+        blobs = _drain(self.r, self.worker_id)
+        if not blobs:
+            return 0
+        groups: dict[StageKey, list[dict[str, Any]]] = defaultdict(list)
+        for blob in blobs:
+            try:
+                msg = self._admit(blob)
+            except AzuError as exc:
+                self.r.incr(f"azu:refused:{self.worker_id}")
+                log.warning("worker %s refused a step: %s", self.worker_id, exc.message)
+                continue
+            groups[msg["_stage_key"]].append(msg)
+        done = 0
+        with self.lock:
+            for key, msgs in groups.items():
+                done += self._run_group(key, msgs)
+        return done
+
+    def _admit(self, blob: bytes) -> dict[str, Any]:
+        msg = unpack(blob)
+        try:
+            job_id, model_id = str(msg["job"]), str(msg["model"])
+            step, hop = int(msg["step"]), int(msg["hop"])
+            route = [Hop.from_list(h) for h in msg["route"]]
+            int(msg["pos"])
+            msg["gen"]["prompt_len"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequest(f"malformed step payload: {exc!r}") from exc
+        check_token(msg.get("tok"), job_id, model_id, route)  # before any cache is touched
+        if not 0 <= hop < len(route) or route[hop].worker_id != self.worker_id:
+            raise Forbidden(f"job {job_id} step {step}: hop {hop} is not this worker's")
+        key = route[hop].stage_key(model_id)
+        if key not in self.stages:
+            raise AzuError(f"worker {self.worker_id} does not hold {model_id} layers "
+                           f"[{route[hop].first}, {route[hop].last})")
+        msg["_route"], msg["_stage_key"] = route, key
+        return msg
+
+    def _run_group(self, key: StageKey, msgs: list[dict[str, Any]]) -> int:
+        stage = self.stages[key]
+        fresh: list[dict[str, Any]] = []
+        replays: list[dict[str, Any]] = []
+        now = time.time()
+        for m in msgs:
+            job_id, pos = m["job"], int(m["pos"])
+            if job_id in self.ended:
+                log.info("job %s step %s: the job has ended here; payload dropped", job_id, m["step"])
+                continue
+            have = stage.job_length(job_id)
+            state = self.jobs.setdefault(job_id, _JobState())
+            state.touched = now
+            if have == pos:
+                fresh.append(m)
+                continue
+            last = state.last_out.get(int(m["hop"]))
+            if last is not None and last[0] == int(m["step"]):
+                replays.append(m)  # already applied: answer again, don't run again
+            elif have > pos:
+                log.info("job %s step %s: stale payload (cache at %d, payload at %d)", job_id, m["step"],
+                         have, pos)
+            else:
+                jobs.fail_job(self.r, job_id, f"worker {self.worker_id} lost the job's cache (at {have} "
+                              f"positions, step {m['step']} needs {pos})", dispatch=self.dispatch)
+        outputs = self._forward(stage, fresh)
+        layers = key[2] - key[1]
+        results: list[tuple[dict[str, Any], Any, bool]] = []
+        pipe = self.r.pipeline(transaction=False)
+        for m, out in zip(fresh, outputs, strict=True):
+            if out is None:
+                continue
+            pipe.hincrby(jobs.usage_key(m["job"]), self.worker_id, int(m["_n"]) * layers)
+            results.append((m, out, False))
+        pipe.execute()
+        for m in replays:
+            results.append((m, self.jobs[m["job"]].last_out[int(m["hop"])][1], True))
+        if key[4]:
+            self._finish_steps(key, results)
+        else:
+            self._send_on(results)
+        return len(results)
+
+    def _forward(self, stage: Any, msgs: list[dict[str, Any]]) -> list[Any]:
+        """Outputs in order (None where the job failed). Decode steps run as one batch."""
+        import torch
+
+        def inp(m: dict[str, Any]) -> torch.Tensor:
+            t = torch.tensor(m["x"], dtype=torch.long) if isinstance(m["x"], list) else unpack_tensor(m["x"])
+            m["_n"] = int(t.shape[0])  # tokens this step brings: the token-layers it earns
+            return t
+
+        outputs: list[Any] = [None] * len(msgs)
+        inputs: list[tuple[int, torch.Tensor]] = []
+        for i, m in enumerate(msgs):
+            try:
+                inputs.append((i, inp(m)))
+            except AzuError as exc:
+                jobs.fail_job(self.r, m["job"], exc.message, dispatch=self.dispatch)
+        singles = [(i, x) for i, x in inputs if x.shape[0] == 1]
+        if len(singles) > 1:
+            try:
+                outs = stage.forward_batch([(msgs[i]["job"], x) for i, x in singles])
+                for (i, _), o in zip(singles, outs, strict=True):
+                    outputs[i] = o
+                done = {i for i, _ in singles}
+            except Exception:
+                log.exception("batched forward failed; running the steps one by one")
+                done = set()
+        else:
+            done = set()
+        for i, x in inputs:
+            if i in done:
+                continue
+            try:
+                outputs[i] = stage.forward(msgs[i]["job"], x)
+            except Exception as exc:
+                reason = exc.message if isinstance(exc, AzuError) else f"{type(exc).__name__}: {exc}"
+                jobs.fail_job(self.r, msgs[i]["job"], f"worker {self.worker_id}: {reason}",
+                              dispatch=self.dispatch)
+        return outputs
+
+    def _send_on(self, results: list[tuple[dict[str, Any], Any, bool]]) -> None:
+        items: list[tuple[str, dict[str, Any]]] = []
+        for m, out, replay in results:
+            hop = int(m["hop"])
+            if replay:
+                nxt = out
+            else:
+                nxt = {k: v for k, v in m.items() if not k.startswith("_")}
+                nxt["hop"], nxt["x"] = hop + 1, pack_tensor(out)
+                self.jobs[m["job"]].last_out[hop] = (int(m["step"]), nxt)
+            items.append((m["_route"][hop + 1].worker_id, nxt))
+        jobs.send_steps(self.r, items, dispatch=self.dispatch)
+
+    def _finish_steps(self, key: StageKey, results: list[tuple[dict[str, Any], Any, bool]]) -> None:
+        """Last stage: sample, publish (once per step), then the next step or the job's end."""
+        from azu.engine.sampling import SamplingParams, sample
+
+        if not results:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for m, _, _ in results:
+            pipe.hget(jobs.job_key(m["job"]), "cancel")
+        cancelled = [bool(c) for c in pipe.execute()]
+        decided: list[tuple[dict[str, Any], int, str | None]] = []
+        for (m, out, replay), cancel in zip(results, cancelled, strict=True):
+            gen, step, hop = m["gen"], int(m["step"]), int(m["hop"])
+            if replay:
+                token = int(out)
+            else:
+                params = SamplingParams(temperature=float(gen["temperature"]), top_k=int(gen["top_k"]),
+                                        top_p=float(gen["top_p"]))
+                token = int(sample(out, params, seed=int(gen["seed"]), step=step))
+                self.jobs[m["job"]].last_out[hop] = (step, token)
+            reason: str | None = None
+            if token in gen["stop_ids"] or (gen["stop"] and self._hits_stop(m, token, replay=replay)):
+                reason = "stop"
+            elif step + 1 >= int(gen["max_tokens"]):
+                reason = "length"
+            elif cancel:
+                reason = "cancelled"
+            decided.append((m, token, reason))
+        # Publish: one stream entry per step with id 0-<step+1>; Redis refuses a second one (a replay).
+        ending = [m["job"] for m, _, reason in decided if reason]
+        usages: dict[str, dict[str, Any]] = {}
+        if ending:
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ending:
+                pipe.hgetall(jobs.usage_key(job_id))
+            for job_id, raw in zip(ending, pipe.execute(), strict=True):
+                usages[job_id] = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}
+        pipe = self.r.pipeline(transaction=False)
+        for m, token, reason in decided:
+            step = int(m["step"])
+            if reason:
+                workers = usages[m["job"]]
+                usage = {"prompt_tokens": int(m["gen"]["prompt_len"]), "completion_tokens": step + 1,
+                         "token_layers": sum(workers.values()), "workers": workers}
+                m["_usage"] = usage
+                shown = "" if token in m["gen"]["stop_ids"] else str(token)
+                fields = {"k": "done", "t": shown, "reason": reason, "usage": json.dumps(usage)}
+            else:
+                fields = {"k": "token", "t": str(token)}
+            pipe.xadd(jobs.events_key(m["job"]), fields, id=f"0-{step + 1}")
+        published = pipe.execute(raise_on_error=False)
+        nexts: list[tuple[str, dict[str, Any]]] = []
+        pipe = self.r.pipeline(transaction=False)
+        now = str(time.time())
+        for (m, token, reason), ok in zip(decided, published, strict=True):
+            if isinstance(ok, Exception):
+                continue  # this step was published before: its successor (or end) was already sent
+            job_id, step = m["job"], int(m["step"])
+            if reason:
+                route: list[Hop] = m["_route"]
+                jobs.finish_job(self.r, job_id, model_id=m["model"], route=route, token=m["tok"],
+                                reason=reason, usage=m["_usage"], last_worker=self.worker_id,
+                                dispatch=self.dispatch)
+                self._end_local(job_id, m["model"], route)
+                continue
+            nxt = {k: v for k, v in m.items() if not k.startswith("_")}
+            nxt.update(step=step + 1, hop=0, pos=int(m["gen"]["prompt_len"]) + step, x=[token])
+            nexts.append((m["_route"][0].worker_id, nxt))
+            pipe.hset(jobs.job_key(job_id), mapping={"step": str(step + 1), "updated": now})
+        pipe.execute()
+        jobs.send_steps(self.r, nexts, dispatch=self.dispatch)
+
+    def _hits_stop(self, m: dict[str, Any], token: int, *, replay: bool) -> bool:
+        from azu.tokenization import load_tokenizer
+
+        state = self.jobs[m["job"]]
+        if state.decoder is None:
+            tok = load_tokenizer(self.folders.get(m["model"]) or self.model_folder(m["model"]))
+            state.decoder = tok.stream_decoder(stop=m["gen"]["stop"])
+        if not replay:
+            state.decoder.push(token)
+        return bool(state.decoder.stopped)
+
+    # --- ending jobs -----------------------------------------------------------------------------
+    def _end_local(self, job_id: str, model_id: str, route: list[Hop]) -> None:
+        for h in route:
+            if h.worker_id == self.worker_id:
+                stage = self.stages.get(h.stage_key(model_id))
+                if stage is not None:
+                    stage.end_job(job_id)
+        self.jobs.pop(job_id, None)
+        self.ended[job_id] = None
+        while len(self.ended) > _ENDED_MEMORY:
+            self.ended.popitem(last=False)
+
+    def end_job(self, *, job_id: str, model_id: str, route: list[Any], token: str) -> None:
+        hops = [Hop.from_list(h) for h in route]
+        try:
+            check_token(token, job_id, model_id, hops)
+        except Forbidden as exc:
+            self.r.incr(f"azu:refused:{self.worker_id}")
+            log.warning("worker %s refused end_job: %s", self.worker_id, exc.message)
+            return
+        with self.lock:
+            self._end_local(job_id, model_id, hops)
+
+    def sweep_idle(self, *, now: float | None = None) -> list[str]:
+        """Free the caches of jobs untouched for ``kv_idle_s`` (a job whose end never reached us)."""
+        now = time.time() if now is None else now
+        with self.lock:
+            idle = [j for j, s in self.jobs.items() if now - s.touched > self.kv_idle_s]
+            for job_id in idle:
+                for stage in self.stages.values():
+                    stage.end_job(job_id)
+                del self.jobs[job_id]
+        return idle
+
+    def job_length(self, job_id: str) -> dict[str, int]:
+        """Positions each held stage has cached for ``job_id`` (diagnostics and tests)."""
+        with self.lock:
+            return {f"{k[0]}[{k[1]},{k[2]})": s.job_length(job_id) for k, s in self.stages.items()}
+
+
+def _device_memory(device: str) -> tuple[str, int, int]:
+    """(device name, total bytes, free bytes)."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = torch.device(device).index or 0
+        free, total = torch.cuda.mem_get_info(index)
+        return torch.cuda.get_device_name(index), int(total), int(free)
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return "cpu", int(vm.total), int(vm.available)
+
+
+def node_from_env(r: redis.Redis, *, dispatch: Dispatcher) -> WorkerNode:
+    """A WorkerNode configured by the worker's environment variables."""
+    worker_id = os.environ.get("AZU_WORKER_ID") or ""
+    if not worker_id or ":" in worker_id or "/" in worker_id:
+        raise InvalidRequest("AZU_WORKER_ID must be set to a name without ':' or '/'")
+    limit = os.environ.get("AZU_MEMORY_BYTES")
+    return WorkerNode(
+        r, worker_id=worker_id, dispatch=dispatch, device=os.environ.get("AZU_DEVICE") or "cpu",
+        dtype=os.environ.get("AZU_DTYPE") or None,
+        cache_dir=os.environ.get("AZU_CACHE_DIR") or f".azu/cache/{worker_id}",
+        registry_url=os.environ.get("REGISTRY_URL") or "http://127.0.0.1:8002",
+        p2p_url=os.environ.get("P2P_PUBLIC_URL") or None, wallet=os.environ.get("AZU_WALLET_ADDRESS") or None,
+        memory_limit=int(limit) if limit else None,
+        max_cached_tokens=int(os.environ.get("AZU_MAX_CACHED_TOKENS") or 32768),
+        kv_idle_s=float(os.environ.get("AZU_KV_IDLE_S") or 600.0),
+    )
+
+
+# --- azu-worker ---------------------------------------------------------------------------------
+def celery_worker_argv(worker_id: str, *, loglevel: str = "INFO", events: bool = False) -> list[str]:
+    """``celery -A workers worker -Q gpu.<id> --pool solo``: one task at a time, in the process that holds
+    the layers (a prefork child would hold its own copy of the weights)."""
+    import sys
+
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{worker_id}",
+            "--pool", "solo", "-n", f"{worker_id}@%h", "--loglevel", loglevel,
+            "--without-gossip", "--without-mingle"]
+    return [*argv, "-E"] if events else argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``azu-worker``: set the worker's environment from arguments, then become its Celery worker."""
+    import argparse
+    import socket
+    import sys
+
+    p = argparse.ArgumentParser(prog="azu-worker", description="an azu worker node (GPU or CPU)")
+    p.add_argument("--worker-id",
+                   default=os.environ.get("AZU_WORKER_ID") or socket.gethostname().split(".")[0])
+    p.add_argument("--registry-url", default=os.environ.get("REGISTRY_URL"))
+    p.add_argument("--p2p-url", default=os.environ.get("P2P_PUBLIC_URL"))
+    p.add_argument("--wallet", default=os.environ.get("AZU_WALLET_ADDRESS"))
+    p.add_argument("--cache-dir", default=os.environ.get("AZU_CACHE_DIR"))
+    p.add_argument("--device", default=os.environ.get("AZU_DEVICE") or _default_device())
+    p.add_argument("--dtype", default=os.environ.get("AZU_DTYPE"))
+    p.add_argument("--memory-bytes", type=int, default=None, help="offer at most this much memory")
+    p.add_argument("--loglevel", default=os.environ.get("AZU_LOGLEVEL", "INFO"))
+    p.add_argument("--events", action="store_true", help="send task events (for flower)")
+    a = p.parse_args(argv)
+    env = dict(os.environ, AZU_WORKER_ID=a.worker_id, AZU_DEVICE=a.device)
+    for name, value in (("REGISTRY_URL", a.registry_url), ("P2P_PUBLIC_URL", a.p2p_url),
+                        ("AZU_WALLET_ADDRESS", a.wallet), ("AZU_CACHE_DIR", a.cache_dir),
+                        ("AZU_DTYPE", a.dtype),
+                        ("AZU_MEMORY_BYTES", str(a.memory_bytes) if a.memory_bytes else None)):
+        if value:
+            env[name] = value
+    if ":" in a.worker_id or "/" in a.worker_id:
+        print("azu-worker: --worker-id must not contain ':' or '/'", file=sys.stderr)
+        return 2
+    cmd = celery_worker_argv(a.worker_id, loglevel=a.loglevel, events=a.events)
+    os.execve(cmd[0], cmd, env)  # the worker is the Celery process itself: signals reach it directly
+    return 0  # not reached
+
+
+def _default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"

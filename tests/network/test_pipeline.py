@@ -1,0 +1,242 @@
+"""The pipeline end to end on real Celery worker processes over real Redis.
+
+Greedy tokens must equal transformers' ``generate(do_sample=False)`` on the same weights, with 2 and 3
+workers, with 8 jobs at once, after a duplicated step, and for a model no worker held when the job came.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from azu import directory, jobs, models
+from azu.protocol import Hop, job_token
+from tests.network.conftest import Cluster, Recording, wait_for
+
+pytestmark = [pytest.mark.network]
+
+NUM_LAYERS = 4
+PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 99, 12], [1, 200, 201, 202, 203, 204, 205, 206, 207, 208],
+           [1, 7], [1, 300, 250, 200, 150], [1, 65, 66, 67, 68], [1, 33, 44, 55], [1, 111, 222, 3, 4, 5, 6]]
+
+
+def load_layout(cluster: Cluster, dispatch: Any, model_id: str, layout: dict[str, tuple[int, int]]) -> None:
+    """Send load orders (as the scheduler does) and wait until the directory shows every holding."""
+    for wid, (first, last) in layout.items():
+        dispatch.send_task("workers.stage.load", queue=f"gpu.{wid}", kwargs={
+            "model_id": model_id, "first": first, "last": last, "embeddings": first == 0,
+            "head": last == NUM_LAYERS})
+
+    def held() -> bool:
+        live = {w.worker_id: w for w in directory.live_workers(cluster.r)}
+        return all(wid in live and any(s.model_id == model_id and (s.first, s.last) == span
+                                       for s in live[wid].stages) for wid, span in layout.items())
+
+    wait_for(held, timeout=90, what=f"{model_id} to be loaded as {layout}")
+
+
+def collect(r: redis.Redis, job_id: str, *, timeout: float = 60.0) -> tuple[list[int], list[jobs.JobEvent]]:
+    """Read the job's stream until its done/error event (deadline ``timeout``)."""
+    last, tokens, events = "0-0", [], []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last, batch = jobs.read_events(r, job_id, last_id=last, block_ms=500)
+        events += batch
+        tokens += [e.token_id for e in batch if e.kind == "token"]
+        if any(e.kind in ("done", "error") for e in batch):
+            return tokens, events
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s; events so far: {events}")
+
+
+def submit(r: redis.Redis, dispatch: Any, model_id: str, prompt: list[int], max_tokens: int,
+           **kw: Any) -> str:
+    job_id = f"job-{uuid.uuid4().hex[:12]}"
+    jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u1", model_id=model_id, prompt_ids=prompt,
+                                       max_tokens=max_tokens, **kw), dispatch=dispatch)
+    return job_id
+
+
+def caches_freed(r: redis.Redis, *worker_ids: str) -> bool:
+    live = {w.worker_id: w for w in directory.live_workers(r)}
+    return all(live[w].cached_jobs == 0 for w in worker_ids)
+
+
+@pytest.fixture(scope="module")
+def two_workers(cluster: Cluster, celery_dispatch: Any, shard: Any) -> str:
+    model_id = shard("tiny-two")
+    load_layout(cluster, celery_dispatch, model_id, {"W1": (0, 2), "W2": (2, 4)})
+    return model_id
+
+
+def test_two_workers_match_generate(r, cluster, celery_dispatch, two_workers, reference) -> None:
+    prompt, n = PROMPTS[0], 16
+    job_id = submit(r, celery_dispatch, two_workers, prompt, n)
+    tokens, events = collect(r, job_id)
+    expected = reference(prompt, n)
+    assert tokens == expected
+    done = events[-1]
+    assert done.kind == "done" and done.finish_reason == ("length" if len(expected) == n else "stop")
+    # Token-layers: each stage ran the prompt and every fed-back token through its 2 layers.
+    per_worker = (len(prompt) + n - 1) * 2
+    assert done.usage == {"prompt_tokens": len(prompt), "completion_tokens": n,
+                          "token_layers": 2 * per_worker, "workers": {"W1": per_worker, "W2": per_worker}}
+    view = jobs.get_job(r, job_id)
+    assert view is not None and view.status == "done" and view.token_ids == expected
+    # The core worker settles the job; both stages free the job's KV cache.
+    wait_for(lambda: r.hget(jobs.job_key(job_id), "settled") == b"settled", what="settlement")
+    wait_for(lambda: caches_freed(r, "W1", "W2"), what="KV caches to be freed")
+
+
+def test_three_workers_match_generate(r, cluster, celery_dispatch, shard, reference) -> None:
+    model_id = shard("tiny-three")
+    load_layout(cluster, celery_dispatch, model_id, {"W1": (0, 1), "W2": (1, 3), "W3": (3, 4)})
+    prompt, n = PROMPTS[2], 12
+    job_id = submit(r, celery_dispatch, model_id, prompt, n)
+    tokens, events = collect(r, job_id)
+    assert tokens == reference(prompt, n)
+    route = json.loads(r.hget(jobs.job_key(job_id), "route"))
+    assert [h[0] for h in route] == ["W1", "W2", "W3"]
+    assert events[-1].usage["workers"] == {"W1": (len(prompt) + n - 1) * 1, "W2": (len(prompt) + n - 1) * 2,
+                                           "W3": (len(prompt) + n - 1) * 1}
+
+
+def test_eight_concurrent_jobs_all_correct(r, cluster, celery_dispatch, two_workers, reference) -> None:
+    n = 10
+    ids = [submit(r, celery_dispatch, two_workers, p, n) for p in PROMPTS]
+    for job_id, prompt in zip(ids, PROMPTS, strict=True):
+        tokens, events = collect(r, job_id)
+        assert tokens == reference(prompt, n), f"job for prompt {prompt}"
+        completion = events[-1].usage["completion_tokens"]
+        assert events[-1].usage["token_layers"] == 2 * 2 * (len(prompt) + completion - 1)
+    wait_for(lambda: caches_freed(r, "W1", "W2"), what="KV caches to be freed")
+
+
+def test_duplicated_step_does_not_advance_a_cache_twice(r, cluster, celery_dispatch, two_workers,
+                                                        reference) -> None:
+    """The first step's payload and its wake-up are delivered twice (as a redelivery would)."""
+    prompt, n = PROMPTS[4], 8
+    job_id = submit(r, celery_dispatch, two_workers, prompt, n)
+    raw = r.hgetall(jobs.job_key(job_id))
+    route = [Hop.from_list(h) for h in json.loads(raw[b"route"])]
+    payload = {"job": job_id, "model": two_workers, "route": [h.to_list() for h in route],
+               "tok": job_token(job_id, two_workers, route), "gen": json.loads(raw[b"gen"]), "step": 0,
+               "hop": 0, "pos": 0, "x": prompt}
+    # Again, twice: once now (possibly while the original is still pending) and once after it ran.
+    jobs.send_steps(r, [("W1", payload)], dispatch=celery_dispatch)
+    wait_for(lambda: r.xlen(jobs.events_key(job_id)) >= 1, what="the first token")
+    jobs.send_steps(r, [("W1", payload)], dispatch=celery_dispatch)
+    celery_dispatch.send_task("workers.stage.forward", queue="gpu.W1", args=[["dup"]])
+    tokens, events = collect(r, job_id)
+    assert tokens == reference(prompt, n)
+    per_worker = (len(prompt) + n - 1) * 2
+    assert events[-1].usage["workers"] == {"W1": per_worker, "W2": per_worker}  # nothing counted twice
+    assert r.xlen(jobs.events_key(job_id)) == n  # each step published once
+
+
+def test_forged_token_is_refused(r, cluster, celery_dispatch, two_workers) -> None:
+    refused = int(r.get("azu:refused:W1") or 0)
+    route = [Hop("W1", 0, 2, True, False), Hop("W2", 2, 4, False, True)]
+    gen = {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 1, "stop": [],
+           "stop_ids": [2], "prompt_len": 3}
+    base = {"model": two_workers, "route": [h.to_list() for h in route], "gen": gen, "step": 0, "hop": 0,
+            "pos": 0, "x": [1, 2, 3]}
+    forged = {**base, "job": "forged-1", "tok": "0" * 64}
+    # A real token, but for another job: it must not open this job's cache either.
+    borrowed = {**base, "job": "forged-2", "tok": job_token("someone-else", two_workers, route)}
+    # A real token for this job, but a route that sends the hidden states elsewhere.
+    rerouted = {**base, "job": "forged-3", "tok": job_token("forged-3", two_workers, route[:1])}
+    jobs.send_steps(r, [("W1", forged), ("W1", borrowed), ("W1", rerouted)], dispatch=celery_dispatch)
+    wait_for(lambda: int(r.get("azu:refused:W1") or 0) >= refused + 3, what="three refusals")
+    for job_id in ("forged-1", "forged-2", "forged-3"):
+        assert r.xlen(jobs.events_key(job_id)) == 0
+        assert not r.exists(jobs.usage_key(job_id))
+    assert not r.exists(jobs.pending_key("W2"))  # nothing was sent on
+
+
+def test_pickled_message_is_refused(r, cluster, celery_dispatch) -> None:
+    import workers
+
+    workers.app.send_task("workers.stage.ping", args=["azu:ping:pickled", "1"], queue="gpu.W3",
+                          serializer="pickle")
+    # Same queue, sent after: once it has run, the pickled message before it was handled (refused).
+    celery_dispatch.send_task("workers.stage.ping", queue="gpu.W3", args=["azu:ping:after-pickle", "1"])
+    wait_for(lambda: r.get("azu:ping:after-pickle"), what="the msgpack ping")
+    assert r.get("azu:ping:pickled") is None
+    assert "pickle" in cluster.log("W3") and "Refusing to deserialize" in cluster.log("W3")
+
+
+def test_model_no_worker_holds_gets_load_orders_then_is_served(r, cluster, celery_dispatch, shard,
+                                                               reference) -> None:
+    model_id = shard("tiny-jit")
+    assert not any(s.model_id == model_id for w in directory.live_workers(r) for s in w.stages)
+    rec = Recording(celery_dispatch)
+    prompt, n = PROMPTS[5], 6
+    ids = [submit(r, rec, model_id, prompt, n) for _ in range(2)]
+    assert rec.count("workers.stage.load") >= 1  # ordered once, for the first job
+    assert jobs.get_job(r, ids[0]).status in ("queued", "running", "done")
+    for job_id in ids:
+        tokens, _ = collect(r, job_id, timeout=90)
+        assert tokens == reference(prompt, n)
+    assert any(s.model_id == model_id for w in directory.live_workers(r) for s in w.stages)
+    # Loaded now: the next job is routed at once, with no new load order.
+    rec2 = Recording(celery_dispatch)
+    job_id = submit(r, rec2, model_id, prompt, n)
+    assert rec2.count("workers.stage.load") == 0
+    assert collect(r, job_id)[0] == reference(prompt, n)
+
+
+def test_tampered_file_fails_the_load_and_the_waiting_job(r, cluster, celery_dispatch, shard,
+                                                          registry_http) -> None:
+    model_id = shard("tiny-tampered")
+    registry_http.tamper[(model_id, "layer_00001.safetensors")] = lambda b: b[:-1] + bytes([b[-1] ^ 1])
+    registry_http.tamper[(model_id, "layer_00003.safetensors")] = lambda b: b[:-1] + bytes([b[-1] ^ 1])
+    job_id = submit(r, celery_dispatch, model_id, PROMPTS[1], 4)
+    _, events = collect(r, job_id, timeout=90)
+    assert events[-1].kind == "error" and "SHA-256" in events[-1].error
+    assert jobs.get_job(r, job_id).status == "failed"
+    assert not any(s.model_id == model_id for w in directory.live_workers(r) for s in w.stages)
+
+
+def test_request_shard_twice_shards_once(r, cluster, celery_dispatch, source_model, monkeypatch) -> None:
+    monkeypatch.setenv("AZU_ALLOWED_MODEL_DIRS", str(source_model.parent))
+    rec = Recording(celery_dispatch)
+    a = models.request_shard(r, str(source_model), dispatch=rec)
+    b = models.request_shard(r, str(source_model), dispatch=rec)
+    assert a["model_id"] == b["model_id"] == source_model.name
+    assert rec.count("workers.registry.shard") == 1
+    wait_for(lambda: models.model_status(r, source_model.name)["state"] in ("ready", "failed"), timeout=60,
+             what="sharding by the registry worker")
+    status = models.model_status(r, source_model.name)
+    assert status["state"] == "ready" and status["progress"] == 1.0, status
+    assert (models.shard_dir(source_model.name) / "manifest.json").is_file()
+    assert source_model.name in models.ready_models(r)
+    models.request_shard(r, str(source_model), dispatch=rec)
+    assert rec.count("workers.registry.shard") == 1  # ready: not sharded again
+
+
+def test_dead_worker_gets_no_new_routes(r, cluster, celery_dispatch, shard) -> None:
+    """W4 holds the only copy's second half and dies: once its heartbeat is stale, no route uses it."""
+    model_id = shard("tiny-dead")
+    cluster.start_gpu("W4")
+    cluster.wait_live("W4")
+    load_layout(cluster, celery_dispatch, model_id, {"W3": (0, 2), "W4": (2, 4)})
+    info = models.model_info(r, model_id)
+    routes = jobs.placement.find_routes(model_id, info.num_layers, directory.live_workers(r))
+    assert [[h.worker_id for h in route] for route in routes] == [["W3", "W4"]]
+    cluster.kill("W4")  # SIGKILL: no goodbye, the heartbeats just stop
+    r.zadd(directory.WORKERS_KEY, {"W4": time.time() - 2 * directory.DEFAULT_TTL_S})  # as if long ago
+    assert "W4" not in {w.worker_id for w in directory.live_workers(r)}
+    rec = Recording(None)  # record what the job would send, send nothing
+    job_id = submit(r, rec, model_id, PROMPTS[3], 3)
+    assert rec.sent and all(queue != "gpu.W4" for _, queue, _ in rec.sent)
+    # The missing half is ordered onto a live worker (W3's first half is reused).
+    assert rec.count("workers.stage.load") >= 1
+    orders = [kw for name, _, kw in rec.sent if name == "workers.stage.load"]
+    assert any(o["first"] == 2 and o["head"] and o["worker_id"] != "W4" for o in orders), orders
+    jobs.cancel_job(r, job_id, dispatch=rec)
+    assert jobs.get_job(r, job_id).finish_reason == "cancelled"
