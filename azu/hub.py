@@ -8,7 +8,9 @@ publishes (LFS files: SHA-256; small git files: the git blob id). A mismatch del
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,16 @@ def _silent_tqdm() -> type:
             super().__init__(*args, **kwargs)
 
     return Silent
+
+
+def _network_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """``extra`` + the transport errors of whichever HTTP client this huggingface_hub version uses."""
+    errors: list[type[BaseException]] = [*extra, OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "RequestException")):
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(getattr(importlib.import_module(module), name))
+    return tuple(errors)
 
 
 def git_blob_sha1(path: Path) -> str:
@@ -118,7 +130,7 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
         raise Forbidden(f"{repo_id} is gated: set HF_TOKEN to a token with access ({exc})") from exc
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
         raise NotFound(f"{repo_id}{'@' + revision if revision else ''}: {exc}") from exc
-    except (HfHubHTTPError, OSError) as exc:
+    except _network_errors(HfHubHTTPError) as exc:
         raise HubUnavailable(f"could not fetch {repo_id} from {endpoint or 'the hub'}: {exc}") from exc
     return Source(model_id=repo_id, revision=info.sha, weight_paths=weight_paths, extra_paths=extras,
                   index=index)

@@ -32,6 +32,7 @@ import struct
 import sys
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -304,11 +305,16 @@ def plan(source: Source) -> Plan:
 
 # -- writing ------------------------------------------------------------------------------------------------
 class _Readers:
-    """Open source files on demand; one plain file handle each (no mmap: RSS stays flat)."""
+    """Open source files on demand; one plain file handle each (no mmap: RSS stays flat).
+
+    Also holds two copy buffers and one hashing thread: SHA-256 of chunk i runs while chunk i+1 is
+    read and written (hashlib and file I/O release the GIL), so hashing costs little extra wall time.
+    """
 
     def __init__(self) -> None:
         self._files: dict[Path, io.BufferedReader] = {}
-        self.buffer = bytearray(_COPY_CHUNK)
+        self.buffers = (memoryview(bytearray(_COPY_CHUNK)), memoryview(bytearray(_COPY_CHUNK)))
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="azu-shard-sha256")
 
     def get(self, path: Path) -> io.BufferedReader:
         if path not in self._files:
@@ -316,6 +322,7 @@ class _Readers:
         return self._files[path]
 
     def close(self) -> None:
+        self.hasher.shutdown(wait=True)  # no hash may still read a buffer after this
         for f in self._files.values():
             f.close()
         self._files.clear()
@@ -335,24 +342,33 @@ def write_safetensors(
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # pad so the data (and with this order every tensor) is aligned
     digest = hashlib.sha256()
-    view = memoryview(readers.buffer)
+    pending: Future[None] | None = None  # the hash of the previous chunk, running in readers.hasher
+    turn = 0
     with open(path, "wb") as out:
-        for chunk in (struct.pack("<Q", len(head)), head):
-            digest.update(chunk)
-            out.write(chunk)
+        for piece in (struct.pack("<Q", len(head)), head):
+            digest.update(piece)
+            out.write(piece)
         for t in ordered:
             src = readers.get(t.path)
             src.seek(t.offset)
             left = t.nbytes
             while left:
-                n = src.readinto(view[: min(left, _COPY_CHUNK)])
+                # Alternate buffers: the other one may still be hashed until pending.result() below.
+                buf = readers.buffers[turn % 2]
+                turn += 1
+                n = src.readinto(buf[: min(left, _COPY_CHUNK)])
                 if not n:
                     raise IntegrityFailure(f"{t.path.name} ended inside tensor {t.name!r}", param=t.path.name)
-                digest.update(view[:n])
-                out.write(view[:n])
+                chunk = buf[:n]
+                out.write(chunk)
+                if pending is not None:
+                    pending.result()  # keeps the digest's update order = the file's byte order
+                pending = readers.hasher.submit(digest.update, chunk)
                 left -= n
                 if bar is not None:
                     bar.update(n)
+        if pending is not None:
+            pending.result()
         size = out.tell()
     return digest.hexdigest(), size
 

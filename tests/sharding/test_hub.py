@@ -12,6 +12,7 @@ import pytest
 
 from azu.demo import build_model
 from azu.errors import IntegrityFailure, NotFound, UnsafeFormat
+from azu.hub import HubUnavailable
 from azu.manifest import Manifest
 from azu.sharding import shard_model
 
@@ -152,3 +153,12 @@ def test_cli_from_hub(hub, tiny, tmp_path):
     assert json.loads(bad.stdout)["error"]["code"] == "integrity_failure"
     assert victim in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch):
+    gone = FakeHub()  # bound then closed without serving: nothing listens on its port any more
+    gone._server.server_close()
+    monkeypatch.setenv("HF_ENDPOINT", gone.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(HubUnavailable, match="could not fetch acme/x"):
+        shard_model("acme/x", tmp_path / "out", cache_dir=tmp_path / "c", progress=False)
