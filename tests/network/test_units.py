@@ -1,0 +1,272 @@
+"""Protocol, directory, placement and the worker node's step logic, without worker processes.
+
+The node tests drive real WorkerNodes and real Stages over real Redis through an in-process queue
+(``InlineNetwork``), so duplicated, cancelled and stopped steps can be placed exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import msgpack
+import pytest
+import torch
+
+from azu import directory, jobs, models, placement, protocol
+from azu.directory import HeldStage, WorkerInfo
+from azu.errors import Conflict, Forbidden, InvalidRequest, NoCapacity, NotFound
+from azu.placement import ModelShape
+from azu.protocol import Hop
+from tests.network.conftest import InlineNetwork
+
+NUM_LAYERS = 4
+
+
+# --- protocol ---------------------------------------------------------------------------------------------
+def test_tensor_roundtrip_is_exact_and_pickle_free() -> None:
+    t = torch.randn(3, 64)
+    data = protocol.pack_tensor(t)
+    assert data[8:9] == b"{"  # safetensors: an 8-byte header length, then a JSON header
+    assert torch.equal(protocol.unpack_tensor(data), t)
+    with pytest.raises(InvalidRequest):
+        protocol.unpack_tensor(b"\x80\x04not safetensors")
+    msg = {"x": data, "ids": [1, 2], "job": "j"}
+    assert protocol.unpack(protocol.pack(msg)) == msg
+    with pytest.raises(InvalidRequest):
+        protocol.unpack(msgpack.packb([1, 2]))
+
+
+def test_token_binds_job_and_route() -> None:
+    route = [Hop("A", 0, 2, True, False), Hop("B", 2, 4, False, True)]
+    token = protocol.job_token("j1", "m", route)
+    protocol.check_token(token, "j1", "m", route)
+    for job, model, rt in [("j2", "m", route), ("j1", "m2", route), ("j1", "m", route[:1]),
+                           ("j1", "m", [Hop("C", 0, 2, True, False), route[1]])]:
+        with pytest.raises(Forbidden):
+            protocol.check_token(token, job, model, rt)
+    with pytest.raises(Forbidden):
+        protocol.check_token(None, "j1", "m", route)
+
+
+# --- directory --------------------------------------------------------------------------------------------
+def _worker(wid: str, free: int, *stages: HeldStage) -> WorkerInfo:
+    return WorkerInfo(worker_id=wid, queue=f"gpu.{wid}", device="cpu", total_memory=free, free_memory=free,
+                      stages=list(stages))
+
+
+def test_directory_drops_workers_whose_heartbeat_stopped(r) -> None:
+    now = time.time()
+    a, b = _worker("dir-a", 10), _worker("dir-b", 10)
+    directory.register(r, a, now=now - 100)  # last beat long ago
+    directory.register(r, b, now=now)
+    live = {w.worker_id for w in directory.live_workers(r, ttl=15, now=now)}
+    assert "dir-b" in live and "dir-a" not in live
+    assert directory.get_worker(r, "dir-a").worker_id == "dir-a"
+    directory.deregister(r, "dir-a")
+    directory.deregister(r, "dir-b")
+    assert directory.get_worker(r, "dir-b") is None
+
+
+# --- placement --------------------------------------------------------------------------------------------
+SHAPE = ModelShape("m", layer_bytes=(100,) * 8, embeddings_bytes=40, head_bytes=40)
+
+
+def test_plan_uses_fewest_hops_that_fit_and_balances_groups() -> None:
+    # The whole model needs 1.25 * 880 = 1100 bytes: one big worker holds it alone.
+    orders = placement.plan_loads(SHAPE, [_worker("big", 2000), _worker("small", 600)], max_copies=1)
+    assert [(o.worker_id, o.first, o.last, o.embeddings, o.head) for o in orders] == [
+        ("big", 0, 8, True, True)]
+    # Two 700-byte workers: two balanced groups of 4 layers.
+    orders = placement.plan_loads(SHAPE, [_worker("a", 700), _worker("b", 700)], max_copies=1)
+    assert [(o.worker_id, o.first, o.last, o.embeddings, o.head) for o in orders] == [
+        ("a", 0, 4, True, False), ("b", 4, 8, False, True)]
+    # Nothing fits: no orders.
+    assert placement.plan_loads(SHAPE, [_worker("a", 300), _worker("b", 300)]) == []
+
+
+def test_plan_adds_spare_copies_when_memory_allows() -> None:
+    workers = [_worker("a", 2000), _worker("b", 2000), _worker("c", 100)]
+    orders = placement.plan_loads(SHAPE, workers, max_copies=2)
+    assert sorted((o.worker_id, o.first, o.last) for o in orders) == [("a", 0, 8), ("b", 0, 8)]
+
+
+def test_plan_completes_a_held_prefix() -> None:
+    held = HeldStage("m", 0, 5, True, False)
+    orders = placement.plan_loads(SHAPE, [_worker("a", 0, held), _worker("b", 600)], max_copies=1)
+    assert [(o.worker_id, o.first, o.last, o.embeddings, o.head) for o in orders] == [
+        ("b", 5, 8, False, True)]
+
+
+def test_routes_take_fewest_hops_and_spread_over_copies() -> None:
+    w = [_worker("a", 0, HeldStage("m", 0, 4, True, False)),
+         _worker("b", 0, HeldStage("m", 4, 8, False, True)),
+         _worker("c", 0, HeldStage("m", 0, 4, True, False)),
+         _worker("d", 0, HeldStage("m", 0, 8, True, True)),
+         _worker("e", 0, HeldStage("m", 0, 8, True, True)),
+         _worker("x", 0, HeldStage("other", 0, 8, True, True))]
+    routes = placement.find_routes("m", 8, w)
+    assert [[h.worker_id for h in rt] for rt in routes] == [["d"], ["e"], ["a", "b"], ["c", "b"]]
+    chosen = {placement.choose_route(routes, turn)[0].worker_id for turn in range(4)}
+    assert chosen == {"d", "e"}  # one-hop copies, taken in turn
+    assert placement.find_routes("m", 8, w[:1]) == []
+    assert placement.choose_route([], 0) is None
+
+
+# --- models -----------------------------------------------------------------------------------------------
+def test_local_folders_only_under_allowed_dirs(tmp_path, monkeypatch, r) -> None:
+    (tmp_path / "allowed" / "m1").mkdir(parents=True)
+    (tmp_path / "other" / "m2").mkdir(parents=True)
+    monkeypatch.setenv("AZU_ALLOWED_MODEL_DIRS", str(tmp_path / "allowed"))
+    m1 = str(tmp_path / "allowed" / "m1")
+    assert models.resolve_request(m1) == ("m1", m1)
+    with pytest.raises(Forbidden):
+        models.request_shard(r, str(tmp_path / "other" / "m2"), dispatch=InlineNetwork(r))
+    with pytest.raises(Forbidden):  # no escaping the allowed dir with ..
+        models.resolve_request(str(tmp_path / "allowed" / ".." / "other" / "m2"))
+    with pytest.raises(InvalidRequest):
+        models.validate_model_id("org/../etc")
+    with pytest.raises(NotFound):
+        models.model_status(r, "never-asked-for")
+
+
+# --- the worker node's step logic (in process) ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inline(r, shard):
+    model_id = shard("tiny-inline")
+    net = InlineNetwork(r)
+    folder = models.shard_dir(model_id)
+    net.add("I1", folder, model_id, 0, 2, NUM_LAYERS)
+    net.add("I2", folder, model_id, 2, 4, NUM_LAYERS)
+    yield net, model_id
+    for wid in ("I1", "I2"):
+        directory.deregister(r, wid)
+
+
+def _submit(r, net, model_id, prompt, n, **kw) -> str:
+    job_id = f"in-{uuid.uuid4().hex[:10]}"
+    jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=prompt,
+                                       max_tokens=n, **kw), dispatch=net)
+    return job_id
+
+
+def test_replayed_step_is_answered_not_rerun(r, inline, reference) -> None:
+    net, model_id = inline
+    prompt, n = [1, 9, 8, 7, 6], 6
+    job_id = _submit(r, net, model_id, prompt, n)
+    payload = msgpack.unpackb(r.hget(jobs.pending_key("I1"), f"{job_id}:0:0"), raw=False)
+    net.step()  # I1 runs the prompt
+    assert net.nodes["I1"].stages[(model_id, 0, 2, True, False)].job_length(job_id) == len(prompt)
+    jobs.send_steps(r, [("I1", payload)], dispatch=net)  # the same step again, before I2 has run it
+    net.run()
+    view = jobs.get_job(r, job_id)
+    assert view.token_ids == reference(prompt, n)
+    assert view.usage["workers"] == {"I1": (len(prompt) + n - 1) * 2, "I2": (len(prompt) + n - 1) * 2}
+    assert r.xlen(jobs.events_key(job_id)) == n
+    assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())  # caches freed
+    # A late duplicate after the job ended does not revive a cache either.
+    jobs.send_steps(r, [("I1", payload)], dispatch=net)
+    net.run()
+    assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())
+
+
+def test_cancel_stops_at_the_next_step(r, inline) -> None:
+    net, model_id = inline
+    job_id = _submit(r, net, model_id, [1, 5, 6], 50)
+    for _ in range(6):
+        net.step()
+    jobs.cancel_job(r, job_id, dispatch=net)
+    net.run()
+    view = jobs.get_job(r, job_id)
+    assert view.status == "done" and view.finish_reason == "cancelled"
+    assert 0 < len(view.token_ids) < 50
+
+
+def test_stop_string_and_sampling_are_deterministic(r, inline, reference) -> None:
+    from azu.tokenization import load_tokenizer
+
+    net, model_id = inline
+    prompt = [1, 72, 105]
+    expected = reference(prompt, 12)
+    tok = load_tokenizer(models.shard_dir(model_id))
+    text = tok.decode(expected)
+    stop = text[4:6]  # appears after a few tokens
+    assert stop and stop in text
+    job_id = _submit(r, net, model_id, prompt, 12, stop=[stop])
+    net.run()
+    view = jobs.get_job(r, job_id)
+    assert view.finish_reason == "stop" and stop in tok.decode(view.token_ids)
+    assert stop not in tok.decode(view.token_ids[:-1]) and view.token_ids == expected[:len(view.token_ids)]
+    # Sampled with a seed: the same seed gives the same tokens, step by step.
+    a = _submit(r, net, model_id, prompt, 8, temperature=1.0, seed=42)
+    b = _submit(r, net, model_id, prompt, 8, temperature=1.0, seed=42)
+    net.run()
+    assert jobs.get_job(r, a).token_ids == jobs.get_job(r, b).token_ids
+
+
+def test_bad_requests_are_refused(r, inline) -> None:
+    net, model_id = inline
+    for kw in [dict(prompt_ids=[]), dict(prompt_ids=[1, 10_000]), dict(max_tokens=0),
+               dict(max_tokens=10_000), dict(temperature=-1.0), dict(top_p=0.0), dict(job_id="a:b")]:
+        req = dict(job_id=f"bad-{uuid.uuid4().hex[:8]}", user_id="u", model_id=model_id, prompt_ids=[1, 2],
+                   max_tokens=4) | kw
+        with pytest.raises(InvalidRequest):
+            jobs.submit_job(r, jobs.JobRequest(**req), dispatch=net)
+    with pytest.raises(NotFound):
+        jobs.submit_job(r, jobs.JobRequest(job_id="x1", user_id="u", model_id="no-such-model", prompt_ids=[1],
+                                           max_tokens=1), dispatch=net)
+    job_id = _submit(r, net, model_id, [1, 2], 2)
+    with pytest.raises(Conflict, match="already in use"):
+        same = jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=[1], max_tokens=1)
+        jobs.submit_job(r, same, dispatch=net)
+    net.run()
+
+
+def test_no_capacity_when_nothing_can_hold_the_model(r, shard, monkeypatch) -> None:
+    model_id = shard("tiny-nocap")
+    # The only live worker has 10 bytes free (the directory is replaced for this check).
+    monkeypatch.setattr(directory, "live_workers", lambda *_a, **_k: [_worker("tiny", 10)])
+    with pytest.raises(NoCapacity, match="cannot load it"):
+        jobs.submit_job(r, jobs.JobRequest(job_id="nocap", user_id="u", model_id=model_id, prompt_ids=[1],
+                                           max_tokens=1), dispatch=InlineNetwork(r))
+    assert jobs.get_job(r, "nocap") is None  # nothing stored for a refused job
+
+
+def test_watchdog_fails_a_stalled_job_with_a_reason(r, inline) -> None:
+    net, model_id = inline
+    job_id = _submit(r, net, model_id, [1, 2, 3], 20)
+    net.step()
+    net.queue.clear()  # the next hop's message is lost (say, its worker died)
+    failed = jobs.watchdog(r, now=time.time() + 1000, step_deadline_s=60, dispatch=net)
+    assert job_id in failed
+    view = jobs.get_job(r, job_id)
+    assert view.status == "failed" and "stalled" in view.error
+    _, events = jobs.read_events(r, job_id, block_ms=None)
+    assert events[-1].kind == "error" and "stalled" in events[-1].error
+    assert jobs.watchdog(r, now=time.time() + 2000, dispatch=net) == []  # failed once
+    net.run()  # end_job orders free the caches
+    r.delete(jobs.pending_key("I2"))
+    assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())
+
+
+def test_settle_charges_once(r, inline) -> None:
+    net, model_id = inline
+    job_id = _submit(r, net, model_id, [1, 2, 3], 3)
+    net.run()
+
+    class Ledger:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, object]] = []
+
+        def settle(self, *, job_id: str, usage: dict[str, int]) -> None:
+            self.calls.append(("settle", usage))
+
+        def release(self, *, job_id: str) -> None:
+            self.calls.append(("release", job_id))
+
+    ledger = Ledger()
+    assert jobs.settle(r, job_id, billing=ledger) == "settled"
+    assert jobs.settle(r, job_id, billing=ledger) == "already settled"
+    assert ledger.calls == [("settle", {"I1": 5 * 2, "I2": 5 * 2})]
+    assert json.loads(r.hget(jobs.job_key(job_id), "usage"))["token_layers"] == 20
