@@ -1,0 +1,231 @@
+"""The processes of an azu network and their console scripts (setup.cfg ``console_scripts``).
+
+==============  =========================================================================================
+azu-api         gunicorn serving ``web:create_app()`` (gthread workers: SSE streams hold a thread each)
+azu-scheduler   ``celery -A workers worker -Q core`` with an embedded beat (in-memory schedule: no pickle
+                file on disk, which beat's default shelve store would write)
+azu-registry    ``celery -A workers worker -Q registry`` + the registry routes (gunicorn, REGISTRY_URL's port)
+azu-core        API + scheduler + registry, supervised together
+azu-worker      a GPU/CPU worker node (``azu.worker_node``)
+==============  =========================================================================================
+
+Configured by the environment (the seed's variables): REDIS_HOST / REDIS_PORT (or REDIS_URL), REGISTRY_URL,
+P2P_PUBLIC_URL, AUTH_SECRET_KEY, HF_TOKEN, DATABASE_URL; children inherit it. azu/ must not import Flask or
+Celery, so each server runs through its own command line (``python -m gunicorn`` / ``python -m celery``),
+which is also exactly what an operator would type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_PORT = 8000
+DEFAULT_REGISTRY_PORT = 8002
+
+
+# --- command lines ------------------------------------------------------------------------------------------
+def gunicorn_argv(app_spec: str, *, host: str, port: int, workers: int = 2, threads: int = 16) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--worker-class", "gthread",
+            "--workers", str(workers), "--threads", str(threads),
+            # A streamed answer can last minutes; gthread workers heartbeat from their main thread, so the
+            # worker timeout only catches a stuck process, not a long request.
+            "--timeout", "120", "--graceful-timeout", "10", "--access-logfile", "-", app_spec]
+
+
+def celery_argv(queues: str, *, name: str, pool: str = "prefork", concurrency: int | None = None,
+                beat: bool = False, loglevel: str = "INFO") -> list[str]:
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-n", f"{name}@%h",
+            "--pool", pool, "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    if beat:
+        argv += ["--beat", "--scheduler", "celery.beat:Scheduler"]
+    return argv
+
+
+def registry_port() -> int:
+    url = os.environ.get("REGISTRY_URL") or ""
+    port = urlparse(url).port if url else None
+    return int(os.environ.get("AZU_REGISTRY_PORT") or port or DEFAULT_REGISTRY_PORT)
+
+
+# --- a small supervisor -------------------------------------------------------------------------------------
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes]
+
+
+@dataclass
+class ProcessGroup:
+    """Children started in their own sessions, stopped together (their own children included).
+
+    Each child leads its own process group, so stopping it reaches what it spawned (gunicorn's and
+    Celery's pool processes) without touching anything this process did not start.
+    """
+
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
+              stdout=None, stderr=None, cwd: str | None = None) -> Child:
+        proc = subprocess.Popen(list(argv), env=env, stdout=stdout, stderr=stderr, cwd=cwd,
+                                start_new_session=True)
+        child = Child(name, list(argv), proc)
+        self.children.append(child)
+        return child
+
+    def first_exited(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def stop(self, *, timeout: float = 15.0) -> None:
+        """SIGTERM every child's group (newest first), wait up to ``timeout``, then SIGKILL what is left."""
+        for child in reversed(self.children):
+            _signal_group(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", child.name, timeout)
+        for child in self.children:
+            # Also kill the group of a child that exited but left grandchildren behind.
+            _signal_group(child.proc, signal.SIGKILL)
+            if child.proc.poll() is None:
+                child.proc.wait(timeout=5)
+
+    def run_until_signal(self) -> int:
+        """Block until SIGINT/SIGTERM or until a child exits; then stop all. Exit code: the child's, or 0."""
+        stop = {"signal": None}
+
+        def _on_signal(signum, _frame):
+            stop["signal"] = signum
+
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while stop["signal"] is None:
+                dead = self.first_exited()
+                if dead is not None:
+                    log.error("%s exited with code %s; stopping the others", dead.name, dead.proc.returncode)
+                    return dead.proc.returncode or 1
+                time.sleep(0.2)  # a supervisor's poll: notice a dead child (signals end the wait early)
+            return 0
+        finally:
+            self.stop()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)  # the child's own group (start_new_session): pid == pgid
+
+
+def _exec(argv: list[str]) -> int:
+    """Replace this process with ``argv``: signals reach the server directly, no supervisor in between."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
+# --- entry points -------------------------------------------------------------------------------------------
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--loglevel", default=os.environ.get("AZU_LOGLEVEL", "INFO"))
+    return p
+
+
+def _api_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=os.environ.get("AZU_API_HOST", "0.0.0.0"))  # a server: all interfaces
+    p.add_argument("--port", type=int, default=int(os.environ.get("AZU_API_PORT") or DEFAULT_API_PORT))
+    p.add_argument("--web-workers", type=int, default=int(os.environ.get("AZU_WEB_WORKERS") or 2))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("AZU_WEB_THREADS") or 16))
+
+
+def api_main(argv: Sequence[str] | None = None) -> int:
+    p = _parser("azu-api", "the HTTP API (REST + OpenAI-compatible)")
+    _api_args(p)
+    a = p.parse_args(argv)
+    return _exec(gunicorn_argv("web:create_app()", host=a.host, port=a.port, workers=a.web_workers,
+                               threads=a.threads))
+
+
+def _scheduler_argv(a: argparse.Namespace) -> list[str]:
+    return celery_argv("core", name="scheduler", pool=a.pool, concurrency=a.concurrency, beat=True,
+                       loglevel=a.loglevel)
+
+
+def _scheduler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", default=os.environ.get("AZU_CORE_POOL", "prefork"))
+    p.add_argument("--concurrency", type=int, default=int(os.environ.get("AZU_CORE_CONCURRENCY") or 2))
+
+
+def scheduler_main(argv: Sequence[str] | None = None) -> int:
+    p = _parser("azu-scheduler", "the scheduler: Celery queue 'core' + beat")
+    _scheduler_args(p)
+    return _exec(_scheduler_argv(p.parse_args(argv)))
+
+
+def _registry_children(group: ProcessGroup, a: argparse.Namespace) -> None:
+    # Sharding is disk- and memory-heavy: one at a time per registry process.
+    group.start("registry-tasks", celery_argv("registry", name="registry", pool="solo", loglevel=a.loglevel))
+    group.start("registry-http", gunicorn_argv("web.registry:create_registry_app()", host=a.registry_host,
+                                               port=a.registry_port, workers=1, threads=16))
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry-host", default=os.environ.get("AZU_REGISTRY_HOST", "0.0.0.0"))
+    p.add_argument("--registry-port", type=int, default=registry_port())
+
+
+def registry_main(argv: Sequence[str] | None = None) -> int:
+    p = _parser("azu-registry", "the registry: Celery queue 'registry' + the shard/status/file routes")
+    _registry_args(p)
+    a = p.parse_args(argv)
+    group = ProcessGroup()
+    _registry_children(group, a)
+    return group.run_until_signal()
+
+
+def core_main(argv: Sequence[str] | None = None) -> int:
+    p = _parser("azu-core", "API + scheduler + registry in one supervised group")
+    _api_args(p)
+    _scheduler_args(p)
+    _registry_args(p)
+    a = p.parse_args(argv)
+    group = ProcessGroup()
+    group.start("scheduler", _scheduler_argv(a))
+    _registry_children(group, a)
+    group.start("api", gunicorn_argv("web:create_app()", host=a.host, port=a.port, workers=a.web_workers,
+                                     threads=a.threads))
+    return group.run_until_signal()
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """A worker node: registers, heartbeats, loads layers on order, runs its queue ``gpu.<worker_id>``."""
+    from azu import worker_node
+
+    return int(worker_node.main(list(argv) if argv is not None else None) or 0)
+
+
+_MAINS = {"api": api_main, "scheduler": scheduler_main, "registry": registry_main, "core": core_main,
+          "worker": worker_main}
+
+if __name__ == "__main__":
+    # ``python -m azu.services worker`` works without the console scripts installed (azu up uses it).
+    if len(sys.argv) < 2 or sys.argv[1] not in _MAINS:
+        sys.exit(f"usage: python -m azu.services {{{','.join(_MAINS)}}} [options]")
+    sys.exit(_MAINS[sys.argv[1]](sys.argv[2:]))
