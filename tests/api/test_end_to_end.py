@@ -171,3 +171,20 @@ def test_api_process_never_imports_torch(network):
                          env=network.env, cwd=str(REPO), timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_client_that_goes_away_cancels_its_stream(network):
+    """Closing a stream mid-answer cancels the job: the workers stop long before max_tokens."""
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "talk for a long time"}],
+            "max_tokens": 1500, "temperature": 0, "stream": True}
+    with network.post("/v1/chat/completions", body, stream=True) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        job_id = resp.headers["X-Azu-Job-Id"]
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line)
+        assert first.startswith(b"data: ")
+    # The connection is closed; the server notices at its next write and cancels the job.
+    result = _finished(network, job_id, timeout=60)
+    assert result["finish_reason"] == "cancelled", result
+    assert len(result["token_ids"]) < 1500
