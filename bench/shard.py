@@ -8,6 +8,7 @@ tied head), random weights, built once with transformers' Qwen2Config + from_con
 
 Each measurement runs in a fresh subprocess so its peak RSS (VmHWM of that process) is its own:
 - "raw read": every byte of the files through one 8 MiB buffer (the I/O ceiling);
+- "read + sha256": the same, hashing each file (azu shard hashes every byte it writes);
 - "safetensors load_file + clone": safetensors.torch.load_file of each source file in turn, tensors
   materialised (load_file maps lazily) and dropped before the next file;
 - "azu shard": `azu shard SRC --out DIR --quiet` (azu.cli.main in the child): read, split, hash, write.
@@ -69,6 +70,20 @@ RAW_CHILD = _HWM + textwrap.dedent("""
     print(json.dumps({"seconds": time.perf_counter() - t0, "before": before, "peak": hwm()}))
 """)
 
+# What hashing alone costs: azu shard must SHA-256 every byte it writes (the manifest's hashes).
+SHA_CHILD = _HWM + textwrap.dedent("""
+    import hashlib, json, sys, time
+    buf = memoryview(bytearray(8 << 20))
+    before = hwm()
+    t0 = time.perf_counter()
+    for f in sys.argv[1:]:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while n := fh.readinto(buf):
+                h.update(buf[:n])
+    print(json.dumps({"seconds": time.perf_counter() - t0, "before": before, "peak": hwm()}))
+""")
+
 SHARD_CHILD = _HWM + textwrap.dedent("""
     import json, sys, time
     from azu.cli import main
@@ -120,10 +135,11 @@ def main() -> None:
     sizes = [Path(f).stat().st_size for f in files]
     total, largest = sum(sizes), max(sizes)
 
-    rows: dict[str, list[dict]] = {"raw read (8 MiB buffer)": [], "safetensors load_file + clone": [],
-                                   "azu shard": []}
+    rows: dict[str, list[dict]] = {"raw read (8 MiB buffer)": [], "read + sha256": [],
+                                   "safetensors load_file + clone": [], "azu shard": []}
     for _ in range(args.repeat):
         rows["raw read (8 MiB buffer)"].append(_child(RAW_CHILD, *files))
+        rows["read + sha256"].append(_child(SHA_CHILD, *files))
         rows["safetensors load_file + clone"].append(_child(READ_CHILD, *files))
         out = Path(tempfile.mkdtemp(prefix="azu-bench-shard-", dir=cache))
         try:
