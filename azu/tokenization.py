@@ -103,7 +103,8 @@ class ModelTokenizer:
                 specials[key] = content
         config = _read_json(folder / "config.json")
         # The config of a multimodal wrapper keeps the language model's settings under text_config.
-        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        nested = config.get("text_config")
+        text_config: dict[str, Any] = nested if isinstance(nested, dict) else config
         gen_config = _read_json(folder / "generation_config.json")
         eos_ids = _eos_ids(gen_config.get("eos_token_id"), text_config.get("eos_token_id"))
         if not eos_ids and "eos_token" in specials:

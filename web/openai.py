@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, stream_with_context
 
+from azu.errors import AzuError
 from web import serving
 from web.errors import openai_error_body
 from web.protocol import ChatCompletionRequest, parse_body, stop_list
@@ -120,6 +121,7 @@ def _stream(job_id: str, base: dict[str, Any], model: serving.ReadyModel, sampli
                 yield "data: [DONE]\n\n"
             elif event.kind == "error":
                 finished = True
+                err: AzuError
                 if event.error == "timeout":
                     serving.cancel_quietly(job_id)
                     err = serving.JobTimeout(f"job {job_id} did not finish in time; it was cancelled")

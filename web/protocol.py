@@ -119,8 +119,8 @@ class ChatCompletionRequest(SamplingFields):
     user: str | None = None
     # Accepted only at the value that means "feature off", so clients that always send them still work.
     n: Literal[1] = 1
-    presence_penalty: Literal[0, 0.0] = 0.0
-    frequency_penalty: Literal[0, 0.0] = 0.0
+    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
     logprobs: Literal[False] = False
     metadata: dict[str, str] | None = None
     store: Literal[False] = False
@@ -173,7 +173,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> list[str]:
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def _reason(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+def _reason(errors: list[Any]) -> tuple[str, str | None]:
     cleaned = [(_clean_loc(e.get("loc", ())), e) for e in errors]
     top = cleaned[0][0][:1]
     same_field = [(loc, e) for loc, e in cleaned if loc[:1] == top]
