@@ -230,18 +230,76 @@ def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int 
 def load_verified(directory: str | os.PathLike[str], entry: FileEntry) -> dict[str, torch.Tensor]:
     """Load one shard file's tensors after checking its size and SHA-256 against ``entry``.
 
-    The hash is computed over the very bytes that are then parsed (no re-read), so a file swapped on
-    disk between the check and the parse cannot slip through.
+    The file is read once into one buffer while it is hashed; the tensors are then views into that
+    very buffer (no second copy, so a stage's peak memory stays near its weights), and the bytes that
+    were hashed are the bytes that are parsed: a file swapped on disk mid-way cannot slip through.
     """
-    from safetensors.torch import load
-
-    data = read_verified_bytes(Path(directory) / entry.name, entry.sha256, size=entry.size)
-    tensors = load(data)
-    del data
+    p = Path(directory) / entry.name
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise NotFound(f"shard file {p} is missing") from None
+    if size != entry.size:
+        raise IntegrityFailure(f"{p.name}: size {size} bytes, manifest says {entry.size}", param=p.name)
+    buf = bytearray(size)
+    view = memoryview(buf)
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        done = 0
+        while done < size:
+            n = f.readinto(view[done:done + _CHUNK])
+            if not n:
+                raise IntegrityFailure(f"{p.name}: file shrank while being read", param=p.name)
+            h.update(view[done:done + n])
+            done += n
+    digest = h.hexdigest()
+    if digest != entry.sha256.lower():
+        raise IntegrityFailure(f"{p.name}: SHA-256 {digest} does not match the manifest's {entry.sha256}",
+                               param=p.name)
+    tensors = _parse_safetensors(buf, p.name)
     if set(tensors) != set(entry.tensors):
         raise IntegrityFailure(f"{entry.name}: tensors {sorted(tensors)} differ from the manifest's list",
                                param=entry.name)
     return tensors
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _parse_safetensors(buf: bytearray, name: str) -> dict[str, torch.Tensor]:
+    """Tensors as zero-copy views of a safetensors file's bytes (already hash-checked)."""
+    import torch
+
+    if len(buf) < 8:
+        raise IntegrityFailure(f"{name}: not a safetensors file (too short)", param=name)
+    header_len = int.from_bytes(buf[:8], "little")
+    if header_len > len(buf) - 8:
+        raise IntegrityFailure(f"{name}: safetensors header runs past the end of the file", param=name)
+    try:
+        header = json.loads(bytes(buf[8:8 + header_len]))
+    except ValueError:
+        raise IntegrityFailure(f"{name}: unreadable safetensors header", param=name) from None
+    base = 8 + header_len
+    out: dict[str, torch.Tensor] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = getattr(torch, _ST_DTYPES.get(info.get("dtype", ""), ""), None)
+        start, stop = info["data_offsets"]
+        if dtype is None or not 0 <= start <= stop <= len(buf) - base:
+            raise IntegrityFailure(f"{name}: tensor {key} has an unsupported dtype or bad offsets", param=name)
+        shape = info["shape"]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = (stop - start) // itemsize
+        if stop - start == 0:
+            out[key] = torch.empty(shape, dtype=dtype)
+        elif (base + start) % itemsize:  # unaligned: copy this one tensor out
+            chunk = bytearray(buf[base + start:base + stop])
+            out[key] = torch.frombuffer(chunk, dtype=dtype, count=count).reshape(shape)
+        else:
+            out[key] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start).reshape(shape)
+    return out
 
 
 def verify_all(directory: str | os.PathLike[str], entries: Iterable[FileEntry | ExtraFile]) -> None:

@@ -208,19 +208,20 @@ class Stage:
         family = family_for(manifest.model_type, manifest.architecture, base_root)
         base = _resolve(base_root, family.inner)
 
-        # Only this stage's files, each hash-checked before it is parsed.
-        state: dict[str, torch.Tensor] = {}
-        for entry in manifest.files_for(spec.first_layer, spec.last_layer, embeddings=spec.embeddings,
-                                        head=spec.head):
-            for name, tensor in load_verified(manifest.directory or shard_dir, entry).items():
-                if tensor.is_floating_point():
-                    tensor = tensor.to(torch_dtype)
-                state[name] = tensor
+        # Only this stage's files, each hash-checked before it is parsed, one file at a time (a layer
+        # file holds all of its layer's tensors, MoE experts included, so conversion works per file and
+        # peak memory stays at the stage's weights plus one file).
         load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=torch_dtype,
                                           device_map={"": torch_device})
-        with _quiet_transformers():
-            convert_and_load_state_dict_in_model(model, state, load_config)
-        del state
+        for entry in manifest.files_for(spec.first_layer, spec.last_layer, embeddings=spec.embeddings,
+                                        head=spec.head):
+            state = load_verified(manifest.directory or shard_dir, entry)
+            for name, tensor in state.items():
+                if tensor.is_floating_point() and tensor.dtype != torch_dtype:
+                    state[name] = tensor.to(torch_dtype)
+            with _quiet_transformers():
+                convert_and_load_state_dict_in_model(model, state, load_config)
+            del state
         _check_materialised(model, spec, family)
 
         # Cut the layer list down to the stage's layers; they keep their global index.

@@ -1,0 +1,275 @@
+"""Engine benchmark: one run, one table, everything side by side in this run (ratios, not absolutes).
+
+    python bench/engine.py                       # CPU, float32, Qwen2.5-0.5B-shaped random model
+    python bench/engine.py --device cuda --dtype bfloat16
+
+Rows:
+  decode tok/s      transformers `generate` (greedy) vs the engine's 2-stage loop in one process
+  prefill 512       one forward of a 512-token prompt: transformers vs the engine's 2 stages
+  batched decode    16 jobs decoding together (Stage.forward_batch) vs 1 job, aggregate tok/s
+  stage peak RSS    a stage holding half the layers (+ embeddings) vs its share of the weight bytes
+  whole-model RSS   transformers from_pretrained of the same model vs all weight bytes
+  shard MB/s, RSS   `azu shard` vs a plain safetensors read of the same files (bench/shard.py)
+
+Timing rows alternate the two sides round by round in one process and report medians; memory rows
+each run in a fresh subprocess (peak RSS minus the RSS after imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QWEN05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+               tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6)
+CACHE = Path(os.environ.get("AZU_BENCH_CACHE", "/tmp/azu-bench-cache"))
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(dtype: str) -> tuple[Path, Path]:
+    """Build (once) the random Qwen2.5-0.5B-shaped model and its shard folder."""
+    import torch
+    import transformers
+
+    from azu.sharding import shard_model
+
+    root = CACHE / f"qwen05b-{dtype}"
+    src, shards = root / "src", root / "shards"
+    if not (src / "config.json").exists():
+        log(f"building a random Qwen2.5-0.5B-shaped model ({dtype}) in {src} (once)...")
+        torch.manual_seed(0)
+        config = transformers.Qwen2Config(**QWEN05B)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        model.save_pretrained(src, max_shard_size="500MB")
+        del model
+    if not (shards / "manifest.json").exists():
+        log("sharding it with azu shard (once)...")
+        shard_model(src, shards, progress=False)
+    return src, shards
+
+
+# -- child: timings (both sides in one process, alternating) -------------------------------------------
+def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: int, rounds: int) -> dict:
+    import torch
+    import transformers
+
+    from azu.engine.local import LocalPipeline
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).to(device).eval()
+    pipe = LocalPipeline(shards, 2, device=device, dtype=dtype)
+    vocab = hf.config.vocab_size
+    prompt = torch.randint(100, vocab, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+    long_prompt = torch.randint(100, vocab, (512,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def hf_generate() -> tuple[float, list[int]]:
+        ids = torch.tensor([prompt], device=device)
+        sync()
+        t = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        sync()
+        return time.perf_counter() - t, out[0, len(prompt):].tolist()
+
+    def engine_generate() -> tuple[float, list[int]]:
+        sync()
+        t = time.perf_counter()
+        res = pipe.generate(prompt, max_tokens=new_tokens)
+        sync()
+        return time.perf_counter() - t, res.token_ids
+
+    @torch.inference_mode()
+    def hf_prefill() -> float:
+        ids = torch.tensor([long_prompt], device=device)
+        sync()
+        t = time.perf_counter()
+        hf(ids, use_cache=True, logits_to_keep=1)
+        sync()
+        return time.perf_counter() - t
+
+    def engine_prefill() -> float:
+        ids = torch.tensor(long_prompt)
+        sync()
+        t = time.perf_counter()
+        pipe.step("prefill", ids)
+        sync()
+        dt = time.perf_counter() - t
+        for stage in pipe.stages:
+            stage.end_job("prefill")
+        return dt
+
+    def engine_batched(n_jobs: int, steps: int) -> float:
+        """Aggregate decode tok/s of n_jobs decoding together (after one-by-one prefills)."""
+        jobs = [f"b{i}" for i in range(n_jobs)]
+        nxt = {}
+        for j in jobs:
+            nxt[j] = torch.tensor([int(pipe.step(j, torch.tensor(prompt)).argmax())])
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            xs = [nxt[j] for j in jobs]
+            for stage in pipe.stages:
+                xs = stage.forward_batch(list(zip(jobs, xs, strict=True)))
+            for j, logits in zip(jobs, xs, strict=True):
+                nxt[j] = torch.tensor([int(logits.argmax())])
+        sync()
+        dt = time.perf_counter() - t
+        for stage in pipe.stages:
+            for j in jobs:
+                stage.end_job(j)
+        return n_jobs * steps / dt
+
+    # warm-up both sides (allocators, kernels)
+    hf_generate()
+    engine_generate()
+    hf_t, eng_t, hf_p, eng_p, b1, b16 = [], [], [], [], [], []
+    same = True
+    for r in range(rounds):
+        t1, toks_hf = hf_generate()
+        t2, toks_eng = engine_generate()
+        same = same and toks_hf == toks_eng
+        hf_t.append(new_tokens / t1)
+        eng_t.append(new_tokens / t2)
+        hf_p.append(hf_prefill())
+        eng_p.append(engine_prefill())
+        b1.append(engine_batched(1, 16))
+        b16.append(engine_batched(16, 16))
+        log(f"round {r + 1}/{rounds}: generate {hf_t[-1]:.1f} tok/s, engine {eng_t[-1]:.1f} tok/s")
+    med = statistics.median
+    return {"hf_tok_s": med(hf_t), "engine_tok_s": med(eng_t), "same_tokens": same,
+            "hf_prefill_s": med(hf_p), "engine_prefill_s": med(eng_p),
+            "batch1_tok_s": med(b1), "batch16_tok_s": med(b16)}
+
+
+# -- children: memory -----------------------------------------------------------------------------------
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_stage_rss(shards: str, device: str, dtype: str) -> dict:
+    import torch  # noqa: F401  (imported before the baseline is taken)
+    import transformers  # noqa: F401
+
+    from azu.engine.stage import Stage, StageSpec
+    from azu.manifest import Manifest
+
+    manifest = Manifest.load(shards)
+    half = manifest.num_layers // 2
+    files = manifest.files_for(0, half, embeddings=True, head=False)
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    src_elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(manifest.torch_dtype or "float32", 4)
+    share_mb = sum(f.size for f in files) * elem / src_elem / 2**20
+    base = _rss_mb()
+    stage = Stage.load(shards, StageSpec(0, half, embeddings=True, head=False), device=device, dtype=dtype)
+    stage.forward("j", __import__("torch").arange(100, 132))
+    return {"share_mb": share_mb, "peak_mb": _peak_mb() - base}
+
+
+def child_whole_rss(src: str, shards: str, device: str, dtype: str) -> dict:
+    import torch
+    import transformers
+
+    from azu.manifest import Manifest
+
+    manifest = Manifest.load(shards)
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    src_elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(manifest.torch_dtype or "float32", 4)
+    # the head file of a tied model is a clone of the embeddings: count the weights once
+    total = sum(f.size for f in manifest.files if not (manifest.tied_head and f.kind == "head"))
+    base = _rss_mb()
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).to(device)
+    model(torch.arange(100, 132, device=device)[None])
+    return {"weights_mb": total * elem / src_elem / 2**20, "peak_mb": _peak_mb() - base}
+
+
+def run_child(kind: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {kind} failed:\n{out.stderr[-3000:]}")
+    sys.stderr.write(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda by default")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-shard", action="store_true", help="leave out the sharding rows")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+
+    if args.child:
+        fn = {"timings": child_timings, "stage_rss": child_stage_rss, "whole_rss": child_whole_rss}[args.child]
+        conv = [int(a) if a.isdigit() else a for a in args.rest]
+        print(json.dumps(fn(*conv)))
+        return 0
+
+    src, shards = prepare(dtype)
+    log("timings (both sides in one process, alternating rounds)...")
+    t = run_child("timings", str(src), str(shards), args.device, dtype, str(args.new_tokens), str(args.rounds))
+    log("memory (fresh subprocesses)...")
+    st = run_child("stage_rss", str(shards), args.device, dtype)
+    wh = run_child("whole_rss", str(src), str(shards), args.device, dtype)
+
+    rows = [
+        ("decode tok/s (32-token prompt, greedy)", f"{t['hf_tok_s']:.1f}", f"{t['engine_tok_s']:.1f}",
+         f"{t['engine_tok_s'] / t['hf_tok_s']:.3f}x", ">= 0.98x"),
+        ("same greedy tokens", "-", "-", "yes" if t["same_tokens"] else "NO", "yes"),
+        ("prefill 512 tokens (s)", f"{t['hf_prefill_s']:.3f}", f"{t['engine_prefill_s']:.3f}",
+         f"{t['hf_prefill_s'] / t['engine_prefill_s']:.3f}x speed", ""),
+        ("decode, 16 jobs batched vs 1 job (agg tok/s)", f"{t['batch1_tok_s']:.1f}", f"{t['batch16_tok_s']:.1f}",
+         f"{t['batch16_tok_s'] / t['batch1_tok_s']:.2f}x", ""),
+        ("stage (embeddings + half the layers) peak RSS MB", f"{st['share_mb']:.0f} (weights)",
+         f"{st['peak_mb']:.0f}", f"{st['peak_mb'] / st['share_mb']:.3f}x", "<= 1.15x"),
+        ("whole model (transformers) peak RSS MB", f"{wh['weights_mb']:.0f} (weights)", f"{wh['peak_mb']:.0f}",
+         f"{wh['peak_mb'] / wh['weights_mb']:.3f}x", ""),
+    ]
+    if not args.skip_shard:
+        shard_bench = Path(__file__).with_name("shard.py")
+        if shard_bench.exists():
+            log("sharding rows (bench/shard.py)...")
+            out = subprocess.run([sys.executable, str(shard_bench), "--json", "--source", str(src)],
+                                 capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip():
+                for row in json.loads(out.stdout.strip().splitlines()[-1]).get("rows", []):
+                    rows.append(tuple(row))
+            else:
+                log(f"bench/shard.py failed: {out.stderr[-500:]}")
+    print(f"\nazu engine benchmark — {args.device}, {dtype}, Qwen2.5-0.5B-shaped random model "
+          f"({QWEN05B['num_hidden_layers']} layers, hidden {QWEN05B['hidden_size']}), torch threads "
+          f"{os.environ.get('OMP_NUM_THREADS', 'default')}\n")
+    header = ("measure", "baseline", "azu", "ratio", "target")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
