@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -288,10 +289,14 @@ def _parse_safetensors(buf: bytearray, name: str) -> dict[str, torch.Tensor]:
         dtype = getattr(torch, _ST_DTYPES.get(info.get("dtype", ""), ""), None)
         start, stop = info["data_offsets"]
         if dtype is None or not 0 <= start <= stop <= len(buf) - base:
-            raise IntegrityFailure(f"{name}: tensor {key} has an unsupported dtype or bad offsets", param=name)
+            raise IntegrityFailure(f"{name}: tensor {key} has an unsupported dtype or bad offsets",
+                                   param=name)
         shape = info["shape"]
         itemsize = torch.empty((), dtype=dtype).element_size()
         count = (stop - start) // itemsize
+        if count * itemsize != stop - start or count != math.prod(shape):
+            raise IntegrityFailure(f"{name}: tensor {key} has {stop - start} bytes for shape {shape}",
+                                   param=name)
         if stop - start == 0:
             out[key] = torch.empty(shape, dtype=dtype)
         elif (base + start) % itemsize:  # unaligned: copy this one tensor out
