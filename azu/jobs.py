@@ -8,10 +8,12 @@ Redis keys of a job (all expire a day after the job's last change; nothing here 
                             refused by Redis because its id is not greater than the last one.
 - ``azu:job:<id>:usage``    hash: worker id -> token-layers its stages ran for the job.
 - ``azu:jobs:active``       zset of unfinished jobs (the watchdog's list).
-- ``azu:pending:<worker>``  hash: step payloads waiting for a worker (see ``send_steps``).
+- ``azu:pending:<worker>``  hash: step payloads waiting for a busy worker (see ``send_steps``).
+- ``azu:wake:<worker>``     set while a worker has been woken and has not yet taken all its payloads.
 
-A step's payload is a msgpack map; Celery carries only a wake-up (see workers/stage.py), so a stage task
-can take every pending step of its worker at once and run the decode steps of many jobs as one batch.
+A step's payload is a msgpack map. An idle worker gets its payloads in the Celery message that wakes it;
+a busy one finds them in its pending hash when it finishes its batch, and runs them all as its next batch,
+so the decode steps of many jobs run together (see worker_node.WorkerNode.run).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,25 +252,46 @@ def start_job(r: redis.Redis, job_id: str, route: list[Hop], *, dispatch: Dispat
     send_steps(r, [(route[0].worker_id, payload)], dispatch=dispatch)
 
 
-def send_steps(r: redis.Redis, items: list[tuple[str, dict[str, Any]]], *, dispatch: Dispatcher) -> None:
-    """Leave step payloads in each worker's pending hash, then wake each worker once.
+def wake_key(worker_id: str) -> str:
+    return f"azu:wake:{worker_id}"
 
-    The payload is written before the wake-up is sent, so the task that wakes finds it; a worker that
-    finds its hash empty was already served by an earlier wake-up and returns at once.
-    """
-    if not items:
+
+# Hand step payloads to a worker. If no wake-up is outstanding (SET NX), the caller sends one Celery
+# message carrying the payloads; otherwise they wait in the worker's pending hash, and the worker, which is
+# busy, takes them all as its next batch before it clears the wake key (see worker_node.WorkerNode.run).
+_HAND_OVER = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 1 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 0
+"""
+WAKE_TTL_S = 30  # a worker that died holding its wake key is woken again after this at the latest
+
+
+def send_steps(r: redis.Redis, items: list[tuple[str, dict[str, Any]]], *, dispatch: Dispatcher,
+               usage: Sequence[tuple[str, str, int]] = ()) -> None:
+    """Send step payloads on: one Redis round trip (plus ``usage`` (job, worker, token-layers) counted in
+    it), then one Celery message per worker that was idle. Never waits for the receiver."""
+    if not items and not usage:
         return
-    pipe = r.pipeline(transaction=False)
-    fields: dict[str, list[str]] = {}
+    by_worker: dict[str, list[tuple[str, bytes]]] = {}
     for worker_id, payload in items:
         name = f"{payload['job']}:{payload['step']}:{payload['hop']}"
-        pipe.hset(pending_key(worker_id), name, pack(payload))
-        fields.setdefault(worker_id, []).append(name)
-    for worker_id in fields:
-        pipe.expire(pending_key(worker_id), PENDING_TTL_S)
-    pipe.execute()
-    for worker_id, names in fields.items():
-        dispatch.send_task("workers.stage.forward", queue=f"gpu.{worker_id}", args=[names])
+        by_worker.setdefault(worker_id, []).append((name, pack(payload)))
+    pipe = r.pipeline(transaction=False)
+    for job_id, worker_id, amount in usage:
+        pipe.hincrby(usage_key(job_id), worker_id, amount)
+    order = list(by_worker)
+    for worker_id in order:
+        args: list[Any] = [WAKE_TTL_S, PENDING_TTL_S]
+        for name, blob in by_worker[worker_id]:
+            args += [name, blob]
+        pipe.eval(_HAND_OVER, 2, wake_key(worker_id), pending_key(worker_id), *args)
+    answers = pipe.execute()[len(usage):]
+    for worker_id, woke in zip(order, answers, strict=True):
+        if woke:
+            dispatch.send_task("workers.stage.forward", queue=f"gpu.{worker_id}",
+                               args=[[blob for _, blob in by_worker[worker_id]]])
 
 
 def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | None = None) -> int:

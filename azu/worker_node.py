@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 StageKey = tuple[str, int, int, bool, bool]  # (model_id, first, last, embeddings, head)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
-_MEMORY_HEADROOM = 1.25
-_ENDED_MEMORY = 100_000  # ended job ids remembered (a few MB at most)  # same rule as azu.placement: weights plus room for activations and KV caches
+_MEMORY_HEADROOM = 1.25  # same rule as azu.placement: weights plus room for activations and KV caches
+_ENDED_MEMORY = 100_000  # ended job ids remembered (a few MB at most)
 
 
 @dataclass
@@ -51,12 +51,13 @@ class _JobState:
     last_out: dict[int, tuple[int, Any]] = field(default_factory=dict)
 
 
-def _drain(r: redis.Redis, worker_id: str) -> list[bytes]:
-    pipe = r.pipeline(transaction=True)
-    pipe.hvals(jobs.pending_key(worker_id))
-    pipe.delete(jobs.pending_key(worker_id))
-    vals, _ = pipe.execute()
-    return list(vals)
+# Take every payload left for this worker; if there is none, clear its wake key in the same atomic step
+# (a sender that finds the key cleared wakes the worker with a new Celery message).
+_TAKE_OR_RELEASE = """
+local v = redis.call('HVALS', KEYS[1])
+if #v == 0 then redis.call('DEL', KEYS[2]) else redis.call('DEL', KEYS[1]) end
+return v
+"""
 
 
 class WorkerNode:
@@ -107,6 +108,9 @@ class WorkerNode:
         directory.register(self.r, self.info())
 
     def start_heartbeat(self, interval: float = 3.0) -> None:
+        # A new process holds no caches: payloads left for an earlier one with this id are useless (their
+        # jobs fail on the position check or by the watchdog), and its wake key must not stall senders.
+        self.r.delete(jobs.pending_key(self.worker_id), jobs.wake_key(self.worker_id))
         self.heartbeat()
 
         def run() -> None:
@@ -228,11 +232,19 @@ class WorkerNode:
         os.replace(tmp, path)
 
     # --- steps -----------------------------------------------------------------------------------
-    def process_pending(self) -> int:
-        """Run every step payload waiting for this worker. Returns how many were run or replayed."""
-        blobs = _drain(self.r, self.worker_id)
-        if not blobs:
-            return 0
+    def process_pending(self, blobs: list[bytes] | None = None) -> int:
+        """Run the payloads a wake-up brought, then every payload left for this worker while it was busy,
+        batch after batch, until none is left (then the wake key is cleared in the same atomic step, so
+        the next sender wakes this worker again). Returns how many steps were run or replayed."""
+        done = self._process(blobs) if blobs else 0
+        while True:
+            more = self.r.eval(_TAKE_OR_RELEASE, 2, jobs.pending_key(self.worker_id),
+                               jobs.wake_key(self.worker_id))
+            if not more:
+                return done
+            done += self._process(list(more))
+
+    def _process(self, blobs: list[bytes]) -> int:
         groups: dict[StageKey, list[dict[str, Any]]] = defaultdict(list)
         for blob in blobs:
             try:
@@ -296,19 +308,18 @@ class WorkerNode:
         outputs = self._forward(stage, fresh)
         layers = key[2] - key[1]
         results: list[tuple[dict[str, Any], Any, bool]] = []
-        pipe = self.r.pipeline(transaction=False)
+        usage: list[tuple[str, str, int]] = []  # token-layers earned, counted with the next Redis write
         for m, out in zip(fresh, outputs, strict=True):
             if out is None:
                 continue
-            pipe.hincrby(jobs.usage_key(m["job"]), self.worker_id, int(m["_n"]) * layers)
+            usage.append((m["job"], self.worker_id, int(m["_n"]) * layers))
             results.append((m, out, False))
-        pipe.execute()
         for m in replays:
             results.append((m, self.jobs[m["job"]].last_out[int(m["hop"])][1], True))
         if key[4]:
-            self._finish_steps(key, results)
+            self._finish_steps(results, usage)
         else:
-            self._send_on(results)
+            self._send_on(results, usage)
         return len(results)
 
     def _forward(self, stage: Any, msgs: list[dict[str, Any]]) -> list[Any]:
@@ -350,7 +361,8 @@ class WorkerNode:
                               dispatch=self.dispatch)
         return outputs
 
-    def _send_on(self, results: list[tuple[dict[str, Any], Any, bool]]) -> None:
+    def _send_on(self, results: list[tuple[dict[str, Any], Any, bool]],
+                 usage: list[tuple[str, str, int]]) -> None:
         items: list[tuple[str, dict[str, Any]]] = []
         for m, out, replay in results:
             hop = int(m["hop"])
@@ -361,20 +373,20 @@ class WorkerNode:
                 nxt["hop"], nxt["x"] = hop + 1, pack_tensor(out)
                 self.jobs[m["job"]].last_out[hop] = (int(m["step"]), nxt)
             items.append((m["_route"][hop + 1].worker_id, nxt))
-        jobs.send_steps(self.r, items, dispatch=self.dispatch)
+        jobs.send_steps(self.r, items, dispatch=self.dispatch, usage=usage)
 
-    def _finish_steps(self, key: StageKey, results: list[tuple[dict[str, Any], Any, bool]]) -> None:
-        """Last stage: sample, publish (once per step), then the next step or the job's end."""
+    def _finish_steps(self, results: list[tuple[dict[str, Any], Any, bool]],
+                      usage: list[tuple[str, str, int]]) -> None:
+        """Last stage: sample, publish (once per step), then the next step or the job's end.
+
+        Two Redis round trips before the next step leaves: (count usage, read cancel flags and usage) and
+        (publish every token; Redis refuses a step's entry twice, which is how a replay is recognised)."""
         from azu.engine.sampling import SamplingParams, sample
 
         if not results:
             return
-        pipe = self.r.pipeline(transaction=False)
-        for m, _, _ in results:
-            pipe.hget(jobs.job_key(m["job"]), "cancel")
-        cancelled = [bool(c) for c in pipe.execute()]
-        decided: list[tuple[dict[str, Any], int, str | None]] = []
-        for (m, out, replay), cancel in zip(results, cancelled, strict=True):
+        sampled: list[int] = []
+        for m, out, replay in results:
             gen, step, hop = m["gen"], int(m["step"]), int(m["hop"])
             if replay:
                 token = int(out)
@@ -383,6 +395,20 @@ class WorkerNode:
                                         top_p=float(gen["top_p"]))
                 token = int(sample(out, params, seed=int(gen["seed"]), step=step))
                 self.jobs[m["job"]].last_out[hop] = (step, token)
+            sampled.append(token)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, worker_id, amount in usage:
+            pipe.hincrby(jobs.usage_key(job_id), worker_id, amount)
+        for m, _, _ in results:
+            pipe.hget(jobs.job_key(m["job"]), "cancel")
+            pipe.hgetall(jobs.usage_key(m["job"]))
+        answers = pipe.execute()[len(usage):]
+        decided: list[tuple[dict[str, Any], int, str | None]] = []
+        pipe = self.r.pipeline(transaction=False)
+        now = str(time.time())
+        for k, ((m, _, replay), token) in enumerate(zip(results, sampled, strict=True)):
+            gen, step = m["gen"], int(m["step"])
+            cancel, workers_raw = answers[2 * k], answers[2 * k + 1]
             reason: str | None = None
             if token in gen["stop_ids"] or (gen["stop"] and self._hits_stop(m, token, replay=replay)):
                 reason = "stop"
@@ -391,32 +417,18 @@ class WorkerNode:
             elif cancel:
                 reason = "cancelled"
             decided.append((m, token, reason))
-        # Publish: one stream entry per step with id 0-<step+1>; Redis refuses a second one (a replay).
-        ending = [m["job"] for m, _, reason in decided if reason]
-        usages: dict[str, dict[str, Any]] = {}
-        if ending:
-            pipe = self.r.pipeline(transaction=False)
-            for job_id in ending:
-                pipe.hgetall(jobs.usage_key(job_id))
-            for job_id, raw in zip(ending, pipe.execute(), strict=True):
-                usages[job_id] = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}
-        pipe = self.r.pipeline(transaction=False)
-        for m, token, reason in decided:
-            step = int(m["step"])
             if reason:
-                workers = usages[m["job"]]
-                usage = {"prompt_tokens": int(m["gen"]["prompt_len"]), "completion_tokens": step + 1,
-                         "token_layers": sum(workers.values()), "workers": workers}
-                m["_usage"] = usage
-                shown = "" if token in m["gen"]["stop_ids"] else str(token)
-                fields = {"k": "done", "t": shown, "reason": reason, "usage": json.dumps(usage)}
+                workers = {_s(w): int(v) for w, v in workers_raw.items()}
+                m["_usage"] = {"prompt_tokens": int(gen["prompt_len"]), "completion_tokens": step + 1,
+                               "token_layers": sum(workers.values()), "workers": workers}
+                shown = "" if token in gen["stop_ids"] else str(token)
+                fields = {"k": "done", "t": shown, "reason": reason, "usage": json.dumps(m["_usage"])}
             else:
                 fields = {"k": "token", "t": str(token)}
             pipe.xadd(jobs.events_key(m["job"]), fields, id=f"0-{step + 1}")
-        published = pipe.execute(raise_on_error=False)
+            pipe.hset(jobs.job_key(m["job"]), mapping={"step": str(step + 1), "updated": now})
+        published = pipe.execute(raise_on_error=False)[0::2]
         nexts: list[tuple[str, dict[str, Any]]] = []
-        pipe = self.r.pipeline(transaction=False)
-        now = str(time.time())
         for (m, token, reason), ok in zip(decided, published, strict=True):
             if isinstance(ok, Exception):
                 continue  # this step was published before: its successor (or end) was already sent
@@ -431,8 +443,6 @@ class WorkerNode:
             nxt = {k: v for k, v in m.items() if not k.startswith("_")}
             nxt.update(step=step + 1, hop=0, pos=int(m["gen"]["prompt_len"]) + step, x=[token])
             nexts.append((m["_route"][0].worker_id, nxt))
-            pipe.hset(jobs.job_key(job_id), mapping={"step": str(step + 1), "updated": now})
-        pipe.execute()
         jobs.send_steps(self.r, nexts, dispatch=self.dispatch)
 
     def _hits_stop(self, m: dict[str, Any], token: int, *, replay: bool) -> bool:
@@ -498,6 +508,10 @@ def _device_memory(device: str) -> tuple[str, int, int]:
 
     vm = psutil.virtual_memory()
     return "cpu", int(vm.total), int(vm.available)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def node_from_env(r: redis.Redis, *, dispatch: Dispatcher) -> WorkerNode:

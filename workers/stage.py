@@ -1,8 +1,8 @@
 """GPU worker tasks (queue ``gpu.<worker_id>``, routed per call). Thin: the work is azu.worker_node.
 
-- ``forward``: a wake-up. The step payloads themselves wait in Redis (``azu:pending:<worker>``), so one
-  task runs every pending step of this worker, and decode steps of different jobs run as one batch.
-  A wake-up that finds nothing pending (an earlier one took its payload, or it is a redelivery) is a no-op.
+- ``forward``: step payloads (msgpack bytes) for this worker. Payloads that arrive while the worker is busy
+  wait in Redis (``azu:pending:<worker>``) and are run together as the next batch before the task ends,
+  so the decode steps of different jobs run as one ``forward_batch`` (see azu.jobs.send_steps).
 - ``load``: a load order: pull the layer group's files from the registry, check them, hold them.
 - ``end_job``: the job is over: free its KV caches here.
 
@@ -58,9 +58,9 @@ def _stop(**_: Any) -> None:
 
 
 @app.task(name="workers.stage.forward", ignore_result=True)
-def forward(names: list[str] | None = None) -> int:
-    """Run every step waiting for this worker (``names``: the payloads this wake-up was sent for)."""
-    return node().process_pending()
+def forward(payloads: list[bytes] | None = None) -> int:
+    """Run the step payloads this wake-up carries, then every step left for this worker meanwhile."""
+    return node().process_pending(list(payloads or []))
 
 
 @app.task(name="workers.stage.load", ignore_result=True)

@@ -323,7 +323,7 @@ class InlineNetwork:
         if queue.startswith("gpu."):
             node = self.nodes[queue[4:]]
             if name == "workers.stage.forward":
-                node.process_pending()
+                node.process_pending(_args[0] if _args else None)
             elif name == "workers.stage.end_job":
                 node.end_job(**kwargs)
         return True

@@ -155,7 +155,10 @@ def test_replayed_step_is_answered_not_rerun(r, inline, reference) -> None:
     net, model_id = inline
     prompt, n = [1, 9, 8, 7, 6], 6
     job_id = _submit(r, net, model_id, prompt, n)
-    payload = msgpack.unpackb(r.hget(jobs.pending_key("I1"), f"{job_id}:0:0"), raw=False)
+    name, queue, args, _ = net.queue[0]  # the idle worker is woken with its payload in the message
+    assert (name, queue) == ("workers.stage.forward", "gpu.I1")
+    payload = msgpack.unpackb(args[0][0], raw=False)
+    assert (payload["job"], payload["step"], payload["hop"], payload["x"]) == (job_id, 0, 0, prompt)
     net.step()  # I1 runs the prompt
     assert net.nodes["I1"].stages[(model_id, 0, 2, True, False)].job_length(job_id) == len(prompt)
     jobs.send_steps(r, [("I1", payload)], dispatch=net)  # the same step again, before I2 has run it
@@ -246,7 +249,7 @@ def test_watchdog_fails_a_stalled_job_with_a_reason(r, inline) -> None:
     assert events[-1].kind == "error" and "stalled" in events[-1].error
     assert jobs.watchdog(r, now=time.time() + 2000, dispatch=net) == []  # failed once
     net.run()  # end_job orders free the caches
-    r.delete(jobs.pending_key("I2"))
+    r.delete(jobs.pending_key("I2"), jobs.wake_key("I2"))  # the lost message's wake-up, as a restart would
     assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())
 
 
