@@ -209,7 +209,7 @@ def start_network(n_workers: int, *, redis_url: str, registry_dir: Path, root: P
             live = {w.worker_id for w in directory.live_workers(r)}
             return healthy and set(worker_ids) <= live
 
-        wait_until(up, timeout=120, what=f"the API and {n_workers} workers", interval=0.2)
+        wait_until(up, timeout=240, what=f"the API and {n_workers} workers", interval=0.2)
     except BaseException:
         group.stop()
         raise

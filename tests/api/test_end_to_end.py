@@ -24,7 +24,7 @@ PROMPTS = ["The quick brown fox", "héllo wörld, ✓", "1 2 3 4 5 6 7 8 9 10 11
            "Paris is the capital of", "zzzz", "What is 2+2?"]
 
 
-def _finished(net: Network, job_id: str, timeout: float = 120) -> dict:
+def _finished(net: Network, job_id: str, timeout: float = 240) -> dict:
     def done() -> dict | None:
         body = net.get(f"/results/{job_id}").json()
         return body if body["status"] in ("done", "failed") else None
@@ -144,9 +144,13 @@ def test_openai_errors_reach_the_client_as_exceptions(network):
     assert "context" in err.value.message
 
 
-def test_api_process_never_imports_torch(network):
+def test_api_process_never_imports_torch(network, tmp_path):
     """The API handles token ids and bytes only: after a served job, no gunicorn process has torch loaded
-    (its shared library would be mapped), and an in-process app that served a request has no torch module."""
+    (its shared library would be mapped), and an in-process app that served a request has no torch module.
+
+    That app runs without the registry's folder (as azu-api on another machine would): it fetches the
+    tokenizer files from the registry over HTTP, each checked against the manifest's SHA-256.
+    """
     api = next(c for c in network.group.children if c.name == "api")
     import psutil
 
@@ -157,7 +161,7 @@ def test_api_process_never_imports_torch(network):
         assert "libtorch" not in maps, p.pid
 
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from web import create_app\n"
         "app = create_app()\n"
         "c = app.test_client()\n"
@@ -167,10 +171,18 @@ def test_api_process_never_imports_torch(network):
         "assert r.status_code == 200, r.get_json()\n"
         "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))\n"
     )
-    out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True,
-                         env=network.env, cwd=str(REPO), timeout=60)
+    # The registry (here: the network's API, which has the folder) knows the model is ready.
+    assert network.get(f"/models/status?model_id={MODEL_ID}").json()["state"] == "ready"
+    empty_registry, cache = tmp_path / "no-registry-here", tmp_path / "cache"
+    env = dict(network.env, AZU_REGISTRY_DIR=str(empty_registry), AZU_CACHE_DIR=str(cache))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(REPO),
+                         timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    fetched = cache / "tokenizers" / MODEL_ID
+    source = Path(network.env["AZU_REGISTRY_DIR"]) / MODEL_ID
+    assert (fetched / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    assert not empty_registry.exists()
 
 
 def test_client_that_goes_away_cancels_its_stream(network):
