@@ -82,7 +82,8 @@ def deregister(r: redis.Redis, worker_id: str) -> None:
 def live_workers(r: redis.Redis, *, ttl: float = DEFAULT_TTL_S, now: float | None = None) -> list[WorkerInfo]:
     """Workers whose last heartbeat is within ``ttl`` seconds, in worker-id order."""
     now = time.time() if now is None else now
-    ids = [i.decode() if isinstance(i, bytes) else i for i in r.zrangebyscore(WORKERS_KEY, now - ttl, "+inf")]
+    found: list[Any] = r.zrangebyscore(WORKERS_KEY, now - ttl, "+inf")  # type: ignore[assignment]
+    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in found]
     if not ids:
         return []
     raws = r.mget([worker_key(i) for i in ids])

@@ -442,7 +442,7 @@ def read_events(r: redis.Redis, job_id: str, *, last_id: str = "0-0",
     kwargs: dict[str, Any] = {}
     if block_ms:
         kwargs["block"] = int(block_ms)
-    answer = r.xread({events_key(job_id): last_id}, **kwargs)
+    answer: Any = r.xread({events_key(job_id): last_id}, **kwargs)
     events: list[JobEvent] = []
     for _stream, entries in answer or []:
         for entry_id, fields in entries:
@@ -458,7 +458,8 @@ def get_job(r: redis.Redis, job_id: str) -> JobView | None:
     tokens: list[int] = []
     finish_reason = job.get("finish_reason") or None
     usage = json.loads(job["usage"]) if job.get("usage") else None
-    for _id, fields in r.xrange(events_key(job_id)):
+    entries: Any = r.xrange(events_key(job_id))
+    for _id, fields in entries:
         for ev in _events(fields):
             if ev.kind == "token" and ev.token_id is not None:
                 tokens.append(ev.token_id)

@@ -216,7 +216,8 @@ def info_from_folder(model_id: str, folder: Path) -> ModelInfo:
     from azu.tokenization import context_length
 
     m = Manifest.load(folder)
-    config = m.config.get("text_config") if isinstance(m.config.get("text_config"), dict) else m.config
+    text_config = m.config.get("text_config")
+    config: dict[str, Any] = text_config if isinstance(text_config, dict) else m.config
     eos: list[int] = []
     gen_path = folder / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}

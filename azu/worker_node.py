@@ -178,7 +178,7 @@ class WorkerNode:
               manifest_sha256: str | None = None) -> Path:
         import requests
 
-        from azu.manifest import Manifest
+        from azu.manifest import ExtraFile, FileEntry, Manifest
 
         folder = self.model_folder(model_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,8 @@ class WorkerNode:
         if manifest_sha256 and hashlib.sha256(raw).hexdigest() != manifest_sha256:
             raise IntegrityFailure(f"manifest.json of {model_id} does not match the load order's SHA-256")
         manifest = Manifest.from_dict(json.loads(raw))
-        entries = [*manifest.files_for(first, last, embeddings=embeddings, head=head), *manifest.extra_files]
+        entries: list[FileEntry | ExtraFile] = [
+            *manifest.files_for(first, last, embeddings=embeddings, head=head), *manifest.extra_files]
         for entry in entries:
             self._fetch_file(model_id, folder, entry.name, entry.sha256, entry.size,
                              weights=entry in manifest.files)
@@ -422,7 +423,8 @@ class WorkerNode:
                 m["_usage"] = {"prompt_tokens": int(gen["prompt_len"]), "completion_tokens": step + 1,
                                "token_layers": sum(workers.values()), "workers": workers}
                 shown = "" if token in gen["stop_ids"] else str(token)
-                fields = {"k": "done", "t": shown, "reason": reason, "usage": json.dumps(m["_usage"])}
+                fields: dict[Any, Any] = {"k": "done", "t": shown, "reason": reason,
+                                          "usage": json.dumps(m["_usage"])}
             else:
                 fields = {"k": "token", "t": str(token)}
             pipe.xadd(jobs.events_key(m["job"]), fields, id=f"0-{step + 1}")

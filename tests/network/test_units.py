@@ -273,3 +273,20 @@ def test_settle_charges_once(r, inline) -> None:
     assert jobs.settle(r, job_id, billing=ledger) == "already settled"
     assert ledger.calls == [("settle", {"I1": 5 * 2, "I2": 5 * 2})]
     assert json.loads(r.hget(jobs.job_key(job_id), "usage"))["token_layers"] == 20
+
+
+def test_idle_caches_are_swept(r, inline) -> None:
+    net, model_id = inline
+    job_id = _submit(r, net, model_id, [1, 2, 3], 30)
+    for _ in range(3):
+        net.step()
+    net.queue.clear()  # the job's next message never comes (its client and route are gone)
+    node = net.nodes["I1"]
+    assert node.stages[(model_id, 0, 2, True, False)].job_length(job_id) > 0
+    assert node.sweep_idle(now=time.time() + 10) == []  # not idle long enough
+    assert job_id in node.sweep_idle(now=time.time() + node.kv_idle_s + 1)
+    assert node.stages[(model_id, 0, 2, True, False)].job_length(job_id) == 0
+    for wid in ("I1", "I2"):
+        net.nodes[wid].sweep_idle(now=time.time() + 10_000)
+        r.delete(jobs.pending_key(wid), jobs.wake_key(wid))
+    jobs.cancel_job(r, job_id, dispatch=net)
