@@ -14,7 +14,7 @@ class Billing(Protocol):
         """Return the user id owning ``api_key``; raise azu.errors.Unauthorized if it is unknown/revoked."""
 
     def hold(self, *, user_id: str, job_id: str, model_id: str, max_token_layers: int) -> None:
-        """Reserve the most the job can cost; raise azu.errors.PaymentRequired when the balance can't cover it.
+        """Reserve the most the job can cost; azu.errors.PaymentRequired when the balance can't.
 
         Idempotent per job_id.
         """

@@ -13,7 +13,10 @@ import sys
 # `azu --help` stays fast and the API processes never import torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("azu.sharding", "split a Hugging Face model (hub id or folder) into per-layer safetensors"),
-    "generate": ("azu.engine.local", "run a sharded model as N stages in one process (a worker's self-check)"),
+    "generate": (
+        "azu.engine.local",
+        "run a sharded model as N stages in one process (a worker's self-check)",
+    ),
     "demo-model": ("azu.demo", "build a tiny random model of a supported family (no download)"),
     "up": ("azu.local_network", "start a whole local network: API, scheduler, registry, workers"),
 }

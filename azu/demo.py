@@ -19,62 +19,170 @@ CHAT_TEMPLATE = (
 )
 
 _COMMON_LLAMA: dict[str, Any] = dict(
-    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
 )
 
 # family -> (config class name, kwargs). Sliding windows are small (16) so a 40-token prompt crosses them.
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", dict(_COMMON_LLAMA)),
     "mistral": ("MistralConfig", dict(_COMMON_LLAMA, sliding_window=16)),
-    "mixtral": ("MixtralConfig", dict(_COMMON_LLAMA, num_local_experts=4, num_experts_per_tok=2,
-                                      sliding_window=16)),
-    "qwen2": ("Qwen2Config", dict(_COMMON_LLAMA, use_sliding_window=True, sliding_window=16,
-                                  max_window_layers=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(_COMMON_LLAMA, num_experts=4, num_experts_per_tok=2,
-                                         moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                                         decoder_sparse_step=2, mlp_only_layers=[])),
+    "mixtral": (
+        "MixtralConfig",
+        dict(_COMMON_LLAMA, num_local_experts=4, num_experts_per_tok=2, sliding_window=16),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(_COMMON_LLAMA, use_sliding_window=True, sliding_window=16, max_window_layers=2),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            _COMMON_LLAMA,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            decoder_sparse_step=2,
+            mlp_only_layers=[],
+        ),
+    ),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=4, n_head=4, n_positions=512)),
-    "gpt_neo": ("GPTNeoConfig", dict(vocab_size=VOCAB_SIZE, hidden_size=64, num_layers=4, num_heads=4,
-                                     attention_types=[[["global", "local"], 2]], window_size=16,
-                                     max_position_embeddings=512)),
-    "gptj": ("GPTJConfig", dict(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=4, n_head=4, rotary_dim=8,
-                                n_positions=512)),
-    "opt": ("OPTConfig", dict(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=4, ffn_dim=128,
-                              num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=512)),
+    "gpt_neo": (
+        "GPTNeoConfig",
+        dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=64,
+            num_layers=4,
+            num_heads=4,
+            attention_types=[[["global", "local"], 2]],
+            window_size=16,
+            max_position_embeddings=512,
+        ),
+    ),
+    "gptj": (
+        "GPTJConfig",
+        dict(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=4, n_head=4, rotary_dim=8, n_positions=512),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=64,
+            num_hidden_layers=4,
+            ffn_dim=128,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=512,
+        ),
+    ),
     "bloom": ("BloomConfig", dict(vocab_size=VOCAB_SIZE, hidden_size=64, n_layer=4, n_head=4)),
-    "falcon": ("FalconConfig", dict(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=4,
-                                    num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
-                                    alibi=False, max_position_embeddings=512)),
-    "falcon_alibi": ("FalconConfig", dict(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=4,
-                                          num_attention_heads=4, alibi=True, multi_query=True,
-                                          new_decoder_architecture=False, parallel_attn=False, bias=True)),
-    "mpt": ("MptConfig", dict(vocab_size=VOCAB_SIZE, d_model=64, n_layers=4, n_heads=4, max_seq_len=512,
-                              expansion_ratio=2)),
-    "phi": ("PhiConfig", dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512,
-                              partial_rotary_factor=0.5)),
+    "falcon": (
+        "FalconConfig",
+        dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            alibi=False,
+            max_position_embeddings=512,
+        ),
+    ),
+    "falcon_alibi": (
+        "FalconConfig",
+        dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            alibi=True,
+            multi_query=True,
+            new_decoder_architecture=False,
+            parallel_attn=False,
+            bias=True,
+        ),
+    ),
+    "mpt": (
+        "MptConfig",
+        dict(vocab_size=VOCAB_SIZE, d_model=64, n_layers=4, n_heads=4, max_seq_len=512, expansion_ratio=2),
+    ),
+    "phi": (
+        "PhiConfig",
+        dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            partial_rotary_factor=0.5,
+        ),
+    ),
     "phi3": ("Phi3Config", dict(_COMMON_LLAMA, pad_token_id=0)),
     "gemma": ("GemmaConfig", dict(_COMMON_LLAMA, head_dim=16)),
-    "gemma2": ("Gemma2Config", dict(_COMMON_LLAMA, head_dim=16, sliding_window=16,
-                                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                                    query_pre_attn_scalar=16)),
-    "starcoder2": ("Starcoder2Config", dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                            sliding_window=16, max_position_embeddings=512)),
-    "deepseek_v2": ("DeepseekV2Config", dict(_COMMON_LLAMA, num_key_value_heads=4, n_routed_experts=4,
-                                             num_experts_per_tok=2, n_shared_experts=1,
-                                             moe_intermediate_size=32, first_k_dense_replace=1,
-                                             kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
-                                             qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            _COMMON_LLAMA,
+            head_dim=16,
+            sliding_window=16,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            query_pre_attn_scalar=16,
+        ),
+    ),
+    "starcoder2": (
+        "Starcoder2Config",
+        dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=16,
+            max_position_embeddings=512,
+        ),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            _COMMON_LLAMA,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
     # Not in azu's table: exercises the generic XForCausalLM -> XDecoderLayer fallback.
     "stablelm": ("StableLmConfig", dict(_COMMON_LLAMA)),
 }
 
 # The demo model `azu up` and `azu generate --demo` serve: Llama-shaped, big enough to be a pipeline.
 DEMO_CONFIG: dict[str, Any] = dict(
-    vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
 )
 
 
@@ -111,8 +219,15 @@ def perturb_(model, *, seed: int, scale: float = 0.2) -> None:
 _EMBEDDING_NAMES = ("wte", "wpe", "embed_tokens", "word_embeddings", "embed_positions", "embed_in")
 
 
-def build_model(family: str, out_dir: str | Path, *, seed: int = 0, max_shard_size: str | None = None,
-                with_tokenizer: bool = True, **overrides: Any) -> Path:
+def build_model(
+    family: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    with_tokenizer: bool = True,
+    **overrides: Any,
+) -> Path:
     """Build a tiny random ``family`` model and ``save_pretrained`` it (safetensors) into ``out_dir``.
 
     ``max_shard_size`` (e.g. ``"50KB"``) saves a sharded checkpoint with ``model.safetensors.index.json``.
@@ -153,7 +268,10 @@ def save_tokenizer(out_dir: str | Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>",
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
         additional_special_tokens=SPECIALS[3:],
     )
     fast.chat_template = CHAT_TEMPLATE

@@ -26,9 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-QWEN05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-               tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6)
+QWEN05B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
 CACHE = Path(os.environ.get("AZU_BENCH_CACHE", "/tmp/azu-bench-cache"))
 
 
@@ -80,10 +89,16 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
         ids = torch.tensor([prompt], device=device)
         sync()
         t = time.perf_counter()
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         sync()
-        return time.perf_counter() - t, out[0, len(prompt):].tolist()
+        return time.perf_counter() - t, out[0, len(prompt) :].tolist()
 
     def engine_generate() -> tuple[float, list[int]]:
         sync()
@@ -150,9 +165,15 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
         b16.append(engine_batched(16, 16))
         log(f"round {r + 1}/{rounds}: generate {hf_t[-1]:.1f} tok/s, engine {eng_t[-1]:.1f} tok/s")
     med = statistics.median
-    return {"hf_tok_s": med(hf_t), "engine_tok_s": med(eng_t), "same_tokens": same,
-            "hf_prefill_s": med(hf_p), "engine_prefill_s": med(eng_p),
-            "batch1_tok_s": med(b1), "batch16_tok_s": med(b16)}
+    return {
+        "hf_tok_s": med(hf_t),
+        "engine_tok_s": med(eng_t),
+        "same_tokens": same,
+        "hf_prefill_s": med(hf_p),
+        "engine_prefill_s": med(eng_p),
+        "batch1_tok_s": med(b1),
+        "batch16_tok_s": med(b16),
+    }
 
 
 # -- children: memory -----------------------------------------------------------------------------------
@@ -213,7 +234,9 @@ def run_child(kind: str, *args: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda by default")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -225,45 +248,79 @@ def main() -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     if args.child:
-        fn = {"timings": child_timings, "stage_rss": child_stage_rss, "whole_rss": child_whole_rss}[args.child]
+        fn = {"timings": child_timings, "stage_rss": child_stage_rss, "whole_rss": child_whole_rss}[
+            args.child
+        ]
         conv = [int(a) if a.isdigit() else a for a in args.rest]
         print(json.dumps(fn(*conv)))
         return 0
 
     src, shards = prepare(dtype)
     log("timings (both sides in one process, alternating rounds)...")
-    t = run_child("timings", str(src), str(shards), args.device, dtype, str(args.new_tokens), str(args.rounds))
+    t = run_child(
+        "timings", str(src), str(shards), args.device, dtype, str(args.new_tokens), str(args.rounds)
+    )
     log("memory (fresh subprocesses)...")
     st = run_child("stage_rss", str(shards), args.device, dtype)
     wh = run_child("whole_rss", str(src), str(shards), args.device, dtype)
 
     rows = [
-        ("decode tok/s (32-token prompt, greedy)", f"{t['hf_tok_s']:.1f}", f"{t['engine_tok_s']:.1f}",
-         f"{t['engine_tok_s'] / t['hf_tok_s']:.3f}x", ">= 0.98x"),
+        (
+            "decode tok/s (32-token prompt, greedy)",
+            f"{t['hf_tok_s']:.1f}",
+            f"{t['engine_tok_s']:.1f}",
+            f"{t['engine_tok_s'] / t['hf_tok_s']:.3f}x",
+            ">= 0.98x",
+        ),
         ("same greedy tokens", "-", "-", "yes" if t["same_tokens"] else "NO", "yes"),
-        ("prefill 512 tokens (s)", f"{t['hf_prefill_s']:.3f}", f"{t['engine_prefill_s']:.3f}",
-         f"{t['hf_prefill_s'] / t['engine_prefill_s']:.3f}x speed", ""),
-        ("decode, 16 jobs batched vs 1 job (agg tok/s)", f"{t['batch1_tok_s']:.1f}", f"{t['batch16_tok_s']:.1f}",
-         f"{t['batch16_tok_s'] / t['batch1_tok_s']:.2f}x", ""),
-        ("stage (embeddings + half the layers) peak RSS MB", f"{st['share_mb']:.0f} (weights)",
-         f"{st['peak_mb']:.0f}", f"{st['peak_mb'] / st['share_mb']:.3f}x", "<= 1.15x"),
-        ("whole model (transformers) peak RSS MB", f"{wh['weights_mb']:.0f} (weights)", f"{wh['peak_mb']:.0f}",
-         f"{wh['peak_mb'] / wh['weights_mb']:.3f}x", ""),
+        (
+            "prefill 512 tokens (s)",
+            f"{t['hf_prefill_s']:.3f}",
+            f"{t['engine_prefill_s']:.3f}",
+            f"{t['hf_prefill_s'] / t['engine_prefill_s']:.3f}x speed",
+            "",
+        ),
+        (
+            "decode, 16 jobs batched vs 1 job (agg tok/s)",
+            f"{t['batch1_tok_s']:.1f}",
+            f"{t['batch16_tok_s']:.1f}",
+            f"{t['batch16_tok_s'] / t['batch1_tok_s']:.2f}x",
+            "",
+        ),
+        (
+            "stage (embeddings + half the layers) peak RSS MB",
+            f"{st['share_mb']:.0f} (weights)",
+            f"{st['peak_mb']:.0f}",
+            f"{st['peak_mb'] / st['share_mb']:.3f}x",
+            "<= 1.15x",
+        ),
+        (
+            "whole model (transformers) peak RSS MB",
+            f"{wh['weights_mb']:.0f} (weights)",
+            f"{wh['peak_mb']:.0f}",
+            f"{wh['peak_mb'] / wh['weights_mb']:.3f}x",
+            "",
+        ),
     ]
     if not args.skip_shard:
         shard_bench = Path(__file__).with_name("shard.py")
         if shard_bench.exists():
             log("sharding rows (bench/shard.py)...")
-            out = subprocess.run([sys.executable, str(shard_bench), "--json", "--source", str(src)],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, str(shard_bench), "--json", "--source", str(src)],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode == 0 and out.stdout.strip():
                 for row in json.loads(out.stdout.strip().splitlines()[-1]).get("rows", []):
                     rows.append(tuple(row))
             else:
                 log(f"bench/shard.py failed: {out.stderr[-500:]}")
-    print(f"\nazu engine benchmark — {args.device}, {dtype}, Qwen2.5-0.5B-shaped random model "
-          f"({QWEN05B['num_hidden_layers']} layers, hidden {QWEN05B['hidden_size']}), torch threads "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')}\n")
+    print(
+        f"\nazu engine benchmark — {args.device}, {dtype}, Qwen2.5-0.5B-shaped random model "
+        f"({QWEN05B['num_hidden_layers']} layers, hidden {QWEN05B['hidden_size']}), torch threads "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}\n"
+    )
     header = ("measure", "baseline", "azu", "ratio", "target")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     for r in [header, tuple("-" * w for w in widths), *rows]:

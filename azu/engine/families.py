@@ -39,8 +39,18 @@ class Family:
     last_stage: dict[str, Neutral] = field(default_factory=lambda: {"norm": "identity"})
 
 
-_LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "gemma", "gemma2",
-               "starcoder2", "deepseek_v2")
+_LLAMA_LIKE = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "starcoder2",
+    "deepseek_v2",
+)
 
 _TABLE: dict[str, Family] = {}
 
@@ -54,16 +64,32 @@ def register(model_type: str, family: Family) -> None:
 for _t in _LLAMA_LIKE:
     register(_t, Family(_t))
 register("phi", Family("phi", last_stage={"final_layernorm": "identity"}))
-register("gpt2", Family("gpt2", layers="h", first_stage={"wpe": "zero_positions"},
-                        last_stage={"ln_f": "identity"}))
-register("gpt_neo", Family("gpt_neo", layers="h", first_stage={"wpe": "zero_positions"},
-                           last_stage={"ln_f": "identity"}))
+register(
+    "gpt2", Family("gpt2", layers="h", first_stage={"wpe": "zero_positions"}, last_stage={"ln_f": "identity"})
+)
+register(
+    "gpt_neo",
+    Family("gpt_neo", layers="h", first_stage={"wpe": "zero_positions"}, last_stage={"ln_f": "identity"}),
+)
 register("gptj", Family("gptj", layers="h", last_stage={"ln_f": "identity"}))
-register("opt", Family("opt", inner="decoder",
-                       first_stage={"embed_positions": "zero_positions", "project_in": "none"},
-                       last_stage={"final_layer_norm": "identity", "project_out": "none"}))
-register("bloom", Family("bloom", layers="h", first_stage={"word_embeddings_layernorm": "identity"},
-                         last_stage={"ln_f": "identity"}))
+register(
+    "opt",
+    Family(
+        "opt",
+        inner="decoder",
+        first_stage={"embed_positions": "zero_positions", "project_in": "none"},
+        last_stage={"final_layer_norm": "identity", "project_out": "none"},
+    ),
+)
+register(
+    "bloom",
+    Family(
+        "bloom",
+        layers="h",
+        first_stage={"word_embeddings_layernorm": "identity"},
+        last_stage={"ln_f": "identity"},
+    ),
+)
 register("falcon", Family("falcon", layers="h", last_stage={"ln_f": "identity"}))
 register("mpt", Family("mpt", layers="blocks", last_stage={"norm_f": "identity"}))
 
@@ -77,7 +103,8 @@ def family_for(model_type: str, architecture: str, base_module=None) -> Family:
     if not architecture.endswith("ForCausalLM") or base_module is None:
         raise UnsupportedArchitecture(
             f"architecture {architecture!r} (model_type {model_type!r}) is not supported: azu serves causal "
-            f"LMs ({', '.join(SUPPORTED)}, or any XForCausalLM with the usual layer naming)")
+            f"LMs ({', '.join(SUPPORTED)}, or any XForCausalLM with the usual layer naming)"
+        )
     import torch.nn as nn
 
     layers = next((n for n in LAYER_LISTS if isinstance(getattr(base_module, n, None), nn.ModuleList)), None)
@@ -86,5 +113,6 @@ def family_for(model_type: str, architecture: str, base_module=None) -> Family:
         raise UnsupportedArchitecture(
             f"architecture {architecture!r} does not follow the XForCausalLM -> XDecoderLayer naming azu's "
             f"generic fallback needs (a ModuleList named one of {LAYER_LISTS} and a final norm named one of "
-            f"{FINAL_NORMS})")
+            f"{FINAL_NORMS})"
+        )
     return Family(f"generic:{model_type}", layers=layers, last_stage={norm: "identity"})

@@ -27,8 +27,10 @@ def split_layers(num_layers: int, num_stages: int) -> list[StageSpec]:
     if not 1 <= num_stages <= num_layers:
         raise InvalidRequest(f"cannot split {num_layers} layers into {num_stages} stages")
     cuts = [round(i * num_layers / num_stages) for i in range(num_stages + 1)]
-    return [StageSpec(cuts[i], cuts[i + 1], embeddings=i == 0, head=i == num_stages - 1)
-            for i in range(num_stages)]
+    return [
+        StageSpec(cuts[i], cuts[i + 1], embeddings=i == 0, head=i == num_stages - 1)
+        for i in range(num_stages)
+    ]
 
 
 @dataclass
@@ -42,12 +44,20 @@ class GenerateResult:
 
 
 class LocalPipeline:
-    def __init__(self, shard_dir: str | Path, num_stages: int, *, device: str = "cpu",
-                 dtype: str = "float32", max_cached_tokens: int = 32768) -> None:
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        num_stages: int,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_cached_tokens: int = 32768,
+    ) -> None:
         self.manifest = Manifest.load(shard_dir)
-        self.stages = [Stage.load(shard_dir, spec, device=device, dtype=dtype,
-                                  max_cached_tokens=max_cached_tokens)
-                       for spec in split_layers(self.manifest.num_layers, num_stages)]
+        self.stages = [
+            Stage.load(shard_dir, spec, device=device, dtype=dtype, max_cached_tokens=max_cached_tokens)
+            for spec in split_layers(self.manifest.num_layers, num_stages)
+        ]
 
     def step(self, job_id: str, ids: torch.Tensor) -> torch.Tensor:
         x = ids
@@ -55,8 +65,15 @@ class LocalPipeline:
             x = stage.forward(job_id, x)
         return x
 
-    def stream(self, prompt_ids: list[int], *, max_tokens: int, params: SamplingParams | None = None,
-               seed: int = 0, stop_token_ids: set[int] | None = None) -> Iterator[int]:
+    def stream(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_tokens: int,
+        params: SamplingParams | None = None,
+        seed: int = 0,
+        stop_token_ids: set[int] | None = None,
+    ) -> Iterator[int]:
         params = params or SamplingParams()
         job_id = uuid.uuid4().hex
         try:
@@ -72,18 +89,32 @@ class LocalPipeline:
             for stage in self.stages:
                 stage.end_job(job_id)
 
-    def generate(self, prompt_ids: list[int], *, max_tokens: int, params: SamplingParams | None = None,
-                 seed: int = 0, stop_token_ids: set[int] | None = None) -> GenerateResult:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_tokens: int,
+        params: SamplingParams | None = None,
+        seed: int = 0,
+        stop_token_ids: set[int] | None = None,
+    ) -> GenerateResult:
         start = time.perf_counter()
         tokens: list[int] = []
         timings: list[float] = []
-        for token in self.stream(prompt_ids, max_tokens=max_tokens, params=params, seed=seed,
-                                 stop_token_ids=stop_token_ids):
+        for token in self.stream(
+            prompt_ids, max_tokens=max_tokens, params=params, seed=seed, stop_token_ids=stop_token_ids
+        ):
             tokens.append(token)
             timings.append(time.perf_counter() - start)
         stopped = bool(stop_token_ids) and bool(tokens) and tokens[-1] in (stop_token_ids or ())
-        return GenerateResult(tokens, "stop" if stopped else "length", len(prompt_ids),
-                              timings[0] if timings else 0.0, time.perf_counter() - start, timings)
+        return GenerateResult(
+            tokens,
+            "stop" if stopped else "length",
+            len(prompt_ids),
+            timings[0] if timings else 0.0,
+            time.perf_counter() - start,
+            timings,
+        )
 
 
 # -- CLI: azu generate -------------------------------------------------------------------------------
@@ -99,7 +130,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", default=None, help="float32 (cpu default), bfloat16 (cuda default), float16")
+    parser.add_argument(
+        "--dtype", default=None, help="float32 (cpu default), bfloat16 (cuda default), float16"
+    )
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -131,14 +164,25 @@ def run(args) -> int:
                 raise InvalidRequest("--prompt-ids must be comma-separated integers, e.g. 5,6,7") from None
             if not prompt_ids:
                 raise InvalidRequest("--prompt-ids is empty")
-        result = pipe.generate(prompt_ids, max_tokens=args.max_tokens, params=params, seed=args.seed,
-                               stop_token_ids=None if args.ignore_eos else _eos_ids(pipe.manifest))
+        result = pipe.generate(
+            prompt_ids,
+            max_tokens=args.max_tokens,
+            params=params,
+            seed=args.seed,
+            stop_token_ids=None if args.ignore_eos else _eos_ids(pipe.manifest),
+        )
     except (AzuError, FileNotFoundError) as exc:
         print(f"azu generate: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    out: dict = {"model_id": pipe.manifest.model_id, "stages": args.stages, "token_ids": result.token_ids,
-                 "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-                 "ttft_s": round(result.ttft_s, 4), "total_s": round(result.total_s, 4)}
+    out: dict = {
+        "model_id": pipe.manifest.model_id,
+        "stages": args.stages,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "ttft_s": round(result.ttft_s, 4),
+        "total_s": round(result.total_s, 4),
+    }
     if tokenizer is None:
         try:
             from azu.tokenization import load_tokenizer
@@ -153,7 +197,9 @@ def run(args) -> int:
     else:
         if "text" in out:
             print(out["text"])
-        print(f"[{len(result.token_ids)} tokens, {args.stages} stages, ttft {result.ttft_s * 1000:.0f} ms, "
-              f"{len(result.token_ids) / max(result.total_s, 1e-9):.1f} tok/s] ids: {result.token_ids}",
-              file=sys.stderr)
+        print(
+            f"[{len(result.token_ids)} tokens, {args.stages} stages, ttft {result.ttft_s * 1000:.0f} ms, "
+            f"{len(result.token_ids) / max(result.total_s, 1e-9):.1f} tok/s] ids: {result.token_ids}",
+            file=sys.stderr,
+        )
     return 0

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,8 +34,14 @@ from azu.engine.naming import classify_tensor
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
 from azu.manifest import Manifest, load_verified
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -48,7 +55,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """Layers ``[first_layer, last_layer)``, plus the embeddings (first stage) and/or the head (last stage)."""
+    """Layers ``[first_layer, last_layer)``, plus the embeddings (first stage) and/or the head (last)."""
 
     first_layer: int
     last_layer: int
@@ -57,7 +64,9 @@ class StageSpec:
 
     def __post_init__(self) -> None:
         if not 0 <= self.first_layer < self.last_layer:
-            raise InvalidRequest(f"a stage holds at least one layer: got [{self.first_layer}, {self.last_layer})")
+            raise InvalidRequest(
+                f"a stage holds at least one layer: got [{self.first_layer}, {self.last_layer})"
+            )
         if self.embeddings and self.first_layer != 0:
             raise InvalidRequest("only the stage starting at layer 0 can hold the embeddings")
 
@@ -76,7 +85,7 @@ def _params_on_meta() -> Iterator[None]:
         if param is not None and not param.is_meta:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -138,8 +147,21 @@ class _ZeroPositions(nn.Module):
 
 
 # Families whose decode steps can be batched across jobs (rotary positions passed explicitly).
-_BATCHABLE = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "gemma", "gemma2",
-                        "starcoder2", "deepseek_v2", "phi"})
+_BATCHABLE = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "phi3",
+        "gemma",
+        "gemma2",
+        "starcoder2",
+        "deepseek_v2",
+        "phi",
+    }
+)
 
 
 @dataclass
@@ -149,7 +171,7 @@ class _Job:
     last_used: float = 0.0
 
 
-def _resolve(module: nn.Module, path: str) -> nn.Module:
+def _resolve(module: Any, path: str) -> Any:
     for part in filter(None, path.split(".")):
         module = getattr(module, part)
     return module
@@ -158,8 +180,17 @@ def _resolve(module: nn.Module, path: str) -> nn.Module:
 class Stage:
     """Serve one layer group. Build with :meth:`load`."""
 
-    def __init__(self, model: nn.Module, manifest: Manifest, spec: StageSpec, family: Family, *,
-                 device: torch.device, dtype: torch.dtype, max_cached_tokens: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        manifest: Manifest,
+        spec: StageSpec,
+        family: Family,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_cached_tokens: int,
+    ) -> None:
         self.model = model
         self.manifest = manifest
         self.spec = spec
@@ -167,20 +198,30 @@ class Stage:
         self.device = device
         self.dtype = dtype
         self.max_cached_tokens = max_cached_tokens
-        self.config = model.config
+        self.config: Any = model.config
         self._base = _resolve(getattr(model, model.base_model_prefix), family.inner)
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
-        self.max_positions = int(getattr(self.config, "max_position_embeddings", 0)
-                                 or getattr(self.config, "n_positions", 0)
-                                 or getattr(self.config, "max_seq_len", 0) or 1 << 30)
+        self.max_positions = int(
+            getattr(self.config, "max_position_embeddings", 0)
+            or getattr(self.config, "n_positions", 0)
+            or getattr(self.config, "max_seq_len", 0)
+            or 1 << 30
+        )
         self._base_takes_positions = "position_ids" in inspect.signature(self._base.forward).parameters
         self._lm_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def load(cls, shard_dir: str | Path, spec: StageSpec, *, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype = "float32", max_cached_tokens: int = 32768) -> Stage:
+    def load(
+        cls,
+        shard_dir: str | Path,
+        spec: StageSpec,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        max_cached_tokens: int = 32768,
+    ) -> Stage:
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -190,8 +231,10 @@ class Stage:
         torch_dtype = parse_dtype(dtype)
         torch_device = torch.device(device)
         if spec.last_layer > manifest.num_layers:
-            raise InvalidRequest(f"{manifest.model_id} has {manifest.num_layers} layers; "
-                                 f"a stage cannot hold [{spec.first_layer}, {spec.last_layer})")
+            raise InvalidRequest(
+                f"{manifest.model_id} has {manifest.num_layers} layers; "
+                f"a stage cannot hold [{spec.first_layer}, {spec.last_layer})"
+            )
         if spec.head and spec.last_layer != manifest.num_layers:
             raise InvalidRequest("only the stage ending at the last layer can hold the head")
 
@@ -211,10 +254,14 @@ class Stage:
         # Only this stage's files, each hash-checked before it is parsed, one file at a time (a layer
         # file holds all of its layer's tensors, MoE experts included, so conversion works per file and
         # peak memory stays at the stage's weights plus one file).
-        load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=torch_dtype,
-                                          device_map={"": torch_device})
-        for entry in manifest.files_for(spec.first_layer, spec.last_layer, embeddings=spec.embeddings,
-                                        head=spec.head):
+        load_config = LoadStateDictConfig(
+            weight_mapping=get_model_conversion_mapping(model),  # type: ignore[arg-type]
+            dtype=torch_dtype,
+            device_map={"": torch_device},
+        )
+        for entry in manifest.files_for(
+            spec.first_layer, spec.last_layer, embeddings=spec.embeddings, head=spec.head
+        ):
             state = load_verified(manifest.directory or shard_dir, entry)
             for name, tensor in state.items():
                 if tensor.is_floating_point() and tensor.dtype != torch_dtype:
@@ -226,10 +273,12 @@ class Stage:
 
         # Cut the layer list down to the stage's layers; they keep their global index.
         layers = getattr(base, family.layers)
-        setattr(base, family.layers, nn.ModuleList(layers[i] for i in range(spec.first_layer, spec.last_layer)))
+        setattr(
+            base, family.layers, nn.ModuleList(layers[i] for i in range(spec.first_layer, spec.last_layer))
+        )
         local = copy.copy(base.config)
         if getattr(local, "layer_types", None):
-            local.layer_types = list(local.layer_types[spec.first_layer:spec.last_layer])
+            local.layer_types = list(local.layer_types[spec.first_layer : spec.last_layer])
         base.config = local
         for attr, how in family.first_stage.items():
             if not spec.embeddings:
@@ -242,8 +291,15 @@ class Stage:
             for name, buf in list(module._buffers.items()):
                 if buf is not None and buf.device != torch_device:
                     module._buffers[name] = buf.to(torch_device)
-        return cls(model, manifest, spec, family, device=torch_device, dtype=torch_dtype,
-                   max_cached_tokens=max_cached_tokens)
+        return cls(
+            model,
+            manifest,
+            spec,
+            family,
+            device=torch_device,
+            dtype=torch_dtype,
+            max_cached_tokens=max_cached_tokens,
+        )
 
     # -- jobs ----------------------------------------------------------------------------------
     @property
@@ -273,9 +329,9 @@ class Stage:
 
     def kv_bytes_per_token(self) -> int:
         """Approximate KV-cache bytes one token costs on this stage (for admission control)."""
-        cfg = self.config
-        heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cfg: Any = self.config
+        heads: Any = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1)
+        head_dim: Any = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return 2 * self.spec.num_layers * int(heads) * int(head_dim) * torch.finfo(self.dtype).bits // 8
 
     # -- compute -------------------------------------------------------------------------------
@@ -307,12 +363,16 @@ class Stage:
         """
         job_ids = [job_id for job_id, _ in items]
         inputs = [self._check_input(x) for _, x in items]
-        batchable = (self._can_batch and len(items) > 1 and len(set(job_ids)) == len(job_ids)
-                     and all(int(x.shape[0]) == 1 for x in inputs))
+        batchable = (
+            self._can_batch
+            and len(items) > 1
+            and len(set(job_ids)) == len(job_ids)
+            and all(int(x.shape[0]) == 1 for x in inputs)
+        )
         if not batchable:
             return [self.forward(job_id, x) for job_id, x in zip(job_ids, inputs, strict=True)]
         with self._lock:
-            jobs = []
+            jobs: list[_Job] = []
             try:
                 for job_id in job_ids:
                     jobs.append(self._admit(job_id, 1, pending=len(jobs)))
@@ -351,25 +411,31 @@ class Stage:
         temp = StageCache(self.model.config, owned)
         if longest:
             for idx in owned:
-                keys = [job.cache.layers[idx].keys if lengths[b] else None for b, job in enumerate(jobs)]
-                values = [job.cache.layers[idx].values if lengths[b] else None for b, job in enumerate(jobs)]
+                held: list[Any] = [cast(Any, job.cache.layers[idx]) if lengths[b] else None
+                                   for b, job in enumerate(jobs)]
+                keys: list[Any] = [h.keys if h is not None else None for h in held]
+                values: list[Any] = [h.values if h is not None else None for h in held]
                 sample_k = next(k for k in keys if k is not None)
                 sample_v = next(v for v in values if v is not None)
                 k_pad = sample_k.new_zeros(batch, sample_k.shape[1], longest, sample_k.shape[3])
                 v_pad = sample_v.new_zeros(batch, sample_v.shape[1], longest, sample_v.shape[3])
                 for b in range(batch):
                     if lengths[b]:
-                        k_pad[b, :, longest - lengths[b]:] = keys[b][0]
-                        v_pad[b, :, longest - lengths[b]:] = values[b][0]
-                layer = temp.layers[idx]
+                        k_pad[b, :, longest - lengths[b] :] = keys[b][0]
+                        v_pad[b, :, longest - lengths[b] :] = values[b][0]
+                layer: Any = temp.layers[idx]
                 layer.lazy_initialization(k_pad, v_pad)
                 layer.keys, layer.values = k_pad, v_pad
         mask = torch.zeros(batch, longest + 1, dtype=torch.long, device=self.device)
         for b, length in enumerate(lengths):
-            mask[b, longest - length:] = 1
+            mask[b, longest - length :] = 1
         positions = torch.tensor([[length] for length in lengths], device=self.device)
-        kwargs: dict = {"past_key_values": temp, "use_cache": True, "attention_mask": mask,
-                        "position_ids": positions}
+        kwargs: dict = {
+            "past_key_values": temp,
+            "use_cache": True,
+            "attention_mask": mask,
+            "position_ids": positions,
+        }
         if self.spec.embeddings:
             kwargs["input_ids"] = torch.stack(inputs)  # [B, 1]
         else:
@@ -385,10 +451,11 @@ class Stage:
             outs = [h for h in hidden]  # each [1, hidden]
         # Hand each job its new key/value column.
         for idx in owned:
-            new_k = temp.layers[idx].keys[:, :, -1:]
-            new_v = temp.layers[idx].values[:, :, -1:]
+            done: Any = temp.layers[idx]
+            new_k = done.keys[:, :, -1:]
+            new_v = done.values[:, :, -1:]
             for b, job in enumerate(jobs):
-                job.cache.update(new_k[b:b + 1], new_v[b:b + 1], idx)
+                job.cache.update(new_k[b : b + 1], new_v[b : b + 1], idx)
         return outs
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -402,18 +469,24 @@ class Stage:
             return x.to(self.device, torch.long)
         hidden = self.manifest.hidden_size
         if x.ndim != 2 or x.shape[1] != hidden or not x.is_floating_point() or x.shape[0] == 0:
-            raise InvalidRequest(f"this stage takes hidden states of shape [n, {hidden}], got {list(x.shape)}")
+            raise InvalidRequest(
+                f"this stage takes hidden states of shape [n, {hidden}], got {list(x.shape)}"
+            )
         return x.to(self.device, self.dtype)
 
     def _admit(self, job_id: str, n: int, *, pending: int = 0) -> _Job:
         job = self._jobs.get(job_id)
         length = job.length if job else 0
         if length + n > self.max_positions:
-            raise InvalidRequest(f"job {job_id} would reach {length + n} positions; the model's context is "
-                                 f"{self.max_positions}")
+            raise InvalidRequest(
+                f"job {job_id} would reach {length + n} positions; the model's context is "
+                f"{self.max_positions}"
+            )
         if self.cached_tokens + pending + n > self.max_cached_tokens:
-            raise CacheFull(f"this stage's KV cache holds {self.cached_tokens} of {self.max_cached_tokens} "
-                            f"tokens; job {job_id} needs {n} more. Retry later or route to another worker.")
+            raise CacheFull(
+                f"this stage's KV cache holds {self.cached_tokens} of {self.max_cached_tokens} "
+                f"tokens; job {job_id} needs {n} more. Retry later or route to another worker."
+            )
         if job is None:
             owned = range(self.spec.first_layer, self.spec.last_layer)
             job = self._jobs[job_id] = _Job(cache=StageCache(self.model.config, owned))
@@ -448,7 +521,8 @@ def _build_config(manifest: Manifest):
         return AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as exc:
         raise UnsupportedArchitecture(
-            f"model_type {model_type!r} ({manifest.architecture}) is unknown to transformers: {exc}") from None
+            f"model_type {model_type!r} ({manifest.architecture}) is unknown to transformers: {exc}"
+        ) from None
 
 
 def _neutralise(owner: nn.Module, attr: str, how: str, dtype: torch.dtype, device: torch.device) -> None:
@@ -465,15 +539,20 @@ def _neutralise(owner: nn.Module, attr: str, how: str, dtype: torch.dtype, devic
         raise ValueError(how)
 
 
-def _check_materialised(model: nn.Module, spec: StageSpec, family: Family) -> None:
+def _check_materialised(model: Any, spec: StageSpec, family: Family) -> None:
     """Every parameter the stage will use came from its files (a missing tensor would stay on meta)."""
     missing = []
     for name, param in model.named_parameters():
         if not param.is_meta:
             continue
         part = classify_tensor(name)
-        owned = (spec.first_layer <= part < spec.last_layer if isinstance(part, int)
-                 else spec.embeddings if part == "embeddings" else spec.head)
+        owned = (
+            spec.first_layer <= part < spec.last_layer
+            if isinstance(part, int)
+            else spec.embeddings
+            if part == "embeddings"
+            else spec.head
+        )
         if owned:
             missing.append(name)
     if spec.head:
@@ -481,5 +560,7 @@ def _check_materialised(model: nn.Module, spec: StageSpec, family: Family) -> No
         if head is not None and head.weight.is_meta:
             missing.append("lm_head.weight")
     if missing:
-        raise IntegrityFailure(f"the shard files lack tensors this stage needs: {', '.join(sorted(missing)[:8])}"
-                               + (" ..." if len(missing) > 8 else ""))
+        raise IntegrityFailure(
+            f"the shard files lack tensors this stage needs: {', '.join(sorted(missing)[:8])}"
+            + (" ..." if len(missing) > 8 else "")
+        )

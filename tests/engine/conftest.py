@@ -18,8 +18,9 @@ class Built:
     def __init__(self, family: str, root: Path) -> None:
         self.family = family
         self.src = demo.build_model(family, root / "src", with_tokenizer=False)
-        self.src_sharded = demo.build_model(family, root / "src_sharded", with_tokenizer=False,
-                                            max_shard_size="200KB")
+        self.src_sharded = demo.build_model(
+            family, root / "src_sharded", with_tokenizer=False, max_shard_size="200KB"
+        )
         self.shards = root / "shards"
         self.shards_from_sharded = root / "shards_from_sharded"
         shard_model(self.src, self.shards, progress=False)
@@ -38,8 +39,14 @@ class Built:
 
             model = transformers.AutoModelForCausalLM.from_pretrained(self.src).eval()
             ids = torch.tensor([self.prompt()])
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0, attention_mask=torch.ones_like(ids))
+            out = model.generate(
+                ids,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                attention_mask=torch.ones_like(ids),
+            )
             self._reference = out[0, PROMPT_LEN:].tolist()
         return self._reference
 

@@ -12,10 +12,18 @@ from azu.sharding import shard_model
 NO_SLIDING = {"sliding_window": None}
 
 
-@pytest.mark.parametrize(("family", "overrides"), [
-    ("llama", {}), ("qwen2", {"use_sliding_window": False}), ("mixtral", NO_SLIDING), ("deepseek_v2", {}),
-    ("gemma", {}), ("phi", {}), ("gemma2", {}),  # gemma2 has sliding layers: falls back to job-by-job
-])
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("llama", {}),
+        ("qwen2", {"use_sliding_window": False}),
+        ("mixtral", NO_SLIDING),
+        ("deepseek_v2", {}),
+        ("gemma", {}),
+        ("phi", {}),
+        ("gemma2", {}),  # gemma2 has sliding layers: falls back to job-by-job
+    ],
+)
 def test_batched_decode_matches_one_by_one(tmp_path, family, overrides):
     src = demo.build_model(family, tmp_path / "src", with_tokenizer=False, **overrides)
     shard_model(src, tmp_path / "shards", progress=False)

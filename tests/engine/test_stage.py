@@ -35,8 +35,9 @@ def test_sample_filters():
     draws = {sample(logits, SamplingParams(temperature=5.0, top_k=2), seed=0, step=s) for s in range(200)}
     assert draws == {1, 2}
     # a tiny top_p keeps only the best token
-    assert {sample(logits, SamplingParams(temperature=5.0, top_p=0.01), seed=0, step=s)
-            for s in range(50)} == {1}
+    assert {
+        sample(logits, SamplingParams(temperature=5.0, top_p=0.01), seed=0, step=s) for s in range(50)
+    } == {1}
     with pytest.raises(InvalidRequest):
         SamplingParams(top_p=0.0)
     with pytest.raises(InvalidRequest):
@@ -123,7 +124,7 @@ def test_tampered_file_is_refused_by_name(built, tmp_path):
     data[-1] ^= 0x01  # one bit in the last tensor's bytes
     target.write_bytes(bytes(data))
     Stage.load(shards, StageSpec(2, 4, embeddings=False, head=True))  # does not touch layer 1
-    with pytest.raises(IntegrityFailure, match="layer_00001.safetensors"):
+    with pytest.raises(IntegrityFailure, match=r"layer_00001\.safetensors"):
         Stage.load(shards, StageSpec(0, 2, embeddings=True, head=False))
 
 
@@ -149,9 +150,27 @@ def test_split_layers():
 def test_generate_cli_json(built):
     b = built("llama")
     prompt = ",".join(map(str, b.prompt()))
-    out = subprocess.run([sys.executable, "-m", "azu.cli", "generate", str(b.shards), "--stages", "2",
-                          "--prompt-ids", prompt, "--max-tokens", "24", "--ignore-eos", "--json"],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "azu.cli",
+            "generate",
+            str(b.shards),
+            "--stages",
+            "2",
+            "--prompt-ids",
+            prompt,
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     result = json.loads(out.stdout)
     assert result["token_ids"] == b.reference()
 
@@ -162,12 +181,44 @@ def test_generate_cli_text_prompt_and_errors(tmp_path):
 
     src = demo.build_model("llama", tmp_path / "src")  # with the demo tokenizer
     shard_model(src, tmp_path / "shards", progress=False)
-    ok = subprocess.run([sys.executable, "-m", "azu.cli", "generate", str(tmp_path / "shards"), "--stages", "2",
-                         "--prompt", "Hello, azu", "--max-tokens", "5", "--json"],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "azu.cli",
+            "generate",
+            str(tmp_path / "shards"),
+            "--stages",
+            "2",
+            "--prompt",
+            "Hello, azu",
+            "--max-tokens",
+            "5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert 1 <= len(result["token_ids"]) <= 5 and "text" in result
-    bad = subprocess.run([sys.executable, "-m", "azu.cli", "generate", str(tmp_path / "shards"), "--stages", "9",
-                          "--prompt-ids", "1,2", "--max-tokens", "5"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "azu.cli",
+            "generate",
+            str(tmp_path / "shards"),
+            "--stages",
+            "9",
+            "--prompt-ids",
+            "1,2",
+            "--max-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "cannot split 4 layers into 9 stages" in bad.stderr
