@@ -8,7 +8,7 @@ Redis keys of a job (all expire a day after the job's last change; nothing here 
                             refused by Redis because its id is not greater than the last one.
 - ``azu:job:<id>:usage``    hash: worker id -> token-layers its stages ran for the job.
 - ``azu:jobs:active``       zset of unfinished jobs (the watchdog's list).
-- ``azu:pending:<worker>``  hash: step payloads waiting for a busy worker (see ``send_steps``).
+- ``azu:pending:<worker>``  list: payloads for a worker that is busy or waiting for more (``send_steps``).
 - ``azu:wake:<worker>``     set while a worker has been woken and has not yet taken all its payloads.
 
 A step's payload is a msgpack map. An idle worker gets its payloads in the Celery message that wakes it;
@@ -257,11 +257,11 @@ def wake_key(worker_id: str) -> str:
 
 
 # Hand step payloads to a worker. If no wake-up is outstanding (SET NX), the caller sends one Celery
-# message carrying the payloads; otherwise they wait in the worker's pending hash, and the worker, which is
-# busy, takes them all as its next batch before it clears the wake key (see worker_node.WorkerNode.run).
+# message carrying the payloads; otherwise the worker is busy (or waiting on its list for more) and they
+# go on its pending list: it takes them all as its next batch (see WorkerNode.process_pending).
 _HAND_OVER = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 1 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 0
 """
@@ -283,9 +283,7 @@ def send_steps(r: redis.Redis, items: list[tuple[str, dict[str, Any]]], *, dispa
         pipe.hincrby(usage_key(job_id), worker_id, amount)
     order = list(by_worker)
     for worker_id in order:
-        args: list[Any] = [WAKE_TTL_S, PENDING_TTL_S]
-        for name, blob in by_worker[worker_id]:
-            args += [name, blob]
+        args: list[Any] = [WAKE_TTL_S, PENDING_TTL_S, *(blob for _, blob in by_worker[worker_id])]
         pipe.eval(_HAND_OVER, 2, wake_key(worker_id), pending_key(worker_id), *args)
     answers = pipe.execute()[len(usage):]
     for worker_id, woke in zip(order, answers, strict=True):

@@ -51,12 +51,17 @@ class _JobState:
     last_out: dict[int, tuple[int, Any]] = field(default_factory=dict)
 
 
-# Take every payload left for this worker; if there is none, clear its wake key in the same atomic step
-# (a sender that finds the key cleared wakes the worker with a new Celery message).
-_TAKE_OR_RELEASE = """
-local v = redis.call('HVALS', KEYS[1])
-if #v == 0 then redis.call('DEL', KEYS[2]) else redis.call('DEL', KEYS[1]) end
+# Take every payload left for this worker (and keep its wake key alive while it works).
+_TAKE = """
+local v = redis.call('LRANGE', KEYS[1], 0, -1)
+if #v > 0 then redis.call('DEL', KEYS[1]); redis.call('EXPIRE', KEYS[2], ARGV[1]) end
 return v
+"""
+# Stop taking: clear the wake key, but only if nothing is pending, in one atomic step (a sender that
+# then finds the key cleared wakes the worker with a new Celery message).
+_RELEASE = """
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]); return 1 end
+return 0
 """
 
 
@@ -65,7 +70,8 @@ class WorkerNode:
                  dtype: str | None = None, cache_dir: str | Path = ".azu/cache",
                  registry_url: str = "http://127.0.0.1:8002", p2p_url: str | None = None,
                  wallet: str | None = None, memory_limit: int | None = None,
-                 max_cached_tokens: int = 32768, kv_idle_s: float = 600.0) -> None:
+                 max_cached_tokens: int = 32768, kv_idle_s: float = 600.0, linger_s: float = 0.05,
+                 session_s: float = 2.0) -> None:
         self.r = r
         self.worker_id = worker_id
         self.dispatch = dispatch
@@ -78,6 +84,8 @@ class WorkerNode:
         self.memory_limit = memory_limit
         self.max_cached_tokens = max_cached_tokens
         self.kv_idle_s = kv_idle_s
+        self.linger_s = linger_s  # how long an idle worker waits on its list before it lets Celery wake it
+        self.session_s = session_s  # how long one forward task may keep taking from the list
         self.stages: dict[StageKey, Any] = {}
         self.stage_bytes: dict[StageKey, int] = {}
         self.folders: dict[str, Path] = {}  # model id -> its local shard folder (tokenizer files too)
@@ -234,16 +242,30 @@ class WorkerNode:
 
     # --- steps -----------------------------------------------------------------------------------
     def process_pending(self, blobs: list[bytes] | None = None) -> int:
-        """Run the payloads a wake-up brought, then every payload left for this worker while it was busy,
-        batch after batch, until none is left (then the wake key is cleared in the same atomic step, so
-        the next sender wakes this worker again). Returns how many steps were run or replayed."""
+        """Run the payloads a wake-up brought, then every payload left for this worker meanwhile, batch
+        after batch. With nothing left it waits up to ``linger_s`` on its pending list: while a job is
+        generating, its next step arrives within milliseconds, and taking it from the list costs one Redis
+        wake-up instead of a Celery message each way. After ``session_s`` it hands what is pending to a
+        new message on its own queue, so load orders and end_job messages queued behind get their turn.
+        Returns how many steps were run or replayed."""
+        pending, wake = jobs.pending_key(self.worker_id), jobs.wake_key(self.worker_id)
         done = self._process(blobs) if blobs else 0
+        deadline = time.monotonic() + self.session_s
         while True:
-            more = self.r.eval(_TAKE_OR_RELEASE, 2, jobs.pending_key(self.worker_id),
-                               jobs.wake_key(self.worker_id))
-            if not more:
+            more = list(self.r.eval(_TAKE, 2, pending, wake, jobs.WAKE_TTL_S))
+            if not more and self.linger_s > 0 and time.monotonic() < deadline:
+                got = self.r.blpop([pending], timeout=self.linger_s)
+                if got:
+                    more = [got[1], *self.r.eval(_TAKE, 2, pending, wake, jobs.WAKE_TTL_S)]
+            if more:
+                if time.monotonic() > deadline:  # the wake key stays set: senders keep using the list
+                    self.dispatch.send_task("workers.stage.forward", queue=f"gpu.{self.worker_id}",
+                                            args=[more])
+                    return done
+                done += self._process(more)
+                continue
+            if self.r.eval(_RELEASE, 2, pending, wake):
                 return done
-            done += self._process(list(more))
 
     def _process(self, blobs: list[bytes]) -> int:
         groups: dict[StageKey, list[dict[str, Any]]] = defaultdict(list)
@@ -531,6 +553,8 @@ def node_from_env(r: redis.Redis, *, dispatch: Dispatcher) -> WorkerNode:
         memory_limit=int(limit) if limit else None,
         max_cached_tokens=int(os.environ.get("AZU_MAX_CACHED_TOKENS") or 32768),
         kv_idle_s=float(os.environ.get("AZU_KV_IDLE_S") or 600.0),
+        linger_s=float(os.environ.get("AZU_LINGER_S") or 0.05),
+        session_s=float(os.environ.get("AZU_SESSION_S") or 2.0),
     )
 
 

@@ -309,7 +309,8 @@ class InlineNetwork:
     def add(self, worker_id: str, folder: Path, model_id: str, first: int, last: int, num_layers: int) -> Any:
         from azu.worker_node import WorkerNode
 
-        node = self.nodes.get(worker_id) or WorkerNode(self.r, worker_id=worker_id, dispatch=self)
+        # linger_s=0: this queue runs one message at a time in this thread; nobody else could fill the list.
+        node = self.nodes.get(worker_id) or WorkerNode(self.r, worker_id=worker_id, dispatch=self, linger_s=0)
         node.load_local(folder, model_id=model_id, first=first, last=last, embeddings=first == 0,
                         head=last == num_layers)
         self.nodes[worker_id] = node
