@@ -39,6 +39,7 @@ StageKey = tuple[str, int, int, bool, bool]  # (model_id, first, last, embedding
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
 _MEMORY_HEADROOM = 1.25  # same rule as azu.placement: weights plus room for activations and KV caches
 _ENDED_MEMORY = 100_000  # ended job ids remembered (a few MB at most)
+_BATCH_MAX = 4096  # payloads taken from the pending list at once
 
 
 @dataclass
@@ -252,13 +253,15 @@ class WorkerNode:
         done = self._process(blobs) if blobs else 0
         deadline = time.monotonic() + self.session_s
         while True:
-            more = list(self.r.eval(_TAKE, 2, pending, wake, jobs.WAKE_TTL_S))
-            if not more and self.linger_s > 0 and time.monotonic() < deadline:
-                got = self.r.blpop([pending], timeout=self.linger_s)
-                if got:
-                    more = [got[1], *self.r.eval(_TAKE, 2, pending, wake, jobs.WAKE_TTL_S)]
+            if self.linger_s > 0 and time.monotonic() < deadline:
+                # BLMPOP answers at once with everything queued (up to the count), or waits for the first.
+                got: Any = self.r.blmpop(self.linger_s, 1, pending, direction="LEFT", count=_BATCH_MAX)
+                more = list(got[1]) if got else []
+            else:
+                more = list(self.r.eval(_TAKE, 2, pending, wake, jobs.WAKE_TTL_S))
             if more:
                 if time.monotonic() > deadline:  # the wake key stays set: senders keep using the list
+                    self.r.expire(wake, jobs.WAKE_TTL_S)
                     self.dispatch.send_task("workers.stage.forward", queue=f"gpu.{self.worker_id}",
                                             args=[more])
                     return done

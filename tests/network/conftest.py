@@ -179,10 +179,15 @@ class Cluster:
         env.update(extra)
         return env
 
-    def start_gpu(self, worker_id: str, **extra: str) -> None:
-        argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{worker_id}",
-                "--pool", "solo", "-n", f"{worker_id}@test", "--loglevel", "INFO",
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    def start_gpu(self, worker_id: str, *, via_cli: bool = False, **extra: str) -> None:
+        """``via_cli``: through ``azu-worker`` (azu.worker_node.main), which execs the same Celery worker."""
+        if via_cli:
+            argv = [sys.executable, "-c", "import sys; from azu.worker_node import main; sys.exit(main())",
+                    "--worker-id", worker_id, "--device", "cpu", "--loglevel", "INFO"]
+        else:
+            argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{worker_id}",
+                    "--pool", "solo", "-n", f"{worker_id}@test", "--loglevel", "INFO",
+                    "--without-gossip", "--without-mingle", "--without-heartbeat"]
         self._spawn(worker_id, argv, self.env(AZU_WORKER_ID=worker_id,
                                               AZU_CACHE_DIR=str(self.base / f"cache-{worker_id}"), **extra))
 

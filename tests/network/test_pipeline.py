@@ -220,10 +220,14 @@ def test_request_shard_twice_shards_once(r, cluster, celery_dispatch, source_mod
 
 
 def test_dead_worker_gets_no_new_routes(r, cluster, celery_dispatch, shard) -> None:
-    """W4 holds the only copy's second half and dies: once its heartbeat is stale, no route uses it."""
+    """W4 (started with azu-worker) holds the only copy's second half and dies: once its heartbeat is
+    stale, no route uses it."""
     model_id = shard("tiny-dead")
-    cluster.start_gpu("W4")
+    cluster.start_gpu("W4", via_cli=True, AZU_WALLET_ADDRESS="0xW4", P2P_PUBLIC_URL="http://w4.example:8003")
     cluster.wait_live("W4")
+    w4 = directory.get_worker(r, "W4")
+    assert (w4.queue, w4.device, w4.wallet, w4.p2p_url) == ("gpu.W4", "cpu", "0xW4", "http://w4.example:8003")
+    assert 0 < w4.free_memory <= w4.total_memory
     load_layout(cluster, celery_dispatch, model_id, {"W3": (0, 2), "W4": (2, 4)})
     info = models.model_info(r, model_id)
     routes = jobs.placement.find_routes(model_id, info.num_layers, directory.live_workers(r))
