@@ -37,6 +37,9 @@ class Family:
     inner: str = ""
     first_stage: dict[str, Neutral] = field(default_factory=dict)
     last_stage: dict[str, Neutral] = field(default_factory=lambda: {"norm": "identity"})
+    # Decode steps of several jobs can run as one batch: rotary positions passed explicitly, no ALiBi
+    # or learned positions computed from the cache length inside the forward.
+    batch_decode: bool = False
 
 
 _LLAMA_LIKE = (
@@ -62,8 +65,8 @@ def register(model_type: str, family: Family) -> None:
 
 
 for _t in _LLAMA_LIKE:
-    register(_t, Family(_t))
-register("phi", Family("phi", last_stage={"final_layernorm": "identity"}))
+    register(_t, Family(_t, batch_decode=True))
+register("phi", Family("phi", last_stage={"final_layernorm": "identity"}, batch_decode=True))
 register(
     "gpt2", Family("gpt2", layers="h", first_stage={"wpe": "zero_positions"}, last_stage={"ln_f": "identity"})
 )

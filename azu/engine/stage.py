@@ -146,24 +146,6 @@ class _ZeroPositions(nn.Module):
         return torch.zeros(*positions.shape, self.dim, dtype=self.dtype, device=self.device)
 
 
-# Families whose decode steps can be batched across jobs (rotary positions passed explicitly).
-_BATCHABLE = frozenset(
-    {
-        "llama",
-        "mistral",
-        "mixtral",
-        "qwen2",
-        "qwen2_moe",
-        "phi3",
-        "gemma",
-        "gemma2",
-        "starcoder2",
-        "deepseek_v2",
-        "phi",
-    }
-)
-
-
 @dataclass
 class _Job:
     cache: StageCache
@@ -397,7 +379,7 @@ class Stage:
     def _can_batch(self) -> bool:
         """Batched decode pads each job's cache on the left and masks the padding; that needs explicit
         positions (rotary families) and plain full-attention cache layers."""
-        if self.family.name not in _BATCHABLE or not self._base_takes_positions:
+        if not self.family.batch_decode or not self._base_takes_positions:
             return False
         probe = StageCache(self.model.config, range(self.spec.first_layer, self.spec.last_layer))
         return not any(probe.is_sliding[i] for i in probe.owned)
