@@ -307,7 +307,7 @@ def main() -> int:
         if shard_bench.exists():
             log("sharding rows (bench/shard.py)...")
             out = subprocess.run(
-                [sys.executable, str(shard_bench), "--json", "--source", str(src)],
+                [sys.executable, str(shard_bench), "--json", "--repeat", "1"],
                 capture_output=True,
                 text=True,
             )

@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--cache", default="/tmp/azu-bench-cache")
+    parser.add_argument("--json", action="store_true",
+                        help="print rows for bench/engine.py's table as one JSON object instead")
     args = parser.parse_args()
 
     cache = Path(args.cache)
@@ -147,6 +149,24 @@ def main() -> None:
             written = sum(p.stat().st_size for p in (out / "shards").glob("*.safetensors"))
         finally:
             shutil.rmtree(out, ignore_errors=True)
+
+    if args.json:
+        import json
+
+        def best(name: str) -> dict:
+            return min(rows[name], key=lambda r: r["seconds"])
+
+        base, azu = best("safetensors load_file + clone"), best("azu shard")
+        base_peak = max(r["peak"] for r in rows["safetensors load_file + clone"])
+        azu_peak = max(r["peak"] for r in rows["azu shard"])
+        print(json.dumps({"rows": [
+            [f"shard MB/s ({args.dtype} source, {total / MB:.0f} MB)",
+             f"{total / MB / base['seconds']:.0f} (load)",
+             f"{total / MB / azu['seconds']:.0f}", f"{base['seconds'] / azu['seconds']:.2f}x", ""],
+            [f"shard peak RSS MB (largest file {largest / MB:.0f} MB)", f"{base_peak / MB:.0f} (load)",
+             f"{azu_peak / MB:.0f}", f"{azu_peak / largest:.2f}x of largest file", "<= 1.10x"],
+        ]}))
+        return
 
     print(f"\nQwen2.5-0.5B-shaped, {args.dtype}, {len(files)} source files, {total / MB:.0f} MB "
           f"(largest {largest / MB:.0f} MB); azu shard writes {written / MB:.0f} MB (tied head cloned); "
