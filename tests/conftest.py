@@ -6,3 +6,4 @@ import os
 
 # Two cores here: keep torch from oversubscribing them when several processes run.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+

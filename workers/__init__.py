@@ -27,3 +27,16 @@ class CeleryDispatcher:
 
 # azu/ never imports Celery: it sends through whatever dispatcher the process registered.
 set_dispatcher(CeleryDispatcher())
+
+
+def use_broker(broker_url: str) -> None:
+    """Send this process's messages to ``broker_url`` from now on.
+
+    The app reads its broker once, at import, and caches connection and producer pools; a process that
+    talks to several brokers in turn (a test suite whose folders each run their own Redis) resets them.
+    """
+    app.conf.broker_url = broker_url
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
