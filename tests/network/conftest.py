@@ -271,8 +271,8 @@ def cluster(r: redis.Redis, net_dir: Path, registry_dir: Path, registry_http: An
 @pytest.fixture(scope="session")
 def celery_dispatch(r: redis.Redis) -> Any:
     """The Celery dispatcher of this process (the test plays the API's part)."""
-    from azu.protocol import get_dispatcher
     import workers
+    from azu.protocol import get_dispatcher
 
     workers.use_broker(REDIS_URL)
     return get_dispatcher()
