@@ -1,4 +1,4 @@
-"""Every error answers JSON. Under /v1 the body has OpenAI's shape; elsewhere {"error": reason, "code": ...}."""
+"""Every error answers JSON: OpenAI's shape under /v1, elsewhere {"error": reason, "code": ...}."""
 
 from __future__ import annotations
 
