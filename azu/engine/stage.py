@@ -241,16 +241,16 @@ class Stage:
             dtype=torch_dtype,
             device_map={"": torch_device},
         )
-        for entry in manifest.files_for(
-            spec.first_layer, spec.last_layer, embeddings=spec.embeddings, head=spec.head
-        ):
-            state = load_verified(manifest.directory or shard_dir, entry)
-            for name, tensor in state.items():
-                if tensor.is_floating_point() and tensor.dtype != torch_dtype:
-                    state[name] = tensor.to(torch_dtype)
-            with _quiet_transformers():
+        with _quiet_transformers():
+            for entry in manifest.files_for(
+                spec.first_layer, spec.last_layer, embeddings=spec.embeddings, head=spec.head
+            ):
+                state = load_verified(manifest.directory or shard_dir, entry)
+                for name, tensor in state.items():
+                    if tensor.is_floating_point() and tensor.dtype != torch_dtype:
+                        state[name] = tensor.to(torch_dtype)
                 convert_and_load_state_dict_in_model(model, state, load_config)
-            del state
+                del state
         _check_materialised(model, spec, family)
 
         # Cut the layer list down to the stage's layers; they keep their global index.
@@ -300,22 +300,6 @@ class Stage:
         with self._lock:
             self._jobs.pop(job_id, None)
 
-    def expire_idle(self, max_idle_s: float) -> list[str]:
-        """Free the caches of jobs idle for longer than ``max_idle_s``; returns their ids."""
-        cutoff = time.monotonic() - max_idle_s
-        with self._lock:
-            stale = [jid for jid, job in self._jobs.items() if job.last_used < cutoff]
-            for jid in stale:
-                del self._jobs[jid]
-        return stale
-
-    def kv_bytes_per_token(self) -> int:
-        """Approximate KV-cache bytes one token costs on this stage (for admission control)."""
-        cfg: Any = self.config
-        heads: Any = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1)
-        head_dim: Any = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return 2 * self.spec.num_layers * int(heads) * int(head_dim) * torch.finfo(self.dtype).bits // 8
-
     # -- compute -------------------------------------------------------------------------------
     def forward(self, job_id: str, x: torch.Tensor) -> torch.Tensor:
         """Run ``x`` (token ids ``[n]`` on the first stage, hidden ``[n, hidden]`` elsewhere) for one job.
@@ -323,7 +307,9 @@ class Stage:
         Returns hidden states ``[n, hidden]``, or on the last stage float32 logits ``[vocab]`` of the last
         position. The job's cache grows by ``n`` positions.
         """
-        x = self._check_input(x)
+        return self._forward_checked(job_id, self._check_input(x))
+
+    def _forward_checked(self, job_id: str, x: torch.Tensor) -> torch.Tensor:
         n = int(x.shape[0])
         with self._lock:
             job = self._admit(job_id, n)
@@ -352,7 +338,7 @@ class Stage:
             and all(int(x.shape[0]) == 1 for x in inputs)
         )
         if not batchable:
-            return [self.forward(job_id, x) for job_id, x in zip(job_ids, inputs, strict=True)]
+            return [self._forward_checked(job_id, x) for job_id, x in zip(job_ids, inputs, strict=True)]
         with self._lock:
             jobs: list[_Job] = []
             try:
