@@ -210,8 +210,12 @@ def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int | None = None) -> bytes:
-    """The file's bytes; IntegrityFailure naming the file if its size or SHA-256 is not the promised one."""
+def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int | None = None) -> bytearray:
+    """The file's bytes; IntegrityFailure naming the file if its size or SHA-256 is not the promised one.
+
+    The file is read once, into one buffer, and hashed as it is read: the bytes returned are the bytes
+    that were hashed, so a file swapped on disk mid-way cannot slip through.
+    """
     p = Path(path)
     try:
         actual_size = p.stat().st_size
@@ -220,44 +224,32 @@ def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int 
     # Size first: a truncated or padded file is refused without reading it.
     if size is not None and actual_size != size:
         raise IntegrityFailure(f"{p.name}: size {actual_size} bytes, manifest says {size}", param=p.name)
-    data = p.read_bytes()
-    digest = sha256_bytes(data)
-    if digest != sha256.lower():
-        raise IntegrityFailure(f"{p.name}: SHA-256 {digest} does not match the manifest's {sha256}",
-                               param=p.name)
-    return data
-
-
-def load_verified(directory: str | os.PathLike[str], entry: FileEntry) -> dict[str, torch.Tensor]:
-    """Load one shard file's tensors after checking its size and SHA-256 against ``entry``.
-
-    The file is read once into one buffer while it is hashed; the tensors are then views into that
-    very buffer (no second copy, so a stage's peak memory stays near its weights), and the bytes that
-    were hashed are the bytes that are parsed: a file swapped on disk mid-way cannot slip through.
-    """
-    p = Path(directory) / entry.name
-    try:
-        size = p.stat().st_size
-    except FileNotFoundError:
-        raise NotFound(f"shard file {p} is missing") from None
-    if size != entry.size:
-        raise IntegrityFailure(f"{p.name}: size {size} bytes, manifest says {entry.size}", param=p.name)
-    buf = bytearray(size)
+    buf = bytearray(actual_size)
     view = memoryview(buf)
     h = hashlib.sha256()
     with open(p, "rb") as f:
         done = 0
-        while done < size:
+        while done < actual_size:
             n = f.readinto(view[done:done + _CHUNK])
             if not n:
                 raise IntegrityFailure(f"{p.name}: file shrank while being read", param=p.name)
             h.update(view[done:done + n])
             done += n
     digest = h.hexdigest()
-    if digest != entry.sha256.lower():
-        raise IntegrityFailure(f"{p.name}: SHA-256 {digest} does not match the manifest's {entry.sha256}",
+    if digest != sha256.lower():
+        raise IntegrityFailure(f"{p.name}: SHA-256 {digest} does not match the manifest's {sha256}",
                                param=p.name)
-    tensors = _parse_safetensors(buf, p.name)
+    return buf
+
+
+def load_verified(directory: str | os.PathLike[str], entry: FileEntry) -> dict[str, torch.Tensor]:
+    """Load one shard file's tensors after checking its size and SHA-256 against ``entry``.
+
+    The tensors are views into the very buffer that was hashed (no second copy, so a stage's peak
+    memory stays near its weights).
+    """
+    buf = read_verified_bytes(Path(directory) / entry.name, entry.sha256, size=entry.size)
+    tensors = _parse_safetensors(buf, entry.name)
     if set(tensors) != set(entry.tensors):
         raise IntegrityFailure(f"{entry.name}: tensors {sorted(tensors)} differ from the manifest's list",
                                param=entry.name)
