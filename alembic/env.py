@@ -41,15 +41,17 @@ def _url() -> str:
     return normalize_url(url)
 
 
+# What both modes configure alike.
+_COMMON = dict(
+    target_metadata=target_metadata,
+    transaction_per_migration=True,
+    compare_type=True,
+    render_item=_render_item,
+)
+
+
 def run_migrations_offline() -> None:
-    context.configure(
-        url=_url(),
-        target_metadata=target_metadata,
-        literal_binds=True,
-        transaction_per_migration=True,
-        compare_type=True,
-        render_item=_render_item,
-    )
+    context.configure(url=_url(), literal_binds=True, **_COMMON)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -59,18 +61,14 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         # Session-level settings and lock, committed before Alembic starts its own per-migration
         # transactions (Alembic leaves an already-open transaction to the caller).
+        # The advisory lock first: lock_timeout also bounds advisory-lock waits, and a second deploy
+        # must wait for the first one's migrations, not give up after LOCK_TIMEOUT.
+        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_ID})
         connection.execute(text(f"SET lock_timeout = '{LOCK_TIMEOUT}'"))
         connection.execute(text(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
-        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_ID})
         connection.commit()
         try:
-            context.configure(
-                connection=connection,
-                target_metadata=target_metadata,
-                transaction_per_migration=True,
-                compare_type=True,
-                render_item=_render_item,
-            )
+            context.configure(connection=connection, **_COMMON)
             with context.begin_transaction():
                 context.run_migrations()
         finally:
