@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 
 from azu.errors import InvalidRequest
 
@@ -43,8 +43,8 @@ def price_per_token_layer() -> int:
 def parse_amount(raw: str, *, decimals: int) -> int:
     """An amount in base units from text: ``"1000000000000000"`` is base units, ``"0.001"`` is whole coins.
 
-    A value with a decimal point is scaled by 10**decimals exactly (Decimal, not float) and must land on a
-    whole base unit.
+    A value with a decimal point or an exponent ("1e-3") is whole coins, scaled by 10**decimals exactly
+    (Decimal, not float), and must land on a whole base unit.
     """
     text = raw.strip()
     if "." not in text and "e" not in text.lower():
@@ -53,7 +53,8 @@ def parse_amount(raw: str, *, decimals: int) -> int:
         except ValueError as exc:
             raise ValueError(f"not an amount: {raw!r}") from exc
     try:
-        scaled = Decimal(text).scaleb(decimals)
+        # Enough digits for the exact result: the default 28-digit context would round large amounts.
+        scaled = Decimal(text).scaleb(decimals, context=Context(prec=len(text) + decimals + 2))
     except InvalidOperation as exc:
         raise ValueError(f"not an amount: {raw!r}") from exc
     if scaled != scaled.to_integral_value():
