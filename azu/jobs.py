@@ -349,16 +349,20 @@ def _end_caches(job_id: str, model_id: str, route: list[Hop], token: str, *, ski
                                    "route": [h.to_list() for h in route], "token": token})
 
 
-def finish_job(r: redis.Redis, job_id: str, *, model_id: str, route: list[Hop], token: str, reason: str,
-               usage: dict[str, Any], last_worker: str, dispatch: Dispatcher) -> None:
-    """Record a finished job (the done event is already published), settle it, free the other caches."""
-    now = time.time()
-    pipe = r.pipeline()
-    pipe.hset(job_key(job_id), mapping={"status": "done", "finish_reason": reason, "usage": json.dumps(usage),
-                                        "updated": str(now), "finished": str(now)})
+def _close(pipe: Any, job_id: str, fields: dict[str, str]) -> None:
+    """The end-of-job write every ending shares: final fields, off the active list, keys expire."""
+    now = str(time.time())
+    pipe.hset(job_key(job_id), mapping={**fields, "updated": now, "finished": now})
     pipe.zrem(ACTIVE_KEY, job_id)
     for k in (job_key(job_id), events_key(job_id), usage_key(job_id)):
         pipe.expire(k, JOB_TTL_S)
+
+
+def finish_job(r: redis.Redis, job_id: str, *, model_id: str, route: list[Hop], token: str, reason: str,
+               usage: dict[str, Any], last_worker: str, dispatch: Dispatcher) -> None:
+    """Record a finished job (the done event is already published), settle it, free the other caches."""
+    pipe = r.pipeline()
+    _close(pipe, job_id, {"status": "done", "finish_reason": reason, "usage": json.dumps(usage)})
     pipe.execute()
     dispatch.send_task("workers.scheduler.settle", queue="core", kwargs={"job_id": job_id})
     _end_caches(job_id, model_id, route, token, skip=last_worker, dispatch=dispatch)
@@ -374,17 +378,13 @@ def fail_job(r: redis.Redis, job_id: str, reason: str, *, dispatch: Dispatcher |
     # Claim the transition: only one of (watchdog, stage, cancel) records the failure.
     if not r.hsetnx(key, "failed_claim", "1"):
         return False
-    now = time.time()
-    pipe = r.pipeline()
     prompt_len = int(json.loads(job.get("gen") or "{}").get("prompt_len", 0))
     done_steps = int(job.get("step") or 0)
     usage = usage_of(r, job_id, prompt_tokens=prompt_len, completion_tokens=done_steps)
-    pipe.hset(key, mapping={"status": "failed", "error": reason, "finish_reason": "error",
-                            "updated": str(now), "finished": str(now), "usage": json.dumps(usage)})
-    pipe.zrem(ACTIVE_KEY, job_id)
+    pipe = r.pipeline()
     pipe.xadd(events_key(job_id), {"k": "error", "error": reason}, id="0-*")
-    for k in (key, events_key(job_id), usage_key(job_id)):
-        pipe.expire(k, JOB_TTL_S)
+    _close(pipe, job_id, {"status": "failed", "error": reason, "finish_reason": "error",
+                          "usage": json.dumps(usage)})
     pipe.execute()
     dispatch.send_task("workers.scheduler.settle", queue="core", kwargs={"job_id": job_id})
     if job.get("route"):
@@ -408,9 +408,7 @@ def cancel_job(r: redis.Redis, job_id: str, *, dispatch: Dispatcher | None = Non
             pipe = r.pipeline()
             pipe.xadd(events_key(job_id), {"k": "done", "reason": "cancelled", "usage": json.dumps(usage)},
                       id="0-*")
-            pipe.hset(key, mapping={"status": "done", "finish_reason": "cancelled",
-                                    "usage": json.dumps(usage), "updated": str(time.time())})
-            pipe.zrem(ACTIVE_KEY, job_id)
+            _close(pipe, job_id, {"status": "done", "finish_reason": "cancelled", "usage": json.dumps(usage)})
             pipe.execute()
             (dispatch or get_dispatcher()).send_task("workers.scheduler.settle", queue="core",
                                                      kwargs={"job_id": job_id})
