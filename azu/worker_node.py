@@ -327,6 +327,7 @@ class WorkerNode:
     def _run_group(self, key: StageKey, msgs: list[dict[str, Any]]) -> int:
         stage = self.stages[key]
         fresh: list[dict[str, Any]] = []
+        fresh_jobs: set[str] = set()
         replays: list[dict[str, Any]] = []
         now = time.time()
         for m in msgs:
@@ -338,7 +339,12 @@ class WorkerNode:
             state = self.jobs.setdefault(job_id, _JobState())
             state.touched = now
             if have == pos:
+                if job_id in fresh_jobs:
+                    # Two copies of one step in one batch (a replay crossed the original): run it once.
+                    log.info("job %s step %s: duplicate payload in one batch dropped", job_id, m["step"])
+                    continue
                 fresh.append(m)
+                fresh_jobs.add(job_id)
                 continue
             last = state.last_out.get(int(m["hop"]))
             if last is not None and last[0] == int(m["step"]):
