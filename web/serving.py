@@ -133,6 +133,7 @@ def _fetch_tokenizer(model_id: str, dest: Path) -> Path:
     import hashlib
     import json
     import shutil
+    import tempfile
 
     import requests
 
@@ -148,21 +149,29 @@ def _fetch_tokenizer(model_id: str, dest: Path) -> Path:
 
     manifest = json.loads(get("manifest.json"))
     listed = {e["name"]: e["sha256"] for e in manifest.get("extra_files", [])}
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if name not in listed:
-            continue
-        data = get(name)
-        if hashlib.sha256(data).hexdigest() != listed[name]:
-            shutil.rmtree(tmp, ignore_errors=True)
-            from azu.errors import IntegrityFailure
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A private folder per fetch: gunicorn threads may fetch the same model at once.
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp-"))
+    try:
+        for name in TOKENIZER_FILES:
+            if name not in listed:
+                continue
+            data = get(name)
+            if hashlib.sha256(data).hexdigest() != listed[name]:
+                from azu.errors import IntegrityFailure
 
-            raise IntegrityFailure(f"{name} of {model_id} from the registry does not match its manifest")
-        (tmp / name).write_bytes(data)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)  # a concurrent reader never sees half a tokenizer
+                raise IntegrityFailure(f"{name} of {model_id} from the registry does not match its manifest")
+            (tmp / name).write_bytes(data)
+        if (dest / "tokenizer.json").is_file():
+            return dest  # another thread finished first
+        shutil.rmtree(dest, ignore_errors=True)  # a stale, incomplete copy
+        try:
+            os.replace(tmp, dest)  # a concurrent reader never sees half a tokenizer
+        except OSError:
+            if not (dest / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
