@@ -31,6 +31,7 @@ from azu.ledger.billing import LedgerBilling, hash_api_key, new_api_key, run_in_
 from azu.ledger.db import make_engine
 from azu.ledger.models import ApiKey, Deposit
 from azu.payments.base import PaymentProvider
+from web.serving import api_key
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +150,9 @@ def ledger() -> Ledger:
     return current_app.extensions[EXTENSION]
 
 
-def _api_key() -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return request.headers.get("X-API-Key") or None
-
-
 def _caller() -> str:
     """The wallet address owning the request's API key (401 otherwise)."""
-    return ledger().billing.authenticate(_api_key())
+    return ledger().billing.authenticate(api_key())
 
 
 def _key_json(key: ApiKey) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, stream_with_context
 
 from azu.errors import AzuError
+from azu.tokenization import decode_final
 from web import serving
 from web.errors import openai_error_body
 from web.protocol import ChatCompletionRequest, parse_body, stop_list
@@ -60,13 +61,11 @@ def chat_completions():
 
     outcome = serving.wait_for(job_id)
     serving.raise_for(outcome, job_id)
-    dec = serving.decoder(model, sampling)
-    dec.push(outcome.token_ids)
-    dec.finish()
+    content = decode_final(model.tokenizer, outcome.token_ids, stop=sampling.stop)
     usage = serving.usage_dict(outcome.usage, prompt_tokens=len(prompt_ids),
                                completion_tokens=len(outcome.token_ids))
     answer = {**base, "object": "chat.completion",
-              "choices": [{"index": 0, "message": {"role": "assistant", "content": dec.text},
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                            "finish_reason": outcome.finish_reason or "stop", "logprobs": None}],
               "usage": usage}
     return jsonify(answer), 200, {"X-Azu-Job-Id": job_id}
