@@ -106,7 +106,7 @@ class ChatMessage(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: Literal[False] = False
 
 
 class ChatCompletionRequest(SamplingFields):
