@@ -276,8 +276,11 @@ class LocalNetwork:
             return folder
         with _step("building the demo model") as info:
             # A separate process: this one stays free of torch (it only supervises).
-            subprocess.run([sys.executable, "-m", "azu.cli", "demo-model", str(folder)], check=True,
-                           env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            with open(self.logs / "demo-model.log", "wb") as log_file:
+                done = subprocess.run([sys.executable, "-m", "azu.cli", "demo-model", str(folder)],
+                                      env=self.env, stdout=subprocess.DEVNULL, stderr=log_file)
+            if done.returncode:
+                raise StartupFailed(f"building the demo model failed; see {self.logs / 'demo-model.log'}")
             info["detail"] = str(folder)
         return folder
 
