@@ -32,7 +32,7 @@ import redis
 from azu import directory, placement
 from azu.errors import Conflict, InvalidRequest, NoCapacity
 from azu.models import ModelInfo, model_info
-from azu.protocol import Dispatcher, Hop, get_dispatcher, job_token, pack
+from azu.protocol import Dispatcher, Hop, get_dispatcher, job_token, pack, worker_queue
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def send_steps(r: redis.Redis, items: list[tuple[str, dict[str, Any]]], *, dispa
     answers = pipe.execute()[len(usage):]
     for worker_id, woke in zip(order, answers, strict=True):
         if woke:
-            dispatch.send_task("workers.stage.forward", queue=f"gpu.{worker_id}",
+            dispatch.send_task("workers.stage.forward", queue=worker_queue(worker_id),
                                args=[[blob for _, blob in by_worker[worker_id]]])
 
 
@@ -344,7 +344,7 @@ def usage_of(r: redis.Redis, job_id: str, *, prompt_tokens: int, completion_toke
 def _end_caches(job_id: str, model_id: str, route: list[Hop], token: str, *, skip: str | None,
                 dispatch: Dispatcher) -> None:
     for worker_id in sorted({h.worker_id for h in route} - {skip}):
-        dispatch.send_task("workers.stage.end_job", queue=f"gpu.{worker_id}",
+        dispatch.send_task("workers.stage.end_job", queue=worker_queue(worker_id),
                            kwargs={"job_id": job_id, "model_id": model_id,
                                    "route": [h.to_list() for h in route], "token": token})
 
@@ -480,6 +480,7 @@ def watchdog(r: redis.Redis, *, now: float | None = None, step_deadline_s: float
     """Fail jobs that made no progress within their deadline; retry waiting ones. Returns failed ids."""
     now = time.time() if now is None else now
     failed: list[str] = []
+    retried: set[str] = set()  # models whose waiting jobs were retried this tick (it starts them all)
     for raw in r.zrange(ACTIVE_KEY, 0, -1):
         job_id = _s(raw)
         job = {_s(k): _s(v) for k, v in r.hgetall(job_key(job_id)).items()}
@@ -489,7 +490,9 @@ def watchdog(r: redis.Redis, *, now: float | None = None, step_deadline_s: float
         status = job.get("status")
         idle = now - float(job.get("updated") or 0.0)
         if status == "queued":
-            start_waiting_jobs(r, job["model_id"], dispatch=dispatch)
+            if job["model_id"] not in retried:
+                retried.add(job["model_id"])
+                start_waiting_jobs(r, job["model_id"], dispatch=dispatch)
             if idle > load_deadline_s and _s(r.hget(job_key(job_id), "status") or b"") == "queued":
                 r.zrem(waiting_key(job["model_id"]), job_id)
                 reason = f"no worker could load {job['model_id']} within {load_deadline_s:.0f}s"

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from azu import directory, jobs
+from azu import directory, jobs, placement
 from azu.errors import AzuError, Forbidden, IntegrityFailure, InvalidRequest, UnsafeFormat
 from azu.models import registry_file_url
-from azu.protocol import Dispatcher, Hop, check_token, pack_tensor, unpack, unpack_tensor
+from azu.protocol import Dispatcher, Hop, check_token, pack_tensor, unpack, unpack_tensor, worker_queue
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 StageKey = tuple[str, int, int, bool, bool]  # (model_id, first, last, embeddings, head)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
-_MEMORY_HEADROOM = 1.25  # same rule as azu.placement: weights plus room for activations and KV caches
 _ENDED_MEMORY = 100_000  # ended job ids remembered (a few MB at most)
 _BATCH_MAX = 4096  # payloads taken from the pending list at once
 
@@ -109,7 +108,7 @@ class WorkerNode:
         held = sum(self.stage_bytes.values())
         free = max(0, min(free, total - held))
         return directory.WorkerInfo(
-            worker_id=self.worker_id, queue=f"gpu.{self.worker_id}", device=name, total_memory=total,
+            worker_id=self.worker_id, queue=worker_queue(self.worker_id), device=name, total_memory=total,
             free_memory=free, p2p_url=self.p2p_url, wallet=self.wallet,
             stages=[directory.HeldStage(*k) for k in sorted(self.stages)], cached_jobs=len(self.jobs),
             started_at=self.started_at)
@@ -178,7 +177,7 @@ class WorkerNode:
         size = sum(e.size for e in Manifest.load(folder).files_for(first, last, embeddings=emb, head=head))
         with self.lock:
             self.stages[key] = stage
-            self.stage_bytes[key] = int(size * _MEMORY_HEADROOM)
+            self.stage_bytes[key] = int(size * placement.MEMORY_HEADROOM)
             self.folders[model_id] = folder
 
     def model_folder(self, model_id: str) -> Path:
@@ -261,7 +260,7 @@ class WorkerNode:
             if more:
                 if time.monotonic() > deadline:  # the wake key stays set: senders keep using the list
                     self.r.expire(wake, jobs.WAKE_TTL_S)
-                    self.dispatch.send_task("workers.stage.forward", queue=f"gpu.{self.worker_id}",
+                    self.dispatch.send_task("workers.stage.forward", queue=worker_queue(self.worker_id),
                                             args=[more])
                     return done
                 done += self._process(more)
@@ -591,7 +590,7 @@ def celery_worker_argv(worker_id: str, *, loglevel: str = "INFO", events: bool =
     the layers (a prefork child would hold its own copy of the weights)."""
     import sys
 
-    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{worker_id}",
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", worker_queue(worker_id),
             "--pool", "solo", "-n", f"{worker_id}@%h", "--loglevel", loglevel,
             "--without-gossip", "--without-mingle"]
     return [*argv, "-E"] if events else argv
