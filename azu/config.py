@@ -33,14 +33,11 @@ def redis_url() -> str:
 
 @dataclass(frozen=True)
 class Settings:
+    """Settings the web app reads here. Each other variable is read where it is used, with its default
+    next to the code (README.md lists them all)."""
+
     database_url: str = field(default_factory=lambda: _env("DATABASE_URL", "") or "")
-    redis_url: str = field(default_factory=redis_url)
     registry_url: str = field(default_factory=lambda: _env("REGISTRY_URL", "http://127.0.0.1:8002") or "")
-    registry_dir: str = field(default_factory=lambda: _env("AZU_REGISTRY_DIR", ".azu/registry") or "")
-    auth_secret_key: str | None = field(default_factory=lambda: _env("AUTH_SECRET_KEY"))
-    hf_token: str | None = field(default_factory=lambda: _env("HF_TOKEN"))
-    payment_provider: str = field(default_factory=lambda: _env("PAYMENT_PROVIDER", "hyperliquid") or "")
-    price_per_token_layer: int = field(default_factory=lambda: _int("PRICE_PER_TOKEN_LAYER", 2))
 
 
 def load_settings() -> Settings:
