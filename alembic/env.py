@@ -1,6 +1,6 @@
 """Alembic environment for the ledger.
 
-The URL comes from ``config.attributes["database_url"]`` (azu.ledger.db.migrate) or ``DATABASE_URL``.
+The URL comes from ``config.attributes["database_url"]`` (azu.billing.ledger.db.migrate) or ``DATABASE_URL``.
 Each migration runs in its own transaction, under a 4 s lock timeout (fail fast rather than queue the live
 API behind an ACCESS EXCLUSIVE lock), and the whole run holds a PostgreSQL advisory lock so two deploys
 starting at once migrate one after the other.
@@ -14,11 +14,12 @@ from logging.config import fileConfig
 from sqlalchemy import create_engine, pool, text
 
 from alembic import context
-from azu.ledger.db import normalize_url
-from azu.ledger.models import Amount, Base
+from azu.billing.ledger.db import normalize_url
+from azu.billing.ledger.models import Amount, Base
 
 config = context.config
-# The CLI configures logging from alembic.ini; azu.ledger.db.migrate() leaves the host app's logging alone.
+# The CLI configures logging from alembic.ini; azu.billing.ledger.db.migrate() leaves the host app's
+# logging alone.
 if config.config_file_name and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 target_metadata = Base.metadata

@@ -50,7 +50,7 @@ def prepare(dtype: str) -> tuple[Path, Path]:
     import torch
     import transformers
 
-    from azu.sharding import shard_model
+    from azu.registry.sharder import shard_model
 
     root = CACHE / f"qwen05b-{dtype}"
     src, shards = root / "src", root / "shards"
@@ -194,7 +194,7 @@ def child_stage_rss(shards: str, device: str, dtype: str) -> dict:
     import transformers  # noqa: F401
 
     from azu.engine.stage import Stage, StageSpec
-    from azu.manifest import Manifest
+    from azu.registry.manifest import Manifest
 
     manifest = Manifest.load(shards)
     half = manifest.num_layers // 2
@@ -212,7 +212,7 @@ def child_whole_rss(src: str, shards: str, device: str, dtype: str) -> dict:
     import torch
     import transformers
 
-    from azu.manifest import Manifest
+    from azu.registry.manifest import Manifest
 
     manifest = Manifest.load(shards)
     elem = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]

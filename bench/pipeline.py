@@ -54,7 +54,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 
 class _Registry(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        from azu import models
+        from azu.registry import status as models
 
         url = urlparse(self.path)
         name = url.path.rsplit("/", 1)[-1]
@@ -88,15 +88,16 @@ class Bench:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.registry_url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.procs: list[subprocess.Popen[bytes]] = []
-        from azu.protocol import get_dispatcher
+        from azu.network.wire import get_dispatcher
 
         self.dispatch = get_dispatcher()
         self.rows: list[dict[str, Any]] = []
 
     # -- setup ------------------------------------------------------------------------------------------
     def model(self, name: str, family: str, config: dict[str, Any]) -> tuple[str, Path]:
-        from azu import demo, models
-        from azu.sharding import shard_model
+        from azu.cli import demo
+        from azu.registry import status as models
+        from azu.registry.sharder import shard_model
 
         src = demo.build_model(family, self.tmp / f"src-{name}", seed=1, **config)
         shard_model(str(src), models.shard_dir(name), progress=False)
@@ -104,7 +105,7 @@ class Bench:
         return name, src
 
     def start_workers(self, ids: list[str]) -> None:
-        from azu import directory
+        from azu.network import directory
 
         for wid in ids:
             env = dict(os.environ, AZU_WORKER_ID=wid, REGISTRY_URL=self.registry_url, OMP_NUM_THREADS="1",
@@ -119,7 +120,7 @@ class Bench:
         self._wait(lambda: set(ids) <= {w.worker_id for w in directory.live_workers(self.r)}, 120, "workers")
 
     def load(self, model_id: str, layout: dict[str, tuple[int, int]], num_layers: int) -> None:
-        from azu import directory
+        from azu.network import directory
 
         for wid, (a, b) in layout.items():
             self.dispatch.send_task("workers.stage.load", queue=f"gpu.{wid}", kwargs={
@@ -156,7 +157,7 @@ class Bench:
     # -- measuring ------------------------------------------------------------------------------------------
     def run_jobs(self, model_id: str, prompts: list[list[int]], n: int) -> list[dict[str, Any]]:
         """Submit all jobs at once; per job: arrival time of every token (client side), submit time."""
-        from azu import jobs
+        from azu.network import jobs
 
         t0 = time.perf_counter()
         ids = []
@@ -229,9 +230,9 @@ class Bench:
     def hop_row(self, model_id: str, src: Path, steps: int) -> None:
         import torch
 
-        from azu import models
         from azu.engine.sampling import SamplingParams, sample
         from azu.engine.stage import Stage, StageSpec
+        from azu.registry import status as models
 
         torch.set_num_threads(1)
         folder = models.shard_dir(model_id)

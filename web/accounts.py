@@ -10,7 +10,7 @@
 ``init_app(app)`` wires the ledger from ``app.config``: ``AZU_LEDGER_ENGINE`` (an Engine) or
 ``DATABASE_URL`` (else the environment's), and ``AZU_PAYMENT_PROVIDER`` (a PaymentProvider) or
 ``PAYMENT_PROVIDER`` (a name for azu.payments.factory). Unless ``AZU_BILLING`` is given, the app's billing
-seam (``app.extensions["azu.billing"]``) becomes the ledger's when a database is configured.
+seam (``app.extensions["azu.billing.base"]``) becomes the ledger's when a database is configured.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from azu.billing.ledger import service
+from azu.billing.ledger.billing import LedgerBilling, hash_api_key, new_api_key, run_in_transaction
+from azu.billing.ledger.db import make_engine
+from azu.billing.ledger.models import ApiKey, Deposit
 from azu.config import load_settings
 from azu.errors import AzuError, InvalidRequest, Unauthorized
-from azu.ledger import service
-from azu.ledger.billing import LedgerBilling, hash_api_key, new_api_key, run_in_transaction
-from azu.ledger.db import make_engine
-from azu.ledger.models import ApiKey, Deposit
 from azu.payments.base import PaymentProvider
 from web.serving import api_key
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("accounts", __name__)
 
-EXTENSION = "azu.ledger"
+EXTENSION = "azu.billing.ledger"
 
 
 class LedgerUnavailable(AzuError):
@@ -142,7 +142,7 @@ def init_app(app: Flask) -> None:
     ledger = Ledger(app.config)
     app.extensions[EXTENSION] = ledger
     if app.config.get("AZU_BILLING") is None and ledger.configured:
-        app.extensions["azu.billing"] = ledger.billing
+        app.extensions["azu.billing.base"] = ledger.billing
     app.register_blueprint(bp)
 
 

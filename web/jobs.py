@@ -13,7 +13,7 @@ from flask import Blueprint, jsonify, url_for
 
 from azu.tokenization import decode_final, load_tokenizer
 from web import serving
-from web.protocol import SubmitRequest, parse_body, stop_list
+from web.schemas import SubmitRequest, parse_body, stop_list
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__)

@@ -17,7 +17,7 @@ from azu.errors import AzuError
 from azu.tokenization import decode_final
 from web import serving
 from web.errors import openai_error_body
-from web.protocol import ChatCompletionRequest, parse_body, stop_list
+from web.schemas import ChatCompletionRequest, parse_body, stop_list
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -28,7 +28,7 @@ KEEPALIVE_EVERY_S = 10.0  # an SSE comment line this often while waiting: proxie
 
 @bp.get("/models")
 def list_models():
-    from azu import models as models_api
+    from azu.registry import status as models_api
 
     serving.current_user()
     data = [{"id": model_id, "object": "model", "created": 0, "owned_by": "azu"}

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from flask import Blueprint, Flask, jsonify, request, send_file
 
-from azu import models as models_api
 from azu.errors import InvalidRequest, NotFound
-from azu.manifest import MANIFEST_NAME, Manifest
+from azu.registry import status as models_api
+from azu.registry.manifest import MANIFEST_NAME, Manifest
 from web import serving
-from web.protocol import ShardRequest, parse_body
+from web.schemas import ShardRequest, parse_body
 
 bp = Blueprint("registry", __name__, url_prefix="/models")
 
@@ -43,7 +43,7 @@ def status():
 
 @bp.get("/files/<name>")
 def file_by_query(name: str):
-    """The form workers use: /models/files/<name>?model_id=<id> (azu.models.registry_file_url)."""
+    """The form workers use: /models/files/<name>?model_id=<id> (azu.registry.status.registry_file_url)."""
     model_id = request.args.get("model_id")
     if not model_id:
         raise InvalidRequest("the model_id query parameter is required", param="model_id")

@@ -1,7 +1,7 @@
 """What the job routes share: the Redis client, the billing seam, the caller's identity, a ready model's
 tokenizer, and turning a validated request into a job (hold, then enqueue) and its events into answers.
 
-Routes (web/jobs.py, web/openai.py) parse and shape; protocol (web/protocol.py) validates; this module does
+Routes (web/jobs.py, web/openai.py) parse and shape; protocol (web/schemas.py) validates; this module does
 the work in between, as vLLM's OpenAI entrypoint splits api_server / protocol / serving.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 import redis
 from flask import current_app, request
 
-from azu import billing as billing_mod
-from azu import jobs as jobs_api
-from azu import models as models_api
+from azu.billing import base as billing_mod
 from azu.errors import AzuError, Conflict, InvalidRequest, NotFound
+from azu.network import jobs as jobs_api
+from azu.registry import status as models_api
 from azu.tokenization import ModelTokenizer, StreamDecoder, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ def redis_client() -> redis.Redis:
 
 def billing() -> billing_mod.Billing:
     ext = current_app.extensions
-    if "azu.billing" not in ext:
+    if "azu.billing.base" not in ext:
         chosen = current_app.config.get("AZU_BILLING")
         if chosen is None:
             get_billing = getattr(billing_mod, "get_billing", None)
             chosen = get_billing() if get_billing else billing_mod.FreeBilling()
-        ext["azu.billing"] = chosen
-    return ext["azu.billing"]
+        ext["azu.billing.base"] = chosen
+    return ext["azu.billing.base"]
 
 
 def api_key() -> str | None:
@@ -239,7 +239,7 @@ def job_stop_strings(view: Any) -> list[str]:
     """The stop strings the job was submitted with (to cut the text the way the stream cut it)."""
     stop = getattr(view, "stop", None)
     if stop is None:
-        # JobView does not carry them (yet): read the sampling settings azu.jobs stored with the job.
+        # JobView does not carry them (yet): read the sampling settings azu.network.jobs stored with the job.
         import json
 
         raw = redis_client().hget(jobs_api.job_key(view.job_id), "gen")

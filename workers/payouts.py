@@ -1,4 +1,5 @@
-"""Beat jobs that pay workers on chain. Thin: the logic (and its exactly-once reasoning) is azu.payouts.
+"""Beat jobs that pay workers on chain. Thin: the logic (and its exactly-once reasoning) is
+azu.payments.payouts.
 
 ``celery -A workers beat`` enqueues both every ``PAYOUT_INTERVAL_S`` seconds (celeryconfig.beat_schedule);
 a worker consuming the ``core`` queue runs them. Overlapping runs are harmless: each run takes a PostgreSQL
@@ -12,10 +13,10 @@ import os
 from functools import cache
 from typing import Any
 
-from azu import economics
-from azu.ledger.db import make_engine, session_factory
+from azu.billing import economics
+from azu.billing.ledger.db import make_engine, session_factory
 from azu.payments.factory import get_provider
-from azu.payouts import PayoutRunner
+from azu.payments.payouts import PayoutRunner
 from workers import app
 
 log = logging.getLogger(__name__)

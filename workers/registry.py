@@ -1,4 +1,4 @@
-"""Registry tasks (queue ``registry``). Thin: the work is azu.models.run_shard."""
+"""Registry tasks (queue ``registry``). Thin: the work is azu.registry.status.run_shard."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import redis
 
-from azu import models
 from azu.config import redis_url
+from azu.registry import status as models
 from workers import app
 
 

@@ -1,4 +1,4 @@
-"""Scheduler tasks (queue ``core``). Thin: the work is azu.jobs.
+"""Scheduler tasks (queue ``core``). Thin: the work is azu.network.jobs.
 
 - ``settle``: a job ended: charge its usage and credit its workers (or release the hold).
 - ``watchdog`` (beat): fail jobs that stopped making progress, start jobs whose layers are now loaded.
@@ -11,8 +11,8 @@ from functools import cache
 
 import redis
 
-from azu import jobs
 from azu.config import redis_url
+from azu.network import jobs
 from workers import app
 
 
@@ -25,7 +25,7 @@ def _redis() -> redis.Redis:
           retry_backoff=2, retry_backoff_max=300, max_retries=20)
 def settle(*, job_id: str) -> str:
     """Settlement is idempotent per job (billing and the job's ``settled`` mark), so retries are safe."""
-    from azu.billing import get_billing
+    from azu.billing.base import get_billing
 
     return jobs.settle(_redis(), job_id, billing=get_billing())
 

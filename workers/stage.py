@@ -1,8 +1,8 @@
-"""GPU worker tasks (queue ``gpu.<worker_id>``, routed per call). Thin: the work is azu.worker_node.
+"""GPU worker tasks (queue ``gpu.<worker_id>``, routed per call). Thin: the work is azu.network.node.
 
 - ``forward``: step payloads (msgpack bytes) for this worker. Payloads that arrive while the worker is busy
   wait in Redis (``azu:pending:<worker>``) and are run together as the next batch before the task ends,
-  so the decode steps of different jobs run as one ``forward_batch`` (see azu.jobs.send_steps).
+  so the decode steps of different jobs run as one ``forward_batch`` (see azu.network.jobs.send_steps).
 - ``load``: a load order: pull the layer group's files from the registry, check them, hold them.
 - ``end_job``: the job is over: free its KV caches here.
 
@@ -20,8 +20,8 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from azu.config import redis_url
-from azu.protocol import get_dispatcher
-from azu.worker_node import WorkerNode, node_from_env
+from azu.network.node import WorkerNode, node_from_env
+from azu.network.wire import get_dispatcher
 from workers import app
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def node() -> WorkerNode:
 def _start(**_: Any) -> None:
     if not os.environ.get("AZU_WORKER_ID"):
         return  # a core/registry worker: no layers, no heartbeat
-    from azu.billing import get_billing
+    from azu.billing.base import get_billing
 
     n = node()
     n.start_heartbeat(float(os.environ.get("AZU_HEARTBEAT_S") or 3.0))

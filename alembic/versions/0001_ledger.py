@@ -22,7 +22,7 @@ AMOUNT = sa.Numeric(precision=78, scale=0)  # base units (wei, lamports); any ui
 #     op.execute("SET LOCAL lock_timeout = '30s'")
 
 
-# The database keeps the books honest by itself (see azu/ledger/models.py for the scheme):
+# The database keeps the books honest by itself (see azu/billing/ledger/models.py for the scheme):
 # 1. each journal entry moves its account's balance in the same transaction (the accounts CHECK then refuses
 #    a negative balance, except for the outside-chain account);
 # 2. balances change only that way: any other UPDATE of accounts.balance, or a new account with a balance,

@@ -19,7 +19,7 @@ import torch
 from azu.engine.sampling import SamplingParams, sample
 from azu.engine.stage import Stage, StageSpec
 from azu.errors import AzuError, InvalidRequest
-from azu.manifest import Manifest
+from azu.registry.manifest import Manifest
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[StageSpec]:

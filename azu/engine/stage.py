@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicCache
 from azu.engine.families import Family, family_for
 from azu.engine.naming import classify_tensor
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
-from azu.manifest import Manifest, load_verified
+from azu.registry.manifest import Manifest, load_verified
 
 _DTYPES = {
     "float32": torch.float32,

@@ -20,8 +20,8 @@ import pytest
 import redis
 import requests
 
-from azu.local_network import free_port, split_budget
-from azu.services import ProcessGroup, celery_argv, gunicorn_argv
+from azu.cli.processes import ProcessGroup, celery_argv, gunicorn_argv
+from azu.cli.up import free_port, split_budget
 
 MODEL_ID = "azu-demo"
 REPO = Path(__file__).resolve().parents[2]
@@ -76,19 +76,19 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def demo_src(tmp_path_factory) -> Path:
-    from azu.demo import build_demo_model
+    from azu.cli.demo import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("models") / MODEL_ID)
 
 
 @pytest.fixture(scope="session")
 def registry_dir(tmp_path_factory, demo_src) -> Iterator[Path]:
-    from azu.sharding import shard_model
+    from azu.registry.sharder import shard_model
 
     root = tmp_path_factory.mktemp("registry")
     shard_model(demo_src, root / MODEL_ID, progress=False)
     old = os.environ.get("AZU_REGISTRY_DIR")
-    os.environ["AZU_REGISTRY_DIR"] = str(root)  # azu.models.shard_dir reads it at call time
+    os.environ["AZU_REGISTRY_DIR"] = str(root)  # azu.registry.status.shard_dir reads it at call time
     yield root
     if old is None:
         os.environ.pop("AZU_REGISTRY_DIR", None)
@@ -103,7 +103,7 @@ def r(redis_url) -> redis.Redis:
 
 @pytest.fixture
 def app(redis_url, registry_dir, r):
-    from azu.billing import FreeBilling
+    from azu.billing.base import FreeBilling
     from web import create_app
 
     r.flushdb()  # no workers, jobs or model states left by an earlier test (no network runs meanwhile)
@@ -170,7 +170,7 @@ class Network:
 def start_network(n_workers: int, *, redis_url: str, registry_dir: Path, root: Path) -> Network:
     """API (gunicorn, which also serves the registry's files), scheduler and ``n_workers`` workers, each with
     a memory budget under which the demo model fits only across all of them."""
-    from azu import directory
+    from azu.network import directory
 
     r = redis.Redis.from_url(redis_url)
     r.flushdb()  # a fresh directory and job table for each network (this Redis is private to these tests)
@@ -195,7 +195,7 @@ def start_network(n_workers: int, *, redis_url: str, registry_dir: Path, root: P
         start("api", gunicorn_argv("web:create_app()", host="127.0.0.1", port=port, workers=1, threads=16))
         start("scheduler", celery_argv("core", name="scheduler", pool="solo", beat=True))
         for wid in worker_ids:
-            start(f"worker-{wid}", [sys.executable, "-m", "azu.services", "worker"],
+            start(f"worker-{wid}", [sys.executable, "-m", "azu.cli.processes", "worker"],
                   {"AZU_WORKER_ID": wid, "AZU_MEMORY_BYTES": str(budget),
                    "AZU_CACHE_DIR": str(root / "cache" / wid)})
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from azu.billing import FreeBilling
+from azu.billing.base import FreeBilling
 from azu.errors import PaymentRequired, Unauthorized
 from tests.api.conftest import MODEL_ID
 
@@ -180,7 +180,7 @@ def _auth(key: str) -> dict:
 def _fake_worker(r, worker_id: str = "idle-worker") -> None:
     """A directory entry with room for the model but no process behind it: a job can be placed (and its load
     order sent to a queue nobody reads), which is all the ownership tests need."""
-    from azu import directory
+    from azu.network import directory
 
     directory.register(r, directory.WorkerInfo(worker_id=worker_id, queue=f"gpu.{worker_id}", device="cpu",
                                                total_memory=1 << 34, free_memory=1 << 34))

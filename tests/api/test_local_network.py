@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from azu.local_network import free_port
+from azu.cli.up import free_port
 from tests.api.conftest import REPO, wait_until
 
 pytestmark = pytest.mark.network

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import requests
 
-from azu.local_network import free_port
+from azu.cli.up import free_port
 from tests.api.conftest import REPO, wait_until
 
 pytestmark = pytest.mark.network
@@ -31,7 +31,7 @@ def test_core_serves_api_and_registry_then_stops_on_sigterm(tmp_path, redis_url,
     env.update(REDIS_URL=redis_url, AZU_REGISTRY_DIR=str(registry_dir), PYTHONPATH=str(REPO),
                REGISTRY_URL=f"http://127.0.0.1:{registry_port}", OMP_NUM_THREADS="1")
     with open(tmp_path / "core.log", "wb") as log:
-        core = subprocess.Popen([sys.executable, "-m", "azu.services", "core", "--host", "127.0.0.1",
+        core = subprocess.Popen([sys.executable, "-m", "azu.cli.processes", "core", "--host", "127.0.0.1",
                                  "--port", str(api_port), "--registry-host", "127.0.0.1",
                                  "--web-workers", "1", "--pool", "solo"],
                                 cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -15,7 +15,7 @@ from azu.tokenization import ModelTokenizer, decode_final, load_tokenizer
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    from azu.demo import save_tokenizer
+    from azu.cli.demo import save_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     save_tokenizer(folder)

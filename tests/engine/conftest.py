@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from azu import demo
-from azu.sharding import shard_model
+from azu.cli import demo
+from azu.registry.sharder import shard_model
 
 PROMPT_LEN = 40  # longer than the demo families' sliding windows (16)
 NEW_TOKENS = 24

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from azu import demo
+from azu.cli import demo
 from azu.engine.local import LocalPipeline
-from azu.sharding import shard_model
+from azu.registry.sharder import shard_model
 
 NO_SLIDING = {"sliding_window": None}
 

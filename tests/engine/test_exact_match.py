@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from azu import demo
+from azu.cli import demo
 from azu.engine.local import LocalPipeline
 
 from .conftest import NEW_TOKENS

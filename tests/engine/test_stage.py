@@ -14,7 +14,7 @@ from azu.engine.local import LocalPipeline, split_layers
 from azu.engine.sampling import SamplingParams, sample
 from azu.engine.stage import Stage, StageSpec
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
-from azu.manifest import Manifest
+from azu.registry.manifest import Manifest
 
 
 def test_seeded_sampling_repeats_and_seeds_differ(built):
@@ -176,8 +176,8 @@ def test_generate_cli_json(built):
 
 
 def test_generate_cli_text_prompt_and_errors(tmp_path):
-    from azu import demo
-    from azu.sharding import shard_model
+    from azu.cli import demo
+    from azu.registry.sharder import shard_model
 
     src = demo.build_model("llama", tmp_path / "src")  # with the demo tokenizer
     shard_model(src, tmp_path / "shards", progress=False)

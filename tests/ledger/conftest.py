@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
-from azu.ledger.db import make_engine, migrate, session_scope
+from azu.billing.ledger.db import make_engine, migrate, session_scope
 
 ADMIN_URL = os.environ.get("AZU_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 

@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from azu.billing.ledger import service
+from azu.billing.ledger.billing import run_in_transaction
+from azu.billing.ledger.db import session_scope
+from azu.billing.ledger.models import Deposit, JournalTransaction, Payout
 from azu.errors import AzuError
-from azu.ledger import service
-from azu.ledger.billing import run_in_transaction
-from azu.ledger.db import session_scope
-from azu.ledger.models import Deposit, JournalTransaction, Payout
 
 pytestmark = pytest.mark.postgres
 

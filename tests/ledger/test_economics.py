@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import pytest
 
-from azu import economics
+from azu.billing import economics
 from azu.errors import InvalidRequest
 
 
@@ -15,7 +15,7 @@ def test_single_worker_gets_80_platform_20() -> None:
 
 
 def test_platform_share_rounds_down_and_workers_get_the_rest() -> None:
-    # 7 // 5 = 1 to the platform, 6 to the worker (the rule stated in azu/economics.py)
+    # 7 // 5 = 1 to the platform, 6 to the worker (the rule stated in azu/billing/economics.py)
     s = economics.settle({"w1": 7}, 1)
     assert (s.charge, s.platform, s.workers["w1"]) == (7, 1, 6)
     s = economics.settle({"w1": 1}, 1)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from alembic import command
-from azu.ledger.db import REPO_ROOT, alembic_config, make_engine, migrate, normalize_url
+from azu.billing.ledger.db import REPO_ROOT, alembic_config, make_engine, migrate, normalize_url
 
 pytestmark = pytest.mark.postgres
 

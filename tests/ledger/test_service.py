@@ -10,10 +10,10 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from azu.billing.ledger import service
+from azu.billing.ledger.db import session_scope
+from azu.billing.ledger.models import Job, JournalTransaction, Payout, PayoutStatus
 from azu.errors import Conflict, InvalidRequest, NotFound, PaymentRequired, Unauthorized
-from azu.ledger import service
-from azu.ledger.db import session_scope
-from azu.ledger.models import Job, JournalTransaction, Payout, PayoutStatus
 
 pytestmark = pytest.mark.postgres
 

@@ -18,11 +18,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 from web3 import EthereumTesterProvider, Web3
 
+from azu.billing.ledger import service
+from azu.billing.ledger.billing import LedgerBilling
+from azu.billing.ledger.db import session_scope
+from azu.billing.ledger.models import ApiKey, Deposit
 from azu.errors import PaymentRequired, Unauthorized
-from azu.ledger import service
-from azu.ledger.billing import LedgerBilling
-from azu.ledger.db import session_scope
-from azu.ledger.models import ApiKey, Deposit
 from azu.payments.hyperliquid import HyperliquidProvider
 from web import create_app
 
@@ -301,7 +301,7 @@ def test_key_routes_need_a_live_key_and_only_touch_your_own(w3: Web3, client: Fl
 def test_app_billing_is_the_ledger_and_refuses_a_hold_it_cannot_cover(
     w3: Web3, app: Flask, client: FlaskClient, provider: HyperliquidProvider, engine: Engine
 ) -> None:
-    billing = app.extensions["azu.billing"]
+    billing = app.extensions["azu.billing.base"]
     assert isinstance(billing, LedgerBilling)
     user = wallet(w3)
     key = login(client, user)["key"]

@@ -73,7 +73,7 @@ def registry_dir(net_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def source_model(net_dir: Path) -> Path:
     """A tiny random Llama (4 layers, hidden 64) saved as a Hugging Face folder."""
-    from azu.demo import build_model
+    from azu.cli.demo import build_model
 
     return build_model("llama", net_dir / "src-llama", seed=7)
 
@@ -104,8 +104,8 @@ def reference(hf_model: Any) -> Callable[[list[int], int], list[int]]:
 @pytest.fixture(scope="session")
 def shard(r: redis.Redis, registry_dir: Path, source_model: Path) -> Callable[[str], str]:
     """Shard the tiny model into the registry under a new model id (once per id) and mark it ready."""
-    from azu import models
-    from azu.sharding import shard_model
+    from azu.registry import status as models
+    from azu.registry.sharder import shard_model
 
     done: set[str] = set()
 
@@ -125,7 +125,7 @@ class _RegistryHandler(http.server.BaseHTTPRequestHandler):
     """GET /models/files/<name>?model_id=<id>: the file from the shard folder (as web/registry.py serves)."""
 
     def do_GET(self) -> None:
-        from azu import models
+        from azu.registry import status as models
 
         url = urlparse(self.path)
         name = url.path.rsplit("/", 1)[-1]
@@ -180,9 +180,9 @@ class Cluster:
         return env
 
     def start_gpu(self, worker_id: str, *, via_cli: bool = False, **extra: str) -> None:
-        """``via_cli``: through ``azu-worker`` (azu.worker_node.main), which execs the same Celery worker."""
+        """``via_cli``: through ``azu-worker`` (azu.network.node.main), which execs the same Celery worker."""
         if via_cli:
-            argv = [sys.executable, "-c", "import sys; from azu.worker_node import main; sys.exit(main())",
+            argv = [sys.executable, "-c", "import sys; from azu.network.node import main; sys.exit(main())",
                     "--worker-id", worker_id, "--device", "cpu", "--loglevel", "INFO"]
         else:
             argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{worker_id}",
@@ -210,7 +210,7 @@ class Cluster:
         return self.logs[name].read_text(errors="replace")
 
     def wait_live(self, *worker_ids: str, timeout: float = 90.0) -> None:
-        from azu import directory
+        from azu.network import directory
 
         def ready() -> bool:
             for wid in worker_ids:
@@ -272,7 +272,7 @@ def cluster(r: redis.Redis, net_dir: Path, registry_dir: Path, registry_http: An
 def celery_dispatch(r: redis.Redis) -> Any:
     """The Celery dispatcher of this process (the test plays the API's part)."""
     import workers
-    from azu.protocol import get_dispatcher
+    from azu.network.wire import get_dispatcher
 
     workers.use_broker(REDIS_URL)
     return get_dispatcher()
@@ -312,7 +312,7 @@ class InlineNetwork:
         self.sent.append(name)
 
     def add(self, worker_id: str, folder: Path, model_id: str, first: int, last: int, num_layers: int) -> Any:
-        from azu.worker_node import WorkerNode
+        from azu.network.node import WorkerNode
 
         # linger_s=0: this queue runs one message at a time in this thread; nobody else could fill the list.
         node = self.nodes.get(worker_id) or WorkerNode(self.r, worker_id=worker_id, dispatch=self, linger_s=0)

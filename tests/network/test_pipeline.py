@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import redis
 
-from azu import directory, jobs, models
-from azu.protocol import Hop, job_token
+from azu.network import directory, jobs
+from azu.network.wire import Hop, job_token
+from azu.registry import status as models
 from tests.network.conftest import Cluster, Recording, wait_for
 
 pytestmark = [pytest.mark.network]

@@ -14,11 +14,13 @@ import msgpack
 import pytest
 import torch
 
-from azu import directory, jobs, models, placement, protocol
-from azu.directory import HeldStage, WorkerInfo
 from azu.errors import Conflict, Forbidden, InvalidRequest, NoCapacity, NotFound
-from azu.placement import ModelShape
-from azu.protocol import Hop
+from azu.network import directory, jobs, placement
+from azu.network import wire as protocol
+from azu.network.directory import HeldStage, WorkerInfo
+from azu.network.placement import ModelShape
+from azu.network.wire import Hop
+from azu.registry import status as models
 from tests.network.conftest import InlineNetwork
 
 NUM_LAYERS = 4

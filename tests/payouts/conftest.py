@@ -23,10 +23,10 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy import Engine, create_engine, text
 from web3 import EthereumTesterProvider, Web3
 
-from azu.ledger import service
-from azu.ledger.db import make_engine, migrate, session_factory, session_scope
+from azu.billing.ledger import service
+from azu.billing.ledger.db import make_engine, migrate, session_factory, session_scope
 from azu.payments.hyperliquid import HyperliquidProvider
-from azu.payouts import PayoutRunner
+from azu.payments.payouts import PayoutRunner
 
 pytestmark = [pytest.mark.postgres, pytest.mark.chain]
 

@@ -8,9 +8,9 @@ import pytest
 from eth_account import Account
 from sqlalchemy import text
 
-from azu.ledger import service
-from azu.ledger.db import session_scope
-from azu.payouts import PayoutRunner, RunReport
+from azu.billing.ledger import service
+from azu.billing.ledger.db import session_scope
+from azu.payments.payouts import PayoutRunner, RunReport
 from tests.payouts.conftest import THRESHOLD, Env
 
 pytestmark = [pytest.mark.postgres, pytest.mark.chain]

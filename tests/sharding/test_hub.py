@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from azu.demo import build_model
+from azu.cli.demo import build_model
 from azu.errors import IntegrityFailure, NotFound, UnsafeFormat
-from azu.hub import HubUnavailable
-from azu.manifest import Manifest
-from azu.sharding import shard_model
+from azu.registry.manifest import Manifest
+from azu.registry.sharder import shard_model
+from azu.registry.sources import HubUnavailable
 
 from .fake_hub import FakeHub
 

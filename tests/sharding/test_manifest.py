@@ -1,4 +1,4 @@
-"""azu.manifest: round trip, lookups and verified loading (hash checked before parsing)."""
+"""azu.registry.manifest: round trip, lookups and verified loading (hash checked before parsing)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from azu.errors import IntegrityFailure, InvalidRequest, NotFound
-from azu.manifest import FileEntry, Manifest, load_verified, read_verified_bytes, sha256_file
+from azu.registry.manifest import FileEntry, Manifest, load_verified, read_verified_bytes, sha256_file
 
 
 def _entry(directory, name, kind, layer, tensors):

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from azu.manifest import Manifest
+from azu.registry.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 MB = 1024 * 1024
 
 CHILD = textwrap.dedent("""
     import json, sys
-    from azu.sharding import shard_model
+    from azu.registry.sharder import shard_model
 
     def hwm():
         # VmHWM, not ru_maxrss: a forked+exec'd child's ru_maxrss starts at its parent's peak.

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from azu.cli import main as cli_main
-from azu.demo import FAMILIES, build_model
+from azu.cli.demo import FAMILIES, build_model
 from azu.engine.naming import classify_tensor
 from azu.errors import IntegrityFailure, InvalidRequest, UnsafeFormat
-from azu.manifest import Manifest, load_verified, sha256_file
-from azu.sharding import shard_model
+from azu.registry.manifest import Manifest, load_verified, sha256_file
+from azu.registry.sharder import shard_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

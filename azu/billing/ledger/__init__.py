@@ -1,5 +1,5 @@
 """The PostgreSQL ledger: double-entry accounts, jobs, deposits, payouts and API keys.
 
 ``models`` holds the tables, ``service`` the only functions that move money, ``db`` the engine/session
-helpers and ``migrate``; ``billing`` adapts the service to the ``azu.billing.Billing`` seam.
+helpers and ``migrate``; ``billing`` adapts the service to the ``azu.billing.base.Billing`` seam.
 """

@@ -29,10 +29,10 @@ from typing import Any
 
 import redis
 
-from azu import directory, placement
 from azu.errors import Conflict, InvalidRequest, NoCapacity
-from azu.models import ModelInfo, model_info
-from azu.protocol import Dispatcher, Hop, get_dispatcher, job_token, pack, worker_queue
+from azu.network import directory, placement
+from azu.network.wire import Dispatcher, Hop, get_dispatcher, job_token, pack, worker_queue
+from azu.registry.status import ModelInfo, model_info
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def _manifest_sha256(model_id: str) -> str | None:
     """The manifest's hash as the registry has it (so a worker can check what it downloads), if local."""
     import hashlib
 
-    from azu.models import shard_dir
+    from azu.registry.status import shard_dir
 
     path = shard_dir(model_id) / "manifest.json"
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None

@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 # alembic/ sits at the repository root, next to alembic.ini (the CLI reads the same scripts).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 ALEMBIC_DIR = REPO_ROOT / "alembic"
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from azu.engine.naming import Part, classify_tensor
 from azu.errors import AzuError, IntegrityFailure, InvalidRequest, NotFound, UnsafeFormat
-from azu.manifest import (
+from azu.registry.manifest import (
     EMBEDDINGS_FILE,
     HEAD_FILE,
     MANIFEST_NAME,
@@ -483,7 +483,7 @@ def shard_model(
         if revision is not None:
             raise InvalidRequest("--revision applies to hub ids, not to a local folder")
     elif isinstance(source, str) and _HUB_ID.fullmatch(source) and ".." not in source:
-        from azu.hub import fetch
+        from azu.registry.sources import fetch
 
         src = fetch(source, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
                     progress=progress)

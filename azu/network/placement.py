@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from azu.directory import HeldStage, WorkerInfo
-from azu.protocol import Hop
+from azu.network.directory import HeldStage, WorkerInfo
+from azu.network.wire import Hop
 
 # Weights are not all a stage needs: activations and the KV cache of its jobs take room too.
 MEMORY_HEADROOM = 1.25

@@ -37,8 +37,8 @@ from typing import Any
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from azu.billing.ledger import service
 from azu.errors import Conflict, InvalidRequest
-from azu.ledger import service
 from azu.payments.base import ChainError, PaymentProvider, PayoutState, SignedPayout
 
 log = logging.getLogger(__name__)

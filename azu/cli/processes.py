@@ -6,7 +6,7 @@ azu-scheduler   ``celery -A workers worker -Q core`` with an embedded beat (in-m
                 file on disk, which beat's default shelve store would write)
 azu-registry    ``celery -A workers worker -Q registry`` + the registry routes (gunicorn, REGISTRY_URL's port)
 azu-core        API + scheduler + registry, supervised together
-azu-worker      a GPU/CPU worker node (``azu.worker_node``)
+azu-worker      a GPU/CPU worker node (``azu.network.node``)
 ==============  =========================================================================================
 
 Configured by the environment (the seed's variables): REDIS_HOST / REDIS_PORT (or REDIS_URL), REGISTRY_URL,
@@ -216,7 +216,7 @@ def core_main(argv: Sequence[str] | None = None) -> int:
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """A worker node: registers, heartbeats, loads layers on order, runs its queue ``gpu.<worker_id>``."""
-    from azu import worker_node
+    from azu.network import node as worker_node
 
     return int(worker_node.main(list(argv) if argv is not None else None) or 0)
 
@@ -225,7 +225,7 @@ _MAINS = {"api": api_main, "scheduler": scheduler_main, "registry": registry_mai
           "worker": worker_main}
 
 if __name__ == "__main__":
-    # ``python -m azu.services worker`` works without the console scripts installed (azu up uses it).
+    # ``python -m azu.cli.processes worker`` works without the console scripts installed (azu up uses it).
     if len(sys.argv) < 2 or sys.argv[1] not in _MAINS:
-        sys.exit(f"usage: python -m azu.services {{{','.join(_MAINS)}}} [options]")
+        sys.exit(f"usage: python -m azu.cli.processes {{{','.join(_MAINS)}}} [options]")
     sys.exit(_MAINS[sys.argv[1]](sys.argv[2:]))

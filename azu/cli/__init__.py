@@ -12,13 +12,14 @@ import sys
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs, so
 # `azu --help` stays fast and the API processes never import torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "shard": ("azu.sharding", "split a Hugging Face model (hub id or folder) into per-layer safetensors"),
+    "shard": ("azu.registry.sharder",
+              "split a Hugging Face model (hub id or folder) into per-layer safetensors"),
     "generate": (
         "azu.engine.local",
         "run a sharded model as N stages in one process (a worker's self-check)",
     ),
-    "demo-model": ("azu.demo", "build a tiny random model of a supported family (no download)"),
-    "up": ("azu.local_network", "start a whole local network: API, scheduler, registry, workers"),
+    "demo-model": ("azu.cli.demo", "build a tiny random model of a supported family (no download)"),
+    "up": ("azu.cli.up", "start a whole local network: API, scheduler, registry, workers"),
 }
 
 

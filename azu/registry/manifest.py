@@ -1,6 +1,6 @@
 """The shard folder's ``manifest.json``: what each file holds and the SHA-256 it must have.
 
-Written by the sharder (``azu.sharding``), read by stages and served by the registry. Every consumer
+Written by the sharder (``azu.registry.sharder``), read by stages and served by the registry. Every consumer
 checks a file's hash *before* parsing it (``load_verified`` / ``read_verified_bytes``): shard files come
 from strangers, and a safetensors parser should never see bytes nobody vouched for.
 """

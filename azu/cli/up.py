@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from azu.services import ProcessGroup, celery_argv, gunicorn_argv
+from azu.cli.processes import ProcessGroup, celery_argv, gunicorn_argv
 
 T = TypeVar("T")
 
@@ -119,8 +119,8 @@ def split_budget(shard_folder: Path, n_workers: int) -> int:
     N - 1 workers together offer (N - 1) / (N - 0.5) of what the model needs: not enough; N offer a
     little more than it needs, so the placement has to split the layers over every worker.
     """
-    from azu.models import info_from_folder
-    from azu.placement import needed_bytes
+    from azu.network.placement import needed_bytes
+    from azu.registry.status import info_from_folder
 
     info = info_from_folder(shard_folder.name, shard_folder)
     return math.ceil(needed_bytes(info.shape) / (n_workers - 0.5))
@@ -129,9 +129,9 @@ def split_budget(shard_folder: Path, n_workers: int) -> int:
 def ledger_available() -> bool:
     """The ledger is installed: its package, its billing adapter and at least one migration."""
     try:
-        if importlib.util.find_spec("azu.ledger.billing") is None:
+        if importlib.util.find_spec("azu.billing.ledger.billing") is None:
             return False
-        from azu.ledger.db import ALEMBIC_DIR
+        from azu.billing.ledger.db import ALEMBIC_DIR
     except ImportError:
         return False
     versions = ALEMBIC_DIR / "versions"
@@ -239,7 +239,7 @@ class LocalNetwork:
         else:
             _say("using the PostgreSQL of DATABASE_URL")
         with _step("migrating the ledger"):
-            from azu.ledger.db import migrate
+            from azu.billing.ledger.db import migrate
 
             migrate(self.database_url)
         with _step("creating a local user with funds and an API key") as info:
@@ -247,9 +247,9 @@ class LocalNetwork:
             info["detail"] = LOCAL_USER_ADDRESS
 
     def _issue_local_key(self) -> str:
-        from azu.ledger import service
-        from azu.ledger.billing import hash_api_key, new_api_key
-        from azu.ledger.db import make_engine, session_scope
+        from azu.billing.ledger import service
+        from azu.billing.ledger.billing import hash_api_key, new_api_key
+        from azu.billing.ledger.db import make_engine, session_scope
 
         engine = make_engine(self.database_url)
         try:
@@ -346,10 +346,11 @@ class LocalNetwork:
             for worker_id in self.worker_ids:
                 env = dict(self.env, AZU_WORKER_ID=worker_id, AZU_MEMORY_BYTES=str(budget),
                            AZU_CACHE_DIR=str(self.root / "cache" / worker_id))
-                self._start(f"worker-{worker_id}", [sys.executable, "-m", "azu.services", "worker"], env=env)
+                self._start(f"worker-{worker_id}", [sys.executable, "-m", "azu.cli.processes", "worker"],
+                            env=env)
             import redis
 
-            from azu import directory
+            from azu.network import directory
 
             r = redis.Redis.from_url(self.redis_url)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from azu.errors import AzuError, Forbidden, IntegrityFailure, NotFound
-from azu.manifest import sha256_file
-from azu.sharding import (
+from azu.registry.manifest import sha256_file
+from azu.registry.sharder import (
     EXTRA_FILE_NAMES,
     INDEX_NAME,
     Source,

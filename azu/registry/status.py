@@ -24,10 +24,10 @@ from urllib.parse import quote
 import redis
 
 from azu.errors import Forbidden, InvalidRequest, NotFound
-from azu.placement import ModelShape
+from azu.network.placement import ModelShape
 
 if TYPE_CHECKING:
-    from azu.protocol import Dispatcher
+    from azu.network.wire import Dispatcher
 
 READY_KEY = "azu:models:ready"
 STATES = ("pending", "sharding", "ready", "failed")
@@ -133,7 +133,7 @@ def ready_models(r: redis.Redis) -> list[str]:
 def request_shard(r: redis.Redis, model_id: str, *, source: str | None = None,
                   dispatch: Dispatcher | None = None) -> dict[str, Any]:
     """Enqueue sharding of ``model_id`` once (from ``source``: a hub id or an allowed local folder)."""
-    from azu.protocol import get_dispatcher
+    from azu.network.wire import get_dispatcher
 
     model_id, source = resolve_request(model_id, source)
     if (shard_dir(model_id) / "manifest.json").is_file() and not r.exists(model_key(model_id)):
@@ -163,7 +163,7 @@ def run_shard(r: redis.Redis, model_id: str, source: str) -> dict[str, Any]:
     try:
         if is_local_source(source):
             check_local_source(source)  # again here: the task may come from anywhere on the queue
-        from azu.sharding import shard_model
+        from azu.registry.sharder import shard_model
 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ class ModelInfo:
 
 
 def info_from_folder(model_id: str, folder: Path) -> ModelInfo:
-    from azu.manifest import Manifest
+    from azu.registry.manifest import Manifest
     from azu.tokenization import context_length
 
     m = Manifest.load(folder)

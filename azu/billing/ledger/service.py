@@ -25,9 +25,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from azu import economics
-from azu.errors import Conflict, InvalidRequest, NotFound, PaymentRequired, Unauthorized
-from azu.ledger.models import (
+from azu.billing import economics
+from azu.billing.ledger.models import (
     OPEN_PAYOUT_STATUSES,
     PAYOUT_TRANSITIONS,
     Account,
@@ -44,6 +43,7 @@ from azu.ledger.models import (
     PayoutStatus,
     Worker,
 )
+from azu.errors import Conflict, InvalidRequest, NotFound, PaymentRequired, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +323,8 @@ def settle_job(session: Session, *, job_id: str, usage: dict[str, int], price: i
     """Charge actual usage, credit each worker its share of 80 %, the platform 20 %, return the rest.
 
     ``usage`` maps worker id -> token-layers it ran; ``price`` defaults to the one fixed at hold time.
-    The charge is capped at the hold (see azu.economics.settle). One transaction; settling a job that is
-    already settled or released changes nothing.
+    The charge is capped at the hold (see azu.billing.economics.settle). One transaction; settling a job
+    that is already settled or released changes nothing.
     """
     with session.begin_nested():
         job = _locked_job(session, job_id)  # concurrent settlements queue here; the first one wins

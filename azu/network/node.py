@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from azu import directory, jobs, placement
 from azu.errors import AzuError, Forbidden, IntegrityFailure, InvalidRequest, UnsafeFormat
-from azu.models import registry_file_url
-from azu.protocol import Dispatcher, Hop, check_token, pack_tensor, unpack, unpack_tensor, worker_queue
+from azu.network import directory, jobs, placement
+from azu.network.wire import Dispatcher, Hop, check_token, pack_tensor, unpack, unpack_tensor, worker_queue
+from azu.registry.status import registry_file_url
 
 if TYPE_CHECKING:
     import torch
@@ -168,7 +168,7 @@ class WorkerNode:
 
     def _load_stage(self, key: StageKey, folder: Path) -> None:
         from azu.engine.stage import Stage, StageSpec
-        from azu.manifest import Manifest
+        from azu.registry.manifest import Manifest
 
         model_id, first, last, emb, head = key
         spec = StageSpec(first_layer=first, last_layer=last, embeddings=emb, head=head)
@@ -187,7 +187,7 @@ class WorkerNode:
               manifest_sha256: str | None = None) -> Path:
         import requests
 
-        from azu.manifest import ExtraFile, FileEntry, Manifest
+        from azu.registry.manifest import ExtraFile, FileEntry, Manifest
 
         folder = self.model_folder(model_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ class WorkerNode:
                     weights: bool) -> None:
         import requests
 
-        from azu.manifest import sha256_file
+        from azu.registry.manifest import sha256_file
 
         if "/" in name or "\\" in name or name.startswith("."):
             raise InvalidRequest(f"manifest names an unsafe path {name!r}")

@@ -1,4 +1,4 @@
-"""``LedgerBilling``: the ``azu.billing.Billing`` seam backed by the PostgreSQL ledger."""
+"""``LedgerBilling``: the ``azu.billing.base.Billing`` seam backed by the PostgreSQL ledger."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from azu import economics
+from azu.billing import economics
+from azu.billing.ledger import service
+from azu.billing.ledger.db import session_scope
 from azu.errors import InvalidRequest, Unauthorized
-from azu.ledger import service
-from azu.ledger.db import session_scope
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The seam between the pipeline and the money: who is asking, can they pay, who earned what.
 
 The network (web/ + workers/) talks only to this protocol. ``FreeBilling`` serves development
-without a ledger; the PostgreSQL ledger (azu.ledger) provides the real implementation.
+without a ledger; the PostgreSQL ledger (azu.billing.ledger) provides the real implementation.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ _billing: Billing | None = None
 
 
 def get_billing() -> Billing:
-    """The process's billing: the PostgreSQL ledger when DATABASE_URL is set (and azu.ledger imports),
+    """The process's billing: the PostgreSQL ledger when DATABASE_URL is set (and azu.billing.ledger imports),
     else FreeBilling. Built once per process (the ledger keeps a connection pool)."""
     global _billing
     if _billing is None:
@@ -62,8 +62,8 @@ def get_billing() -> Billing:
         url = os.environ.get("DATABASE_URL") or ""
         if url:
             try:
-                from azu.ledger.billing import LedgerBilling
-                from azu.ledger.db import make_engine
+                from azu.billing.ledger.billing import LedgerBilling
+                from azu.billing.ledger.db import make_engine
             except ImportError:  # a worker image without the ledger's dependencies
                 _billing = FreeBilling()
             else:

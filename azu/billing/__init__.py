@@ -1,0 +1,1 @@
+"""Money: economics, the double-entry ledger, API keys, the billing seam."""

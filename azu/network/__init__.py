@@ -1,0 +1,1 @@
+"""The network: what travels between the core and the workers, and the worker node."""

@@ -1,0 +1,1 @@
+"""The registry: model sources, the sharder, manifests, shard status, downloads."""
