@@ -1,44 +1,203 @@
-"""Settings read from the environment, in one place. Every variable is documented in README.md."""
+"""Settings: every environment variable azu reads, parsed and checked in one place.
+
+``get_settings()`` is what every process reads (API, scheduler, registry, worker nodes, the CLI). It parses
+the environment once per distinct environment, so a variable changed at run time (a test's monkeypatch, a
+CLI flag copied into the environment) is seen on the next call, and nothing is frozen at import time.
+Nothing else in azu/, web/ or workers/ reads ``os.environ``; the command lines (azu/cli/) only write it
+for the processes they start.
+
+Secrets (``AUTH_SECRET_KEY``, chain private keys, ``HF_TOKEN``, ``DATABASE_URL``) are kept out of ``repr``
+so a logged settings object leaks nothing. README.md lists every variable.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+class SettingsError(ValueError):
+    """A variable is set to something azu cannot use; the message names it and says what is expected."""
 
 
-def _int(name: str, default: int) -> int:
-    raw = _env(name)
+def _text(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = env.get(name)
+    return value.strip() if value is not None and value.strip() != "" else default
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    raw = _text(env, name)
     if raw is None:
         return default
     try:
         return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
 
 
-def redis_url() -> str:
-    """REDIS_URL wins; else REDIS_HOST/REDIS_PORT (the seed's variables); else the local default."""
-    url = _env("REDIS_URL")
-    if url:
-        return url
-    host = _env("REDIS_HOST", "127.0.0.1")
-    port = _int("REDIS_PORT", 6379)
-    return f"redis://{host}:{port}/0"
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return (_text(env, name) or "").lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker node is told by its operator (``azu-worker`` writes these from its flags)."""
+
+    worker_id: str | None = None  # AZU_WORKER_ID
+    device: str | None = None  # AZU_DEVICE: "cpu", "cuda", "cuda:1"; None: the worker picks
+    dtype: str | None = None  # AZU_DTYPE
+    wallet: str | None = None  # AZU_WALLET_ADDRESS: where payouts go
+    memory_bytes: int | None = None  # AZU_MEMORY_BYTES: offer at most this much memory
+    cache_dir: str | None = None  # AZU_CACHE_DIR: default .azu/cache/<worker id>
+    p2p_url: str | None = None  # P2P_PUBLIC_URL
+    max_cached_tokens: int = 32768  # AZU_MAX_CACHED_TOKENS: KV-cache bound per stage
+    kv_idle_s: float = 600.0  # AZU_KV_IDLE_S: free a job's caches after this long untouched
+    linger_s: float = 0.05  # AZU_LINGER_S: how long an idle worker waits on its inbox
+    session_s: float = 2.0  # AZU_SESSION_S: how long one forward task keeps taking from its inbox
+    heartbeat_s: float = 3.0  # AZU_HEARTBEAT_S
+
+
+@dataclass(frozen=True)
+class PaymentSettings:
+    """The chain side: which provider, where its RPC is, the platform's addresses and keys."""
+
+    provider: str = "hyperliquid"  # PAYMENT_PROVIDER
+    hyperliquid_rpc_url: str | None = None  # HYPERLIQUID_RPC_URL
+    hyperliquid_address: str | None = None  # HYPERLIQUID_ADDRESS
+    hyperliquid_chain_id: int | None = None  # HYPERLIQUID_CHAIN_ID
+    scheduler_private_key: str | None = field(default=None, repr=False)  # SCHEDULER_PRIVATE_KEY
+    solana_rpc_url: str | None = None  # SOLANA_RPC_URL
+    solana_address: str | None = None  # SOLANA_ADDRESS
+    solana_private_key: str | None = field(default=None, repr=False)  # SOLANA_PRIVATE_KEY
+    min_confirmations: int | None = None  # MIN_CONFIRMATIONS
+    price_per_token_layer: str | None = None  # PRICE_PER_TOKEN_LAYER (parsed by azu.billing.economics)
+    payout_threshold: str | None = None  # PAYOUT_THRESHOLD (parsed by azu.billing.economics)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Settings the web app reads here. Each other variable is read where it is used, with its default
-    next to the code (README.md lists them all)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"  # REDIS_URL, else REDIS_HOST / REDIS_PORT
+    database_url: str | None = field(default=None, repr=False)  # DATABASE_URL: the ledger (core only)
+    registry_url: str = "http://127.0.0.1:8002"  # REGISTRY_URL
+    auth_secret_key: str | None = field(default=None, repr=False)  # AUTH_SECRET_KEY
+    dispatcher: str = "workers"  # AZU_DISPATCHER: the module that registers the task sender
+    registry_dir: Path = Path(".azu/registry")  # AZU_REGISTRY_DIR
+    allowed_model_dirs: tuple[Path, ...] = ()  # AZU_ALLOWED_MODEL_DIRS (os.pathsep-separated)
+    hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN
+    hf_endpoint: str | None = None  # HF_ENDPOINT (a hub mirror)
+    cache_dir: str | None = None  # AZU_CACHE_DIR (the API's tokenizer cache; a worker's layer cache)
+    step_deadline_s: float = 120.0  # AZU_STEP_DEADLINE_S: a running job idle longer than this fails
+    load_deadline_s: float = 600.0  # AZU_LOAD_DEADLINE_S: a job waiting for loads longer than this fails
+    heartbeat_ttl_s: float = 15.0  # AZU_HEARTBEAT_TTL_S: a worker silent longer than this is not live
+    request_timeout_s: float = 600.0  # AZU_REQUEST_TIMEOUT_S: how long a request waits for its job
+    watchdog_interval_s: float = 5.0  # AZU_WATCHDOG_INTERVAL_S
+    payout_interval_s: float = 60.0  # PAYOUT_INTERVAL_S
+    task_events: bool = False  # AZU_TASK_EVENTS=1: workers send task events (Flower)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    payments: PaymentSettings = field(default_factory=PaymentSettings)
 
-    database_url: str = field(default_factory=lambda: _env("DATABASE_URL", "") or "")
-    registry_url: str = field(default_factory=lambda: _env("REGISTRY_URL", "http://127.0.0.1:8002") or "")
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        url = _text(env, "REDIS_URL")
+        if url is None:
+            host = _text(env, "REDIS_HOST", "127.0.0.1")
+            url = f"redis://{host}:{_int(env, 'REDIS_PORT', 6379)}/0"
+        worker_id = _text(env, "AZU_WORKER_ID")
+        if worker_id is not None and (":" in worker_id or "/" in worker_id):
+            raise SettingsError("AZU_WORKER_ID must be a name without ':' or '/'")
+        memory = _int(env, "AZU_MEMORY_BYTES", None)
+        if memory is not None and memory <= 0:
+            raise SettingsError("AZU_MEMORY_BYTES must be a positive number of bytes")
+        dirs = _text(env, "AZU_ALLOWED_MODEL_DIRS") or ""
+        return cls(
+            redis_url=url,
+            database_url=_text(env, "DATABASE_URL"),
+            registry_url=_text(env, "REGISTRY_URL", "http://127.0.0.1:8002") or "",
+            auth_secret_key=_text(env, "AUTH_SECRET_KEY"),
+            dispatcher=_text(env, "AZU_DISPATCHER", "workers") or "workers",
+            registry_dir=Path(_text(env, "AZU_REGISTRY_DIR", ".azu/registry") or ".azu/registry"),
+            allowed_model_dirs=tuple(Path(p).resolve() for p in dirs.split(os.pathsep) if p),
+            hf_token=_text(env, "HF_TOKEN"),
+            hf_endpoint=_text(env, "HF_ENDPOINT"),
+            cache_dir=_text(env, "AZU_CACHE_DIR"),
+            step_deadline_s=_float(env, "AZU_STEP_DEADLINE_S", 120.0),
+            load_deadline_s=_float(env, "AZU_LOAD_DEADLINE_S", 600.0),
+            heartbeat_ttl_s=_float(env, "AZU_HEARTBEAT_TTL_S", 15.0),
+            request_timeout_s=_float(env, "AZU_REQUEST_TIMEOUT_S", 600.0),
+            watchdog_interval_s=_float(env, "AZU_WATCHDOG_INTERVAL_S", 5.0),
+            payout_interval_s=_float(env, "PAYOUT_INTERVAL_S", 60.0),
+            task_events=_flag(env, "AZU_TASK_EVENTS"),
+            worker=WorkerSettings(
+                worker_id=worker_id,
+                device=_text(env, "AZU_DEVICE"),
+                dtype=_text(env, "AZU_DTYPE"),
+                wallet=_text(env, "AZU_WALLET_ADDRESS"),
+                memory_bytes=memory,
+                cache_dir=_text(env, "AZU_CACHE_DIR"),
+                p2p_url=_text(env, "P2P_PUBLIC_URL"),
+                max_cached_tokens=_int(env, "AZU_MAX_CACHED_TOKENS", 32768) or 32768,
+                kv_idle_s=_float(env, "AZU_KV_IDLE_S", 600.0),
+                linger_s=_float(env, "AZU_LINGER_S", 0.05),
+                session_s=_float(env, "AZU_SESSION_S", 2.0),
+                heartbeat_s=_float(env, "AZU_HEARTBEAT_S", 3.0),
+            ),
+            payments=PaymentSettings(
+                provider=(_text(env, "PAYMENT_PROVIDER", "hyperliquid") or "hyperliquid").lower(),
+                hyperliquid_rpc_url=_text(env, "HYPERLIQUID_RPC_URL"),
+                hyperliquid_address=_text(env, "HYPERLIQUID_ADDRESS"),
+                hyperliquid_chain_id=_int(env, "HYPERLIQUID_CHAIN_ID", None),
+                scheduler_private_key=_text(env, "SCHEDULER_PRIVATE_KEY"),
+                solana_rpc_url=_text(env, "SOLANA_RPC_URL"),
+                solana_address=_text(env, "SOLANA_ADDRESS"),
+                solana_private_key=_text(env, "SOLANA_PRIVATE_KEY"),
+                min_confirmations=_int(env, "MIN_CONFIRMATIONS", None),
+                price_per_token_layer=_text(env, "PRICE_PER_TOKEN_LAYER"),
+                payout_threshold=_text(env, "PAYOUT_THRESHOLD"),
+            ),
+        )
 
 
-def load_settings() -> Settings:
-    return Settings()
+# Every variable Settings reads: the cache key, so a changed environment is parsed again.
+VARIABLES = (
+    "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "DATABASE_URL", "REGISTRY_URL", "AUTH_SECRET_KEY",
+    "AZU_DISPATCHER", "AZU_REGISTRY_DIR", "AZU_ALLOWED_MODEL_DIRS", "HF_TOKEN", "HF_ENDPOINT",
+    "AZU_CACHE_DIR", "AZU_STEP_DEADLINE_S", "AZU_LOAD_DEADLINE_S", "AZU_HEARTBEAT_TTL_S",
+    "AZU_REQUEST_TIMEOUT_S", "AZU_WATCHDOG_INTERVAL_S", "PAYOUT_INTERVAL_S", "AZU_TASK_EVENTS",
+    "AZU_WORKER_ID", "AZU_DEVICE", "AZU_DTYPE", "AZU_WALLET_ADDRESS", "AZU_MEMORY_BYTES",
+    "P2P_PUBLIC_URL", "AZU_MAX_CACHED_TOKENS", "AZU_KV_IDLE_S", "AZU_LINGER_S", "AZU_SESSION_S",
+    "AZU_HEARTBEAT_S", "PAYMENT_PROVIDER", "HYPERLIQUID_RPC_URL", "HYPERLIQUID_ADDRESS",
+    "HYPERLIQUID_CHAIN_ID", "SCHEDULER_PRIVATE_KEY", "SOLANA_RPC_URL", "SOLANA_ADDRESS",
+    "SOLANA_PRIVATE_KEY", "MIN_CONFIRMATIONS", "PRICE_PER_TOKEN_LAYER", "PAYOUT_THRESHOLD",
+)
+
+
+@lru_cache(maxsize=8)
+def _parsed(values: tuple[str | None, ...]) -> Settings:
+    return Settings.from_env({k: v for k, v in zip(VARIABLES, values, strict=True) if v is not None})
+
+
+def get_settings() -> Settings:
+    """The settings of this process's environment as it is now (parsed once per distinct environment)."""
+    return _parsed(tuple(os.environ.get(name) for name in VARIABLES))
+
+
+def redis_url() -> str:
+    """REDIS_URL wins; else REDIS_HOST/REDIS_PORT (the seed's variables); else the local default."""
+    return get_settings().redis_url

@@ -74,3 +74,26 @@ class CacheFull(AzuError):
 
     status = 503
     code = "cache_full"
+
+
+class JobFailed(AzuError):
+    """The pipeline gave up on a job (a stage raised, a load failed); the reason says which and why."""
+
+    status = 502
+    code = "job_failed"
+
+
+class JobTimeout(AzuError):
+    status = 504
+    code = "timeout"
+
+
+class ServiceUnavailable(AzuError):
+    """A dependency (Redis, PostgreSQL, the chain's RPC) cannot be reached or is not configured."""
+
+    status = 503
+    code = "service_unavailable"
+
+
+class LedgerUnavailable(ServiceUnavailable):
+    code = "ledger_unavailable"

@@ -88,7 +88,7 @@ class Bench:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.registry_url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.procs: list[subprocess.Popen[bytes]] = []
-        from azu.network.wire import get_dispatcher
+        from azu.network.dispatch import get_dispatcher
 
         self.dispatch = get_dispatcher()
         self.rows: list[dict[str, Any]] = []

@@ -28,7 +28,7 @@ from azu.billing.ledger import service
 from azu.billing.ledger.billing import LedgerBilling, hash_api_key, new_api_key, run_in_transaction
 from azu.billing.ledger.db import make_engine
 from azu.billing.ledger.models import ApiKey, Deposit
-from azu.config import load_settings
+from azu.config import get_settings
 from azu.errors import AzuError, InvalidRequest, Unauthorized
 from azu.payments.base import PaymentProvider
 from web.serving import api_key
@@ -100,7 +100,7 @@ class Ledger:
         return bool(self.config.get("AZU_LEDGER_ENGINE") or self._database_url())
 
     def _database_url(self) -> str:
-        return str(self.config.get("DATABASE_URL") or load_settings().database_url or "")
+        return str(self.config.get("DATABASE_URL") or get_settings().database_url or "")
 
     @property
     def engine(self) -> Engine:

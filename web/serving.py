@@ -137,9 +137,9 @@ def _fetch_tokenizer(model_id: str, dest: Path) -> Path:
 
     import requests
 
-    from azu.config import load_settings
+    from azu.config import get_settings
 
-    base = load_settings().registry_url
+    base = get_settings().registry_url
 
     def get(name: str) -> bytes:
         resp = requests.get(models_api.registry_file_url(base, model_id, name), timeout=30)

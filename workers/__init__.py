@@ -6,14 +6,14 @@ from typing import Any
 
 from celery import Celery
 
-from azu.network.wire import set_dispatcher
+from azu.network.dispatch import set_dispatcher
 
 app = Celery("workers", include=["workers.payouts", "workers.stage", "workers.scheduler", "workers.registry"])
 app.config_from_object("celeryconfig")
 
 
 class CeleryDispatcher:
-    """azu.network.wire.Dispatcher over this app: per-call routing with ``sig.set(queue=...)``."""
+    """azu.network.dispatch.Dispatcher over this app: per-call routing with ``sig.set(queue=...)``."""
 
     def send_task(self, name: str, *, queue: str, args: list[Any] | tuple[Any, ...] = (),
                   kwargs: dict[str, Any] | None = None) -> None:

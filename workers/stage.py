@@ -20,8 +20,8 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from azu.config import redis_url
+from azu.network.dispatch import get_dispatcher
 from azu.network.node import WorkerNode, node_from_env
-from azu.network.wire import get_dispatcher
 from workers import app
 
 log = logging.getLogger(__name__)

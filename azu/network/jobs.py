@@ -31,7 +31,9 @@ import redis
 
 from azu.errors import Conflict, InvalidRequest, NoCapacity
 from azu.network import directory, placement
-from azu.network.wire import Dispatcher, Hop, get_dispatcher, job_token, pack, worker_queue
+from azu.network.auth import job_token
+from azu.network.dispatch import Dispatcher, get_dispatcher, worker_queue
+from azu.network.wire import Hop, pack
 from azu.registry.status import ModelInfo, model_info
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,14 @@ JOB_TTL_S = 24 * 3600
 PENDING_TTL_S = 3600
 STEP_DEADLINE_S = float(os.environ.get("AZU_STEP_DEADLINE_S") or 120.0)
 LOAD_DEADLINE_S = float(os.environ.get("AZU_LOAD_DEADLINE_S") or 600.0)
-MAX_TOKENS_LIMIT = 1 << 20
+
+# What one request may ask for. The API's schemas (web/schemas.py) read these; so does _validate below, for
+# callers that skip the API (benchmarks, the scheduler). OpenAI's bounds where OpenAI has one.
+MAX_TOKENS = 1_000_000
+MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 1_000_000
+MAX_STOP_STRINGS = 16
+MAX_SEED = 2**63 - 1
 
 
 def job_key(job_id: str) -> str:
@@ -119,7 +128,7 @@ def _validate(req: JobRequest, info: ModelInfo) -> None:
         raise InvalidRequest("the prompt must be a non-empty list of token ids", param="prompt")
     if min(ids) < 0 or max(ids) >= info.vocab_size:
         raise InvalidRequest(f"token ids must be in [0, {info.vocab_size})", param="prompt")
-    if not isinstance(req.max_tokens, int) or not 1 <= req.max_tokens <= MAX_TOKENS_LIMIT:
+    if not isinstance(req.max_tokens, int) or not 1 <= req.max_tokens <= MAX_TOKENS:
         raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
     if info.context_length and len(ids) + req.max_tokens > info.context_length:
         raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "

@@ -27,7 +27,9 @@ import redis
 
 from azu.errors import AzuError, Forbidden, IntegrityFailure, InvalidRequest, UnsafeFormat
 from azu.network import directory, jobs, placement
-from azu.network.wire import Dispatcher, Hop, check_token, pack_tensor, unpack, unpack_tensor, worker_queue
+from azu.network.auth import check_token
+from azu.network.dispatch import Dispatcher, worker_queue
+from azu.network.wire import Hop, pack_tensor, unpack, unpack_tensor
 from azu.registry.status import registry_file_url
 
 if TYPE_CHECKING:

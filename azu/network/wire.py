@@ -1,38 +1,21 @@
-"""What travels between the API, the scheduler and the workers, and how it is authenticated.
+"""What travels between the API, the scheduler and the workers: messages and tensors on the wire.
 
-Messages are plain dicts packed with msgpack; a tensor travels as ``safetensors`` bytes (``{"x": t}``).
-Nothing here ever unpickles: workers are strangers to each other.
-
-Each job gets an HMAC token (``AUTH_SECRET_KEY``) over its id and its route, minted by whoever plans the
-route. Every stage task checks it before touching a KV cache, so a message that names another job's cache,
-or re-routes a job, is refused.
-
-Sending is a seam (``Dispatcher``): azu/ must not import Celery, so the Celery app (``workers``) registers
-the implementation when it is imported, and ``get_dispatcher()`` imports it on first use.
+Messages are msgpack maps; a tensor travels as ``safetensors`` bytes (``{"x": t}``). Nothing here ever
+unpickles: workers are strangers to each other.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import importlib
-import logging
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from azu.errors import Forbidden, InvalidRequest
+from azu.errors import InvalidRequest
+from azu.network.dispatch import worker_queue
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger(__name__)
-
-_DEV_SECRET = "azu-development-secret-not-for-production"
-_warned_dev_secret = False
-
 
 # --- tensors and messages -----------------------------------------------------------------------
 def pack_tensor(t: torch.Tensor) -> bytes:
@@ -98,60 +81,3 @@ class Hop:
         return (model_id, self.first, self.last, self.embeddings, self.head)
 
 
-def worker_queue(worker_id: str) -> str:
-    return f"gpu.{worker_id}"
-
-
-def route_key(model_id: str, route: list[Hop]) -> str:
-    """Canonical text of a route: what the job token signs besides the job id."""
-    hops = ";".join(f"{h.worker_id}:{h.first}-{h.last}:{int(h.embeddings)}{int(h.head)}" for h in route)
-    return f"{model_id}|{hops}"
-
-
-def _secret() -> bytes:
-    global _warned_dev_secret
-    secret = os.environ.get("AUTH_SECRET_KEY") or ""
-    if not secret:
-        # A development network (tests, `azu up` without settings) still signs; production must set it.
-        if not _warned_dev_secret:
-            log.warning("AUTH_SECRET_KEY is not set: using the built-in development secret")
-            _warned_dev_secret = True
-        secret = _DEV_SECRET
-    return secret.encode()
-
-
-def job_token(job_id: str, model_id: str, route: list[Hop]) -> str:
-    """HMAC-SHA256 over the job id and its route."""
-    msg = f"{job_id}\n{route_key(model_id, route)}".encode()
-    return hmac.new(_secret(), msg, hashlib.sha256).hexdigest()
-
-
-def check_token(token: str | None, job_id: str, model_id: str, route: list[Hop]) -> None:
-    """Raise Forbidden unless ``token`` is the job's token for exactly this route."""
-    expected = job_token(job_id, model_id, route)
-    if not isinstance(token, str) or not hmac.compare_digest(token, expected):
-        raise Forbidden(f"job {job_id}: token does not match the job and its route")
-
-
-# --- sending (the seam to Celery) ---------------------------------------------------------------
-class Dispatcher(Protocol):
-    def send_task(self, name: str, *, queue: str, args: list[Any] | tuple[Any, ...] = (),
-                  kwargs: dict[str, Any] | None = None) -> None:
-        """Enqueue task ``name`` on ``queue``; never waits for a result."""
-
-
-_dispatcher: Dispatcher | None = None
-
-
-def set_dispatcher(dispatcher: Dispatcher | None) -> None:
-    global _dispatcher
-    _dispatcher = dispatcher
-
-
-def get_dispatcher() -> Dispatcher:
-    """The registered dispatcher; imports ``AZU_DISPATCHER`` (default: the Celery app ``workers``) once."""
-    if _dispatcher is None:
-        importlib.import_module(os.environ.get("AZU_DISPATCHER") or "workers")
-    if _dispatcher is None:
-        raise RuntimeError("no dispatcher registered (the workers package registers the Celery one)")
-    return _dispatcher

@@ -27,7 +27,7 @@ from azu.errors import Forbidden, InvalidRequest, NotFound
 from azu.network.placement import ModelShape
 
 if TYPE_CHECKING:
-    from azu.network.wire import Dispatcher
+    from azu.network.dispatch import Dispatcher
 
 READY_KEY = "azu:models:ready"
 STATES = ("pending", "sharding", "ready", "failed")
@@ -133,7 +133,7 @@ def ready_models(r: redis.Redis) -> list[str]:
 def request_shard(r: redis.Redis, model_id: str, *, source: str | None = None,
                   dispatch: Dispatcher | None = None) -> dict[str, Any]:
     """Enqueue sharding of ``model_id`` once (from ``source``: a hub id or an allowed local folder)."""
-    from azu.network.wire import get_dispatcher
+    from azu.network.dispatch import get_dispatcher
 
     model_id, source = resolve_request(model_id, source)
     if (shard_dir(model_id) / "manifest.json").is_file() and not r.exists(model_key(model_id)):

@@ -272,7 +272,7 @@ def cluster(r: redis.Redis, net_dir: Path, registry_dir: Path, registry_http: An
 def celery_dispatch(r: redis.Redis) -> Any:
     """The Celery dispatcher of this process (the test plays the API's part)."""
     import workers
-    from azu.network.wire import get_dispatcher
+    from azu.network.dispatch import get_dispatcher
 
     workers.use_broker(REDIS_URL)
     return get_dispatcher()

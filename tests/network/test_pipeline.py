@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from azu.network import directory, jobs
-from azu.network.wire import Hop, job_token
+from azu.network.auth import job_token
+from azu.network.wire import Hop
 from azu.registry import status as models
 from tests.network.conftest import Cluster, Recording, wait_for
 

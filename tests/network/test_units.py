@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from azu.errors import Conflict, Forbidden, InvalidRequest, NoCapacity, NotFound
-from azu.network import directory, jobs, placement
+from azu.network import auth, directory, jobs, placement
 from azu.network import wire as protocol
 from azu.network.directory import HeldStage, WorkerInfo
 from azu.network.placement import ModelShape
@@ -42,14 +42,14 @@ def test_tensor_roundtrip_is_exact_and_pickle_free() -> None:
 
 def test_token_binds_job_and_route() -> None:
     route = [Hop("A", 0, 2, True, False), Hop("B", 2, 4, False, True)]
-    token = protocol.job_token("j1", "m", route)
-    protocol.check_token(token, "j1", "m", route)
+    token = auth.job_token("j1", "m", route)
+    auth.check_token(token, "j1", "m", route)
     for job, model, rt in [("j2", "m", route), ("j1", "m2", route), ("j1", "m", route[:1]),
                            ("j1", "m", [Hop("C", 0, 2, True, False), route[1]])]:
         with pytest.raises(Forbidden):
-            protocol.check_token(token, job, model, rt)
+            auth.check_token(token, job, model, rt)
     with pytest.raises(Forbidden):
-        protocol.check_token(None, "j1", "m", route)
+        auth.check_token(None, "j1", "m", route)
 
 
 # --- directory --------------------------------------------------------------------------------------------

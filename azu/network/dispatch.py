@@ -1,0 +1,82 @@
+"""Sending tasks: the seam to Celery, the queue names, and one typed sender per task.
+
+azu/ must not import Celery, so the Celery app (``workers``) registers the implementation when it is
+imported, and ``get_dispatcher()`` imports it on first use. Task names live here and nowhere else in azu/.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Protocol
+
+CORE_QUEUE = "core"
+REGISTRY_QUEUE = "registry"
+
+# Task names (workers/ registers each under exactly this name).
+FORWARD = "workers.stage.forward"
+LOAD = "workers.stage.load"
+END_JOB = "workers.stage.end_job"
+PING = "workers.stage.ping"
+SETTLE = "workers.scheduler.settle"
+WATCHDOG = "workers.scheduler.watchdog"
+PLACE = "workers.scheduler.place"
+SHARD = "workers.registry.shard"
+
+
+def worker_queue(worker_id: str) -> str:
+    """The Celery queue of one worker node: ``gpu.<worker_id>``."""
+    return f"gpu.{worker_id}"
+
+
+class Dispatcher(Protocol):
+    def send_task(self, name: str, *, queue: str, args: list[Any] | tuple[Any, ...] = (),
+                  kwargs: dict[str, Any] | None = None) -> None:
+        """Enqueue task ``name`` on ``queue``; never waits for a result."""
+
+
+_dispatcher: Dispatcher | None = None
+
+
+def set_dispatcher(dispatcher: Dispatcher | None) -> None:
+    global _dispatcher
+    _dispatcher = dispatcher
+
+
+def get_dispatcher() -> Dispatcher:
+    """The registered dispatcher; imports ``AZU_DISPATCHER`` (default: the Celery app ``workers``) once."""
+    if _dispatcher is None:
+        importlib.import_module(os.environ.get("AZU_DISPATCHER") or "workers")
+    if _dispatcher is None:
+        raise RuntimeError("no dispatcher registered (the workers package registers the Celery one)")
+    return _dispatcher
+
+
+# --- one sender per task ------------------------------------------------------------------------
+def send_forward(worker_id: str, payloads: list[bytes], *, dispatch: Dispatcher | None = None) -> None:
+    """Wake worker ``worker_id`` with step payloads (packed ``StepPayload`` bytes)."""
+    (dispatch or get_dispatcher()).send_task(FORWARD, queue=worker_queue(worker_id), args=[payloads])
+
+
+def send_load(worker_id: str, order: dict[str, Any], *, dispatch: Dispatcher | None = None) -> None:
+    """A load order: worker ``worker_id`` fetches and holds a span of a model."""
+    (dispatch or get_dispatcher()).send_task(LOAD, queue=worker_queue(worker_id), kwargs=order)
+
+
+def send_end_job(worker_id: str, *, job_id: str, model_id: str, route: list[Any], token: str,
+                 dispatch: Dispatcher | None = None) -> None:
+    """Tell ``worker_id`` the job is over: it frees the job's KV caches."""
+    (dispatch or get_dispatcher()).send_task(
+        END_JOB, queue=worker_queue(worker_id),
+        kwargs={"job_id": job_id, "model_id": model_id, "route": route, "token": token})
+
+
+def send_settle(job_id: str, *, dispatch: Dispatcher | None = None) -> None:
+    """Ask the scheduler to charge (or release) an ended job."""
+    (dispatch or get_dispatcher()).send_task(SETTLE, queue=CORE_QUEUE, kwargs={"job_id": job_id})
+
+
+def send_shard(model_id: str, source: str, *, dispatch: Dispatcher | None = None) -> None:
+    """Ask the registry to shard ``source`` as ``model_id``."""
+    (dispatch or get_dispatcher()).send_task(SHARD, queue=REGISTRY_QUEUE,
+                                             kwargs={"model_id": model_id, "source": source})
