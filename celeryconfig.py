@@ -1,12 +1,13 @@
-"""Celery settings, read from the environment (Celery's own convention: ``app.config_from_object``)."""
+"""Celery settings (``app.config_from_object``), from azu's settings: ``azu.config.get_settings()``."""
 
 from __future__ import annotations
 
-import os
+from azu.config import get_settings
+from azu.network import dispatch
 
-from azu.config import redis_url
+_settings = get_settings()
 
-broker_url = redis_url()
+broker_url = _settings.redis_url
 result_backend = None  # the chain carries itself; results travel on Redis streams, never AsyncResult.get()
 task_ignore_result = True
 
@@ -20,14 +21,16 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_hijack_root_logger = False
+# task_id: the running task's id on every record ("-" outside a task), set by workers.AzuTask.
+worker_log_format = "[%(asctime)s: %(levelname)s/%(processName)s] [%(task_id)s] %(message)s"
 broker_connection_retry_on_startup = True
-task_default_queue = "core"
+task_default_queue = dispatch.CORE_QUEUE
 task_create_missing_queues = True
 
 task_routes = {
-    "workers.scheduler.*": {"queue": "core"},
-    "workers.payouts.*": {"queue": "core"},
-    "workers.registry.*": {"queue": "registry"},
+    "workers.scheduler.*": {"queue": dispatch.CORE_QUEUE},
+    "workers.payouts.*": {"queue": dispatch.CORE_QUEUE},
+    "workers.registry.*": {"queue": dispatch.REGISTRY_QUEUE},
     # workers.stage.* is routed per call: sig.set(queue="gpu.<worker_id>")
 }
 
@@ -36,7 +39,7 @@ enable_utc = True
 
 # Payouts (workers/payouts.py): pay due workers, then follow sent payouts, every PAYOUT_INTERVAL_S seconds.
 # expires: a tick nobody ran before the next one is dropped rather than piled up.
-_payout_interval_s = float(os.environ.get("PAYOUT_INTERVAL_S") or 60)
+_payout_interval_s = _settings.payout_interval_s
 beat_schedule = {
     "payouts-pay-due": {"task": "workers.payouts.pay_due", "schedule": _payout_interval_s,
                         "options": {"expires": _payout_interval_s}},
@@ -45,9 +48,9 @@ beat_schedule = {
 }
 
 # The job watchdog (workers/scheduler.py): fail stalled jobs, start jobs whose layers finished loading.
-_watchdog_interval_s = float(os.environ.get("AZU_WATCHDOG_INTERVAL_S") or 5)
-beat_schedule["jobs-watchdog"] = {"task": "workers.scheduler.watchdog", "schedule": _watchdog_interval_s,
+_watchdog_interval_s = _settings.watchdog_interval_s
+beat_schedule["jobs-watchdog"] = {"task": dispatch.WATCHDOG, "schedule": _watchdog_interval_s,
                                   "options": {"expires": _watchdog_interval_s}}
 # Flower / `celery events` see tasks when workers send task events: `-E` or AZU_TASK_EVENTS=1.
-worker_send_task_events = os.environ.get("AZU_TASK_EVENTS", "") == "1"
+worker_send_task_events = _settings.task_events
 task_send_sent_event = worker_send_task_events

@@ -8,7 +8,6 @@ starting at once migrate one after the other.
 
 from __future__ import annotations
 
-import os
 from logging.config import fileConfig
 
 from sqlalchemy import create_engine, pool, text
@@ -16,6 +15,7 @@ from sqlalchemy import create_engine, pool, text
 from alembic import context
 from azu.billing.ledger.db import normalize_url
 from azu.billing.ledger.models import Amount, Base
+from azu.config import get_settings
 
 config = context.config
 # The CLI configures logging from alembic.ini; azu.billing.ledger.db.migrate() leaves the host app's
@@ -38,7 +38,7 @@ def _render_item(type_: str, obj: object, autogen_context: object) -> str | bool
 
 
 def _url() -> str:
-    url = config.attributes.get("database_url") or os.environ.get("DATABASE_URL", "")
+    url = config.attributes.get("database_url") or get_settings().database_url or ""
     return normalize_url(url)
 
 

@@ -193,7 +193,8 @@ def child_stage_rss(shards: str, device: str, dtype: str) -> dict:
     import torch  # noqa: F401  (imported before the baseline is taken)
     import transformers  # noqa: F401
 
-    from azu.engine.stage import Stage, StageSpec
+    from azu.engine.span import Span
+    from azu.engine.stage import Stage
     from azu.registry.manifest import Manifest
 
     manifest = Manifest.load(shards)
@@ -203,7 +204,7 @@ def child_stage_rss(shards: str, device: str, dtype: str) -> dict:
     src_elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(manifest.torch_dtype or "float32", 4)
     share_mb = sum(f.size for f in files) * elem / src_elem / 2**20
     base = _rss_mb()
-    stage = Stage.load(shards, StageSpec(0, half, embeddings=True, head=False), device=device, dtype=dtype)
+    stage = Stage.load(shards, Span(0, half, embeddings=True), device=device, dtype=dtype)
     stage.forward("j", __import__("torch").arange(100, 132))
     return {"share_mb": share_mb, "peak_mb": _peak_mb() - base}
 

@@ -120,16 +120,17 @@ class Bench:
         self._wait(lambda: set(ids) <= {w.worker_id for w in directory.live_workers(self.r)}, 120, "workers")
 
     def load(self, model_id: str, layout: dict[str, tuple[int, int]], num_layers: int) -> None:
+        from azu.engine.span import Span
         from azu.network import directory
+        from azu.network.dispatch import send_load
 
-        for wid, (a, b) in layout.items():
-            self.dispatch.send_task("workers.stage.load", queue=f"gpu.{wid}", kwargs={
-                "model_id": model_id, "first": a, "last": b, "embeddings": a == 0, "head": b == num_layers})
+        spans = {wid: Span(a, b, a == 0, b == num_layers) for wid, (a, b) in layout.items()}
+        for wid, span in spans.items():
+            send_load(wid, model_id, span, dispatch=self.dispatch)
 
         def held() -> bool:
             live = {w.worker_id: w for w in directory.live_workers(self.r)}
-            return all(any(s.model_id == model_id and (s.first, s.last) == span for s in live[wid].stages)
-                       for wid, span in layout.items() if wid in live)
+            return all(span in live[wid].holds(model_id) for wid, span in spans.items() if wid in live)
 
         self._wait(held, 600, f"{model_id} to load")
 
@@ -157,7 +158,7 @@ class Bench:
     # -- measuring ------------------------------------------------------------------------------------------
     def run_jobs(self, model_id: str, prompts: list[list[int]], n: int) -> list[dict[str, Any]]:
         """Submit all jobs at once; per job: arrival time of every token (client side), submit time."""
-        from azu.network import jobs
+        from azu.network import jobs, keys
 
         t0 = time.perf_counter()
         ids = []
@@ -171,8 +172,8 @@ class Bench:
         arrivals: dict[str, list[float]] = {j: [] for j in ids}
         open_ids = set(ids)
         while open_ids:
-            keys = {jobs.events_key(j): last[j] for j in open_ids}
-            for stream, entries in self.r.xread(keys, block=1000) or []:
+            streams = {keys.events(j): last[j] for j in open_ids}
+            for stream, entries in self.r.xread(streams, block=1000) or []:
                 job_id = stream.decode().split(":")[2]
                 now = time.perf_counter()
                 for entry_id, fields in entries:
@@ -231,13 +232,14 @@ class Bench:
         import torch
 
         from azu.engine.sampling import SamplingParams, sample
-        from azu.engine.stage import Stage, StageSpec
+        from azu.engine.span import Span
+        from azu.engine.stage import Stage
         from azu.registry import status as models
 
         torch.set_num_threads(1)
         folder = models.shard_dir(model_id)
-        a = Stage.load(folder, StageSpec(0, 1, True, False))
-        b = Stage.load(folder, StageSpec(1, 2, False, True))
+        a = Stage.load(folder, Span(0, 1, embeddings=True))
+        b = Stage.load(folder, Span(1, 2, head=True))
         prompt = [1, 5, 9, 13]
         times = []
         token = 0

@@ -11,8 +11,9 @@ import logging
 
 from flask import Blueprint, jsonify, url_for
 
+from azu import serving
 from azu.tokenization import decode_final, load_tokenizer
-from web import serving
+from web import billing, current_user, redis_client
 from web.schemas import SubmitRequest, parse_body, stop_list
 
 log = logging.getLogger(__name__)
@@ -23,17 +24,18 @@ SUBMIT_DEFAULT_TEMPERATURE = 0.0  # /submit is greedy unless asked otherwise: th
 
 @bp.post("/submit")
 def submit():
-    user_id = serving.current_user()
+    user_id = current_user()
     body = parse_body(SubmitRequest)
-    model = serving.ready_model(body.model_id, param="model_id")
+    r = redis_client()
+    model = serving.ready_model(r, body.model_id, param="model_id")
     prompt_ids = model.tokenizer.encode(body.prompt)
     max_tokens = serving.check_context(model, prompt_ids, body.token_budget, prompt_param="prompt",
                                        default_max_tokens=body.token_budget)
     sampling = serving.Sampling(
         temperature=SUBMIT_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop_list(body.stop))
-    job_id = serving.start_job(model, user_id=user_id, prompt_ids=prompt_ids, max_tokens=max_tokens,
-                               sampling=sampling)
+    job_id = serving.start_job(r, billing(), model, user_id=user_id, prompt_ids=prompt_ids,
+                               max_tokens=max_tokens, sampling=sampling)
     return jsonify({"job_id": job_id, "status": "queued", "model_id": model.model_id,
                     "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens,
                     "results_url": url_for("jobs.results", job_id=job_id)}), 202
@@ -41,8 +43,9 @@ def submit():
 
 @bp.get("/results/<job_id>")
 def results(job_id: str):
-    user_id = serving.current_user()
-    view = serving.own_job(job_id, user_id)
+    user_id = current_user()
+    r = redis_client()
+    view = serving.own_job(r, job_id, user_id)
     token_ids = [int(t) for t in (view.token_ids or [])]
     text = _text(view.model_id, token_ids, serving.job_stop_strings(view))
     prompt_tokens = int(view.prompt_tokens or 0)

@@ -9,15 +9,32 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import redis
 from flask import Blueprint, Response, jsonify, stream_with_context
 
-from azu.errors import AzuError
+from azu import serving
+from azu.errors import AzuError, JobFailed, JobTimeout
+from azu.registry import status as shard_status
 from azu.tokenization import decode_final
-from web import serving
+from web import billing, current_user, redis_client, request_timeout_s
 from web.errors import openai_error_body
-from web.schemas import ChatCompletionRequest, parse_body, stop_list
+from web.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ModelCard,
+    ModelList,
+    Usage,
+    parse_body,
+    stop_list,
+)
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -28,75 +45,84 @@ KEEPALIVE_EVERY_S = 10.0  # an SSE comment line this often while waiting: proxie
 
 @bp.get("/models")
 def list_models():
-    from azu.registry import status as models_api
-
-    serving.current_user()
-    data = [{"id": model_id, "object": "model", "created": 0, "owned_by": "azu"}
-            for model_id in sorted(models_api.ready_models(serving.redis_client()))]
-    return jsonify({"object": "list", "data": data})
+    current_user()
+    models = ModelList(data=[ModelCard(id=model_id)
+                             for model_id in sorted(shard_status.ready_models(redis_client()))])
+    return jsonify(models.model_dump())
 
 
 @bp.post("/chat/completions")
 def chat_completions():
-    user_id = serving.current_user()
+    user_id = current_user()
     body = parse_body(ChatCompletionRequest)
-    model = serving.ready_model(body.model, param="model")
+    r = redis_client()
+    model = serving.ready_model(r, body.model, param="model")
     prompt_ids = model.tokenizer.encode_chat([m.as_template_dict() for m in body.messages])
     max_tokens = serving.check_context(model, prompt_ids, body.token_budget, prompt_param="messages",
                                        default_max_tokens=CHAT_DEFAULT_MAX_TOKENS)
     sampling = serving.Sampling(
         temperature=CHAT_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop_list(body.stop))
-    job_id = serving.start_job(model, user_id=user_id, prompt_ids=prompt_ids, max_tokens=max_tokens,
-                               sampling=sampling)
-    base = {"id": f"chatcmpl-{job_id.removeprefix('job-')}", "created": int(time.time()),
-            "model": model.model_id}
+    job_id = serving.start_job(r, billing(), model, user_id=user_id, prompt_ids=prompt_ids,
+                               max_tokens=max_tokens, sampling=sampling)
+    head = _Head(id=f"chatcmpl-{job_id.removeprefix('job-')}", created=int(time.time()), model=model.model_id)
+    timeout_s = request_timeout_s()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(job_id, base, model, sampling, prompt_tokens=len(prompt_ids),
-                         include_usage=include_usage)
+        events = _stream(r, job_id, head, model, sampling, prompt_tokens=len(prompt_ids),
+                         include_usage=include_usage, timeout_s=timeout_s)
         return Response(stream_with_context(events), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                  "X-Azu-Job-Id": job_id})
 
-    outcome = serving.wait_for(job_id)
-    serving.raise_for(outcome, job_id)
+    outcome = serving.wait_for(r, job_id, timeout_s=timeout_s)
+    serving.raise_for(outcome, job_id, timeout_s=timeout_s)
     content = decode_final(model.tokenizer, outcome.token_ids, stop=sampling.stop)
-    usage = serving.usage_dict(outcome.usage, prompt_tokens=len(prompt_ids),
-                               completion_tokens=len(outcome.token_ids))
-    answer = {**base, "object": "chat.completion",
-              "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                           "finish_reason": outcome.finish_reason or "stop", "logprobs": None}],
-              "usage": usage}
-    return jsonify(answer), 200, {"X-Azu-Job-Id": job_id}
+    usage = Usage(**serving.usage_dict(outcome.usage, prompt_tokens=len(prompt_ids),
+                                       completion_tokens=len(outcome.token_ids)))
+    answer = ChatCompletion(id=head.id, created=head.created, model=head.model, usage=usage,
+                            choices=[Choice(message=AssistantMessage(content=content),
+                                            finish_reason=outcome.finish_reason or "stop")])
+    return jsonify(answer.model_dump()), 200, {"X-Azu-Job-Id": job_id}
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What the answer and every chunk of one completion repeat."""
+
+    id: str
+    created: int
+    model: str
 
 
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _stream(job_id: str, base: dict[str, Any], model: serving.ReadyModel, sampling: serving.Sampling, *,
-            prompt_tokens: int, include_usage: bool) -> Iterator[str]:
+def _stream(r: redis.Redis, job_id: str, head: _Head, model: serving.ReadyModel, sampling: serving.Sampling,
+            *, prompt_tokens: int, include_usage: bool, timeout_s: float) -> Iterator[str]:
     """One chunk per piece of text; the finish reason; the usage (when asked); ``[DONE]``.
 
     If the client goes away, the WSGI server closes this generator (GeneratorExit at a yield) and the job
     is cancelled, so the workers stop spending on an answer nobody reads.
     """
     dec = serving.decoder(model, sampling)
-    extra = {"usage": None} if include_usage else {}
+    # Without include_usage, chunks have no "usage" key at all (OpenAI's shape); with it, null until the end.
+    leave_out = None if include_usage else {"usage"}
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
-        return _sse({**base, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                  "logprobs": None}],
-                     **extra})
+    def send(chunk: ChatCompletionChunk) -> str:
+        return f"data: {chunk.model_dump_json(exclude=leave_out)}\n\n"
+
+    def chunk(delta: Delta, finish_reason: str | None = None) -> str:
+        return send(ChatCompletionChunk(id=head.id, created=head.created, model=head.model,
+                                        choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)]))
 
     finished = False
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk(Delta(role="assistant", content=""))
         last_sent = time.monotonic()
-        deadline = time.monotonic() + serving.request_timeout_s()
-        for event in serving.follow(job_id, deadline=deadline):
+        deadline = time.monotonic() + timeout_s
+        for event in serving.follow(r, job_id, deadline=deadline):
             if event is None:
                 if time.monotonic() - last_sent >= KEEPALIVE_EVERY_S:
                     last_sent = time.monotonic()
@@ -106,28 +132,29 @@ def _stream(job_id: str, base: dict[str, Any], model: serving.ReadyModel, sampli
                 text = dec.push(int(event.token_id))
                 if text:
                     last_sent = time.monotonic()
-                    yield chunk({"content": text})
+                    yield chunk(Delta(content=text))
             elif event.kind == "done":
                 finished = True
                 tail = dec.finish()
                 if tail:
-                    yield chunk({"content": tail})
-                yield chunk({}, event.finish_reason or "stop")
+                    yield chunk(Delta(content=tail))
+                yield chunk(Delta(), event.finish_reason or "stop")
                 if include_usage:
-                    usage = serving.usage_dict(event.usage, prompt_tokens=prompt_tokens,
-                                               completion_tokens=len(dec.token_ids))
-                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                    usage = Usage(**serving.usage_dict(event.usage, prompt_tokens=prompt_tokens,
+                                                       completion_tokens=len(dec.token_ids)))
+                    yield send(ChatCompletionChunk(id=head.id, created=head.created, model=head.model,
+                                                   choices=[], usage=usage))
                 yield "data: [DONE]\n\n"
             elif event.kind == "error":
                 finished = True
                 err: AzuError
                 if event.error == "timeout":
-                    serving.cancel_quietly(job_id)
-                    err = serving.JobTimeout(f"job {job_id} did not finish in time; it was cancelled")
+                    serving.cancel_quietly(r, job_id)
+                    err = JobTimeout(f"job {job_id} did not finish in time; it was cancelled")
                 else:
-                    err = serving.JobFailed(f"job {job_id} failed: {event.error or 'unknown error'}")
+                    err = JobFailed(f"job {job_id} failed: {event.error or 'unknown error'}")
                 yield _sse(openai_error_body(err.status, err.message, code=err.code))
                 yield "data: [DONE]\n\n"
     finally:
         if not finished:
-            serving.cancel_quietly(job_id)
+            serving.cancel_quietly(r, job_id)

@@ -5,20 +5,21 @@
 Files of a ready model are served by name, and only names its manifest lists (plus manifest.json itself):
 nothing else in the registry folder, whatever the path says. Workers check every file's SHA-256 anyway.
 
-``create_registry_app()`` is the registry process's own small app (azu-registry, :8002); the API app
-(``web.create_app``) registers the same blueprint, so one port can serve everything.
+The registry process (azu-registry, :8002) serves these routes with ``web.create_app({"AZU_ROLE":
+"registry"})``; the API app registers the same blueprint, so one port can serve everything.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, Flask, jsonify, request, send_file
+from flask import Blueprint, jsonify, request, send_file
 
 from azu.errors import InvalidRequest, NotFound
-from azu.registry import status as models_api
+from azu.registry import sources
+from azu.registry import status as shard_status
 from azu.registry.manifest import MANIFEST_NAME, Manifest
-from web import serving
+from web import current_user, redis_client
 from web.schemas import ShardRequest, parse_body
 
 bp = Blueprint("registry", __name__, url_prefix="/models")
@@ -27,9 +28,9 @@ bp = Blueprint("registry", __name__, url_prefix="/models")
 @bp.post("/shard")
 def shard():
     # Sharding downloads and writes gigabytes: only an authenticated caller may ask for it.
-    serving.current_user()
+    current_user()
     body = parse_body(ShardRequest)
-    status = models_api.request_shard(serving.redis_client(), body.model_id)
+    status = shard_status.request_shard(redis_client(), body.model_id)
     return jsonify(status), 200 if status.get("state") == "ready" else 202
 
 
@@ -38,7 +39,7 @@ def status():
     model_id = request.args.get("model_id")
     if not model_id:
         raise InvalidRequest("the model_id query parameter is required", param="model_id")
-    return jsonify(models_api.model_status(serving.redis_client(), model_id))
+    return jsonify(shard_status.model_status(redis_client(), model_id))
 
 
 @bp.get("/files/<name>")
@@ -56,11 +57,11 @@ def file_by_path(model_id: str, name: str):
 
 
 def _send(model_id: str, name: str):
-    models_api.validate_model_id(model_id)
-    state = models_api.model_status(serving.redis_client(), model_id).get("state")
+    sources.validate_model_id(model_id)
+    state = shard_status.model_status(redis_client(), model_id).get("state")
     if state != "ready":
         raise NotFound(f"model {model_id!r} is not ready ({state})", param="model_id")
-    folder = Path(models_api.shard_dir(model_id))
+    folder = Path(shard_status.shard_dir(model_id))
     manifest = Manifest.load(folder)
     # NotFound unless the manifest lists exactly this name
     sha256 = None if name == MANIFEST_NAME else manifest.entry(name).sha256
@@ -75,17 +76,3 @@ def _send(model_id: str, name: str):
         response.headers["X-Azu-Sha256"] = sha256
     return response
 
-
-def create_registry_app(config: dict | None = None) -> Flask:
-    """The registry process's app: these routes plus /healthz."""
-    from web import errors
-    from web.health import bp as health_bp
-
-    app = Flask("web.registry")
-    app.config.from_mapping(JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=1024 * 1024)
-    if config:
-        app.config.update(config)
-    errors.init_app(app)
-    app.register_blueprint(health_bp)
-    app.register_blueprint(bp)
-    return app

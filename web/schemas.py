@@ -1,9 +1,10 @@
-"""Request schemas of the whole API, validated in one place (pydantic), and how a request body is parsed.
+"""Schemas of the whole API in one place (pydantic): every request, how a request body is parsed, and the
+OpenAI answers (chat completion, its stream chunks, the model list).
 
-Every schema is strict (a number must be a JSON number, a flag a JSON boolean) and refuses unknown fields,
-so a typo like ``max_token`` is a 400 that names it instead of a silently ignored setting. OpenAI fields that
-azu does not implement are either accepted at their no-op value (``n=1``, ``presence_penalty=0``...) or
-refused with a reason.
+Every request schema is strict (a number must be a JSON number, a flag a JSON boolean) and refuses unknown
+fields, so a typo like ``max_token`` is a 400 that names it instead of a silently ignored setting. OpenAI
+fields that azu does not implement are either accepted at their no-op value (``n=1``,
+``presence_penalty=0``...) or refused with a reason. Limits are azu.network.jobs' (what a job may ask for).
 """
 
 from __future__ import annotations
@@ -12,24 +13,31 @@ import json
 from typing import Annotated, Any, Literal, TypeVar
 
 from flask import request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from azu.errors import InvalidRequest
-
-MAX_STOP_STRINGS = 16
-SEED_MAX = 2**63 - 1
+from azu.network.jobs import MAX_SEED, MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-MaxTokens = Annotated[int, Field(ge=1, le=1_000_000)]
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 # top_k: 0 means "off"; vLLM's -1 is accepted with the same meaning.
-TopK = Annotated[int, Field(ge=-1, le=1_000_000)]
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+TopK = Annotated[int, Field(ge=-1, le=MAX_TOP_K)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None
 
 
@@ -148,6 +156,105 @@ class ShardRequest(Strict):
     model_id: Annotated[str, Field(min_length=1, max_length=512)]
 
 
+# --- accounts ----------------------------------------------------------------------------------------------
+class AccountsBody(Strict):
+    # Addresses and signatures are pasted by hand: surrounding whitespace is not part of them.
+    model_config = ConfigDict(str_strip_whitespace=True)
+
+
+Address = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class DepositRequest(AccountsBody):
+    tx_sig: Annotated[str, Field(min_length=1, max_length=200)]
+    user_pubkey: Address
+
+
+class ChallengeRequest(AccountsBody):
+    address: Address
+
+
+class KeyRequest(AccountsBody):
+    address: Address
+    challenge: Annotated[str, Field(min_length=1, max_length=2000)]
+    signature: Annotated[str, Field(min_length=1, max_length=1000)]
+    label: Annotated[str, Field(max_length=100)] | None = None
+
+
+# --- OpenAI answers ----------------------------------------------------------------------------------------
+# Built by web/openai.py and dumped as they are: field order is the JSON's order.
+class Usage(BaseModel):
+    """OpenAI's usage plus azu's: the token-layers run, in total and per worker id."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    token_layers: int
+    workers: dict[str, int]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    created: int
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_what_changed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A delta carries only what it adds ({} with the finish reason), as OpenAI's stream does.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a stream. ``usage`` is sent (null until the last chunk) only when the client asked for it
+    with ``stream_options.include_usage``; the dump leaves it out otherwise."""
+
+    id: str
+    created: int
+    model: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "azu"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 # --- parsing -----------------------------------------------------------------------------------------------
 M = TypeVar("M", bound=BaseModel)
 
@@ -205,7 +312,7 @@ def parse_body(schema: type[M]) -> M:
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"the request body is not valid JSON (send a JSON object): {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return validate(schema, data)

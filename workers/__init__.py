@@ -1,14 +1,49 @@
-"""The Celery app. Thin: tasks receive, call azu, send on. ``celery -A workers worker -Q <queue>``."""
+"""The Celery app. Thin: tasks receive, call azu, send on. ``celery -A workers worker -Q <queue>``.
+
+Every task is an ``AzuTask`` (``Celery(task_cls=...)``): while one runs, every log record of the process
+(azu's loggers included, which know nothing of Celery) carries its id as ``task_id``, which the worker's log
+format (celeryconfig.worker_log_format) prints.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
 from azu.network.dispatch import set_dispatcher
 
-app = Celery("workers", include=["workers.payouts", "workers.stage", "workers.scheduler", "workers.registry"])
+_running_task = contextvars.ContextVar("azu_running_task", default="-")
+
+
+class AzuTask(Task):
+    """The base of every azu task: binds the task's id into the log records made while it runs."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = _running_task.set(self.request.id or "-")
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            _running_task.reset(bound)
+
+
+def _bind_task_id(make_record: Any) -> Any:
+    # A record factory rather than a handler filter: it reaches every record, whichever handler (Celery's,
+    # the multiprocessing logger's, an operator's) formats it, so a format naming task_id never fails.
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record: logging.LogRecord = make_record(*args, **kwargs)
+        record.task_id = _running_task.get()
+        return record
+
+    return make
+
+
+logging.setLogRecordFactory(_bind_task_id(logging.getLogRecordFactory()))
+
+app = Celery("workers", task_cls=AzuTask,
+             include=["workers.payouts", "workers.stage", "workers.scheduler", "workers.registry"])
 app.config_from_object("celeryconfig")
 
 

@@ -9,13 +9,12 @@ advisory lock and a run that finds it taken does nothing.
 from __future__ import annotations
 
 import logging
-import os
 from functools import cache
 from typing import Any
 
 from azu.billing import economics
-from azu.billing.ledger.db import make_engine, session_factory
-from azu.payments.factory import get_provider
+from azu.billing.factory import process_ledger
+from azu.billing.ledger.db import session_factory
 from azu.payments.payouts import PayoutRunner
 from workers import app
 
@@ -25,10 +24,10 @@ log = logging.getLogger(__name__)
 @cache
 def runner() -> PayoutRunner:
     """One per worker process: it keeps the engine's pool and the provider's connection between runs."""
-    url = os.environ.get("DATABASE_URL", "")
-    provider = get_provider()
+    ledger = process_ledger()
+    provider = ledger.provider
     threshold = economics.payout_threshold(decimals=provider.decimals)
-    return PayoutRunner(session_factory(make_engine(url)), provider, threshold=threshold)
+    return PayoutRunner(session_factory(ledger.engine), provider, threshold=threshold)
 
 
 # acks_late off: a redelivered beat tick is pointless (the next tick comes anyway), and the run itself is

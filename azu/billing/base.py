@@ -1,7 +1,8 @@
 """The seam between the pipeline and the money: who is asking, can they pay, who earned what.
 
 The network (web/ + workers/) talks only to this protocol. ``FreeBilling`` serves development
-without a ledger; the PostgreSQL ledger (azu.billing.ledger) provides the real implementation.
+without a ledger; the PostgreSQL ledger (azu.billing.ledger) provides the real implementation, and
+``azu.billing.factory.get_billing()`` picks between them from the settings.
 """
 
 from __future__ import annotations
@@ -48,26 +49,3 @@ class FreeBilling:
     def register_worker(self, *, worker_id: str, wallet_address: str | None) -> None:
         return None
 
-
-_billing: Billing | None = None
-
-
-def get_billing() -> Billing:
-    """The process's billing: the PostgreSQL ledger when DATABASE_URL is set (and azu.billing.ledger imports),
-    else FreeBilling. Built once per process (the ledger keeps a connection pool)."""
-    global _billing
-    if _billing is None:
-        import os
-
-        url = os.environ.get("DATABASE_URL") or ""
-        if url:
-            try:
-                from azu.billing.ledger.billing import LedgerBilling
-                from azu.billing.ledger.db import make_engine
-            except ImportError:  # a worker image without the ledger's dependencies
-                _billing = FreeBilling()
-            else:
-                _billing = LedgerBilling(make_engine(url))
-        else:
-            _billing = FreeBilling()
-    return _billing

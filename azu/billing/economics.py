@@ -11,11 +11,11 @@ the worker id that sorts first). The parts therefore always sum exactly to the c
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Context, Decimal, InvalidOperation
 
+from azu.config import get_settings
 from azu.errors import InvalidRequest
 
 DEFAULT_PRICE_PER_TOKEN_LAYER = 2  # base units
@@ -26,7 +26,8 @@ DEFAULT_PAYOUT_THRESHOLD = 10**15  # 0.001 HYPE in wei
 
 def price_per_token_layer() -> int:
     """``PRICE_PER_TOKEN_LAYER`` (base units, default 2)."""
-    raw = os.environ.get("PRICE_PER_TOKEN_LAYER", "").strip()
+    # Parsed here, not in Settings: a malformed price must break what charges, not every process start.
+    raw = (get_settings().payments.price_per_token_layer or "").strip()
     if not raw:
         return DEFAULT_PRICE_PER_TOKEN_LAYER
     try:
@@ -64,7 +65,7 @@ def parse_amount(raw: str, *, decimals: int) -> int:
 
 def payout_threshold(*, decimals: int = HYPE_DECIMALS) -> int:
     """``PAYOUT_THRESHOLD``: base units, or whole coins with a decimal point ("0.001"); default 0.001 HYPE."""
-    raw = os.environ.get("PAYOUT_THRESHOLD", "").strip()
+    raw = (get_settings().payments.payout_threshold or "").strip()
     if not raw:
         return DEFAULT_PAYOUT_THRESHOLD
     value = parse_amount(raw, decimals=decimals)
@@ -81,21 +82,27 @@ def _non_negative(name: str, value: int) -> int:
     return value
 
 
-def cost(token_layers: int, price: int) -> int:
-    return _non_negative("token_layers", token_layers) * _non_negative("price", price)
+def cost(units: int, price: int) -> int:
+    """What ``units`` token-layers cost at ``price`` base units each."""
+    return _non_negative("token_layers", units) * _non_negative("price", price)
 
 
-def max_token_layers(prompt_tokens: int, max_tokens: int, layers: int) -> int:
-    """Every prompt token and every token that may be generated goes through every layer."""
-    return (_non_negative("prompt_tokens", prompt_tokens) + _non_negative("max_tokens", max_tokens)) * (
-        _non_negative("layers", layers)
-    )
+def token_layers(tokens: int, layers: int) -> int:
+    """THE pricing unit: ``tokens`` tokens, each through ``layers`` transformer layers."""
+    return _non_negative("tokens", tokens) * _non_negative("layers", layers)
 
 
-def max_job_cost(prompt_tokens: int, max_tokens: int, layers: int, price: int | None = None) -> int:
-    """The most a job can cost: (prompt + max tokens) * layers * price. This is what submit holds."""
+def max_token_layers(prompt_tokens: int, max_tokens: int, num_layers: int) -> int:
+    """The most token-layers a job can run: every prompt token and every token that may be generated goes
+    through every layer. This (times the price) is what submit holds."""
+    tokens = _non_negative("prompt_tokens", prompt_tokens) + _non_negative("max_tokens", max_tokens)
+    return token_layers(tokens, num_layers)
+
+
+def max_job_cost(prompt_tokens: int, max_tokens: int, num_layers: int, price: int | None = None) -> int:
+    """The most a job can cost: (prompt + max tokens) * layers * price."""
     unit = price_per_token_layer() if price is None else price
-    return cost(max_token_layers(prompt_tokens, max_tokens, layers), unit)
+    return cost(max_token_layers(prompt_tokens, max_tokens, num_layers), unit)
 
 
 def platform_share(charge: int) -> int:
@@ -138,7 +145,7 @@ class Settlement:
             raise AssertionError("settlement parts do not sum to the charge")
 
 
-def settle(usage: Mapping[str, int], price: int, *, cap: int | None = None) -> Settlement:
+def split_charge(usage: Mapping[str, int], price: int, *, cap: int | None = None) -> Settlement:
     """Charge for ``usage`` (worker id -> token-layers) at ``price``, split 80/20 by the rule above.
 
     ``cap`` is the job's hold: the user agreed to pay at most that, so a charge above it is cut to it

@@ -6,7 +6,7 @@ azu-scheduler   ``celery -A workers worker -Q core`` with an embedded beat (in-m
                 file on disk, which beat's default shelve store would write)
 azu-registry    ``celery -A workers worker -Q registry`` + the registry routes (gunicorn, REGISTRY_URL's port)
 azu-core        API + scheduler + registry, supervised together
-azu-worker      a GPU/CPU worker node (``azu.network.node``)
+azu-worker      a GPU/CPU worker node (``azu.cli.worker``; its runtime is ``azu.network.node``)
 ==============  =========================================================================================
 
 Configured by the environment (the seed's variables): REDIS_HOST / REDIS_PORT (or REDIS_URL), REGISTRY_URL,
@@ -45,13 +45,18 @@ def gunicorn_argv(app_spec: str, *, host: str, port: int, workers: int = 2, thre
 
 
 def celery_argv(queues: str, *, name: str, pool: str = "prefork", concurrency: int | None = None,
-                beat: bool = False, loglevel: str = "INFO") -> list[str]:
+                beat: bool = False, loglevel: str = "INFO", events: bool = False) -> list[str]:
+    """``celery -A workers worker`` on ``queues`` (the one Celery command line: services and worker nodes).
+
+    ``events``: send task events (``-E``, for Flower)."""
     argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-n", f"{name}@%h",
             "--pool", pool, "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     if beat:
         argv += ["--beat", "--scheduler", "celery.beat:Scheduler"]
+    if events:
+        argv.append("-E")
     return argv
 
 
@@ -182,8 +187,9 @@ def scheduler_main(argv: Sequence[str] | None = None) -> int:
 def _registry_children(group: ProcessGroup, a: argparse.Namespace) -> None:
     # Sharding is disk- and memory-heavy: one at a time per registry process.
     group.start("registry-tasks", celery_argv("registry", name="registry", pool="solo", loglevel=a.loglevel))
-    group.start("registry-http", gunicorn_argv("web.registry:create_registry_app()", host=a.registry_host,
-                                               port=a.registry_port, workers=1, threads=16))
+    group.start("registry-http", gunicorn_argv("web:create_app({'AZU_ROLE': 'registry'})",
+                                               host=a.registry_host, port=a.registry_port, workers=1,
+                                               threads=16))
 
 
 def _registry_args(p: argparse.ArgumentParser) -> None:
@@ -216,9 +222,9 @@ def core_main(argv: Sequence[str] | None = None) -> int:
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """A worker node: registers, heartbeats, loads layers on order, runs its queue ``gpu.<worker_id>``."""
-    from azu.network import node as worker_node
+    from azu.cli.worker import main
 
-    return int(worker_node.main(list(argv) if argv is not None else None) or 0)
+    return main(argv)
 
 
 _MAINS = {"api": api_main, "scheduler": scheduler_main, "registry": registry_main, "core": core_main,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from azu.cli.processes import ProcessGroup, celery_argv, gunicorn_argv
+from azu.config import get_settings
 
 T = TypeVar("T")
 
@@ -40,6 +42,7 @@ DEMO_MODEL_ID = "azu-demo"
 LOCAL_USER_ADDRESS = "0x" + hashlib.sha256(b"azu local user").hexdigest()[:40]
 FAUCET_AMOUNT = 10**18  # base units (1 HYPE in wei): thousands of demo answers at the default price
 FREE_API_KEY = "azu-local-free"  # FreeBilling (no ledger) accepts any key; this one is just a placeholder
+REGISTRY_APP = 'web:create_app({"AZU_ROLE": "registry"})'  # gunicorn's spec of the registry's HTTP app
 SAMPLE_MESSAGES = [{"role": "user", "content": "Hello! Who are you?"}]
 
 
@@ -194,10 +197,9 @@ class LocalNetwork:
 
     # --- the steps --------------------------------------------------------------------------------------
     def start_redis(self) -> None:
+        # Whether Redis was set by hand (the settings always hold a URL, the default one included).
         if os.environ.get("REDIS_URL") or os.environ.get("REDIS_HOST"):
-            from azu.config import redis_url
-
-            self.redis_url = redis_url()
+            self.redis_url = get_settings().redis_url
             _say(f"using Redis at {self.redis_url} (from the environment)")
             return
         import redis
@@ -228,7 +230,7 @@ class LocalNetwork:
         if not ledger_available():
             _say("no ledger installed: running without accounts (every API key is accepted)")
             return
-        self.database_url = os.environ.get("DATABASE_URL") or ""
+        self.database_url = get_settings().database_url or ""
         if not self.database_url:
             import pgserver
 
@@ -247,19 +249,20 @@ class LocalNetwork:
             info["detail"] = LOCAL_USER_ADDRESS
 
     def _issue_local_key(self) -> str:
+        from azu.billing import accounts
+        from azu.billing.factory import Ledger
         from azu.billing.ledger import service
-        from azu.billing.ledger.billing import hash_api_key, new_api_key
-        from azu.billing.ledger.db import make_engine, session_scope
+        from azu.billing.ledger.db import session_scope
 
-        engine = make_engine(self.database_url)
+        engine = Ledger(dataclasses.replace(get_settings(), database_url=self.database_url)).engine
         try:
-            key = new_api_key()
+            key = accounts.new_api_key()
             with session_scope(engine) as session:
                 # The local faucet: a deposit that no chain made, credited once per run (its own tx id).
                 service.credit_deposit(session, tx_id=f"local-faucet-{uuid.uuid4().hex}",
                                        sender=LOCAL_USER_ADDRESS, amount=FAUCET_AMOUNT)
-                service.store_api_key(session, address=LOCAL_USER_ADDRESS, key_hash=hash_api_key(key),
-                                      label="azu up")
+                accounts.store_api_key(session, address=LOCAL_USER_ADDRESS,
+                                       key_hash=accounts.hash_api_key(key), label="azu up")
             return key
         finally:
             engine.dispose()
@@ -293,7 +296,7 @@ class LocalNetwork:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1",
             "PYTHONUNBUFFERED": "1",
             # One secret for this network's job tokens; children inherit it.
-            "AUTH_SECRET_KEY": os.environ.get("AUTH_SECRET_KEY") or secrets.token_hex(32),
+            "AUTH_SECRET_KEY": get_settings().auth_secret_key or secrets.token_hex(32),
         })
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
@@ -307,8 +310,8 @@ class LocalNetwork:
             self._start("scheduler", celery_argv("core", name="scheduler", pool="solo", beat=True))
         with _step("starting the registry (celery queue registry + http)") as info:
             self._start("registry-tasks", celery_argv("registry", name="registry", pool="solo"))
-            self._start("registry-http", gunicorn_argv("web.registry:create_registry_app()", host="127.0.0.1",
-                                                       port=registry_port, workers=1, threads=8))
+            self._start("registry-http", gunicorn_argv(REGISTRY_APP, host="127.0.0.1", port=registry_port,
+                                                       workers=1, threads=8))
             _wait(lambda: self._up(self.registry_url), timeout=self.timeout, what="the registry",
                   alive=self._children_alive)
             info["detail"] = self.registry_url

@@ -17,18 +17,19 @@ from pathlib import Path
 import torch
 
 from azu.engine.sampling import SamplingParams, sample
-from azu.engine.stage import Stage, StageSpec
+from azu.engine.span import Span
+from azu.engine.stage import Stage
 from azu.errors import AzuError, InvalidRequest
 from azu.registry.manifest import Manifest
 
 
-def split_layers(num_layers: int, num_stages: int) -> list[StageSpec]:
+def split_layers(num_layers: int, num_stages: int) -> list[Span]:
     """Contiguous, near-equal layer groups; the first holds the embeddings, the last the head."""
     if not 1 <= num_stages <= num_layers:
         raise InvalidRequest(f"cannot split {num_layers} layers into {num_stages} stages")
     cuts = [round(i * num_layers / num_stages) for i in range(num_stages + 1)]
     return [
-        StageSpec(cuts[i], cuts[i + 1], embeddings=i == 0, head=i == num_stages - 1)
+        Span(cuts[i], cuts[i + 1], embeddings=i == 0, head=i == num_stages - 1)
         for i in range(num_stages)
     ]
 
@@ -55,8 +56,8 @@ class LocalPipeline:
     ) -> None:
         self.manifest = Manifest.load(shard_dir)
         self.stages = [
-            Stage.load(shard_dir, spec, device=device, dtype=dtype, max_cached_tokens=max_cached_tokens)
-            for spec in split_layers(self.manifest.num_layers, num_stages)
+            Stage.load(shard_dir, span, device=device, dtype=dtype, max_cached_tokens=max_cached_tokens)
+            for span in split_layers(self.manifest.num_layers, num_stages)
         ]
 
     def step(self, job_id: str, ids: torch.Tensor) -> torch.Tensor:

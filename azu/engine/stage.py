@@ -9,7 +9,8 @@ stage does not own are neutralised (see ``families``). Then the family's own for
 
 Each job has its own KV cache (``StageCache``) and position counter. The cache answers HF's "how long
 is the past" questions from a layer the stage owns, since HF asks cache layer 0 by default — a layer a
-later stage does not hold.
+later stage does not hold. It goes in as ``cache=``, the keyword transformers keeps (``past_key_values=``
+is deprecated since 5.24 and goes in 5.40).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from transformers.cache_utils import DynamicCache
 
 from azu.engine.families import Family, family_for
 from azu.engine.naming import classify_tensor
+from azu.engine.span import Span
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
 from azu.registry.manifest import Manifest, load_verified
 
@@ -51,28 +53,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[dtype]
     except KeyError:
         raise InvalidRequest(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """Layers ``[first_layer, last_layer)``, plus the embeddings (first stage) and/or the head (last)."""
-
-    first_layer: int
-    last_layer: int
-    embeddings: bool
-    head: bool
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.first_layer < self.last_layer:
-            raise InvalidRequest(
-                f"a stage holds at least one layer: got [{self.first_layer}, {self.last_layer})"
-            )
-        if self.embeddings and self.first_layer != 0:
-            raise InvalidRequest("only the stage starting at layer 0 can hold the embeddings")
-
-    @property
-    def num_layers(self) -> int:
-        return self.last_layer - self.first_layer
 
 
 @contextlib.contextmanager
@@ -166,7 +146,7 @@ class Stage:
         self,
         model: Any,
         manifest: Manifest,
-        spec: StageSpec,
+        span: Span,
         family: Family,
         *,
         device: torch.device,
@@ -175,7 +155,7 @@ class Stage:
     ) -> None:
         self.model = model
         self.manifest = manifest
-        self.spec = spec
+        self.span = span
         self.family = family
         self.device = device
         self.dtype = dtype
@@ -198,7 +178,7 @@ class Stage:
     def load(
         cls,
         shard_dir: str | Path,
-        spec: StageSpec,
+        span: Span,
         *,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
@@ -212,12 +192,12 @@ class Stage:
         manifest = Manifest.load(shard_dir)
         torch_dtype = parse_dtype(dtype)
         torch_device = torch.device(device)
-        if spec.last_layer > manifest.num_layers:
+        if span.last > manifest.num_layers:
             raise InvalidRequest(
                 f"{manifest.model_id} has {manifest.num_layers} layers; "
-                f"a stage cannot hold [{spec.first_layer}, {spec.last_layer})"
+                f"a stage cannot hold [{span.first}, {span.last})"
             )
-        if spec.head and spec.last_layer != manifest.num_layers:
+        if span.head and span.last != manifest.num_layers:
             raise InvalidRequest("only the stage ending at the last layer can hold the head")
 
         config = _build_config(manifest)
@@ -243,7 +223,7 @@ class Stage:
         )
         with _quiet_transformers():
             for entry in manifest.files_for(
-                spec.first_layer, spec.last_layer, embeddings=spec.embeddings, head=spec.head
+                span.first, span.last, embeddings=span.embeddings, head=span.head
             ):
                 state = load_verified(manifest.directory or shard_dir, entry)
                 for name, tensor in state.items():
@@ -251,22 +231,22 @@ class Stage:
                         state[name] = tensor.to(torch_dtype)
                 convert_and_load_state_dict_in_model(model, state, load_config)
                 del state
-        _check_materialised(model, spec, family)
+        _check_materialised(model, span, family)
 
         # Cut the layer list down to the stage's layers; they keep their global index.
         layers = getattr(base, family.layers)
         setattr(
-            base, family.layers, nn.ModuleList(layers[i] for i in range(spec.first_layer, spec.last_layer))
+            base, family.layers, nn.ModuleList(layers[i] for i in range(span.first, span.last))
         )
         local = copy.copy(base.config)
         if getattr(local, "layer_types", None):
-            local.layer_types = list(local.layer_types[spec.first_layer : spec.last_layer])
+            local.layer_types = list(local.layer_types[span.first : span.last])
         base.config = local
         for attr, how in family.first_stage.items():
-            if not spec.embeddings:
+            if not span.embeddings:
                 _neutralise(base, attr, how, torch_dtype, torch_device)
         for attr, how in family.last_stage.items():
-            if not spec.head:
+            if not span.head:
                 _neutralise(base, attr, how, torch_dtype, torch_device)
         # Buffers (rotary inv_freq, ALiBi helpers) were built real on the CPU; move them along.
         for module in model.modules():
@@ -276,7 +256,7 @@ class Stage:
         return cls(
             model,
             manifest,
-            spec,
+            span,
             family,
             device=torch_device,
             dtype=torch_dtype,
@@ -367,12 +347,12 @@ class Stage:
         positions (rotary families) and plain full-attention cache layers."""
         if not self.family.batch_decode or not self._base_takes_positions:
             return False
-        probe = StageCache(self.model.config, range(self.spec.first_layer, self.spec.last_layer))
+        probe = StageCache(self.model.config, range(self.span.first, self.span.last))
         return not any(probe.is_sliding[i] for i in probe.owned)
 
     @torch.inference_mode()
     def _run_batch(self, jobs: list[_Job], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        owned = range(self.spec.first_layer, self.spec.last_layer)
+        owned = range(self.span.first, self.span.last)
         lengths = [job.length for job in jobs]
         longest = max(lengths)
         batch = len(jobs)
@@ -399,16 +379,16 @@ class Stage:
             mask[b, longest - length :] = 1
         positions = torch.tensor([[length] for length in lengths], device=self.device)
         kwargs: dict = {
-            "past_key_values": temp,
+            "cache": temp,
             "use_cache": True,
             "attention_mask": mask,
             "position_ids": positions,
         }
-        if self.spec.embeddings:
+        if self.span.embeddings:
             kwargs["input_ids"] = torch.stack(inputs)  # [B, 1]
         else:
             kwargs["inputs_embeds"] = torch.stack(inputs)  # [B, 1, hidden]
-        if self.spec.head:
+        if self.span.head:
             if self._lm_takes_logits_to_keep:
                 kwargs["logits_to_keep"] = 1
             logits = self.model(**kwargs).logits[:, -1].float()
@@ -429,7 +409,7 @@ class Stage:
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise InvalidRequest("stage input must be a tensor")
-        if self.spec.embeddings:
+        if self.span.embeddings:
             if x.ndim != 1 or x.dtype not in (torch.int64, torch.int32) or x.numel() == 0:
                 raise InvalidRequest("the first stage takes a non-empty 1-D tensor of token ids")
             if int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size:
@@ -456,21 +436,21 @@ class Stage:
                 f"tokens; job {job_id} needs {n} more. Retry later or route to another worker."
             )
         if job is None:
-            owned = range(self.spec.first_layer, self.spec.last_layer)
+            owned = range(self.span.first, self.span.last)
             job = self._jobs[job_id] = _Job(cache=StageCache(self.model.config, owned))
         return job
 
     @torch.inference_mode()
     def _run(self, job: _Job, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        kwargs: dict = {"past_key_values": job.cache, "use_cache": True}
-        if self.spec.embeddings:
+        kwargs: dict = {"cache": job.cache, "use_cache": True}
+        if self.span.embeddings:
             kwargs["input_ids"] = x.unsqueeze(0)
         else:
             kwargs["inputs_embeds"] = x.unsqueeze(0)
         if self._base_takes_positions:
             kwargs["position_ids"] = torch.arange(job.length, job.length + n, device=self.device).unsqueeze(0)
-        if self.spec.head:
+        if self.span.head:
             if self._lm_takes_logits_to_keep:
                 kwargs["logits_to_keep"] = 1
             out = self.model(**kwargs)
@@ -507,7 +487,7 @@ def _neutralise(owner: nn.Module, attr: str, how: str, dtype: torch.dtype, devic
         raise ValueError(how)
 
 
-def _check_materialised(model: Any, spec: StageSpec, family: Family) -> None:
+def _check_materialised(model: Any, span: Span, family: Family) -> None:
     """Every parameter the stage will use came from its files (a missing tensor would stay on meta)."""
     missing = []
     for name, param in model.named_parameters():
@@ -515,15 +495,15 @@ def _check_materialised(model: Any, spec: StageSpec, family: Family) -> None:
             continue
         part = classify_tensor(name)
         owned = (
-            spec.first_layer <= part < spec.last_layer
+            span.first <= part < span.last
             if isinstance(part, int)
-            else spec.embeddings
+            else span.embeddings
             if part == "embeddings"
-            else spec.head
+            else span.head
         )
         if owned:
             missing.append(name)
-    if spec.head:
+    if span.head:
         head = model.get_output_embeddings()
         if head is not None and head.weight.is_meta:
             missing.append("lm_head.weight")

@@ -7,8 +7,14 @@ imported, and ``get_dispatcher()`` imports it on first use. Task names live here
 from __future__ import annotations
 
 import importlib
-import os
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from azu.config import get_settings
+
+if TYPE_CHECKING:
+    from azu.engine.span import Span
+    from azu.network.wire import Hop
 
 CORE_QUEUE = "core"
 REGISTRY_QUEUE = "registry"
@@ -46,34 +52,48 @@ def set_dispatcher(dispatcher: Dispatcher | None) -> None:
 def get_dispatcher() -> Dispatcher:
     """The registered dispatcher; imports ``AZU_DISPATCHER`` (default: the Celery app ``workers``) once."""
     if _dispatcher is None:
-        importlib.import_module(os.environ.get("AZU_DISPATCHER") or "workers")
+        importlib.import_module(get_settings().dispatcher)
     if _dispatcher is None:
         raise RuntimeError("no dispatcher registered (the workers package registers the Celery one)")
     return _dispatcher
 
 
 # --- one sender per task ------------------------------------------------------------------------
-def send_forward(worker_id: str, payloads: list[bytes], *, dispatch: Dispatcher | None = None) -> None:
+def send_forward(worker_id: str, payloads: Sequence[bytes], *, dispatch: Dispatcher | None = None) -> None:
     """Wake worker ``worker_id`` with step payloads (packed ``StepPayload`` bytes)."""
-    (dispatch or get_dispatcher()).send_task(FORWARD, queue=worker_queue(worker_id), args=[payloads])
+    (dispatch or get_dispatcher()).send_task(FORWARD, queue=worker_queue(worker_id), args=[list(payloads)])
 
 
-def send_load(worker_id: str, order: dict[str, Any], *, dispatch: Dispatcher | None = None) -> None:
-    """A load order: worker ``worker_id`` fetches and holds a span of a model."""
-    (dispatch or get_dispatcher()).send_task(LOAD, queue=worker_queue(worker_id), kwargs=order)
+def send_load(worker_id: str, model_id: str, span: Span, *, manifest_sha256: str | None = None,
+              dispatch: Dispatcher | None = None) -> None:
+    """A load order: worker ``worker_id`` fetches ``span`` of ``model_id`` from the registry and holds it."""
+    (dispatch or get_dispatcher()).send_task(
+        LOAD, queue=worker_queue(worker_id),
+        kwargs={"model_id": model_id, "span": span.to_list(), "manifest_sha256": manifest_sha256})
 
 
-def send_end_job(worker_id: str, *, job_id: str, model_id: str, route: list[Any], token: str,
+def send_end_job(worker_id: str, *, job_id: str, model_id: str, route: Sequence[Hop], token: str,
                  dispatch: Dispatcher | None = None) -> None:
     """Tell ``worker_id`` the job is over: it frees the job's KV caches."""
     (dispatch or get_dispatcher()).send_task(
         END_JOB, queue=worker_queue(worker_id),
-        kwargs={"job_id": job_id, "model_id": model_id, "route": route, "token": token})
+        kwargs={"job_id": job_id, "model_id": model_id, "route": [h.to_list() for h in route],
+                "token": token})
+
+
+def send_ping(worker_id: str, key: str, value: str, *, dispatch: Dispatcher | None = None) -> None:
+    """Ask ``worker_id`` to write ``value`` under ``key`` (``azu:ping:*``) once it reaches this message."""
+    (dispatch or get_dispatcher()).send_task(PING, queue=worker_queue(worker_id), args=[key, value])
 
 
 def send_settle(job_id: str, *, dispatch: Dispatcher | None = None) -> None:
-    """Ask the scheduler to charge (or release) an ended job."""
+    """Ask the scheduler to bill an ended job (charge its usage, or release its hold)."""
     (dispatch or get_dispatcher()).send_task(SETTLE, queue=CORE_QUEUE, kwargs={"job_id": job_id})
+
+
+def send_place(model_id: str, *, dispatch: Dispatcher | None = None) -> None:
+    """Ask the scheduler to make ``model_id`` servable ahead of its first job."""
+    (dispatch or get_dispatcher()).send_task(PLACE, queue=CORE_QUEUE, kwargs={"model_id": model_id})
 
 
 def send_shard(model_id: str, source: str, *, dispatch: Dispatcher | None = None) -> None:

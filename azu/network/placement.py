@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from azu.network.directory import HeldStage, WorkerInfo
+from azu.engine.span import Span
+from azu.network.directory import WorkerInfo
 from azu.network.wire import Hop
 
 # Weights are not all a stage needs: activations and the KV cache of its jobs take room too.
@@ -40,24 +41,19 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class LoadOrder:
+    """Worker ``worker_id`` is to fetch and hold ``span`` of ``model_id``."""
+
     worker_id: str
     model_id: str
-    first: int
-    last: int
-    embeddings: bool
-    head: bool
+    span: Span
 
     def to_dict(self) -> dict[str, object]:
-        return {"worker_id": self.worker_id, "model_id": self.model_id, "first": self.first,
-                "last": self.last, "embeddings": self.embeddings, "head": self.head}
-
-    def as_hop(self) -> Hop:
-        return Hop(self.worker_id, self.first, self.last, self.embeddings, self.head)
+        return {"worker_id": self.worker_id, "model_id": self.model_id, "span": self.span.to_list()}
 
 
 # --- routing over what workers hold -------------------------------------------------------------
-def _held(model_id: str, workers: list[WorkerInfo]) -> list[tuple[str, HeldStage]]:
-    return [(w.worker_id, s) for w in workers for s in w.stages if s.model_id == model_id]
+def _held(model_id: str, workers: list[WorkerInfo]) -> list[tuple[str, Span]]:
+    return [(w.worker_id, span) for w in workers for span in w.holds(model_id)]
 
 
 def _chains(model_id: str, workers: list[WorkerInfo], *, max_hops: int = 16) -> list[list[Hop]]:
@@ -67,22 +63,22 @@ def _chains(model_id: str, workers: list[WorkerInfo], *, max_hops: int = 16) -> 
 
     def extend(chain: list[Hop]) -> None:
         out.append(chain)
-        if len(chain) >= max_hops or chain[-1].head:
+        if len(chain) >= max_hops or chain[-1].span.head:
             return
-        nxt = chain[-1].last
-        for wid, s in held:
-            if s.first == nxt and not s.embeddings and s.last > s.first:
-                extend([*chain, Hop(wid, s.first, s.last, False, s.head)])
+        nxt = chain[-1].span.last
+        for wid, span in held:
+            if span.first == nxt and not span.embeddings:
+                extend([*chain, Hop(wid, span)])
 
-    for wid, s in held:
-        if s.embeddings and s.first == 0:
-            extend([Hop(wid, s.first, s.last, True, s.head)])
+    for wid, span in held:
+        if span.embeddings:
+            extend([Hop(wid, span)])
     return out
 
 
 def find_routes(model_id: str, num_layers: int, workers: list[WorkerInfo]) -> list[list[Hop]]:
     """Complete routes over ``workers`` (only live ones should be passed), fewest hops first."""
-    routes = [c for c in _chains(model_id, workers) if c[-1].head and c[-1].last == num_layers]
+    routes = [c for c in _chains(model_id, workers) if c[-1].span.head and c[-1].span.last == num_layers]
     return sorted(routes, key=lambda c: (len(c), [h.worker_id for h in c]))
 
 
@@ -97,10 +93,10 @@ def choose_route(routes: list[list[Hop]], turn: int) -> list[Hop] | None:
 
 def longest_prefix(model_id: str, workers: list[WorkerInfo]) -> list[Hop]:
     """The held chain from the embeddings that reaches furthest (no head), or []."""
-    chains = [c for c in _chains(model_id, workers) if not c[-1].head]
+    chains = [c for c in _chains(model_id, workers) if not c[-1].span.head]
     if not chains:
         return []
-    return max(chains, key=lambda c: (c[-1].last, -len(c)))
+    return max(chains, key=lambda c: (c[-1].span.last, -len(c)))
 
 
 # --- load orders --------------------------------------------------------------------------------
@@ -135,7 +131,7 @@ def _try_k(shape: ModelShape, chosen: list[tuple[str, int]], first: int, *,
         if left == 1:
             if shape.bytes_for(start, L, embeddings=emb, head=True) > free:
                 return None
-            orders.append(LoadOrder(wid, shape.model_id, start, L, emb, True))
+            orders.append(LoadOrder(wid, shape.model_id, Span(start, L, emb, True)))
             return orders
         cap = _capacity(shape, free, start, embeddings=emb, upto=L)
         # Balanced groups: an even share of what is left, unless this worker can't hold that much.
@@ -143,7 +139,7 @@ def _try_k(shape: ModelShape, chosen: list[tuple[str, int]], first: int, *,
         n = min(cap, share)
         if n == 0:
             return None
-        orders.append(LoadOrder(wid, shape.model_id, start, start + n, emb, False))
+        orders.append(LoadOrder(wid, shape.model_id, Span(start, start + n, emb, False)))
         start += n
     return None
 
@@ -158,7 +154,7 @@ def plan_loads(shape: ModelShape, workers: list[WorkerInfo], *, max_copies: int 
         return []
     free = {w.worker_id: w.free_memory for w in workers}
     prefix = longest_prefix(shape.model_id, workers)
-    start = prefix[-1].last if prefix else 0
+    start = prefix[-1].span.last if prefix else 0
     # A worker that appears in the prefix may still take more layers: what it has left is still free.
     first_copy = _plan_range(shape, list(free.items()), start, embeddings=not prefix)
     if first_copy is None:

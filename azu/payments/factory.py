@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from azu.config import get_settings
 from azu.errors import InvalidRequest
 from azu.payments.base import PaymentProvider
 
@@ -40,7 +40,7 @@ def provider_class(name: str) -> type[PaymentProvider]:
 
 
 def get_provider(name: str | None = None, **overrides: Any) -> PaymentProvider:
-    """The provider named ``name`` (else ``PAYMENT_PROVIDER``, else hyperliquid), configured from the
-    environment; ``overrides`` are passed to its constructor and win over the environment."""
-    chosen = name or os.environ.get("PAYMENT_PROVIDER") or "hyperliquid"
+    """The provider named ``name`` (else ``PAYMENT_PROVIDER``, default hyperliquid), configured from the
+    settings; ``overrides`` are passed to its constructor and win over the settings."""
+    chosen = name or get_settings().payments.provider
     return provider_class(chosen)(**overrides)

@@ -7,7 +7,6 @@ pass ``web3=Web3(EthereumTesterProvider())``.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from eth_utils import is_checksum_address, to_checksum_address
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TransactionNotFound
 
+from azu.config import get_settings
 from azu.errors import AzuError, InvalidRequest, NotFound
 from azu.payments.base import ChainError, DepositInfo, PaymentProvider, PayoutState, SignedPayout
 from azu.payments.factory import register
@@ -58,11 +58,6 @@ def parse_private_key(raw: str) -> LocalAccount:
         raise ValueError(f"SCHEDULER_PRIVATE_KEY is malformed: {reason}") from None
 
 
-def _env(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value if value else None
-
-
 @register("hyperliquid")
 class HyperliquidProvider(PaymentProvider):
     unit = "HYPE"
@@ -79,25 +74,25 @@ class HyperliquidProvider(PaymentProvider):
         min_confirmations: int | None = None,
         rpc_timeout_s: float = 10.0,
     ) -> None:
-        self._rpc_url = rpc_url or _env("HYPERLIQUID_RPC_URL")
+        settings = get_settings().payments  # constructor arguments win over the settings
+        self._rpc_url = rpc_url or settings.hyperliquid_rpc_url
         if web3 is None:
             if not self._rpc_url:
                 raise ValueError("HYPERLIQUID_RPC_URL is not set")
             web3 = Web3(Web3.HTTPProvider(self._rpc_url, request_kwargs={"timeout": rpc_timeout_s}))
         self.w3 = web3
-        key = private_key if private_key is not None else _env("SCHEDULER_PRIVATE_KEY")
+        key = private_key if private_key is not None else settings.scheduler_private_key
         self._account: LocalAccount | None = parse_private_key(key) if key else None
-        platform = platform_address or _env("HYPERLIQUID_ADDRESS")
+        platform = platform_address or settings.hyperliquid_address
         if platform is None and self._account is not None:
             platform = self._account.address
         if platform is None:
             raise ValueError("HYPERLIQUID_ADDRESS is not set (the platform address that receives deposits)")
         self.platform_address = self.validate_address(platform)
-        env_chain = _env("HYPERLIQUID_CHAIN_ID")
-        self._chain_id = chain_id if chain_id is not None else (int(env_chain) if env_chain else None)
-        env_conf = _env("MIN_CONFIRMATIONS")
-        self.min_confirmations = (min_confirmations if min_confirmations is not None
-                                  else int(env_conf) if env_conf else 1)
+        self._chain_id = chain_id if chain_id is not None else settings.hyperliquid_chain_id
+        if min_confirmations is None:
+            min_confirmations = 1 if settings.min_confirmations is None else settings.min_confirmations
+        self.min_confirmations = min_confirmations
         if self.min_confirmations < 1:
             raise ValueError("MIN_CONFIRMATIONS must be at least 1")
 

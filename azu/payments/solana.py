@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from typing import Any, TypeVar
 
 import requests
@@ -44,6 +43,7 @@ from solders.system_program import TransferParams, decode_transfer, transfer
 from solders.transaction import Transaction, VersionedTransaction
 from solders.transaction_status import TransactionConfirmationStatus, UiTransactionEncoding
 
+from azu.config import get_settings
 from azu.errors import InvalidRequest, NotFound
 from azu.payments.base import ChainError, DepositInfo, PaymentProvider, PayoutState, SignedPayout
 from azu.payments.factory import register
@@ -83,11 +83,6 @@ def parse_keypair(raw: str) -> Keypair:
         raise ValueError(f"SOLANA_PRIVATE_KEY is malformed: {reason}") from None
 
 
-def _env(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value if value else None
-
-
 def _decode_signature(text: str) -> Signature:
     """Wallets hand signatures out as base58 (the Solana convention), base64 or hex; all are 64 bytes."""
     text = text.strip()
@@ -120,23 +115,24 @@ class SolanaProvider(PaymentProvider):
         rpc_timeout_s: float = 10.0,
         http: requests.Session | None = None,
     ) -> None:
-        url = rpc_url or _env("SOLANA_RPC_URL")
+        settings = get_settings().payments  # constructor arguments win over the settings
+        url = rpc_url or settings.solana_rpc_url
         if not url:
             raise ValueError("SOLANA_RPC_URL is not set")
         self._rpc_url = url
         self._timeout = rpc_timeout_s
         self._http = http or requests.Session()
-        key = private_key if private_key is not None else _env("SOLANA_PRIVATE_KEY")
+        key = private_key if private_key is not None else settings.solana_private_key
         self._keypair: Keypair | None = parse_keypair(key) if key else None
-        platform = platform_address or _env("SOLANA_ADDRESS")
+        platform = platform_address or settings.solana_address
         if platform is None and self._keypair is not None:
             platform = str(self._keypair.pubkey())
         if platform is None:
             raise ValueError("SOLANA_ADDRESS is not set (the platform address that receives deposits)")
         self.platform_address = self.validate_address(platform)
-        env_conf = _env("MIN_CONFIRMATIONS")
-        self.min_confirmations = (min_confirmations if min_confirmations is not None
-                                  else int(env_conf) if env_conf else 1)
+        if min_confirmations is None:
+            min_confirmations = 1 if settings.min_confirmations is None else settings.min_confirmations
+        self.min_confirmations = min_confirmations
         if self.min_confirmations < 1:
             raise ValueError("MIN_CONFIRMATIONS must be at least 1")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from azu.errors import AzuError, IntegrityFailure, InvalidRequest, UnsafeFormat
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # read and hash in 1 MiB pieces: memory stays flat whatever the file size
 # Formats that can run code when loaded: never downloaded, whatever a manifest or a hub listing says.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
 
@@ -26,16 +26,21 @@ class DownloadFailed(AzuError):
     code = "download_failed"
 
 
-def check_file_name(name: str, *, weights: bool = False) -> str:
-    """A plain file name (no folders, not hidden); weights must be safetensors. Refused before any request."""
+def check_file_name(name: str, *, weights: bool = False, listed_in: str | None = None) -> str:
+    """A plain file name (no folders, not hidden); weights must be safetensors. Refused before any request.
+
+    ``listed_in``: the untrusted file that named it (a manifest, an index), for the error message.
+    """
     if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+        if listed_in is not None:
+            raise InvalidRequest(f"{listed_in} names an unsafe file path {name!r}")
         raise InvalidRequest(f"unsafe file name {name!r}")
     if name.lower().endswith(PICKLE_SUFFIXES) or (weights and not name.endswith(".safetensors")):
         raise UnsafeFormat(f"{name}: only .safetensors weights are accepted")
     return name
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):

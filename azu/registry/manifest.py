@@ -11,12 +11,12 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from azu.errors import IntegrityFailure, InvalidRequest, NotFound
+from azu.registry.download import CHUNK
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +25,6 @@ FORMAT = "azu-shards/1"
 MANIFEST_NAME = "manifest.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 HEAD_FILE = "head.safetensors"
-_CHUNK = 1 << 20  # hash in 1 MiB reads: memory stays flat whatever the file size
 
 FileKind = Literal["embeddings", "layer", "head"]
 
@@ -198,18 +197,6 @@ class Manifest:
 
 
 # -- hashing and verified reads -------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int | None = None) -> bytearray:
     """The file's bytes; IntegrityFailure naming the file if its size or SHA-256 is not the promised one.
 
@@ -230,7 +217,7 @@ def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int 
     with open(p, "rb") as f:
         done = 0
         while done < actual_size:
-            n = f.readinto(view[done:done + _CHUNK])
+            n = f.readinto(view[done:done + CHUNK])
             if not n:
                 raise IntegrityFailure(f"{p.name}: file shrank while being read", param=p.name)
             h.update(view[done:done + n])
@@ -298,12 +285,3 @@ def _parse_safetensors(buf: bytearray, name: str) -> dict[str, torch.Tensor]:
             out[key] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start).reshape(shape)
     return out
 
-
-def verify_all(directory: str | os.PathLike[str], entries: Iterable[FileEntry | ExtraFile]) -> None:
-    """Check every listed file's size and SHA-256 (streaming; nothing is parsed)."""
-    for entry in entries:
-        p = Path(directory) / entry.name
-        if not p.exists():
-            raise NotFound(f"shard file {p} is missing")
-        if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
-            raise IntegrityFailure(f"{entry.name}: contents do not match the manifest", param=entry.name)

@@ -12,7 +12,8 @@ Why it is built this way:
   tensors ordered by (element size descending, name), so every tensor is aligned to its element size
   and the same source always gives the same bytes and hashes.
 - Only ``.safetensors`` weights are accepted; pickle-based weights are refused before any weight byte
-  is read, downloaded or written (they can run code when loaded).
+  is read, downloaded or written (they can run code when loaded). Which files those are is decided by
+  ``azu.registry.sources`` (a local folder or a hub repo -> ``Source``); the sharder takes a ``Source``.
 - Everything is checked before ``--out`` is touched; the folder is written under a temporary name next
   to it and renamed into place at the end, so a failure never leaves half a shard folder.
 """
@@ -26,14 +27,12 @@ import itertools
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +47,8 @@ from azu.registry.manifest import (
     Manifest,
     layer_file_name,
 )
+from azu.registry.sources import INDEX_NAME, Source, open_source
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
-# Non-weight files copied into the shard folder when the source has them (all plain text / JSON /
-# sentencepiece protobuf: nothing that executes when read).
-EXTRA_FILE_NAMES = (
-    CONFIG_NAME, "generation_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-)
 # Input token embedding modules, by attribute name (the tensor a tied head is cloned from).
 _TOKEN_EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 # config.json aliases across families (GPT-2 says n_layer, MPT n_layers, ...).
@@ -131,82 +120,6 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if start < prev_end:
             raise IntegrityFailure(f"{path.name}: tensors overlap in the file", param=path.name)
     return out
-
-
-def _check_file_name(name: str, what: str) -> str:
-    # Names come from an untrusted index / repo listing: never let one escape the source folder.
-    if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
-        raise InvalidRequest(f"{what} names an unsafe file path {name!r}")
-    return name
-
-
-def select_weight_files(names: Iterable[str], index: dict[str, Any] | None, *, where: str) -> list[str]:
-    """The ``.safetensors`` files that make up the checkpoint, or UnsafeFormat if there are only pickles.
-
-    ``names``: every file of the source (repo-relative, ``/``-separated). An index decides when present
-    (a repo may also hold e.g. Mistral's ``consolidated.safetensors``, a duplicate of the same weights).
-    """
-    names = list(names)
-    top = {n for n in names if "/" not in n}
-    if index is not None:
-        files = sorted({_check_file_name(f, INDEX_NAME) for f in index["weight_map"].values()})
-        bad = [f for f in files if not f.endswith(".safetensors")]
-        if bad:
-            raise UnsafeFormat(f"{where}: {INDEX_NAME} points at non-safetensors files {bad}")
-        missing = [f for f in files if f not in top]
-        if missing:
-            raise NotFound(f"{where}: {INDEX_NAME} lists files that are not there: {missing}")
-        return files
-    if "model.safetensors" in top:
-        return ["model.safetensors"]
-    files = sorted(n for n in top if n.endswith(".safetensors"))
-    if files:
-        return files
-    pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
-    if pickles:
-        raise UnsafeFormat(
-            f"{where} has only pickle-based weights ({', '.join(pickles)}); azu accepts .safetensors only, "
-            "because loading a pickle can run arbitrary code. Convert the checkpoint to safetensors first."
-        )
-    raise NotFound(f"{where} has no .safetensors weights")
-
-
-def parse_index(raw: bytes, *, where: str) -> dict[str, Any]:
-    try:
-        index = json.loads(raw)
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise TypeError("weight_map is not a name -> file object")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise InvalidRequest(f"{where}: {INDEX_NAME} is malformed ({exc})") from exc
-    return index
-
-
-@dataclass
-class Source:
-    """A checkpoint on local disk, ready to shard: which files, and what they are."""
-
-    model_id: str
-    revision: str | None
-    weight_paths: dict[str, Path]
-    extra_paths: dict[str, Path]
-    index: dict[str, Any] | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-def local_source(directory: str | os.PathLike[str]) -> Source:
-    root = Path(directory)
-    if not root.is_dir():
-        raise NotFound(f"{root} is not a folder")
-    names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
-    index = parse_index((root / INDEX_NAME).read_bytes(), where=str(root)) if INDEX_NAME in names else None
-    weights = select_weight_files(names, index, where=str(root))
-    extras = [n for n in EXTRA_FILE_NAMES if n in names]
-    return Source(model_id=root.resolve().name, revision=None,
-                  weight_paths={n: root / n for n in weights}, extra_paths={n: root / n for n in extras},
-                  index=index)
 
 
 # -- planning -----------------------------------------------------------------------------------------------
@@ -450,46 +363,15 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 # -- entry points -------------------------------------------------------------------------------------------
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def _load_config(source: Source) -> None:
-    path = source.extra_paths.get(CONFIG_NAME)
-    if path is None:
-        raise NotFound(f"{source.model_id} has no config.json")
-    try:
-        config = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"{source.model_id}: config.json is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise InvalidRequest(f"{source.model_id}: config.json is not an object")
-    source.config = config
-
-
 def shard_model(
     source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, token: str | None = None,
     revision: str | None = None, progress: bool = True, cache_dir: str | os.PathLike[str] | None = None,
     endpoint: str | None = None,
 ) -> Manifest:
-    """Shard ``source`` (a local model folder or a hub id) into ``out_dir``; return the manifest.
-
-    Hub downloads honour ``HF_TOKEN`` (when ``token`` is None) and ``HF_ENDPOINT`` (when ``endpoint``
-    is None), go to the Hugging Face cache (or ``cache_dir``) and are each checked against the SHA-256
-    the hub publishes.
-    """
-    path = Path(source)
-    if path.exists():
-        src = local_source(path)
-        if revision is not None:
-            raise InvalidRequest("--revision applies to hub ids, not to a local folder")
-    elif isinstance(source, str) and _HUB_ID.fullmatch(source) and ".." not in source:
-        from azu.registry.sources import fetch
-
-        src = fetch(source, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
-                    progress=progress)
-    else:
-        raise NotFound(f"{source} is neither a folder nor a Hugging Face model id")
-    _load_config(src)
+    """Shard ``source`` (a local model folder or a hub id, see ``azu.registry.sources.open_source``) into
+    ``out_dir``; return the manifest."""
+    src = open_source(source, token=token, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
+                      progress=progress)
     return write_shards(src, out_dir, progress=progress)
 
 

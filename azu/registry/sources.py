@@ -1,6 +1,11 @@
-"""Fetch a model from the Hugging Face hub for the sharder, safely.
+"""Model sources: what a checkpoint is made of and how its files get onto local disk, safely.
 
-Order matters: list the repo (with per-file metadata) first, decide from the names alone which files
+A source is a local folder (accepted from a request only under ``AZU_ALLOWED_MODEL_DIRS``) or a Hugging
+Face hub id. Either way the result is a ``Source``: the ``.safetensors`` weight files, their index, and the
+config/tokenizer files, all on local disk. The sharder (``azu.registry.sharder``) takes a ``Source`` and
+only moves bytes; it never decides which files to trust, so it depends on this module and not the reverse.
+
+Hub order matters: list the repo (with per-file metadata) first, decide from the names alone which files
 to fetch, refuse a pickle-only repo before downloading anything, then download only safetensors weights,
 their index, config and tokenizer files — never a pickle — and check each against the hash the hub
 publishes (LFS files: SHA-256; small git files: the git blob id). A mismatch deletes the download.
@@ -11,19 +16,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from azu.errors import AzuError, Forbidden, IntegrityFailure, NotFound
-from azu.registry.manifest import sha256_file
-from azu.registry.sharder import (
-    EXTRA_FILE_NAMES,
-    INDEX_NAME,
-    Source,
-    parse_index,
-    select_weight_files,
+from azu.config import get_settings
+from azu.errors import AzuError, Forbidden, IntegrityFailure, InvalidRequest, NotFound, UnsafeFormat
+from azu.registry.download import PICKLE_SUFFIXES, check_file_name, sha256_file
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+# Non-weight files copied into the shard folder when the source has them (all plain text / JSON /
+# sentencepiece protobuf: nothing that executes when read).
+EXTRA_FILE_NAMES = (
+    CONFIG_NAME, "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
 )
+# A hub id ("org/name") or a bare name: what a served model id may look like (a local folder is served
+# under its folder name). ".." is refused separately: the id becomes a folder name under the registry.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 class HubUnavailable(AzuError):
@@ -33,6 +50,159 @@ class HubUnavailable(AzuError):
     code = "hub_unavailable"
 
 
+# -- model ids ------------------------------------------------------------------------------------------
+def is_hub_id(text: str) -> bool:
+    return isinstance(text, str) and HUB_ID.fullmatch(text) is not None and ".." not in text
+
+
+def validate_model_id(model_id: str) -> str:
+    if not is_hub_id(model_id):
+        raise InvalidRequest(f"invalid model id {model_id!r}: expected a Hugging Face id like "
+                             "'org/name' or a folder name", param="model_id")
+    return model_id
+
+
+# -- local folders --------------------------------------------------------------------------------------
+def allowed_model_dirs() -> list[Path]:
+    return list(get_settings().allowed_model_dirs)
+
+
+def is_local_source(source: str) -> bool:
+    # Hub ids never start like a path, so there is no guessing between the two.
+    return source.startswith(("/", "./", "../", "~"))
+
+
+def check_local_source(source: str) -> Path:
+    """The resolved folder, if it lies under a directory the operator allows; Forbidden otherwise."""
+    path = Path(source).expanduser().resolve()
+    allowed = allowed_model_dirs()
+    if not any(path == d or d in path.parents for d in allowed):
+        raise Forbidden("local model folders are accepted only under AZU_ALLOWED_MODEL_DIRS "
+                        f"({'not set' if not allowed else 'this folder is not under it'})", param="model_id")
+    if not path.is_dir():
+        raise NotFound(f"no model folder at {source}", param="model_id")
+    return path
+
+
+def resolve_request(model_id: str, source: str | None = None) -> tuple[str, str]:
+    """(served model id, source) of a shard request. A local folder is served under its folder name."""
+    if source is None and is_local_source(model_id):
+        source = str(check_local_source(model_id))
+        model_id = Path(source).name
+    elif source is not None and is_local_source(source):
+        source = str(check_local_source(source))
+    return validate_model_id(model_id), source or model_id
+
+
+# -- what a checkpoint is made of -----------------------------------------------------------------------
+@dataclass
+class Source:
+    """A checkpoint on local disk, ready to shard: which files, and what they are."""
+
+    model_id: str
+    revision: str | None
+    weight_paths: dict[str, Path]
+    extra_paths: dict[str, Path]
+    index: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def select_weight_files(names: Iterable[str], index: dict[str, Any] | None, *, where: str) -> list[str]:
+    """The ``.safetensors`` files that make up the checkpoint, or UnsafeFormat if there are only pickles.
+
+    ``names``: every file of the source (repo-relative, ``/``-separated). An index decides when present
+    (a repo may also hold e.g. Mistral's ``consolidated.safetensors``, a duplicate of the same weights).
+    """
+    names = list(names)
+    top = {n for n in names if "/" not in n}
+    if index is not None:
+        # Names come from an untrusted index: never let one escape the source folder.
+        files = sorted({check_file_name(f, listed_in=INDEX_NAME) for f in index["weight_map"].values()})
+        bad = [f for f in files if not f.endswith(".safetensors")]
+        if bad:
+            raise UnsafeFormat(f"{where}: {INDEX_NAME} points at non-safetensors files {bad}")
+        missing = [f for f in files if f not in top]
+        if missing:
+            raise NotFound(f"{where}: {INDEX_NAME} lists files that are not there: {missing}")
+        return files
+    if "model.safetensors" in top:
+        return ["model.safetensors"]
+    files = sorted(n for n in top if n.endswith(".safetensors"))
+    if files:
+        return files
+    pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise UnsafeFormat(
+            f"{where} has only pickle-based weights ({', '.join(pickles)}); azu accepts .safetensors only, "
+            "because loading a pickle can run arbitrary code. Convert the checkpoint to safetensors first."
+        )
+    raise NotFound(f"{where} has no .safetensors weights")
+
+
+def parse_index(raw: bytes, *, where: str) -> dict[str, Any]:
+    try:
+        index = json.loads(raw)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise TypeError("weight_map is not a name -> file object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise InvalidRequest(f"{where}: {INDEX_NAME} is malformed ({exc})") from exc
+    return index
+
+
+def load_config(source: Source) -> Source:
+    """Read the source's config.json into ``source.config`` (the sharder plans from it)."""
+    path = source.extra_paths.get(CONFIG_NAME)
+    if path is None:
+        raise NotFound(f"{source.model_id} has no config.json")
+    try:
+        config = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{source.model_id}: config.json is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{source.model_id}: config.json is not an object")
+    source.config = config
+    return source
+
+
+def local_source(directory: str | os.PathLike[str]) -> Source:
+    root = Path(directory)
+    if not root.is_dir():
+        raise NotFound(f"{root} is not a folder")
+    names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
+    index = parse_index((root / INDEX_NAME).read_bytes(), where=str(root)) if INDEX_NAME in names else None
+    weights = select_weight_files(names, index, where=str(root))
+    extras = [n for n in EXTRA_FILE_NAMES if n in names]
+    return Source(model_id=root.resolve().name, revision=None,
+                  weight_paths={n: root / n for n in weights}, extra_paths={n: root / n for n in extras},
+                  index=index)
+
+
+def open_source(source: str | os.PathLike[str], *, token: str | None = None, revision: str | None = None,
+                cache_dir: str | os.PathLike[str] | None = None, endpoint: str | None = None,
+                progress: bool = True) -> Source:
+    """``source`` (an existing local folder, else a hub id) as a ``Source`` with its config read.
+
+    Hub downloads use ``HF_TOKEN`` (when ``token`` is None) and ``HF_ENDPOINT`` (when ``endpoint`` is
+    None), go to the Hugging Face cache (or ``cache_dir``) and are each checked against the hash the hub
+    publishes.
+    """
+    path = Path(source)
+    if path.exists():
+        src = local_source(path)
+        if revision is not None:
+            raise InvalidRequest("--revision applies to hub ids, not to a local folder")
+    elif isinstance(source, str) and is_hub_id(source):
+        src = fetch(source, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
+                    progress=progress)
+    else:
+        raise NotFound(f"{source} is neither a folder nor a Hugging Face model id")
+    return load_config(src)
+
+
+# -- the hub --------------------------------------------------------------------------------------------
 def _silent_tqdm() -> type:
     from tqdm.auto import tqdm
 
@@ -92,6 +262,7 @@ def _delete_download(path: Path) -> None:
 def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None,
           cache_dir: str | os.PathLike[str] | None = None, endpoint: str | None = None,
           progress: bool = True) -> Source:
+    """Download the checkpoint files of hub repo ``repo_id`` (never a pickle) and verify each one."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -101,8 +272,10 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
         RevisionNotFoundError,
     )
 
-    # Read at call time: huggingface_hub reads HF_ENDPOINT once, at import.
-    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
+    settings = get_settings()
+    # Passed explicitly: huggingface_hub reads HF_ENDPOINT once, at import, and would miss a later change.
+    endpoint = endpoint or settings.hf_endpoint
+    token = token or settings.hf_token
     tqdm_class = None if progress else _silent_tqdm()
     try:
         api = HfApi(endpoint=endpoint, token=token)

@@ -13,7 +13,7 @@ import pytest
 
 from azu.billing.base import FreeBilling
 from azu.errors import PaymentRequired, Unauthorized
-from tests.api.conftest import MODEL_ID
+from tests.support.api import MODEL_ID
 
 OK_SUBMIT = {"model_id": MODEL_ID, "prompt": "hello", "max_tokens": 4}
 OK_CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import MODEL_ID, REPO, Network, wait_until
+from tests.support import REPO, wait_for
+from tests.support.api import MODEL_ID, Network
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 NUM_LAYERS = 8  # the demo model
 PROMPTS = ["The quick brown fox", "héllo wörld, ✓", "1 2 3 4 5 6 7 8 9 10 11 12", "azu", "Once upon a time",
@@ -30,7 +31,7 @@ def _finished(net: Network, job_id: str, timeout: float = 240) -> dict:
         return body if body["status"] in ("done", "failed") else None
 
     try:
-        return wait_until(done, timeout=timeout, what=f"job {job_id}", interval=0.05)
+        return wait_for(done, timeout=timeout, what=f"job {job_id}", interval=0.05)
     except BaseException:
         print(net.log_tail())
         raise

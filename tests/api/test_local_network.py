@@ -14,9 +14,9 @@ import pytest
 import requests
 
 from azu.cli.up import free_port
-from tests.api.conftest import REPO, wait_until
+from tests.support import REPO, wait_for
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
 def test_azu_up_serves_and_ctrl_c_stops_everything(tmp_path):
@@ -38,7 +38,7 @@ def test_azu_up_serves_and_ctrl_c_stops_everything(tmp_path):
                 pytest.fail(f"azu up exited with {up.returncode}:\n{log.read_text()[-4000:]}")
             return info_path.is_file()
 
-        wait_until(ready, timeout=300, what="azu up to write .azu/local.json", interval=0.25)
+        wait_for(ready, timeout=300, what="azu up to write .azu/local.json", interval=0.25)
         info = json.loads(info_path.read_text())
         output = log.read_text()
         for step in ("starting redis... ok", "starting the API... ok", "answering a sample prompt... ok"):
@@ -94,7 +94,7 @@ def test_azu_up_serves_and_ctrl_c_stops_everything(tmp_path):
 
     # A process reparented to init may be reaped a moment after azu up returned.
     try:
-        wait_until(lambda: not alive(), timeout=10, what="every process azu up started to exit")
+        wait_for(lambda: not alive(), timeout=10, what="every process azu up started to exit", interval=0.1)
     finally:
         assert not alive(), alive()
     assert not info_path.exists()  # no stale file pointing at a network that is gone

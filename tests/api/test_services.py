@@ -13,9 +13,9 @@ import pytest
 import requests
 
 from azu.cli.up import free_port
-from tests.api.conftest import REPO, wait_until
+from tests.support import REPO, wait_for
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
 def _up(url: str) -> bool:
@@ -43,7 +43,7 @@ def test_core_serves_api_and_registry_then_stops_on_sigterm(tmp_path, redis_url,
             assert core.poll() is None, (tmp_path / "core.log").read_text()[-3000:]
             return _up(api) and _up(registry)
 
-        wait_until(both_up, timeout=90, what="azu-core's API and registry")
+        wait_for(both_up, timeout=90, what="azu-core's API and registry", interval=0.1)
         status = requests.get(f"{registry}/models/status", params={"model_id": "azu-demo"}, timeout=10)
         assert status.status_code == 200 and status.json()["state"] == "ready"
         assert requests.get(f"{api}/v1/models", timeout=10).json()["data"][0]["id"] == "azu-demo"
@@ -68,4 +68,4 @@ def test_core_serves_api_and_registry_then_stops_on_sigterm(tmp_path, redis_url,
                 pass
         return out
 
-    wait_until(lambda: not alive(), timeout=10, what="azu-core's children to exit")
+    wait_for(lambda: not alive(), timeout=10, what="azu-core's children to exit", interval=0.1)

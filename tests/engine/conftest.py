@@ -1,64 +1,21 @@
+"""Engine fixtures: ``built(family)`` builds a tiny model of that family once per test session."""
+
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
-import torch
 
-from azu.cli import demo
-from azu.registry.sharder import shard_model
-
-PROMPT_LEN = 40  # longer than the demo families' sliding windows (16)
-NEW_TOKENS = 24
-
-
-class Built:
-    """A tiny model of one family: its HF folder, its shard folders (single-file and sharded source)."""
-
-    def __init__(self, family: str, root: Path) -> None:
-        self.family = family
-        self.src = demo.build_model(family, root / "src", with_tokenizer=False)
-        self.src_sharded = demo.build_model(
-            family, root / "src_sharded", with_tokenizer=False, max_shard_size="200KB"
-        )
-        self.shards = root / "shards"
-        self.shards_from_sharded = root / "shards_from_sharded"
-        shard_model(self.src, self.shards, progress=False)
-        shard_model(self.src_sharded, self.shards_from_sharded, progress=False)
-        self._reference: list[int] | None = None
-
-    def prompt(self) -> list[int]:
-        # Deterministic, varied ids away from the specials (0..6).
-        gen = torch.Generator().manual_seed(1234)
-        return torch.randint(7, demo.VOCAB_SIZE, (PROMPT_LEN,), generator=gen).tolist()
-
-    def reference(self) -> list[int]:
-        """transformers' own greedy `generate` on the same weights."""
-        if self._reference is None:
-            import transformers
-
-            model = transformers.AutoModelForCausalLM.from_pretrained(self.src).eval()
-            ids = torch.tensor([self.prompt()])
-            out = model.generate(
-                ids,
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-                attention_mask=torch.ones_like(ids),
-            )
-            self._reference = out[0, PROMPT_LEN:].tolist()
-        return self._reference
-
-
-_CACHE: dict[str, Built] = {}
+from tests.support.engine import Built
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory):
+def built(tmp_path_factory) -> Callable[[str], Built]:
+    cache: dict[str, Built] = {}
+
     def get(family: str) -> Built:
-        if family not in _CACHE:
-            _CACHE[family] = Built(family, tmp_path_factory.mktemp(family))
-        return _CACHE[family]
+        if family not in cache:
+            cache[family] = Built(family, tmp_path_factory.mktemp(family))
+        return cache[family]
 
     return get

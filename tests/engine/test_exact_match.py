@@ -6,14 +6,16 @@ import pytest
 
 from azu.cli import demo
 from azu.engine.local import LocalPipeline
-
-from .conftest import NEW_TOKENS
+from tests.support.engine import NEW_TOKENS
 
 FAMILIES = sorted(demo.FAMILIES)  # every supported family + "stablelm" (the generic fallback)
 
+# Two stages already split every family; three and four add seconds to the quick (-m "not slow") loop.
+MORE_STAGES = [pytest.param(n, marks=pytest.mark.slow) for n in (3, 4)]
+
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("stages", [2, *MORE_STAGES])
 def test_stages_match_generate(built, family, stages):
     b = built(family)
     pipe = LocalPipeline(b.shards, stages)

@@ -12,7 +12,8 @@ import torch
 
 from azu.engine.local import LocalPipeline, split_layers
 from azu.engine.sampling import SamplingParams, sample
-from azu.engine.stage import Stage, StageSpec
+from azu.engine.span import Span
+from azu.engine.stage import Stage
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
 from azu.registry.manifest import Manifest
 
@@ -64,7 +65,7 @@ def test_interleaved_jobs_keep_separate_caches(built):
 def test_end_job_frees_cache_and_bound_refuses(built):
     shards = built("llama").shards
     m = Manifest.load(shards)
-    stage = Stage.load(shards, StageSpec(0, m.num_layers, embeddings=True, head=True), max_cached_tokens=50)
+    stage = Stage.load(shards, Span(0, m.num_layers, embeddings=True, head=True), max_cached_tokens=50)
     stage.forward("a", torch.arange(10, 40))
     assert stage.cached_tokens == 30
     with pytest.raises(CacheFull, match="50 tokens"):
@@ -79,15 +80,15 @@ def test_end_job_frees_cache_and_bound_refuses(built):
 def test_context_limit(built):
     shards = built("gpt2").shards  # n_positions 512
     m = Manifest.load(shards)
-    stage = Stage.load(shards, StageSpec(0, m.num_layers, embeddings=True, head=True))
+    stage = Stage.load(shards, Span(0, m.num_layers, embeddings=True, head=True))
     with pytest.raises(InvalidRequest, match="context"):
         stage.forward("a", torch.zeros(513, dtype=torch.long))
 
 
 def test_bad_inputs_are_refused(built):
     shards = built("llama").shards
-    first = Stage.load(shards, StageSpec(0, 2, embeddings=True, head=False))
-    second = Stage.load(shards, StageSpec(2, 4, embeddings=False, head=True))
+    first = Stage.load(shards, Span(0, 2, embeddings=True, head=False))
+    second = Stage.load(shards, Span(2, 4, embeddings=False, head=True))
     with pytest.raises(InvalidRequest):
         first.forward("j", torch.tensor([1.5, 2.0]))
     with pytest.raises(InvalidRequest):
@@ -95,11 +96,11 @@ def test_bad_inputs_are_refused(built):
     with pytest.raises(InvalidRequest):
         second.forward("j", torch.zeros(3, 7))
     with pytest.raises(InvalidRequest):
-        StageSpec(2, 2, embeddings=False, head=False)
+        Span(2, 2, embeddings=False, head=False)
     with pytest.raises(InvalidRequest):
-        StageSpec(1, 2, embeddings=True, head=False)
+        Span(1, 2, embeddings=True, head=False)
     with pytest.raises(InvalidRequest):
-        Stage.load(shards, StageSpec(0, 2, embeddings=True, head=True))  # head needs the last layer
+        Stage.load(shards, Span(0, 2, embeddings=True, head=True))  # head needs the last layer
 
 
 def test_stage_loads_only_its_own_files(built, tmp_path):
@@ -111,7 +112,7 @@ def test_stage_loads_only_its_own_files(built, tmp_path):
     shutil.copy(shards / "manifest.json", partial)
     for entry in m.files_for(2, 4, embeddings=False, head=True):
         shutil.copy(shards / entry.name, partial)
-    stage = Stage.load(partial, StageSpec(2, 4, embeddings=False, head=True))
+    stage = Stage.load(partial, Span(2, 4, embeddings=False, head=True))
     hidden = torch.randn(5, m.hidden_size)
     assert stage.forward("j", hidden).shape == (m.vocab_size,)
 
@@ -123,9 +124,9 @@ def test_tampered_file_is_refused_by_name(built, tmp_path):
     data = bytearray(target.read_bytes())
     data[-1] ^= 0x01  # one bit in the last tensor's bytes
     target.write_bytes(bytes(data))
-    Stage.load(shards, StageSpec(2, 4, embeddings=False, head=True))  # does not touch layer 1
+    Stage.load(shards, Span(2, 4, embeddings=False, head=True))  # does not touch layer 1
     with pytest.raises(IntegrityFailure, match=r"layer_00001\.safetensors"):
-        Stage.load(shards, StageSpec(0, 2, embeddings=True, head=False))
+        Stage.load(shards, Span(0, 2, embeddings=True, head=False))
 
 
 def test_unsupported_architecture_is_named(built, tmp_path):
@@ -136,17 +137,18 @@ def test_unsupported_architecture_is_named(built, tmp_path):
     manifest["architecture"] = manifest["config"]["architectures"][0] = "T5ForConditionalGeneration"
     (shards / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UnsupportedArchitecture, match="T5ForConditionalGeneration"):
-        Stage.load(shards, StageSpec(0, 2, embeddings=True, head=False))
+        Stage.load(shards, Span(0, 2, embeddings=True, head=False))
 
 
 def test_split_layers():
-    specs = split_layers(24, 3)
-    assert [(s.first_layer, s.last_layer) for s in specs] == [(0, 8), (8, 16), (16, 24)]
-    assert specs[0].embeddings and not specs[0].head and specs[-1].head
+    spans = split_layers(24, 3)
+    assert [(s.first, s.last) for s in spans] == [(0, 8), (8, 16), (16, 24)]
+    assert spans[0].embeddings and not spans[0].head and spans[-1].head
     with pytest.raises(InvalidRequest):
         split_layers(2, 3)
 
 
+@pytest.mark.slow  # starts a fresh Python process that imports torch and transformers
 def test_generate_cli_json(built):
     b = built("llama")
     prompt = ",".join(map(str, b.prompt()))
@@ -175,6 +177,7 @@ def test_generate_cli_json(built):
     assert result["token_ids"] == b.reference()
 
 
+@pytest.mark.slow  # starts a fresh Python process that imports torch and transformers
 def test_generate_cli_text_prompt_and_errors(tmp_path):
     from azu.cli import demo
     from azu.registry.sharder import shard_model

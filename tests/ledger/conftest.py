@@ -8,39 +8,14 @@ emptied for the next test.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from azu.billing.ledger.db import make_engine, migrate, session_scope
-
-ADMIN_URL = os.environ.get("AZU_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
-def _admin() -> Engine:
-    return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-
-
-def create_database(prefix: str = "azu_test") -> str:
-    """Create an empty database with a random name; return its URL."""
-    name = f"{prefix}_{secrets.token_hex(6)}"
-    admin = _admin()
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return admin.url.set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(url: str) -> None:
-    name = make_engine(url).url.database
-    admin = _admin()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+from tests.support.database import BOOKS_CHECK, LEDGER_TABLES, create_database, drop_database
 
 
 @pytest.fixture
@@ -77,23 +52,6 @@ def session(engine: Engine) -> Iterator[Session]:
         s.rollback()
 
 
-BOOKS_CHECK = """
-SELECT
-  (SELECT coalesce(sum(balance), 0) FROM accounts) AS total,
-  (SELECT count(*) FROM accounts a
-     WHERE a.balance <> (SELECT coalesce(sum(e.amount), 0) FROM journal_entries e WHERE e.account_id = a.id))
-     AS drifted,
-  (SELECT count(*) FROM (SELECT transaction_id FROM journal_entries GROUP BY transaction_id
-                         HAVING sum(amount) <> 0) t) AS unbalanced,
-  (SELECT count(*) FROM accounts WHERE balance < 0 AND kind <> 'chain') AS negative
-"""
-
-TABLES = (
-    "journal_entries, deposits, job_usage, payouts, journal_transactions, jobs, workers, accounts, "
-    "api_keys, auth_challenges"
-)
-
-
 @pytest.fixture(autouse=True)
 def books_balance(engine: Engine) -> Iterator[None]:
     """After every test: all accounts sum to zero and each balance equals its entries. Then a clean slate."""
@@ -105,4 +63,4 @@ def books_balance(engine: Engine) -> Iterator[None]:
     assert row.unbalanced == 0, f"{row.unbalanced} journal transaction(s) do not balance"
     assert row.negative == 0, f"{row.negative} account(s) below zero"
     with session_scope(engine) as s:
-        s.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+        s.execute(text(f"TRUNCATE {LEDGER_TABLES} RESTART IDENTITY CASCADE"))

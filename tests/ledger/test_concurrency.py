@@ -59,8 +59,8 @@ def test_50_concurrent_credits_of_the_same_tx_credit_once(engine: Engine) -> Non
 def test_50_concurrent_settlements_of_the_same_job_settle_once(engine: Engine) -> None:
     with session_scope(engine) as s:
         service.credit_deposit(s, tx_id="0xfund", sender=ALICE, amount=10_000)
-        service.hold_job(s, job_id="job-1", user_address=ALICE, amount=5_000, price=2)
-    outcomes = race(engine, lambda s: service.settle_job(s, job_id="job-1", usage={"a": 600, "b": 400}))
+        service.place_hold(s, job_id="job-1", user_address=ALICE, amount=5_000, price=2)
+    outcomes = race(engine, lambda s: service.settle_hold(s, job_id="job-1", usage={"a": 600, "b": 400}))
     assert outcomes == Counter({"ok": N})  # every caller sees success; only one moved money
     with session_scope(engine) as s:
         assert service.user_balance(s, ALICE) == 10_000 - 2_000
@@ -80,7 +80,7 @@ def test_50_concurrent_holds_never_overdraw(engine: Engine) -> None:
     def hold(s: Session) -> None:
         with lock:
             n = next(counter)
-        service.hold_job(s, job_id=f"job-{n}", user_address=ALICE, amount=100, price=1)
+        service.place_hold(s, job_id=f"job-{n}", user_address=ALICE, amount=100, price=1)
 
     outcomes = race(engine, hold)
     assert outcomes == Counter({"ok": 10, "PaymentRequired": N - 10})
@@ -92,8 +92,8 @@ def test_50_concurrent_holds_never_overdraw(engine: Engine) -> None:
 def test_50_concurrent_payouts_for_one_worker_debit_once(engine: Engine) -> None:
     with session_scope(engine) as s:
         service.credit_deposit(s, tx_id="0xfund", sender=ALICE, amount=10_000)
-        service.hold_job(s, job_id="j", user_address=ALICE, amount=10_000, price=1)
-        service.settle_job(s, job_id="j", usage={"w": 5_000})  # w earns 4_000
+        service.place_hold(s, job_id="j", user_address=ALICE, amount=10_000, price=1)
+        service.settle_hold(s, job_id="j", usage={"w": 5_000})  # w earns 4_000
         service.set_worker_wallet(s, "w", WALLET)
     outcomes = race(
         engine, lambda s: service.create_payout(s, worker_id="w", amount=4_000, to_address=WALLET)

@@ -10,15 +10,15 @@ from azu.errors import InvalidRequest
 
 
 def test_single_worker_gets_80_platform_20() -> None:
-    s = economics.settle({"w1": 500}, 2)
+    s = economics.split_charge({"w1": 500}, 2)
     assert (s.token_layers, s.charge, s.platform, s.workers) == (500, 1000, 200, {"w1": 800})
 
 
 def test_platform_share_rounds_down_and_workers_get_the_rest() -> None:
     # 7 // 5 = 1 to the platform, 6 to the worker (the rule stated in azu/billing/economics.py)
-    s = economics.settle({"w1": 7}, 1)
+    s = economics.split_charge({"w1": 7}, 1)
     assert (s.charge, s.platform, s.workers["w1"]) == (7, 1, 6)
-    s = economics.settle({"w1": 1}, 1)
+    s = economics.split_charge({"w1": 1}, 1)
     assert (s.charge, s.platform, s.workers["w1"]) == (1, 0, 1)
 
 
@@ -27,7 +27,7 @@ def test_largest_remainder_split_between_workers() -> None:
     assert economics.split_workers(10, {"b": 1, "a": 1, "c": 1}) == {"a": 4, "b": 3, "c": 3}
     # exact shares 8*2/3 = 5.33 and 8*1/3 = 2.67: floors 5 and 2, the leftover unit to the larger remainder
     assert economics.split_workers(8, {"x": 2, "y": 1}) == {"x": 5, "y": 3}
-    s = economics.settle({"gpu-a": 300, "gpu-b": 100}, 3)  # 1200: platform 240, workers 960 split 3:1
+    s = economics.split_charge({"gpu-a": 300, "gpu-b": 100}, 3)  # 1200: platform 240, workers 960 split 3:1
     assert (s.charge, s.platform, s.workers) == (1200, 240, {"gpu-a": 720, "gpu-b": 240})
 
 
@@ -38,7 +38,7 @@ def test_random_splits_sum_exactly_and_stay_within_one_unit_of_the_exact_share()
         if not any(usage.values()):
             continue
         price = rng.choice([1, 2, 3, 7, 10**9 + 7])
-        s = economics.settle(usage, price)
+        s = economics.split_charge(usage, price)
         assert s.charge == sum(usage.values()) * price
         assert s.platform == s.charge // 5
         assert s.platform + sum(s.workers.values()) == s.charge
@@ -50,7 +50,7 @@ def test_random_splits_sum_exactly_and_stay_within_one_unit_of_the_exact_share()
 
 
 def test_charge_is_capped_at_the_hold() -> None:
-    s = economics.settle({"a": 600, "b": 400}, 2, cap=1000)
+    s = economics.split_charge({"a": 600, "b": 400}, 2, cap=1000)
     assert s.charge == 1000 and s.platform == 200 and s.workers == {"a": 480, "b": 320}
 
 
@@ -59,9 +59,18 @@ def test_max_job_cost_and_bad_input() -> None:
     with pytest.raises(InvalidRequest):
         economics.max_job_cost(-1, 20, 24, 2)
     with pytest.raises(InvalidRequest):
-        economics.settle({"a": -5}, 2)
+        economics.split_charge({"a": -5}, 2)
     with pytest.raises(InvalidRequest):
         economics.cost(10, 1.5)  # type: ignore[arg-type]
+
+
+def test_token_layers_is_the_one_formula() -> None:
+    assert economics.token_layers(7, 3) == 21
+    assert economics.max_token_layers(10, 20, 24) == economics.token_layers(30, 24) == 720
+    with pytest.raises(InvalidRequest, match="layers"):
+        economics.token_layers(1, -1)
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        economics.max_token_layers(1, -2, 4)
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

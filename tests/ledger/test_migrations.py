@@ -60,6 +60,7 @@ def _columns(url: str, table: str) -> list[dict]:  # type: ignore[type-arg]
         eng.dispose()
 
 
+@pytest.mark.slow  # runs the alembic command in fresh processes, several times
 def test_upgrade_check_downgrade_upgrade(empty_database: str) -> None:
     up = _alembic_cli(empty_database, "upgrade", "head")
     assert up.returncode == 0, up.stderr

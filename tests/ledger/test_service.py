@@ -10,9 +10,10 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from azu.billing import accounts
 from azu.billing.ledger import service
 from azu.billing.ledger.db import session_scope
-from azu.billing.ledger.models import Job, JournalTransaction, Payout, PayoutStatus
+from azu.billing.ledger.models import Hold, JournalTransaction, Payout, PayoutStatus
 from azu.errors import Conflict, InvalidRequest, NotFound, PaymentRequired, Unauthorized
 
 pytestmark = pytest.mark.postgres
@@ -71,24 +72,24 @@ def test_deposit_rejects_non_positive_and_float_amounts(session: Session) -> Non
 def test_hold_is_refused_with_402_and_amounts_when_funds_are_short(engine: Engine) -> None:
     fund(engine, ALICE, 100)
     with session_scope(engine) as s, pytest.raises(PaymentRequired) as err:
-        service.hold_job(s, job_id="j1", user_address=ALICE, amount=150)
+        service.place_hold(s, job_id="j1", user_address=ALICE, amount=150)
     assert err.value.status == 402
     assert "150" in err.value.message and "100" in err.value.message
     assert bal(engine, ALICE) == 100
     with session_scope(engine) as s:
-        assert s.get(Job, "j1") is None  # nothing of the refused hold was written
+        assert s.get(Hold, "j1") is None  # nothing of the refused hold was written
 
 
 def test_hold_then_settle_charges_usage_splits_80_20_and_returns_the_rest(engine: Engine) -> None:
     fund(engine, ALICE, 10_000)
     with session_scope(engine) as s:
-        job = service.hold_job(s, job_id="j1", user_address=ALICE, amount=4_000, model_id="m", price=2)
+        job = service.place_hold(s, job_id="j1", user_address=ALICE, amount=4_000, model_id="m", price=2)
         assert job.status == "held"
     assert bal(engine, ALICE) == 6_000
     assert kind_balance(engine, "holds") == 4_000
     # 1000 token-layers at 2 = 2000: platform 400, workers 1600 split 3:1
     with session_scope(engine) as s:
-        job = service.settle_job(s, job_id="j1", usage={"gpu-a": 750, "gpu-b": 250})
+        job = service.settle_hold(s, job_id="j1", usage={"gpu-a": 750, "gpu-b": 250})
     assert (job.status, job.charged) == ("settled", 2_000)
     assert bal(engine, ALICE) == 8_000
     assert kind_balance(engine, "holds") == 0
@@ -99,7 +100,7 @@ def test_hold_then_settle_charges_usage_splits_80_20_and_returns_the_rest(engine
         assert service.job_usage(s, "j1") == {"gpu-a": (750, 1_200), "gpu-b": (250, 400)}
     # settling again (even with other numbers) changes nothing
     with session_scope(engine) as s:
-        job = service.settle_job(s, job_id="j1", usage={"gpu-a": 1})
+        job = service.settle_hold(s, job_id="j1", usage={"gpu-a": 1})
     assert job.charged == 2_000
     assert bal(engine, ALICE) == 8_000
     assert kind_balance(engine, "worker", "gpu-a") == 1_200
@@ -108,8 +109,8 @@ def test_hold_then_settle_charges_usage_splits_80_20_and_returns_the_rest(engine
 def test_settlement_rounding_with_three_workers_is_exact(engine: Engine) -> None:
     fund(engine, ALICE, 1_000)
     with session_scope(engine) as s:
-        service.hold_job(s, job_id="j", user_address=ALICE, amount=1_000, price=1)
-        service.settle_job(s, job_id="j", usage={"a": 1, "b": 1, "c": 5})  # 7: platform 1, workers 6
+        service.place_hold(s, job_id="j", user_address=ALICE, amount=1_000, price=1)
+        service.settle_hold(s, job_id="j", usage={"a": 1, "b": 1, "c": 5})  # 7: platform 1, workers 6
     assert kind_balance(engine, "platform") == 1
     # 6 * 1/7 = 0.857, 6 * 5/7 = 4.29: floors 0, 0, 4 with 2 left for the largest remainders (a, b)
     assert [kind_balance(engine, "worker", w) for w in ("a", "b", "c")] == [1, 1, 4]
@@ -119,8 +120,8 @@ def test_settlement_rounding_with_three_workers_is_exact(engine: Engine) -> None
 def test_charge_above_the_hold_is_capped(engine: Engine) -> None:
     fund(engine, ALICE, 100)
     with session_scope(engine) as s:
-        service.hold_job(s, job_id="j", user_address=ALICE, amount=50, price=2)
-        job = service.settle_job(s, job_id="j", usage={"a": 1_000})
+        service.place_hold(s, job_id="j", user_address=ALICE, amount=50, price=2)
+        job = service.settle_hold(s, job_id="j", usage={"a": 1_000})
     assert job.charged == 50
     assert bal(engine, ALICE) == 50
     assert kind_balance(engine, "platform") + kind_balance(engine, "worker", "a") == 50
@@ -129,26 +130,26 @@ def test_charge_above_the_hold_is_capped(engine: Engine) -> None:
 def test_release_and_idempotency_of_hold_release_settle(engine: Engine) -> None:
     fund(engine, ALICE, 100)
     with session_scope(engine) as s:
-        service.hold_job(s, job_id="j", user_address=ALICE, amount=60, price=2)
-        service.hold_job(s, job_id="j", user_address=ALICE, amount=60, price=2)  # same hold again: no-op
+        service.place_hold(s, job_id="j", user_address=ALICE, amount=60, price=2)
+        service.place_hold(s, job_id="j", user_address=ALICE, amount=60, price=2)  # same hold again: no-op
     assert bal(engine, ALICE) == 40
     with session_scope(engine) as s, pytest.raises(Conflict):
-        service.hold_job(s, job_id="j", user_address=BOB, amount=60)
+        service.place_hold(s, job_id="j", user_address=BOB, amount=60)
     with session_scope(engine) as s:
-        assert service.release_job(s, job_id="j").status == "released"
-        service.release_job(s, job_id="j")
-        assert service.settle_job(s, job_id="j", usage={"a": 10}).status == "released"
+        assert service.release_hold(s, job_id="j").status == "released"
+        service.release_hold(s, job_id="j")
+        assert service.settle_hold(s, job_id="j", usage={"a": 10}).status == "released"
     assert bal(engine, ALICE) == 100
     with session_scope(engine) as s, pytest.raises(NotFound):
-        service.settle_job(s, job_id="nope", usage={})
+        service.settle_hold(s, job_id="nope", usage={})
 
 
 def test_a_refused_operation_leaves_the_callers_transaction_usable(engine: Engine) -> None:
     fund(engine, ALICE, 10)
     with session_scope(engine) as s:
         with pytest.raises(PaymentRequired):
-            service.hold_job(s, job_id="big", user_address=ALICE, amount=11)
-        service.hold_job(s, job_id="small", user_address=ALICE, amount=10)
+            service.place_hold(s, job_id="big", user_address=ALICE, amount=11)
+        service.place_hold(s, job_id="small", user_address=ALICE, amount=10)
     assert bal(engine, ALICE) == 0
 
 
@@ -209,8 +210,8 @@ def _earn(engine: Engine, worker: str, amount: int) -> None:
     charge = amount * 5 // 4
     fund(engine, BOB, charge, tx=f"0xfund-{worker}-{amount}")
     with session_scope(engine) as s:
-        service.hold_job(s, job_id=f"earn-{worker}-{amount}", user_address=BOB, amount=charge, price=1)
-        service.settle_job(s, job_id=f"earn-{worker}-{amount}", usage={worker: charge})
+        service.place_hold(s, job_id=f"earn-{worker}-{amount}", user_address=BOB, amount=charge, price=1)
+        service.settle_hold(s, job_id=f"earn-{worker}-{amount}", usage={worker: charge})
     assert kind_balance(engine, "worker", worker) >= amount
 
 
@@ -295,40 +296,40 @@ def test_payout_cannot_exceed_the_balance_and_nonces_are_unique(engine: Engine) 
 
 def test_challenges_are_single_use_per_address_and_expire(engine: Engine) -> None:
     with session_scope(engine) as s:
-        text_ = service.create_challenge(s, ALICE)
+        text_ = accounts.create_challenge(s, ALICE)
         assert ALICE in text_
     with session_scope(engine) as s, pytest.raises(Unauthorized):
-        service.consume_challenge(s, BOB, text_)
+        accounts.consume_challenge(s, BOB, text_)
     with session_scope(engine) as s:
-        service.consume_challenge(s, ALICE, text_)
+        accounts.consume_challenge(s, ALICE, text_)
     with session_scope(engine) as s, pytest.raises(Unauthorized):
-        service.consume_challenge(s, ALICE, text_)
+        accounts.consume_challenge(s, ALICE, text_)
     with session_scope(engine) as s:
-        old = service.create_challenge(s, ALICE, ttl=timedelta(seconds=-1))
+        old = accounts.create_challenge(s, ALICE, ttl=timedelta(seconds=-1))
     with session_scope(engine) as s, pytest.raises(Unauthorized):
-        service.consume_challenge(s, ALICE, old)
+        accounts.consume_challenge(s, ALICE, old)
 
 
 def test_api_keys_store_lookup_list_revoke(engine: Engine) -> None:
     with session_scope(engine) as s:
-        k1 = service.store_api_key(s, address=ALICE, key_hash="a" * 64, label="laptop")
-        service.store_api_key(s, address=BOB, key_hash="b" * 64, label=None)
+        k1 = accounts.store_api_key(s, address=ALICE, key_hash="a" * 64, label="laptop")
+        accounts.store_api_key(s, address=BOB, key_hash="b" * 64, label=None)
     with session_scope(engine) as s:
-        assert service.user_for_key_hash(s, "a" * 64) == ALICE
-        assert [k.label for k in service.list_api_keys(s, ALICE)] == ["laptop"]
+        assert accounts.user_for_key_hash(s, "a" * 64) == ALICE
+        assert [k.label for k in accounts.list_api_keys(s, ALICE)] == ["laptop"]
         with pytest.raises(NotFound):
-            service.revoke_api_key(s, BOB, k1.id)
-        assert service.revoke_api_key(s, ALICE, k1.id).revoked_at is not None
+            accounts.revoke_api_key(s, BOB, k1.id)
+        assert accounts.revoke_api_key(s, ALICE, k1.id).revoked_at is not None
     with session_scope(engine) as s:
-        assert service.user_for_key_hash(s, "a" * 64) is None
-        assert service.user_for_key_hash(s, "b" * 64) == BOB
+        assert accounts.user_for_key_hash(s, "a" * 64) is None
+        assert accounts.user_for_key_hash(s, "b" * 64) == BOB
 
 
 def test_every_money_movement_has_a_unique_key(engine: Engine) -> None:
     fund(engine, ALICE, 100)
     with session_scope(engine) as s:
-        service.hold_job(s, job_id="j", user_address=ALICE, amount=10, price=1)
-        service.settle_job(s, job_id="j", usage={"w": 10})
+        service.place_hold(s, job_id="j", user_address=ALICE, amount=10, price=1)
+        service.settle_hold(s, job_id="j", usage={"w": 10})
         keys = (
             s.execute(select(JournalTransaction.idempotency_key).order_by(JournalTransaction.id))
             .scalars()

@@ -24,12 +24,11 @@ from azu.billing.ledger.db import session_scope
 from azu.billing.ledger.models import ApiKey, Deposit
 from azu.errors import PaymentRequired, Unauthorized
 from azu.payments.hyperliquid import HyperliquidProvider
+from tests.support.chain import deploy_reverting_contract
 from web import create_app
 
 pytestmark = [pytest.mark.postgres, pytest.mark.chain]
 
-# init code of a contract whose every call reverts (runtime: PUSH1 0 PUSH1 0 REVERT)
-REVERTING_CONTRACT_INIT = "0x6005600c60003960056000f360006000fd"
 HYPE = 10**18
 
 
@@ -161,10 +160,7 @@ def test_deposit_sent_elsewhere_failed_unknown_or_malformed_is_refused(
     assert r.status_code == 400 and r.json["param"] == "address"
 
     # A platform address whose transfers revert: the transaction is mined, and failed.
-    init = w3.eth.send_transaction(
-        {"from": w3.eth.accounts[0], "data": REVERTING_CONTRACT_INIT, "gas": 200_000}
-    )
-    contract = w3.eth.get_transaction_receipt(init)["contractAddress"]
+    contract = deploy_reverting_contract(w3)
     reverting = HyperliquidProvider(web3=w3, private_key=platform.key.to_0x_hex(), platform_address=contract)
     failed = send(w3, user, contract, HYPE, gas=100_000)
     with make_app(engine, reverting).test_client() as other:
@@ -206,6 +202,7 @@ def test_deposit_body_must_be_json(client: FlaskClient) -> None:
     assert r.status_code == 400 and "JSON object" in r.json["error"]
 
 
+@pytest.mark.slow  # 50 threads through the whole app: half a second or more
 def test_50_concurrent_deposit_requests_for_one_tx_credit_once(
     w3: Web3, app: Flask, engine: Engine, provider: HyperliquidProvider
 ) -> None:
@@ -301,7 +298,7 @@ def test_key_routes_need_a_live_key_and_only_touch_your_own(w3: Web3, client: Fl
 def test_app_billing_is_the_ledger_and_refuses_a_hold_it_cannot_cover(
     w3: Web3, app: Flask, client: FlaskClient, provider: HyperliquidProvider, engine: Engine
 ) -> None:
-    billing = app.extensions["azu.billing.base"]
+    billing = app.extensions["azu.billing"]
     assert isinstance(billing, LedgerBilling)
     user = wallet(w3)
     key = login(client, user)["key"]

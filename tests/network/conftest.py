@@ -7,46 +7,22 @@ and shared; each test uses its own model ids and job ids, so tests do not see ea
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import http.server
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 import redis
 
-REPO = Path(__file__).resolve().parents[2]
-# One Redis database for this folder (not db 0, which a developer's local network may use).
-DB = int(os.environ.get("AZU_TEST_NETWORK_DB") or 9)
-REDIS_URL = f"redis://127.0.0.1:6379/{DB}"
-SECRET = "test-network-secret"
+from tests.support.network import REDIS_URL, SECRET, Cluster, RegistryHandler
 
 # Set before `workers`/celeryconfig are imported anywhere in this process: the broker is this database.
 os.environ["REDIS_URL"] = REDIS_URL
 os.environ["AUTH_SECRET_KEY"] = SECRET
-
-
-def wait_for(cond: Callable[[], Any], *, timeout: float = 60.0, what: str = "condition",
-             interval: float = 0.02) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)  # polling interval of a deadline wait, not a synchronization
 
 
 @pytest.fixture(scope="session")
@@ -121,37 +97,10 @@ def shard(r: redis.Redis, registry_dir: Path, source_model: Path) -> Callable[[s
     return make
 
 
-class _RegistryHandler(http.server.BaseHTTPRequestHandler):
-    """GET /models/files/<name>?model_id=<id>: the file from the shard folder (as web/registry.py serves)."""
-
-    def do_GET(self) -> None:
-        from azu.registry import status as models
-
-        url = urlparse(self.path)
-        name = url.path.rsplit("/", 1)[-1]
-        model_id = parse_qs(url.query).get("model_id", [""])[0]
-        if not url.path.startswith("/models/files/") or "/" in name or name.startswith("."):
-            self.send_error(404)
-            return
-        path = models.shard_dir(model_id) / name
-        tamper = self.server.tamper.get((model_id, name))  # type: ignore[attr-defined]
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes() if tamper is None else tamper(path.read_bytes())
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        return
-
-
 @pytest.fixture(scope="session")
 def registry_http(registry_dir: Path) -> Iterator[Any]:
     """A static-file registry over real HTTP; ``server.tamper[(model, file)]`` can corrupt what it serves."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RegistryHandler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RegistryHandler)
     server.tamper = {}  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -159,98 +108,6 @@ def registry_http(registry_dir: Path) -> Iterator[Any]:
     yield server
     server.shutdown()
     server.server_close()
-
-
-class Cluster:
-    """Celery worker processes of one test session."""
-
-    def __init__(self, r: redis.Redis, base: Path, registry_url: str) -> None:
-        self.r = r
-        self.base = base
-        self.registry_url = registry_url
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs: dict[str, Path] = {}
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, REDIS_URL=REDIS_URL, AUTH_SECRET_KEY=SECRET, OMP_NUM_THREADS="1",
-                   REGISTRY_URL=self.registry_url, AZU_HEARTBEAT_S="0.5", PYTHONPATH=str(REPO),
-                   AZU_REGISTRY_DIR=os.environ["AZU_REGISTRY_DIR"], AZU_DEVICE="cpu", AZU_DTYPE="float32")
-        env.pop("DATABASE_URL", None)  # FreeBilling: the ledger has its own tests
-        env.update(extra)
-        return env
-
-    def start_gpu(self, worker_id: str, *, via_cli: bool = False, **extra: str) -> None:
-        """``via_cli``: through ``azu-worker`` (azu.network.node.main), which execs the same Celery worker."""
-        if via_cli:
-            argv = [sys.executable, "-c", "import sys; from azu.network.node import main; sys.exit(main())",
-                    "--worker-id", worker_id, "--device", "cpu", "--loglevel", "INFO"]
-        else:
-            argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{worker_id}",
-                    "--pool", "solo", "-n", f"{worker_id}@test", "--loglevel", "INFO",
-                    "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        self._spawn(worker_id, argv, self.env(AZU_WORKER_ID=worker_id,
-                                              AZU_CACHE_DIR=str(self.base / f"cache-{worker_id}"), **extra))
-
-    def start_core(self, name: str = "core") -> None:
-        argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "core,registry",
-                "--pool", "solo", "-n", f"{name}@test", "--loglevel", "INFO",
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        env = self.env(AZU_ALLOWED_MODEL_DIRS=str(self.base))  # the registry shards local folders under it
-        env.pop("AZU_WORKER_ID", None)
-        self._spawn(name, argv, env)
-
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        log = self.base / f"{name}.log"
-        self.logs[name] = log
-        with open(log, "wb") as f:
-            self.procs[name] = subprocess.Popen(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
-
-    def log(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace")
-
-    def wait_live(self, *worker_ids: str, timeout: float = 90.0) -> None:
-        from azu.network import directory
-
-        def ready() -> bool:
-            for wid in worker_ids:
-                proc = self.procs[wid]
-                if proc.poll() is not None:
-                    raise AssertionError(f"worker {wid} exited ({proc.returncode}):\n{self.log(wid)[-3000:]}")
-            live = {w.worker_id for w in directory.live_workers(self.r)}
-            return set(worker_ids) <= live
-
-        wait_for(ready, timeout=timeout, what=f"workers {worker_ids} to register")
-
-    def wait_core(self, name: str = "core", timeout: float = 60.0) -> None:
-        wait_for(lambda: "ready." in self.log(name), timeout=timeout, what=f"{name} worker to be ready")
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-    def kill(self, name: str) -> None:
-        """SIGKILL: the worker dies without saying goodbye (its heartbeat just stops)."""
-        proc = self.procs.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():  # all at once: each warm shutdown takes a moment
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for name in list(self.procs):
-            self.stop(name)
 
 
 @pytest.fixture(scope="session")
@@ -276,67 +133,6 @@ def celery_dispatch(r: redis.Redis) -> Any:
 
     workers.use_broker(REDIS_URL)
     return get_dispatcher()
-
-
-class Recording:
-    """Wraps a dispatcher and remembers what was sent (to count, e.g., shard tasks)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.sent: list[tuple[str, str, dict[str, Any]]] = []
-
-    def send_task(self, name: str, *, queue: str, args: Any = (),
-                  kwargs: dict[str, Any] | None = None) -> None:
-        self.sent.append((name, queue, dict(kwargs or {})))
-        if self.inner is not None:
-            self.inner.send_task(name, queue=queue, args=args, kwargs=kwargs)
-
-    def count(self, name: str) -> int:
-        return sum(1 for n, _, _ in self.sent if n == name)
-
-
-class InlineNetwork:
-    """In-process WorkerNodes driven by a queue instead of Celery: for the fine-grained tests of the
-    node's logic (replays, cancellation, stop strings) where a real process would hide the timing.
-    The pipeline tests proper use real worker processes."""
-
-    def __init__(self, r: redis.Redis) -> None:
-        self.r = r
-        self.queue: collections.deque[tuple[str, str, list[Any], dict[str, Any]]] = collections.deque()
-        self.nodes: dict[str, Any] = {}
-        self.sent: list[str] = []
-
-    def send_task(self, name: str, *, queue: str, args: Any = (),
-                  kwargs: dict[str, Any] | None = None) -> None:
-        self.queue.append((name, queue, list(args), dict(kwargs or {})))
-        self.sent.append(name)
-
-    def add(self, worker_id: str, folder: Path, model_id: str, first: int, last: int, num_layers: int) -> Any:
-        from azu.network.node import WorkerNode
-
-        # linger_s=0: this queue runs one message at a time in this thread; nobody else could fill the list.
-        node = self.nodes.get(worker_id) or WorkerNode(self.r, worker_id=worker_id, dispatch=self, linger_s=0)
-        node.load_local(folder, model_id=model_id, first=first, last=last, embeddings=first == 0,
-                        head=last == num_layers)
-        self.nodes[worker_id] = node
-        return node
-
-    def step(self) -> bool:
-        """Deliver one message; False when none is left."""
-        if not self.queue:
-            return False
-        name, queue, _args, kwargs = self.queue.popleft()
-        if queue.startswith("gpu."):
-            node = self.nodes[queue[4:]]
-            if name == "workers.stage.forward":
-                node.process_pending(_args[0] if _args else None)
-            elif name == "workers.stage.end_job":
-                node.end_job(**kwargs)
-        return True
-
-    def run(self) -> None:
-        while self.step():
-            pass
 
 
 @pytest.fixture

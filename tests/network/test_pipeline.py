@@ -9,35 +9,37 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import redis
 
-from azu.network import directory, jobs
+from azu.config import get_settings
+from azu.engine.span import Span
+from azu.network import directory, dispatch, jobs, keys
 from azu.network.auth import job_token
-from azu.network.wire import Hop
+from azu.network.wire import Hop, Sampling, StepPayload, route_from_list
 from azu.registry import status as models
-from tests.network.conftest import Cluster, Recording, wait_for
+from tests.support import wait_for
+from tests.support.network import Cluster, Recording
 
-pytestmark = [pytest.mark.network]
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 NUM_LAYERS = 4
 PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 99, 12], [1, 200, 201, 202, 203, 204, 205, 206, 207, 208],
            [1, 7], [1, 300, 250, 200, 150], [1, 65, 66, 67, 68], [1, 33, 44, 55], [1, 111, 222, 3, 4, 5, 6]]
 
 
-def load_layout(cluster: Cluster, dispatch: Any, model_id: str, layout: dict[str, tuple[int, int]]) -> None:
+def load_layout(cluster: Cluster, sender: Any, model_id: str, layout: dict[str, tuple[int, int]]) -> None:
     """Send load orders (as the scheduler does) and wait until the directory shows every holding."""
-    for wid, (first, last) in layout.items():
-        dispatch.send_task("workers.stage.load", queue=f"gpu.{wid}", kwargs={
-            "model_id": model_id, "first": first, "last": last, "embeddings": first == 0,
-            "head": last == NUM_LAYERS})
+    spans = {wid: Span(first, last, first == 0, last == NUM_LAYERS) for wid, (first, last) in layout.items()}
+    for wid, span in spans.items():
+        dispatch.send_load(wid, model_id, span, dispatch=sender)
 
     def held() -> bool:
         live = {w.worker_id: w for w in directory.live_workers(cluster.r)}
-        return all(wid in live and any(s.model_id == model_id and (s.first, s.last) == span
-                                       for s in live[wid].stages) for wid, span in layout.items())
+        return all(wid in live and span in live[wid].holds(model_id) for wid, span in spans.items())
 
     wait_for(held, timeout=90, what=f"{model_id} to be loaded as {layout}")
 
@@ -55,11 +57,11 @@ def collect(r: redis.Redis, job_id: str, *, timeout: float = 60.0) -> tuple[list
     raise AssertionError(f"job {job_id} did not finish in {timeout}s; events so far: {events}")
 
 
-def submit(r: redis.Redis, dispatch: Any, model_id: str, prompt: list[int], max_tokens: int,
+def submit(r: redis.Redis, sender: Any, model_id: str, prompt: list[int], max_tokens: int,
            **kw: Any) -> str:
     job_id = f"job-{uuid.uuid4().hex[:12]}"
     jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u1", model_id=model_id, prompt_ids=prompt,
-                                       max_tokens=max_tokens, **kw), dispatch=dispatch)
+                                       max_tokens=max_tokens, **kw), dispatch=sender)
     return job_id
 
 
@@ -90,7 +92,7 @@ def test_two_workers_match_generate(r, cluster, celery_dispatch, two_workers, re
     view = jobs.get_job(r, job_id)
     assert view is not None and view.status == "done" and view.token_ids == expected
     # The core worker settles the job; both stages free the job's KV cache.
-    wait_for(lambda: r.hget(jobs.job_key(job_id), "settled") == b"settled", what="settlement")
+    wait_for(lambda: r.hget(keys.job(job_id), "settled") == b"settled", what="settlement")
     wait_for(lambda: caches_freed(r, "W1", "W2"), what="KV caches to be freed")
 
 
@@ -101,7 +103,7 @@ def test_three_workers_match_generate(r, cluster, celery_dispatch, shard, refere
     job_id = submit(r, celery_dispatch, model_id, prompt, n)
     tokens, events = collect(r, job_id)
     assert tokens == reference(prompt, n)
-    route = json.loads(r.hget(jobs.job_key(job_id), "route"))
+    route = json.loads(r.hget(keys.job(job_id), "route"))
     assert [h[0] for h in route] == ["W1", "W2", "W3"]
     assert events[-1].usage["workers"] == {"W1": (len(prompt) + n - 1) * 1, "W2": (len(prompt) + n - 1) * 2,
                                            "W3": (len(prompt) + n - 1) * 1}
@@ -123,50 +125,51 @@ def test_duplicated_step_does_not_advance_a_cache_twice(r, cluster, celery_dispa
     """The first step's payload and its wake-up are delivered twice (as a redelivery would)."""
     prompt, n = PROMPTS[4], 8
     job_id = submit(r, celery_dispatch, two_workers, prompt, n)
-    raw = r.hgetall(jobs.job_key(job_id))
-    route = [Hop.from_list(h) for h in json.loads(raw[b"route"])]
-    payload = {"job": job_id, "model": two_workers, "route": [h.to_list() for h in route],
-               "tok": job_token(job_id, two_workers, route), "gen": json.loads(raw[b"gen"]), "step": 0,
-               "hop": 0, "pos": 0, "x": prompt}
+    raw = r.hgetall(keys.job(job_id))
+    route = route_from_list(json.loads(raw[b"route"]))
+    payload = StepPayload(job_id=job_id, model_id=two_workers, route=route,
+                          token=job_token(job_id, two_workers, route),
+                          sampling=Sampling.from_dict(json.loads(raw[b"gen"])), step=0, hop=0, pos=0,
+                          x=prompt)
     # Again, twice: once now (possibly while the original is still pending) and once after it ran.
-    jobs.send_steps(r, [("W1", payload)], dispatch=celery_dispatch)
-    wait_for(lambda: r.xlen(jobs.events_key(job_id)) >= 1, what="the first token")
-    jobs.send_steps(r, [("W1", payload)], dispatch=celery_dispatch)
-    celery_dispatch.send_task("workers.stage.forward", queue="gpu.W1", args=[["dup"]])
+    jobs.send_steps(r, [payload], dispatch=celery_dispatch)
+    wait_for(lambda: r.xlen(keys.events(job_id)) >= 1, what="the first token")
+    jobs.send_steps(r, [payload], dispatch=celery_dispatch)
+    dispatch.send_forward("W1", [b"dup"], dispatch=celery_dispatch)
     tokens, events = collect(r, job_id)
     assert tokens == reference(prompt, n)
     per_worker = (len(prompt) + n - 1) * 2
     assert events[-1].usage["workers"] == {"W1": per_worker, "W2": per_worker}  # nothing counted twice
-    assert r.xlen(jobs.events_key(job_id)) == n  # each step published once
+    assert r.xlen(keys.events(job_id)) == n  # each step published once
 
 
 def test_forged_token_is_refused(r, cluster, celery_dispatch, two_workers) -> None:
-    refused = int(r.get("azu:refused:W1") or 0)
-    route = [Hop("W1", 0, 2, True, False), Hop("W2", 2, 4, False, True)]
-    gen = {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 1, "stop": [],
-           "stop_ids": [2], "prompt_len": 3}
-    base = {"model": two_workers, "route": [h.to_list() for h in route], "gen": gen, "step": 0, "hop": 0,
-            "pos": 0, "x": [1, 2, 3]}
-    forged = {**base, "job": "forged-1", "tok": "0" * 64}
+    refused = int(r.get(keys.refused("W1")) or 0)
+    route = (Hop("W1", Span(0, 2, True, False)), Hop("W2", Span(2, 4, False, True)))
+    sampling = Sampling(max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=1, stop=(), stop_ids=(2,),
+                        prompt_len=3)
+    base = StepPayload(job_id="", model_id=two_workers, route=route, token="", sampling=sampling, step=0,
+                       hop=0, pos=0, x=[1, 2, 3])
+    forged = replace(base, job_id="forged-1", token="0" * 64)
     # A real token, but for another job: it must not open this job's cache either.
-    borrowed = {**base, "job": "forged-2", "tok": job_token("someone-else", two_workers, route)}
+    borrowed = replace(base, job_id="forged-2", token=job_token("someone-else", two_workers, route))
     # A real token for this job, but a route that sends the hidden states elsewhere.
-    rerouted = {**base, "job": "forged-3", "tok": job_token("forged-3", two_workers, route[:1])}
-    jobs.send_steps(r, [("W1", forged), ("W1", borrowed), ("W1", rerouted)], dispatch=celery_dispatch)
-    wait_for(lambda: int(r.get("azu:refused:W1") or 0) >= refused + 3, what="three refusals")
+    rerouted = replace(base, job_id="forged-3", token=job_token("forged-3", two_workers, route[:1]))
+    jobs.send_steps(r, [forged, borrowed, rerouted], dispatch=celery_dispatch)
+    wait_for(lambda: int(r.get(keys.refused("W1")) or 0) >= refused + 3, what="three refusals")
     for job_id in ("forged-1", "forged-2", "forged-3"):
-        assert r.xlen(jobs.events_key(job_id)) == 0
-        assert not r.exists(jobs.usage_key(job_id))
-    assert not r.exists(jobs.pending_key("W2"))  # nothing was sent on
+        assert r.xlen(keys.events(job_id)) == 0
+        assert not r.exists(keys.usage(job_id))
+    assert not r.exists(keys.pending("W2"))  # nothing was sent on
 
 
 def test_pickled_message_is_refused(r, cluster, celery_dispatch) -> None:
     import workers
 
-    workers.app.send_task("workers.stage.ping", args=["azu:ping:pickled", "1"], queue="gpu.W3",
+    workers.app.send_task(dispatch.PING, args=["azu:ping:pickled", "1"], queue="gpu.W3",
                           serializer="pickle")
     # Same queue, sent after: once it has run, the pickled message before it was handled (refused).
-    celery_dispatch.send_task("workers.stage.ping", queue="gpu.W3", args=["azu:ping:after-pickle", "1"])
+    dispatch.send_ping("W3", "azu:ping:after-pickle", "1", dispatch=celery_dispatch)
     wait_for(lambda: r.get("azu:ping:after-pickle"), what="the msgpack ping")
     assert r.get("azu:ping:pickled") is None
     assert "pickle" in cluster.log("W3") and "Refusing to deserialize" in cluster.log("W3")
@@ -175,20 +178,20 @@ def test_pickled_message_is_refused(r, cluster, celery_dispatch) -> None:
 def test_model_no_worker_holds_gets_load_orders_then_is_served(r, cluster, celery_dispatch, shard,
                                                                reference) -> None:
     model_id = shard("tiny-jit")
-    assert not any(s.model_id == model_id for w in directory.live_workers(r) for s in w.stages)
+    assert not any(w.holds(model_id) for w in directory.live_workers(r))
     rec = Recording(celery_dispatch)
     prompt, n = PROMPTS[5], 6
     ids = [submit(r, rec, model_id, prompt, n) for _ in range(2)]
-    assert rec.count("workers.stage.load") >= 1  # ordered once, for the first job
+    assert rec.count(dispatch.LOAD) >= 1  # ordered once, for the first job
     assert jobs.get_job(r, ids[0]).status in ("queued", "running", "done")
     for job_id in ids:
         tokens, _ = collect(r, job_id, timeout=90)
         assert tokens == reference(prompt, n)
-    assert any(s.model_id == model_id for w in directory.live_workers(r) for s in w.stages)
+    assert any(w.holds(model_id) for w in directory.live_workers(r))
     # Loaded now: the next job is routed at once, with no new load order.
     rec2 = Recording(celery_dispatch)
     job_id = submit(r, rec2, model_id, prompt, n)
-    assert rec2.count("workers.stage.load") == 0
+    assert rec2.count(dispatch.LOAD) == 0
     assert collect(r, job_id)[0] == reference(prompt, n)
 
 
@@ -201,7 +204,7 @@ def test_tampered_file_fails_the_load_and_the_waiting_job(r, cluster, celery_dis
     _, events = collect(r, job_id, timeout=90)
     assert events[-1].kind == "error" and "SHA-256" in events[-1].error
     assert jobs.get_job(r, job_id).status == "failed"
-    assert not any(s.model_id == model_id for w in directory.live_workers(r) for s in w.stages)
+    assert not any(w.holds(model_id) for w in directory.live_workers(r))
 
 
 def test_request_shard_twice_shards_once(r, cluster, celery_dispatch, source_model, monkeypatch) -> None:
@@ -210,7 +213,7 @@ def test_request_shard_twice_shards_once(r, cluster, celery_dispatch, source_mod
     a = models.request_shard(r, str(source_model), dispatch=rec)
     b = models.request_shard(r, str(source_model), dispatch=rec)
     assert a["model_id"] == b["model_id"] == source_model.name
-    assert rec.count("workers.registry.shard") == 1
+    assert rec.count(dispatch.SHARD) == 1
     wait_for(lambda: models.model_status(r, source_model.name)["state"] in ("ready", "failed"), timeout=60,
              what="sharding by the registry worker")
     status = models.model_status(r, source_model.name)
@@ -218,7 +221,7 @@ def test_request_shard_twice_shards_once(r, cluster, celery_dispatch, source_mod
     assert (models.shard_dir(source_model.name) / "manifest.json").is_file()
     assert source_model.name in models.ready_models(r)
     models.request_shard(r, str(source_model), dispatch=rec)
-    assert rec.count("workers.registry.shard") == 1  # ready: not sharded again
+    assert rec.count(dispatch.SHARD) == 1  # ready: not sharded again
 
 
 def test_dead_worker_gets_no_new_routes(r, cluster, celery_dispatch, shard) -> None:
@@ -235,14 +238,14 @@ def test_dead_worker_gets_no_new_routes(r, cluster, celery_dispatch, shard) -> N
     routes = jobs.placement.find_routes(model_id, info.num_layers, directory.live_workers(r))
     assert [[h.worker_id for h in route] for route in routes] == [["W3", "W4"]]
     cluster.kill("W4")  # SIGKILL: no goodbye, the heartbeats just stop
-    r.zadd(directory.WORKERS_KEY, {"W4": time.time() - 2 * directory.DEFAULT_TTL_S})  # as if long ago
+    r.zadd(keys.WORKERS, {"W4": time.time() - 2 * get_settings().heartbeat_ttl_s})  # as if long ago
     assert "W4" not in {w.worker_id for w in directory.live_workers(r)}
     rec = Recording(None)  # record what the job would send, send nothing
     job_id = submit(r, rec, model_id, PROMPTS[3], 3)
     assert rec.sent and all(queue != "gpu.W4" for _, queue, _ in rec.sent)
     # The missing half is ordered onto a live worker (W3's first half is reused).
-    assert rec.count("workers.stage.load") >= 1
-    orders = [kw for name, _, kw in rec.sent if name == "workers.stage.load"]
-    assert any(o["first"] == 2 and o["head"] and o["worker_id"] != "W4" for o in orders), orders
+    assert rec.count(dispatch.LOAD) >= 1
+    orders = [(queue, Span.from_list(kw["span"])) for name, queue, kw in rec.sent if name == dispatch.LOAD]
+    assert any(span.first == 2 and span.head and queue != "gpu.W4" for queue, span in orders), orders
     jobs.cancel_job(r, job_id, dispatch=rec)
     assert jobs.get_job(r, job_id).finish_reason == "cancelled"

@@ -9,19 +9,22 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 
 import msgpack
 import pytest
 import torch
 
+from azu.engine.span import Span
 from azu.errors import Conflict, Forbidden, InvalidRequest, NoCapacity, NotFound
-from azu.network import auth, directory, jobs, placement
+from azu.network import auth, directory, dispatch, jobs, keys, placement, watchdog
 from azu.network import wire as protocol
-from azu.network.directory import HeldStage, WorkerInfo
+from azu.network.directory import WorkerInfo
+from azu.network.inbox import Inbox
 from azu.network.placement import ModelShape
-from azu.network.wire import Hop
+from azu.network.wire import Hop, Sampling, StepPayload
 from azu.registry import status as models
-from tests.network.conftest import InlineNetwork
+from tests.support.network import InlineNetwork
 
 NUM_LAYERS = 4
 
@@ -34,18 +37,63 @@ def test_tensor_roundtrip_is_exact_and_pickle_free() -> None:
     assert torch.equal(protocol.unpack_tensor(data), t)
     with pytest.raises(InvalidRequest):
         protocol.unpack_tensor(b"\x80\x04not safetensors")
-    msg = {"x": data, "ids": [1, 2], "job": "j"}
-    assert protocol.unpack(protocol.pack(msg)) == msg
+
+
+SAMPLING = Sampling(max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=1, stop=("\n",), stop_ids=(2,),
+                    prompt_len=3)
+ROUTE = (Hop("A", Span(0, 2, True, False)), Hop("B", Span(2, 4, False, True)))
+
+
+def test_step_payload_roundtrip_and_wire_form() -> None:
+    step = StepPayload(job_id="j", model_id="m", route=ROUTE, token="t" * 64, sampling=SAMPLING, step=0,
+                       hop=0, pos=0, x=[1, 2, 3])
+    assert StepPayload.unpack(step.pack()) == step
+    hidden = protocol.pack_tensor(torch.randn(1, 8))
+    later = StepPayload.unpack(replace(step, hop=1, x=hidden).pack())
+    assert later.x == hidden and later.here == ROUTE[1]
+    # The msgpack form: short keys, hops as [worker, first, last, embeddings, head].
+    raw = msgpack.unpackb(step.pack(), raw=False)
+    assert set(raw) == {"job", "model", "route", "tok", "gen", "step", "hop", "pos", "x"}
+    assert raw["route"] == [["A", 0, 2, True, False], ["B", 2, 4, False, True]]
+
+
+@pytest.mark.parametrize("change", [
+    {"step": -1}, {"step": "0"}, {"hop": 2}, {"hop": True}, {"pos": 1.5}, {"job": ""}, {"tok": None},
+    {"x": []}, {"x": [1, "2"]}, {"x": {"a": 1}}, {"route": []}, {"route": [["A", 0, 2, True]]},
+    {"route": [["A", 2, 1, False, True]]}, {"route": [[1, 0, 4, True, True]]}, {"gen": {"max_tokens": 4}},
+    {"gen": {**SAMPLING.to_dict(), "temperature": "hot"}}, {"gen": {**SAMPLING.to_dict(), "stop": [1]}},
+    {"gen": {**SAMPLING.to_dict(), "max_tokens": 0}}, {"extra": 1},
+])
+def test_malformed_step_payloads_are_refused(change: dict) -> None:
+    good = msgpack.unpackb(StepPayload(job_id="j", model_id="m", route=ROUTE, token="t", sampling=SAMPLING,
+                                       step=0, hop=0, pos=0, x=[1]).pack(), raw=False)
     with pytest.raises(InvalidRequest):
-        protocol.unpack(msgpack.packb([1, 2]))
+        StepPayload.unpack(msgpack.packb(good | change, use_bin_type=True))
+    with pytest.raises(InvalidRequest):
+        StepPayload.unpack(msgpack.packb([1, 2]))
+    with pytest.raises(InvalidRequest):
+        StepPayload.unpack(b"\xc1 not msgpack")
+
+
+def test_task_names_are_the_registered_ones() -> None:
+    import workers
+    import workers.registry
+    import workers.scheduler
+    import workers.stage
+
+    names = [dispatch.FORWARD, dispatch.LOAD, dispatch.END_JOB, dispatch.PING, dispatch.SETTLE,
+             dispatch.WATCHDOG, dispatch.PLACE, dispatch.SHARD]
+    for name in names:
+        assert name in workers.app.tasks, name
+        assert isinstance(workers.app.tasks[name], workers.AzuTask), name
 
 
 def test_token_binds_job_and_route() -> None:
-    route = [Hop("A", 0, 2, True, False), Hop("B", 2, 4, False, True)]
+    route = [Hop("A", Span(0, 2, True, False)), Hop("B", Span(2, 4, False, True))]
     token = auth.job_token("j1", "m", route)
     auth.check_token(token, "j1", "m", route)
     for job, model, rt in [("j2", "m", route), ("j1", "m2", route), ("j1", "m", route[:1]),
-                           ("j1", "m", [Hop("C", 0, 2, True, False), route[1]])]:
+                           ("j1", "m", [Hop("C", Span(0, 2, True, False)), route[1]])]:
         with pytest.raises(Forbidden):
             auth.check_token(token, job, model, rt)
     with pytest.raises(Forbidden):
@@ -53,7 +101,7 @@ def test_token_binds_job_and_route() -> None:
 
 
 # --- directory --------------------------------------------------------------------------------------------
-def _worker(wid: str, free: int, *stages: HeldStage) -> WorkerInfo:
+def _worker(wid: str, free: int, *stages: tuple[str, Span]) -> WorkerInfo:
     return WorkerInfo(worker_id=wid, queue=f"gpu.{wid}", device="cpu", total_memory=free, free_memory=free,
                       stages=list(stages))
 
@@ -71,6 +119,24 @@ def test_directory_drops_workers_whose_heartbeat_stopped(r) -> None:
     assert directory.get_worker(r, "dir-b") is None
 
 
+def test_directory_record_keeps_held_spans(r) -> None:
+    held = [("m", Span(0, 2, True, False)), ("other", Span(3, 8, False, True))]
+    directory.register(r, _worker("dir-c", 10, *held))
+    got = directory.get_worker(r, "dir-c")
+    assert got is not None and got.stages == held and got.holds("m") == [Span(0, 2, True, False)]
+    assert json.loads(r.get(keys.worker("dir-c")))["stages"][0] == ["m", 0, 2, True, False]
+    directory.deregister(r, "dir-c")
+
+
+def test_heartbeat_ttl_is_read_when_asked(r, monkeypatch) -> None:
+    directory.register(r, _worker("dir-ttl", 10), now=time.time() - 30)
+    assert "dir-ttl" not in {w.worker_id for w in directory.live_workers(r)}  # default TTL: 15 s
+    monkeypatch.setenv("AZU_HEARTBEAT_TTL_S", "60")
+    assert "dir-ttl" in {w.worker_id for w in directory.live_workers(r)}
+    assert directory.is_live(r, "dir-ttl")
+    directory.deregister(r, "dir-ttl")
+
+
 # --- placement --------------------------------------------------------------------------------------------
 SHAPE = ModelShape("m", layer_bytes=(100,) * 8, embeddings_bytes=40, head_bytes=40)
 
@@ -78,12 +144,12 @@ SHAPE = ModelShape("m", layer_bytes=(100,) * 8, embeddings_bytes=40, head_bytes=
 def test_plan_uses_fewest_hops_that_fit_and_balances_groups() -> None:
     # The whole model needs 1.25 * 880 = 1100 bytes: one big worker holds it alone.
     orders = placement.plan_loads(SHAPE, [_worker("big", 2000), _worker("small", 600)], max_copies=1)
-    assert [(o.worker_id, o.first, o.last, o.embeddings, o.head) for o in orders] == [
-        ("big", 0, 8, True, True)]
+    assert [(o.worker_id, o.span) for o in orders] == [("big", Span(0, 8, True, True))]
     # Two 700-byte workers: two balanced groups of 4 layers.
     orders = placement.plan_loads(SHAPE, [_worker("a", 700), _worker("b", 700)], max_copies=1)
-    assert [(o.worker_id, o.first, o.last, o.embeddings, o.head) for o in orders] == [
-        ("a", 0, 4, True, False), ("b", 4, 8, False, True)]
+    assert [(o.worker_id, o.span) for o in orders] == [
+        ("a", Span(0, 4, True, False)), ("b", Span(4, 8, False, True))]
+    assert orders[0].to_dict() == {"worker_id": "a", "model_id": "m", "span": [0, 4, True, False]}
     # Nothing fits: no orders.
     assert placement.plan_loads(SHAPE, [_worker("a", 300), _worker("b", 300)]) == []
 
@@ -91,23 +157,22 @@ def test_plan_uses_fewest_hops_that_fit_and_balances_groups() -> None:
 def test_plan_adds_spare_copies_when_memory_allows() -> None:
     workers = [_worker("a", 2000), _worker("b", 2000), _worker("c", 100)]
     orders = placement.plan_loads(SHAPE, workers, max_copies=2)
-    assert sorted((o.worker_id, o.first, o.last) for o in orders) == [("a", 0, 8), ("b", 0, 8)]
+    assert sorted((o.worker_id, o.span.first, o.span.last) for o in orders) == [("a", 0, 8), ("b", 0, 8)]
 
 
 def test_plan_completes_a_held_prefix() -> None:
-    held = HeldStage("m", 0, 5, True, False)
+    held = ("m", Span(0, 5, True, False))
     orders = placement.plan_loads(SHAPE, [_worker("a", 0, held), _worker("b", 600)], max_copies=1)
-    assert [(o.worker_id, o.first, o.last, o.embeddings, o.head) for o in orders] == [
-        ("b", 5, 8, False, True)]
+    assert [(o.worker_id, o.span) for o in orders] == [("b", Span(5, 8, False, True))]
 
 
 def test_routes_take_fewest_hops_and_spread_over_copies() -> None:
-    w = [_worker("a", 0, HeldStage("m", 0, 4, True, False)),
-         _worker("b", 0, HeldStage("m", 4, 8, False, True)),
-         _worker("c", 0, HeldStage("m", 0, 4, True, False)),
-         _worker("d", 0, HeldStage("m", 0, 8, True, True)),
-         _worker("e", 0, HeldStage("m", 0, 8, True, True)),
-         _worker("x", 0, HeldStage("other", 0, 8, True, True))]
+    w = [_worker("a", 0, ("m", Span(0, 4, True, False))),
+         _worker("b", 0, ("m", Span(4, 8, False, True))),
+         _worker("c", 0, ("m", Span(0, 4, True, False))),
+         _worker("d", 0, ("m", Span(0, 8, True, True))),
+         _worker("e", 0, ("m", Span(0, 8, True, True))),
+         _worker("x", 0, ("other", Span(0, 8, True, True)))]
     routes = placement.find_routes("m", 8, w)
     assert [[h.worker_id for h in rt] for rt in routes] == [["d"], ["e"], ["a", "b"], ["c", "b"]]
     chosen = {placement.choose_route(routes, turn)[0].worker_id for turn in range(4)}
@@ -158,20 +223,20 @@ def test_replayed_step_is_answered_not_rerun(r, inline, reference) -> None:
     prompt, n = [1, 9, 8, 7, 6], 6
     job_id = _submit(r, net, model_id, prompt, n)
     name, queue, args, _ = net.queue[0]  # the idle worker is woken with its payload in the message
-    assert (name, queue) == ("workers.stage.forward", "gpu.I1")
-    payload = msgpack.unpackb(args[0][0], raw=False)
-    assert (payload["job"], payload["step"], payload["hop"], payload["x"]) == (job_id, 0, 0, prompt)
+    assert (name, queue) == (dispatch.FORWARD, "gpu.I1")
+    payload = StepPayload.unpack(args[0][0])
+    assert (payload.job_id, payload.step, payload.hop, payload.x) == (job_id, 0, 0, prompt)
     net.step()  # I1 runs the prompt
-    assert net.nodes["I1"].stages[(model_id, 0, 2, True, False)].job_length(job_id) == len(prompt)
-    jobs.send_steps(r, [("I1", payload)], dispatch=net)  # the same step again, before I2 has run it
+    assert net.nodes["I1"].stages[(model_id, Span(0, 2, True, False))].job_length(job_id) == len(prompt)
+    jobs.send_steps(r, [payload], dispatch=net)  # the same step again, before I2 has run it
     net.run()
     view = jobs.get_job(r, job_id)
     assert view.token_ids == reference(prompt, n)
     assert view.usage["workers"] == {"I1": (len(prompt) + n - 1) * 2, "I2": (len(prompt) + n - 1) * 2}
-    assert r.xlen(jobs.events_key(job_id)) == n
+    assert r.xlen(keys.events(job_id)) == n
     assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())  # caches freed
     # A late duplicate after the job ended does not revive a cache either.
-    jobs.send_steps(r, [("I1", payload)], dispatch=net)
+    jobs.send_steps(r, [payload], dispatch=net)
     net.run()
     assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())
 
@@ -201,6 +266,7 @@ def test_stop_string_and_sampling_are_deterministic(r, inline, reference) -> Non
     job_id = _submit(r, net, model_id, prompt, 12, stop=[stop])
     net.run()
     view = jobs.get_job(r, job_id)
+    assert view.stop == [stop]
     assert view.finish_reason == "stop" and stop in tok.decode(view.token_ids)
     assert stop not in tok.decode(view.token_ids[:-1]) and view.token_ids == expected[:len(view.token_ids)]
     # Sampled with a seed: the same seed gives the same tokens, step by step.
@@ -213,7 +279,9 @@ def test_stop_string_and_sampling_are_deterministic(r, inline, reference) -> Non
 def test_bad_requests_are_refused(r, inline) -> None:
     net, model_id = inline
     for kw in [dict(prompt_ids=[]), dict(prompt_ids=[1, 10_000]), dict(max_tokens=0),
-               dict(max_tokens=10_000), dict(temperature=-1.0), dict(top_p=0.0), dict(job_id="a:b")]:
+               dict(max_tokens=10_000), dict(temperature=-1.0), dict(temperature=2.5), dict(top_p=0.0),
+               dict(top_k=jobs.MAX_TOP_K + 1), dict(seed=-1), dict(stop=["s"] * (jobs.MAX_STOP_STRINGS + 1)),
+               dict(job_id="a:b")]:
         req = dict(job_id=f"bad-{uuid.uuid4().hex[:8]}", user_id="u", model_id=model_id, prompt_ids=[1, 2],
                    max_tokens=4) | kw
         with pytest.raises(InvalidRequest):
@@ -243,15 +311,15 @@ def test_watchdog_fails_a_stalled_job_with_a_reason(r, inline) -> None:
     job_id = _submit(r, net, model_id, [1, 2, 3], 20)
     net.step()
     net.queue.clear()  # the next hop's message is lost (say, its worker died)
-    failed = jobs.watchdog(r, now=time.time() + 1000, step_deadline_s=60, dispatch=net)
+    failed = watchdog.tick(r, now=time.time() + 1000, step_deadline_s=60, dispatch=net)
     assert job_id in failed
     view = jobs.get_job(r, job_id)
     assert view.status == "failed" and "stalled" in view.error
     _, events = jobs.read_events(r, job_id, block_ms=None)
     assert events[-1].kind == "error" and "stalled" in events[-1].error
-    assert jobs.watchdog(r, now=time.time() + 2000, dispatch=net) == []  # failed once
+    assert watchdog.tick(r, now=time.time() + 2000, dispatch=net) == []  # failed once
     net.run()  # end_job orders free the caches
-    r.delete(jobs.pending_key("I2"), jobs.wake_key("I2"))  # the lost message's wake-up, as a restart would
+    Inbox(r, "I2").clear()  # the lost message's wake-up, as a restart would
     assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())
 
 
@@ -271,10 +339,10 @@ def test_settle_charges_once(r, inline) -> None:
             self.calls.append(("release", job_id))
 
     ledger = Ledger()
-    assert jobs.settle(r, job_id, billing=ledger) == "settled"
-    assert jobs.settle(r, job_id, billing=ledger) == "already settled"
+    assert jobs.bill_ended_job(r, job_id, billing=ledger) == "settled"
+    assert jobs.bill_ended_job(r, job_id, billing=ledger) == "already settled"
     assert ledger.calls == [("settle", {"I1": 5 * 2, "I2": 5 * 2})]
-    assert json.loads(r.hget(jobs.job_key(job_id), "usage"))["token_layers"] == 20
+    assert json.loads(r.hget(keys.job(job_id), "usage"))["token_layers"] == 20
 
 
 def test_idle_caches_are_swept(r, inline) -> None:
@@ -284,11 +352,42 @@ def test_idle_caches_are_swept(r, inline) -> None:
         net.step()
     net.queue.clear()  # the job's next message never comes (its client and route are gone)
     node = net.nodes["I1"]
-    assert node.stages[(model_id, 0, 2, True, False)].job_length(job_id) > 0
+    assert node.stages[(model_id, Span(0, 2, True, False))].job_length(job_id) > 0
     assert node.sweep_idle(now=time.time() + 10) == []  # not idle long enough
     assert job_id in node.sweep_idle(now=time.time() + node.kv_idle_s + 1)
-    assert node.stages[(model_id, 0, 2, True, False)].job_length(job_id) == 0
+    assert node.stages[(model_id, Span(0, 2, True, False))].job_length(job_id) == 0
     for wid in ("I1", "I2"):
         net.nodes[wid].sweep_idle(now=time.time() + 10_000)
-        r.delete(jobs.pending_key(wid), jobs.wake_key(wid))
+        Inbox(r, wid).clear()
     jobs.cancel_job(r, job_id, dispatch=net)
+
+
+def test_watchdog_reads_its_deadlines_when_it_runs(r, inline, monkeypatch) -> None:
+    net, model_id = inline
+    job_id = _submit(r, net, model_id, [1, 2, 3], 20)
+    net.step()
+    net.queue.clear()  # the next hop's message is lost
+    monkeypatch.setenv("AZU_STEP_DEADLINE_S", "5000")
+    assert job_id not in watchdog.tick(r, now=time.time() + 1000, dispatch=net)  # 1000 s < 5000 s
+    monkeypatch.setenv("AZU_STEP_DEADLINE_S", "500")
+    assert job_id in watchdog.tick(r, now=time.time() + 1000, dispatch=net)
+    net.run()
+    Inbox(r, "I2").clear()
+
+
+@pytest.mark.parametrize("blmpop", [True, False])
+def test_inbox_takes_everything_queued_with_and_without_blmpop(r, blmpop: bool) -> None:
+    """BLMPOP needs Redis 7; `azu up` runs 6.2, where BLPOP + LRANGE/LTRIM does the same."""
+    box = Inbox(r, f"inbox-{blmpop}")
+    box.clear()
+    if not blmpop:
+        box._has_blmpop = False
+    assert box.wait(0.01) == []
+    r.rpush(box.pending, b"a", b"b", b"c")
+    assert box.wait(0.01) == [b"a", b"b", b"c"]
+    assert not r.exists(box.pending)
+    r.set(box.wake, "1")
+    r.rpush(box.pending, b"d")
+    assert not box.release() and r.exists(box.wake)  # something is pending: the wake key stays
+    assert box.take() == [b"d"]
+    assert box.release() and not r.exists(box.wake)

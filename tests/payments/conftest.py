@@ -9,9 +9,6 @@ from web3 import EthereumTesterProvider, Web3
 
 from azu.payments.hyperliquid import HyperliquidProvider
 
-# init code that deploys a contract whose every call reverts (runtime: PUSH1 0 PUSH1 0 REVERT)
-REVERTING_CONTRACT_INIT = "0x6005600c60003960056000f360006000fd"
-
 
 @pytest.fixture
 def w3() -> Web3:
@@ -30,11 +27,3 @@ def scheduler(w3: Web3) -> LocalAccount:
 def hl(w3: Web3, scheduler: LocalAccount) -> HyperliquidProvider:
     # The platform (deposit) address defaults to the scheduler key's address.
     return HyperliquidProvider(web3=w3, private_key=scheduler.key.to_0x_hex())
-
-
-def deploy_reverting_contract(w3: Web3) -> str:
-    deployer = w3.eth.accounts[0]
-    tx = w3.eth.send_transaction({"from": deployer, "data": REVERTING_CONTRACT_INIT, "gas": 200_000})
-    address = w3.eth.get_transaction_receipt(tx)["contractAddress"]
-    assert address is not None
-    return str(address)

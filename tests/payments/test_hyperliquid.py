@@ -14,7 +14,7 @@ from web3 import Web3
 from azu.errors import Conflict, InvalidRequest, NotFound
 from azu.payments.base import ChainError, PayoutState
 from azu.payments.hyperliquid import HyperliquidProvider, parse_private_key
-from tests.payments.conftest import deploy_reverting_contract
+from tests.support.chain import deploy_reverting_contract
 
 pytestmark = pytest.mark.chain
 

@@ -11,7 +11,8 @@ from sqlalchemy import text
 from azu.billing.ledger import service
 from azu.billing.ledger.db import session_scope
 from azu.payments.payouts import PayoutRunner, RunReport
-from tests.payouts.conftest import THRESHOLD, Env
+from tests.support.chain import Crash, deploy_reverting_contract
+from tests.support.payouts import THRESHOLD, Env
 
 pytestmark = [pytest.mark.postgres, pytest.mark.chain]
 
@@ -81,7 +82,7 @@ def test_answer_lost_after_sending_never_pays_twice(env: Env) -> None:
 def test_crash_between_sending_and_recording_is_reconciled(env: Env) -> None:
     wallet = env.earn("w1", AMOUNT)
     env.chain.crash_after_send = 1
-    with pytest.raises(env.chain.Crash):
+    with pytest.raises(Crash):
         env.runner().pay_due()
     [(_, _, status, tx_id)] = env.payouts()
     assert status == "pending" and tx_id is not None
@@ -154,8 +155,6 @@ def test_nonce_gap_is_filled_and_the_payout_lands_once(env: Env) -> None:
 
 
 def test_payout_refused_before_signing_is_reversed(env: Env) -> None:
-    from tests.payments.conftest import deploy_reverting_contract
-
     contract = deploy_reverting_contract(env.w3)
     env.earn("w1", AMOUNT, wallet=contract)
     report = env.runner().pay_due()

@@ -15,10 +15,8 @@ from azu.errors import IntegrityFailure, NotFound, UnsafeFormat
 from azu.registry.manifest import Manifest
 from azu.registry.sharder import shard_model
 from azu.registry.sources import HubUnavailable
-
-from .fake_hub import FakeHub
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+from tests.support.fake_hub import FakeHub
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +128,13 @@ def test_revision_and_unknown_repo(hub, tiny, tmp_path):
 
 
 def _azu(hub: FakeHub, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
     env.pop("HF_TOKEN", None)
     return subprocess.run([sys.executable, "-m", "azu.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=120, check=False)
+                          cwd=REPO, timeout=120, check=False)
 
 
+@pytest.mark.slow  # starts a fresh Python process that runs the azu command
 def test_cli_from_hub(hub, tiny, tmp_path):
     victim = _weight_files(tiny)[0]
     tampered = bytearray((tiny / victim).read_bytes())

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from azu.errors import IntegrityFailure, InvalidRequest, NotFound
-from azu.registry.manifest import FileEntry, Manifest, load_verified, read_verified_bytes, sha256_file
+from azu.registry.download import sha256_file
+from azu.registry.manifest import FileEntry, Manifest, load_verified, read_verified_bytes
 
 
 def _entry(directory, name, kind, layer, tensors):

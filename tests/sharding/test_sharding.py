@@ -19,10 +19,10 @@ from azu.cli import main as cli_main
 from azu.cli.demo import FAMILIES, build_model
 from azu.engine.naming import classify_tensor
 from azu.errors import IntegrityFailure, InvalidRequest, UnsafeFormat
-from azu.registry.manifest import Manifest, load_verified, sha256_file
+from azu.registry.download import sha256_file
+from azu.registry.manifest import Manifest, load_verified
 from azu.registry.sharder import shard_model
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO
 
 
 def _source_tensors(src: Path) -> dict[str, torch.Tensor]:
@@ -266,9 +266,9 @@ def test_untied_config_without_lm_head_is_refused(tmp_path):
 
 # -- CLI ---------------------------------------------------------------------------------------------------
 def _azu(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "azu.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=120, check=False)
+                          cwd=REPO, timeout=120, check=False)
 
 
 def test_cli_json_output_and_progress(models, tmp_path):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -14,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from azu.billing import economics
+from azu.billing.accounts import hash_api_key, user_for_key_hash
 from azu.billing.ledger import service
 from azu.billing.ledger.db import session_scope
 from azu.errors import InvalidRequest, Unauthorized
@@ -22,19 +21,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-API_KEY_PREFIX = "azu_"
 # SQLSTATEs after which PostgreSQL rolled the whole transaction back and a retry is the documented remedy.
 _RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
-
-
-def new_api_key() -> str:
-    """A fresh key: 256 random bits. Shown to the user once; only its hash is stored."""
-    return API_KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def hash_api_key(api_key: str) -> str:
-    # A plain sha256 is enough: the key has 256 random bits, so there is nothing to brute-force or salt.
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
 
 
 def run_in_transaction(engine: Engine, fn: Callable[[Session], T], *, attempts: int = 3) -> T:
@@ -74,7 +62,7 @@ class LedgerBilling:
         if not api_key:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <api key>' (POST /auth/keys)")
         key_hash = hash_api_key(api_key)
-        address = run_in_transaction(self.engine, lambda s: service.user_for_key_hash(s, key_hash))
+        address = run_in_transaction(self.engine, lambda s: user_for_key_hash(s, key_hash))
         if address is None:
             raise Unauthorized("unknown or revoked API key")
         return address
@@ -89,16 +77,16 @@ class LedgerBilling:
         amount = economics.cost(max_token_layers, self.price)
         run_in_transaction(
             self.engine,
-            lambda s: service.hold_job(
+            lambda s: service.place_hold(
                 s, job_id=job_id, user_address=user_id, amount=amount, model_id=model_id, price=self.price
             ),
         )
 
     def settle(self, *, job_id: str, usage: dict[str, int]) -> None:
-        run_in_transaction(self.engine, lambda s: service.settle_job(s, job_id=job_id, usage=dict(usage)))
+        run_in_transaction(self.engine, lambda s: service.settle_hold(s, job_id=job_id, usage=dict(usage)))
 
     def release(self, *, job_id: str) -> None:
-        run_in_transaction(self.engine, lambda s: service.release_job(s, job_id=job_id))
+        run_in_transaction(self.engine, lambda s: service.release_hold(s, job_id=job_id))
 
     def register_worker(self, *, worker_id: str, wallet_address: str | None) -> None:
         wallet = (

@@ -105,10 +105,12 @@ class AccountKind(enum.StrEnum):
         return self in (AccountKind.USER, AccountKind.WORKER)
 
 
-class JobStatus(enum.StrEnum):
-    HELD = "held"
-    SETTLED = "settled"
-    RELEASED = "released"
+class HoldStatus(enum.StrEnum):
+    """Where a job's hold stands (not the job's own status, which lives in Redis)."""
+
+    HELD = "held"  # reserved from the user while the job may still run
+    SETTLED = "settled"  # the job's usage was charged and the rest given back
+    RELEASED = "released"  # given back whole (the job produced nothing)
 
 
 class PayoutStatus(enum.StrEnum):
@@ -192,10 +194,16 @@ class Worker(Base):
     )
 
 
-class Job(Base):
+class Hold(Base):
+    """What one job may cost, reserved from its user at submit and settled (or released) when it ends.
+
+    Keyed by the job id. The table keeps its first name, ``jobs``: renaming it would only churn the
+    constraint and index names of a live ledger.
+    """
+
     __tablename__ = "jobs"
     __table_args__ = (
-        CheckConstraint(_in("status", [s.value for s in JobStatus]), name="status_known"),
+        CheckConstraint(_in("status", [s.value for s in HoldStatus]), name="status_known"),
         CheckConstraint("hold_amount >= 0", name="hold_not_negative"),
         CheckConstraint("price >= 0", name="price_not_negative"),
         CheckConstraint(
@@ -206,7 +214,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     user_address: Mapped[str] = mapped_column(String(ADDRESS_LEN), index=True)
     model_id: Mapped[str | None] = mapped_column(String(256))
-    status: Mapped[str] = mapped_column(String(16), server_default=JobStatus.HELD.value)
+    status: Mapped[str] = mapped_column(String(16), server_default=HoldStatus.HELD.value)
     hold_amount: Mapped[int] = mapped_column(Amount)  # the most the job can cost, reserved at submit
     price: Mapped[int] = mapped_column(Amount)  # per token-layer, fixed when the job was accepted
     charged: Mapped[int | None] = mapped_column(Amount)  # what the user paid, set at settlement

@@ -6,7 +6,7 @@ Concurrency, in one place:
   transaction usable and nothing of the refused operation behind.
 - Each money movement is a journal transaction with a unique idempotency key, inserted with
   ``ON CONFLICT DO NOTHING``: a concurrent duplicate waits for the first one's COMMIT and then does nothing.
-- Rows are locked in one order to avoid deadlocks: the business row (job / payout / deposit key) first,
+- Rows are locked in one order to avoid deadlocks: the business row (hold / payout / deposit key) first,
   then the journal key, then the accounts involved, by ascending id.
 - Operations are idempotent, so a caller may retry a transaction that PostgreSQL aborted (deadlock,
   serialization failure); LedgerBilling does.
@@ -15,10 +15,8 @@ Concurrency, in one place:
 from __future__ import annotations
 
 import logging
-import secrets
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from collections.abc import Iterable
 
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -31,11 +29,9 @@ from azu.billing.ledger.models import (
     PAYOUT_TRANSITIONS,
     Account,
     AccountKind,
-    ApiKey,
-    AuthChallenge,
     Deposit,
-    Job,
-    JobStatus,
+    Hold,
+    HoldStatus,
     JobUsage,
     JournalEntry,
     JournalTransaction,
@@ -43,11 +39,9 @@ from azu.billing.ledger.models import (
     PayoutStatus,
     Worker,
 )
-from azu.errors import Conflict, InvalidRequest, NotFound, PaymentRequired, Unauthorized
+from azu.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
 
 log = logging.getLogger(__name__)
-
-CHALLENGE_TTL = timedelta(minutes=5)
 
 
 # --------------------------------------------------------------------------------------------- accounts
@@ -114,8 +108,8 @@ def user_balance(session: Session, address: str) -> int:
 def held_for(session: Session, address: str) -> int:
     """Sum of the holds of this user's running jobs."""
     total = session.execute(
-        select(func.coalesce(func.sum(Job.hold_amount), 0)).where(
-            Job.user_address == address, Job.status == JobStatus.HELD.value
+        select(func.coalesce(func.sum(Hold.hold_amount), 0)).where(
+            Hold.user_address == address, Hold.status == HoldStatus.HELD.value
         )
     ).scalar_one()
     return int(total)
@@ -194,10 +188,6 @@ def _post(
 # --------------------------------------------------------------------------------------------- deposits
 
 
-def deposit_for_tx(session: Session, tx_id: str) -> Deposit | None:
-    return session.execute(select(Deposit).where(Deposit.tx_id == tx_id)).scalar_one_or_none()
-
-
 def credit_deposit(
     session: Session, *, tx_id: str, sender: str, amount: int, refuse_replay: bool = False
 ) -> Deposit:
@@ -248,19 +238,19 @@ def _insert_deposit(
     ).scalar_one()
 
 
-# --------------------------------------------------------------------------------------------- jobs
+# -------------------------------------------------------------------------------------------- holds
 
 
-def _locked_job(session: Session, job_id: str) -> Job:
-    job = session.execute(
-        select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+def _locked_hold(session: Session, job_id: str) -> Hold:
+    hold = session.execute(
+        select(Hold).where(Hold.id == job_id).with_for_update().execution_options(populate_existing=True)
     ).scalar_one_or_none()
-    if job is None:
+    if hold is None:
         raise NotFound(f"no job {job_id!r} in the ledger", param="job_id")
-    return job
+    return hold
 
 
-def hold_job(
+def place_hold(
     session: Session,
     *,
     job_id: str,
@@ -268,27 +258,27 @@ def hold_job(
     amount: int,
     model_id: str | None = None,
     price: int | None = None,
-) -> Job:
+) -> Hold:
     """Reserve ``amount`` (the most the job can cost) from the user. Idempotent per ``job_id``.
 
     Raises PaymentRequired (with both amounts) when the user's balance cannot cover it; nothing is written.
-    ``price`` (per token-layer) is fixed on the job now, so settlement charges what the user accepted.
+    ``price`` (per token-layer) is fixed on the hold now, so settlement charges what the user accepted.
     """
     if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
         raise InvalidRequest(f"a hold must be a non-negative integer, got {amount!r}")
     unit = economics.price_per_token_layer() if price is None else price
     with session.begin_nested():
         inserted = session.execute(
-            pg_insert(Job)
+            pg_insert(Hold)
             .values(id=job_id, user_address=user_address, model_id=model_id, hold_amount=amount, price=unit)
             .on_conflict_do_nothing(index_elements=["id"])
-            .returning(Job.id)
+            .returning(Hold.id)
         ).scalar_one_or_none()
         if inserted is None:
-            job = _locked_job(session, job_id)
-            if job.user_address != user_address or job.hold_amount != amount:
+            hold = _locked_hold(session, job_id)
+            if hold.user_address != user_address or hold.hold_amount != amount:
                 raise Conflict(f"job {job_id!r} already exists with another user or hold", param="job_id")
-            return job
+            return hold
         user = user_account(session, user_address)
         available = user_balance(session, user_address)
         if available < amount:
@@ -303,39 +293,35 @@ def hold_job(
             legs=[(user, -amount), (holds_account(session), amount)],
             memo=f"hold for job {job_id}",
         )
-    return _job(session, job_id)
+    return _hold(session, job_id)
 
 
-def _job(session: Session, job_id: str) -> Job:
-    job = session.execute(
-        select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+def _hold(session: Session, job_id: str) -> Hold:
+    hold = session.execute(
+        select(Hold).where(Hold.id == job_id).execution_options(populate_existing=True)
     ).scalar_one_or_none()
-    if job is None:
+    if hold is None:
         raise NotFound(f"no job {job_id!r} in the ledger", param="job_id")
-    return job
+    return hold
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    return _job(session, job_id)
-
-
-def settle_job(session: Session, *, job_id: str, usage: dict[str, int], price: int | None = None) -> Job:
+def settle_hold(session: Session, *, job_id: str, usage: dict[str, int], price: int | None = None) -> Hold:
     """Charge actual usage, credit each worker its share of 80 %, the platform 20 %, return the rest.
 
     ``usage`` maps worker id -> token-layers it ran; ``price`` defaults to the one fixed at hold time.
-    The charge is capped at the hold (see azu.billing.economics.settle). One transaction; settling a job
-    that is already settled or released changes nothing.
+    The charge is capped at the hold (see azu.billing.economics.split_charge). One transaction; settling a
+    hold that is already settled or released changes nothing.
     """
     with session.begin_nested():
-        job = _locked_job(session, job_id)  # concurrent settlements queue here; the first one wins
-        if job.status != JobStatus.HELD.value:
-            if job.status == JobStatus.RELEASED.value:
+        hold = _locked_hold(session, job_id)  # concurrent settlements queue here; the first one wins
+        if hold.status != HoldStatus.HELD.value:
+            if hold.status == HoldStatus.RELEASED.value:
                 log.warning("job %s was released before it was settled; not charging", job_id)
-            return job
-        result = economics.settle(usage, job.price if price is None else price, cap=job.hold_amount)
+            return hold
+        result = economics.split_charge(usage, hold.price if price is None else price, cap=hold.hold_amount)
         legs: list[tuple[Account, int]] = [
-            (holds_account(session), -job.hold_amount),
-            (user_account(session, job.user_address), job.hold_amount - result.charge),
+            (holds_account(session), -hold.hold_amount),
+            (user_account(session, hold.user_address), hold.hold_amount - result.charge),
             (platform_account(session), result.platform),
         ]
         for worker_id in sorted(result.workers):
@@ -345,34 +331,34 @@ def settle_job(session: Session, *, job_id: str, usage: dict[str, int], price: i
             JobUsage(job_id=job_id, worker_id=w, token_layers=usage[w], credited=result.workers[w])
             for w in sorted(usage)
         )
-        job.status = JobStatus.SETTLED.value
-        job.charged = result.charge
-        job.finished_at = func.now()
+        hold.status = HoldStatus.SETTLED.value
+        hold.charged = result.charge
+        hold.finished_at = func.now()
         session.flush()
-    return _job(session, job_id)
+    return _hold(session, job_id)
 
 
-def release_job(session: Session, *, job_id: str) -> Job:
+def release_hold(session: Session, *, job_id: str) -> Hold:
     """Give the whole hold back (the job failed before producing anything). Idempotent."""
     with session.begin_nested():
-        job = _locked_job(session, job_id)
-        if job.status != JobStatus.HELD.value:
-            return job
+        hold = _locked_hold(session, job_id)
+        if hold.status != HoldStatus.HELD.value:
+            return hold
         _post(
             session,
             key=f"job:{job_id}:release",
             kind="release",
             legs=[
-                (holds_account(session), -job.hold_amount),
-                (user_account(session, job.user_address), job.hold_amount),
+                (holds_account(session), -hold.hold_amount),
+                (user_account(session, hold.user_address), hold.hold_amount),
             ],
             memo=f"release job {job_id}",
         )
-        job.status = JobStatus.RELEASED.value
-        job.charged = 0
-        job.finished_at = func.now()
+        hold.status = HoldStatus.RELEASED.value
+        hold.charged = 0
+        hold.finished_at = func.now()
         session.flush()
-    return _job(session, job_id)
+    return _hold(session, job_id)
 
 
 def job_usage(session: Session, job_id: str) -> dict[str, tuple[int, int]]:
@@ -463,10 +449,6 @@ def _payout(session: Session, payout_id: int) -> Payout:
     return payout
 
 
-def get_payout(session: Session, payout_id: int) -> Payout:
-    return _payout(session, payout_id)
-
-
 def record_signed(
     session: Session, payout_id: int, *, tx_id: str, nonce: int | None, raw: bytes | None = None
 ) -> Payout:
@@ -555,76 +537,3 @@ def payouts_in(session: Session, *statuses: PayoutStatus | str) -> list[Payout]:
     if statuses:
         query = query.where(Payout.status.in_([PayoutStatus(s).value for s in statuses]))
     return list(session.execute(query).scalars())
-
-
-# --------------------------------------------------------------------------------------------- API keys
-
-
-def create_challenge(session: Session, address: str, *, ttl: timedelta = CHALLENGE_TTL) -> str:
-    """A single-use text for the wallet ``address`` to sign; valid for ``ttl``."""
-    nonce = secrets.token_hex(16)
-    now = session.execute(select(func.now())).scalar_one()
-    expires = now + ttl
-    message = (
-        "azu wants you to sign in with your wallet to create an API key.\n\n"
-        f"Address: {address}\n"
-        f"Nonce: {nonce}\n"
-        f"Issued At: {now.isoformat(timespec='seconds')}\n"
-        f"Expiration Time: {expires.isoformat(timespec='seconds')}"
-    )
-    session.add(AuthChallenge(address=address, nonce=nonce, message=message, expires_at=expires))
-    session.flush()
-    return message
-
-
-def consume_challenge(session: Session, address: str, challenge: str) -> None:
-    """Mark the challenge used; Unauthorized if it is unknown, for another address, expired or used.
-
-    One UPDATE ... WHERE used_at IS NULL: of two concurrent uses, exactly one succeeds."""
-    used = session.execute(
-        update(AuthChallenge)
-        .where(
-            AuthChallenge.address == address,
-            AuthChallenge.message == challenge,
-            AuthChallenge.used_at.is_(None),
-            AuthChallenge.expires_at > func.now(),
-        )
-        .values(used_at=func.now())
-        .returning(AuthChallenge.id)
-    ).scalar_one_or_none()
-    if used is None:
-        raise Unauthorized("unknown, expired or already used challenge; ask for a new one", param="challenge")
-
-
-def store_api_key(session: Session, *, address: str, key_hash: str, label: str | None) -> ApiKey:
-    key = ApiKey(address=address, key_hash=key_hash, label=label)
-    session.add(key)
-    session.flush()
-    return key
-
-
-def user_for_key_hash(session: Session, key_hash: str) -> str | None:
-    """The address owning a live (not revoked) key with this sha256 hex, else None."""
-    return session.execute(
-        select(ApiKey.address).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
-    ).scalar_one_or_none()
-
-
-def list_api_keys(session: Session, address: str) -> Sequence[ApiKey]:
-    return list(
-        session.execute(select(ApiKey).where(ApiKey.address == address).order_by(ApiKey.id)).scalars()
-    )
-
-
-def revoke_api_key(session: Session, address: str, key_id: int) -> ApiKey:
-    """Revoke one of ``address``'s keys (NotFound for anyone else's). Idempotent."""
-    key = session.execute(
-        select(ApiKey).where(ApiKey.id == key_id, ApiKey.address == address).with_for_update()
-    ).scalar_one_or_none()
-    if key is None:
-        raise NotFound(f"no API key {key_id} for this address", param="key_id")
-    if key.revoked_at is None:
-        key.revoked_at = func.now()
-        session.flush()
-        session.refresh(key)
-    return key
