@@ -24,6 +24,26 @@ worker_hijack_root_logger = False
 # task_id: the running task's id on every record ("-" outside a task), set by workers.AzuTask.
 worker_log_format = "[%(asctime)s: %(levelname)s/%(processName)s] [%(task_id)s] %(message)s"
 broker_connection_retry_on_startup = True
+
+# --- the worker profile: a GPU worker (AZU_WORKER_ID set) is a stranger with a broker login of its own ---
+# Its Redis ACL user w-<id> (azu.network.enrollment.worker_acl) reaches only its own keys, so:
+# - priority_steps=[0] in every azu process: kombu would otherwise also BRPOP/LPUSH "<queue>\x06\x16{3,6,9}",
+#   keys the worker's ACL does not name (and a `gpu.w1*` pattern would also match gpu.w10);
+# - its unacked messages go to unacked:<id> / unacked_index:<id> / unacked_mutex:<id>: the default global
+#   `unacked` hash holds the body of every in-flight message of every consumer;
+# - no remote control: the pidbox would let it read and answer broadcasts (its ACL refuses them anyway, and
+#   a worker with remote control on dies at startup on NOPERM). Core workers keep remote control (Flower).
+# - the dispatcher publishes with declare=[] (workers/__init__.py): declaring a queue reads it (LLEN).
+_worker_id = _settings.worker.worker_id
+WORKER_PROFILE = _worker_id is not None
+broker_transport_options: dict[str, object] = {"priority_steps": [0]}
+if WORKER_PROFILE:
+    broker_transport_options.update({
+        "unacked_key": f"unacked:{_worker_id}",
+        "unacked_index_key": f"unacked_index:{_worker_id}",
+        "unacked_mutex_key": f"unacked_mutex:{_worker_id}",
+    })
+    worker_enable_remote_control = False
 task_default_queue = dispatch.CORE_QUEUE
 task_create_missing_queues = True
 

@@ -16,6 +16,7 @@ from alembic import context
 from azu.billing.ledger.db import normalize_url
 from azu.billing.ledger.models import Amount, Base
 from azu.config import get_settings
+from azu.network import identity  # noqa: F401  (its worker_identities table is in Base.metadata)
 
 config = context.config
 # The CLI configures logging from alembic.ini; azu.billing.ledger.db.migrate() leaves the host app's

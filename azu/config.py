@@ -71,6 +71,9 @@ class WorkerSettings:
     linger_s: float = 0.05  # AZU_LINGER_S: how long an idle worker waits on its inbox
     session_s: float = 2.0  # AZU_SESSION_S: how long one forward task keeps taking from its inbox
     heartbeat_s: float = 3.0  # AZU_HEARTBEAT_S
+    key_file: str | None = None  # AZU_WORKER_KEY_FILE: the worker's Ed25519 key (made on first start, 0600)
+    core_url: str | None = None  # AZU_CORE_URL: the core's API, where azu-worker enrolls
+    wallet_signature: str | None = field(default=None, repr=False)  # AZU_WALLET_SIGNATURE: binds the wallet
 
 
 @dataclass(frozen=True)
@@ -90,12 +93,70 @@ class PaymentSettings:
     payout_threshold: str | None = None  # PAYOUT_THRESHOLD (parsed by azu.billing.economics)
 
 
+# --- the API's edge: CORS, rate limits, request size limits, who may shard what (web/) ---------------------
+def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str | None:
+    """A Flask-Limiter limit string ("30/minute", "5/second;100/hour"); "off" turns the limit off."""
+    raw = _text(env, name, default) or default
+    if raw.lower() in ("off", "0", "none", "false"):
+        return None
+    from limits import parse_many
+
+    try:
+        parse_many(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a rate limit like '30/minute' or 'off', got {raw!r}") from None
+    return raw
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value is None or value <= 0:
+        raise SettingsError(f"{name} must be a positive integer")
+    return value
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    cors_origins: tuple[str, ...] = ()  # AZU_CORS_ORIGINS: comma-separated origins (or "*"); empty: no CORS
+    rate_limit_jobs: str | None = "120/minute"  # AZU_RATE_LIMIT_JOBS: submit, chat; per key and per address
+    rate_limit_accounts: str | None = "30/minute"  # AZU_RATE_LIMIT_ACCOUNTS: auth, deposit, shard, enroll
+    max_url_bytes: int = 8192  # AZU_MAX_URL_BYTES: a longer URL is a 414
+    max_header_bytes: int = 16384  # AZU_MAX_HEADER_BYTES: larger request headers are a 431
+    max_shard_bytes: int = 200 * 10**9  # AZU_MAX_SHARD_BYTES: the largest checkpoint a request may shard
+    shard_quota: int = 10  # AZU_SHARD_QUOTA: shard requests one account may start per (UTC) day
+    allow_reshard: bool = False  # AZU_ALLOW_RESHARD=1: a shard request may replace a ready model
+    max_open_challenges: int = 5  # AZU_MAX_OPEN_CHALLENGES: unexpired sign-in challenges per address
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ApiSettings:
+        origins = tuple(o.strip() for o in (_text(env, "AZU_CORS_ORIGINS") or "").split(",") if o.strip())
+        return cls(
+            cors_origins=origins,
+            rate_limit_jobs=_rate_limit(env, "AZU_RATE_LIMIT_JOBS", "120/minute"),
+            rate_limit_accounts=_rate_limit(env, "AZU_RATE_LIMIT_ACCOUNTS", "30/minute"),
+            max_url_bytes=_positive_int(env, "AZU_MAX_URL_BYTES", 8192),
+            max_header_bytes=_positive_int(env, "AZU_MAX_HEADER_BYTES", 16384),
+            max_shard_bytes=_positive_int(env, "AZU_MAX_SHARD_BYTES", 200 * 10**9),
+            shard_quota=_positive_int(env, "AZU_SHARD_QUOTA", 10),
+            allow_reshard=_flag(env, "AZU_ALLOW_RESHARD"),
+            max_open_challenges=_positive_int(env, "AZU_MAX_OPEN_CHALLENGES", 5),
+        )
+
+
+API_VARIABLES = (
+    "AZU_CORS_ORIGINS", "AZU_RATE_LIMIT_JOBS", "AZU_RATE_LIMIT_ACCOUNTS", "AZU_MAX_URL_BYTES",
+    "AZU_MAX_HEADER_BYTES", "AZU_MAX_SHARD_BYTES", "AZU_SHARD_QUOTA", "AZU_ALLOW_RESHARD",
+    "AZU_MAX_OPEN_CHALLENGES",
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"  # REDIS_URL, else REDIS_HOST / REDIS_PORT
     database_url: str | None = field(default=None, repr=False)  # DATABASE_URL: the ledger (core only)
     registry_url: str = "http://127.0.0.1:8002"  # REGISTRY_URL
-    auth_secret_key: str | None = field(default=None, repr=False)  # AUTH_SECRET_KEY
+    auth_secret_key: str | None = field(default=None, repr=False)  # AUTH_SECRET_KEY: the core's Ed25519 seed
+    core_public_key: str | None = None  # AZU_CORE_PUBLIC_KEY: the core's Ed25519 public key (hex)
     dispatcher: str = "workers"  # AZU_DISPATCHER: the module that registers the task sender
     registry_dir: Path = Path(".azu/registry")  # AZU_REGISTRY_DIR
     allowed_model_dirs: tuple[Path, ...] = ()  # AZU_ALLOWED_MODEL_DIRS (os.pathsep-separated)
@@ -109,8 +170,12 @@ class Settings:
     watchdog_interval_s: float = 5.0  # AZU_WATCHDOG_INTERVAL_S
     payout_interval_s: float = 60.0  # PAYOUT_INTERVAL_S
     task_events: bool = False  # AZU_TASK_EVENTS=1: workers send task events (Flower)
+    # AZU_BROKER_PUBLIC_URL: the broker as workers reach it, without a login (enrollment adds theirs).
+    # Unset: the host, port and database of the API's own Redis connection.
+    broker_public_url: str | None = None
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     payments: PaymentSettings = field(default_factory=PaymentSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -131,6 +196,7 @@ class Settings:
             database_url=_text(env, "DATABASE_URL"),
             registry_url=_text(env, "REGISTRY_URL", "http://127.0.0.1:8002") or "",
             auth_secret_key=_text(env, "AUTH_SECRET_KEY"),
+            core_public_key=_text(env, "AZU_CORE_PUBLIC_KEY"),
             dispatcher=_text(env, "AZU_DISPATCHER", "workers") or "workers",
             registry_dir=Path(_text(env, "AZU_REGISTRY_DIR", ".azu/registry") or ".azu/registry"),
             allowed_model_dirs=tuple(Path(p).resolve() for p in dirs.split(os.pathsep) if p),
@@ -144,6 +210,7 @@ class Settings:
             watchdog_interval_s=_float(env, "AZU_WATCHDOG_INTERVAL_S", 5.0),
             payout_interval_s=_float(env, "PAYOUT_INTERVAL_S", 60.0),
             task_events=_flag(env, "AZU_TASK_EVENTS"),
+            broker_public_url=_text(env, "AZU_BROKER_PUBLIC_URL"),
             worker=WorkerSettings(
                 worker_id=worker_id,
                 device=_text(env, "AZU_DEVICE"),
@@ -157,7 +224,11 @@ class Settings:
                 linger_s=_float(env, "AZU_LINGER_S", 0.05),
                 session_s=_float(env, "AZU_SESSION_S", 2.0),
                 heartbeat_s=_float(env, "AZU_HEARTBEAT_S", 3.0),
+                key_file=_text(env, "AZU_WORKER_KEY_FILE"),
+                core_url=_text(env, "AZU_CORE_URL"),
+                wallet_signature=_text(env, "AZU_WALLET_SIGNATURE"),
             ),
+            api=ApiSettings.from_env(env),
             payments=PaymentSettings(
                 provider=(_text(env, "PAYMENT_PROVIDER", "hyperliquid") or "hyperliquid").lower(),
                 hyperliquid_rpc_url=_text(env, "HYPERLIQUID_RPC_URL"),
@@ -182,9 +253,12 @@ VARIABLES = (
     "AZU_REQUEST_TIMEOUT_S", "AZU_WATCHDOG_INTERVAL_S", "PAYOUT_INTERVAL_S", "AZU_TASK_EVENTS",
     "AZU_WORKER_ID", "AZU_DEVICE", "AZU_DTYPE", "AZU_WALLET_ADDRESS", "AZU_MEMORY_BYTES",
     "P2P_PUBLIC_URL", "AZU_MAX_CACHED_TOKENS", "AZU_KV_IDLE_S", "AZU_LINGER_S", "AZU_SESSION_S",
-    "AZU_HEARTBEAT_S", "PAYMENT_PROVIDER", "HYPERLIQUID_RPC_URL", "HYPERLIQUID_ADDRESS",
+    "AZU_HEARTBEAT_S", "AZU_WORKER_KEY_FILE", "AZU_CORE_PUBLIC_KEY", "PAYMENT_PROVIDER",
+    "HYPERLIQUID_RPC_URL", "HYPERLIQUID_ADDRESS",
     "HYPERLIQUID_CHAIN_ID", "SCHEDULER_PRIVATE_KEY", "SOLANA_RPC_URL", "SOLANA_ADDRESS",
     "SOLANA_PRIVATE_KEY", "MIN_CONFIRMATIONS", "PRICE_PER_TOKEN_LAYER", "PAYOUT_THRESHOLD",
+    "AZU_CORE_URL", "AZU_WALLET_SIGNATURE", "AZU_BROKER_PUBLIC_URL",
+    *API_VARIABLES,
 )
 
 

@@ -26,6 +26,7 @@ import http.server
 import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -79,7 +80,7 @@ class Bench:
         self.registry = self.tmp / "registry"
         self.redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
         os.environ.update(REDIS_URL=self.redis_url, AZU_REGISTRY_DIR=str(self.registry),
-                          AUTH_SECRET_KEY=os.environ.get("AUTH_SECRET_KEY") or uuid.uuid4().hex)
+                          AUTH_SECRET_KEY=os.environ.get("AUTH_SECRET_KEY") or secrets.token_hex(32))
         import redis
 
         self.r = redis.Redis.from_url(self.redis_url)
@@ -88,9 +89,12 @@ class Bench:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.registry_url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.procs: list[subprocess.Popen[bytes]] = []
+        from azu.network import collector
         from azu.network.dispatch import get_dispatcher
 
         self.dispatch = get_dispatcher()
+        # The core's report collector (publishes tokens, keeps the directory), in this process.
+        self.collector = collector.start_thread()
         self.rows: list[dict[str, Any]] = []
 
     # -- setup ------------------------------------------------------------------------------------------
@@ -105,15 +109,20 @@ class Bench:
         return name, src
 
     def start_workers(self, ids: list[str]) -> None:
-        from azu.network import directory
+        from azu.network import auth, directory, keys
 
         for wid in ids:
-            env = dict(os.environ, AZU_WORKER_ID=wid, REGISTRY_URL=self.registry_url, OMP_NUM_THREADS="1",
+            key_file = self.tmp / "keys" / f"{wid}.key"  # as enrollment would: the key, then its identity
+            self.r.set(keys.identity(wid), auth.public_hex(auth.load_worker_key(key_file)))
+            env = dict(os.environ, AZU_WORKER_ID=wid, AZU_WORKER_KEY_FILE=str(key_file),
+                       AZU_CORE_PUBLIC_KEY=auth.core_public_key(), REGISTRY_URL=self.registry_url,
+                       OMP_NUM_THREADS="1",
                        AZU_CACHE_DIR=str(self.registry), AZU_DEVICE="cpu", AZU_DTYPE="float32",
                        PYTHONPATH=str(REPO), AZU_HEARTBEAT_S="1")
+            env.pop("AUTH_SECRET_KEY")  # a worker holds the core's public key only
             log = open(self.tmp / f"{wid}.log", "wb")  # noqa: SIM115 - lives as long as the process
-            argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{wid}", "--pool",
-                    "solo", "-n", f"{wid}@bench", "--loglevel", "WARNING", "--without-gossip",
+            argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{wid},ctl.{wid}",
+                    "--pool", "solo", "-n", f"{wid}@bench", "--loglevel", "WARNING", "--without-gossip",
                     "--without-mingle", "--without-heartbeat"]
             self.procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                start_new_session=True))
@@ -122,11 +131,11 @@ class Bench:
     def load(self, model_id: str, layout: dict[str, tuple[int, int]], num_layers: int) -> None:
         from azu.engine.span import Span
         from azu.network import directory
-        from azu.network.dispatch import send_load
+        from azu.network.jobs import order_load
 
         spans = {wid: Span(a, b, a == 0, b == num_layers) for wid, (a, b) in layout.items()}
         for wid, span in spans.items():
-            send_load(wid, model_id, span, dispatch=self.dispatch)
+            order_load(self.r, wid, model_id, span, dispatch=self.dispatch)
 
         def held() -> bool:
             live = {w.worker_id: w for w in directory.live_workers(self.r)}
@@ -143,6 +152,7 @@ class Bench:
             time.sleep(0.05)  # polling interval of a deadline wait
 
     def stop(self) -> None:
+        self.collector[1].set()
         for p in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
@@ -307,11 +317,11 @@ def main() -> int:
         qwen = qwen_src = None
         if not args.quick:
             qwen, qwen_src = bench.model("bench-qwen", "qwen2", QWEN)
-        bench.start_workers(["A", "B"])
-        bench.load(tiny, {"A": (0, 1), "B": (1, 2)}, 2)
-        bench.load(petals, {"A": (0, 4), "B": (4, 8)}, 8)
+        bench.start_workers(["a", "b"])
+        bench.load(tiny, {"a": (0, 1), "b": (1, 2)}, 2)
+        bench.load(petals, {"a": (0, 4), "b": (4, 8)}, 8)
         if qwen:
-            bench.load(qwen, {"A": (0, 12), "B": (12, 24)}, 24)
+            bench.load(qwen, {"a": (0, 12), "b": (12, 24)}, 24)
         prompt = [1, *range(10, 25)]  # 16 tokens
         if qwen and qwen_src:
             bench.ratio_row("P1 Qwen2.5-0.5B shape, 2 workers vs generate", qwen, qwen_src, prompt,

@@ -38,7 +38,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     role = config.get("AZU_ROLE", "api")
     if role not in ROLES:
         raise ValueError(f"AZU_ROLE must be one of {', '.join(ROLES)}, got {role!r}")
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # files are served by the blueprints that own them
     app.config.from_mapping(MAX_CONTENT_LENGTH=MAX_BODY_BYTES[role], AZU_ROLE=role)
     app.config.update(config)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # (DefaultJSONProvider) answers keep field order
@@ -53,21 +53,28 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     chosen = app.config.get("AZU_BILLING")
     app.extensions[BILLING] = chosen if chosen is not None else build_billing(ledger)
 
-    from web import errors
+    from web import errors, limits, openapi
     from web.health import bp as health_bp
     from web.registry import bp as registry_bp
 
     errors.init_app(app)
+    limits.init_app(app, settings)
     app.register_blueprint(health_bp)
     app.register_blueprint(registry_bp)
+    app.register_blueprint(openapi.bp)
     if role == "api":
         from web.accounts import bp as accounts_bp
         from web.jobs import bp as jobs_bp
         from web.openai import bp as openai_bp
+        from web.pages import bp as pages_bp
+        from web.workers import bp as workers_bp
 
         app.register_blueprint(accounts_bp)
         app.register_blueprint(jobs_bp)
         app.register_blueprint(openai_bp)
+        app.register_blueprint(workers_bp)
+        app.register_blueprint(pages_bp)
+    limits.limit_routes(app, settings)
     return app
 
 

@@ -18,13 +18,15 @@ import logging
 from typing import Any
 
 from flask import Blueprint, jsonify
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from azu.billing import accounts
 from azu.billing.ledger import service
 from azu.billing.ledger.billing import run_in_transaction
-from azu.billing.ledger.models import ApiKey, Deposit
-from azu.errors import InvalidRequest, Unauthorized
+from azu.billing.ledger.models import ApiKey, AuthChallenge, Deposit
+from azu.config import get_settings
+from azu.errors import AzuError, InvalidRequest, Unauthorized
 from web import api_key, ledger
 from web.schemas import ChallengeRequest, DepositRequest, KeyRequest, parse_body
 
@@ -89,11 +91,36 @@ def balance():
     return jsonify({"address": address, "balance": available, "held": held})
 
 
+class TooManyChallenges(AzuError):
+    status = 429
+    code = "too_many_challenges"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, param="address")
+        self.retry_after = retry_after
+
+
+def _bounded_challenge(session: Session, address: str) -> str:
+    """A new challenge, keeping the table bounded: expired challenges are deleted, and an address holds at
+    most AZU_MAX_OPEN_CHALLENGES unused ones (TooManyChallenges, a 429, until the oldest expires)."""
+    session.execute(delete(AuthChallenge).where(AuthChallenge.expires_at <= func.now()))
+    cap = get_settings().api.max_open_challenges
+    open_count, oldest_expiry, now = session.execute(
+        select(func.count(), func.min(AuthChallenge.expires_at), func.now())
+        .where(AuthChallenge.address == address, AuthChallenge.used_at.is_(None))
+    ).one()
+    if open_count >= cap:
+        wait = max(1, int((oldest_expiry - now).total_seconds()) + 1)
+        raise TooManyChallenges(f"this address already has {open_count} unused sign-in challenges; sign one "
+                                "of them or wait for it to expire", retry_after=wait)
+    return accounts.create_challenge(session, address)
+
+
 @bp.post("/auth/challenge")
 def auth_challenge():
     body = parse_body(ChallengeRequest)
     address = ledger().provider.validate_address(body.address)
-    challenge = run_in_transaction(ledger().engine, lambda s: accounts.create_challenge(s, address))
+    challenge = run_in_transaction(ledger().engine, lambda s: _bounded_challenge(s, address))
     expires_in = int(accounts.CHALLENGE_TTL.total_seconds())
     return jsonify({"address": address, "challenge": challenge, "expires_in": expires_in}), 201
 

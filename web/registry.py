@@ -15,11 +15,13 @@ from pathlib import Path
 
 from flask import Blueprint, jsonify, request, send_file
 
-from azu.errors import InvalidRequest, NotFound
+from azu.billing.ledger import service
+from azu.billing.ledger.billing import LedgerBilling, run_in_transaction
+from azu.errors import InvalidRequest, NotFound, PaymentRequired
 from azu.registry import sources
 from azu.registry import status as shard_status
 from azu.registry.manifest import MANIFEST_NAME, Manifest
-from web import current_user, redis_client
+from web import billing, current_user, redis_client
 from web.schemas import ShardRequest, parse_body
 
 bp = Blueprint("registry", __name__, url_prefix="/models")
@@ -27,11 +29,24 @@ bp = Blueprint("registry", __name__, url_prefix="/models")
 
 @bp.post("/shard")
 def shard():
-    # Sharding downloads and writes gigabytes: only an authenticated caller may ask for it.
-    current_user()
+    # Sharding downloads and writes gigabytes: only an authenticated account with money may ask for it,
+    # for a checkpoint under the size cap, within its daily quota (azu.registry.status.request_shard).
+    user_id = current_user()
     body = parse_body(ShardRequest)
-    status = shard_status.request_shard(redis_client(), body.model_id)
+    _require_funds(user_id)
+    status = shard_status.request_shard(redis_client(), body.model_id, account=user_id)
     return jsonify(status), 200 if status.get("state") == "ready" else 202
+
+
+def _require_funds(user_id: str) -> None:
+    """PaymentRequired unless the account has a positive balance (FreeBilling, in development: allowed)."""
+    b = billing()
+    if not isinstance(b, LedgerBilling):
+        return
+    available = run_in_transaction(b.engine, lambda s: service.user_balance(s, user_id))
+    if available <= 0:
+        raise PaymentRequired("sharding a model needs a positive balance: deposit first (POST /deposit)",
+                              param="model_id")
 
 
 @bp.get("/status")

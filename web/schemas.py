@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from azu.errors import InvalidRequest
+from azu.errors import AzuError, InvalidRequest
 from azu.network.jobs import MAX_SEED, MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K
 
 
@@ -88,7 +88,7 @@ class TextPart(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -106,7 +106,7 @@ class ChatMessage(Strict):
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        out: dict[str, Any] = {"role": self.role, "content": content or ""}
+        out: dict[str, Any] = {"role": self.role, "content": content}
         if self.name:
             out["name"] = self.name
         return out
@@ -162,11 +162,12 @@ class AccountsBody(Strict):
     model_config = ConfigDict(str_strip_whitespace=True)
 
 
-Address = Annotated[str, Field(min_length=1, max_length=128)]
+# Surrounding whitespace is stripped: a value must contain something else (the pattern says so in the schema).
+Address = Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")]
 
 
 class DepositRequest(AccountsBody):
-    tx_sig: Annotated[str, Field(min_length=1, max_length=200)]
+    tx_sig: Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
     user_pubkey: Address
 
 
@@ -176,8 +177,8 @@ class ChallengeRequest(AccountsBody):
 
 class KeyRequest(AccountsBody):
     address: Address
-    challenge: Annotated[str, Field(min_length=1, max_length=2000)]
-    signature: Annotated[str, Field(min_length=1, max_length=1000)]
+    challenge: Annotated[str, Field(min_length=1, max_length=2000, pattern=r"\S")]
+    signature: Annotated[str, Field(min_length=1, max_length=1000, pattern=r"\S")]
     label: Annotated[str, Field(max_length=100)] | None = None
 
 
@@ -255,6 +256,11 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class UnsupportedMediaType(AzuError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 # --- parsing -----------------------------------------------------------------------------------------------
 M = TypeVar("M", bound=BaseModel)
 
@@ -301,17 +307,26 @@ def _reason(errors: list[Any]) -> tuple[str, str | None]:
     return (f"{name}: {message}" if name else message), name or None
 
 
+def _no_constant(name: str) -> Any:
+    raise InvalidRequest(f"the request body contains {name}, which JSON does not allow; send a finite number")
+
+
 def parse_body(schema: type[M]) -> M:
     """The request's JSON body validated against ``schema``; InvalidRequest (400) naming the field if not.
 
-    The body is parsed whatever the Content-Type says (curl's -d sends form-urlencoded by default).
+    The body must be sent as ``Content-Type: application/json`` (415 otherwise: curl's -d alone sends
+    form-urlencoded; add ``-H 'Content-Type: application/json'``). NaN and Infinity are refused.
     """
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(
+            f"send the body as JSON with 'Content-Type: application/json' "
+            f"(got {request.mimetype or 'no Content-Type'})")
     raw = request.get_data(cache=True)
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON (send a JSON object): {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -324,3 +339,85 @@ def validate(schema: type[M], data: dict[str, Any]) -> M:
     except ValidationError as exc:
         message, param = _reason(exc.errors(include_url=False))
         raise InvalidRequest(message, param=param) from None
+
+
+# --- the other answers (what /openapi.json documents; web/openapi.py) --------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error, on every route and status: OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class SubmitAccepted(BaseModel):
+    job_id: str
+    status: Literal["queued"]
+    model_id: str
+    prompt_tokens: int
+    max_tokens: int
+    results_url: str
+
+
+class JobResult(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    model_id: str
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage | None
+    error: str | None
+
+
+class ShardStatus(BaseModel):
+    model_id: str
+    state: Literal["pending", "sharding", "ready", "failed"]
+    progress: float
+    reason: str | None
+
+
+class DepositReceipt(BaseModel):
+    tx_id: str
+    address: str
+    amount: int
+    balance: int
+    unit: str
+
+
+class BalanceView(BaseModel):
+    address: str
+    balance: int
+    held: int
+
+
+class ChallengeView(BaseModel):
+    address: str
+    challenge: str
+    expires_in: int
+
+
+class KeyView(BaseModel):
+    id: int
+    label: str | None
+    created_at: str
+    revoked_at: str | None
+
+
+class NewKey(KeyView):
+    address: str
+    key: str
+
+
+class KeyList(BaseModel):
+    address: str
+    keys: list[KeyView]

@@ -56,8 +56,10 @@ class CeleryDispatcher:
         # skipping the exchange-binding lookup (a Redis round trip) that a named exchange costs per publish.
         # Short reprs: Celery would otherwise saferepr every argument (KBs of tensor bytes) into the headers.
         sig = app.signature(name, args=tuple(args), kwargs=kwargs or {})
+        # declare=[]: publish only. Declaring the target queue would read it (LLEN) and write its binding
+        # sets, which a worker's broker login may not do for another worker's queue.
         sig.set(queue=queue, exchange="", routing_key=queue, argsrepr=f"<{len(args)} args>",
-                kwargsrepr=f"<{len(kwargs or {})} kwargs>").apply_async()
+                kwargsrepr=f"<{len(kwargs or {})} kwargs>").apply_async(declare=[])
 
 
 # azu/ never imports Celery: it sends through whatever dispatcher the process registered.

@@ -3,18 +3,49 @@
 - ``settle``: a job ended: bill it (charge its usage and credit its workers, or release the hold).
 - ``watchdog`` (beat): fail jobs that stopped making progress, start jobs whose layers are now loaded.
 - ``place``: make a model servable ahead of its first job (load orders on live workers).
+
+A worker process consuming ``core`` also runs the report collector (azu.network.collector) in a thread. One
+collector acts at a time however many processes run one (a Redis lease), so a separate
+``python -m azu.cli.processes collector`` beside it is harmless.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import cache
+from typing import Any
 
 import redis
+from celery.signals import worker_ready, worker_shutdown
 
 from azu.config import redis_url
 from azu.network import dispatch, jobs
 from azu.network import watchdog as job_watchdog
 from workers import app
+
+log = logging.getLogger(__name__)
+_collector: Any = None
+
+
+@worker_ready.connect
+def _start_collector(sender: Any = None, **_: Any) -> None:
+    global _collector
+    consumer = getattr(sender, "task_consumer", None)
+    queues = {q.name for q in getattr(consumer, "queues", [])} if consumer is not None else set()
+    if dispatch.CORE_QUEUE not in queues:
+        return
+    from azu.network import collector
+
+    _collector = collector.start_thread()
+    log.info("report collector started")
+
+
+@worker_shutdown.connect
+def _stop_collector(**_: Any) -> None:
+    if _collector is not None:
+        thread, stop = _collector
+        stop.set()
+        thread.join(timeout=5)
 
 
 @cache

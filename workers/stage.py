@@ -1,13 +1,15 @@
-"""GPU worker tasks (queue ``gpu.<worker_id>``, routed per call). Thin: the work is azu.network.node.
+"""GPU worker tasks. Thin: the work is azu.network.node.
 
-- ``forward``: step payloads (packed ``StepPayload``s) for this worker; it then takes every payload left in
-  its inbox meanwhile (azu.network.inbox), so the decode steps of different jobs run as one batch.
+On ``gpu.<worker_id>`` (anyone may wake a worker; every payload is signed and checked):
+- ``forward``: a wake-up (optionally carrying signed step bundles); the worker then takes every bundle left
+  in its inbox meanwhile (azu.network.inbox), so the decode steps of different jobs run as one batch.
+On ``ctl.<worker_id>`` (the core's orders; only core processes may write it):
 - ``load``: a load order: pull a span's files from the registry, check them, hold them.
-- ``end_job``: the job is over: free its KV caches here.
-- ``ping``: write a key (health checks; tests use it to know earlier messages were handled).
+- ``end_job``: the job is over (an order the core signed): free its KV caches here.
+- ``ping``: answer a health check (tests use it to know earlier messages were handled).
 
-The node starts with the worker process (``worker_ready``) when ``AZU_WORKER_ID`` is set, registers
-in the directory and heartbeats from a thread until ``worker_shutdown``.
+The node starts with the worker process (``worker_ready``) when ``AZU_WORKER_ID`` is set and reports its
+heartbeat from a thread until ``worker_shutdown``.
 """
 
 from __future__ import annotations
@@ -42,16 +44,11 @@ def node() -> WorkerNode:
 def _start(**_: Any) -> None:
     if not get_settings().worker.worker_id:
         return  # a core/registry worker: no layers, no heartbeat
-    from azu.billing.factory import get_billing
 
     n = node()
     n.start_heartbeat()
-    try:
-        get_billing().register_worker(worker_id=n.worker_id, wallet_address=n.wallet)
-    except Exception:  # the ledger may be down: the worker still serves, and settles credit it later
-        log.exception("could not register worker %s with billing", n.worker_id)
-    log.info("worker %s ready on queue %s (%s)", n.worker_id, dispatch.worker_queue(n.worker_id),
-             n.info().device)
+    log.info("worker %s ready on queues %s (%s), public key %s", n.worker_id,
+             dispatch.worker_queues(n.worker_id), n.info().device, n.public_key)
 
 
 @worker_shutdown.connect
@@ -72,13 +69,12 @@ def load(*, model_id: str, span: list[Any], manifest_sha256: str | None = None) 
 
 
 @app.task(name=dispatch.END_JOB, ignore_result=True)
-def end_job(*, job_id: str, model_id: str, route: list[Any], token: str) -> None:
-    node().end_job(job_id=job_id, model_id=model_id, route=route, token=token)
+def end_job(*, job_id: str, epoch: int, sig: bytes) -> None:
+    node().end_job(job_id=job_id, epoch=epoch, sig=sig)
 
 
 @app.task(name=dispatch.PING, ignore_result=True)
 def ping(key: str, value: str) -> None:
-    """Write ``value`` under ``key`` (only ``azu:ping:*`` keys)."""
-    if not key.startswith(keys.PING_PREFIX):
-        return
-    node().r.set(key, value, ex=3600)
+    """Answer ``value`` for ``key`` (the collector writes it, ``azu:ping:*`` keys only)."""
+    if isinstance(key, str) and key.startswith(keys.PING_PREFIX) and isinstance(value, str):
+        node().ping(key, value)

@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo-model": ("azu.cli.demo", "build a tiny random model of a supported family (no download)"),
     "up": ("azu.cli.up", "start a whole local network: API, scheduler, registry, workers"),
+    "key": ("azu.cli.wallet", "get an API key: sign the API's challenge with a dev-chain test account"),
+    "deposit": ("azu.cli.wallet", "send AMOUNT to the platform on the chain and credit it (POST /deposit)"),
+    "balance": ("azu.cli.wallet", "show your spendable balance (GET /balance)"),
+    "payouts": ("azu.cli.wallet", "show (--watch: follow) worker wallets being paid on chain"),
 }
 
 

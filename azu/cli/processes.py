@@ -5,14 +5,18 @@ azu-api         gunicorn serving ``web:create_app()`` (gthread workers: SSE stre
 azu-scheduler   ``celery -A workers worker -Q core`` with an embedded beat (in-memory schedule: no pickle
                 file on disk, which beat's default shelve store would write)
 azu-registry    ``celery -A workers worker -Q registry`` + the registry routes (gunicorn, REGISTRY_URL's port)
-azu-core        API + scheduler + registry, supervised together
-azu-worker      a GPU/CPU worker node (``azu.cli.worker``; its runtime is ``azu.network.node``)
+collector       ``python -m azu.cli.processes collector``: pops the workers' signed reports
+                (``azu.network.collector.run``) and writes the facts they prove (events, directory, loads)
+azu-core        API + scheduler + registry + collector, supervised together
+azu-worker      a GPU/CPU worker node (``azu.cli.worker``: enrolls with the core, then runs Celery with its
+                own broker login; its runtime is ``azu.network.node``)
 ==============  =========================================================================================
 
-Configured by the environment (the seed's variables): REDIS_HOST / REDIS_PORT (or REDIS_URL), REGISTRY_URL,
-P2P_PUBLIC_URL, AUTH_SECRET_KEY, HF_TOKEN, DATABASE_URL; children inherit it. azu/ must not import Flask or
-Celery, so each server runs through its own command line (``python -m gunicorn`` / ``python -m celery``),
-which is also exactly what an operator would type.
+Core processes are configured by the environment: REDIS_URL (the core's Redis login, which may run
+ACL SETUSER), REGISTRY_URL, AUTH_SECRET_KEY (the core's signing key), HF_TOKEN, DATABASE_URL; children inherit
+it. A worker node gets none of these: azu-worker hands its Celery only what enrollment gave it. azu/ must
+not import Flask or Celery, so each server runs through its own command line (``python -m gunicorn`` /
+``python -m celery``), which is also exactly what an operator would type.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ DEFAULT_REGISTRY_PORT = 8002
 
 # --- command lines ------------------------------------------------------------------------------------------
 def gunicorn_argv(app_spec: str, *, host: str, port: int, workers: int = 2, threads: int = 16) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--worker-class", "gthread",
+    # web.server.JsonErrorsWorker is gthread whose own 400/414/431 answers are JSON in the API's error shape.
+    return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--worker-class",
+            "web.server.JsonErrorsWorker",
             "--workers", str(workers), "--threads", str(threads),
             # A streamed answer can last minutes; gthread workers heartbeat from their main thread, so the
             # worker timeout only catches a stuck process, not a long request.
@@ -206,14 +212,30 @@ def registry_main(argv: Sequence[str] | None = None) -> int:
     return group.run_until_signal()
 
 
+def collector_argv() -> list[str]:
+    return [sys.executable, "-m", "azu.cli.processes", "collector"]
+
+
+def collector_main(argv: Sequence[str] | None = None) -> int:
+    """The collector: reads ``azu:reports`` until SIGTERM/SIGINT (a core process: it holds the core login)."""
+    _parser("collector", "the collector of the workers' signed reports").parse_args(argv)
+    logging.basicConfig(level=os.environ.get("AZU_LOGLEVEL", "INFO"),
+                        format="[%(asctime)s: %(levelname)s/collector] %(message)s")
+    from azu.network import collector
+
+    collector.run()
+    return 0
+
+
 def core_main(argv: Sequence[str] | None = None) -> int:
-    p = _parser("azu-core", "API + scheduler + registry in one supervised group")
+    p = _parser("azu-core", "API + scheduler + registry + collector in one supervised group")
     _api_args(p)
     _scheduler_args(p)
     _registry_args(p)
     a = p.parse_args(argv)
     group = ProcessGroup()
     group.start("scheduler", _scheduler_argv(a))
+    group.start("collector", collector_argv())
     _registry_children(group, a)
     group.start("api", gunicorn_argv("web:create_app()", host=a.host, port=a.port, workers=a.web_workers,
                                      threads=a.threads))
@@ -228,7 +250,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 
 
 _MAINS = {"api": api_main, "scheduler": scheduler_main, "registry": registry_main, "core": core_main,
-          "worker": worker_main}
+          "collector": collector_main, "worker": worker_main}
 
 if __name__ == "__main__":
     # ``python -m azu.cli.processes worker`` works without the console scripts installed (azu up uses it).

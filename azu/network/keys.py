@@ -1,26 +1,34 @@
 """Every Redis key azu uses, in one place, with who writes it and what it holds.
 
+Since the "Open network" issue a worker writes none of the facts: job hashes, streams, the directory, model
+status are written by core processes only (the collector, azu.network.collector, acts on the workers' signed
+reports). What a worker may still touch is listed in docs/architecture.md (and enforced by its Redis ACL).
+
 Nothing here must survive a Redis restart: money lives in PostgreSQL, shard files on the registry's disk.
 A job's keys expire a day after its last change (``JOB_TTL_S``).
 
 ==============================  ======================================================================
 ``azu:job:<id>``                hash: user, model, status, prompt ids, sampling params, route, usage...
 ``azu:job:<id>:events``         stream: one entry per step, id ``0-<step+1>`` (token, done, or error)
-``azu:job:<id>:usage``          hash: worker id -> token-layers its stages ran for the job
+``azu:job:<id>:usage``          retired (workers counted usage here; the core computes it now)
 ``azu:jobs:active``             zset of unfinished jobs (the watchdog's list), scored by creation time
 ``azu:pending:<worker>``        list: step payloads for a worker that is busy (its inbox)
 ``azu:wake:<worker>``           set while a worker has been woken and has not yet taken its inbox
 ``azu:worker:<worker>``         JSON directory record of a worker (what it holds, its memory)
 ``azu:worker:<worker>:errors``  hash: model id -> why the worker could not load it
 ``azu:workers``                 zset worker id -> last heartbeat (unix seconds)
-``azu:refused:<worker>``        counter of payloads the worker refused (bad token, malformed)
+``azu:refused:<worker>``        counter of payloads the worker reported refusing (bad grant, malformed)
+``azu:identity:<worker>``       the worker's Ed25519 public key (hex), written by the core at enrollment
+``azu:assigned:<worker>``       spans (JSON [model, first, last, emb, head]) the core ordered it to load
+``azu:reports``                 list of signed worker reports (workers RPUSH, the collector pops)
+``azu:collector:lock``          the running collector's lease (one collector acts at a time)
 ``azu:model:<id>``              hash: shard state, progress, reason, source, routing info
 ``azu:model:<id>:waiting``      zset of jobs waiting for the model's layers to be loaded
 ``azu:model:<id>:loading``      load orders in flight (JSON), with the load deadline as TTL
 ``azu:model:<id>:turn``         counter: round robin over a model's equally short routes
 ``azu:model:<id>:startlock``    lock while waiting jobs are started
 ``azu:models:ready``            set of ready model ids
-``azu:ping:*``                  health-check answers written by workers
+``azu:ping:*``                  health-check answers (the collector writes a worker's pong)
 ==============================  ======================================================================
 """
 
@@ -33,6 +41,8 @@ ACTIVE_JOBS = "azu:jobs:active"
 WORKERS = "azu:workers"
 READY_MODELS = "azu:models:ready"
 PING_PREFIX = "azu:ping:"
+REPORTS = "azu:reports"
+COLLECTOR_LOCK = "azu:collector:lock"
 
 
 def as_str(value: Any) -> str:
@@ -72,6 +82,16 @@ def worker_errors(worker_id: str) -> str:
 
 def refused(worker_id: str) -> str:
     return f"azu:refused:{worker_id}"
+
+
+def identity(worker_id: str) -> str:
+    """The worker's public key (hex): written by the core from its enrollment, never changed."""
+    return f"azu:identity:{worker_id}"
+
+
+def assigned(worker_id: str) -> str:
+    """The spans the core ordered the worker to load: the only holdings placement believes."""
+    return f"azu:assigned:{worker_id}"
 
 
 # --- models -------------------------------------------------------------------------------------

@@ -5,15 +5,18 @@ load order and ``end_job`` when a job is over; ``start_heartbeat`` runs beside t
 is azu.network.loading, the mailbox azu.network.inbox, the command line azu.cli.worker.
 
 One wake-up takes *every* step payload waiting for this worker, so the decode steps of all jobs at the same
-stage run as one ``Stage.forward_batch``. Each payload is checked before any cache is touched: it must be a
-well-typed ``StepPayload``, its HMAC token must match its job and route, and its position must be the one the
-stage's cache has reached. A payload already applied (a redelivery) is answered from the stage's last output
-for that job instead of being run again, so a cache never advances twice.
+stage run as one ``Stage.forward_batch``. Each payload is checked before any cache is touched: it must come in
+a bundle signed by a sender the job's grant allows (the core, or the hop before), the grant must be the core's
+(checked once per grant), unexpired and name this worker (and its key) at the payload's hop, and its position
+must be the one the stage's cache has reached. A payload already applied (a redelivery) is answered from the
+stage's last output for that job instead of being run again, so a cache never advances twice.
+
+A worker writes no facts: what the core must know (tokens, loads, failures, refusals, heartbeats) goes as
+signed reports on ``azu:reports`` (azu.network.collector). The last hop hands the next step to hop 0 itself.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -24,18 +27,25 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from azu.billing.economics import token_layers
 from azu.config import Settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Forbidden, InvalidRequest
-from azu.network import directory, jobs, keys, loading
-from azu.network.auth import check_token
+from azu.network import auth, directory, inbox, jobs, keys, loading
 from azu.network.dispatch import Dispatcher, send_forward, worker_queue
 from azu.network.inbox import Inbox
-from azu.network.wire import Hop, StepPayload, pack_tensor, route_from_list, unpack_tensor
+from azu.network.wire import (
+    JobGrant,
+    Report,
+    StepBundle,
+    StepPayload,
+    end_order_part,
+    pack_tensor,
+    unpack_tensor,
+)
 
 if TYPE_CHECKING:
     import torch
+    from nacl.signing import SigningKey
 
     from azu.engine.stage import Stage
     from azu.tokenization import StreamDecoder
@@ -74,8 +84,17 @@ class WorkerNode:
                  registry_url: str = "http://127.0.0.1:8002", p2p_url: str | None = None,
                  wallet: str | None = None, memory_limit: int | None = None,
                  max_cached_tokens: int = 32768, kv_idle_s: float = 600.0, linger_s: float = 0.05,
-                 session_s: float = 2.0, heartbeat_s: float = 3.0) -> None:
+                 session_s: float = 2.0, heartbeat_s: float = 3.0, key: SigningKey | None = None,
+                 core_public_key: str | None = None, reports_key: str = keys.REPORTS) -> None:
+        from nacl.signing import SigningKey
+
         self.r = r
+        self.key = key or SigningKey.generate()
+        self.public_key = auth.public_hex(self.key)
+        self.core_key = core_public_key or auth.core_public_key()
+        self.reports_key = reports_key  # where reports go (tests keep in-process nodes apart)
+        self.grant_cache = auth.GrantCache()
+        self.grants: dict[bytes, JobGrant] = {}  # parsed grants by their bytes (bounded in _admit_bundle)
         self.worker_id = worker_id
         self.dispatch = dispatch
         self.device = device
@@ -109,11 +128,13 @@ class WorkerNode:
         w = settings.worker
         if not w.worker_id:
             raise InvalidRequest("AZU_WORKER_ID must be set to a name without ':' or '/'")
+        cache_dir = w.cache_dir or f".azu/cache/{w.worker_id}"
+        key = auth.load_worker_key(w.key_file or Path(cache_dir) / "worker.key")
         return cls(r, worker_id=w.worker_id, dispatch=dispatch, device=w.device or "cpu", dtype=w.dtype,
-                   cache_dir=w.cache_dir or f".azu/cache/{w.worker_id}", registry_url=settings.registry_url,
+                   cache_dir=cache_dir, registry_url=settings.registry_url,
                    p2p_url=w.p2p_url, wallet=w.wallet, memory_limit=w.memory_bytes,
                    max_cached_tokens=w.max_cached_tokens, kv_idle_s=w.kv_idle_s, linger_s=w.linger_s,
-                   session_s=w.session_s, heartbeat_s=w.heartbeat_s)
+                   session_s=w.session_s, heartbeat_s=w.heartbeat_s, key=key)
 
     # --- directory -------------------------------------------------------------------------------
     def info(self) -> directory.WorkerInfo:
@@ -129,7 +150,23 @@ class WorkerNode:
             cached_jobs=len(self.jobs), started_at=self.started_at)
 
     def heartbeat(self) -> None:
-        directory.register(self.r, self.info())
+        """Tell the core what this worker holds and has free (the core writes the directory record)."""
+        i = self.info()
+        self.report("heartbeat", {
+            "device": i.device, "total_memory": i.total_memory, "free_memory": i.free_memory,
+            "stages": [[m, *span.to_list()] for m, span in i.stages], "cached_jobs": i.cached_jobs,
+            "started_at": i.started_at, "p2p_url": i.p2p_url, "wallet": i.wallet,
+            "public_key": self.public_key})
+
+    # --- reports ---------------------------------------------------------------------------------
+    def signed_report(self, kind: str, body: dict[str, Any]) -> bytes:
+        unsigned = Report(self.worker_id, kind, body)
+        sig = auth.sign(self.key, auth.REPORT, unsigned.signed_part())
+        return Report(self.worker_id, kind, body, sig).pack()
+
+    def report(self, kind: str, body: dict[str, Any], *, pipe: Any = None) -> None:
+        """Send the core a signed report (in ``pipe`` if given, else now)."""
+        (pipe if pipe is not None else self.r).rpush(self.reports_key, self.signed_report(kind, body))
 
     def start_heartbeat(self, interval: float | None = None) -> None:
         # A new process holds no caches: payloads left for an earlier one with this id are useless (their
@@ -153,7 +190,6 @@ class WorkerNode:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-        directory.deregister(self.r, self.worker_id)
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, *, model_id: str, span: Span, manifest_sha256: str | None = None) -> None:
@@ -166,13 +202,11 @@ class WorkerNode:
         except Exception as exc:
             reason = exc.message if isinstance(exc, AzuError) else f"{type(exc).__name__}: {exc}"
             log.error("worker %s could not load %s %s: %s", self.worker_id, model_id, span, reason)
-            self.r.hset(keys.worker_errors(self.worker_id), model_id, reason[:2000])
-            jobs.fail_waiting_jobs(self.r, model_id, f"worker {self.worker_id} could not load layers "
-                                   f"[{span.first}, {span.last}) of {model_id}: {reason}",
-                                   dispatch=self.dispatch)
+            self.report("load_failed", {"model_id": model_id, "span": span.to_list(),
+                                        "reason": reason[:2000]})
             return
-        self.heartbeat()  # publish the new holding now, not at the next beat
-        jobs.start_waiting_jobs(self.r, model_id, dispatch=self.dispatch)
+        self.heartbeat()  # the new holding now, not at the next beat (the core starts waiting jobs on it)
+        self.report("loaded", {"model_id": model_id, "span": span.to_list()})
 
     def load_local(self, folder: str | Path, *, model_id: str, span: Span) -> None:
         """Hold a span from a shard folder already on this machine (benchmarks, self-checks)."""
@@ -218,27 +252,88 @@ class WorkerNode:
     def _process(self, blobs: list[bytes]) -> int:
         groups: dict[StageId, list[StepPayload]] = defaultdict(list)
         for blob in blobs:
-            try:
-                step = self._admit(blob)
-            except AzuError as exc:
-                self.r.incr(keys.refused(self.worker_id))
-                log.warning("worker %s refused a step: %s", self.worker_id, exc.message)
-                continue
-            groups[(step.model_id, step.here.span)].append(step)
+            for step in self._admit_bundle(blob):
+                groups[(step.model_id, step.here.span)].append(step)
         done = 0
         with self.lock:
             for stage_id, steps in groups.items():
                 done += self._run_group(stage_id, steps)
         return done
 
-    def _admit(self, blob: bytes) -> StepPayload:
-        step = StepPayload.unpack(blob)
-        check_token(step.token, step.job_id, step.model_id, step.route)  # before any cache is touched
-        if step.here.worker_id != self.worker_id:
-            raise Forbidden(f"job {step.job_id} step {step.step}: hop {step.hop} is not this worker's")
-        if (step.model_id, step.here.span) not in self.stages:
-            raise AzuError(f"worker {self.worker_id} does not hold {step.model_id} {step.here.span}")
-        return step
+    def _refuse(self, reason: str, job_id: str | None = None) -> None:
+        log.warning("worker %s refused a step: %s", self.worker_id, reason)
+        self.report("refused", {"reason": reason[:500], **({"job_id": job_id} if job_id else {})})
+
+    def _admit_bundle(self, blob: bytes) -> list[StepPayload]:
+        """The payloads of a signed bundle this worker may run; every refusal reported."""
+        if len(self.grants) > 4096:
+            self.grants.clear()
+        try:
+            bundle = StepBundle.unpack(blob)
+            payloads = [StepPayload.unpack(b, grants=self.grants) for b in bundle.steps]
+            sender_key = self._sender_key(bundle.sender, payloads)
+            auth.check(sender_key, auth.STEPS, bundle.signed_part(), bundle.sig,
+                       what=f"step bundle from {bundle.sender}")
+        except AzuError as exc:
+            self._refuse(exc.message)
+            return []
+        out = []
+        now = time.time()
+        for p in payloads:
+            try:
+                self.grant_cache.check(self.core_key, p.grant, p.grant_sig)  # once per grant
+                self._admit(p, bundle.sender, sender_key, now)
+                out.append(p)
+            except AzuError as exc:
+                self._refuse(exc.message, p.job_id)
+        return out
+
+    def _sender_key(self, sender: str, payloads: list[StepPayload]) -> str:
+        """The key a bundle's sender must have signed with: the core's, or the one a core-signed grant of
+        one of its payloads names for the sender."""
+        if sender == auth.CORE:
+            return self.core_key
+        for p in payloads:
+            key = p.g.key_of(sender)
+            if key is None:
+                continue
+            try:
+                self.grant_cache.check(self.core_key, p.grant, p.grant_sig)
+            except AzuError:
+                continue
+            return key
+        raise Forbidden(f"sender {sender} is not on the route of a job the core granted")
+
+    def _admit(self, p: StepPayload, sender: str, sender_key: str, now: float) -> None:
+        """Raise unless this worker may run ``p`` (its grant and the bundle's signature are checked)."""
+        g = p.g
+        what = f"job {p.job_id} step {p.step} hop {p.hop}"
+        if g.job_id != p.job_id:
+            raise Forbidden(f"{what}: the grant is for job {g.job_id}")
+        if g.expires_at < now:
+            raise Forbidden(f"{what}: the grant expired")
+        if g.route[p.hop].worker_id != self.worker_id or g.public_keys[p.hop] != self.public_key:
+            raise Forbidden(f"{what}: hop {p.hop} is not this worker's")
+        if sender != auth.CORE and g.key_of(sender) != sender_key:
+            raise Forbidden(f"{what}: sender {sender} is not the grant's")
+        # Who may send what: the core the prompt (and replays); hop k the hop before it; the last hop the
+        # sampled token back to hop 0.
+        if sender != auth.CORE:
+            expected = g.route[p.hop - 1].worker_id if p.hop > 0 else g.route[-1].worker_id
+            if sender != expected or (p.hop == 0 and p.step == 0):
+                raise Forbidden(f"{what}: {sender} may not send it")
+        if p.step >= g.sampling.max_tokens:
+            raise Forbidden(f"{what}: beyond the grant's max_tokens")
+        expected_pos = 0 if p.step == 0 else g.sampling.prompt_len + p.step - 1
+        if p.pos != expected_pos:
+            raise Forbidden(f"{what}: position {p.pos} is not step {p.step}'s ({expected_pos})")
+        if p.hop == 0 and (not isinstance(p.x, list) or (p.step > 0 and len(p.x) != 1)
+                           or (p.step == 0 and len(p.x) != g.sampling.prompt_len)):
+            raise InvalidRequest(f"{what}: hop 0 takes the prompt, then one token id per step")
+        if p.hop > 0 and not isinstance(p.x, bytes):
+            raise InvalidRequest(f"{what}: a later hop takes a hidden state")
+        if (g.model_id, p.here.span) not in self.stages:
+            raise AzuError(f"worker {self.worker_id} does not hold {g.model_id} {p.here.span}")
 
     def _run_group(self, stage_id: StageId, steps: list[StepPayload]) -> int:
         stage = self.stages[stage_id]
@@ -268,17 +363,19 @@ class WorkerNode:
                 log.info("job %s step %s: stale payload (cache at %d, payload at %d)", s.job_id, s.step,
                          have, s.pos)
             else:
-                jobs.fail_job(self.r, s.job_id, f"worker {self.worker_id} lost the job's cache (at {have} "
-                              f"positions, step {s.step} needs {s.pos})", dispatch=self.dispatch)
+                self._job_failed(s.job_id, f"worker {self.worker_id} lost the job's cache (at {have} "
+                                 f"positions, step {s.step} needs {s.pos})")
         ran = [r for r in self._forward(stage, fresh) if r is not None]
-        # token-layers earned, counted with the next Redis write
-        usage = [(r.step.job_id, self.worker_id, token_layers(r.tokens, stage_id[1].num_layers)) for r in ran]
         ran += [_Ran(s, self.jobs[s.job_id].last_out[s.hop][1], replay=True) for s in replays]
         if stage_id[1].head:
-            self._finish_steps(ran, usage)
+            self._finish_steps(ran)
         else:
-            self._send_on(ran, usage)
+            self._send_on(ran)
         return len(ran)
+
+    def _job_failed(self, job_id: str, reason: str) -> None:
+        log.warning("worker %s: job %s failed: %s", self.worker_id, job_id, reason)
+        self.report("job_failed", {"job_id": job_id, "reason": reason[:2000]})
 
     def _forward(self, stage: Stage, steps: list[StepPayload]) -> list[_Ran | None]:
         """What each step produced, in order (None where the job failed). Decode steps run as one batch."""
@@ -291,7 +388,7 @@ class WorkerNode:
                 x = torch.tensor(s.x, dtype=torch.long) if isinstance(s.x, list) else unpack_tensor(s.x)
                 inputs.append((i, x))
             except AzuError as exc:
-                jobs.fail_job(self.r, s.job_id, exc.message, dispatch=self.dispatch)
+                self._job_failed(s.job_id, exc.message)
         done: set[int] = set()
         singles = [(i, x) for i, x in inputs if x.shape[0] == 1]
         if len(singles) > 1:
@@ -310,11 +407,19 @@ class WorkerNode:
                                   tokens=int(x.shape[0]))
             except Exception as exc:
                 reason = exc.message if isinstance(exc, AzuError) else f"{type(exc).__name__}: {exc}"
-                jobs.fail_job(self.r, steps[i].job_id, f"worker {self.worker_id}: {reason}",
-                              dispatch=self.dispatch)
+                self._job_failed(steps[i].job_id, f"worker {self.worker_id}: {reason}")
         return outputs
 
-    def _send_on(self, ran: list[_Ran], usage: list[tuple[str, str, int]]) -> None:
+    def _hand_over(self, nexts: list[StepPayload], *, pipe: Any = None) -> None:
+        """Send steps on, in one bundle per next worker signed by this worker (after ``pipe``'s writes)."""
+        pipe = pipe if pipe is not None else self.r.pipeline(transaction=False)
+        if not nexts:
+            if len(pipe):
+                pipe.execute()
+            return
+        inbox.deliver(pipe, jobs.bundles(nexts, sender=self.worker_id, key=self.key), dispatch=self.dispatch)
+
+    def _send_on(self, ran: list[_Ran]) -> None:
         nexts: list[StepPayload] = []
         for r in ran:
             if r.replay:
@@ -323,110 +428,78 @@ class WorkerNode:
                 nxt = replace(r.step, hop=r.step.hop + 1, x=pack_tensor(r.out))
                 self.jobs[r.step.job_id].last_out[r.step.hop] = (r.step.step, nxt)
             nexts.append(nxt)
-        jobs.send_steps(self.r, nexts, dispatch=self.dispatch, usage=usage)
+        self._hand_over(nexts)
 
-    def _finish_steps(self, ran: list[_Ran], usage: list[tuple[str, str, int]]) -> None:
-        """Last stage: sample, publish (once per step), then the next step or the job's end.
+    def _finish_steps(self, ran: list[_Ran]) -> None:
+        """Last stage: sample, tell the core each token (a signed report), and send the next step to hop 0
+        unless the job ended here (stop ids, stop strings, max_tokens): one Redis round trip.
 
-        Two Redis round trips before the next step leaves: (count usage, read cancel flags and usage) and
-        (publish every token; Redis refuses a step's entry twice, which is how a replay is recognised)."""
+        A replayed step is reported again (the core publishes each step once) but not sent on: its successor
+        was sent when it first ran, and sending it again would replay the whole route."""
         from azu.engine.sampling import SamplingParams, sample
 
         if not ran:
             return
-        sampled: list[int] = []
+        pipe = self.r.pipeline(transaction=False)
+        reports: list[bytes] = []
+        nexts: list[StepPayload] = []
         for r in ran:
             s = r.step
+            g = s.sampling
             if r.replay:
                 token = int(r.out)
             else:
-                g = s.sampling
                 params = SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
                 token = int(sample(r.out, params, seed=g.seed, step=s.step))
                 self.jobs[s.job_id].last_out[s.hop] = (s.step, token)
-            sampled.append(token)
-        pipe = self.r.pipeline(transaction=False)
-        for job_id, worker_id, amount in usage:
-            pipe.hincrby(keys.usage(job_id), worker_id, amount)
-        for r in ran:
-            pipe.hget(keys.job(r.step.job_id), "cancel")
-            pipe.hgetall(keys.usage(r.step.job_id))
-        answers = pipe.execute()[len(usage):]
-        ends: list[tuple[str, dict[str, Any]] | None] = []  # per step: (reason, usage) if it ends the job
-        pipe = self.r.pipeline(transaction=False)
-        now = str(time.time())
-        for k, (r, token) in enumerate(zip(ran, sampled, strict=True)):
-            s, g = r.step, r.step.sampling
-            cancel, workers_raw = answers[2 * k], answers[2 * k + 1]
-            reason: str | None = None
-            if token in g.stop_ids or (g.stop and self._hits_stop(s, token, replay=r.replay)):
-                reason = "stop"
-            elif s.step + 1 >= g.max_tokens:
-                reason = "length"
-            elif cancel:
-                reason = "cancelled"
-            fields: dict[Any, Any]
-            if reason:
-                usage_now = jobs.usage_record(workers_raw, prompt_tokens=g.prompt_len,
-                                              completion_tokens=s.step + 1)
-                ends.append((reason, usage_now))
-                shown = "" if token in g.stop_ids else str(token)
-                fields = {"k": "done", "t": shown, "reason": reason, "usage": json.dumps(usage_now)}
-            else:
-                ends.append(None)
-                fields = {"k": "token", "t": str(token)}
-            pipe.xadd(keys.events(s.job_id), fields, id=f"0-{s.step + 1}")
-            pipe.hset(keys.job(s.job_id), mapping={"step": str(s.step + 1), "updated": now})
-        published = pipe.execute(raise_on_error=False)[0::2]
-        nexts: list[StepPayload] = []
-        for r, token, end, ok in zip(ran, sampled, ends, published, strict=True):
-            if isinstance(ok, Exception):
-                continue  # this step was published before: its successor (or end) was already sent
-            s = r.step
-            if end:
-                reason, usage_now = end
-                jobs.finish_job(self.r, s.job_id, model_id=s.model_id, route=s.route, token=s.token,
-                                reason=reason, usage=usage_now, last_worker=self.worker_id,
-                                dispatch=self.dispatch)
-                self._end_local(s.job_id, s.model_id, s.route)
+            reports.append(self.signed_report("token", {"job_id": s.job_id, "epoch": s.g.epoch,
+                                                        "step": s.step, "token": token}))
+            if r.replay:
                 continue
-            nexts.append(replace(s, step=s.step + 1, hop=0, pos=s.sampling.prompt_len + s.step, x=[token]))
-        jobs.send_steps(self.r, nexts, dispatch=self.dispatch)
+            ended = (token in g.stop_ids or s.step + 1 >= g.max_tokens
+                     or (bool(g.stop) and self._hits_stop(s, token)))
+            if ended:
+                self._end_local(s.job_id)
+                continue
+            nexts.append(replace(s, step=s.step + 1, hop=0, pos=g.prompt_len + s.step, x=[token]))
+        pipe.rpush(self.reports_key, *reports)
+        self._hand_over(nexts, pipe=pipe)
 
-    def _hits_stop(self, s: StepPayload, token: int, *, replay: bool) -> bool:
+    def _hits_stop(self, s: StepPayload, token: int) -> bool:
         from azu.tokenization import load_tokenizer
 
         state = self.jobs[s.job_id]
         if state.decoder is None:
             tok = load_tokenizer(self.folders.get(s.model_id) or self.model_folder(s.model_id))
             state.decoder = tok.stream_decoder(stop=s.sampling.stop)
-        if not replay:
-            state.decoder.push(token)
+        state.decoder.push(token)
         return bool(state.decoder.stopped)
 
     # --- ending jobs -----------------------------------------------------------------------------
-    def _end_local(self, job_id: str, model_id: str, route: tuple[Hop, ...]) -> None:
-        for h in route:
-            if h.worker_id == self.worker_id:
-                stage = self.stages.get((model_id, h.span))
-                if stage is not None:
-                    stage.end_job(job_id)
+    def _end_local(self, job_id: str) -> None:
+        for stage in self.stages.values():
+            stage.end_job(job_id)
         self.jobs.pop(job_id, None)
         self.ended[job_id] = None
         while len(self.ended) > _ENDED_MEMORY:
             self.ended.popitem(last=False)
 
-    def end_job(self, *, job_id: str, model_id: str, route: list[Any], token: str) -> None:
-        """An end_job message (route as sent: hop lists): free the job's caches if its token checks out."""
+    def end_job(self, *, job_id: str, epoch: int, sig: bytes) -> None:
+        """An end_job order: free the job's caches if the core signed the order."""
         try:
-            hops = route_from_list(route)
-            check_token(token, job_id, model_id, hops)
+            if not isinstance(job_id, str) or not isinstance(epoch, int):
+                raise InvalidRequest("malformed end_job order")
+            auth.check(self.core_key, auth.END_ORDER, end_order_part(job_id, epoch), sig,
+                       what=f"end_job for {job_id}")
         except AzuError as exc:
-            self.r.incr(keys.refused(self.worker_id))
-            log.warning("worker %s refused end_job: %s", self.worker_id, exc.message)
+            self._refuse(exc.message)
             return
         with self.lock:
-            self._end_local(job_id, model_id, hops)
+            self._end_local(job_id)
+
+    def ping(self, key: str, value: str) -> None:
+        """Answer a health check (the core writes ``value`` under ``key`` once it hears back)."""
+        self.report("pong", {"key": key, "value": value})
 
     def sweep_idle(self, *, now: float | None = None) -> list[str]:
         """Free the caches of jobs untouched for ``kv_idle_s`` (a job whose end never reached us)."""

@@ -30,7 +30,7 @@ def tick(r: redis.Redis, *, now: float | None = None, step_deadline_s: float | N
     retried: set[str] = set()  # models whose waiting jobs were retried this tick (it starts them all)
     for raw in r.zrange(keys.ACTIVE_JOBS, 0, -1):
         job_id = keys.as_str(raw)
-        job = {keys.as_str(k): keys.as_str(v) for k, v in r.hgetall(keys.job(job_id)).items()}
+        job = jobs.job_fields(r.hgetall(keys.job(job_id)))  # type: ignore[arg-type]
         if not job:
             r.zrem(keys.ACTIVE_JOBS, job_id)
             continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -138,6 +138,78 @@ class Sampling:
                    prompt_len=_int(d["prompt_len"], "gen.prompt_len"))
 
 
+# --- job grants -----------------------------------------------------------------------------------
+GRANT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class JobGrant:
+    """What the core allows a job to do, signed by the core (``auth.GRANT``): which model (and manifest),
+    along which route (each hop with its worker's public key), with which sampling, until when.
+
+    Every step payload carries the grant's bytes and signature; a worker checks them once per grant."""
+
+    job_id: str
+    model_id: str
+    manifest_sha256: str
+    route: tuple[Hop, ...]
+    public_keys: tuple[str, ...]  # hex, one per hop
+    sampling: Sampling
+    epoch: int
+    expires_at: float
+
+    _KEYS = ("v", "job", "model", "manifest", "route", "gen", "epoch", "exp")
+
+    def pack(self) -> bytes:
+        return msgpack.packb({
+            "v": GRANT_VERSION, "job": self.job_id, "model": self.model_id, "manifest": self.manifest_sha256,
+            "route": [[*h.to_list(), k] for h, k in zip(self.route, self.public_keys, strict=True)],
+            "gen": self.sampling.to_dict(), "epoch": self.epoch, "exp": self.expires_at}, use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> JobGrant:
+        d = _fields(_msgpack(data, "job grant"), cls._KEYS, "job grant")
+        if d["v"] != GRANT_VERSION:
+            raise InvalidRequest(f"job grant version {d['v']!r} is not {GRANT_VERSION}")
+        hops = d["route"]
+        if not isinstance(hops, list | tuple) or not hops:
+            raise InvalidRequest("malformed job grant: route must be a non-empty list of hops")
+        route, pubs = [], []
+        for h in hops:
+            if not isinstance(h, list | tuple) or len(h) != 6 or not isinstance(h[5], str):
+                raise InvalidRequest(f"malformed job grant hop {h!r}")
+            route.append(Hop.from_list(list(h[:5])))
+            pubs.append(h[5])
+        manifest = d["manifest"]
+        if not isinstance(manifest, str):
+            raise InvalidRequest("malformed job grant: manifest must be a string")
+        return cls(job_id=_str(d["job"], "job"), model_id=_str(d["model"], "model"), manifest_sha256=manifest,
+                   route=tuple(route), public_keys=tuple(pubs), sampling=Sampling.from_dict(d["gen"]),
+                   epoch=_int(d["epoch"], "epoch"), expires_at=_float(d["exp"], "exp"))
+
+    def key_of(self, worker_id: str) -> str | None:
+        """The public key the grant names for ``worker_id`` (None if it is not on the route)."""
+        for h, k in zip(self.route, self.public_keys, strict=True):
+            if h.worker_id == worker_id:
+                return k
+        return None
+
+
+def _msgpack(data: Any, what: str) -> Any:
+    if not isinstance(data, bytes):
+        raise InvalidRequest(f"{what} must be bytes")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise InvalidRequest(f"{what} is not valid msgpack: {exc}") from exc
+
+
+def _bytes(value: Any, what: str) -> bytes:
+    if not isinstance(value, bytes) or not value:
+        raise InvalidRequest(f"malformed message: {what} must be non-empty bytes")
+    return value
+
+
 # --- step payloads ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepPayload:
@@ -145,50 +217,135 @@ class StepPayload:
 
     ``x`` is the token ids the first hop embeds (the prompt at step 0, then the last token) or, for every
     later hop, the previous hop's hidden state as safetensors bytes. ``pos`` is the position the hop's KV
-    cache must have reached; ``token`` is the job's HMAC token over its id and route (azu.network.auth).
+    cache must have reached. ``grant``/``grant_sig``: the job's core-signed grant. Payloads travel in a
+    ``StepBundle``, which their sender signs. ``grant_info`` is the parsed grant (not on the wire).
     """
 
     job_id: str
-    model_id: str
-    route: tuple[Hop, ...]
-    token: str
-    sampling: Sampling
     step: int
     hop: int
     pos: int
     x: list[int] | bytes
+    grant: bytes
+    grant_sig: bytes
+    grant_info: JobGrant | None = field(default=None, compare=False, repr=False)
 
-    # The msgpack field names: short, and the same since the first release.
-    _KEYS = ("job", "model", "route", "tok", "gen", "step", "hop", "pos", "x")
+    _KEYS = ("job", "step", "hop", "pos", "x", "grant", "gsig")
+
+    @property
+    def g(self) -> JobGrant:
+        """The parsed grant (``unpack`` and ``with_grant`` set it)."""
+        if self.grant_info is None:
+            object.__setattr__(self, "grant_info", JobGrant.unpack(self.grant))
+        assert self.grant_info is not None
+        return self.grant_info
+
+    @property
+    def model_id(self) -> str:
+        return self.g.model_id
+
+    @property
+    def route(self) -> tuple[Hop, ...]:
+        return self.g.route
+
+    @property
+    def sampling(self) -> Sampling:
+        return self.g.sampling
 
     @property
     def here(self) -> Hop:
         """The hop this payload is for (``unpack`` checked it is on the route)."""
-        return self.route[self.hop]
+        return self.g.route[self.hop]
 
     def pack(self) -> bytes:
-        return msgpack.packb({
-            "job": self.job_id, "model": self.model_id, "route": [h.to_list() for h in self.route],
-            "tok": self.token, "gen": self.sampling.to_dict(), "step": self.step, "hop": self.hop,
-            "pos": self.pos, "x": self.x}, use_bin_type=True)
+        return msgpack.packb({"job": self.job_id, "step": self.step, "hop": self.hop, "pos": self.pos,
+                              "x": self.x, "grant": self.grant, "gsig": self.grant_sig}, use_bin_type=True)
 
     @classmethod
-    def unpack(cls, data: bytes) -> StepPayload:
-        """The payload in ``data``; InvalidRequest if it is not exactly a well-typed step payload."""
-        try:
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except Exception as exc:
-            raise InvalidRequest(f"step payload is not valid msgpack: {exc}") from exc
-        d = _fields(raw, cls._KEYS, "step payload")
+    def unpack(cls, data: bytes, *, grants: dict[bytes, JobGrant] | None = None) -> StepPayload:
+        """The payload in ``data``; InvalidRequest if it is not exactly a well-typed step payload.
+
+        ``grants``: parsed grants by their bytes, reused (the signature is checked elsewhere, once)."""
+        d = _fields(_msgpack(data, "step payload"), cls._KEYS, "step payload")
         x = d["x"]
         if not isinstance(x, bytes):
             x = _ids(x, "x")
             if not x:
                 raise InvalidRequest("malformed step payload: x holds no token ids")
-        route = route_from_list(d["route"])
+        grant = _bytes(d["grant"], "grant")
+        info = grants.get(grant) if grants is not None else None
+        if info is None:
+            info = JobGrant.unpack(grant)
+            if grants is not None:
+                grants[grant] = info
         hop = _int(d["hop"], "hop")
-        if hop >= len(route):
+        if hop >= len(info.route):
             raise InvalidRequest(f"malformed step payload: hop {hop} is not on the route")
-        return cls(job_id=_str(d["job"], "job"), model_id=_str(d["model"], "model"), route=route,
-                   token=_str(d["tok"], "tok"), sampling=Sampling.from_dict(d["gen"]),
-                   step=_int(d["step"], "step"), hop=hop, pos=_int(d["pos"], "pos"), x=x)
+        return cls(job_id=_str(d["job"], "job"), step=_int(d["step"], "step"), hop=hop,
+                   pos=_int(d["pos"], "pos"), x=x, grant=grant, grant_sig=_bytes(d["gsig"], "gsig"),
+                   grant_info=info)
+
+
+@dataclass(frozen=True)
+class StepBundle:
+    """Step payloads one sender hands one worker at once, signed by the sender (``auth.STEPS`` over the
+    SHA-256 of the packed sender and payloads): one signature per hand-over, not per step."""
+
+    sender: str  # "core" or a worker id
+    steps: tuple[bytes, ...]  # packed StepPayloads
+    sig: bytes = b""
+
+    def signed_part(self) -> bytes:
+        import hashlib
+
+        return hashlib.sha256(msgpack.packb([self.sender, list(self.steps)], use_bin_type=True)).digest()
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"from": self.sender, "steps": list(self.steps), "sig": self.sig},
+                             use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> StepBundle:
+        d = _fields(_msgpack(data, "step bundle"), ("from", "steps", "sig"), "step bundle")
+        steps = d["steps"]
+        if not isinstance(steps, list) or not steps or not all(isinstance(b, bytes) for b in steps):
+            raise InvalidRequest("malformed step bundle: steps must be a non-empty list of bytes")
+        return cls(sender=_str(d["from"], "from"), steps=tuple(steps), sig=_bytes(d["sig"], "sig"))
+
+
+# --- reports (worker -> core) -------------------------------------------------------------------
+REPORT_KINDS = ("token", "heartbeat", "loaded", "load_failed", "job_failed", "refused", "pong")
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a worker tells the core (``azu:reports``), signed by the worker (``auth.REPORT``)."""
+
+    worker_id: str
+    kind: str
+    body: dict[str, Any]
+    sig: bytes = b""
+
+    def signed_part(self) -> bytes:
+        return msgpack.packb([self.worker_id, self.kind, self.body], use_bin_type=True)
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"w": self.worker_id, "k": self.kind, "b": self.body, "sig": self.sig},
+                             use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Report:
+        d = _fields(_msgpack(data, "report"), ("w", "k", "b", "sig"), "report")
+        kind = d["k"]
+        if kind not in REPORT_KINDS:
+            raise InvalidRequest(f"unknown report kind {kind!r}")
+        if not isinstance(d["b"], Mapping):
+            raise InvalidRequest("malformed report: body must be a map")
+        return cls(worker_id=_str(d["w"], "worker"), kind=kind, body=dict(d["b"]),
+                   sig=_bytes(d["sig"], "sig"))
+
+
+# --- end-of-job orders (core -> worker, on ctl.<id>) --------------------------------------------
+def end_order_part(job_id: str, epoch: int) -> bytes:
+    """What the core signs (``auth.END_ORDER``) to tell workers a job is over."""
+    return msgpack.packb([job_id, epoch], use_bin_type=True)

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from azu.config import get_settings
-from azu.errors import AzuError, Forbidden, IntegrityFailure, InvalidRequest, NotFound, UnsafeFormat
+from azu.errors import (
+    Forbidden,
+    IntegrityFailure,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    UnsafeFormat,
+)
 from azu.registry.download import PICKLE_SUFFIXES, check_file_name, sha256_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -43,10 +50,9 @@ EXTRA_FILE_NAMES = (
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
-class HubUnavailable(AzuError):
-    """The hub (or HF_ENDPOINT) could not be reached or answered with an error."""
+class HubUnavailable(ServiceUnavailable):
+    """The hub (or HF_ENDPOINT) could not be reached or answered with an error: a 503, retry later."""
 
-    status = 502
     code = "hub_unavailable"
 
 
@@ -307,3 +313,59 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
         raise HubUnavailable(f"could not fetch {repo_id} from {endpoint or 'the hub'}: {exc}") from exc
     return Source(model_id=repo_id, revision=info.sha, weight_paths=weight_paths, extra_paths=extras,
                   index=index)
+
+
+# -- how large a checkpoint is, before anything is downloaded -------------------------------------------
+def hub_weight_bytes(repo_id: str, *, revision: str | None = None, token: str | None = None,
+                     endpoint: str | None = None) -> int:
+    """The bytes of the ``.safetensors`` weights of hub repo ``repo_id``, from its listing alone.
+
+    Every top-level ``.safetensors`` file counts (a repo holding the same weights twice counts twice: the
+    sum is an upper bound). UnsafeFormat for a pickle-only repo; a weight without a published size is
+    refused, since its size cannot be checked.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    settings = get_settings()
+    endpoint = endpoint or settings.hf_endpoint
+    try:
+        info = HfApi(endpoint=endpoint, token=token or settings.hf_token).model_info(
+            repo_id, revision=revision, files_metadata=True)
+    except GatedRepoError as exc:
+        raise Forbidden(f"{repo_id} is gated: set HF_TOKEN to a token with access ({exc})") from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise NotFound(f"{repo_id}: no such model on {endpoint or 'the hub'}", param="model_id") from exc
+    except _network_errors(HfHubHTTPError) as exc:
+        raise HubUnavailable(f"could not list {repo_id} on {endpoint or 'the hub'}: {exc}") from exc
+    siblings = {sib.rfilename: sib for sib in info.siblings or []}
+    weights = select_weight_files([n for n in siblings if n != INDEX_NAME], None, where=repo_id)
+    total = 0
+    for name in weights:
+        sib = siblings[name]
+        size = sib.lfs.size if sib.lfs is not None else sib.size
+        if not isinstance(size, int) or size < 0:
+            raise IntegrityFailure(f"{repo_id}: the hub publishes no size for {name}; refusing it",
+                                   param=name)
+        total += size
+    return total
+
+
+def local_weight_bytes(folder: str | os.PathLike[str]) -> int:
+    root = Path(folder)
+    names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
+    return sum((root / n).stat().st_size for n in select_weight_files(names, None, where=str(root)))
+
+
+def check_size(source: str, *, max_bytes: int) -> int:
+    """The checkpoint's weight bytes, if at most ``max_bytes`` (AZU_MAX_SHARD_BYTES); Forbidden otherwise."""
+    size = local_weight_bytes(source) if is_local_source(source) else hub_weight_bytes(source)
+    if size > max_bytes:
+        raise Forbidden(f"{source} has {size} bytes of weights; this registry shards at most {max_bytes} "
+                        "(AZU_MAX_SHARD_BYTES)", param="model_id")
+    return size

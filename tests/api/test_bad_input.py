@@ -1,4 +1,4 @@
-"""Bad input gets a 4xx (or 503 for no capacity) with a reason, never a 500; OpenAI's error shape under /v1.
+"""Bad input gets a 4xx (or 503 for no capacity) with a reason, never a 500; OpenAI's error shape everywhere.
 
 Table-driven: each row is a request and what the answer must say. No worker runs here: these requests are
 refused before anything is enqueued (the no-capacity row is refused because no worker exists).
@@ -91,6 +91,14 @@ CASES = [
      _with(OK_CHAT, messages=[{"role": "user", "content": "y" * 2000}], max_tokens=200), 400, "max_tokens",
      "context"),
     ("chat-no-capacity", CHAT, OK_CHAT, 503, "model", "no live worker"),
+    ("chat-content-null", CHAT, _with(OK_CHAT, messages=[{"role": "user", "content": None}]), 400,
+     "messages.0.content", "string or a list"),
+    ("chat-content-missing", CHAT, _with(OK_CHAT, messages=[{"role": "user"}]), 400, "messages.0.content",
+     "missing"),
+    ("chat-temperature-nan", CHAT, '{"model": "azu-demo", "messages": [{"role": "user", "content": "hi"}], '
+     '"temperature": NaN}', 400, None, "NaN"),
+    ("submit-infinity", "/submit", '{"model_id": "azu-demo", "prompt": "hi", "max_tokens": Infinity}', 400,
+     None, "Infinity"),
     ("shard-no-model", "/models/shard", {}, 400, "model_id", "missing"),
     ("shard-bad-id", "/models/shard", {"model_id": "a/../../b"}, 400, "model_id", "invalid model id"),
     ("shard-folder-not-allowed", "/models/shard", {"model_id": "/etc"}, 403, "model_id",
@@ -115,26 +123,62 @@ def test_bad_input_is_refused_with_a_reason(client, seeded, path, body, status, 
     else:
         resp = client.post(path, data=body, content_type="application/json")
     assert resp.status_code == status, resp.get_data(as_text=True)
-    data = resp.get_json()
-    if path.startswith("/v1/"):
-        err = data["error"]
-        assert set(err) == {"message", "type", "param", "code"}
-        message, got_param = err["message"], err["param"]
-        assert err["type"] in ("invalid_request_error", "not_found_error", "conflict_error",
-                               "service_unavailable", "permission_error")
-    else:
-        message, got_param = data["error"], data.get("param")
+    err = resp.get_json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    message, got_param = err["message"], err["param"]
+    assert err["type"] in ("invalid_request_error", "not_found_error", "conflict_error",
+                           "service_unavailable", "permission_error")
+    if status == 503:
+        assert int(resp.headers["Retry-After"]) >= 1
     assert words.lower() in message.lower(), message
     assert got_param == param
 
 
+def _error(resp) -> dict:
+    assert resp.mimetype == "application/json", resp.get_data(as_text=True)[:200]
+    err = resp.get_json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
 def test_unknown_route_and_method_answer_json(client):
-    resp = client.get("/nope")
-    assert resp.status_code == 404 and "error" in resp.get_json()
+    assert _error(client.get("/nope"))["type"] == "not_found_error"
     resp = client.get("/submit")
-    assert resp.status_code == 405 and "error" in resp.get_json()
+    assert resp.status_code == 405 and "GET is not allowed" in _error(resp)["message"]
+    assert "POST" in resp.headers["Allow"]
     resp = client.get("/v1/nope")
-    assert resp.status_code == 404 and resp.get_json()["error"]["type"] == "not_found_error"
+    assert resp.status_code == 404 and _error(resp)["type"] == "not_found_error"
+
+
+def test_body_must_be_json(client):
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        resp = client.post("/submit", data=json.dumps(OK_SUBMIT), content_type=content_type)
+        assert resp.status_code == 415, content_type
+        assert "Content-Type: application/json" in _error(resp)["message"]
+
+
+def test_oversized_url_headers_and_body_answer_json(app, client):
+    resp = client.get("/models/status?model_id=" + "a" * 9000)
+    assert resp.status_code == 414 and "URL" in _error(resp)["message"]
+    resp = client.get("/healthz", headers={"X-Padding": "p" * 20000})
+    assert resp.status_code == 431 and "headers" in _error(resp)["message"]
+    big = {"model_id": MODEL_ID, "prompt": "x" * (app.config["MAX_CONTENT_LENGTH"] + 1), "max_tokens": 1}
+    resp = client.post("/submit", json=big)
+    assert resp.status_code == 413 and _error(resp)["code"] == "request_entity_too_large"
+
+
+def test_unreachable_redis_is_503_with_retry_after(registry_dir):
+    from azu.cli.up import free_port
+    from web import create_app
+
+    app = create_app({"TESTING": True, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+                      "AZU_BILLING": FreeBilling()})
+    for method, path in [("post", "/submit"), ("get", "/results/job-x"),
+                         ("get", "/models/status?model_id=a/b")]:
+        resp = getattr(app.test_client(), method)(path, json=OK_SUBMIT)
+        assert resp.status_code == 503, (path, resp.get_data(as_text=True))
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert _error(resp)["type"] == "service_unavailable"
 
 
 # --- authentication and payment go through the billing seam -----------------------------------------------
@@ -202,7 +246,7 @@ def test_payment_required_passes_through_and_nothing_is_enqueued(billed, r):
     _fake_worker(r)
     resp = client.post("/submit", json=OK_SUBMIT, headers=_auth("key-broke"))
     assert resp.status_code == 402
-    assert "balance too low" in resp.get_json()["error"]
+    assert "balance too low" in resp.get_json()["error"]["message"]
     assert not r.keys("azu:job:*")
 
 
@@ -260,7 +304,7 @@ def test_registry_serves_only_manifest_files(client, registry_dir):
 
 def test_shard_status_routes(client, r):
     resp = client.get("/models/status")
-    assert resp.status_code == 400 and resp.get_json()["param"] == "model_id"
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "model_id"
     assert client.get("/models/status?model_id=nobody/nothing").status_code == 404
     resp = client.get(f"/models/status?model_id={MODEL_ID}")
     assert resp.status_code == 200 and resp.get_json()["state"] == "ready"

@@ -27,6 +27,7 @@ TABLES = {
     "payouts",
     "api_keys",
     "auth_challenges",
+    "worker_identities",
 }
 
 
@@ -73,6 +74,8 @@ def test_upgrade_check_downgrade_upgrade(empty_database: str) -> None:
     assert current.returncode == 0 and "(head)" in current.stdout, current.stdout + current.stderr
 
     command.downgrade(alembic_config(empty_database), "-1")  # one step at a time works too
+    assert "worker_identities" not in _tables(empty_database)
+    command.downgrade(alembic_config(empty_database), "-1")
     assert "raw_tx" not in {c["name"] for c in _columns(empty_database, "payouts")}
 
     command.downgrade(alembic_config(empty_database), "base")

@@ -48,7 +48,10 @@ def provider(w3: Web3, platform: LocalAccount) -> HyperliquidProvider:
 
 
 def make_app(engine: Engine, provider: HyperliquidProvider) -> Flask:
-    return create_app({"TESTING": True, "AZU_LEDGER_ENGINE": engine, "AZU_PAYMENT_PROVIDER": provider})
+    # Rate limits off: these tests are about the ledger (tests/api/test_limits.py tests the limits), and the
+    # 50-thread test is one client address.
+    return create_app({"TESTING": True, "AZU_LEDGER_ENGINE": engine, "AZU_PAYMENT_PROVIDER": provider,
+                       "RATELIMIT_ENABLED": False})
 
 
 @pytest.fixture
@@ -128,7 +131,7 @@ def test_deposit_is_credited_once_to_the_real_sender(
 
     replay = deposit(client, tx.upper().replace("0X", "0x"), user.address)  # same tx, other spelling
     assert replay.status_code == 409
-    assert "already credited" in replay.json["error"]
+    assert "already credited" in replay.json["error"]["message"]
     assert balance_of(engine, user.address) == HYPE
     assert deposits(engine) == 1
 
@@ -139,7 +142,7 @@ def test_deposit_claimed_by_someone_else_is_refused_and_the_sender_can_still_cla
     user, thief = wallet(w3), wallet(w3)
     tx = send(w3, user, provider.platform_address, HYPE)
     r = deposit(client, tx, thief.address)
-    assert r.status_code == 400 and r.json["param"] == "user_pubkey"
+    assert r.status_code == 400 and r.json["error"]["param"] == "user_pubkey"
     assert balance_of(engine, thief.address) == 0 and deposits(engine) == 0
     assert deposit(client, tx, user.address).status_code == 201
 
@@ -150,14 +153,14 @@ def test_deposit_sent_elsewhere_failed_unknown_or_malformed_is_refused(
     user = wallet(w3)
     elsewhere = send(w3, user, Account.create().address, HYPE)
     r = deposit(client, elsewhere, user.address)
-    assert r.status_code == 400 and "platform address" in r.json["error"]
+    assert r.status_code == 400 and "platform address" in r.json["error"]["message"]
 
     r = deposit(client, "0x" + "ab" * 32, user.address)
-    assert r.status_code == 404 and r.json["code"] == "not_found"
+    assert r.status_code == 404 and r.json["error"]["code"] == "not_found"
     r = deposit(client, "0x1234", user.address)
-    assert r.status_code == 400 and r.json["param"] == "tx_sig"
+    assert r.status_code == 400 and r.json["error"]["param"] == "tx_sig"
     r = deposit(client, send(w3, user, w3.eth.accounts[0], 0), "not-an-address")
-    assert r.status_code == 400 and r.json["param"] == "address"
+    assert r.status_code == 400 and r.json["error"]["param"] == "address"
 
     # A platform address whose transfers revert: the transaction is mined, and failed.
     contract = deploy_reverting_contract(w3)
@@ -165,7 +168,7 @@ def test_deposit_sent_elsewhere_failed_unknown_or_malformed_is_refused(
     failed = send(w3, user, contract, HYPE, gas=100_000)
     with make_app(engine, reverting).test_client() as other:
         r = deposit(other, failed, user.address)
-    assert r.status_code == 400 and "failed on chain" in r.json["error"]
+    assert r.status_code == 400 and "failed on chain" in r.json["error"]["message"]
     assert balance_of(engine, user.address) == 0 and deposits(engine) == 0
 
 
@@ -177,7 +180,7 @@ def test_unconfirmed_deposit_is_refused_until_it_has_enough_confirmations(
     tx = send(w3, user, strict.platform_address, HYPE)
     with make_app(engine, strict).test_client() as c:
         early = deposit(c, tx, user.address)
-        assert early.status_code == 409 and "confirmation" in early.json["error"]
+        assert early.status_code == 409 and "confirmation" in early.json["error"]["message"]
         assert balance_of(engine, user.address) == 0
         w3.provider.ethereum_tester.mine_blocks(2)  # type: ignore[attr-defined]
         assert deposit(c, tx, user.address).status_code == 201
@@ -194,12 +197,15 @@ def test_unconfirmed_deposit_is_refused_until_it_has_enough_confirmations(
 )
 def test_deposit_body_is_validated(client: FlaskClient, body: dict[str, Any], param: str) -> None:
     r = client.post("/deposit", json=body)
-    assert r.status_code == 400 and r.json["param"] == param and r.json["code"] == "invalid_request"
+    assert r.status_code == 400
+    assert r.json["error"]["param"] == param and r.json["error"]["code"] == "invalid_request"
 
 
 def test_deposit_body_must_be_json(client: FlaskClient) -> None:
     r = client.post("/deposit", data="tx_sig=1", content_type="application/x-www-form-urlencoded")
-    assert r.status_code == 400 and "JSON object" in r.json["error"]
+    assert r.status_code == 415 and "application/json" in r.json["error"]["message"]
+    r = client.post("/deposit", json=["tx_sig"])
+    assert r.status_code == 400 and "JSON object" in r.json["error"]["message"]
 
 
 @pytest.mark.slow  # 50 threads through the whole app: half a second or more
@@ -260,7 +266,7 @@ def test_wallet_signed_key_gives_access_to_balance_and_can_be_revoked(
     r = client.delete(f"/auth/keys/{issued['id']}", headers=bearer(second["key"]))
     assert r.status_code == 200 and r.json["revoked_at"] is not None
     r = client.get("/balance", headers=bearer(issued["key"]))
-    assert r.status_code == 401 and r.json["code"] == "invalid_api_key"
+    assert r.status_code == 401 and r.json["error"]["code"] == "invalid_api_key"
     assert client.get("/balance", headers=bearer(second["key"])).status_code == 200
 
 
@@ -270,13 +276,13 @@ def test_keys_need_a_valid_signature_and_a_fresh_challenge(w3: Web3, client: Fla
     forged = other.sign_message(encode_defunct(text=challenge)).signature.to_0x_hex()
     body = {"address": user.address, "challenge": challenge, "signature": forged}
     r = client.post("/auth/keys", json=body)
-    assert r.status_code == 401 and r.json["param"] == "signature"
+    assert r.status_code == 401 and r.json["error"]["param"] == "signature"
     assert client.post("/auth/keys", json={**body, "signature": "0xnot-hex"}).status_code == 401
 
     good = user.sign_message(encode_defunct(text=challenge)).signature.to_0x_hex()
     assert client.post("/auth/keys", json={**body, "signature": good}).status_code == 201
     replay = client.post("/auth/keys", json={**body, "signature": good})
-    assert replay.status_code == 401 and replay.json["param"] == "challenge"
+    assert replay.status_code == 401 and replay.json["error"]["param"] == "challenge"
 
     # a challenge issued for another address cannot be used, even when correctly signed by its owner
     theirs = client.post("/auth/challenge", json={"address": other.address}).json["challenge"]

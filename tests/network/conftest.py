@@ -112,13 +112,13 @@ def registry_http(registry_dir: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def cluster(r: redis.Redis, net_dir: Path, registry_dir: Path, registry_http: Any) -> Iterator[Cluster]:
-    """Three GPU-queue workers (W1, W2, W3) and one core+registry worker, all real processes."""
+    """Three GPU-queue workers (w1, w2, w3) and one core+registry worker, all real processes."""
     c = Cluster(r, net_dir, registry_http.url)
     try:
-        for wid in ("W1", "W2", "W3"):
+        for wid in ("w1", "w2", "w3"):
             c.start_gpu(wid)
         c.start_core()
-        c.wait_live("W1", "W2", "W3")
+        c.wait_live("w1", "w2", "w3")
         c.wait_core()
         yield c
     finally:

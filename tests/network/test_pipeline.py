@@ -2,6 +2,7 @@
 
 Greedy tokens must equal transformers' ``generate(do_sample=False)`` on the same weights, with 2 and 3
 workers, with 8 jobs at once, after a duplicated step, and for a model no worker held when the job came.
+The attacks of issue "Open network" (a worker minting, forging or writing facts) are in test_trust.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,8 +18,7 @@ import redis
 from azu.config import get_settings
 from azu.engine.span import Span
 from azu.network import directory, dispatch, jobs, keys
-from azu.network.auth import job_token
-from azu.network.wire import Hop, Sampling, StepPayload, route_from_list
+from azu.network.wire import StepPayload
 from azu.registry import status as models
 from tests.support import wait_for
 from tests.support.network import Cluster, Recording
@@ -35,7 +34,7 @@ def load_layout(cluster: Cluster, sender: Any, model_id: str, layout: dict[str, 
     """Send load orders (as the scheduler does) and wait until the directory shows every holding."""
     spans = {wid: Span(first, last, first == 0, last == NUM_LAYERS) for wid, (first, last) in layout.items()}
     for wid, span in spans.items():
-        dispatch.send_load(wid, model_id, span, dispatch=sender)
+        jobs.order_load(cluster.r, wid, model_id, span, dispatch=sender)
 
     def held() -> bool:
         live = {w.worker_id: w for w in directory.live_workers(cluster.r)}
@@ -73,7 +72,7 @@ def caches_freed(r: redis.Redis, *worker_ids: str) -> bool:
 @pytest.fixture(scope="module")
 def two_workers(cluster: Cluster, celery_dispatch: Any, shard: Any) -> str:
     model_id = shard("tiny-two")
-    load_layout(cluster, celery_dispatch, model_id, {"W1": (0, 2), "W2": (2, 4)})
+    load_layout(cluster, celery_dispatch, model_id, {"w1": (0, 2), "w2": (2, 4)})
     return model_id
 
 
@@ -88,25 +87,25 @@ def test_two_workers_match_generate(r, cluster, celery_dispatch, two_workers, re
     # Token-layers: each stage ran the prompt and every fed-back token through its 2 layers.
     per_worker = (len(prompt) + n - 1) * 2
     assert done.usage == {"prompt_tokens": len(prompt), "completion_tokens": n,
-                          "token_layers": 2 * per_worker, "workers": {"W1": per_worker, "W2": per_worker}}
+                          "token_layers": 2 * per_worker, "workers": {"w1": per_worker, "w2": per_worker}}
     view = jobs.get_job(r, job_id)
     assert view is not None and view.status == "done" and view.token_ids == expected
     # The core worker settles the job; both stages free the job's KV cache.
     wait_for(lambda: r.hget(keys.job(job_id), "settled") == b"settled", what="settlement")
-    wait_for(lambda: caches_freed(r, "W1", "W2"), what="KV caches to be freed")
+    wait_for(lambda: caches_freed(r, "w1", "w2"), what="KV caches to be freed")
 
 
 def test_three_workers_match_generate(r, cluster, celery_dispatch, shard, reference) -> None:
     model_id = shard("tiny-three")
-    load_layout(cluster, celery_dispatch, model_id, {"W1": (0, 1), "W2": (1, 3), "W3": (3, 4)})
+    load_layout(cluster, celery_dispatch, model_id, {"w1": (0, 1), "w2": (1, 3), "w3": (3, 4)})
     prompt, n = PROMPTS[2], 12
     job_id = submit(r, celery_dispatch, model_id, prompt, n)
     tokens, events = collect(r, job_id)
     assert tokens == reference(prompt, n)
     route = json.loads(r.hget(keys.job(job_id), "route"))
-    assert [h[0] for h in route] == ["W1", "W2", "W3"]
-    assert events[-1].usage["workers"] == {"W1": (len(prompt) + n - 1) * 1, "W2": (len(prompt) + n - 1) * 2,
-                                           "W3": (len(prompt) + n - 1) * 1}
+    assert [h[0] for h in route] == ["w1", "w2", "w3"]
+    assert events[-1].usage["workers"] == {"w1": (len(prompt) + n - 1) * 1, "w2": (len(prompt) + n - 1) * 2,
+                                           "w3": (len(prompt) + n - 1) * 1}
 
 
 def test_eight_concurrent_jobs_all_correct(r, cluster, celery_dispatch, two_workers, reference) -> None:
@@ -117,7 +116,7 @@ def test_eight_concurrent_jobs_all_correct(r, cluster, celery_dispatch, two_work
         assert tokens == reference(prompt, n), f"job for prompt {prompt}"
         completion = events[-1].usage["completion_tokens"]
         assert events[-1].usage["token_layers"] == 2 * 2 * (len(prompt) + completion - 1)
-    wait_for(lambda: caches_freed(r, "W1", "W2"), what="KV caches to be freed")
+    wait_for(lambda: caches_freed(r, "w1", "w2"), what="KV caches to be freed")
 
 
 def test_duplicated_step_does_not_advance_a_cache_twice(r, cluster, celery_dispatch, two_workers,
@@ -126,53 +125,30 @@ def test_duplicated_step_does_not_advance_a_cache_twice(r, cluster, celery_dispa
     prompt, n = PROMPTS[4], 8
     job_id = submit(r, celery_dispatch, two_workers, prompt, n)
     raw = r.hgetall(keys.job(job_id))
-    route = route_from_list(json.loads(raw[b"route"]))
-    payload = StepPayload(job_id=job_id, model_id=two_workers, route=route,
-                          token=job_token(job_id, two_workers, route),
-                          sampling=Sampling.from_dict(json.loads(raw[b"gen"])), step=0, hop=0, pos=0,
-                          x=prompt)
+    payload = StepPayload(job_id=job_id, step=0, hop=0, pos=0, x=prompt, grant=raw[b"grant"],
+                          grant_sig=raw[b"grant_sig"])
     # Again, twice: once now (possibly while the original is still pending) and once after it ran.
     jobs.send_steps(r, [payload], dispatch=celery_dispatch)
     wait_for(lambda: r.xlen(keys.events(job_id)) >= 1, what="the first token")
     jobs.send_steps(r, [payload], dispatch=celery_dispatch)
-    dispatch.send_forward("W1", [b"dup"], dispatch=celery_dispatch)
+    dispatch.send_forward("w1", [b"dup"], dispatch=celery_dispatch)
     tokens, events = collect(r, job_id)
     assert tokens == reference(prompt, n)
     per_worker = (len(prompt) + n - 1) * 2
-    assert events[-1].usage["workers"] == {"W1": per_worker, "W2": per_worker}  # nothing counted twice
+    assert events[-1].usage["workers"] == {"w1": per_worker, "w2": per_worker}  # nothing counted twice
     assert r.xlen(keys.events(job_id)) == n  # each step published once
-
-
-def test_forged_token_is_refused(r, cluster, celery_dispatch, two_workers) -> None:
-    refused = int(r.get(keys.refused("W1")) or 0)
-    route = (Hop("W1", Span(0, 2, True, False)), Hop("W2", Span(2, 4, False, True)))
-    sampling = Sampling(max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=1, stop=(), stop_ids=(2,),
-                        prompt_len=3)
-    base = StepPayload(job_id="", model_id=two_workers, route=route, token="", sampling=sampling, step=0,
-                       hop=0, pos=0, x=[1, 2, 3])
-    forged = replace(base, job_id="forged-1", token="0" * 64)
-    # A real token, but for another job: it must not open this job's cache either.
-    borrowed = replace(base, job_id="forged-2", token=job_token("someone-else", two_workers, route))
-    # A real token for this job, but a route that sends the hidden states elsewhere.
-    rerouted = replace(base, job_id="forged-3", token=job_token("forged-3", two_workers, route[:1]))
-    jobs.send_steps(r, [forged, borrowed, rerouted], dispatch=celery_dispatch)
-    wait_for(lambda: int(r.get(keys.refused("W1")) or 0) >= refused + 3, what="three refusals")
-    for job_id in ("forged-1", "forged-2", "forged-3"):
-        assert r.xlen(keys.events(job_id)) == 0
-        assert not r.exists(keys.usage(job_id))
-    assert not r.exists(keys.pending("W2"))  # nothing was sent on
 
 
 def test_pickled_message_is_refused(r, cluster, celery_dispatch) -> None:
     import workers
 
-    workers.app.send_task(dispatch.PING, args=["azu:ping:pickled", "1"], queue="gpu.W3",
+    workers.app.send_task(dispatch.PING, args=["azu:ping:pickled", "1"], queue="ctl.w3",
                           serializer="pickle")
     # Same queue, sent after: once it has run, the pickled message before it was handled (refused).
-    dispatch.send_ping("W3", "azu:ping:after-pickle", "1", dispatch=celery_dispatch)
+    dispatch.send_ping("w3", "azu:ping:after-pickle", "1", dispatch=celery_dispatch)
     wait_for(lambda: r.get("azu:ping:after-pickle"), what="the msgpack ping")
     assert r.get("azu:ping:pickled") is None
-    assert "pickle" in cluster.log("W3") and "Refusing to deserialize" in cluster.log("W3")
+    assert "pickle" in cluster.log("w3") and "Refusing to deserialize" in cluster.log("w3")
 
 
 def test_model_no_worker_holds_gets_load_orders_then_is_served(r, cluster, celery_dispatch, shard,
@@ -225,27 +201,27 @@ def test_request_shard_twice_shards_once(r, cluster, celery_dispatch, source_mod
 
 
 def test_dead_worker_gets_no_new_routes(r, cluster, celery_dispatch, shard) -> None:
-    """W4 (started with azu-worker) holds the only copy's second half and dies: once its heartbeat is
+    """w4 holds the only copy's second half and dies: once its heartbeat is
     stale, no route uses it."""
     model_id = shard("tiny-dead")
-    cluster.start_gpu("W4", via_cli=True, AZU_WALLET_ADDRESS="0xW4", P2P_PUBLIC_URL="http://w4.example:8003")
-    cluster.wait_live("W4")
-    w4 = directory.get_worker(r, "W4")
-    assert (w4.queue, w4.device, w4.wallet, w4.p2p_url) == ("gpu.W4", "cpu", "0xW4", "http://w4.example:8003")
+    cluster.start_gpu("w4", AZU_WALLET_ADDRESS="0xW4", P2P_PUBLIC_URL="http://w4.example:8003")
+    cluster.wait_live("w4")
+    w4 = directory.get_worker(r, "w4")
+    assert (w4.queue, w4.device, w4.wallet, w4.p2p_url) == ("gpu.w4", "cpu", "0xW4", "http://w4.example:8003")
     assert 0 < w4.free_memory <= w4.total_memory
-    load_layout(cluster, celery_dispatch, model_id, {"W3": (0, 2), "W4": (2, 4)})
+    load_layout(cluster, celery_dispatch, model_id, {"w3": (0, 2), "w4": (2, 4)})
     info = models.model_info(r, model_id)
     routes = jobs.placement.find_routes(model_id, info.num_layers, directory.live_workers(r))
-    assert [[h.worker_id for h in route] for route in routes] == [["W3", "W4"]]
-    cluster.kill("W4")  # SIGKILL: no goodbye, the heartbeats just stop
-    r.zadd(keys.WORKERS, {"W4": time.time() - 2 * get_settings().heartbeat_ttl_s})  # as if long ago
-    assert "W4" not in {w.worker_id for w in directory.live_workers(r)}
+    assert [[h.worker_id for h in route] for route in routes] == [["w3", "w4"]]
+    cluster.kill("w4")  # SIGKILL: no goodbye, the heartbeats just stop
+    r.zadd(keys.WORKERS, {"w4": time.time() - 2 * get_settings().heartbeat_ttl_s})  # as if long ago
+    assert "w4" not in {w.worker_id for w in directory.live_workers(r)}
     rec = Recording(None)  # record what the job would send, send nothing
     job_id = submit(r, rec, model_id, PROMPTS[3], 3)
-    assert rec.sent and all(queue != "gpu.W4" for _, queue, _ in rec.sent)
-    # The missing half is ordered onto a live worker (W3's first half is reused).
+    assert rec.sent and all(queue != "gpu.w4" for _, queue, _ in rec.sent)
+    # The missing half is ordered onto a live worker (w3's first half is reused).
     assert rec.count(dispatch.LOAD) >= 1
     orders = [(queue, Span.from_list(kw["span"])) for name, queue, kw in rec.sent if name == dispatch.LOAD]
-    assert any(span.first == 2 and span.head and queue != "gpu.W4" for queue, span in orders), orders
+    assert any(span.first == 2 and span.head and queue != "gpu.w4" for queue, span in orders), orders
     jobs.cancel_job(r, job_id, dispatch=rec)
     assert jobs.get_job(r, job_id).finish_reason == "cancelled"

@@ -41,38 +41,75 @@ def test_tensor_roundtrip_is_exact_and_pickle_free() -> None:
 
 SAMPLING = Sampling(max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=1, stop=("\n",), stop_ids=(2,),
                     prompt_len=3)
-ROUTE = (Hop("A", Span(0, 2, True, False)), Hop("B", Span(2, 4, False, True)))
+ROUTE = (Hop("a", Span(0, 2, True, False)), Hop("b", Span(2, 4, False, True)))
+GRANT = protocol.JobGrant(job_id="j", model_id="m", manifest_sha256="", route=ROUTE,
+                          public_keys=("aa" * 32, "bb" * 32), sampling=SAMPLING, epoch=0, expires_at=1e10)
 
 
 def test_step_payload_roundtrip_and_wire_form() -> None:
-    step = StepPayload(job_id="j", model_id="m", route=ROUTE, token="t" * 64, sampling=SAMPLING, step=0,
-                       hop=0, pos=0, x=[1, 2, 3])
-    assert StepPayload.unpack(step.pack()) == step
+    grant = GRANT.pack()
+    step = StepPayload(job_id="j", step=0, hop=0, pos=0, x=[1, 2, 3], grant=grant, grant_sig=b"s" * 64)
+    back = StepPayload.unpack(step.pack())
+    assert back == step and back.g == GRANT and back.here == ROUTE[0]
     hidden = protocol.pack_tensor(torch.randn(1, 8))
     later = StepPayload.unpack(replace(step, hop=1, x=hidden).pack())
     assert later.x == hidden and later.here == ROUTE[1]
-    # The msgpack form: short keys, hops as [worker, first, last, embeddings, head].
+    # The msgpack form: short keys; the grant's hops as [worker, first, last, embeddings, head, public key].
     raw = msgpack.unpackb(step.pack(), raw=False)
-    assert set(raw) == {"job", "model", "route", "tok", "gen", "step", "hop", "pos", "x"}
-    assert raw["route"] == [["A", 0, 2, True, False], ["B", 2, 4, False, True]]
+    assert set(raw) == {"job", "step", "hop", "pos", "x", "grant", "gsig"}
+    assert msgpack.unpackb(grant, raw=False)["route"][0] == ["a", 0, 2, True, False, "aa" * 32]
 
 
 @pytest.mark.parametrize("change", [
-    {"step": -1}, {"step": "0"}, {"hop": 2}, {"hop": True}, {"pos": 1.5}, {"job": ""}, {"tok": None},
-    {"x": []}, {"x": [1, "2"]}, {"x": {"a": 1}}, {"route": []}, {"route": [["A", 0, 2, True]]},
-    {"route": [["A", 2, 1, False, True]]}, {"route": [[1, 0, 4, True, True]]}, {"gen": {"max_tokens": 4}},
-    {"gen": {**SAMPLING.to_dict(), "temperature": "hot"}}, {"gen": {**SAMPLING.to_dict(), "stop": [1]}},
-    {"gen": {**SAMPLING.to_dict(), "max_tokens": 0}}, {"extra": 1},
+    {"step": -1}, {"step": "0"}, {"hop": 2}, {"hop": True}, {"pos": 1.5}, {"job": ""}, {"gsig": None},
+    {"x": []}, {"x": [1, "2"]}, {"x": {"a": 1}}, {"grant": b"junk"}, {"grant": GRANT.pack()[:-3]},
+    {"extra": 1},
 ])
 def test_malformed_step_payloads_are_refused(change: dict) -> None:
-    good = msgpack.unpackb(StepPayload(job_id="j", model_id="m", route=ROUTE, token="t", sampling=SAMPLING,
-                                       step=0, hop=0, pos=0, x=[1]).pack(), raw=False)
+    good = msgpack.unpackb(StepPayload(job_id="j", step=0, hop=0, pos=0, x=[1], grant=GRANT.pack(),
+                                       grant_sig=b"s" * 64).pack(), raw=False)
     with pytest.raises(InvalidRequest):
         StepPayload.unpack(msgpack.packb(good | change, use_bin_type=True))
     with pytest.raises(InvalidRequest):
         StepPayload.unpack(msgpack.packb([1, 2]))
     with pytest.raises(InvalidRequest):
         StepPayload.unpack(b"\xc1 not msgpack")
+
+
+@pytest.mark.parametrize("change", [
+    {"route": []}, {"route": [["a", 0, 2, True, False]]}, {"route": [["a", 2, 1, False, True, "k"]]},
+    {"route": [[1, 0, 4, True, True, "k"]]}, {"gen": {"max_tokens": 4}}, {"v": 2},
+    {"gen": {**SAMPLING.to_dict(), "temperature": "hot"}}, {"gen": {**SAMPLING.to_dict(), "stop": [1]}},
+    {"gen": {**SAMPLING.to_dict(), "max_tokens": 0}}, {"exp": "soon"},
+])
+def test_malformed_grants_are_refused(change: dict) -> None:
+    good = msgpack.unpackb(GRANT.pack(), raw=False)
+    with pytest.raises(InvalidRequest):
+        protocol.JobGrant.unpack(msgpack.packb(good | change, use_bin_type=True))
+
+
+def test_signatures_bind_their_bytes_and_kind() -> None:
+    from nacl.signing import SigningKey
+
+    key = SigningKey.generate()
+    pub = auth.public_hex(key)
+    sig = auth.sign(key, auth.GRANT, b"grant bytes")
+    auth.check(pub, auth.GRANT, b"grant bytes", sig, what="t")
+    with pytest.raises(Forbidden):
+        auth.check(pub, auth.GRANT, b"grant bytez", sig, what="t")
+    with pytest.raises(Forbidden):  # the same bytes as another kind of message
+        auth.check(pub, auth.END_ORDER, b"grant bytes", sig, what="t")
+    with pytest.raises(Forbidden):
+        auth.check(auth.public_hex(SigningKey.generate()), auth.GRANT, b"grant bytes", sig, what="t")
+    with pytest.raises(Forbidden):
+        auth.check(pub, auth.GRANT, b"grant bytes", b"", what="t")
+
+
+def test_worker_key_file_is_made_once_with_mode_0600(tmp_path) -> None:
+    path = tmp_path / "k" / "worker.key"
+    key = auth.load_worker_key(path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert auth.public_hex(auth.load_worker_key(path)) == auth.public_hex(key)
 
 
 def test_task_names_are_the_registered_ones() -> None:
@@ -86,18 +123,6 @@ def test_task_names_are_the_registered_ones() -> None:
     for name in names:
         assert name in workers.app.tasks, name
         assert isinstance(workers.app.tasks[name], workers.AzuTask), name
-
-
-def test_token_binds_job_and_route() -> None:
-    route = [Hop("A", Span(0, 2, True, False)), Hop("B", Span(2, 4, False, True))]
-    token = auth.job_token("j1", "m", route)
-    auth.check_token(token, "j1", "m", route)
-    for job, model, rt in [("j2", "m", route), ("j1", "m2", route), ("j1", "m", route[:1]),
-                           ("j1", "m", [Hop("C", Span(0, 2, True, False)), route[1]])]:
-        with pytest.raises(Forbidden):
-            auth.check_token(token, job, model, rt)
-    with pytest.raises(Forbidden):
-        auth.check_token(None, "j1", "m", route)
 
 
 # --- directory --------------------------------------------------------------------------------------------
@@ -204,10 +229,10 @@ def inline(r, shard):
     model_id = shard("tiny-inline")
     net = InlineNetwork(r)
     folder = models.shard_dir(model_id)
-    net.add("I1", folder, model_id, 0, 2, NUM_LAYERS)
-    net.add("I2", folder, model_id, 2, 4, NUM_LAYERS)
+    net.add("i1", folder, model_id, 0, 2, NUM_LAYERS)
+    net.add("i2", folder, model_id, 2, 4, NUM_LAYERS)
     yield net, model_id
-    for wid in ("I1", "I2"):
+    for wid in ("i1", "i2"):
         directory.deregister(r, wid)
 
 
@@ -222,17 +247,18 @@ def test_replayed_step_is_answered_not_rerun(r, inline, reference) -> None:
     net, model_id = inline
     prompt, n = [1, 9, 8, 7, 6], 6
     job_id = _submit(r, net, model_id, prompt, n)
-    name, queue, args, _ = net.queue[0]  # the idle worker is woken with its payload in the message
-    assert (name, queue) == (dispatch.FORWARD, "gpu.I1")
-    payload = StepPayload.unpack(args[0][0])
-    assert (payload.job_id, payload.step, payload.hop, payload.x) == (job_id, 0, 0, prompt)
-    net.step()  # I1 runs the prompt
-    assert net.nodes["I1"].stages[(model_id, Span(0, 2, True, False))].job_length(job_id) == len(prompt)
-    jobs.send_steps(r, [payload], dispatch=net)  # the same step again, before I2 has run it
+    name, queue, _args, _ = net.queue[0]  # the idle worker is woken; its payload is in its inbox
+    assert (name, queue) == (dispatch.FORWARD, "gpu.i1")
+    raw = r.hgetall(keys.job(job_id))
+    payload = StepPayload(job_id=job_id, step=0, hop=0, pos=0, x=prompt, grant=raw[b"grant"],
+                          grant_sig=raw[b"grant_sig"])
+    net.step()  # i1 runs the prompt
+    assert net.nodes["i1"].stages[(model_id, Span(0, 2, True, False))].job_length(job_id) == len(prompt)
+    jobs.send_steps(r, [payload], dispatch=net)  # the same step again, before i2 has run it
     net.run()
     view = jobs.get_job(r, job_id)
     assert view.token_ids == reference(prompt, n)
-    assert view.usage["workers"] == {"I1": (len(prompt) + n - 1) * 2, "I2": (len(prompt) + n - 1) * 2}
+    assert view.usage["workers"] == {"i1": (len(prompt) + n - 1) * 2, "i2": (len(prompt) + n - 1) * 2}
     assert r.xlen(keys.events(job_id)) == n
     assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())  # caches freed
     # A late duplicate after the job ended does not revive a cache either.
@@ -319,7 +345,7 @@ def test_watchdog_fails_a_stalled_job_with_a_reason(r, inline) -> None:
     assert events[-1].kind == "error" and "stalled" in events[-1].error
     assert watchdog.tick(r, now=time.time() + 2000, dispatch=net) == []  # failed once
     net.run()  # end_job orders free the caches
-    Inbox(r, "I2").clear()  # the lost message's wake-up, as a restart would
+    Inbox(r, "i2").clear()  # the lost message's wake-up, as a restart would
     assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())
 
 
@@ -341,7 +367,7 @@ def test_settle_charges_once(r, inline) -> None:
     ledger = Ledger()
     assert jobs.bill_ended_job(r, job_id, billing=ledger) == "settled"
     assert jobs.bill_ended_job(r, job_id, billing=ledger) == "already settled"
-    assert ledger.calls == [("settle", {"I1": 5 * 2, "I2": 5 * 2})]
+    assert ledger.calls == [("settle", {"i1": 5 * 2, "i2": 5 * 2})]
     assert json.loads(r.hget(keys.job(job_id), "usage"))["token_layers"] == 20
 
 
@@ -351,12 +377,12 @@ def test_idle_caches_are_swept(r, inline) -> None:
     for _ in range(3):
         net.step()
     net.queue.clear()  # the job's next message never comes (its client and route are gone)
-    node = net.nodes["I1"]
+    node = net.nodes["i1"]
     assert node.stages[(model_id, Span(0, 2, True, False))].job_length(job_id) > 0
     assert node.sweep_idle(now=time.time() + 10) == []  # not idle long enough
     assert job_id in node.sweep_idle(now=time.time() + node.kv_idle_s + 1)
     assert node.stages[(model_id, Span(0, 2, True, False))].job_length(job_id) == 0
-    for wid in ("I1", "I2"):
+    for wid in ("i1", "i2"):
         net.nodes[wid].sweep_idle(now=time.time() + 10_000)
         Inbox(r, wid).clear()
     jobs.cancel_job(r, job_id, dispatch=net)
@@ -372,7 +398,7 @@ def test_watchdog_reads_its_deadlines_when_it_runs(r, inline, monkeypatch) -> No
     monkeypatch.setenv("AZU_STEP_DEADLINE_S", "500")
     assert job_id in watchdog.tick(r, now=time.time() + 1000, dispatch=net)
     net.run()
-    Inbox(r, "I2").clear()
+    Inbox(r, "i2").clear()
 
 
 @pytest.mark.parametrize("blmpop", [True, False])

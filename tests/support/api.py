@@ -46,6 +46,9 @@ class Network:
         return "\n".join(out)
 
 
+CORE_SEED = "5e" * 32  # the core's signing key in these tests (core processes only)
+
+
 def start_network(n_workers: int, *, redis_url: str, registry_dir: Path, root: Path) -> Network:
     """API (gunicorn, which also serves the registry's files), scheduler and ``n_workers`` workers, each with
     a memory budget under which the demo model fits only across all of them."""
@@ -60,7 +63,7 @@ def start_network(n_workers: int, *, redis_url: str, registry_dir: Path, root: P
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # FreeBilling: not a ledger test
     env.update(REDIS_URL=redis_url, AZU_REGISTRY_DIR=str(registry_dir), REGISTRY_URL=base_url,
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO),
-               AZU_HEARTBEAT_S="1", AZU_HEARTBEAT_TTL_S="10")
+               AZU_HEARTBEAT_S="1", AZU_HEARTBEAT_TTL_S="10", AUTH_SECRET_KEY=CORE_SEED)
     group = ProcessGroup()
 
     def start(name: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
@@ -74,9 +77,12 @@ def start_network(n_workers: int, *, redis_url: str, registry_dir: Path, root: P
         start("api", gunicorn_argv("web:create_app()", host="127.0.0.1", port=port, workers=1, threads=16))
         start("scheduler", celery_argv("core", name="scheduler", pool="solo", beat=True))
         for wid in worker_ids:
-            start(f"worker-{wid}", [sys.executable, "-m", "azu.cli.processes", "worker"],
-                  {"AZU_WORKER_ID": wid, "AZU_MEMORY_BYTES": str(budget),
-                   "AZU_CACHE_DIR": str(root / "cache" / wid)})
+            # A stranger: azu-worker enrolls at the API and runs with the broker login it gets there; it
+            # drops every core variable (AUTH_SECRET_KEY, the core REDIS_URL...) before Celery starts.
+            start(f"worker-{wid}", [sys.executable, "-m", "azu.cli.processes", "worker",
+                                    "--core-url", base_url, "--worker-id", wid],
+                  {"AZU_MEMORY_BYTES": str(budget), "AZU_CACHE_DIR": str(root / "cache" / wid),
+                   "AZU_WORKER_KEY_FILE": str(root / "keys" / f"{wid}.key")})
 
         def up() -> bool:
             dead = group.first_exited()

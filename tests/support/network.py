@@ -21,7 +21,8 @@ from tests.support import REPO, wait_for
 # One Redis database for this folder (not db 0, which a developer's local network may use).
 DB = int(os.environ.get("AZU_TEST_NETWORK_DB") or 9)
 REDIS_URL = f"redis://127.0.0.1:6379/{DB}"
-SECRET = "test-network-secret"
+# The core's signing key of every test network (a fixed seed: the test process and the core worker agree).
+SECRET = "7e57" * 16
 
 
 class RegistryHandler(http.server.BaseHTTPRequestHandler):
@@ -62,12 +63,27 @@ class Cluster:
         self.logs: dict[str, Path] = {}
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, REDIS_URL=REDIS_URL, AUTH_SECRET_KEY=SECRET, OMP_NUM_THREADS="1",
+        """A GPU worker's environment: the core's public key, never its secret."""
+        from nacl.signing import SigningKey
+
+        from azu.network import auth
+
+        env = dict(os.environ, REDIS_URL=REDIS_URL, OMP_NUM_THREADS="1",
+                   AZU_CORE_PUBLIC_KEY=auth.public_hex(SigningKey(bytes.fromhex(SECRET))),
                    REGISTRY_URL=self.registry_url, AZU_HEARTBEAT_S="0.5", PYTHONPATH=str(REPO),
                    AZU_REGISTRY_DIR=os.environ["AZU_REGISTRY_DIR"], AZU_DEVICE="cpu", AZU_DTYPE="float32")
         env.pop("DATABASE_URL", None)  # FreeBilling: the ledger has its own tests
+        env.pop("AUTH_SECRET_KEY", None)
         env.update(extra)
         return env
+
+    def enroll(self, worker_id: str) -> Path:
+        """What enrollment does for a worker: its key file, and its public key as its identity."""
+        from azu.network import auth, keys
+
+        path = self.base / "keys" / f"{worker_id}.key"
+        self.r.set(keys.identity(worker_id), auth.public_hex(auth.load_worker_key(path)))
+        return path
 
     def start_gpu(self, worker_id: str, *, via_cli: bool = False, **extra: str) -> None:
         """``via_cli``: through ``azu-worker`` (azu.cli.worker.main), which execs the same Celery worker."""
@@ -75,18 +91,21 @@ class Cluster:
             argv = [sys.executable, "-c", "import sys; from azu.cli.worker import main; sys.exit(main())",
                     "--worker-id", worker_id, "--device", "cpu", "--loglevel", "INFO"]
         else:
-            argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{worker_id}",
-                    "--pool", "solo", "-n", f"{worker_id}@test", "--loglevel", "INFO",
-                    "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        self._spawn(worker_id, argv, self.env(AZU_WORKER_ID=worker_id,
+            argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q",
+                    f"gpu.{worker_id},ctl.{worker_id}", "--pool", "solo", "-n", f"{worker_id}@test",
+                    "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        key_file = self.enroll(worker_id)
+        self._spawn(worker_id, argv, self.env(AZU_WORKER_ID=worker_id, AZU_WORKER_KEY_FILE=str(key_file),
                                               AZU_CACHE_DIR=str(self.base / f"cache-{worker_id}"), **extra))
 
     def start_core(self, name: str = "core") -> None:
         argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "core,registry",
                 "--pool", "solo", "-n", f"{name}@test", "--loglevel", "INFO",
                 "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        env = self.env(AZU_ALLOWED_MODEL_DIRS=str(self.base))  # the registry shards local folders under it
+        # The registry shards local folders under base; the core signs (and runs the report collector).
+        env = self.env(AZU_ALLOWED_MODEL_DIRS=str(self.base), AUTH_SECRET_KEY=SECRET)
         env.pop("AZU_WORKER_ID", None)
+        env.pop("AZU_CORE_PUBLIC_KEY", None)
         self._spawn(name, argv, env)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
@@ -161,15 +180,23 @@ class Recording:
 
 
 class InlineNetwork:
-    """In-process WorkerNodes driven by a queue instead of Celery: for the fine-grained tests of the
-    node's logic (replays, cancellation, stop strings) where a real process would hide the timing.
-    The pipeline tests proper use real worker processes."""
+    """In-process WorkerNodes driven by a queue instead of Celery, with the collector run in between: for
+    the fine-grained tests of the node's logic (replays, cancellation, stop strings) where a real process
+    would hide the timing. The pipeline tests proper use real worker processes.
+
+    The test plays the core: it enrolls each node (its identity) and orders its span (``assigned``). The
+    nodes report on a list of their own, so a cluster's collector running meanwhile never sees them."""
+
+    REPORTS = "azu:reports:inline"
 
     def __init__(self, r: redis.Redis) -> None:
+        from azu.network.collector import Collector
+
         self.r = r
         self.queue: collections.deque[tuple[str, str, list[Any], dict[str, Any]]] = collections.deque()
         self.nodes: dict[str, Any] = {}
         self.sent: list[str] = []
+        self.collector = Collector(r, dispatch=self)
 
     def send_task(self, name: str, *, queue: str, args: Any = (),
                   kwargs: dict[str, Any] | None = None) -> None:
@@ -178,30 +205,44 @@ class InlineNetwork:
 
     def add(self, worker_id: str, folder: Path, model_id: str, first: int, last: int, num_layers: int) -> Any:
         from azu.engine.span import Span
+        from azu.network import jobs, keys
         from azu.network.node import WorkerNode
 
         # linger_s=0: this queue runs one message at a time in this thread; nobody else could fill the list.
-        node = self.nodes.get(worker_id) or WorkerNode(self.r, worker_id=worker_id, dispatch=self, linger_s=0)
-        node.load_local(folder, model_id=model_id, span=Span(first, last, first == 0, last == num_layers))
+        node = self.nodes.get(worker_id) or WorkerNode(self.r, worker_id=worker_id, dispatch=self, linger_s=0,
+                                                       reports_key=self.REPORTS)
+        span = Span(first, last, first == 0, last == num_layers)
+        self.r.set(keys.identity(worker_id), node.public_key)
+        self.r.sadd(keys.assigned(worker_id), jobs.span_key(model_id, span))
+        node.load_local(folder, model_id=model_id, span=span)
         self.nodes[worker_id] = node
+        self.collect()
         return node
 
+    def collect(self) -> int:
+        """Run the collector over what the nodes reported; returns how many reports there were."""
+        got = self.r.lrange(self.REPORTS, 0, -1)
+        self.r.ltrim(self.REPORTS, len(got), -1)
+        if got:
+            self.collector.process(got)
+        return len(got)
+
     def step(self) -> bool:
-        """Deliver one message; False when none is left."""
+        """Deliver one message (then collect the reports); False when nothing is left."""
         if not self.queue:
-            return False
+            return self.collect() > 0
         from azu.network import dispatch
 
         name, queue, _args, kwargs = self.queue.popleft()
-        if queue.startswith("gpu."):
-            node = self.nodes[queue[4:]]
-            if name == dispatch.FORWARD:
-                node.process_pending(_args[0] if _args else None)
-            elif name == dispatch.END_JOB:
-                node.end_job(**kwargs)
+        kind, _, worker_id = queue.partition(".")
+        node = self.nodes.get(worker_id)
+        if node is not None and kind == "gpu" and name == dispatch.FORWARD:
+            node.process_pending(_args[0] if _args else None)
+        elif node is not None and kind == "ctl" and name == dispatch.END_JOB:
+            node.end_job(**kwargs)
+        self.collect()
         return True
 
     def run(self) -> None:
         while self.step():
             pass
-

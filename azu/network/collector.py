@@ -1,0 +1,339 @@
+"""The collector: the core loop that turns workers' signed reports into facts.
+
+Workers write none of the facts users and the ledger read. Each worker RPUSHes signed ``Report``s onto
+``azu:reports``; this loop (a core process: ``python -m azu.cli.processes collector``, or a thread of the
+scheduler) pops them, checks each signature against the sender's enrolled identity (``azu:identity:<id>``)
+and the sender's right to say it, then acts:
+
+- ``token`` (only from the job's last hop, as the core-signed route says; only the job's next step): publish
+  the event (id ``0-<step+1>``, so a replay is refused by Redis), advance the job, and decide the end itself
+  (stop ids, stop strings with the core's tokenizer, max_tokens, cancel). On the end: the done event with the
+  usage the core computes (route x published tokens), the signed end record, ``end_job`` to every hop, and
+  settlement on ``core``. The last hop hands the next step to hop 0 itself: the collector is not on the
+  decode loop.
+- ``heartbeat`` (about the sender only): the directory record, keeping only the spans the core ordered the
+  worker to load (``azu:assigned:<id>``): a claim of spans never ordered is ignored.
+- ``loaded`` / ``load_failed``: start, or fail, the jobs waiting for the model.
+- ``job_failed`` (only from a hop of the job's route): fail the job.
+- ``refused``: count it (``azu:refused:<id>``). ``pong``: write the health-check key (``azu:ping:*``).
+
+One collector acts at a time (a lease on ``azu:collector:lock``), so a job's reports are handled in the order
+its last hop sent them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from azu.config import Settings, get_settings
+from azu.engine.span import Span
+from azu.errors import AzuError, Forbidden, InvalidRequest
+from azu.network import auth, directory, jobs, keys
+from azu.network.dispatch import Dispatcher, get_dispatcher, send_settle, worker_queue
+from azu.network.inbox import pop_all
+from azu.network.wire import Report, Sampling
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 1024
+LEASE_S = 10
+# Enrollment (azu.network.enrollment) writes every worker's identity. Development switch only: with it on,
+# the first signed heartbeat of an unknown worker id names its key, once (SET NX).
+TRUST_FIRST_HEARTBEAT = False
+
+
+@dataclass
+class _Decoder:
+    """A job's stop-string state: the stream decoder and the step it has seen up to."""
+
+    decoder: Any
+    steps: int
+
+
+class Collector:
+    """Report handling with what it remembers between batches (identities, stop-string decoders)."""
+
+    def __init__(self, r: redis.Redis, *, dispatch: Dispatcher | None = None) -> None:
+        self.r = r
+        self._dispatch = dispatch
+        self.identities: dict[str, str] = {}
+        self.decoders: dict[str, _Decoder] = {}
+        self.tokenizers: dict[str, Any] = {}
+
+    @property
+    def dispatch(self) -> Dispatcher:
+        if self._dispatch is None:
+            self._dispatch = get_dispatcher()
+        return self._dispatch
+
+    # --- checking ----------------------------------------------------------------------------------
+    def _identity(self, worker_id: str) -> str | None:
+        key = self.identities.get(worker_id)
+        if key is None:
+            raw = self.r.get(keys.identity(worker_id))
+            if raw:
+                key = self.identities[worker_id] = keys.as_str(raw)
+        return key
+
+    def verify(self, blob: bytes) -> Report:
+        """The report in ``blob`` if it is well formed and signed by its worker's identity; else raises."""
+        rep = Report.unpack(blob)
+        key = self._identity(rep.worker_id)
+        if key is None and TRUST_FIRST_HEARTBEAT and rep.kind == "heartbeat":
+            claimed = rep.body.get("public_key")
+            claimed = claimed if isinstance(claimed, str) else ""
+            auth.check(claimed, auth.REPORT, rep.signed_part(), rep.sig,
+                       what=f"heartbeat of {rep.worker_id}")
+            if self.r.set(keys.identity(rep.worker_id), claimed, nx=True):
+                log.warning("worker %s: identity taken from its first heartbeat (not enrolled)",
+                            rep.worker_id)
+            self.identities.pop(rep.worker_id, None)
+            key = self._identity(rep.worker_id)
+        if key is None:
+            raise Forbidden(f"report from {rep.worker_id}: no enrolled identity")
+        auth.check(key, auth.REPORT, rep.signed_part(), rep.sig, what=f"report from {rep.worker_id}")
+        return rep
+
+    # --- the batch ---------------------------------------------------------------------------------
+    def process(self, blobs: Sequence[bytes]) -> int:
+        """Handle ``blobs`` (packed reports) in order. Returns how many were accepted."""
+        accepted: list[Report] = []
+        for blob in blobs:
+            try:
+                accepted.append(self.verify(blob))
+            except AzuError as exc:
+                log.warning("report refused: %s", exc.message)
+        tokens: list[Report] = []
+        for rep in accepted:
+            if rep.kind == "token":
+                tokens.append(rep)
+                continue
+            if tokens:  # keep the order: tokens before a later report (a job_failed after them, say)
+                self._tokens(tokens)
+                tokens = []
+            try:
+                self._HANDLERS[rep.kind](self, rep)
+            except AzuError as exc:
+                log.warning("%s report from %s refused: %s", rep.kind, rep.worker_id, exc.message)
+            except Exception:
+                log.exception("%s report from %s failed", rep.kind, rep.worker_id)
+        if tokens:
+            self._tokens(tokens)
+        return len(accepted)
+
+    # --- tokens ------------------------------------------------------------------------------------
+    def _tokens(self, reports: list[Report]) -> None:
+        # A malformed report is dropped alone: it must not cost the other jobs in the batch their tokens.
+        reports = [rep for rep in reports if isinstance(rep.body.get("job_id"), str) and rep.body["job_id"]]
+        ids = list(dict.fromkeys(rep.body["job_id"] for rep in reports))
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(keys.job(job_id))
+        states = {j: jobs.job_fields(raw) for j, raw in zip(ids, pipe.execute(), strict=True)}
+        pipe = self.r.pipeline(transaction=False)
+        ended: list[tuple[str, dict[str, str]]] = []
+        now = str(time.time())
+        for rep in reports:
+            job_id = _text(rep.body.get("job_id"))
+            job = states.get(job_id) or {}
+            try:
+                step, token = self._check_token(rep, job)
+            except (AzuError, ValueError, KeyError) as exc:
+                log.warning("token report from %s refused: %s", rep.worker_id,
+                            exc.message if isinstance(exc, AzuError) else repr(exc))
+                continue
+            if step is None:
+                continue  # a step already published (a replay): nothing to do
+            sampling = Sampling.from_dict(json.loads(job["gen"]))
+            reason: str | None = None
+            if token in sampling.stop_ids or (sampling.stop and self._hits_stop(job_id, job, token, step)):
+                reason = "stop"
+            elif step + 1 >= sampling.max_tokens:
+                reason = "length"
+            elif job.get("cancel"):
+                reason = "cancelled"
+            job["step"] = str(step + 1)
+            if reason:
+                job["status"] = "done"
+                usage = jobs.usage_of(job)
+                shown = "" if token in sampling.stop_ids else str(token)
+                pipe.xadd(keys.events(job_id), {"k": "done", "t": shown, "reason": reason,
+                                                "usage": json.dumps(usage)}, id=f"0-{step + 1}")
+                jobs.close(pipe, job_id, status="done", reason=reason, usage=usage,
+                           fields={"step": job["step"]})
+                ended.append((job_id, job))
+                self.decoders.pop(job_id, None)
+            else:
+                pipe.xadd(keys.events(job_id), {"k": "token", "t": str(token)}, id=f"0-{step + 1}")
+                pipe.hset(keys.job(job_id), mapping={"step": job["step"], "updated": now})
+        pipe.execute(raise_on_error=False)
+        for job_id, job in ended:
+            send_settle(job_id, dispatch=self.dispatch)
+            jobs.end_caches(job_id, jobs.job_route(job), epoch=int(job.get("epoch") or 0),
+                            dispatch=self.dispatch)
+
+    def _check_token(self, rep: Report, job: dict[str, str]) -> tuple[int | None, int]:
+        """(step, token) of a token report the sender may make; step None if already published."""
+        body = rep.body
+        job_id = _text(body.get("job_id"))
+        step, token, epoch = body.get("step"), body.get("token"), body.get("epoch")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (step, token, epoch)):
+            raise InvalidRequest(f"job {job_id}: malformed token report")
+        assert isinstance(step, int) and isinstance(token, int)
+        if not job or job.get("status") != "running":
+            raise Forbidden(f"job {job_id} is not running")
+        route = jobs.job_route(job)
+        if rep.worker_id != route[-1].worker_id:
+            raise Forbidden(f"job {job_id}: {rep.worker_id} is not the job's last hop")
+        if epoch != int(job.get("epoch") or 0):
+            raise Forbidden(f"job {job_id}: epoch {epoch} is not the job's")
+        done = int(job.get("step") or 0)
+        if step < done:
+            return None, token
+        if step > done:
+            raise Forbidden(f"job {job_id}: step {step} skips ahead of step {done}")
+        return step, token
+
+    def _hits_stop(self, job_id: str, job: dict[str, str], token: int, step: int) -> bool:
+        state = self.decoders.get(job_id)
+        if state is None or state.steps != step:
+            # (Re)built from what was published: the collector may have restarted since.
+            from azu.tokenization import load_tokenizer
+
+            model_id = job["model_id"]
+            tok = self.tokenizers.get(model_id)
+            if tok is None:
+                from azu.registry.status import shard_dir
+
+                tok = self.tokenizers[model_id] = load_tokenizer(shard_dir(model_id))
+            stop = json.loads(job["gen"]).get("stop") or []
+            state = _Decoder(tok.stream_decoder(stop=stop), 0)
+            entries: Any = self.r.xrange(keys.events(job_id))
+            published = [int(keys.as_str(f[b"t"])) for _id, f in entries if f.get(b"t")]
+            for t in published[:step]:
+                state.decoder.push(t)
+            state.steps = step
+            self.decoders[job_id] = state
+        state.decoder.push(token)
+        state.steps += 1
+        return bool(state.decoder.stopped)
+
+    # --- the rest ------------------------------------------------------------------------------------
+    def _heartbeat(self, rep: Report) -> None:
+        b = rep.body
+        ordered = {keys.as_str(s) for s in self.r.smembers(keys.assigned(rep.worker_id))}  # type: ignore[union-attr]
+        stages: list[tuple[str, Span]] = []
+        for s in b.get("stages") or []:
+            if not isinstance(s, list) or not s or not isinstance(s[0], str):
+                raise InvalidRequest(f"malformed held stage {s!r}")
+            span = Span.from_list(list(s[1:]))
+            if jobs.span_key(s[0], span) in ordered:
+                stages.append((s[0], span))
+            else:
+                log.warning("worker %s claims %s %s, never ordered: ignored", rep.worker_id, s[0], span)
+        info = directory.WorkerInfo(
+            worker_id=rep.worker_id, queue=worker_queue(rep.worker_id), device=_text(b.get("device")) or "?",
+            total_memory=_count(b.get("total_memory")), free_memory=_count(b.get("free_memory")),
+            p2p_url=_opt(b.get("p2p_url")), wallet=_opt(b.get("wallet")), stages=sorted(stages),
+            cached_jobs=_count(b.get("cached_jobs")), started_at=float(_count(b.get("started_at"))))
+        directory.register(self.r, info)
+
+    def _loaded(self, rep: Report) -> None:
+        model_id = _text(rep.body.get("model_id"))
+        jobs.start_waiting_jobs(self.r, model_id, dispatch=self.dispatch)
+
+    def _load_failed(self, rep: Report) -> None:
+        model_id, reason = _text(rep.body.get("model_id")), _text(rep.body.get("reason"))[:2000]
+        span = Span.from_list(list(rep.body.get("span") or []))
+        if not self.r.srem(keys.assigned(rep.worker_id), jobs.span_key(model_id, span)):
+            raise Forbidden(f"{rep.worker_id} was not ordered to load {model_id} {span}")
+        self.r.hset(keys.worker_errors(rep.worker_id), model_id, reason)
+        jobs.fail_waiting_jobs(self.r, model_id, f"worker {rep.worker_id} could not load layers "
+                               f"[{span.first}, {span.last}) of {model_id}: {reason}", dispatch=self.dispatch)
+
+    def _job_failed(self, rep: Report) -> None:
+        job_id = _text(rep.body.get("job_id"))
+        job = jobs.job_fields(self.r.hgetall(keys.job(job_id)))  # type: ignore[arg-type]
+        if rep.worker_id not in {h.worker_id for h in jobs.job_route(job)}:
+            raise Forbidden(f"job {job_id}: {rep.worker_id} is not on the job's route")
+        jobs.fail_job(self.r, job_id, _text(rep.body.get("reason"))[:2000], dispatch=self.dispatch)
+
+    def _refused(self, rep: Report) -> None:
+        self.r.incr(keys.refused(rep.worker_id))
+
+    def _pong(self, rep: Report) -> None:
+        key = _text(rep.body.get("key"))
+        if not key.startswith(keys.PING_PREFIX):
+            raise Forbidden(f"pong key {key!r} is not a health-check key")
+        self.r.set(key, _text(rep.body.get("value")), ex=3600)
+
+    _HANDLERS: dict[str, Callable[[Collector, Report], None]] = {
+        "heartbeat": _heartbeat, "loaded": _loaded, "load_failed": _load_failed, "job_failed": _job_failed,
+        "refused": _refused, "pong": _pong}
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest("malformed report: a required text field is missing")
+    return value
+
+
+def _opt(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def process_reports(r: redis.Redis, reports: Sequence[bytes], *, dispatch: Dispatcher | None = None,
+                    collector: Collector | None = None) -> int:
+    """Handle packed reports (what the loop pops), for tests and one-off use. Returns how many were taken."""
+    return (collector or Collector(r, dispatch=dispatch)).process(reports)
+
+
+def run(settings: Settings | None = None, *, stop_event: threading.Event | None = None,
+        r: redis.Redis | None = None, dispatch: Dispatcher | None = None, key: str = keys.REPORTS,
+        wait_s: float = 1.0) -> None:
+    """The loop, until ``stop_event`` is set: hold the lease, pop reports (waiting ``wait_s`` at most)."""
+    settings = settings or get_settings()
+    r = r or redis.Redis.from_url(settings.redis_url)
+    stop_event = stop_event or threading.Event()
+    collector = Collector(r, dispatch=dispatch)
+    lease = keys.COLLECTOR_LOCK if key == keys.REPORTS else f"{keys.COLLECTOR_LOCK}:{key}"
+    me = uuid.uuid4().hex
+    has_blmpop: bool | None = None
+    while not stop_event.is_set():
+        try:
+            if r.get(lease) != me.encode() and not r.set(lease, me, nx=True, ex=LEASE_S):
+                stop_event.wait(1.0)  # another collector holds the lease
+                continue
+            r.expire(lease, LEASE_S)
+            got, has_blmpop = pop_all(r, key, wait_s, has_blmpop=has_blmpop, count=BATCH_MAX)
+            if got:
+                collector.process(got)
+        except redis.ConnectionError:
+            log.warning("collector: Redis unavailable; retrying")
+            stop_event.wait(1.0)
+        except Exception:
+            log.exception("collector: a batch failed")
+    if r.get(lease) == me.encode():
+        r.delete(lease)
+
+
+def start_thread(settings: Settings | None = None, **kwargs: Any) -> tuple[threading.Thread, threading.Event]:
+    """The loop in a daemon thread (the scheduler hosts one). Returns (thread, stop event)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=run, args=(settings,), kwargs={"stop_event": stop, **kwargs},
+                              name="azu-collector", daemon=True)
+    thread.start()
+    return thread, stop

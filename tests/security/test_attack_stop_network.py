@@ -1,0 +1,118 @@
+"""Attack 9 (issue "Open network"): a worker tries to stop the network.
+
+A real core Celery worker (``celery -A workers worker -Q core``, remote control on, the core's login) runs.
+Worker w1, with the login its real enrollment gave it, broadcasts ``shutdown``, ``add_consumer`` and
+``rate_limit`` by Celery remote control, pings/inspects, and sends tasks to the ``core``, ``registry`` and
+another worker's ``ctl.*`` queues. Every attempt is refused at the broker (NOPERM); the core worker is still
+running, still answers the core's inspect, and still consumes only ``core``; the queues are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.support import REPO, wait_for
+from tests.support.security import CORE_SEED, Stranger, fresh_id, make_app, nopermission, snapshot
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def _celery(broker_url: str) -> Celery:
+    app = Celery("probe", broker=broker_url)
+    app.conf.broker_transport_options = {"priority_steps": [0]}
+    app.conf.task_serializer = "msgpack"
+    app.conf.accept_content = ["msgpack", "json"]
+    return app
+
+
+@pytest.fixture
+def core_worker(core_redis_url, tmp_path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    name = f"core-{secrets.token_hex(3)}@probe"
+    env = {k: v for k, v in os.environ.items() if k not in ("AZU_WORKER_ID", "DATABASE_URL")}
+    env.update(REDIS_URL=core_redis_url, PYTHONPATH=str(REPO), AUTH_SECRET_KEY=CORE_SEED)
+    log = open(tmp_path / "core-worker.log", "wb")  # noqa: SIM115 (closed below)
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "core", "-n", name,
+            "--pool", "solo", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+    proc = subprocess.Popen(argv,
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ops = _celery(core_redis_url)
+
+    def answers() -> bool:
+        assert proc.poll() is None, (tmp_path / "core-worker.log").read_text()[-3000:]
+        return bool(ops.control.ping(destination=[name], timeout=0.5))
+
+    try:
+        wait_for(answers, timeout=60, what="the core worker to answer ping", interval=0.2)
+        yield proc, name
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_a_worker_cannot_stop_or_steer_the_core(core, core_redis_url, core_worker, monkeypatch):
+    proc, name = core_worker
+    monkeypatch.setenv("AUTH_SECRET_KEY", CORE_SEED)
+    monkeypatch.setenv("AZU_RATE_LIMIT_ACCOUNTS", "off")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    client = make_app({"REDIS_URL": core_redis_url}).test_client()
+    w1, w2 = Stranger(fresh_id("a")), Stranger(fresh_id("b"))
+    login = w1.enroll(client).get_json()["broker_url"]
+    assert w2.enroll(client).status_code == 201
+    core.lpush("registry", b"queued shard")
+    watched = ["core", "registry", f"ctl.{w2.worker_id}", f"gpu.{w2.worker_id}"]
+    before = snapshot(core, watched)
+
+    attacker = _celery(login)
+    attempts = {
+        "shutdown": lambda: attacker.control.broadcast("shutdown"),
+        "shutdown to the core": lambda: attacker.control.shutdown(destination=[name]),
+        "add_consumer registry": lambda: attacker.control.add_consumer("registry", destination=[name],
+                                                                        reply=True, timeout=1),
+        "cancel_consumer core": lambda: attacker.control.cancel_consumer("core", destination=[name]),
+        "rate_limit": lambda: attacker.control.rate_limit("workers.scheduler.settle", "1/h",
+                                                          destination=[name]),
+        "ping": lambda: attacker.control.ping(timeout=1),
+        "inspect active": lambda: attacker.control.inspect(timeout=1).active(),
+        "task on core": lambda: attacker.send_task("workers.scheduler.settle", kwargs={"job_id": "x"},
+                                                   queue="core", exchange="", routing_key="core", declare=[]),
+        "task on registry": lambda: attacker.send_task("workers.registry.shard", queue="registry",
+                                                       exchange="", routing_key="registry", declare=[]),
+        "task on ctl of w2": lambda: attacker.send_task(
+            "workers.stage.load", queue=f"ctl.{w2.worker_id}", exchange="", routing_key=f"ctl.{w2.worker_id}",
+            declare=[]),
+        "task on core, declared": lambda: attacker.send_task("workers.scheduler.settle", queue="core"),
+    }
+    not_refused = {}
+    for what, attempt in attempts.items():
+        try:
+            result = attempt()
+        except Exception as exc:
+            if not nopermission(exc) and not nopermission(exc.__cause__ or exc):
+                not_refused[what] = f"{type(exc).__name__}: {exc}"
+            continue
+        not_refused[what] = f"accepted: {result!r}"
+    assert not_refused == {}
+
+    # The core worker is still up, answers the core's login, and still consumes only its own queue.
+    ops = _celery(core_redis_url)
+    assert proc.poll() is None
+    assert ops.control.ping(destination=[name], timeout=2)
+    queues = ops.control.inspect(destination=[name], timeout=2).active_queues()
+    assert [q["name"] for q in queues[name]] == ["core"]
+    assert snapshot(core, watched) == before
+    # The attacker's login still works for what is its own (the refusals were not a dead connection).
+    own = redis.Redis.from_url(login)
+    assert own.lpush(f"gpu.{w1.worker_id}", b"x") == 1
