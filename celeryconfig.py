@@ -71,6 +71,11 @@ beat_schedule = {
 _watchdog_interval_s = _settings.watchdog_interval_s
 beat_schedule["jobs-watchdog"] = {"task": dispatch.WATCHDOG, "schedule": _watchdog_interval_s,
                                   "options": {"expires": _watchdog_interval_s}}
+# No hold left behind (workers/scheduler.py, azu/billing/reconcile.py): close the holds whose jobs ended, were
+# forgotten by Redis, or are past their deadline, every AZU_RECONCILE_INTERVAL_S seconds.
+_reconcile_interval_s = _settings.reconcile_interval_s
+beat_schedule["holds-reconcile"] = {"task": "workers.scheduler.reconcile", "schedule": _reconcile_interval_s,
+                                    "options": {"expires": _reconcile_interval_s}}
 # Flower / `celery events` see tasks when workers send task events: `-E` or AZU_TASK_EVENTS=1.
 worker_send_task_events = _settings.task_events
 task_send_sent_event = worker_send_task_events

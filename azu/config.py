@@ -151,6 +151,28 @@ API_VARIABLES = (
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus metrics (azu/metrics.py)."""
+
+    port: int | None = None  # AZU_METRICS_PORT: a worker (or core process) serves /metrics on this port
+    host: str = "127.0.0.1"  # AZU_METRICS_HOST: where that port listens (loopback: the operator's only)
+    token: str | None = field(default=None, repr=False)  # AZU_METRICS_TOKEN: the API's /metrics wants it
+    multiproc_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: gunicorn's processes count into files here
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> MetricsSettings:
+        port = _int(env, "AZU_METRICS_PORT", None)
+        if port is not None and not 0 < port < 65536:
+            raise SettingsError(f"AZU_METRICS_PORT must be a TCP port (1-65535), got {port}")
+        return cls(port=port, host=_text(env, "AZU_METRICS_HOST", "127.0.0.1") or "127.0.0.1",
+                   token=_text(env, "AZU_METRICS_TOKEN"),
+                   multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR"))
+
+
+METRICS_VARIABLES = ("AZU_METRICS_PORT", "AZU_METRICS_HOST", "AZU_METRICS_TOKEN", "PROMETHEUS_MULTIPROC_DIR")
+
+
+@dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"  # REDIS_URL, else REDIS_HOST / REDIS_PORT
     database_url: str | None = field(default=None, repr=False)  # DATABASE_URL: the ledger (core only)
@@ -169,6 +191,8 @@ class Settings:
     request_timeout_s: float = 600.0  # AZU_REQUEST_TIMEOUT_S: how long a request waits for its job
     watchdog_interval_s: float = 5.0  # AZU_WATCHDOG_INTERVAL_S
     payout_interval_s: float = 60.0  # PAYOUT_INTERVAL_S
+    reconcile_interval_s: float = 30.0  # AZU_RECONCILE_INTERVAL_S: how often open holds are reconciled
+    reconcile_grace_s: float = 60.0  # AZU_RECONCILE_GRACE_S: slack before the reconciler ends/releases a hold
     task_events: bool = False  # AZU_TASK_EVENTS=1: workers send task events (Flower)
     # AZU_BROKER_PUBLIC_URL: the broker as workers reach it, without a login (enrollment adds theirs).
     # Unset: the host, port and database of the API's own Redis connection.
@@ -176,6 +200,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     payments: PaymentSettings = field(default_factory=PaymentSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -209,6 +234,8 @@ class Settings:
             request_timeout_s=_float(env, "AZU_REQUEST_TIMEOUT_S", 600.0),
             watchdog_interval_s=_float(env, "AZU_WATCHDOG_INTERVAL_S", 5.0),
             payout_interval_s=_float(env, "PAYOUT_INTERVAL_S", 60.0),
+            reconcile_interval_s=_float(env, "AZU_RECONCILE_INTERVAL_S", 30.0),
+            reconcile_grace_s=_float(env, "AZU_RECONCILE_GRACE_S", 60.0),
             task_events=_flag(env, "AZU_TASK_EVENTS"),
             broker_public_url=_text(env, "AZU_BROKER_PUBLIC_URL"),
             worker=WorkerSettings(
@@ -229,6 +256,7 @@ class Settings:
                 wallet_signature=_text(env, "AZU_WALLET_SIGNATURE"),
             ),
             api=ApiSettings.from_env(env),
+            metrics=MetricsSettings.from_env(env),
             payments=PaymentSettings(
                 provider=(_text(env, "PAYMENT_PROVIDER", "hyperliquid") or "hyperliquid").lower(),
                 hyperliquid_rpc_url=_text(env, "HYPERLIQUID_RPC_URL"),
@@ -257,8 +285,9 @@ VARIABLES = (
     "HYPERLIQUID_RPC_URL", "HYPERLIQUID_ADDRESS",
     "HYPERLIQUID_CHAIN_ID", "SCHEDULER_PRIVATE_KEY", "SOLANA_RPC_URL", "SOLANA_ADDRESS",
     "SOLANA_PRIVATE_KEY", "MIN_CONFIRMATIONS", "PRICE_PER_TOKEN_LAYER", "PAYOUT_THRESHOLD",
-    "AZU_CORE_URL", "AZU_WALLET_SIGNATURE", "AZU_BROKER_PUBLIC_URL",
-    *API_VARIABLES,
+    "AZU_CORE_URL", "AZU_WALLET_SIGNATURE", "AZU_BROKER_PUBLIC_URL", "AZU_RECONCILE_INTERVAL_S",
+    "AZU_RECONCILE_GRACE_S",
+    *API_VARIABLES, *METRICS_VARIABLES,
 )
 
 

@@ -53,12 +53,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     chosen = app.config.get("AZU_BILLING")
     app.extensions[BILLING] = chosen if chosen is not None else build_billing(ledger)
 
-    from web import errors, limits, openapi
+    from web import errors, limits, metrics, openapi
     from web.health import bp as health_bp
     from web.registry import bp as registry_bp
 
     errors.init_app(app)
     limits.init_app(app, settings)
+    metrics.init_app(app)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(registry_bp)
     app.register_blueprint(openapi.bp)

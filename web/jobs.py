@@ -11,7 +11,7 @@ import logging
 
 from flask import Blueprint, jsonify, url_for
 
-from azu import serving
+from azu import metrics, serving
 from azu.tokenization import decode_final, load_tokenizer
 from web import billing, current_user, redis_client
 from web.schemas import SubmitRequest, parse_body, stop_list
@@ -36,6 +36,7 @@ def submit():
         top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop_list(body.stop))
     job_id = serving.start_job(r, billing(), model, user_id=user_id, prompt_ids=prompt_ids,
                                max_tokens=max_tokens, sampling=sampling)
+    metrics.API_JOBS_STARTED.labels("submit").inc()
     return jsonify({"job_id": job_id, "status": "queued", "model_id": model.model_id,
                     "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens,
                     "results_url": url_for("jobs.results", job_id=job_id)}), 202

@@ -15,12 +15,13 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, jsonify, stream_with_context
 
-from azu import serving
+from azu import metrics, serving
 from azu.errors import AzuError, JobFailed, JobTimeout
 from azu.registry import status as shard_status
 from azu.tokenization import decode_final
 from web import billing, current_user, redis_client, request_timeout_s
 from web.errors import openai_error_body
+from web.metrics import request_started
 from web.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -65,12 +66,13 @@ def chat_completions():
         top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop_list(body.stop))
     job_id = serving.start_job(r, billing(), model, user_id=user_id, prompt_ids=prompt_ids,
                                max_tokens=max_tokens, sampling=sampling)
+    metrics.API_JOBS_STARTED.labels("chat_stream" if body.stream else "chat").inc()
     head = _Head(id=f"chatcmpl-{job_id.removeprefix('job-')}", created=int(time.time()), model=model.model_id)
     timeout_s = request_timeout_s()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(r, job_id, head, model, sampling, prompt_tokens=len(prompt_ids),
-                         include_usage=include_usage, timeout_s=timeout_s)
+                         include_usage=include_usage, timeout_s=timeout_s, started=request_started())
         return Response(stream_with_context(events), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                  "X-Azu-Job-Id": job_id})
@@ -100,7 +102,8 @@ def _sse(data: Any) -> str:
 
 
 def _stream(r: redis.Redis, job_id: str, head: _Head, model: serving.ReadyModel, sampling: serving.Sampling,
-            *, prompt_tokens: int, include_usage: bool, timeout_s: float) -> Iterator[str]:
+            *, prompt_tokens: int, include_usage: bool, timeout_s: float,
+            started: float | None = None) -> Iterator[str]:
     """One chunk per piece of text; the finish reason; the usage (when asked); ``[DONE]``.
 
     If the client goes away, the WSGI server closes this generator (GeneratorExit at a yield) and the job
@@ -128,6 +131,9 @@ def _stream(r: redis.Redis, job_id: str, head: _Head, model: serving.ReadyModel,
                     last_sent = time.monotonic()
                     yield ": keep-alive\n\n"
                 continue
+            if started is not None and event.token_id is not None:  # the first token (maybe in "done")
+                metrics.API_TTFT_SECONDS.labels("chat_stream").observe(time.monotonic() - started)
+                started = None
             if event.kind == "token" and event.token_id is not None:
                 text = dec.push(int(event.token_id))
                 if text:

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
+from azu import metrics
 from azu.config import get_settings
 from azu.engine.span import Span
 from azu.network import dispatch, keys
@@ -47,6 +48,12 @@ def _start(**_: Any) -> None:
 
     n = node()
     n.start_heartbeat()
+    settings = get_settings().metrics
+    if settings.port:
+        try:
+            metrics.start_worker_server(settings.port, host=settings.host)
+        except OSError as exc:  # the worker still serves; only its metrics are missing
+            log.error("worker metrics: cannot listen on %s:%s (%s)", settings.host, settings.port, exc)
     log.info("worker %s ready on queues %s (%s), public key %s", n.worker_id,
              dispatch.worker_queues(n.worker_id), n.info().device, n.public_key)
 

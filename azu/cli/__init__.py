@@ -1,13 +1,17 @@
 """``azu`` command line: one subcommand per area, each implemented next to the code it drives.
 
-Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Every parser of azu's
+command lines (``azu <command>``, ``azu-core``, ``azu-api``, ``azu-scheduler``, ``azu-registry``, the
+collector, ``azu-worker``) uses ``HelpFormatter``: each option's help ends with its default.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
+from typing import Any
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs, so
 # `azu --help` stays fast and the API processes never import torch.
@@ -27,11 +31,44 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option's help, except where the help already says its default (one
+    computed at run time or read from an environment variable, explained in words), for flags (off unless
+    given) and for options without a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # Identity, not ==: a default of 0 is a default to show (0 == False).
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or "%(default)" in text):
+            return text
+        if "default" in text:
+            # The default is told in words, but the environment set one: show what applies now (a value
+            # that may be secret is only said to be set).
+            secret = _SECRET.search(action.dest)
+            return text + (" (now: set in the environment)" if secret else " (now: %(default)s)")
+        return text + " (default: %(default)s)"
+
+
+_SECRET = re.compile(r"key|secret|password|signature|token", re.IGNORECASE)
+
+
+def env_help(text: str, variable: str) -> str:
+    """The help of an option whose default an environment variable may set: "..., env VAR"."""
+    return f"{text}; env {variable}"
+
+
+def parser_for(prog: str, description: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with azu's help formatter (each option shows its default)."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
+                                   **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="azu", description="azu: decentralized LLM inference")
+    parser = parser_for("azu", "azu: decentralized LLM inference")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module_name)
         # Arguments are declared by the module; import it only for the subcommand asked for.
         if len(sys.argv if argv is None else argv) and name in (sys.argv[1:] if argv is None else argv)[:1]:

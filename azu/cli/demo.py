@@ -285,10 +285,10 @@ def save_tokenizer(out_dir: str | Path) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("out", help="folder to write the model into")
-    parser.add_argument("--family", default="demo", help=f"demo (default) or one of: {', '.join(FAMILIES)}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-shard-size", default=None, help='e.g. "200KB" for a sharded checkpoint')
-
+    parser.add_argument("--family", default="demo", help=f"demo or one of: {', '.join(FAMILIES)}")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--max-shard-size", default=None, help='other families: split the checkpoint '
+                        'into files of at most this size, e.g. "200KB" (default: one file)')
 
 def run(args) -> int:
     if args.family == "demo":

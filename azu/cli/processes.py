@@ -25,13 +25,17 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
+
+from azu.cli import env_help, parser_for
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,16 @@ DEFAULT_REGISTRY_PORT = 8002
 
 
 # --- command lines ------------------------------------------------------------------------------------------
-def gunicorn_argv(app_spec: str, *, host: str, port: int, workers: int = 2, threads: int = 16) -> list[str]:
+def gunicorn_argv(app_spec: str, *, host: str, port: int, workers: int = 2, threads: int = 16,
+                  loglevel: str = "INFO") -> list[str]:
     # web.server.JsonErrorsWorker is gthread whose own 400/414/431 answers are JSON in the API's error shape.
     return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--worker-class",
             "web.server.JsonErrorsWorker",
             "--workers", str(workers), "--threads", str(threads),
             # A streamed answer can last minutes; gthread workers heartbeat from their main thread, so the
             # worker timeout only catches a stuck process, not a long request.
-            "--timeout", "120", "--graceful-timeout", "10", "--access-logfile", "-", app_spec]
+            "--timeout", "120", "--graceful-timeout", "10", "--access-logfile", "-",
+            "--log-level", loglevel.lower(), app_spec]
 
 
 def celery_argv(queues: str, *, name: str, pool: str = "prefork", concurrency: int | None = None,
@@ -69,7 +75,7 @@ def celery_argv(queues: str, *, name: str, pool: str = "prefork", concurrency: i
 def registry_port() -> int:
     url = os.environ.get("REGISTRY_URL") or ""
     port = urlparse(url).port if url else None
-    return int(os.environ.get("AZU_REGISTRY_PORT") or port or DEFAULT_REGISTRY_PORT)
+    return _env_int("AZU_REGISTRY_PORT", port or DEFAULT_REGISTRY_PORT)
 
 
 # --- a small supervisor -------------------------------------------------------------------------------------
@@ -117,9 +123,12 @@ class ProcessGroup:
             if child.proc.poll() is None:
                 child.proc.wait(timeout=5)
 
-    def run_until_signal(self) -> int:
-        """Block until SIGINT/SIGTERM or until a child exits; then stop all. Exit code: the child's, or 0."""
+    def run_until_signal(self, *, on_tick: Callable[[], object] | None = None, tick_s: float = 5.0) -> int:
+        """Block until SIGINT/SIGTERM or until a child exits; then stop all. Exit code: the child's, or 0.
+
+        ``on_tick`` runs every ``tick_s`` seconds meanwhile (``azu up`` caps its log files there)."""
         stop = {"signal": None}
+        next_tick = time.monotonic() + tick_s
 
         def _on_signal(signum, _frame):
             stop["signal"] = signum
@@ -131,6 +140,12 @@ class ProcessGroup:
                 if dead is not None:
                     log.error("%s exited with code %s; stopping the others", dead.name, dead.proc.returncode)
                     return dead.proc.returncode or 1
+                if on_tick is not None and time.monotonic() >= next_tick:
+                    try:
+                        on_tick()
+                    except OSError as exc:  # a full disk or a vanished file must not stop the network
+                        log.warning("periodic task failed: %s", exc)
+                    next_tick = time.monotonic() + tick_s
                 time.sleep(0.2)  # a supervisor's poll: notice a dead child (signals end the wait early)
             return 0
         finally:
@@ -153,25 +168,63 @@ def _exec(argv: list[str]) -> int:
 
 
 # --- entry points -------------------------------------------------------------------------------------------
+def _env_int(name: str, default: int) -> int:
+    """An integer default from the environment; a malformed value stops the command with its name."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--loglevel", default=os.environ.get("AZU_LOGLEVEL", "INFO"))
+    p = parser_for(prog, description)
+    p.add_argument("--loglevel", default=os.environ.get("AZU_LOGLEVEL", "INFO"),
+                   help=env_help("log level of the servers it runs (DEBUG, INFO, WARNING, ERROR)",
+                                 "AZU_LOGLEVEL"))
     return p
 
 
 def _api_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=os.environ.get("AZU_API_HOST", "0.0.0.0"))  # a server: all interfaces
-    p.add_argument("--port", type=int, default=int(os.environ.get("AZU_API_PORT") or DEFAULT_API_PORT))
-    p.add_argument("--web-workers", type=int, default=int(os.environ.get("AZU_WEB_WORKERS") or 2))
-    p.add_argument("--threads", type=int, default=int(os.environ.get("AZU_WEB_THREADS") or 16))
+    # A server: all interfaces by default.
+    p.add_argument("--host", default=os.environ.get("AZU_API_HOST", "0.0.0.0"),
+                   help=env_help("interface the API listens on", "AZU_API_HOST"))
+    p.add_argument("--port", type=int, default=_env_int("AZU_API_PORT", DEFAULT_API_PORT),
+                   help=env_help("port the API listens on", "AZU_API_PORT"))
+    p.add_argument("--web-workers", type=int, default=_env_int("AZU_WEB_WORKERS", 2),
+                   help=env_help("gunicorn worker processes of the API", "AZU_WEB_WORKERS"))
+    p.add_argument("--threads", type=int, default=_env_int("AZU_WEB_THREADS", 16),
+                   help=env_help("threads per API process (each streamed answer holds one)",
+                                 "AZU_WEB_THREADS"))
+
+
+def metrics_dir(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """The environment of a gunicorn service whose processes count Prometheus metrics into ``folder``.
+
+    prometheus_client's multiprocess mode sums the files every process writes there; files left by an earlier
+    run would be counted again, so the folder is emptied first. One folder per service, never shared."""
+    path = Path(folder)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return {"PROMETHEUS_MULTIPROC_DIR": str(path)}
+
+
+def _service_metrics(name: str) -> dict[str, str] | None:
+    """With ``PROMETHEUS_MULTIPROC_DIR`` set, the environment giving service ``name`` its own subfolder."""
+    base = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return {**os.environ, **metrics_dir(Path(base) / name)} if base else None
 
 
 def api_main(argv: Sequence[str] | None = None) -> int:
     p = _parser("azu-api", "the HTTP API (REST + OpenAI-compatible)")
     _api_args(p)
     a = p.parse_args(argv)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ.update(_service_metrics("api") or {})
     return _exec(gunicorn_argv("web:create_app()", host=a.host, port=a.port, workers=a.web_workers,
-                               threads=a.threads))
+                               threads=a.threads, loglevel=a.loglevel))
 
 
 def _scheduler_argv(a: argparse.Namespace) -> list[str]:
@@ -180,8 +233,10 @@ def _scheduler_argv(a: argparse.Namespace) -> list[str]:
 
 
 def _scheduler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pool", default=os.environ.get("AZU_CORE_POOL", "prefork"))
-    p.add_argument("--concurrency", type=int, default=int(os.environ.get("AZU_CORE_CONCURRENCY") or 2))
+    p.add_argument("--pool", default=os.environ.get("AZU_CORE_POOL", "prefork"),
+                   help=env_help("Celery pool of the core queue (prefork, solo, threads)", "AZU_CORE_POOL"))
+    p.add_argument("--concurrency", type=int, default=_env_int("AZU_CORE_CONCURRENCY", 2),
+                   help=env_help("Celery processes of the core queue", "AZU_CORE_CONCURRENCY"))
 
 
 def scheduler_main(argv: Sequence[str] | None = None) -> int:
@@ -195,12 +250,15 @@ def _registry_children(group: ProcessGroup, a: argparse.Namespace) -> None:
     group.start("registry-tasks", celery_argv("registry", name="registry", pool="solo", loglevel=a.loglevel))
     group.start("registry-http", gunicorn_argv("web:create_app({'AZU_ROLE': 'registry'})",
                                                host=a.registry_host, port=a.registry_port, workers=1,
-                                               threads=16))
+                                               threads=16, loglevel=a.loglevel),
+                env=_service_metrics("registry"))
 
 
 def _registry_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--registry-host", default=os.environ.get("AZU_REGISTRY_HOST", "0.0.0.0"))
-    p.add_argument("--registry-port", type=int, default=registry_port())
+    p.add_argument("--registry-host", default=os.environ.get("AZU_REGISTRY_HOST", "0.0.0.0"),
+                   help=env_help("interface the registry's HTTP routes listen on", "AZU_REGISTRY_HOST"))
+    p.add_argument("--registry-port", type=int, default=registry_port(),
+                   help="port of the registry's HTTP routes; env AZU_REGISTRY_PORT, else REGISTRY_URL's port")
 
 
 def registry_main(argv: Sequence[str] | None = None) -> int:
@@ -212,14 +270,17 @@ def registry_main(argv: Sequence[str] | None = None) -> int:
     return group.run_until_signal()
 
 
-def collector_argv() -> list[str]:
-    return [sys.executable, "-m", "azu.cli.processes", "collector"]
+def collector_argv(*, loglevel: str | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "azu.cli.processes", "collector"]
+    return [*argv, "--loglevel", loglevel] if loglevel else argv
 
 
 def collector_main(argv: Sequence[str] | None = None) -> int:
     """The collector: reads ``azu:reports`` until SIGTERM/SIGINT (a core process: it holds the core login)."""
-    _parser("collector", "the collector of the workers' signed reports").parse_args(argv)
-    logging.basicConfig(level=os.environ.get("AZU_LOGLEVEL", "INFO"),
+    a = _parser("python -m azu.cli.processes collector",
+                "the collector: checks the workers' signed reports (azu:reports) and writes what they prove; "
+                "a core process (REDIS_URL: the core's login)").parse_args(argv)
+    logging.basicConfig(level=a.loglevel.upper(),
                         format="[%(asctime)s: %(levelname)s/collector] %(message)s")
     from azu.network import collector
 
@@ -235,10 +296,10 @@ def core_main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     group = ProcessGroup()
     group.start("scheduler", _scheduler_argv(a))
-    group.start("collector", collector_argv())
+    group.start("collector", collector_argv(loglevel=a.loglevel))
     _registry_children(group, a)
     group.start("api", gunicorn_argv("web:create_app()", host=a.host, port=a.port, workers=a.web_workers,
-                                     threads=a.threads))
+                                     threads=a.threads, loglevel=a.loglevel), env=_service_metrics("api"))
     return group.run_until_signal()
 
 

@@ -34,12 +34,12 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from azu.cli.processes import ProcessGroup, celery_argv, collector_argv, gunicorn_argv
+from azu.cli import logs as logs_module
+from azu.cli.processes import ProcessGroup, celery_argv, collector_argv, gunicorn_argv, metrics_dir
 from azu.cli.worker import CORE_ONLY
 from azu.config import get_settings
 
@@ -57,16 +57,38 @@ NO_REDIS = ("azu up needs a Redis >= 7 server (per-worker broker logins use ACL 
             "PATH, set AZU_REDIS_SERVER to one, or point REDIS_URL at a running Redis >= 7")
 
 
+DEFAULT_KEEP_LOGS = 5
+DEFAULT_MAX_LOG_BYTES = 50 * 10**6
+# What --fresh removes from the state dir. The ledger's own (pgdata) goes with everything bound to it: the
+# local user's API key, `azu key`'s keys and the worker keys (a worker id is bound to its first key in the
+# ledger; with a new ledger a new key is as good). Logs stay (rotated like every run's).
+FRESH_ALWAYS = ("models", "registry", "cache", "redis", "core.key", "chain.json")
+FRESH_WITH_LEDGER = ("pgdata", "keys", "local-user.json", "keys.json")
+LOCAL_USER_FILE = "local-user.json"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes, each holding part of the "
-                        "model (default 2, at least 2)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (default 127.0.0.1)")
-    parser.add_argument("--state-dir", default=".azu", help="where state, logs and local.json go (.azu)")
+    parser.add_argument("--port", type=int, default=8000, help="API port")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes, each holding part of the model (at least 2)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface the API serves on")
+    parser.add_argument("--state-dir", default=".azu",
+                        help="where state (ledger, registry, caches, keys), logs and local.json go")
     parser.add_argument("--fresh", action="store_true",
-                        help="forget the demo model and shards of earlier runs")
+                        help="forget earlier runs first: delete the state dir's ledger (pgdata), demo "
+                        "model, registry, caches, Redis data, core key, the local user's and `azu key`'s API "
+                        "keys and the worker keys (their ids were bound to them in that ledger). Logs are "
+                        "kept. With DATABASE_URL (or, without a ledger, REDIS_URL) set, that database is not "
+                        "touched, so the API keys and worker keys bound in it are kept too. Without --fresh "
+                        "every run reuses the local user's API key and credits its faucet only once")
     parser.add_argument("--startup-timeout", type=float, default=600.0,
-                        help="seconds each startup step may take (default 600)")
+                        help="seconds each startup step may take")
+    parser.add_argument("--keep-logs", type=int, default=DEFAULT_KEEP_LOGS,
+                        help="earlier log files kept per process: at startup name.log becomes name.1.log ... "
+                        "name.N.log and older ones are deleted")
+    parser.add_argument("--max-log-bytes", type=int, default=DEFAULT_MAX_LOG_BYTES,
+                        help="while running, a log larger than this is rotated the same way (copied to "
+                        "name.1.log and emptied; 0: no limit)")
 
 
 class StartupFailed(RuntimeError):
@@ -202,6 +224,94 @@ def ledger_available() -> bool:
     return versions.is_dir() and any(versions.glob("*.py"))
 
 
+def local_user_key(database_url: str, state_file: Path) -> str:
+    """The local user's API key: the one ``state_file`` keeps while the ledger still knows it, else a new one.
+
+    The faucet deposit has one fixed transaction id per user, so the ledger credits it once whatever the
+    number of runs; a new key is minted only when the ledger does not know the saved one (a first run,
+    ``--fresh``, another DATABASE_URL) and is then saved in ``state_file`` (mode 0600)."""
+    from azu.billing import accounts
+    from azu.billing.factory import Ledger
+    from azu.billing.ledger import service
+    from azu.billing.ledger.db import session_scope
+
+    saved: str | None = None
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+        data = json.loads(state_file.read_text())
+        if data["address"] == LOCAL_USER_ADDRESS:
+            saved = str(data["api_key"])
+    engine = Ledger(dataclasses.replace(get_settings(), database_url=database_url)).engine
+    try:
+        with session_scope(engine) as session:
+            # The local faucet: a deposit no chain made, credited once per ledger (its fixed tx id).
+            service.credit_deposit(session, tx_id=f"local-faucet-{LOCAL_USER_ADDRESS}",
+                                   sender=LOCAL_USER_ADDRESS, amount=FAUCET_AMOUNT)
+            owner = accounts.user_for_key_hash(session, accounts.hash_api_key(saved)) if saved else None
+            if saved and owner == LOCAL_USER_ADDRESS:
+                return saved
+            key = accounts.new_api_key()
+            accounts.store_api_key(session, address=LOCAL_USER_ADDRESS, key_hash=accounts.hash_api_key(key),
+                                   label="azu up")
+        # Saved only once the key is committed: the file never names a key the ledger does not hold.
+        write_private_json(state_file, {"address": LOCAL_USER_ADDRESS, "api_key": key})
+        return key
+    finally:
+        engine.dispose()
+
+
+def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
+    """``path`` replaced atomically by ``data`` as JSON, readable by this user only (mode 0600)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)  # whoever waits for the file never reads half of it
+
+
+def forget_state(root: Path, *, keep_ledger_bound: bool) -> list[str]:
+    """``--fresh``: delete what earlier runs left in ``root`` (see FRESH_ALWAYS / FRESH_WITH_LEDGER).
+
+    ``keep_ledger_bound``: the ledger (or identity store) is not ours to wipe (DATABASE_URL / REDIS_URL set),
+    so the keys bound in it stay. Refuses while a PostgreSQL started by an earlier run still has pgdata open.
+    Returns what it deleted."""
+    pid_file = root / "pgdata" / "postmaster.pid"
+    with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+        pid = int(pid_file.read_text().split()[0])
+        import psutil
+
+        if psutil.pid_exists(pid):
+            raise StartupFailed(f"a PostgreSQL (pid {pid}) still runs on {root / 'pgdata'}; stop it (or the "
+                                "azu up that started it) before --fresh")
+    names = FRESH_ALWAYS + (() if keep_ledger_bound else FRESH_WITH_LEDGER)
+    deleted = []
+    for name in names:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+def running_elsewhere(root: Path) -> int | None:
+    """The pid of another live ``azu up`` whose local.json is in ``root``, else None."""
+    try:
+        pid = int(json.loads((root / "local.json").read_text())["pid"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    import psutil
+
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return None
+    return pid if pid != os.getpid() and " up" in cmdline else None
+
+
 class LocalNetwork:
     def __init__(self, *, root: Path, host: str, port: int, workers: int, timeout: float) -> None:
         self.root = root
@@ -286,9 +396,10 @@ class LocalNetwork:
             conf.unlink()
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
-            # No persistence: Redis holds only short-lived state (ARCHITECTURE.md).
-            out.write(f"bind 127.0.0.1\nport {port}\nsave \"\"\nappendonly no\ndir {data}\n"
-                      f"protected-mode yes\nrequirepass {password}\n")
+            # AOF, fsynced every second: a job's hash is the record its bill is made from until it is billed
+            # (docs/reliability.md); no RDB snapshots.
+            out.write(f"bind 127.0.0.1\nport {port}\nsave \"\"\nappendonly yes\nappendfsync everysec\n"
+                      f"dir {data}\nprotected-mode yes\nrequirepass {password}\n")
         with _step("starting redis") as info:
             self._start("redis", [binary, str(conf)])
             client = redis.Redis(port=port, password=password, socket_connect_timeout=1)
@@ -321,36 +432,15 @@ class LocalNetwork:
             from azu.billing.ledger.db import migrate
 
             migrate(self.database_url)
-        with _step("creating a local user with funds and an API key") as info:
+        with _step("the local user (funded once, its API key kept in the state dir)") as info:
             self.api_key = self._issue_local_key()
             info["detail"] = LOCAL_USER_ADDRESS
 
     def _issue_local_key(self) -> str:
-        from azu.billing import accounts
-        from azu.billing.factory import Ledger
-        from azu.billing.ledger import service
-        from azu.billing.ledger.db import session_scope
+        return local_user_key(self.database_url, self.root / LOCAL_USER_FILE)
 
-        engine = Ledger(dataclasses.replace(get_settings(), database_url=self.database_url)).engine
-        try:
-            key = accounts.new_api_key()
-            with session_scope(engine) as session:
-                # The local faucet: a deposit that no chain made, credited once per run (its own tx id).
-                service.credit_deposit(session, tx_id=f"local-faucet-{uuid.uuid4().hex}",
-                                       sender=LOCAL_USER_ADDRESS, amount=FAUCET_AMOUNT)
-                accounts.store_api_key(session, address=LOCAL_USER_ADDRESS,
-                                       key_hash=accounts.hash_api_key(key), label="azu up")
-            return key
-        finally:
-            engine.dispose()
-
-    def build_demo_model(self, fresh: bool) -> Path:
-        models = self.root / "models"
-        folder = models / DEMO_MODEL_ID
-        if fresh:
-            shutil.rmtree(folder, ignore_errors=True)
-            shutil.rmtree(self.root / "registry", ignore_errors=True)
-            shutil.rmtree(self.root / "cache", ignore_errors=True)
+    def build_demo_model(self) -> Path:
+        folder = self.root / "models" / DEMO_MODEL_ID
         if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
             _say(f"demo model: {folder} (built earlier)")
             return folder
@@ -421,13 +511,15 @@ class LocalNetwork:
         with _step("starting the registry (celery queue registry + http)") as info:
             self._start("registry-tasks", celery_argv("registry", name="registry", pool="solo"))
             self._start("registry-http", gunicorn_argv(REGISTRY_APP, host="127.0.0.1", port=registry_port,
-                                                       workers=1, threads=8))
+                                                       workers=1, threads=8),
+                        env={**self.env, **metrics_dir(self.root / "prometheus" / "registry")})
             _wait(lambda: self._up(self.registry_url), timeout=self.timeout, what="the registry",
                   alive=self._children_alive)
             info["detail"] = self.registry_url
         with _step("starting the API") as info:
             self._start("api", gunicorn_argv("web:create_app()", host=self.host, port=self.port, workers=1,
-                                             threads=16))
+                                             threads=16),
+                        env={**self.env, **metrics_dir(self.root / "prometheus" / "api")})
             _wait(lambda: self._up(self.base_url), timeout=self.timeout, what="the API",
                   alive=self._children_alive)
             info["detail"] = self.base_url
@@ -521,13 +613,8 @@ class LocalNetwork:
         }
         if self.chain:
             data["chain"] = self.chain  # test accounts for `azu key` / `azu deposit` (never a real chain)
-        tmp = path.with_suffix(".json.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
         # It holds the core's Redis login (for ops: Flower) and an API key: this user only.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-            out.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)  # whoever waits for the file never reads half of it
+        write_private_json(path, data)
         return path
 
     def print_banner(self, info_path: Path) -> None:
@@ -568,14 +655,35 @@ def run(args: argparse.Namespace) -> int:
         print("azu up: --workers must be at least 2 (the point is a pipeline across workers)",
               file=sys.stderr)
         return 2
+    if args.keep_logs < 0 or args.max_log_bytes < 0:
+        print("azu up: --keep-logs and --max-log-bytes must be >= 0", file=sys.stderr)
+        return 2
     root = Path(args.state_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    (root / "logs").mkdir(exist_ok=True)
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    other = running_elsewhere(root)
+    if other is not None:
+        print(f"azu up: another azu up (pid {other}) runs on {root}; stop it or use another --state-dir",
+              file=sys.stderr)
+        return 2
     with contextlib.suppress(FileNotFoundError):
         (root / "local.json").unlink()  # a stale file from a crashed run must not look like a live network
     if not _port_free(args.host, args.port):
         print(f"azu up: port {args.port} is already in use (try --port)", file=sys.stderr)
         return 2
+    if args.fresh:
+        external = (bool(get_settings().database_url) if ledger_available()
+                    else bool(os.environ.get("REDIS_URL") or os.environ.get("REDIS_HOST")))
+        try:
+            deleted = forget_state(root, keep_ledger_bound=external)
+        except (StartupFailed, OSError) as exc:
+            print(f"azu up: --fresh: {exc}", file=sys.stderr)
+            return 1
+        kept = (" (the database of DATABASE_URL/REDIS_URL and the keys bound in it are kept)"
+                if external else "")
+        _say(f"--fresh: deleted {', '.join(deleted) or 'nothing'} in {root}{kept}")
+    logs_module.rotate_all(logs, keep=args.keep_logs)
 
     def _on_term(signum: int, _frame: Any) -> None:
         raise _Stop()
@@ -588,14 +696,15 @@ def run(args: argparse.Namespace) -> int:
         net.start_postgres()
         net.start_chain()
         net.prepare_env()
-        folder = net.build_demo_model(args.fresh)
+        folder = net.build_demo_model()
         net.start_core()
         net.shard_demo(folder)
         net.start_workers()
         net.answer_sample()
         net.print_banner(net.write_info())
         signal.signal(signal.SIGTERM, old_term)  # from here run_until_signal handles both signals
-        code = net.group.run_until_signal()
+        code = net.group.run_until_signal(on_tick=lambda: logs_module.cap(
+            logs, max_bytes=args.max_log_bytes, keep=args.keep_logs))
         if code:
             print(f"azu up: a process exited (code {code}); see {net.logs}", file=sys.stderr)
         return code

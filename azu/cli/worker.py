@@ -24,8 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from azu.cli import parser_for
 from azu.cli.processes import celery_argv
-from azu.config import SettingsError, get_settings
+from azu.config import SettingsError, WorkerSettings, get_settings
 from azu.network import identity
 from azu.network.dispatch import worker_queues
 
@@ -34,9 +35,11 @@ CORE_ONLY = (
     "DATABASE_URL", "AUTH_SECRET_KEY", "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "SCHEDULER_PRIVATE_KEY",
     "SOLANA_PRIVATE_KEY", "SOLANA_RPC_URL", "SOLANA_ADDRESS", "HYPERLIQUID_RPC_URL", "HYPERLIQUID_ADDRESS",
     "HYPERLIQUID_CHAIN_ID", "PAYMENT_PROVIDER", "HF_TOKEN", "AZU_BROKER_PUBLIC_URL", "AZU_TEST_PG_URL",
-    "AZU_WALLET_SIGNATURE", "PGPASSWORD",
+    "AZU_WALLET_SIGNATURE", "PGPASSWORD", "PROMETHEUS_MULTIPROC_DIR", "AZU_METRICS_TOKEN",
 )
 ENROLL_TIMEOUT_S = 120.0
+CACHE_DIR_DEFAULT = ".azu/cache/<worker id>"
+KEY_FILE_DEFAULT = "<cache dir>/worker.key"
 
 
 class EnrollmentFailed(RuntimeError):
@@ -104,6 +107,74 @@ def worker_environment(base: Mapping[str, str], enrolled: Mapping[str, Any], *, 
     return env
 
 
+def build_parser(w: WorkerSettings) -> argparse.ArgumentParser:
+    """``azu-worker``'s options; defaults come from the environment (``w``, read by azu.config)."""
+    p = parser_for("azu-worker", "an azu worker node (GPU or CPU): enrolls at the core with its own key, "
+                   "then runs its Celery queues gpu.<id> and ctl.<id> with the broker login it got there")
+    p.add_argument("--core-url", default=w.core_url,
+                   help="the core's API, where this worker enrolls and gets its broker login and the "
+                   "registry's URL, e.g. https://core.example; env AZU_CORE_URL (required: no default)")
+    p.add_argument("--worker-id", default=w.worker_id,
+                   help="this worker's id, 1-40 of a-z 0-9 '-'; its first enrollment binds it to this "
+                   "worker's key for good; env AZU_WORKER_ID (required: no default)")
+    p.add_argument("--key-file", default=w.key_file,
+                   help="the worker's Ed25519 key, made on first start with mode 0600; env "
+                   f"AZU_WORKER_KEY_FILE (default: {KEY_FILE_DEFAULT})")
+    p.add_argument("--registry-url", default=None,
+                   help="fetch layer files from this registry instead (default: the one enrollment answers)")
+    p.add_argument("--p2p-url", default=w.p2p_url,
+                   help="this worker's externally reachable URL, reported in its heartbeats; env "
+                   "P2P_PUBLIC_URL (default: none)")
+    p.add_argument("--wallet", default=w.wallet,
+                   help="the payout address this worker's earnings go to; env AZU_WALLET_ADDRESS (default: "
+                   "none, earnings wait in the ledger)")
+    p.add_argument("--wallet-signature", default=w.wallet_signature,
+                   help="the wallet's signature over the text --print-wallet-message prints; env "
+                   "AZU_WALLET_SIGNATURE (default: none)")
+    p.add_argument("--print-wallet-message", action="store_true",
+                   help="print what the wallet must sign to receive this worker's earnings, and exit")
+    p.add_argument("--cache-dir", default=w.cache_dir,
+                   help=f"where layer files are cached; env AZU_CACHE_DIR (default: {CACHE_DIR_DEFAULT})")
+    p.add_argument("--device", default=w.device,
+                   help="cpu, cuda or cuda:N; env AZU_DEVICE (default: cuda when torch sees a GPU, else cpu)")
+    p.add_argument("--dtype", default=w.dtype,
+                   help="float32, bfloat16 or float16; env AZU_DTYPE (default: float32)")
+    p.add_argument("--memory-bytes", type=int, default=w.memory_bytes,
+                   help="offer at most this much memory for layers; env AZU_MEMORY_BYTES (default: what the "
+                   "device has)")
+    p.add_argument("--loglevel", default=os.environ.get("AZU_LOGLEVEL", "INFO"),
+                   help="Celery's log level; env AZU_LOGLEVEL (default: %(default)s)")
+    p.add_argument("--events", action="store_true", help="send task events (for Flower)")
+    return p
+
+
+def parse_args(w: WorkerSettings, argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser(w).parse_args(list(argv) if argv is not None else None)
+
+
+def missing_arguments(a: argparse.Namespace) -> list[str]:
+    """Why ``a`` cannot start a worker, one line each, ending with the command to type; [] when it can."""
+    problems = []
+    if not a.worker_id:
+        suggestion = socket.gethostname().split(".")[0].lower()
+        hint = f" (e.g. --worker-id {suggestion})" if identity.WORKER_ID_RE.fullmatch(suggestion) else ""
+        problems.append("azu-worker: pass --worker-id ID (or set AZU_WORKER_ID): there is no default, "
+                        f"since the first enrollment binds the id to this worker's key for good{hint}")
+    elif not identity.WORKER_ID_RE.fullmatch(a.worker_id):
+        problems.append("azu-worker: --worker-id must be 1-40 characters of a-z, 0-9 and '-' (starting "
+                        f"with a letter or digit), got {a.worker_id!r}")
+    if not a.core_url and not a.print_wallet_message:
+        problems.append("azu-worker: pass --core-url URL (or set AZU_CORE_URL): the core's API, where the "
+                        "worker enrolls and gets its own broker login and the registry's URL; there is no "
+                        "default")
+    if problems:
+        problems.append("  start it as: azu-worker --core-url https://<core> --worker-id <id>")
+        problems.append(f"  it then uses: key file {KEY_FILE_DEFAULT} (made on first start, mode 0600), "
+                        f"cache {CACHE_DIR_DEFAULT}, device cuda when torch sees a GPU else cpu, dtype "
+                        "float32, all of the device's memory, no payout wallet (see azu-worker --help)")
+    return problems
+
+
 def main(argv: Sequence[str] | None = None, *,
          exec_fn: Callable[[str, list[str], dict[str, str]], Any] = os.execve) -> int:
     try:
@@ -111,34 +182,10 @@ def main(argv: Sequence[str] | None = None, *,
     except SettingsError as exc:
         print(f"azu-worker: {exc}", file=sys.stderr)
         return 2
-    w = settings.worker
-    p = argparse.ArgumentParser(prog="azu-worker", description="an azu worker node (GPU or CPU)")
-    p.add_argument("--core-url", default=w.core_url, help="the core's API, e.g. https://core.example "
-                   "(AZU_CORE_URL; required)")
-    p.add_argument("--worker-id", default=w.worker_id or socket.gethostname().split(".")[0].lower())
-    p.add_argument("--key-file", default=w.key_file, help="the worker's Ed25519 key (AZU_WORKER_KEY_FILE; "
-                   "default <cache dir>/worker.key, created on first start)")
-    p.add_argument("--registry-url", default=None, help="override the registry URL enrollment answers")
-    p.add_argument("--p2p-url", default=w.p2p_url)
-    p.add_argument("--wallet", default=w.wallet)
-    p.add_argument("--wallet-signature", default=w.wallet_signature,
-                   help="the wallet's signature over the text --print-wallet-message prints")
-    p.add_argument("--print-wallet-message", action="store_true",
-                   help="print what the wallet must sign to receive this worker's earnings, and exit")
-    p.add_argument("--cache-dir", default=w.cache_dir)
-    p.add_argument("--device", default=w.device)
-    p.add_argument("--dtype", default=w.dtype)
-    p.add_argument("--memory-bytes", type=int, default=None, help="offer at most this much memory")
-    p.add_argument("--loglevel", default=os.environ.get("AZU_LOGLEVEL", "INFO"))
-    p.add_argument("--events", action="store_true", help="send task events (for flower)")
-    a = p.parse_args(list(argv) if argv is not None else None)
-    if not identity.WORKER_ID_RE.fullmatch(a.worker_id or ""):
-        print("azu-worker: --worker-id must be 1-40 characters of a-z, 0-9 and '-' (starting with a letter "
-              "or digit)", file=sys.stderr)
-        return 2
-    if not a.core_url:
-        print("azu-worker: the core's URL is required (--core-url or AZU_CORE_URL): the worker enrolls there "
-              "and gets its own broker login", file=sys.stderr)
+    a = parse_args(settings.worker, argv)
+    problems = missing_arguments(a)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
         return 2
     key_file = Path(a.key_file) if a.key_file else default_key_file(a.worker_id, a.cache_dir)
     try:
@@ -157,6 +204,11 @@ def main(argv: Sequence[str] | None = None, *,
         print("azu-worker: --wallet needs --wallet-signature (sign the text of --print-wallet-message with "
               "the wallet)", file=sys.stderr)
         return 2
+    device = a.device or _default_device()
+    cache_dir = a.cache_dir or f".azu/cache/{a.worker_id}"
+    print(f"azu-worker: worker id {a.worker_id}, key {key_file} ({public_key[:16]}…), cache {cache_dir}, "
+          f"device {device}, dtype {a.dtype or 'float32'}, memory {a.memory_bytes or 'all'}; enrolling at "
+          f"{a.core_url}", file=sys.stderr, flush=True)
     try:
         enrolled = enroll(a.core_url, a.worker_id, key, wallet=a.wallet, wallet_signature=a.wallet_signature)
     except EnrollmentFailed as exc:
@@ -168,7 +220,7 @@ def main(argv: Sequence[str] | None = None, *,
                              key_file=key_file, extra={
                                  "REGISTRY_URL": a.registry_url, "P2P_PUBLIC_URL": a.p2p_url,
                                  "AZU_WALLET_ADDRESS": enrolled.get("wallet") or a.wallet,
-                                 "AZU_CACHE_DIR": a.cache_dir, "AZU_DEVICE": a.device or _default_device(),
+                                 "AZU_CACHE_DIR": a.cache_dir, "AZU_DEVICE": device,
                                  "AZU_DTYPE": a.dtype,
                                  "AZU_MEMORY_BYTES": str(a.memory_bytes) if a.memory_bytes else None})
     cmd = worker_argv(a.worker_id, loglevel=a.loglevel, events=a.events)

@@ -121,18 +121,19 @@ class LocalPipeline:
 # -- CLI: azu generate -------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("shard_dir", help="a folder written by `azu shard`")
-    parser.add_argument("--stages", type=int, default=2, help="number of layer groups (default 2)")
+    parser.add_argument("--stages", type=int, default=2, help="number of layer groups")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="prompt text (needs the model's tokenizer files)")
     group.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 5,6,7")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
-        "--dtype", default=None, help="float32 (cpu default), bfloat16 (cuda default), float16"
+        "--dtype", default=None,
+        help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)",
     )
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

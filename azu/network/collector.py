@@ -34,6 +34,7 @@ from typing import Any
 
 import redis
 
+from azu import metrics
 from azu.config import Settings, get_settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Forbidden, InvalidRequest
@@ -68,6 +69,7 @@ class Collector:
         self.identities: dict[str, str] = {}
         self.decoders: dict[str, _Decoder] = {}
         self.tokenizers: dict[str, Any] = {}
+        self.tally = metrics.Tally()  # this batch's report counts, written to Redis once per batch
 
     @property
     def dispatch(self) -> Dispatcher:
@@ -112,6 +114,7 @@ class Collector:
                 accepted.append(self.verify(blob))
             except AzuError as exc:
                 log.warning("report refused: %s", exc.message)
+                self.tally.add(metrics.CORE_REPORTS, kind="unverified", outcome="refused")
         tokens: list[Report] = []
         for rep in accepted:
             if rep.kind == "token":
@@ -120,14 +123,19 @@ class Collector:
             if tokens:  # keep the order: tokens before a later report (a job_failed after them, say)
                 self._tokens(tokens)
                 tokens = []
+            outcome = "accepted"
             try:
                 self._HANDLERS[rep.kind](self, rep)
             except AzuError as exc:
+                outcome = "refused"
                 log.warning("%s report from %s refused: %s", rep.kind, rep.worker_id, exc.message)
             except Exception:
+                outcome = "error"
                 log.exception("%s report from %s failed", rep.kind, rep.worker_id)
+            self.tally.add(metrics.CORE_REPORTS, kind=rep.kind, outcome=outcome)
         if tokens:
             self._tokens(tokens)
+        self.tally.flush(self.r)
         return len(accepted)
 
     # --- tokens ------------------------------------------------------------------------------------
@@ -150,9 +158,14 @@ class Collector:
             except (AzuError, ValueError, KeyError) as exc:
                 log.warning("token report from %s refused: %s", rep.worker_id,
                             exc.message if isinstance(exc, AzuError) else repr(exc))
+                self.tally.add(metrics.CORE_REPORTS, kind="token", outcome="refused")
                 continue
             if step is None:
+                self.tally.add(metrics.CORE_REPORTS, kind="token", outcome="duplicate")
                 continue  # a step already published (a replay): nothing to do
+            self.tally.add(metrics.CORE_REPORTS, kind="token", outcome="accepted")
+            if step == 0 and job.get("created"):
+                metrics.CORE_TTFT.observe(pipe, max(0.0, float(now) - float(job["created"])))
             sampling = Sampling.from_dict(json.loads(job["gen"]))
             reason: str | None = None
             if token in sampling.stop_ids or (sampling.stop and self._hits_stop(job_id, job, token, step)):
@@ -162,6 +175,8 @@ class Collector:
             elif job.get("cancel"):
                 reason = "cancelled"
             job["step"] = str(step + 1)
+            if token not in sampling.stop_ids:  # a stop id ends the job without being shown
+                self.tally.add(metrics.CORE_TOKENS)
             if reason:
                 job["status"] = "done"
                 usage = jobs.usage_of(job)
@@ -171,6 +186,7 @@ class Collector:
                 jobs.close(pipe, job_id, status="done", reason=reason, usage=usage,
                            fields={"step": job["step"]})
                 ended.append((job_id, job))
+                self.tally.add(metrics.CORE_JOBS_ENDED, reason=reason)
                 self.decoders.pop(job_id, None)
             else:
                 pipe.xadd(keys.events(job_id), {"k": "token", "t": str(token)}, id=f"0-{step + 1}")

@@ -1,9 +1,10 @@
 """The job lifecycle: submit, start, send on, finish, fail, cancel, read, and bill once ended.
 
 Framework-free; every function takes a ``redis.Redis``. A job's Redis keys (azu.network.keys) expire a day
-after its last change; nothing here must survive a restart. Its events stream has one entry per step with id
-``0-<step+1>``: explicit ids make publishing idempotent (a replayed step's XADD is refused because its id is
-not greater than the last one).
+after its last change; the job hash is the record the bill is made from until billed (the core's Redis runs
+with AOF; azu.billing.reconcile closes holds whose jobs Redis forgot). Its events stream has one entry per
+step with id ``0-<step+1>``: explicit ids make publishing idempotent (a replayed step's XADD is refused
+because its id is not greater than the last one).
 
 Steps travel as ``StepPayload``s (azu.network.wire) through the workers' inboxes (azu.network.inbox); the
 worker side is azu.network.node, the watchdog azu.network.watchdog, and the core loop that acts on the

@@ -4,11 +4,14 @@ Since the "Open network" issue a worker writes none of the facts: job hashes, st
 status are written by core processes only (the collector, azu.network.collector, acts on the workers' signed
 reports). What a worker may still touch is listed in docs/architecture.md (and enforced by its Redis ACL).
 
-Nothing here must survive a Redis restart: money lives in PostgreSQL, shard files on the registry's disk.
-A job's keys expire a day after its last change (``JOB_TTL_S``).
+Money lives in PostgreSQL, shard files on the registry's disk. The core's Redis runs with AOF (everysec): a
+job's hash is the record its bill is made from until it is billed (the reconciler, azu.billing.reconcile,
+closes every hold whose job ended, was forgotten or is stuck). A job's keys expire a day after its last change
+(``JOB_TTL_S``). Worker ACL users are not in the AOF: after a restart workers enroll again.
 
 ==============================  ======================================================================
-``azu:job:<id>``                hash: user, model, status, prompt ids, sampling params, route, usage...
+``azu:job:<id>``                hash: user, model, status, prompt ids, sampling, grant, usage, the core-signed
+                                end record (or the reconciler's tombstone of a job Redis forgot)
 ``azu:job:<id>:events``         stream: one entry per step, id ``0-<step+1>`` (token, done, or error)
 ``azu:job:<id>:usage``          retired (workers counted usage here; the core computes it now)
 ``azu:jobs:active``             zset of unfinished jobs (the watchdog's list), scored by creation time
@@ -29,6 +32,10 @@ A job's keys expire a day after its last change (``JOB_TTL_S``).
 ``azu:model:<id>:startlock``    lock while waiting jobs are started
 ``azu:models:ready``            set of ready model ids
 ``azu:ping:*``                  health-check answers (the collector writes a worker's pong)
+``azu:enroll:challenge:<c>``    enrollment challenge -> worker id (single use, 5 minutes)
+``azu:enroll:lock:<id>``        one enrollment of an id at a time
+``azu:identity:<id>:wallet``    the worker's payout wallet when no ledger is configured
+``azu:metrics:<name>``          core counters (reports, tokens, settlements, watchdog), core writers only
 ==============================  ======================================================================
 """
 

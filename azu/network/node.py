@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from azu import metrics
 from azu.config import Settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Forbidden, InvalidRequest
@@ -121,6 +122,8 @@ class WorkerNode:
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.metrics = metrics.worker_metrics()
+        metrics.watch_node(self)
 
     @classmethod
     def from_settings(cls, settings: Settings, r: redis.Redis, dispatch: Dispatcher) -> WorkerNode:
@@ -260,8 +263,9 @@ class WorkerNode:
                 done += self._run_group(stage_id, steps)
         return done
 
-    def _refuse(self, reason: str, job_id: str | None = None) -> None:
+    def _refuse(self, reason: str, job_id: str | None = None, *, why: str = "other") -> None:
         log.warning("worker %s refused a step: %s", self.worker_id, reason)
+        self.metrics.refused.labels(metrics.label(why)).inc()
         self.report("refused", {"reason": reason[:500], **({"job_id": job_id} if job_id else {})})
 
     def _admit_bundle(self, blob: bytes) -> list[StepPayload]:
@@ -275,7 +279,7 @@ class WorkerNode:
             auth.check(sender_key, auth.STEPS, bundle.signed_part(), bundle.sig,
                        what=f"step bundle from {bundle.sender}")
         except AzuError as exc:
-            self._refuse(exc.message)
+            self._refuse(exc.message, why=f"bundle_{exc.code}")
             return []
         out = []
         now = time.time()
@@ -285,7 +289,7 @@ class WorkerNode:
                 self._admit(p, bundle.sender, sender_key, now)
                 out.append(p)
             except AzuError as exc:
-                self._refuse(exc.message, p.job_id)
+                self._refuse(exc.message, p.job_id, why=f"payload_{exc.code}")
         return out
 
     def _sender_key(self, sender: str, payloads: list[StepPayload]) -> str:
@@ -367,6 +371,8 @@ class WorkerNode:
                                  f"positions, step {s.step} needs {s.pos})")
         ran = [r for r in self._forward(stage, fresh) if r is not None]
         ran += [_Ran(s, self.jobs[s.job_id].last_out[s.hop][1], replay=True) for s in replays]
+        if replays:
+            self.metrics.steps.labels("replay").inc(len(replays))
         if stage_id[1].head:
             self._finish_steps(ran)
         else:
@@ -393,7 +399,9 @@ class WorkerNode:
         singles = [(i, x) for i, x in inputs if x.shape[0] == 1]
         if len(singles) > 1:
             try:
+                started = time.perf_counter()
                 outs = stage.forward_batch([(steps[i].job_id, x) for i, x in singles])
+                self._observe_forward(started, [steps[i] for i, _ in singles])
                 for (i, x), o in zip(singles, outs, strict=True):
                     outputs[i] = _Ran(steps[i], o, replay=False, tokens=int(x.shape[0]))
                 done = {i for i, _ in singles}
@@ -403,12 +411,23 @@ class WorkerNode:
             if i in done:
                 continue
             try:
+                started = time.perf_counter()
                 outputs[i] = _Ran(steps[i], stage.forward(steps[i].job_id, x), replay=False,
                                   tokens=int(x.shape[0]))
+                self._observe_forward(started, [steps[i]])
             except Exception as exc:
                 reason = exc.message if isinstance(exc, AzuError) else f"{type(exc).__name__}: {exc}"
                 self._job_failed(steps[i].job_id, f"worker {self.worker_id}: {reason}")
         return outputs
+
+    def _observe_forward(self, started: float, steps: list[StepPayload]) -> None:
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(steps))
+        prefill = sum(1 for s in steps if s.step == 0)
+        if prefill:
+            self.metrics.steps.labels("prefill").inc(prefill)
+        if len(steps) - prefill:
+            self.metrics.steps.labels("decode").inc(len(steps) - prefill)
 
     def _hand_over(self, nexts: list[StepPayload], *, pipe: Any = None) -> None:
         """Send steps on, in one bundle per next worker signed by this worker (after ``pipe``'s writes)."""
@@ -492,7 +511,7 @@ class WorkerNode:
             auth.check(self.core_key, auth.END_ORDER, end_order_part(job_id, epoch), sig,
                        what=f"end_job for {job_id}")
         except AzuError as exc:
-            self._refuse(exc.message)
+            self._refuse(exc.message, why=f"end_order_{exc.code}")
             return
         with self.lock:
             self._end_local(job_id)

@@ -13,6 +13,7 @@ import time
 
 import redis
 
+from azu import metrics
 from azu.config import get_settings
 from azu.network import directory, jobs, keys
 from azu.network.dispatch import Dispatcher
@@ -40,11 +41,13 @@ def tick(r: redis.Redis, *, now: float | None = None, step_deadline_s: float | N
             if job["model_id"] not in retried:
                 retried.add(job["model_id"])
                 jobs.start_waiting_jobs(r, job["model_id"], dispatch=dispatch)
+                metrics.CORE_WATCHDOG.inc(r, action="retry_waiting")
             if idle > load_deadline_s and keys.as_str(r.hget(keys.job(job_id), "status") or b"") == "queued":
                 r.zrem(keys.waiting(job["model_id"]), job_id)
                 reason = f"no worker could load {job['model_id']} within {load_deadline_s:.0f}s"
                 if jobs.fail_job(r, job_id, reason, dispatch=dispatch):
                     failed.append(job_id)
+                    metrics.CORE_WATCHDOG.inc(r, action="fail_load_timeout")
         elif status == "running" and idle > step_deadline_s:
             route = route_from_list(json.loads(job.get("route") or "[]")) if job.get("route") else ()
             dead = [h.worker_id for h in route if not directory.is_live(r, h.worker_id, now=now)]
@@ -52,4 +55,5 @@ def tick(r: redis.Redis, *, now: float | None = None, step_deadline_s: float | N
             reason = f"stalled: no progress for {idle:.0f}s at step {job.get('step', '?')}{why}"
             if jobs.fail_job(r, job_id, reason, dispatch=dispatch):
                 failed.append(job_id)
+                metrics.CORE_WATCHDOG.inc(r, action="fail_stalled")
     return failed

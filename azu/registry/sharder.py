@@ -379,7 +379,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="local Hugging Face model folder, or a hub id (Qwen/Qwen2.5-0.5B)")
     parser.add_argument("--out", required=True, help="shard folder to write")
     parser.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
-    parser.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for hub downloads")
+    parser.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for hub downloads "
+                        "(default: huggingface_hub's, ~/.cache/huggingface or HF_HOME)")
     parser.add_argument("--json", action="store_true", help="print the manifest summary as one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
