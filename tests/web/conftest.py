@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -28,6 +27,7 @@ from flask import Blueprint, Flask, jsonify, request
 
 from azu.cli.up import free_port
 from tests.support import wait_for
+from tests.support.browser import chromium
 from tests.web.support import MODEL_ID, with_pages
 
 # The stand-in's answer: every byte is one token of the demo tokenizer, so it streams in ~70 pieces.
@@ -297,22 +297,5 @@ def live_server(ledger_app: Flask) -> Iterator[str]:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    """Headless Chromium through chromedriver (CI: apt-get install -y chromium chromium-driver)."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver_path = shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        pytest.skip("needs chromium and chromedriver (apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1500", "--force-device-scale-factor=1"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
