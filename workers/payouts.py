@@ -15,10 +15,12 @@ from typing import Any
 from azu.billing import economics
 from azu.billing.factory import process_ledger
 from azu.billing.ledger.db import session_factory
+from azu.errors import LedgerUnavailable
 from azu.payments.payouts import PayoutRunner
 from workers import app
 
 log = logging.getLogger(__name__)
+_said_unavailable: set[str] = set()  # reasons already logged by this process (once each, not every tick)
 
 
 @cache
@@ -32,13 +34,25 @@ def runner() -> PayoutRunner:
 
 # acks_late off: a redelivered beat tick is pointless (the next tick comes anyway), and the run itself is
 # idempotent under its lock.
+def _configured_runner() -> PayoutRunner | None:
+    """The runner, or None (said once, in one line) when this core has no ledger or no payment provider:
+    a network without payouts is a configuration, not an error to trace back twice a minute."""
+    try:
+        return runner()
+    except LedgerUnavailable as exc:
+        if exc.message not in _said_unavailable:
+            _said_unavailable.add(exc.message)
+            log.warning("payouts are off: %s", exc.message)
+        return None
+
+
 @app.task(name="workers.payouts.pay_due", acks_late=False, ignore_result=True)
 def pay_due() -> dict[str, Any]:
-    report = runner().pay_due()
-    return report.as_dict()
+    pay = _configured_runner()
+    return pay.pay_due().as_dict() if pay else {"skipped": "payouts are not configured"}
 
 
 @app.task(name="workers.payouts.confirm_sent", acks_late=False, ignore_result=True)
 def confirm_sent() -> dict[str, Any]:
-    report = runner().confirm_sent()
-    return report.as_dict()
+    pay = _configured_runner()
+    return pay.confirm_sent().as_dict() if pay else {"skipped": "payouts are not configured"}
