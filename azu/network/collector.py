@@ -18,7 +18,9 @@ and the sender's right to say it, then acts:
 - ``refused``: count it (``azu:refused:<id>``). ``pong``: write the health-check key (``azu:ping:*``).
 
 One collector acts at a time (a lease on ``azu:collector:lock``), so a job's reports are handled in the order
-its last hop sent them.
+its last hop sent them. Between batches, about once a second, the loop also re-routes the running jobs that
+lost a worker (azu.network.watchdog.recover_lost): the thread that publishes a job's steps is the one that
+moves it to a new route, so the two never race.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from azu import metrics
 from azu.config import Settings, get_settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Forbidden, InvalidRequest
-from azu.network import auth, directory, jobs, keys
+from azu.network import auth, directory, jobs, keys, watchdog
 from azu.network.dispatch import Dispatcher, get_dispatcher, send_settle, worker_queue
 from azu.network.inbox import pop_all
 from azu.network.wire import Report, Sampling
@@ -328,6 +330,8 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
     lease = keys.COLLECTOR_LOCK if key == keys.REPORTS else f"{keys.COLLECTOR_LOCK}:{key}"
     me = uuid.uuid4().hex
     has_blmpop: bool | None = None
+    check_every = min(1.0, watchdog.step_timeout_s(settings) / 2)
+    checked = time.monotonic()
     while not stop_event.is_set():
         try:
             if r.get(lease) != me.encode() and not r.set(lease, me, nx=True, ex=LEASE_S):
@@ -337,6 +341,10 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
             got, has_blmpop = pop_all(r, key, wait_s, has_blmpop=has_blmpop, count=BATCH_MAX)
             if got:
                 collector.process(got)
+            if key == keys.REPORTS and time.monotonic() - checked >= check_every:
+                # Between batches, in this thread: the jobs that lost a worker carry on elsewhere.
+                checked = time.monotonic()
+                watchdog.recover_lost(r, dispatch=collector.dispatch)
         except redis.ConnectionError:
             log.warning("collector: Redis unavailable; retrying")
             stop_event.wait(1.0)

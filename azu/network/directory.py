@@ -6,6 +6,10 @@ itself writes neither. Only spans the core ordered the worker to load (``azu:ass
 A worker whose heartbeat is older than the heartbeat TTL (``AZU_HEARTBEAT_TTL_S``) is
 not live: it gets no new routes and no load orders. Nothing here needs the worker to say goodbye; a crash
 just stops the heartbeats.
+
+A worker the core found silent on a running job's route (azu.network.watchdog.recover_lost) is marked
+*lost* (``azu:lost``, a sorted set: worker id -> when) and is not live from that moment, whatever its last
+heartbeat says, until a heartbeat from a process started after the mark (a restart) or ``LOST_HOLD_S``.
 """
 
 from __future__ import annotations
@@ -57,6 +61,27 @@ class WorkerInfo:
         return cls(**d)
 
 
+LOST = keys.LOST_WORKERS  # core-owned: workers marked lost (see the module docstring)
+LOST_HOLD_S = 600.0  # a lost mark not cleared by a restart lapses after this long
+
+
+def mark_lost(r: redis.Redis, worker_ids: list[str] | set[str], *, now: float | None = None) -> None:
+    """The core found these workers silent on a job's route: no new routes for them from now on."""
+    if not worker_ids:
+        return
+    now = time.time() if now is None else now
+    pipe = r.pipeline()
+    pipe.zadd(LOST, {w: now for w in worker_ids})
+    pipe.zremrangebyscore(LOST, "-inf", now - LOST_HOLD_S)
+    pipe.execute()
+
+
+def lost_workers(r: redis.Redis, *, now: float | None = None) -> set[str]:
+    now = time.time() if now is None else now
+    found: list[Any] = r.zrangebyscore(LOST, now - LOST_HOLD_S, "+inf")  # type: ignore[assignment]
+    return {keys.as_str(w) for w in found}
+
+
 def _ttl(ttl: float | None) -> float:
     return get_settings().heartbeat_ttl_s if ttl is None else ttl
 
@@ -65,9 +90,12 @@ def register(r: redis.Redis, info: WorkerInfo, *, now: float | None = None) -> N
     """Write the worker's record and heartbeat (also what every heartbeat does)."""
     now = time.time() if now is None else now
     info.heartbeat_at = now
+    marked = r.zscore(LOST, info.worker_id)
     pipe = r.pipeline()
     pipe.set(keys.worker(info.worker_id), info.to_json())
     pipe.zadd(keys.WORKERS, {info.worker_id: now})
+    if marked is not None and info.started_at > marked:  # a new process under that id: not lost any more
+        pipe.zrem(LOST, info.worker_id)
     pipe.execute()
 
 
@@ -82,7 +110,8 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
     """Workers whose last heartbeat is within ``ttl`` seconds (default: the heartbeat TTL), by worker id."""
     now = time.time() if now is None else now
     found: list[Any] = r.zrangebyscore(keys.WORKERS, now - _ttl(ttl), "+inf")  # type: ignore[assignment]
-    ids = [keys.as_str(i) for i in found]
+    lost = lost_workers(r, now=now)
+    ids = [i for i in (keys.as_str(i) for i in found) if i not in lost]
     if not ids:
         return []
     pipe = r.pipeline(transaction=False)
@@ -111,4 +140,4 @@ def get_worker(r: redis.Redis, worker_id: str) -> WorkerInfo | None:
 def is_live(r: redis.Redis, worker_id: str, *, ttl: float | None = None, now: float | None = None) -> bool:
     now = time.time() if now is None else now
     score = r.zscore(keys.WORKERS, worker_id)
-    return score is not None and score >= now - _ttl(ttl)
+    return score is not None and score >= now - _ttl(ttl) and worker_id not in lost_workers(r, now=now)

@@ -230,7 +230,7 @@ GRANT_SLACK_S = 300.0  # a grant outlives the request timeout by this much (queu
 
 
 def make_grant(r: redis.Redis, job_id: str, model_id: str, route: Sequence[Hop], sampling: Sampling, *,
-               epoch: int = 0, now: float | None = None) -> tuple[bytes, bytes]:
+               epoch: int = 0, start: int = 0, now: float | None = None) -> tuple[bytes, bytes]:
     """The job's grant, signed by the core: (grant bytes, signature). Each hop names its worker's enrolled
     public key (``azu:identity:<worker>``); NoCapacity if a hop's worker has none."""
     ids = [h.worker_id for h in route]
@@ -241,7 +241,8 @@ def make_grant(r: redis.Redis, job_id: str, model_id: str, route: Sequence[Hop],
     now = time.time() if now is None else now
     grant = JobGrant(job_id=job_id, model_id=model_id, manifest_sha256=_manifest_sha256(model_id) or "",
                      route=tuple(route), public_keys=tuple(keys.as_str(k) for k in found), sampling=sampling,
-                     epoch=epoch, expires_at=now + get_settings().request_timeout_s + GRANT_SLACK_S).pack()
+                     epoch=epoch, expires_at=now + get_settings().request_timeout_s + GRANT_SLACK_S,
+                     start=start).pack()
     return grant, auth.sign(auth.core_signing_key(), auth.GRANT, grant)
 
 
@@ -283,6 +284,75 @@ def send_steps(r: redis.Redis, steps: Sequence[StepPayload], *, dispatch: Dispat
         return
     inbox.deliver(r.pipeline(transaction=False),
                   bundles(steps, sender=auth.CORE, key=auth.core_signing_key()), dispatch=dispatch)
+
+
+def _reuse(route: Sequence[Hop], old: Sequence[Hop]) -> int:
+    """How many of ``old``'s hops ``route`` keeps (same worker, same span): their workers are warm."""
+    return len(set(route) & set(old))
+
+
+def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: Dispatcher | None = None,
+                now: float | None = None) -> bool:
+    """Carry a running job on after ``lost`` workers of its route went silent: a new route over live workers
+    (reusing as many of the old hops as a fewest-hop route allows), a new grant (epoch + 1, starting at the
+    next step), and a replay of the job's prefix (the prompt and the tokens published so far) from the core
+    to the new route's hop 0. Every hop starts a fresh cache for the new epoch, the replay is one prefill and
+    the step it samples is the job's next one, with the job's seed: the tokens are those of a run without
+    the fault. The old route's other workers are told to drop the old epoch's caches.
+
+    Only the collector's thread calls this (it also publishes the job's steps, so the step read here is the
+    job's). Fails the job if no live route is left. Returns True if the job was re-routed."""
+    dispatch = dispatch or get_dispatcher()
+    now = time.time() if now is None else now
+    job = _hash(r, job_id)
+    if job.get("status") != "running" or not job.get("route"):
+        return False
+    old, epoch, step = job_route(job), int(job.get("epoch") or 0), int(job.get("step") or 0)
+    model_id = job["model_id"]
+    info = model_info(r, model_id)
+    routes = placement.find_routes(model_id, info.num_layers, directory.live_workers(r, now=now))
+    routes = [rt for rt in routes if not {h.worker_id for h in rt} & set(lost)]
+    if not routes:
+        fail_job(r, job_id, f"worker(s) {', '.join(sorted(lost))} lost at step {step} and no live worker "
+                 f"holds their layers of {model_id}", dispatch=dispatch)
+        return False
+    fewest = len(routes[0])
+    candidates = [rt for rt in routes if len(rt) == fewest]
+    best = max(_reuse(rt, old) for rt in candidates)
+    candidates = [rt for rt in candidates if _reuse(rt, old) == best]
+    route = candidates[int(r.incr(keys.turn(model_id))) % len(candidates)]
+    entries: Any = r.xrange(keys.events(job_id))
+    published = [int(keys.as_str(f[b"t"])) for _id, f in entries if f.get(b"t")]
+    if len(published) != step:
+        fail_job(r, job_id, f"job record inconsistent at re-route ({len(published)} tokens, step {step})",
+                 dispatch=dispatch)
+        return False
+    sampling = Sampling.from_dict(json.loads(job["gen"]))
+    try:
+        grant, grant_sig = make_grant(r, job_id, model_id, route, sampling, epoch=epoch + 1, start=step,
+                                      now=now)
+    except AzuError as exc:
+        fail_job(r, job_id, exc.message, dispatch=dispatch)
+        return False
+    history = json.loads(job.get("reroutes") or "[]")
+    history.append({"epoch": epoch + 1, "step": step, "lost": sorted(lost), "at": now,
+                    "stalled_s": round(now - float(job.get("updated") or now), 3),
+                    "old_route": json.loads(job["route"])})
+    r.hset(keys.job(job_id), mapping={
+        "route": json.dumps([h.to_list() for h in route]), "grant": grant, "grant_sig": grant_sig,
+        "epoch": str(epoch + 1), "updated": str(now), "reroutes": json.dumps(history)})
+    prompt = json.loads(job["prompt_ids"])
+    replay = StepPayload(job_id=job_id, step=step, hop=0, pos=0, x=[*prompt, *published], grant=grant,
+                         grant_sig=grant_sig)
+    send_steps(r, [replay], dispatch=dispatch)
+    # The old route's live workers that the new one does not use free the old epoch's caches (those it
+    # does use drop them when the new epoch's first step comes).
+    gone = [h for h in old if h.worker_id not in lost and h.worker_id not in {x.worker_id for x in route}]
+    if gone:
+        end_caches(job_id, gone, epoch=epoch, dispatch=dispatch)
+    log.warning("job %s: worker(s) %s lost at step %d; re-routed (epoch %d) over %s", job_id,
+                ", ".join(sorted(lost)), step, epoch + 1, [h.worker_id for h in route])
+    return True
 
 
 def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | None = None) -> int:
@@ -330,7 +400,12 @@ def fail_waiting_jobs(r: redis.Redis, model_id: str, reason: str, *,
 # --- finishing ----------------------------------------------------------------------------------
 def route_usage(route: Sequence[Hop], *, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     """Usage as the core counts it: the prompt through every hop's layers, then each fed-back token (every
-    published token but the last) through them too. Nothing a worker says enters it."""
+    published token but the last) through them too. Nothing a worker says enters it.
+
+    After a re-route ``route`` is the job's last route: the route that delivered the answer is paid for all
+    of it (it computed exactly this: its replay prefilled the prompt and the tokens published before, then it
+    decoded the rest), so the user is charged what a run without the fault costs, once. The work a broken
+    route did before the loss is not paid (docs/reliability.md)."""
     tokens = prompt_tokens + completion_tokens - 1 if completion_tokens > 0 else 0
     workers: dict[str, int] = {}
     for h in route:

@@ -20,6 +20,7 @@ closes every hold whose job ended, was forgotten or is stuck). A job's keys expi
 ``azu:worker:<worker>``         JSON directory record of a worker (what it holds, its memory)
 ``azu:worker:<worker>:errors``  hash: model id -> why the worker could not load it
 ``azu:workers``                 zset worker id -> last heartbeat (unix seconds)
+``azu:lost``                    zset worker id -> when the core found it lost (no routes until it restarts)
 ``azu:refused:<worker>``        counter of payloads the worker reported refusing (bad grant, malformed)
 ``azu:identity:<worker>``       the worker's Ed25519 public key (hex), written by the core at enrollment
 ``azu:assigned:<worker>``       spans (JSON [model, first, last, emb, head]) the core ordered it to load
@@ -46,6 +47,7 @@ from typing import Any
 JOB_TTL_S = 24 * 3600
 ACTIVE_JOBS = "azu:jobs:active"
 WORKERS = "azu:workers"
+LOST_WORKERS = "azu:lost"
 READY_MODELS = "azu:models:ready"
 PING_PREFIX = "azu:ping:"
 REPORTS = "azu:reports"

@@ -63,6 +63,7 @@ class _JobState:
     """What this worker remembers of a job between steps (beside the stages' KV caches)."""
 
     touched: float = 0.0
+    epoch: int = 0  # the grant epoch the job's caches here belong to (a re-route starts a new one)
     decoder: StreamDecoder | None = None  # when the job has stop strings (last stage)
     # hop -> (step, what that step produced: the next hop's payload, or the sampled token at the last hop),
     # replayed when the same step arrives again
@@ -115,8 +116,9 @@ class WorkerNode:
         self.stage_bytes: dict[StageId, int] = {}
         self.folders: dict[str, Path] = {}  # model id -> its local shard folder (tokenizer files too)
         self.jobs: dict[str, _JobState] = {}
-        # Jobs that ended here lately: a late duplicate of one of their steps must not revive a cache.
-        self.ended: OrderedDict[str, None] = OrderedDict()
+        # Jobs that ended here lately, with the epoch they ended at: a late duplicate of one of their steps
+        # must not revive a cache (a step of a later epoch, after a re-route, may).
+        self.ended: OrderedDict[str, int] = OrderedDict()
         self.started_at = time.time()
         # Stage calls come from the task thread; the heartbeat thread only sweeps idle caches under it.
         self.lock = threading.RLock()
@@ -322,17 +324,20 @@ class WorkerNode:
             raise Forbidden(f"{what}: sender {sender} is not the grant's")
         # Who may send what: the core the prompt (and replays); hop k the hop before it; the last hop the
         # sampled token back to hop 0.
+        # The epoch's first step (step 0, or a re-routed job's replay at step ``g.start``) is a prefill of
+        # the prompt and the ``g.start`` tokens published before, from position 0; only the core sends it.
+        first = p.step == g.start
         if sender != auth.CORE:
             expected = g.route[p.hop - 1].worker_id if p.hop > 0 else g.route[-1].worker_id
-            if sender != expected or (p.hop == 0 and p.step == 0):
+            if sender != expected or (p.hop == 0 and first):
                 raise Forbidden(f"{what}: {sender} may not send it")
-        if p.step >= g.sampling.max_tokens:
-            raise Forbidden(f"{what}: beyond the grant's max_tokens")
-        expected_pos = 0 if p.step == 0 else g.sampling.prompt_len + p.step - 1
+        if p.step >= g.sampling.max_tokens or p.step < g.start:
+            raise Forbidden(f"{what}: outside the grant's steps [{g.start}, {g.sampling.max_tokens})")
+        expected_pos = 0 if first else g.sampling.prompt_len + p.step - 1
         if p.pos != expected_pos:
             raise Forbidden(f"{what}: position {p.pos} is not step {p.step}'s ({expected_pos})")
-        if p.hop == 0 and (not isinstance(p.x, list) or (p.step > 0 and len(p.x) != 1)
-                           or (p.step == 0 and len(p.x) != g.sampling.prompt_len)):
+        if p.hop == 0 and (not isinstance(p.x, list) or (not first and len(p.x) != 1)
+                           or (first and len(p.x) != g.sampling.prompt_len + g.start)):
             raise InvalidRequest(f"{what}: hop 0 takes the prompt, then one token id per step")
         if p.hop > 0 and not isinstance(p.x, bytes):
             raise InvalidRequest(f"{what}: a later hop takes a hidden state")
@@ -346,11 +351,26 @@ class WorkerNode:
         replays: list[StepPayload] = []
         now = time.time()
         for s in steps:
-            if s.job_id in self.ended:
+            epoch = s.g.epoch
+            if self.ended.get(s.job_id, -1) >= epoch:
                 log.info("job %s step %s: the job has ended here; payload dropped", s.job_id, s.step)
                 continue
+            state = self.jobs.get(s.job_id)
+            if state is not None and state.epoch != epoch:
+                if epoch < state.epoch:
+                    log.info("job %s step %s: epoch %d is past (now %d); payload dropped", s.job_id, s.step,
+                             epoch, state.epoch)
+                    continue
+                # The core re-routed the job: what this worker cached for the old route is dropped, the
+                # new epoch starts from its replay (position 0).
+                self._drop_caches(s.job_id)
+                fresh = [f for f in fresh if f.job_id != s.job_id]  # old-epoch steps earlier in this batch
+                replays = [f for f in replays if f.job_id != s.job_id]
+                fresh_jobs.discard(s.job_id)
+                state = None
+            if state is None:
+                state = self.jobs[s.job_id] = _JobState(epoch=epoch)
             have = stage.job_length(s.job_id)
-            state = self.jobs.setdefault(s.job_id, _JobState())
             state.touched = now
             if have == s.pos:
                 if s.job_id in fresh_jobs:
@@ -478,7 +498,7 @@ class WorkerNode:
             ended = (token in g.stop_ids or s.step + 1 >= g.max_tokens
                      or (bool(g.stop) and self._hits_stop(s, token)))
             if ended:
-                self._end_local(s.job_id)
+                self._end_local(s.job_id, s.g.epoch)
                 continue
             nexts.append(replace(s, step=s.step + 1, hop=0, pos=g.prompt_len + s.step, x=[token]))
         pipe.rpush(self.reports_key, *reports)
@@ -495,11 +515,18 @@ class WorkerNode:
         return bool(state.decoder.stopped)
 
     # --- ending jobs -----------------------------------------------------------------------------
-    def _end_local(self, job_id: str) -> None:
+    def _drop_caches(self, job_id: str) -> None:
         for stage in self.stages.values():
             stage.end_job(job_id)
         self.jobs.pop(job_id, None)
-        self.ended[job_id] = None
+
+    def _end_local(self, job_id: str, epoch: int) -> None:
+        state = self.jobs.get(job_id)
+        if state is not None and state.epoch > epoch:
+            return  # an order for a route the job has left: its new epoch's caches stay
+        self._drop_caches(job_id)
+        self.ended[job_id] = max(epoch, self.ended.get(job_id, -1))
+        self.ended.move_to_end(job_id)
         while len(self.ended) > _ENDED_MEMORY:
             self.ended.popitem(last=False)
 
@@ -514,21 +541,26 @@ class WorkerNode:
             self._refuse(exc.message, why=f"end_order_{exc.code}")
             return
         with self.lock:
-            self._end_local(job_id)
+            self._end_local(job_id, epoch)
 
     def ping(self, key: str, value: str) -> None:
         """Answer a health check (the core writes ``value`` under ``key`` once it hears back)."""
         self.report("pong", {"key": key, "value": value})
 
     def sweep_idle(self, *, now: float | None = None) -> list[str]:
-        """Free the caches of jobs untouched for ``kv_idle_s`` (a job whose end never reached us)."""
+        """Free the caches of jobs untouched for ``kv_idle_s`` (a job whose end never reached us).
+
+        Skipped while a step runs (the next beat sweeps): the heartbeat thread calls this, and a heartbeat
+        held up behind a long forward would make the core find this worker silent, and lost."""
         now = time.time() if now is None else now
-        with self.lock:
+        if not self.lock.acquire(blocking=False):
+            return []
+        try:
             idle = [j for j, s in self.jobs.items() if now - s.touched > self.kv_idle_s]
             for job_id in idle:
-                for stage in self.stages.values():
-                    stage.end_job(job_id)
-                del self.jobs[job_id]
+                self._drop_caches(job_id)
+        finally:
+            self.lock.release()
         return idle
 
     def job_length(self, job_id: str) -> dict[str, int]:

@@ -4,6 +4,13 @@ Each tick it fails running jobs that made no progress within the step deadline (
 naming the route's workers that stopped heartbeating, and jobs still waiting for their layers after the load
 deadline (``AZU_LOAD_DEADLINE_S``); it also retries starting each model's waiting jobs once, in case a load
 finished while nobody was looking. Deadlines are read from the settings at each tick.
+
+``recover_lost`` is the fast half, run by the collector's loop about once a second (the collector is always
+running, under its lease, and is the one writer of a job's steps, so re-routing there cannot race a token
+being published; a beat task ticks every ``AZU_WATCHDOG_INTERVAL_S`` at best). A running job whose next token
+has not come within the step timeout, on a route where a worker has not heartbeated within that timeout
+either, has lost that worker: the worker is marked lost (no new routes, at once) and the job is re-routed
+(azu.network.jobs.reroute_job). A job that is slow while all its workers heartbeat is left to ``tick``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import time
 import redis
 
 from azu import metrics
-from azu.config import get_settings
+from azu.config import Settings, get_settings
 from azu.network import directory, jobs, keys
 from azu.network.dispatch import Dispatcher
 from azu.network.wire import route_from_list
@@ -57,3 +64,55 @@ def tick(r: redis.Redis, *, now: float | None = None, step_deadline_s: float | N
                 failed.append(job_id)
                 metrics.CORE_WATCHDOG.inc(r, action="fail_stalled")
     return failed
+
+
+STEP_TIMEOUT_MIN_S = 2.0
+STEP_TIMEOUT_HEARTBEATS = 4
+
+
+def step_timeout_s(settings: Settings | None = None) -> float:
+    """How long a running job may wait for its next token before its silent workers count as lost: four
+    heartbeat intervals (``AZU_HEARTBEAT_S``), at least 2 s. A worker is only found lost when its heartbeats
+    have stopped for as long, so the bound follows the heartbeat rate: 12 s at the default 3 s beat, 2 s at
+    the tests' 0.5 s. ``AZU_STEP_TIMEOUT_S`` sets it outright."""
+    settings = settings or get_settings()
+    if settings.step_timeout_s is not None:  # AZU_STEP_TIMEOUT_S: the operator's own bound
+        return settings.step_timeout_s
+    return max(STEP_TIMEOUT_MIN_S, STEP_TIMEOUT_HEARTBEATS * settings.worker.heartbeat_s)
+
+
+def recover_lost(r: redis.Redis, *, now: float | None = None, timeout_s: float | None = None,
+                 dispatch: Dispatcher | None = None) -> list[str]:
+    """Re-route the running jobs that lost a worker (see the module docstring). Returns their ids."""
+    now = time.time() if now is None else now
+    timeout_s = step_timeout_s() if timeout_s is None else timeout_s
+    ids = [keys.as_str(raw) for raw in r.zrange(keys.ACTIVE_JOBS, 0, -1)]
+    if not ids:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(keys.job(job_id), "status", "updated", "route")
+    stalled: list[tuple[str, list[str]]] = []
+    for job_id, (status, updated, route) in zip(ids, pipe.execute(), strict=True):
+        if keys.as_str(status or b"") != "running" or not route:
+            continue
+        if now - float(keys.as_str(updated or b"0")) <= timeout_s:
+            continue
+        stalled.append((job_id, sorted({h.worker_id for h in route_from_list(json.loads(route))})))
+    if not stalled:
+        return []
+    workers = sorted({w for _, ws in stalled for w in ws})
+    pipe = r.pipeline(transaction=False)
+    for w in workers:
+        pipe.zscore(keys.WORKERS, w)
+    beats = dict(zip(workers, pipe.execute(), strict=True))
+    already = directory.lost_workers(r, now=now)
+    silent = {w for w in workers if w in already or beats[w] is None or now - float(beats[w]) > timeout_s}
+    directory.mark_lost(r, silent - already, now=now)
+    rerouted = []
+    for job_id, ws in stalled:
+        lost = [w for w in ws if w in silent]
+        if lost and jobs.reroute_job(r, job_id, lost, dispatch=dispatch, now=now):
+            rerouted.append(job_id)
+            metrics.CORE_WATCHDOG.inc(r, action="reroute")
+    return rerouted

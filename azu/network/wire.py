@@ -157,14 +157,18 @@ class JobGrant:
     sampling: Sampling
     epoch: int
     expires_at: float
+    # The first step of this epoch: a re-routed job's replay (a step from the core at hop 0, position 0,
+    # carrying the prompt and the ``start`` tokens published so far); 0 for the first route.
+    start: int = 0
 
-    _KEYS = ("v", "job", "model", "manifest", "route", "gen", "epoch", "exp")
+    _KEYS = ("v", "job", "model", "manifest", "route", "gen", "epoch", "exp", "start")
 
     def pack(self) -> bytes:
         return msgpack.packb({
             "v": GRANT_VERSION, "job": self.job_id, "model": self.model_id, "manifest": self.manifest_sha256,
             "route": [[*h.to_list(), k] for h, k in zip(self.route, self.public_keys, strict=True)],
-            "gen": self.sampling.to_dict(), "epoch": self.epoch, "exp": self.expires_at}, use_bin_type=True)
+            "gen": self.sampling.to_dict(), "epoch": self.epoch, "exp": self.expires_at,
+            "start": self.start}, use_bin_type=True)
 
     @classmethod
     def unpack(cls, data: bytes) -> JobGrant:
@@ -185,7 +189,8 @@ class JobGrant:
             raise InvalidRequest("malformed job grant: manifest must be a string")
         return cls(job_id=_str(d["job"], "job"), model_id=_str(d["model"], "model"), manifest_sha256=manifest,
                    route=tuple(route), public_keys=tuple(pubs), sampling=Sampling.from_dict(d["gen"]),
-                   epoch=_int(d["epoch"], "epoch"), expires_at=_float(d["exp"], "exp"))
+                   epoch=_int(d["epoch"], "epoch"), expires_at=_float(d["exp"], "exp"),
+                   start=_int(d["start"], "start"))
 
     def key_of(self, worker_id: str) -> str | None:
         """The public key the grant names for ``worker_id`` (None if it is not on the route)."""

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -20,7 +21,8 @@ from tests.support import REPO, wait_for
 
 # One Redis database for this folder (not db 0, which a developer's local network may use).
 DB = int(os.environ.get("AZU_TEST_NETWORK_DB") or 9)
-REDIS_URL = f"redis://127.0.0.1:6379/{DB}"
+# A script (bench/faults.py) may run the same world against a Redis of its own.
+REDIS_URL = os.environ.get("AZU_TEST_NETWORK_REDIS_URL") or f"redis://127.0.0.1:6379/{DB}"
 # The core's signing key of every test network (a fixed seed: the test process and the core worker agree).
 SECRET = "7e57" * 16
 
@@ -188,6 +190,9 @@ class InlineNetwork:
     nodes report on a list of their own, so a cluster's collector running meanwhile never sees them."""
 
     REPORTS = "azu:reports:inline"
+    # A cluster's core may run meanwhile (same Redis): its collector re-routes running jobs whose workers
+    # stopped heartbeating, so these nodes heartbeat (every BEAT_S while stepping) like real workers.
+    BEAT_S = 0.5
 
     def __init__(self, r: redis.Redis) -> None:
         from azu.network.collector import Collector
@@ -197,6 +202,7 @@ class InlineNetwork:
         self.nodes: dict[str, Any] = {}
         self.sent: list[str] = []
         self.collector = Collector(r, dispatch=self)
+        self.beat = time.monotonic()
 
     def send_task(self, name: str, *, queue: str, args: Any = (),
                   kwargs: dict[str, Any] | None = None) -> None:
@@ -233,6 +239,11 @@ class InlineNetwork:
             return self.collect() > 0
         from azu.network import dispatch
 
+        now = time.monotonic()
+        if now - self.beat >= self.BEAT_S:  # the nodes heartbeat while they work, as real workers do
+            self.beat = now
+            for node in self.nodes.values():
+                node.heartbeat()
         name, queue, _args, kwargs = self.queue.popleft()
         kind, _, worker_id = queue.partition(".")
         node = self.nodes.get(worker_id)

@@ -1,0 +1,127 @@
+"""Latency benchmark: decode tokens/s at batch 1 through two workers on their own hosts, with a delaying relay
+of 0, 10 and 50 ms one way between each worker and the core.
+
+    sudo python bench/latency.py [--delays 0,10,50] [--tokens 48] [--repeat 3] [--json out.json]
+
+Needs root (network namespaces: tests/support/hosts.py). The core (Redis, API, scheduler) runs in one
+namespace, each worker in another; with a delay d > 0 every byte between a worker and the core's Redis or API
+waits d in a relay on the test host's bridge address (this kernel has no ``netem``).
+
+A decode step crosses the network 4 times with 2 workers: A hands its hidden state to B through Redis
+(A -> Redis, Redis -> B) and B hands the sampled token back to A the same way. So the bound for a delay d is
+
+    per-token time  <=  t0 + 4 d        (t0: the per-token time measured with no delay)
+
+and ``ratio`` = measured tokens/s / bound tokens/s: 1.00 means the network adds nothing beyond the hops'
+own latency; less means extra round trips per step (a Celery wake-up, an ack, a poll interval).
+Tokens/s = (N - 1) / (T(N tokens) - T(1 token)), each time the best of ``--repeat`` answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.hosts import (
+    MODEL_ID,
+    Hosts,
+    core_relays,
+    hosts_unavailable,
+    start_host_network,
+)
+
+MESSAGES = [{"role": "user", "content": "Once upon a time"}]
+CROSSINGS_PER_STEP = 4  # 2 workers: A -> Redis -> B, B -> Redis -> A
+
+
+def answer_time(api_url: str, tokens: int) -> tuple[float, int]:
+    """One chat completion: (seconds, completion tokens)."""
+    start = time.monotonic()
+    resp = requests.post(api_url + "/v1/chat/completions", headers={"Authorization": "Bearer bench"},
+                         timeout=600, json={"model": MODEL_ID, "messages": MESSAGES, "max_tokens": tokens,
+                                            "temperature": 0})
+    elapsed = time.monotonic() - start
+    resp.raise_for_status()
+    return elapsed, int(resp.json()["usage"]["completion_tokens"])
+
+
+def decode_rate(api_url: str, tokens: int, repeat: int) -> tuple[float, int]:
+    """Decode tokens/s: (T(tokens) - T(1)) / (tokens - 1), each the best of ``repeat`` answers (streamed
+    chunks cannot be timed per token: the stream decoder holds back partial characters)."""
+    one = min(answer_time(api_url, 1)[0] for _ in range(repeat))
+    runs = [answer_time(api_url, tokens) for _ in range(repeat)]
+    n = runs[0][1]
+    if n < 2 or any(k != n for _, k in runs):
+        raise RuntimeError(f"answers of {[k for _, k in runs]} tokens cannot be compared")
+    return (n - 1) / (min(t for t, _ in runs) - one), n
+
+
+def measure(hosts: Hosts, registry: Path, root: Path, delay_ms: float, tokens: int, repeat: int,
+            env: dict[str, str]) -> dict:
+    with contextlib.ExitStack() as stack:
+        public_redis = public_api = None
+        if delay_ms > 0:
+            rr, ra = stack.enter_context(core_relays(hosts, delay_s=delay_ms / 1000))
+            public_redis, public_api = f"{hosts.host_addr}:{rr.port}", f"{hosts.host_addr}:{ra.port}"
+        net = start_host_network(hosts, registry_dir=registry, root=root / f"d{delay_ms:g}", extra_env=env,
+                                 public_redis=public_redis, public_api=public_api)
+        stack.callback(net.stop)
+        answer_time(net.api_url, 2)  # the workers load their layers on the first job
+        rate, n = decode_rate(net.api_url, tokens, repeat)
+    return {"delay_ms": delay_ms, "tokens_per_s": rate, "completion_tokens": n}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--delays", default="0,10,50", help="one-way delays in ms, comma-separated (first: 0)")
+    p.add_argument("--tokens", type=int, default=48, help="max_tokens of each timed answer")
+    p.add_argument("--repeat", type=int, default=3, help="timed answers per delay (best is reported)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for every process (e.g. AZU_LINGER_S=0.5); repeatable")
+    p.add_argument("--json", help="also write the rows here")
+    a = p.parse_args()
+    why = hosts_unavailable()
+    if why:
+        sys.exit(why)
+    env = dict(item.split("=", 1) for item in a.env)
+    delays = [float(d) for d in a.delays.split(",")]
+    if delays[0] != 0:
+        delays.insert(0, 0.0)  # the bound is built on the no-delay time
+
+    from azu.cli.demo import build_demo_model
+    from azu.registry.sharder import shard_model
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="azu-latency-") as tmp:
+        root = Path(tmp)
+        src = build_demo_model(root / "models" / MODEL_ID)
+        shard_model(src, root / "registry" / MODEL_ID, progress=False)
+        for delay in delays:
+            with Hosts(2) as hosts:  # fresh hosts each time: nothing carried over between delays
+                rows.append(measure(hosts, root / "registry", root, delay, a.tokens, a.repeat, env))
+            print(f"  {delay:g} ms: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+
+    t0 = 1 / rows[0]["tokens_per_s"]
+    print(f"{'one-way delay':>14} {'tokens/s':>9} {'ms/token':>9} {'bound tok/s':>12} {'ratio':>6}")
+    for row in rows:
+        bound = 1 / (t0 + CROSSINGS_PER_STEP * row["delay_ms"] / 1000)
+        row.update(ms_per_token=1000 / row["tokens_per_s"], bound_tokens_per_s=bound,
+                   ratio=row["tokens_per_s"] / bound)
+        print(f"{row['delay_ms']:>11g} ms {row['tokens_per_s']:>9.1f} {row['ms_per_token']:>9.1f} "
+              f"{bound:>12.1f} {row['ratio']:>6.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

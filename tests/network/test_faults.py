@@ -1,0 +1,247 @@
+"""A worker lost mid-answer: the job carries on (issue "Survive faults").
+
+Real Redis, real Celery worker processes: four workers hold two copies of each half of the tiny model. A job
+runs on one 2-hop route; the worker of one hop is SIGKILLed after a few tokens. The core notices within the
+step timeout (4 heartbeats, 2 s here), marks the worker lost, re-routes the job over the spare copy with a new
+grant epoch and replays its prefix: the stream goes on after a pause, with exactly the tokens of a run
+without the fault, and the user is charged as for a run without the fault.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from azu.engine.span import Span
+from azu.network import auth, directory, jobs, keys, placement, watchdog
+from azu.network.wire import StepPayload, end_order_part, route_from_list
+from azu.registry import status as models
+from tests.network.test_pipeline import PROMPTS, load_layout, submit
+from tests.support import wait_for
+from tests.support.network import Cluster, InlineNetwork
+
+pytestmark = [pytest.mark.network]
+
+# --- in process first (fast; before the cluster below runs a core whose collector would see these jobs):
+# seeded sampling, epochs, the lost decision
+INLINE = ("j1", "j2", "j3")
+
+
+@pytest.fixture(scope="module")
+def inline3(r: redis.Redis, shard: Any) -> Iterator[tuple[InlineNetwork, str]]:
+    model_id = shard("tiny-faults-inline")
+    net = InlineNetwork(r)
+    folder = models.shard_dir(model_id)
+    net.add("j1", folder, model_id, 0, 2, 4)
+    net.add("j2", folder, model_id, 2, 4, 4)
+    net.add("j3", folder, model_id, 2, 4, 4)
+    yield net, model_id
+    for wid in INLINE:
+        directory.deregister(r, wid)
+    r.zrem(directory.LOST, *INLINE)
+
+
+def _inline_job(r: redis.Redis, net: InlineNetwork, model_id: str, **kw: Any) -> str:
+    job_id = f"jf-{time.monotonic_ns()}"
+    jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=[1, 9, 8, 7],
+                                       max_tokens=24, **kw), dispatch=net)
+    return job_id
+
+
+def test_seeded_sampling_is_identical_across_a_reroute(r, inline3) -> None:
+    """A sampled (temperature, top-k, seed) job re-routed after 5 tokens gives the fault-free run's tokens;
+    old-epoch steps and end orders do not touch the new epoch's caches."""
+    net, model_id = inline3
+    params = {"temperature": 0.9, "top_k": 50, "seed": 1234}
+    clean = _inline_job(r, net, model_id, **params)
+    net.run()
+    expected = jobs.get_job(r, clean).token_ids
+    assert len(expected) == 24
+    job_id = _inline_job(r, net, model_id, **params)
+    raw = r.hgetall(keys.job(job_id))
+    old_grant, old_sig = raw[b"grant"], raw[b"grant_sig"]
+    while int(r.hget(keys.job(job_id), "step") or 0) < 5:
+        assert net.step()
+    route = jobs.job_route(jobs._hash(r, job_id))
+    victim = route[1].worker_id
+    dead = net.nodes.pop(victim)  # its messages now go nowhere: lost mid-answer
+    directory.mark_lost(r, [victim])
+    step = int(r.hget(keys.job(job_id), "step") or 0)
+    assert jobs.reroute_job(r, job_id, [victim], dispatch=net)
+    net.run()
+    view = jobs.get_job(r, job_id)
+    assert view.status == "done" and view.token_ids == expected
+    final = jobs.job_route(jobs._hash(r, job_id))
+    assert victim not in {h.worker_id for h in final} and final[0] == route[0]
+    assert view.usage["workers"] == {h.worker_id: (4 + 24 - 1) * 2 for h in final}
+    # A late step of the old epoch (say, from the lost worker) is dropped: no cache is revived or advanced.
+    j1 = net.nodes["j1"]
+    stage = j1.stages[(model_id, Span(0, 2, True, False))]
+    late = StepPayload(job_id=job_id, step=step, hop=0, pos=4 + step - 1, x=[expected[step - 1]],
+                       grant=old_grant, grant_sig=old_sig)
+    j1._process(jobs.bundles([late], sender=victim, key=dead.key).values())  # type: ignore[arg-type]
+    assert stage.job_length(job_id) == 0
+    net.nodes[victim] = dead
+
+
+def test_old_epoch_end_order_keeps_the_new_epochs_cache(r, inline3) -> None:
+    net, model_id = inline3
+    job_id = _inline_job(r, net, model_id)
+    while int(r.hget(keys.job(job_id), "step") or 0) < 3:
+        assert net.step()
+    route = jobs.job_route(jobs._hash(r, job_id))
+    r.zrem(directory.LOST, *INLINE)
+    assert jobs.reroute_job(r, job_id, [route[1].worker_id], dispatch=net)
+    j1 = net.nodes["j1"]
+    stage = j1.stages[(model_id, Span(0, 2, True, False))]
+    while getattr(j1.jobs.get(job_id), "epoch", 0) != 1:  # j1 runs the replay (prompt + 3 tokens), epoch 1
+        assert net.step()
+    assert stage.job_length(job_id) == 4 + 3
+    j1.end_job(job_id=job_id, epoch=0, sig=auth.sign(auth.core_signing_key(), auth.END_ORDER,
+                                                     end_order_part(job_id, 0)))
+    assert stage.job_length(job_id) == 4 + 3  # the order was for the route the job left
+    net.run()
+    assert jobs.get_job(r, job_id).status == "done"
+    r.zrem(directory.LOST, *INLINE)
+
+
+def test_lost_only_when_the_job_and_a_worker_are_both_silent(r, inline3) -> None:
+    net, model_id = inline3
+    r.zrem(directory.LOST, *INLINE)
+    job_id = _inline_job(r, net, model_id)
+    net.step()
+    now = time.time() + 30  # the job has been silent for 30 s ...
+    route = jobs.job_route(jobs._hash(r, job_id))
+    for w in INLINE:  # ... but every worker heartbeats: a slow job, left to the 120 s watchdog
+        r.zadd(keys.WORKERS, {w: now})
+    net.queue.clear()
+    assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == []
+    assert not directory.lost_workers(r, now=now) & set(INLINE)
+    r.zadd(keys.WORKERS, {route[1].worker_id: now - 10})  # now one of them has gone quiet too
+    assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == [job_id]
+    assert directory.lost_workers(r, now=now) & set(INLINE) == {route[1].worker_id}
+    assert route[1].worker_id not in {w.worker_id for w in directory.live_workers(r, now=now)}
+    assert jobs._hash(r, job_id)["epoch"] == "1"
+    jobs.cancel_job(r, job_id, dispatch=net)
+    net.run()
+    r.zrem(directory.LOST, *INLINE)
+    for w in INLINE:
+        r.zadd(keys.WORKERS, {w: time.time()})
+
+
+# --- real worker processes: SIGKILL mid-answer
+SPARES = ("f1", "f2", "f3", "f4")
+MAX_TOKENS = 200  # long enough that the kill lands mid-answer
+
+
+@pytest.fixture(scope="module")
+def spares(r: redis.Redis, cluster: Cluster, celery_dispatch: Any, shard: Any) -> Iterator[str]:
+    """Workers of this module only (they get killed): two copies of layers [0, 2) and of [2, 4)."""
+    for wid in SPARES:
+        cluster.start_gpu(wid)
+    try:
+        cluster.wait_live(*SPARES)
+        model_id = shard("tiny-faults")
+        load_layout(cluster, celery_dispatch, model_id,
+                    {"f1": (0, 2), "f2": (0, 2), "f3": (2, 4), "f4": (2, 4)})
+        yield model_id
+    finally:
+        for wid in SPARES:
+            cluster.stop(wid)
+            directory.deregister(r, wid)  # later tests must not plan loads on them
+        r.zrem(directory.LOST, *SPARES)
+
+
+def follow(r: redis.Redis, job_id: str, *, on_token: Any = None,
+           timeout: float = 90.0) -> tuple[list[int], list[jobs.JobEvent], list[float]]:
+    """The job's events until done/error, with the arrival time of each token."""
+    last, tokens, events, times = "0-0", [], [], []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last, batch = jobs.read_events(r, job_id, last_id=last, block_ms=200)
+        for e in batch:
+            events.append(e)
+            if e.kind == "token":
+                tokens.append(e.token_id)
+                times.append(time.monotonic())
+                if on_token is not None:
+                    on_token(len(tokens))
+        if any(e.kind in ("done", "error") for e in batch):
+            return tokens, events, times
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s; events so far: {events[-3:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hop", [1, 0], ids=["kill-last-hop", "kill-first-hop"])
+def test_worker_killed_mid_answer_the_job_carries_on(r, cluster, celery_dispatch, spares, reference,
+                                                     hop) -> None:
+    model_id, prompt = spares, PROMPTS[0]
+    expected = reference(prompt, MAX_TOKENS)
+    assert len(expected) > 20, "the reference answer must be long enough to kill mid-answer"
+    job_id = submit(r, celery_dispatch, model_id, prompt, MAX_TOKENS)
+    route = jobs.job_route(jobs._hash(r, job_id))
+    victim = route[hop].worker_id
+    assert victim in SPARES
+    killed_at: list[int] = []
+
+    def kill_after_a_few(n: int) -> None:
+        if n >= 3 and not killed_at:
+            cluster.kill(victim)  # SIGKILL mid-answer: no goodbye
+            killed_at.append(n)
+
+    tokens, events, times = follow(r, job_id, on_token=kill_after_a_few)
+    assert killed_at and killed_at[0] < len(expected), "the kill did not land mid-answer"
+    # The user saw a pause, not an error: the same tokens as transformers' generate, then done.
+    assert [e.kind for e in events if e.kind != "token"] == ["done"], events[-2:]
+    assert tokens == expected
+    pause = max(b - a for a, b in itertools.pairwise(times))
+    assert pause < 10.0, f"pause {pause:.1f}s"
+    job = jobs._hash(r, job_id)
+    reroutes = json.loads(job["reroutes"])
+    assert [x["lost"] for x in reroutes] == [[victim]] and job["epoch"] == "1"
+    final = jobs.job_route(job)
+    assert victim not in {h.worker_id for h in final}
+    assert [h.span for h in final] == [h.span for h in route]
+    assert final[1 - hop] == route[1 - hop]  # the surviving hop was kept
+    # Charged once, as a run without the fault: the route that delivered the answer is paid for all of it.
+    done = events[-1]
+    n, per_hop = len(tokens), (len(prompt) + len(tokens) - 1) * 2
+    assert done.usage == {"prompt_tokens": len(prompt), "completion_tokens": n, "token_layers": 2 * per_hop,
+                          "workers": {h.worker_id: per_hop for h in final}}
+    end = jobs.signed_end(jobs._hash_raw(r, job_id))
+    assert end is not None and end["usage"] == done.usage
+    wait_for(lambda: r.hget(keys.job(job_id), "settled") == b"settled", what="settlement")
+    # The killed worker gets no new route at once (its last heartbeat is still within the TTL).
+    assert victim in directory.lost_workers(r) and not directory.is_live(r, victim)
+    info = models.model_info(r, model_id)
+    routes = placement.find_routes(model_id, info.num_layers, directory.live_workers(r))
+    assert routes and all(victim not in {h.worker_id for h in rt} for rt in routes)
+    print(f"\nkilled {victim} (hop {hop}) after {killed_at[0]} tokens; pause {pause:.2f}s "
+          f"(core step timeout 2 s); {n} tokens identical")
+
+
+@pytest.mark.slow
+def test_a_route_with_no_spare_left_fails_with_a_reason(r, cluster, celery_dispatch, spares) -> None:
+    """After both kills one copy of each half is left: a job whose route loses one now has nowhere to go,
+    and fails at once with a clear reason instead of waiting for the 120 s deadline."""
+    live = {w.worker_id for w in directory.live_workers(r)} & set(SPARES)
+    assert len(live) == 2, live
+    job_id = submit(r, celery_dispatch, spares, PROMPTS[0], MAX_TOKENS)
+    route = jobs.job_route(jobs._hash(r, job_id))
+    victim = route[1].worker_id
+    fired: list[int] = []
+
+    def kill(n: int) -> None:
+        if n >= 3 and not fired:
+            cluster.kill(victim)
+            fired.append(n)
+
+    _tokens, events, _ = follow(r, job_id, on_token=kill)
+    assert events[-1].kind == "error" and "lost" in (events[-1].error or ""), events[-1]
+    assert route_from_list(json.loads(jobs._hash(r, job_id)["route"])) == route
