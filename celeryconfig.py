@@ -57,6 +57,11 @@ task_routes = {
 timezone = "UTC"
 enable_utc = True
 
+# Beat runs as its own supervised process (`celery -A workers beat`, azu.cli.processes.beat_argv), never
+# embedded in the scheduler's worker (a SIGKILLed worker would orphan it: two beats, every tick twice). Its
+# schedule lives in memory: beat's default shelve store would write a pickle file.
+beat_scheduler = "celery.beat:Scheduler"
+
 # Payouts (workers/payouts.py): pay due workers, then follow sent payouts, every PAYOUT_INTERVAL_S seconds.
 # expires: a tick nobody ran before the next one is dropped rather than piled up.
 _payout_interval_s = _settings.payout_interval_s

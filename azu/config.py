@@ -185,6 +185,7 @@ class Settings:
     hf_token: str | None = field(default=None, repr=False)  # HF_TOKEN
     hf_endpoint: str | None = None  # HF_ENDPOINT (a hub mirror)
     cache_dir: str | None = None  # AZU_CACHE_DIR (the API's tokenizer cache; a worker's layer cache)
+    copies: int = 2  # AZU_COPIES: copies of each span the placement plans (spares while memory allows)
     step_timeout_s: float | None = None  # AZU_STEP_TIMEOUT_S: no token + a silent worker this long = lost
     step_deadline_s: float = 120.0  # AZU_STEP_DEADLINE_S: a running job idle longer than this fails
     load_deadline_s: float = 600.0  # AZU_LOAD_DEADLINE_S: a job waiting for loads longer than this fails
@@ -229,6 +230,7 @@ class Settings:
             hf_token=_text(env, "HF_TOKEN"),
             hf_endpoint=_text(env, "HF_ENDPOINT"),
             cache_dir=_text(env, "AZU_CACHE_DIR"),
+            copies=max(1, _int(env, "AZU_COPIES", 2) or 2),
             step_timeout_s=(_float(env, "AZU_STEP_TIMEOUT_S", 0.0) if _text(env, "AZU_STEP_TIMEOUT_S")
                             else None),
             step_deadline_s=_float(env, "AZU_STEP_DEADLINE_S", 120.0),
@@ -280,7 +282,7 @@ class Settings:
 VARIABLES = (
     "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "DATABASE_URL", "REGISTRY_URL", "AUTH_SECRET_KEY",
     "AZU_DISPATCHER", "AZU_REGISTRY_DIR", "AZU_ALLOWED_MODEL_DIRS", "HF_TOKEN", "HF_ENDPOINT",
-    "AZU_CACHE_DIR", "AZU_STEP_TIMEOUT_S", "AZU_STEP_DEADLINE_S", "AZU_LOAD_DEADLINE_S",
+    "AZU_CACHE_DIR", "AZU_COPIES", "AZU_STEP_TIMEOUT_S", "AZU_STEP_DEADLINE_S", "AZU_LOAD_DEADLINE_S",
     "AZU_HEARTBEAT_TTL_S",
     "AZU_REQUEST_TIMEOUT_S", "AZU_WATCHDOG_INTERVAL_S", "PAYOUT_INTERVAL_S", "AZU_TASK_EVENTS",
     "AZU_WORKER_ID", "AZU_DEVICE", "AZU_DTYPE", "AZU_WALLET_ADDRESS", "AZU_MEMORY_BYTES",

@@ -2,12 +2,14 @@
 
 ==============  =========================================================================================
 azu-api         gunicorn serving ``web:create_app()`` (gthread workers: SSE streams hold a thread each)
-azu-scheduler   ``celery -A workers worker -Q core`` with an embedded beat (in-memory schedule: no pickle
-                file on disk, which beat's default shelve store would write)
+azu-scheduler   ``celery -A workers worker -Q core`` and ``celery -A workers beat`` (its own process, so it
+                never outlives the scheduler's worker as an orphan; in-memory schedule: no pickle file on
+                disk, which beat's default shelve store would write), supervised together
 azu-registry    ``celery -A workers worker -Q registry`` + the registry routes (gunicorn, REGISTRY_URL's port)
 collector       ``python -m azu.cli.processes collector``: pops the workers' signed reports
                 (``azu.network.collector.run``) and writes the facts they prove (events, directory, loads)
-azu-core        API + scheduler + registry + collector, supervised together
+azu-core        API + scheduler + beat + registry + collector, supervised together: a child that exits is
+                started again with backoff (``RESTART_POLICY``); SIGINT, SIGTERM or SIGHUP stops them all
 azu-worker      a GPU/CPU worker node (``azu.cli.worker``: enrolls with the core, then runs Celery with its
                 own broker login; its runtime is ``azu.network.node``)
 ==============  =========================================================================================
@@ -65,11 +67,21 @@ def celery_argv(queues: str, *, name: str, pool: str = "prefork", concurrency: i
             "--pool", pool, "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
-    if beat:
+    if beat:  # an embedded beat: a child of the worker, orphaned if the worker is SIGKILLed (use beat_argv)
         argv += ["--beat", "--scheduler", "celery.beat:Scheduler"]
     if events:
         argv.append("-E")
     return argv
+
+
+def beat_argv(*, loglevel: str = "INFO") -> list[str]:
+    """``celery -A workers beat``: the periodic ticks (payouts, watchdog, reconcile) as a process of its own.
+
+    Supervised next to the scheduler rather than embedded in it (``worker --beat`` forks it as the
+    worker's child, which a SIGKILL of the worker orphans: two beats, every tick twice). The in-memory
+    ``celery.beat:Scheduler`` (celeryconfig ``beat_scheduler``) writes no schedule file."""
+    return [sys.executable, "-m", "celery", "-A", "workers", "beat", "--scheduler", "celery.beat:Scheduler",
+            "--loglevel", loglevel]
 
 
 def registry_port() -> int:
@@ -79,67 +91,174 @@ def registry_port() -> int:
 
 
 # --- a small supervisor -------------------------------------------------------------------------------------
+# The restart policy of every supervised child (azu up, azu-core, azu-registry, azu-scheduler):
+RESTART_FIRST_S = 0.5     # a crashed child is started again after 0.5 s, then 1, 2, 4 ... up to 30 s
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0           # a child that stayed up this long before crashing starts again from 0.5 s
+GIVE_UP_CRASHES = 5       # the 5th crash within GIVE_UP_WINDOW_S: given up on
+GIVE_UP_WINDOW_S = 120.0
+RESTART_POLICY = (f"a child that exits is started again after {RESTART_FIRST_S:g} s, doubling up to "
+                  f"{RESTART_MAX_S:g} s (back to {RESTART_FIRST_S:g} s once it stayed up {STABLE_S:g} s); "
+                  f"one that crashes {GIVE_UP_CRASHES} times within {GIVE_UP_WINDOW_S:g} s is given up on: "
+                  "a worker is left down (the others keep serving), any other process stops everything")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, the terminal closed
+
+
 @dataclass
 class Child:
+    """One supervised process: how to start it again, and its crash history."""
+
     name: str
     argv: list[str]
     proc: subprocess.Popen[bytes]
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    log: Path | None = None  # stdout and stderr appended here, reopened at every start
+    essential: bool = True   # given up on: stop everything (False: leave it down, the rest serves)
+    started_at: float = field(default_factory=time.monotonic)
+    crashes: list[float] = field(default_factory=list)
+    delay: float = RESTART_FIRST_S
+    restart_at: float | None = None  # when it crashed: the time it is started again
+    restarts: int = 0
+    given_up: bool = False
 
 
 @dataclass
 class ProcessGroup:
-    """Children started in their own sessions, stopped together (their own children included).
+    """Children started in their own sessions, supervised, stopped together (their own children included).
 
     Each child leads its own process group, so stopping it reaches what it spawned (gunicorn's and
-    Celery's pool processes) without touching anything this process did not start.
+    Celery's pool processes) without touching anything this process did not start. ``run_until_signal``
+    restarts a child that exits (``RESTART_POLICY``) until SIGINT, SIGTERM or SIGHUP.
     """
 
     children: list[Child] = field(default_factory=list)
+    _hurry: bool = False
+    # While a child is being started and recorded: a stop signal's handler (azu up's) must not unwind here,
+    # or a started child would be known to nobody. It sets ``deferred`` and ``start`` raises it afterwards.
+    spawning: bool = False
+    deferred: BaseException | None = None
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Raise ``exc`` now, or, while a child is being started, once it is recorded (signal handlers)."""
+        if self.spawning:
+            self.deferred = exc
+            return
+        raise exc
 
     def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
-              stdout=None, stderr=None, cwd: str | None = None) -> Child:
-        proc = subprocess.Popen(list(argv), env=env, stdout=stdout, stderr=stderr, cwd=cwd,
-                                start_new_session=True)
-        child = Child(name, list(argv), proc)
-        self.children.append(child)
+              stdout=None, stderr=None, cwd: str | None = None, log: Path | None = None,
+              essential: bool = True) -> Child:
+        """Start ``argv``; with ``log``, its stdout and stderr go to that file (appended)."""
+        self.spawning = True
+        try:
+            child = Child(name, list(argv), self._spawn(list(argv), env, cwd, log, stdout, stderr), env=env,
+                          cwd=cwd, log=log, essential=essential)
+            self.children.append(child)
+        finally:
+            self.spawning = False
+        if self.deferred is not None:
+            exc, self.deferred = self.deferred, None
+            raise exc
         return child
 
+    @staticmethod
+    def _spawn(argv: list[str], env: dict[str, str] | None, cwd: str | None, log: Path | None,
+               stdout=None, stderr=None) -> subprocess.Popen[bytes]:
+        if log is None:
+            return subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr, cwd=cwd,
+                                    start_new_session=True)
+        with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                    start_new_session=True)
+
     def first_exited(self) -> Child | None:
-        return next((c for c in self.children if c.proc.poll() is not None), None)
+        return next((c for c in self.children if c.proc.poll() is not None and not c.given_up), None)
+
+    def supervise(self, now: float | None = None) -> Child | None:
+        """One pass: note the children that exited, start again those whose delay has passed.
+
+        Returns an essential child given up on in this pass (the caller stops everything), else None."""
+        now = time.monotonic() if now is None else now
+        for child in self.children:
+            if child.given_up:
+                continue
+            if child.restart_at is None:
+                code = child.proc.poll()
+                if code is None:
+                    continue
+                _signal_group(child.proc, signal.SIGKILL)  # what it left behind (pool processes) goes too
+                if now - child.started_at >= STABLE_S:
+                    child.delay = RESTART_FIRST_S
+                child.crashes = [t for t in child.crashes if now - t < GIVE_UP_WINDOW_S] + [now]
+                if len(child.crashes) >= GIVE_UP_CRASHES:
+                    child.given_up = True
+                    what = "stopping everything" if child.essential else "leaving it down"
+                    log.error("%s exited with code %s, its %d. exit within %.0f s: giving up on it, %s%s",
+                              child.name, code, len(child.crashes), GIVE_UP_WINDOW_S, what,
+                              f" (see {child.log})" if child.log else "")
+                    if child.essential:
+                        return child
+                    continue
+                child.restart_at = now + child.delay
+                log.warning("%s exited with code %s; starting it again in %.1f s%s", child.name, code,
+                            child.delay, f" (see {child.log})" if child.log else "")
+                child.delay = min(child.delay * 2, RESTART_MAX_S)
+            elif now >= child.restart_at:
+                child.proc = self._spawn(child.argv, child.env, child.cwd, child.log)
+                child.started_at, child.restart_at = now, None
+                child.restarts += 1
+                log.warning("%s started again (pid %d, restart %d)", child.name, child.proc.pid,
+                            child.restarts)
+        return None
 
     def stop(self, *, timeout: float = 15.0) -> None:
-        """SIGTERM every child's group (newest first), wait up to ``timeout``, then SIGKILL what is left."""
-        for child in reversed(self.children):
-            _signal_group(child.proc, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for child in reversed(self.children):
-            try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", child.name, timeout)
-        for child in self.children:
-            # Also kill the group of a child that exited but left grandchildren behind.
-            _signal_group(child.proc, signal.SIGKILL)
-            if child.proc.poll() is None:
-                child.proc.wait(timeout=5)
+        """SIGTERM every child's group (newest first), wait up to ``timeout``, then SIGKILL what is left.
+
+        A second SIGINT/SIGTERM/SIGHUP meanwhile cuts the wait short (straight to SIGKILL); none of them
+        interrupts the stopping itself, so nothing is left running."""
+        self._hurry = False
+
+        def _on_signal(_signum, _frame):
+            self._hurry = True
+
+        old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+        try:
+            for child in reversed(self.children):
+                _signal_group(child.proc, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while not self._hurry and time.monotonic() < deadline:
+                if all(c.proc.poll() is not None for c in self.children):
+                    break
+                time.sleep(0.05)  # polling the children's exit against the deadline
+            for child in self.children:
+                if child.proc.poll() is None:
+                    log.warning("%s did not stop in time; killing it", child.name)
+                # Also kill the group of a child that exited but left grandchildren behind.
+                _signal_group(child.proc, signal.SIGKILL)
+            for child in self.children:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.proc.wait(timeout=5)
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
 
     def run_until_signal(self, *, on_tick: Callable[[], object] | None = None, tick_s: float = 5.0) -> int:
-        """Block until SIGINT/SIGTERM or until a child exits; then stop all. Exit code: the child's, or 0.
+        """Supervise until SIGINT/SIGTERM/SIGHUP (0) or until an essential child is given up on (1); then
+        stop all.
 
         ``on_tick`` runs every ``tick_s`` seconds meanwhile (``azu up`` caps its log files there)."""
-        stop = {"signal": None}
+        stop: dict[str, int | None] = {"signal": None}
         next_tick = time.monotonic() + tick_s
 
         def _on_signal(signum, _frame):
             stop["signal"] = signum
 
-        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
         try:
             while stop["signal"] is None:
-                dead = self.first_exited()
-                if dead is not None:
-                    log.error("%s exited with code %s; stopping the others", dead.name, dead.proc.returncode)
-                    return dead.proc.returncode or 1
+                if self.supervise() is not None:
+                    return 1
                 if on_tick is not None and time.monotonic() >= next_tick:
                     try:
                         on_tick()
@@ -177,6 +296,11 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _logging(level: str, name: str) -> None:
+    """The supervisor's own lines (a child restarted, given up on) on stderr."""
+    logging.basicConfig(level=level.upper(), format=f"[%(asctime)s: %(levelname)s/{name}] %(message)s")
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -227,9 +351,10 @@ def api_main(argv: Sequence[str] | None = None) -> int:
                                threads=a.threads, loglevel=a.loglevel))
 
 
-def _scheduler_argv(a: argparse.Namespace) -> list[str]:
-    return celery_argv("core", name="scheduler", pool=a.pool, concurrency=a.concurrency, beat=True,
-                       loglevel=a.loglevel)
+def _scheduler_children(group: ProcessGroup, a: argparse.Namespace) -> None:
+    group.start("scheduler", celery_argv("core", name="scheduler", pool=a.pool, concurrency=a.concurrency,
+                                         loglevel=a.loglevel))
+    group.start("beat", beat_argv(loglevel=a.loglevel))
 
 
 def _scheduler_args(p: argparse.ArgumentParser) -> None:
@@ -240,9 +365,14 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
 
 
 def scheduler_main(argv: Sequence[str] | None = None) -> int:
-    p = _parser("azu-scheduler", "the scheduler: Celery queue 'core' + beat")
+    p = _parser("azu-scheduler", "the scheduler: Celery queue 'core' and its beat, two supervised processes; "
+                + RESTART_POLICY)
     _scheduler_args(p)
-    return _exec(_scheduler_argv(p.parse_args(argv)))
+    a = p.parse_args(argv)
+    _logging(a.loglevel, "azu-scheduler")
+    group = ProcessGroup()
+    _scheduler_children(group, a)
+    return group.run_until_signal()
 
 
 def _registry_children(group: ProcessGroup, a: argparse.Namespace) -> None:
@@ -262,9 +392,11 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
 
 
 def registry_main(argv: Sequence[str] | None = None) -> int:
-    p = _parser("azu-registry", "the registry: Celery queue 'registry' + the shard/status/file routes")
+    p = _parser("azu-registry", "the registry: Celery queue 'registry' + the shard/status/file routes, "
+                "supervised; " + RESTART_POLICY)
     _registry_args(p)
     a = p.parse_args(argv)
+    _logging(a.loglevel, "azu-registry")
     group = ProcessGroup()
     _registry_children(group, a)
     return group.run_until_signal()
@@ -289,13 +421,15 @@ def collector_main(argv: Sequence[str] | None = None) -> int:
 
 
 def core_main(argv: Sequence[str] | None = None) -> int:
-    p = _parser("azu-core", "API + scheduler + registry + collector in one supervised group")
+    p = _parser("azu-core", "API + scheduler + beat + registry + collector in one supervised group; "
+                + RESTART_POLICY)
     _api_args(p)
     _scheduler_args(p)
     _registry_args(p)
     a = p.parse_args(argv)
+    _logging(a.loglevel, "azu-core")
     group = ProcessGroup()
-    group.start("scheduler", _scheduler_argv(a))
+    _scheduler_children(group, a)
     group.start("collector", collector_argv(loglevel=a.loglevel))
     _registry_children(group, a)
     group.start("api", gunicorn_argv("web:create_app()", host=a.host, port=a.port, workers=a.web_workers,

@@ -11,8 +11,10 @@ The trust model is production's: core processes get the core's Redis login, ``DA
 signing key (``AUTH_SECRET_KEY``, kept in ``<state dir>/core.key``, mode 0600); each worker is started as
 ``azu-worker --core-url <api>`` with none of these, enrolls like a stranger and runs with its own broker
 login (a Redis ACL user that reaches only its own queues). It answers a sample prompt, prints the base URL
-and an API key, writes them to ``.azu/local.json`` and serves until Ctrl-C (SIGINT) or SIGTERM, then stops
-everything it started.
+and an API key, writes them to ``.azu/local.json`` and serves until Ctrl-C (SIGINT), SIGTERM or SIGHUP, then
+stops everything it started. Meanwhile it supervises: a process that exits is started again with backoff
+(``azu.cli.processes.RESTART_POLICY``); a restarted worker enrolls again with its key. One azu up per state
+dir (``up.lock``); a second one, or one on a taken port, exits 2 before touching anything.
 
 All state lives under ``.azu/`` in the current directory (``--state-dir``); logs under ``.azu/logs/``.
 """
@@ -39,7 +41,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from azu.cli import logs as logs_module
-from azu.cli.processes import ProcessGroup, celery_argv, collector_argv, gunicorn_argv, metrics_dir
+from azu.cli.processes import (
+    RESTART_POLICY,
+    STOP_SIGNALS,
+    ProcessGroup,
+    beat_argv,
+    celery_argv,
+    collector_argv,
+    gunicorn_argv,
+    metrics_dir,
+)
 from azu.cli.worker import CORE_ONLY
 from azu.config import get_settings
 
@@ -68,9 +79,15 @@ LOCAL_USER_FILE = "local-user.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = SUPERVISION_HELP
     parser.add_argument("--port", type=int, default=8000, help="API port")
     parser.add_argument("--workers", type=int, default=2,
-                        help="worker processes, each holding part of the model (at least 2)")
+                        help="worker processes, each holding part of the model (at least 2, and at least 2 "
+                        "per copy)")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="copies of each span of the model, placed across the workers (each worker's "
+                        "memory budget fits K copies only across all of them; the core plans spare copies "
+                        "up to K: AZU_COPIES in its environment)")
     parser.add_argument("--host", default="127.0.0.1", help="interface the API serves on")
     parser.add_argument("--state-dir", default=".azu",
                         help="where state (ledger, registry, caches, keys), logs and local.json go")
@@ -91,12 +108,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "name.1.log and emptied; 0: no limit)")
 
 
+SUPERVISION_HELP = ("azu up supervises what it starts: " + RESTART_POLICY + ". SIGINT (Ctrl-C), SIGTERM or "
+                    "SIGHUP (the terminal closed) stops everything, at any stage of startup too.")
+LOCK_FILE = "up.lock"
+
+
 class StartupFailed(RuntimeError):
     pass
 
 
 class _Stop(BaseException):
-    """SIGTERM while starting: unwind like Ctrl-C so everything started so far is stopped."""
+    """SIGTERM or SIGHUP while starting: unwind like Ctrl-C so everything started so far is stopped."""
+
+
+def lock_state_dir(root: Path) -> Any:
+    """An exclusive lock on ``root`` (``up.lock``, flock), held while this azu up runs; None when another
+    process holds it. The kernel drops it when this process ends, however it ends (SIGKILL too)."""
+    import fcntl
+
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def prune_pg_handles(pgdata: Path) -> list[int]:
+    """Drop the pids of processes that are gone from pgserver's ``.handle_pids.json`` in ``pgdata``.
+
+    pgserver stops PostgreSQL when its last handle closes; a pid left there by an azu up that was SIGKILLed
+    counts as a handle for ever, so a later clean stop would leave PostgreSQL running. Returns what it
+    dropped."""
+    import psutil
+
+    path = pgdata / ".handle_pids.json"
+    try:
+        pids = [int(p) for p in json.loads(path.read_text())]
+    except (FileNotFoundError, ValueError, TypeError):
+        return []
+
+    def alive(pid: int) -> bool:
+        try:
+            proc = psutil.Process(pid)
+            return proc.status() != psutil.STATUS_ZOMBIE and "python" in " ".join(proc.cmdline()).lower()
+        except psutil.Error:
+            return False
+
+    keep = [p for p in pids if p != os.getpid() and alive(p)]
+    if len(keep) != len(pids):
+        path.write_text(json.dumps(keep))
+    return [p for p in pids if p not in keep]
 
 
 def _say(text: str, *, end: str = "\n") -> None:
@@ -149,17 +214,18 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def split_budget(shard_folder: Path, n_workers: int) -> int:
-    """A per-worker memory budget under which the model fits only across all ``n_workers`` workers.
+def split_budget(shard_folder: Path, n_workers: int, copies: int = 1) -> int:
+    """A per-worker memory budget under which ``copies`` copies of the model fit only across all
+    ``n_workers`` workers.
 
-    N - 1 workers together offer (N - 1) / (N - 0.5) of what the model needs: not enough; N offer a
-    little more than it needs, so the placement has to split the layers over every worker.
+    N - 1 workers together offer K (N - 1) / (N - 0.5) copies of what the model needs: not enough; N offer a
+    little more than K copies, so the placement has to spread the layers over every worker.
     """
     from azu.network.placement import needed_bytes
     from azu.registry.status import info_from_folder
 
     info = info_from_folder(shard_folder.name, shard_folder)
-    return math.ceil(needed_bytes(info.shape) / (n_workers - 0.5))
+    return math.ceil(copies * needed_bytes(info.shape) / (n_workers - 0.5))
 
 
 def _major(version: str) -> int:
@@ -313,11 +379,13 @@ def running_elsewhere(root: Path) -> int | None:
 
 
 class LocalNetwork:
-    def __init__(self, *, root: Path, host: str, port: int, workers: int, timeout: float) -> None:
+    def __init__(self, *, root: Path, host: str, port: int, workers: int, timeout: float,
+                 copies: int = 1) -> None:
         self.root = root
         self.host = host
         self.port = port
         self.n_workers = workers
+        self.copies = copies
         self.timeout = timeout
         self.group = ProcessGroup()
         self.logs = root / "logs"
@@ -334,13 +402,11 @@ class LocalNetwork:
         self.chain: dict[str, Any] | None = None  # the local dev chain's accounts (when no real chain is set)
 
     # --- helpers ----------------------------------------------------------------------------------------
-    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed below; the child keeps its copy)
-        try:
-            self.group.start(name, argv, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
-                             cwd=str(Path.cwd()))
-        finally:
-            log.close()  # the child has its own copy of the descriptor
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None, *,
+               essential: bool = True) -> None:
+        # Supervised: started again with the same command line, environment and log if it exits.
+        self.group.start(name, argv, env=env or self.env, cwd=str(Path.cwd()), log=self.logs / f"{name}.log",
+                         essential=essential)
 
     def _children_alive(self) -> None:
         dead = self.group.first_exited()
@@ -422,6 +488,9 @@ class LocalNetwork:
         if not self.database_url:
             import pgserver
 
+            stale = prune_pg_handles(self.root / "pgdata")
+            if stale:
+                _say(f"postgresql: dropped the handles of gone processes {stale} (an earlier run was killed)")
             with _step("starting postgresql") as info:
                 self.pg = pgserver.get_server(self.root / "pgdata", cleanup_mode="stop")
                 self.database_url = self.pg.get_uri()
@@ -490,6 +559,7 @@ class LocalNetwork:
         })
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
+        env["AZU_COPIES"] = str(self.copies)  # the placement plans spare copies up to this many
         if self.chain:
             from azu.payments.devchain import core_env
 
@@ -504,8 +574,9 @@ class LocalNetwork:
         registry_port = self.port + 2 if _port_free("127.0.0.1", self.port + 2) else free_port()
         self.registry_url = f"http://127.0.0.1:{registry_port}"
         self.env["REGISTRY_URL"] = self.registry_url
-        with _step("starting the scheduler (celery queue core + beat)"):
-            self._start("scheduler", celery_argv("core", name="scheduler", pool="solo", beat=True))
+        with _step("starting the scheduler (celery queue core) and its beat"):
+            self._start("scheduler", celery_argv("core", name="scheduler", pool="solo"))
+            self._start("beat", beat_argv())
         with _step("starting the collector (workers' signed reports)"):
             self._start("collector", collector_argv())
         with _step("starting the registry (celery queue registry + http)") as info:
@@ -544,7 +615,7 @@ class LocalNetwork:
             info["detail"] = str(self.root / "registry")
 
     def worker_memory(self) -> int:
-        return split_budget(Path(self.env["AZU_REGISTRY_DIR"]) / DEMO_MODEL_ID, self.n_workers)
+        return split_budget(Path(self.env["AZU_REGISTRY_DIR"]) / DEMO_MODEL_ID, self.n_workers, self.copies)
 
     def start_workers(self) -> None:
         budget = self.worker_memory()
@@ -561,7 +632,9 @@ class LocalNetwork:
                         "--worker-id", worker_id]
                 if self.chain:
                     argv += self._dev_wallet(worker_id, key_file)
-                self._start(f"worker-{worker_id}", argv, env=env)
+                # Not essential: one given up on leaves the others serving. Started again, it enrolls again
+                # with the same key file and gets a fresh broker login.
+                self._start(f"worker-{worker_id}", argv, env=env, essential=False)
             import redis
 
             from azu.network import directory
@@ -573,7 +646,8 @@ class LocalNetwork:
                 return set(self.worker_ids) <= live
 
             _wait(all_live, timeout=self.timeout, what="the workers to register", alive=self._children_alive)
-            info["detail"] = f"{', '.join(self.worker_ids)}; {budget} bytes each"
+            copies = f", {self.copies} copies" if self.copies > 1 else ""
+            info["detail"] = f"{', '.join(self.worker_ids)}; {budget} bytes each{copies}"
 
     def _dev_wallet(self, worker_id: str, key_file: Path) -> list[str]:
         """``--wallet`` and its own signature for a dev-chain payout wallet (as a real owner would give)."""
@@ -637,41 +711,63 @@ class LocalNetwork:
             _say("  azu deposit 1.5    # 1.5 HYPE to the platform, credited")
             _say("  azu balance        # see it move; `azu payouts --watch` shows workers paid on chain")
             _say("")
-        _say(f"Logs in {self.logs}. Ctrl-C stops everything.")
+        _say(f"Logs in {self.logs}. A process that exits is started again; Ctrl-C stops everything.")
 
     def stop(self) -> None:
+        """Stop everything started. A second Ctrl-C only hurries the children (SIGKILL, see
+        ProcessGroup.stop); PostgreSQL's stop and the cleanup are not interruptible."""
         _say("stopping... ", end="")
         self.group.stop()
-        if self.pg is not None:
-            with contextlib.suppress(Exception):
-                self.pg.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            (self.root / "local.json").unlink()
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+        try:
+            if self.pg is not None:
+                with contextlib.suppress(Exception):
+                    self.pg.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / "local.json").unlink()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
         _say("stopped")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.workers < 2:
-        print("azu up: --workers must be at least 2 (the point is a pipeline across workers)",
-              file=sys.stderr)
+    if args.copies < 1:
+        print("azu up: --copies must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers < 2 * args.copies:
+        print("azu up: --workers must be at least 2 per copy (the point is a pipeline across workers): "
+              f"--copies {args.copies} needs --workers {2 * args.copies} or more", file=sys.stderr)
         return 2
     if args.keep_logs < 0 or args.max_log_bytes < 0:
         print("azu up: --keep-logs and --max-log-bytes must be >= 0", file=sys.stderr)
         return 2
-    root = Path(args.state_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    logs = root / "logs"
-    logs.mkdir(exist_ok=True)
-    other = running_elsewhere(root)
-    if other is not None:
-        print(f"azu up: another azu up (pid {other}) runs on {root}; stop it or use another --state-dir",
-              file=sys.stderr)
-        return 2
-    with contextlib.suppress(FileNotFoundError):
-        (root / "local.json").unlink()  # a stale file from a crashed run must not look like a live network
+    # Nothing of an earlier or a running network is touched before these checks pass: a second azu up on a
+    # taken port or a state dir in use leaves the first's local.json, logs, Redis config and ledger alone.
     if not _port_free(args.host, args.port):
         print(f"azu up: port {args.port} is already in use (try --port)", file=sys.stderr)
         return 2
+    root = Path(args.state_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = lock_state_dir(root)
+    other = running_elsewhere(root)
+    if lock is None or other is not None:
+        who = f"another azu up (pid {other})" if other is not None else "another azu up"
+        print(f"azu up: {who} runs on {root}; stop it or use another --state-dir", file=sys.stderr)
+        if lock is not None:
+            os.close(lock)
+        return 2
+    try:
+        return _run_locked(args, root)
+    finally:
+        os.close(lock)
+
+
+def _run_locked(args: argparse.Namespace, root: Path) -> int:
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (root / "local.json").unlink()  # a stale file from a crashed run must not look like a live network
     if args.fresh:
         external = (bool(get_settings().database_url) if ledger_available()
                     else bool(os.environ.get("REDIS_URL") or os.environ.get("REDIS_HOST")))
@@ -684,13 +780,19 @@ def run(args: argparse.Namespace) -> int:
                 if external else "")
         _say(f"--fresh: deleted {', '.join(deleted) or 'nothing'} in {root}{kept}")
     logs_module.rotate_all(logs, keep=args.keep_logs)
+    import logging
 
-    def _on_term(signum: int, _frame: Any) -> None:
-        raise _Stop()
+    logging.basicConfig(level=logging.INFO, format="azu up: %(message)s")  # the supervisor's lines
 
-    old_term = signal.signal(signal.SIGTERM, _on_term)
     net = LocalNetwork(root=root, host=args.host, port=args.port, workers=args.workers,
-                       timeout=args.startup_timeout)
+                       timeout=args.startup_timeout, copies=args.copies)
+
+    def _on_stop(signum: int, _frame: Any) -> None:
+        net.group.interrupt(KeyboardInterrupt() if signum == signal.SIGINT else _Stop())
+
+    # While starting: SIGINT (even where the shell that started us ignored it), SIGTERM and SIGHUP unwind,
+    # so whatever was started so far is stopped; never halfway through starting a child.
+    old = {s: signal.signal(s, _on_stop) for s in STOP_SIGNALS}
     try:
         net.start_redis()
         net.start_postgres()
@@ -702,11 +804,12 @@ def run(args: argparse.Namespace) -> int:
         net.start_workers()
         net.answer_sample()
         net.print_banner(net.write_info())
-        signal.signal(signal.SIGTERM, old_term)  # from here run_until_signal handles both signals
+        # From here run_until_signal handles SIGINT, SIGTERM and SIGHUP, and restarts what exits.
         code = net.group.run_until_signal(on_tick=lambda: logs_module.cap(
             logs, max_bytes=args.max_log_bytes, keep=args.keep_logs))
         if code:
-            print(f"azu up: a process exited (code {code}); see {net.logs}", file=sys.stderr)
+            print(f"azu up: gave up on a process that kept exiting (see above); logs in {net.logs}",
+                  file=sys.stderr)
         return code
     except (KeyboardInterrupt, _Stop):
         _say("")
@@ -715,8 +818,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"azu up: {exc}; logs in {net.logs}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping must not be cut short by a second TERM
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)  # a second signal hurries the stop (ProcessGroup.stop), no more
         try:
             net.stop()
         finally:
-            signal.signal(signal.SIGTERM, old_term)
+            for s, handler in old.items():
+                signal.signal(s, handler)

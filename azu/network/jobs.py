@@ -149,7 +149,8 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     workers = directory.live_workers(r)
     routes = placement.find_routes(req.model_id, info.num_layers, workers)
     loading = r.exists(keys.loading(req.model_id))
-    if not routes and not loading and not placement.plan_loads(info.shape, workers):
+    copies = get_settings().copies
+    if not routes and not loading and not placement.plan_loads(info.shape, workers, max_copies=copies):
         need = placement.needed_bytes(info.shape)
         raise NoCapacity(f"no live worker holds {req.model_id} and the {len(workers)} live worker(s) "
                          f"cannot load it (it needs about {need} bytes)", param="model")
@@ -190,7 +191,7 @@ def ensure_placed(r: redis.Redis, model_id: str, *,
     workers = directory.live_workers(r)
     if placement.find_routes(model_id, info.num_layers, workers) or r.exists(keys.loading(model_id)):
         return []
-    orders = placement.plan_loads(info.shape, workers)
+    orders = placement.plan_loads(info.shape, workers, max_copies=get_settings().copies)
     # One set of orders in flight per model (NX), until the route is complete or the deadline passes.
     if not orders or not r.set(keys.loading(model_id), json.dumps([o.to_dict() for o in orders]), nx=True,
                                ex=int(get_settings().load_deadline_s)):

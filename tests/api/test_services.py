@@ -51,7 +51,9 @@ def test_core_serves_api_and_registry_then_stops_on_sigterm(tmp_path, redis_url,
         assert requests.post(f"{registry}/submit", json={}, timeout=10).status_code == 404
         children = psutil.Process(core.pid).children(recursive=True)
         cmdlines = [" ".join(c.cmdline()) for c in children]
-        assert any("-Q core" in c and "--beat" in c for c in cmdlines)
+        # The beat is a process of its own next to the scheduler's worker, not the worker's child.
+        assert any("-Q core" in c for c in cmdlines) and not any("--beat" in c for c in cmdlines)
+        assert sum(" workers beat " in c for c in cmdlines) == 1
         assert any("-Q registry" in c for c in cmdlines)
         assert sum("gunicorn" in c for c in cmdlines) >= 2
     finally:
