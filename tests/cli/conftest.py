@@ -9,11 +9,7 @@ is unbalanced; then the tables are emptied.
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,53 +18,25 @@ import redis
 from sqlalchemy import Engine, text
 from werkzeug.serving import make_server
 
-from azu.billing.ledger.db import make_engine, migrate, session_scope
+from azu.billing.ledger.db import session_scope
 from azu.payments.devchain import start_devchain
 from azu.payments.hyperliquid import HyperliquidProvider
 from tests.cli.support import WORKERS, Network
-from tests.support.database import BOOKS_CHECK, LEDGER_TABLES, create_database, drop_database
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.database import BOOKS_CHECK, LEDGER_TABLES, migrated_engine
+from tests.support.redis_server import private_redis
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_url(tmp_path_factory) -> Iterator[str]:
     """A redis-server of our own (the API's rate limits count there), gone after the run."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_connect_timeout=1)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if client.ping():
-                break
-        except redis.RedisError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with private_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
-    url = create_database("azu_cli")
-    eng = make_engine(url, pool_size=5, max_overflow=5)
-    try:
-        migrate(url)
+    with migrated_engine("azu_cli") as eng:
         yield eng
-    finally:
-        eng.dispose()
-        drop_database(url)
 
 
 @pytest.fixture

@@ -16,23 +16,17 @@ from eth_account import Account
 from sqlalchemy import Engine, text
 from web3 import Web3
 
-from azu.billing.ledger.db import make_engine, migrate, session_scope
+from azu.billing.ledger.db import session_scope
 from azu.payments.hyperliquid import HyperliquidProvider
 from tests.support.chain import FaultyChain
-from tests.support.database import LEDGER_TABLES, create_database, drop_database
+from tests.support.database import LEDGER_TABLES, migrated_engine
 from tests.support.payouts import FUNDING, Env, check_books_and_chain
 
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
-    url = create_database("azu_payouts")
-    eng = make_engine(url, pool_size=5, max_overflow=5)
-    try:
-        migrate(url)
+    with migrated_engine("azu_payouts") as eng:
         yield eng
-    finally:
-        eng.dispose()
-        drop_database(url)
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, make_url, text
 
@@ -51,3 +53,18 @@ def drop_database(url: str) -> None:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@contextmanager
+def migrated_engine(prefix: str) -> Iterator[Engine]:
+    """A fresh database brought to the ledger's newest schema, its engine, and the database dropped after."""
+    from azu.billing.ledger.db import make_engine, migrate
+
+    url = create_database(prefix)
+    eng = make_engine(url, pool_size=5, max_overflow=5)
+    try:
+        migrate(url)
+        yield eng
+    finally:
+        eng.dispose()
+        drop_database(url)
