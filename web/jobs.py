@@ -13,6 +13,7 @@ from flask import Blueprint, jsonify, url_for
 
 from azu import metrics, serving
 from azu.tokenization import decode_final, load_tokenizer
+from azu.verification import status as verification
 from web import billing, current_user, redis_client
 from web.schemas import SubmitRequest, parse_body, stop_list
 
@@ -54,7 +55,7 @@ def results(job_id: str):
              if view.usage else None)
     return jsonify({"job_id": job_id, "status": view.status, "model_id": view.model_id, "text": text,
                     "token_ids": token_ids, "finish_reason": view.finish_reason, "usage": usage,
-                    "error": view.error})
+                    "error": view.error, "verification": verification.read(r, job_id)})
 
 
 def _text(model_id: str, token_ids: list[int], stop: list[str]) -> str | None:

@@ -13,17 +13,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, jsonify, stream_with_context
+from flask import Blueprint, Response, jsonify, stream_with_context, url_for
 
 from azu import metrics, serving
 from azu.errors import AzuError, JobFailed, JobTimeout
 from azu.registry import status as shard_status
 from azu.tokenization import decode_final
+from azu.verification import status as verification
 from web import billing, current_user, redis_client, request_timeout_s
 from web.errors import openai_error_body
 from web.metrics import request_started
 from web.schemas import (
     AssistantMessage,
+    AzuExtension,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -33,6 +35,7 @@ from web.schemas import (
     ModelCard,
     ModelList,
     Usage,
+    VerificationLink,
     parse_body,
     stop_list,
 )
@@ -67,7 +70,8 @@ def chat_completions():
     job_id = serving.start_job(r, billing(), model, user_id=user_id, prompt_ids=prompt_ids,
                                max_tokens=max_tokens, sampling=sampling)
     metrics.API_JOBS_STARTED.labels("chat_stream" if body.stream else "chat").inc()
-    head = _Head(id=f"chatcmpl-{job_id.removeprefix('job-')}", created=int(time.time()), model=model.model_id)
+    head = _Head(id=f"chatcmpl-{job_id.removeprefix('job-')}", created=int(time.time()), model=model.model_id,
+                 job_id=job_id, results_url=url_for("jobs.results", job_id=job_id))
     timeout_s = request_timeout_s()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -84,7 +88,8 @@ def chat_completions():
                                        completion_tokens=len(outcome.token_ids)))
     answer = ChatCompletion(id=head.id, created=head.created, model=head.model, usage=usage,
                             choices=[Choice(message=AssistantMessage(content=content),
-                                            finish_reason=outcome.finish_reason or "stop")])
+                                            finish_reason=outcome.finish_reason or "stop")],
+                            azu=_extension(r, head))
     return jsonify(answer.model_dump()), 200, {"X-Azu-Job-Id": job_id}
 
 
@@ -95,6 +100,19 @@ class _Head:
     id: str
     created: int
     model: str
+    job_id: str
+    results_url: str  # GET /results/<job_id>: where the user polls for the verification's outcome
+
+
+def _extension(r: redis.Redis, head: _Head) -> AzuExtension:
+    """The ``azu`` field: the job and its verification as it stands now (checks run after the answer, so
+    usually pending, not_checked or null), with the URL that will show the outcome."""
+    try:
+        state = verification.read(r, head.job_id)
+    except redis.RedisError:  # the answer is complete; its verification can be read later at the URL
+        state = None
+    return AzuExtension(job_id=head.job_id, verification=VerificationLink(
+        status=state["status"] if state else None, url=head.results_url))
 
 
 def _sse(data: Any) -> str:
@@ -114,11 +132,16 @@ def _stream(r: redis.Redis, job_id: str, head: _Head, model: serving.ReadyModel,
     leave_out = None if include_usage else {"usage"}
 
     def send(chunk: ChatCompletionChunk) -> str:
-        return f"data: {chunk.model_dump_json(exclude=leave_out)}\n\n"
+        # "azu" only where it is set (the final chunk): the other chunks keep OpenAI's exact shape.
+        exclude = (leave_out or set()) | ({"azu"} if chunk.azu is None else set())
+        return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+    def make(delta: Delta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=head.id, created=head.created, model=head.model,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
 
     def chunk(delta: Delta, finish_reason: str | None = None) -> str:
-        return send(ChatCompletionChunk(id=head.id, created=head.created, model=head.model,
-                                        choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)]))
+        return send(make(delta, finish_reason))
 
     finished = False
     try:
@@ -144,12 +167,16 @@ def _stream(r: redis.Redis, job_id: str, head: _Head, model: serving.ReadyModel,
                 tail = dec.finish()
                 if tail:
                     yield chunk(Delta(content=tail))
-                yield chunk(Delta(), event.finish_reason or "stop")
+                last = [make(Delta(), event.finish_reason or "stop")]
                 if include_usage:
                     usage = Usage(**serving.usage_dict(event.usage, prompt_tokens=prompt_tokens,
                                                        completion_tokens=len(dec.token_ids)))
-                    yield send(ChatCompletionChunk(id=head.id, created=head.created, model=head.model,
-                                                   choices=[], usage=usage))
+                    last.append(ChatCompletionChunk(id=head.id, created=head.created, model=head.model,
+                                                    choices=[], usage=usage))
+                # The final chunk (the usage one when asked for) carries the job and its verification.
+                last[-1] = last[-1].model_copy(update={"azu": _extension(r, head)})
+                for final in last:
+                    yield send(final)
                 yield "data: [DONE]\n\n"
             elif event.kind == "error":
                 finished = True

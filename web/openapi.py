@@ -85,8 +85,11 @@ ROUTES: dict[str, Op] = {
                              errors=(404,), tags=("operations",)),
     "jobs.submit": Op("Start a job", {202: s.SubmitAccepted}, body=s.SubmitRequest, auth=True,
                       errors=(402, 404, 409), tags=("jobs",)),
-    "jobs.results": Op("A job's status, tokens and usage", {200: s.JobResult}, auth=True, errors=(404,),
-                       tags=("jobs",)),
+    "jobs.results": Op("A job's status, tokens, usage and verification", {200: s.JobResult}, auth=True,
+                       errors=(404,), tags=("jobs",),
+                       description="`verification` is null while the job runs, then `pending` (picked for a "
+                                   "check that runs after the answer), `not_checked`, `verified`, `failed` "
+                                   "(the stage's earnings withheld, the user refunded) or `inconclusive`."),
     "openai.list_models": Op("Models ready to serve (OpenAI)", {200: s.ModelList}, auth=True,
                              tags=("openai",)),
     "openai.chat_completions": Op(
@@ -94,7 +97,10 @@ ROUTES: dict[str, Op] = {
         {200: s.ChatCompletion}, body=s.ChatCompletionRequest, auth=True, errors=(402, 404, 409, 502, 504),
         tags=("openai",),
         description="With `stream: true` the answer is `text/event-stream`: one `ChatCompletionChunk` per "
-                    "`data:` line, then `data: [DONE]`."),
+                    "`data:` line, then `data: [DONE]`. The extension field `azu` (on the answer, and on the "
+                    "final chunk of a stream) names the job and its verification as it stands when the "
+                    "answer is sent (checks run afterwards: usually `pending`, `not_checked` or null); "
+                    "`azu.verification.url` is the job's `/results` to poll for the outcome."),
     "registry.shard": Op("Ask for a model to be sharded", {200: s.ShardStatus, 202: s.ShardStatus},
                          body=s.ShardRequest, auth=True, errors=(402, 403, 404, 409), tags=("registry",),
                          description="Authorized only for an account with a positive balance, a checkpoint "

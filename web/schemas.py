@@ -10,7 +10,7 @@ fields that azu does not implement are either accepted at their no-op value (``n
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from flask import request
 from pydantic import (
@@ -26,6 +26,7 @@ from pydantic import (
 
 from azu.errors import AzuError, InvalidRequest
 from azu.network.jobs import MAX_SEED, MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K
+from azu.verification.status import STATUSES as VERIFICATION_STATUSES
 
 
 class Strict(BaseModel):
@@ -206,6 +207,28 @@ class Choice(BaseModel):
     logprobs: None = None
 
 
+VerificationState = Literal["pending", "verified", "failed", "inconclusive", "not_checked"]
+# The schema's list is azu.verification.status's: a status added there must be added here.
+assert set(get_args(VerificationState)) == set(VERIFICATION_STATUSES)
+
+
+class VerificationLink(BaseModel):
+    """Where the job's check stands when the answer is sent, and where to poll for the outcome.
+
+    Checks run after the answer, so this is usually ``pending``, ``not_checked`` or null (not decided yet);
+    ``url`` (``GET /results/<job_id>``) shows the outcome once it is known."""
+
+    status: VerificationState | None
+    url: str
+
+
+class AzuExtension(BaseModel):
+    """azu's extension of an OpenAI answer: the job behind it and its verification."""
+
+    job_id: str
+    verification: VerificationLink
+
+
 class ChatCompletion(BaseModel):
     id: str
     created: int
@@ -213,6 +236,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
+    azu: AzuExtension
 
 
 class Delta(BaseModel):
@@ -234,7 +258,8 @@ class ChunkChoice(BaseModel):
 
 class ChatCompletionChunk(BaseModel):
     """One event of a stream. ``usage`` is sent (null until the last chunk) only when the client asked for it
-    with ``stream_options.include_usage``; the dump leaves it out otherwise."""
+    with ``stream_options.include_usage``; the dump leaves it out otherwise. ``azu`` is on the final chunk
+    only (the one before ``[DONE]``)."""
 
     id: str
     created: int
@@ -242,6 +267,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    azu: AzuExtension | None = None
 
 
 class ModelCard(BaseModel):
@@ -368,6 +394,15 @@ class SubmitAccepted(BaseModel):
     results_url: str
 
 
+class Verification(BaseModel):
+    """A job's verification (azu.verification.status): ``status`` and what the verifier said with it (for a
+    failed check, ``hop`` and ``worker`` name the stage and ``reason`` says how)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: VerificationState
+
+
 class JobResult(BaseModel):
     job_id: str
     status: Literal["queued", "running", "done", "failed"]
@@ -377,6 +412,8 @@ class JobResult(BaseModel):
     finish_reason: str | None
     usage: Usage | None
     error: str | None
+    verification: Verification | None = Field(
+        description="null while the job runs and until the core decides whether to check it")
 
 
 class ShardStatus(BaseModel):

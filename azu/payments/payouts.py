@@ -239,7 +239,14 @@ class PayoutRunner:
             report.reversed += 1
             log.warning("payout %s refused before signing: %s", payout_id, exc.message)
             return True
-        self._record_signed(payout_id, signed)  # committed BEFORE broadcast
+        try:
+            self._record_signed(payout_id, signed)  # committed BEFORE broadcast
+        except Conflict as exc:
+            # The payout changed under us (reversed because its worker was frozen meanwhile): these bytes
+            # were never recorded, so they are never broadcast and nothing is paid.
+            report.errors.append(f"payout {payout_id}: {exc.message}")
+            log.warning("payout %s not sent: %s", payout_id, exc.message)
+            return True
         try:
             self.provider.broadcast(signed)
         except ChainError as exc:

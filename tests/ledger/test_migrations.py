@@ -28,6 +28,7 @@ TABLES = {
     "api_keys",
     "auth_challenges",
     "worker_identities",
+    "verdicts",
 }
 
 
@@ -74,6 +75,9 @@ def test_upgrade_check_downgrade_upgrade(empty_database: str) -> None:
     assert current.returncode == 0 and "(head)" in current.stdout, current.stdout + current.stderr
 
     command.downgrade(alembic_config(empty_database), "-1")  # one step at a time works too
+    assert "verdicts" not in _tables(empty_database)
+    assert "frozen_reason" not in {c["name"] for c in _columns(empty_database, "workers")}
+    command.downgrade(alembic_config(empty_database), "-1")
     assert "worker_identities" not in _tables(empty_database)
     command.downgrade(alembic_config(empty_database), "-1")
     assert "raw_tx" not in {c["name"] for c in _columns(empty_database, "payouts")}

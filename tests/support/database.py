@@ -16,7 +16,7 @@ ADMIN_URL = os.environ.get("AZU_TEST_PG_URL", "postgresql+psycopg://postgres@127
 
 # Every table the ledger's migrations create, in an order TRUNCATE ... CASCADE accepts.
 LEDGER_TABLES = ("journal_entries, deposits, job_usage, payouts, journal_transactions, jobs, workers, "
-                 "accounts, api_keys, auth_challenges, worker_identities")
+                 "accounts, api_keys, auth_challenges, worker_identities, verdicts")
 
 # One row: the sum of all balances, and how many accounts drift from their entries, journal transactions do
 # not balance, and accounts other than the chain's are below zero.

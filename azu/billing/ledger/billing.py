@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
@@ -101,3 +101,20 @@ class LedgerBilling:
                 service.set_worker_wallet(session, worker_id, wallet)
 
         run_in_transaction(self.engine, register)
+
+    def withhold(self, *, job_id: str, worker_id: str, reason: str, evidence: dict[str, Any]) -> None:
+        run_in_transaction(
+            self.engine,
+            lambda s: service.withhold_job_earnings(
+                s, job_id=job_id, worker_id=worker_id, reason=reason, evidence=evidence
+            ),
+        )
+
+    def freeze_worker(self, *, worker_id: str, reason: str) -> None:
+        run_in_transaction(
+            self.engine, lambda s: service.freeze_worker(s, worker_id=worker_id, reason=reason)
+        )
+
+    def unfreeze_worker(self, *, worker_id: str) -> None:
+        """An operator's ruling (not part of the Billing seam: the network never clears a worker)."""
+        run_in_transaction(self.engine, lambda s: service.unfreeze_worker(s, worker_id=worker_id))

@@ -41,6 +41,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -99,10 +100,16 @@ class AccountKind(enum.StrEnum):
     CHAIN = "chain"  # the outside world: money deposited in / paid out; the only account allowed below zero
     PAYOUTS = "payouts"  # payouts debited from workers, signed/sent, not yet confirmed on chain
     HOLDS = "holds"  # the most each running job can cost, reserved from its user
+    # A worker's earnings taken back for jobs whose numbers failed verification; owner = worker id. Kept
+    # apart (not paid out, not spent) so an operator can see, and if need be return, what was withheld.
+    WITHHELD = "withheld"
 
     @property
     def has_owner(self) -> bool:
-        return self in (AccountKind.USER, AccountKind.WORKER)
+        return self in OWNED_ACCOUNT_KINDS
+
+
+OWNED_ACCOUNT_KINDS = (AccountKind.USER, AccountKind.WORKER, AccountKind.WITHHELD)
 
 
 class HoldStatus(enum.StrEnum):
@@ -139,8 +146,9 @@ class Account(Base):
         UniqueConstraint("kind", "owner", name="uq_accounts_kind_owner"),
         CheckConstraint(_in("kind", [k.value for k in AccountKind]), name="kind_known"),
         CheckConstraint("balance >= 0 OR kind = 'chain'", name="balance_not_negative"),
-        # user/worker accounts name their owner; the singleton system accounts use ''
-        CheckConstraint("(kind IN ('user', 'worker')) = (owner <> '')", name="owner_matches_kind"),
+        # user/worker/withheld accounts name their owner; the singleton system accounts use ''
+        CheckConstraint(f"({_in('kind', [k.value for k in OWNED_ACCOUNT_KINDS])}) = (owner <> '')",
+                        name="owner_matches_kind"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -188,6 +196,9 @@ class Worker(Base):
 
     id: Mapped[str] = mapped_column(String(ADDRESS_LEN), primary_key=True)
     wallet_address: Mapped[str | None] = mapped_column(String(ADDRESS_LEN))
+    # Set by freeze_worker (repeated verification failures): no payout until an operator clears it.
+    frozen_reason: Mapped[str | None] = mapped_column(Text)
+    frozen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now(), nullable=False
@@ -235,6 +246,44 @@ class JobUsage(Base):
     worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"), primary_key=True)
     token_layers: Mapped[int] = mapped_column(BigInteger)
     credited: Mapped[int] = mapped_column(Amount)
+
+
+class VerdictOutcome(enum.StrEnum):
+    # A stage's numbers did not match the re-computation: its pay withheld, the user refunded.
+    FAILED = "failed"
+
+
+class Verdict(Base):
+    """The verifier's finding against one worker for one job, with its evidence and what it moved.
+
+    One per (job, worker): recording it twice changes nothing. ``withheld`` is what was taken back from the
+    worker's account into its withheld account (``credited - shortfall``: a worker already paid out keeps
+    the ``shortfall``); ``refunded`` is what this verdict gave back to the job's user (0 when another
+    verdict of the same job already refunded it).
+    """
+
+    __tablename__ = "verdicts"
+    __table_args__ = (
+        UniqueConstraint("job_id", "worker_id", name="uq_verdicts_job_id_worker_id"),
+        CheckConstraint(_in("outcome", [o.value for o in VerdictOutcome]), name="outcome_known"),
+        CheckConstraint("credited >= 0 AND withheld >= 0 AND shortfall >= 0 AND refunded >= 0",
+                        name="amounts_not_negative"),
+        CheckConstraint("withheld + shortfall = credited", name="withheld_plus_shortfall_is_credit"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSONB)  # the verifier's: hop, chunk, max difference...
+    credited: Mapped[int] = mapped_column(Amount)  # what settlement credited the worker for the job
+    withheld: Mapped[int] = mapped_column(Amount)
+    shortfall: Mapped[int] = mapped_column(Amount)
+    refunded: Mapped[int] = mapped_column(Amount)
+    withhold_transaction_id: Mapped[int] = mapped_column(ForeignKey("journal_transactions.id"))
+    refund_transaction_id: Mapped[int | None] = mapped_column(ForeignKey("journal_transactions.id"))
+    created_at: Mapped[datetime] = _now()
 
 
 class Payout(Base):

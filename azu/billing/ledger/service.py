@@ -14,9 +14,12 @@ Concurrency, in one place:
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -24,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from azu.billing import economics
+from azu.billing.base import JobNotSettled
 from azu.billing.ledger.models import (
     OPEN_PAYOUT_STATUSES,
     PAYOUT_TRANSITIONS,
@@ -37,6 +41,8 @@ from azu.billing.ledger.models import (
     JournalTransaction,
     Payout,
     PayoutStatus,
+    Verdict,
+    VerdictOutcome,
     Worker,
 )
 from azu.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
@@ -90,6 +96,12 @@ def payouts_account(session: Session) -> Account:
 def holds_account(session: Session) -> Account:
     """What running jobs have reserved from their users."""
     return _account(session, AccountKind.HOLDS)
+
+
+def withheld_account(session: Session, worker_id: str) -> Account:
+    """Earnings taken back from ``worker_id`` for jobs that failed verification."""
+    _ensure_worker(session, worker_id)
+    return _account(session, AccountKind.WITHHELD, worker_id)
 
 
 def balance(session: Session, account: Account | int) -> int:
@@ -373,15 +385,20 @@ def job_usage(session: Session, job_id: str) -> dict[str, tuple[int, int]]:
 
 
 def workers_due(session: Session, threshold: int) -> list[tuple[str, str, int]]:
-    """(worker id, wallet, whole balance) for each worker with a wallet, a balance >= ``threshold`` and no
-    payout already in flight."""
+    """(worker id, wallet, whole balance) for each worker with a wallet, a balance >= ``threshold``, no
+    payout already in flight, and not frozen."""
     if threshold <= 0:
         raise InvalidRequest("the payout threshold must be positive")
     open_payout = exists().where(Payout.worker_id == Worker.id, Payout.status.in_(OPEN_PAYOUT_STATUSES))
     rows = session.execute(
         select(Worker.id, Worker.wallet_address, Account.balance)
         .join(Account, (Account.kind == AccountKind.WORKER.value) & (Account.owner == Worker.id))
-        .where(Worker.wallet_address.is_not(None), Account.balance >= threshold, ~open_payout)
+        .where(
+            Worker.wallet_address.is_not(None),
+            Worker.frozen_reason.is_(None),
+            Account.balance >= threshold,
+            ~open_payout,
+        )
         .order_by(Worker.id)
     ).all()
     return [(w, wallet, amount) for w, wallet, amount in rows if wallet]
@@ -416,7 +433,8 @@ def create_payout(session: Session, *, worker_id: str, amount: int, to_address: 
     """Debit the worker into the payouts-in-flight account and record a pending payout, in one transaction.
 
     Call it (and commit) before anything is signed or sent. One payout per worker may be in flight:
-    a second one raises Conflict (the database's partial unique index is the backstop).
+    a second one raises Conflict (the database's partial unique index is the backstop), and so does a
+    payout to a frozen worker.
     """
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise InvalidRequest(f"a payout must be a positive integer amount, got {amount!r}")
@@ -425,6 +443,13 @@ def create_payout(session: Session, *, worker_id: str, amount: int, to_address: 
     try:
         with session.begin_nested():
             worker = worker_account(session, worker_id)
+            # FOR SHARE: a concurrent freeze_worker (which updates the row) waits for this payout or
+            # happens before it, never in between.
+            frozen = session.execute(
+                select(Worker.frozen_reason).where(Worker.id == worker_id).with_for_update(read=True)
+            ).scalar_one()
+            if frozen is not None:
+                raise Conflict(f"worker {worker_id}'s payouts are frozen: {frozen}", param="worker_id")
             payout = Payout(worker_id=worker_id, amount=amount, to_address=to_address)
             session.add(payout)
             session.flush()  # the partial unique index refuses a second open payout here
@@ -537,3 +562,220 @@ def payouts_in(session: Session, *statuses: PayoutStatus | str) -> list[Payout]:
     if statuses:
         query = query.where(Payout.status.in_([PayoutStatus(s).value for s in statuses]))
     return list(session.execute(query).scalars())
+
+
+# ---------------------------------------------------------------------------------------- verification
+
+MAX_EVIDENCE_BYTES = 16 * 1024  # a verdict's evidence is a few numbers and digests, not data
+MAX_REASON_CHARS = 2000
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` as plain JSON, so evidence never costs a verdict: numpy/torch scalars as their number
+    (``.item()``), non-finite floats as text ("nan", "inf": JSON and jsonb have no NaN, and a verifier's "max
+    difference" can be one), anything else unknown as its ``str``."""
+    if hasattr(value, "item") and not isinstance(value, dict | list | tuple | str | bytes):
+        try:
+            value = value.item()
+        except (TypeError, ValueError, RuntimeError):  # not a scalar (numpy: ValueError, torch: RuntimeError)
+            return str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+def _evidence(evidence: Any) -> dict[str, Any]:
+    if not isinstance(evidence, dict):
+        raise InvalidRequest(
+            f"evidence must be a JSON object, got {type(evidence).__name__}", param="evidence"
+        )
+    safe = _json_safe(evidence)
+    size = len(json.dumps(safe, allow_nan=False).encode())
+    if size > MAX_EVIDENCE_BYTES:
+        raise InvalidRequest(f"evidence is {size} bytes; at most {MAX_EVIDENCE_BYTES}", param="evidence")
+    return safe  # type: ignore[no-any-return]
+
+
+def _lock_balances(session: Session, accounts: Iterable[Account]) -> dict[int, int]:
+    """Lock the accounts (ascending id, the order every posting locks in) and return their balances."""
+    ids = sorted({a.id for a in accounts})
+    return dict(
+        session.execute(
+            select(Account.id, Account.balance)
+            .where(Account.id.in_(ids))
+            .order_by(Account.id)
+            .with_for_update()
+        ).all()
+    )
+
+
+def _verdict(session: Session, job_id: str, worker_id: str) -> Verdict | None:
+    return session.execute(
+        select(Verdict)
+        .where(Verdict.job_id == job_id, Verdict.worker_id == worker_id)
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
+def withhold_job_earnings(
+    session: Session, *, job_id: str, worker_id: str, reason: str, evidence: dict[str, Any]
+) -> Verdict:
+    """The verifier found ``worker_id``'s numbers for ``job_id`` wrong: take its credit back, refund the user,
+    keep the verdict. Idempotent per (job, worker): a second call returns the first verdict, moving nothing.
+
+    Two journal transactions, each balanced and keyed:
+
+    - ``withhold`` (key ``job:<job>:withhold:<worker>``): the worker's credit for the job (JobUsage.credited)
+      from its worker account to its withheld account. If it was already paid out (the balance is below the
+      credit) only the balance is taken; the rest is the verdict's ``shortfall``.
+    - ``refund`` (key ``job:<job>:refund``, once per job however many of its workers are found wrong): the
+      job's whole charge from the platform account back to the user. The platform carries it (its own 20 %
+      and the workers' share: the withheld money stays apart for an operator to rule on), as far as its
+      balance goes; a partial refund says so in its memo. No account goes below zero.
+
+    Raises NotFound for a job the ledger never held, JobNotSettled while its bill is still open (retry after
+    settlement). A worker with no usage recorded for the job is credited 0: the verdict is still kept.
+
+    Locks: the hold row first (every verdict of the job queues there), then the four accounts in id order;
+    the journal keys come after the accounts here, which is safe because both keys belong to this job and
+    the hold lock already serializes everything that posts them.
+    """
+    reason = (reason or "").strip()[:MAX_REASON_CHARS]
+    if not reason:
+        raise InvalidRequest("a verdict needs a reason", param="reason")
+    safe_evidence = _evidence(evidence)
+    with session.begin_nested():
+        hold = _locked_hold(session, job_id)  # verdicts of one job queue here: one refund, in order
+        existing = _verdict(session, job_id, worker_id)
+        if existing is not None:
+            return existing
+        if hold.status == HoldStatus.HELD.value:
+            raise JobNotSettled(f"job {job_id} is not settled yet; its verdict waits for settlement",
+                                param="job_id")
+        usage = session.get(JobUsage, (job_id, worker_id), populate_existing=True)
+        credit = usage.credited if usage is not None else 0
+        worker = worker_account(session, worker_id)
+        withheld_to = withheld_account(session, worker_id)
+        platform = platform_account(session)
+        user = user_account(session, hold.user_address)
+        balances = _lock_balances(session, (worker, withheld_to, platform, user))
+
+        withheld = min(credit, balances[worker.id])
+        shortfall = credit - withheld
+        memo = f"withhold job {job_id} from worker {worker_id} ({credit} credited): {reason}"
+        if usage is None:
+            memo += "; no credit recorded for this worker"
+        if shortfall:
+            memo += f"; {shortfall} already paid out, not recovered"
+        withhold_txn = _post(
+            session,
+            key=f"job:{job_id}:withhold:{worker_id}",
+            kind="withhold",
+            legs=[(worker, -withheld), (withheld_to, withheld)],
+            memo=memo[:MAX_REASON_CHARS],
+        )
+        if withhold_txn is None:  # the key is only ever posted together with its verdict row
+            raise AssertionError(f"withhold of job {job_id} from {worker_id} posted without a verdict")
+
+        refund_key = f"job:{job_id}:refund"
+        already_refunded = session.execute(
+            select(exists().where(JournalTransaction.idempotency_key == refund_key))
+        ).scalar_one()
+        refunded, refund_txn = 0, None
+        if not already_refunded:
+            charge = hold.charged or 0
+            refunded = min(charge, balances[platform.id])
+            memo = (f"refund job {job_id} to {hold.user_address}: {refunded} of {charge} charged; "
+                    f"worker {worker_id} failed verification: {reason}")
+            if refunded < charge:
+                memo += f"; platform balance short by {charge - refunded}, not refunded"
+                log.error("job %s: refunded %d of %d; the platform account cannot cover the rest",
+                          job_id, refunded, charge)
+            refund_txn = _post(
+                session,
+                key=refund_key,
+                kind="refund",
+                legs=[(platform, -refunded), (user, refunded)],
+                memo=memo[:MAX_REASON_CHARS],
+            )
+        verdict = Verdict(
+            job_id=job_id,
+            worker_id=worker_id,
+            outcome=VerdictOutcome.FAILED.value,
+            reason=reason,
+            evidence=safe_evidence,
+            credited=credit,
+            withheld=withheld,
+            shortfall=shortfall,
+            refunded=refunded,
+            withhold_transaction_id=withhold_txn,
+            refund_transaction_id=refund_txn,
+        )
+        session.add(verdict)
+        session.flush()
+    log.warning("job %s: worker %s failed verification (%s); withheld %d of %d, refunded %d",
+                job_id, worker_id, reason, withheld, credit, refunded)
+    found = _verdict(session, job_id, worker_id)
+    assert found is not None
+    return found
+
+
+def verdicts(session: Session, *, job_id: str | None = None, worker_id: str | None = None) -> list[Verdict]:
+    """Verdicts (of a job, of a worker, or all), oldest first."""
+    query = select(Verdict).order_by(Verdict.id)
+    if job_id is not None:
+        query = query.where(Verdict.job_id == job_id)
+    if worker_id is not None:
+        query = query.where(Verdict.worker_id == worker_id)
+    return list(session.execute(query).scalars())
+
+
+def freeze_worker(session: Session, *, worker_id: str, reason: str) -> Worker:
+    """Stop ``worker_id``'s payouts until ``unfreeze_worker``. Idempotent: a frozen worker keeps its first
+    reason. A payout of it that was written but never signed is reversed (it cannot be on chain); one
+    already signed may be on the wire and is left to finish."""
+    reason = (reason or "").strip()[:MAX_REASON_CHARS]
+    if not reason:
+        raise InvalidRequest("freezing a worker needs a reason", param="reason")
+    with session.begin_nested():
+        worker_account(session, worker_id)
+        frozen = session.execute(
+            update(Worker)
+            .where(Worker.id == worker_id, Worker.frozen_reason.is_(None))
+            .values(frozen_reason=reason, frozen_at=func.now())
+            .returning(Worker.id)
+        ).scalar_one_or_none()
+        if frozen is not None:
+            log.warning("worker %s frozen: %s", worker_id, reason)
+            unsigned = session.execute(
+                select(Payout.id).where(
+                    Payout.worker_id == worker_id,
+                    Payout.status == PayoutStatus.PENDING.value,
+                    Payout.tx_id.is_(None),
+                )
+            ).scalars().all()
+            for payout_id in unsigned:
+                mark_failed(session, payout_id, f"worker frozen before signing: {reason}")
+    worker = session.get(Worker, worker_id, populate_existing=True)
+    assert worker is not None
+    return worker
+
+
+def unfreeze_worker(session: Session, *, worker_id: str) -> Worker:
+    """An operator's ruling: pay the worker again (NotFound for a worker the ledger does not know)."""
+    with session.begin_nested():
+        cleared = session.execute(
+            update(Worker).where(Worker.id == worker_id).values(frozen_reason=None, frozen_at=None)
+            .returning(Worker.id)
+        ).scalar_one_or_none()
+        if cleared is None:
+            raise NotFound(f"no worker {worker_id!r} in the ledger", param="worker_id")
+    worker = session.get(Worker, worker_id, populate_existing=True)
+    assert worker is not None
+    return worker
