@@ -35,6 +35,8 @@ from azu.tokenization import ModelTokenizer, StreamDecoder, load_tokenizer
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000  # one XREAD waits at most this long, so a dead client is noticed within a second or so
+BROKER_GRACE_S = 60.0  # a stream waits this long for a restarting Redis before it ends with an error event
+BROKER_RETRY_S = 0.5
 REGISTRY_FETCH_TIMEOUT_S = 30.0
 
 
@@ -216,16 +218,33 @@ def follow(r: redis.Redis, job_id: str, *, deadline: float) -> Iterator[jobs_api
     """The job's events in order, until done/error or the deadline (then one synthetic timeout event).
 
     ``None`` between events is a heartbeat: it lets a streaming caller notice a client that went away.
+    Redis going away mid-stream (a restart) is waited out for ``BROKER_GRACE_S`` while heartbeats go on: the
+    job carries on once Redis is back (its events are in the AOF) and so does the stream. Past the grace, one
+    error event says so, and where the answer can still be read.
     """
     last_id = "0-0"
+    lost_since: float | None = None
     while True:
         remaining_ms = int((deadline - time.monotonic()) * 1000)
         if remaining_ms <= 0:
             yield jobs_api.JobEvent(kind="error", token_id=None, finish_reason=None, usage=None,
                                     error="timeout")
             return
-        last_id, events = jobs_api.read_events(r, job_id, last_id=last_id,
-                                               block_ms=min(READ_BLOCK_MS, remaining_ms))
+        try:
+            last_id, events = jobs_api.read_events(r, job_id, last_id=last_id,
+                                                   block_ms=min(READ_BLOCK_MS, remaining_ms))
+            lost_since = None
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            now = time.monotonic()
+            lost_since = lost_since or now
+            if now - lost_since > BROKER_GRACE_S:
+                yield jobs_api.JobEvent(kind="error", token_id=None, finish_reason=None, usage=None,
+                                        error=f"the broker is unavailable; job {job_id} may still finish: "
+                                        f"GET /results/{job_id} later")
+                return
+            yield None
+            time.sleep(BROKER_RETRY_S)  # Redis is restarting: ask again shortly
+            continue
         if not events:
             yield None
             continue

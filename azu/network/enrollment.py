@@ -22,11 +22,21 @@ No job hashes, streams, usage, directory, identities, model status, ``core``/``r
 others, pidbox (remote control), SCAN, CONFIG, FLUSH*, CLIENT, MONITOR, SUBSCRIBE. The core's own login must
 be allowed ``ACL SETUSER``/``ACL DELUSER``/``CLIENT KILL`` (whoever holds it is effectively the broker's
 admin). Redis >= 7 is required: key selectors (the parenthesised rules) appeared in 7.0.
+
+After a Redis restart: ACL users live in Redis's memory, not in its AOF, so every worker's login would be
+gone while its Celery process keeps retrying with the old password. The core keeps a record of each login
+instead, in a key (so in the AOF): ``azu:acl:logins``, worker id -> the SHA-256 of its password (Redis's own
+``#<hash>`` form; the password itself is kept nowhere). ``restore_broker_logins``, run by the collector's
+loop every few seconds, re-creates every recorded login Redis does not know (same rules, same password
+hash): the workers' connections succeed again at their next retry, with their layers still loaded, and no
+worker has to enroll again. A Redis that lost its data too (no AOF) lost the record: those workers' old
+password is refused until they enroll again (restart ``azu-worker``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -36,7 +46,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
-from azu.errors import Conflict, ServiceUnavailable, Unauthorized
+from azu.errors import Conflict, InvalidRequest, ServiceUnavailable, Unauthorized
 from azu.network import identity, keys
 from azu.network.dispatch import control_queue, worker_queue
 
@@ -100,17 +110,27 @@ def check_broker(r: redis.Redis) -> None:
         raise ServiceUnavailable(f"the broker is Redis {version}; per-worker logins need Redis >= 7")
 
 
+LOGINS = keys.ACL_LOGINS  # hash: worker id -> SHA-256 (hex) of its broker password (core-written)
+
+
+def _set_user(r: redis.Redis, worker_id: str, password_sha256: str) -> None:
+    db = int(r.connection_pool.connection_kwargs.get("db", 0) or 0)
+    # `reset` first, in the same command: the user never has an old rule next to a new password.
+    r.execute_command("ACL", "SETUSER", broker_user(worker_id), "reset", "on", f"#{password_sha256}",
+                      *worker_acl(worker_id, db=db))
+
+
 def grant_broker_access(r: redis.Redis, worker_id: str) -> str:
-    """(Re)create ``w-<id>`` with a fresh random password; kill connections made with the old one.
+    """(Re)create ``w-<id>`` with a fresh random password; kill connections made with the old one. The
+    password's hash is recorded (``LOGINS``) so the login can be re-created after a Redis restart.
 
     Returns the new password (never logged)."""
-    db = int(r.connection_pool.connection_kwargs.get("db", 0) or 0)
     password = secrets.token_hex(32)
+    digest = hashlib.sha256(password.encode()).hexdigest()
     user = broker_user(worker_id)
     try:
-        # `reset` first, in the same command: the user never has an old rule next to a new password.
-        r.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}",
-                          *worker_acl(worker_id, db=db))
+        _set_user(r, worker_id, digest)
+        r.hset(LOGINS, worker_id, digest)
         killed = r.client_kill_filter(user=user)
     except redis.ResponseError as exc:
         raise ServiceUnavailable(f"the broker refused to create the worker's login ({exc}); the core's Redis "
@@ -125,7 +145,33 @@ def grant_broker_access(r: redis.Redis, worker_id: str) -> str:
 
 def revoke_broker_access(r: redis.Redis, worker_id: str) -> None:
     """Delete ``w-<id>`` and close its connections (an operator's ban; a re-enrollment makes it again)."""
+    r.hdel(LOGINS, worker_id)  # first: a restore must not bring it back
     r.execute_command("ACL", "DELUSER", broker_user(worker_id))  # DELUSER also kills its connections
+
+
+def restore_broker_logins(r: redis.Redis) -> list[str]:
+    """Re-create the recorded worker logins Redis does not know (after a restart: see the module doc).
+    Returns the worker ids restored. One ``ACL USERS`` when nothing is missing."""
+    recorded: dict[bytes, bytes] = r.hgetall(LOGINS)  # type: ignore[assignment]
+    if not recorded:
+        return []
+    known = {keys.as_str(u) for u in r.execute_command("ACL", "USERS")}
+    restored = []
+    for raw_id, digest in recorded.items():
+        worker_id = keys.as_str(raw_id)
+        if broker_user(worker_id) in known:
+            continue
+        try:
+            _set_user(r, worker_id, keys.as_str(digest))
+        except (redis.ResponseError, InvalidRequest) as exc:
+            log.error("could not restore the broker login of worker %s: %s", worker_id, exc)
+            continue
+        restored.append(worker_id)
+    if restored:
+        log.warning("restored the broker login of %d worker(s) Redis lost: %s", len(restored),
+                    ", ".join(sorted(restored)))
+        _save_acl(r)
+    return restored
 
 
 def _save_acl(r: redis.Redis) -> None:

@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -186,21 +186,118 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
 
 def ensure_placed(r: redis.Redis, model_id: str, *,
                   dispatch: Dispatcher | None = None) -> list[placement.LoadOrder]:
-    """Send load orders if no live worker chain serves ``model_id`` and none are in flight. Returns them."""
+    """Send the load orders that complete a route for ``model_id`` (and its spare copies) if no live worker
+    chain serves it. Returns the orders sent ([] if a route exists, or all that is needed is in flight)."""
+    return place(r, model_id, spares=False, dispatch=dispatch)
+
+
+def keep_placed(r: redis.Redis, *, dispatch: Dispatcher | None = None) -> list[placement.LoadOrder]:
+    """Keep every model the core placed (or that lost a worker) servable, with ``AZU_COPIES`` copies of each
+    span while capacity allows: a worker that restarted empty is ordered its span again, a copy lost with a
+    worker is rebuilt elsewhere. Called by the collector's loop every few seconds and by the watchdog beat.
+    Returns the orders sent."""
+    sent: list[placement.LoadOrder] = []
+    for raw in r.smembers(keys.READY_MODELS):  # type: ignore[union-attr]
+        model_id = keys.as_str(raw)
+        if not r.hexists(keys.model(model_id), PLACED):
+            continue
+        # While jobs wait for a route, only that route is planned (again, if an order died with its worker):
+        # the spare copies come after, so the jobs resume on the route that keeps their surviving hops.
+        waiting = bool(r.zcard(keys.waiting(model_id)))
+        try:
+            sent += place(r, model_id, spares=not waiting, copies=1 if waiting else None, dispatch=dispatch)
+        except AzuError as exc:  # a model being re-sharded, say: the others still get their copies
+            log.warning("keeping %s placed: %s", model_id, exc.message)
+    return sent
+
+
+# Model hash field: the core keeps this model's copies (set on its first placement, or on a loss).
+PLACED = "placed"
+FAILED_LOAD_BACKOFF_S = 60.0  # a worker whose load of a model failed gets no new order for it this long
+
+
+def _order_field(worker_id: str, span: Span) -> str:
+    return json.dumps([worker_id, *span.to_list()])
+
+
+def orders_in_flight(r: redis.Redis, model_id: str, workers: Sequence[directory.WorkerInfo], *,
+                     now: float | None = None) -> tuple[list[placement.LoadOrder], set[str]]:
+    """The load orders of ``model_id`` still in flight, and the workers whose load of it failed lately.
+
+    An order is in flight until its worker holds the span; it is over when the worker is not live, was
+    restarted after the order (a killed process may have taken the message with it), or the load deadline
+    passed. An order whose span left the worker's ``assigned`` set failed (the collector removes it on a
+    ``load_failed`` report): that worker is left out of this model's plans for ``FAILED_LOAD_BACKOFF_S``.
+    """
+    now = time.time() if now is None else now
+    raw: dict[Any, Any] = r.hgetall(keys.orders(model_id))  # type: ignore[assignment]
+    if not raw:
+        return [], set()
+    live = {w.worker_id: w for w in workers}
+    parsed = []
+    for field_raw, at_raw in raw.items():
+        worker_id, *span_list = json.loads(keys.as_str(field_raw))
+        parsed.append((keys.as_str(field_raw), worker_id, Span.from_list(span_list), keys.as_str(at_raw)))
+    pipe = r.pipeline(transaction=False)
+    for _f, worker_id, span, _at in parsed:
+        pipe.sismember(keys.assigned(worker_id), span_key(model_id, span))
+    still_assigned = pipe.execute()
+    deadline = get_settings().load_deadline_s
+    pending: list[placement.LoadOrder] = []
+    failed: set[str] = set()
+    over: list[str] = []
+    for (field_name, worker_id, span, at_text), assigned in zip(parsed, still_assigned, strict=True):
+        failed_at = at_text.startswith("failed:")
+        at = float(at_text.removeprefix("failed:"))
+        w = live.get(worker_id)
+        if failed_at or not assigned:
+            if now - at < FAILED_LOAD_BACKOFF_S:
+                failed.add(worker_id)
+                if not failed_at:
+                    r.hset(keys.orders(model_id), field_name, f"failed:{now}")
+            else:
+                over.append(field_name)
+        elif w is None or span in w.holds(model_id) or now - at > deadline or w.started_at > at:
+            over.append(field_name)
+        else:
+            pending.append(placement.LoadOrder(worker_id, model_id, span))
+    if over:
+        r.hdel(keys.orders(model_id), *over)
+    return pending, failed
+
+
+def place(r: redis.Redis, model_id: str, *, spares: bool, copies: int | None = None,
+          dispatch: Dispatcher | None = None) -> list[placement.LoadOrder]:
+    """Plan and send the load orders ``model_id`` misses (azu.network.placement.plan_loads), counting the
+    orders in flight as held. ``spares=False``: only if no live route serves it (a first placement, a loss
+    with no spare copy); ``spares=True``: also the spare copies. ``copies``: how many copies to plan
+    (default ``AZU_COPIES``). Under the model's lock,
+    so two processes placing it at once do not both order the same span. Returns the orders sent."""
     info = model_info(r, model_id)
-    workers = directory.live_workers(r)
-    if placement.find_routes(model_id, info.num_layers, workers) or r.exists(keys.loading(model_id)):
-        return []
-    orders = placement.plan_loads(info.shape, workers, max_copies=get_settings().copies)
-    # One set of orders in flight per model (NX), until the route is complete or the deadline passes.
-    if not orders or not r.set(keys.loading(model_id), json.dumps([o.to_dict() for o in orders]), nx=True,
-                               ex=int(get_settings().load_deadline_s)):
-        return []
-    dispatch = dispatch or get_dispatcher()
-    manifest_sha = _manifest_sha256(model_id)
-    for order in orders:
-        order_load(r, order.worker_id, order.model_id, order.span, manifest_sha256=manifest_sha,
-                   dispatch=dispatch)
+    settings = get_settings()
+    with r.lock(keys.start_lock(model_id), timeout=30, blocking_timeout=30):
+        now = time.time()
+        workers = directory.live_workers(r, now=now)
+        routes = placement.find_routes(model_id, info.num_layers, workers)
+        if routes and not spares:
+            return []
+        pending, failed = orders_in_flight(r, model_id, workers, now=now)
+        usable = [replace(w, free_memory=0) if w.worker_id in failed else w for w in workers]
+        orders = placement.plan_loads(info.shape, usable, max_copies=copies or settings.copies,
+                                      pending=pending)
+        r.hset(keys.model(model_id), PLACED, str(settings.copies))
+        if not routes and (orders or pending):
+            # What submit and the watchdog read as "the model is being loaded": jobs wait instead of a 503.
+            r.set(keys.loading(model_id), json.dumps([o.to_dict() for o in [*pending, *orders]]),
+                  ex=int(settings.load_deadline_s))
+        if not orders:
+            return []
+        dispatch = dispatch or get_dispatcher()
+        manifest_sha = _manifest_sha256(model_id)
+        for order in orders:
+            order_load(r, order.worker_id, order.model_id, order.span, manifest_sha256=manifest_sha,
+                       dispatch=dispatch, now=now)
+    log.info("placing %s: %s", model_id, ", ".join(f"{o.worker_id} {o.span}" for o in orders))
     return orders
 
 
@@ -210,10 +307,15 @@ def span_key(model_id: str, span: Span) -> str:
 
 
 def order_load(r: redis.Redis, worker_id: str, model_id: str, span: Span, *,
-               manifest_sha256: str | None = None, dispatch: Dispatcher | None = None) -> None:
-    """Order ``worker_id`` to load ``span``: recorded first (placement believes only ordered spans), then sent
-    on the worker's control queue."""
-    r.sadd(keys.assigned(worker_id), span_key(model_id, span))
+               manifest_sha256: str | None = None, dispatch: Dispatcher | None = None,
+               now: float | None = None) -> None:
+    """Order ``worker_id`` to load ``span``: recorded first (placement believes only ordered spans, and counts
+    the order as in flight until the span is held), then sent on the worker's control queue."""
+    pipe = r.pipeline()
+    pipe.sadd(keys.assigned(worker_id), span_key(model_id, span))
+    pipe.hset(keys.orders(model_id), _order_field(worker_id, span), str(time.time() if now is None else now))
+    pipe.expire(keys.orders(model_id), keys.JOB_TTL_S)
+    pipe.execute()
     send_load(worker_id, model_id, span, manifest_sha256=manifest_sha256, dispatch=dispatch)
 
 
@@ -296,32 +398,86 @@ def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: D
                 now: float | None = None) -> bool:
     """Carry a running job on after ``lost`` workers of its route went silent: a new route over live workers
     (reusing as many of the old hops as a fewest-hop route allows), a new grant (epoch + 1, starting at the
-    next step), and a replay of the job's prefix (the prompt and the tokens published so far) from the core
-    to the new route's hop 0. Every hop starts a fresh cache for the new epoch, the replay is one prefill and
-    the step it samples is the job's next one, with the job's seed: the tokens are those of a run without
-    the fault. The old route's other workers are told to drop the old epoch's caches.
+    job's next step k), and the prompt plus the k published tokens replayed to the new hop 0 as one prefill
+    (``_replay``). If no live worker holds the lost layers, they are ordered loaded on live workers with room
+    (the surviving hops kept) and the job waits for them, like a new job waits for its model (status
+    ``queued``, on the model's waiting list, marked ``resume``): the user sees a pause. It fails at once only
+    when no live worker can take the lost layers, or after the load deadline (the watchdog).
 
     Only the collector's thread calls this (it also publishes the job's steps, so the step read here is the
-    job's). Fails the job if no live route is left. Returns True if the job was re-routed."""
+    job's). Returns True if the job was re-routed or waits for its layers."""
     dispatch = dispatch or get_dispatcher()
     now = time.time() if now is None else now
     job = _hash(r, job_id)
     if job.get("status") != "running" or not job.get("route"):
         return False
-    old, epoch, step = job_route(job), int(job.get("epoch") or 0), int(job.get("step") or 0)
+    old, step = job_route(job), int(job.get("step") or 0)
     model_id = job["model_id"]
     info = model_info(r, model_id)
     routes = placement.find_routes(model_id, info.num_layers, directory.live_workers(r, now=now))
     routes = [rt for rt in routes if not {h.worker_id for h in rt} & set(lost)]
-    if not routes:
-        fail_job(r, job_id, f"worker(s) {', '.join(sorted(lost))} lost at step {step} and no live worker "
-                 f"holds their layers of {model_id}", dispatch=dispatch)
+    _note_loss(r, job_id, job, lost, now=now)
+    if routes:
+        return _replay(r, job_id, _closest(r, model_id, routes, old), lost=lost, dispatch=dispatch, now=now)
+    # No live holder: load the lost layers on workers with room and wait for them. Only what completes a
+    # route now (the job waits for it); the spare copies are rebuilt afterwards by keep_placed.
+    r.hset(keys.model(model_id), PLACED, str(get_settings().copies))
+    try:
+        orders = place(r, model_id, spares=False, copies=1, dispatch=dispatch)
+    except AzuError as exc:
+        orders = []
+        log.warning("job %s: cannot place %s: %s", job_id, model_id, exc.message)
+    if not orders and not r.exists(keys.loading(model_id)) and not get_settings().step_deadline_s:
+        fail_job(r, job_id, lost_reason(lost, step, model_id), dispatch=dispatch)
         return False
+    # Nowhere to load it now: the job still waits, up to the step deadline, for a worker to come back or
+    # free room (a supervisor restarting the lost worker, say); keep_placed places the span as soon as it
+    # can, and the watchdog (recover_lost) fails the job with this reason when the deadline passes.
+    pipe = r.pipeline()
+    pipe.hset(keys.job(job_id), mapping={"status": "queued", "resume": "1", "updated": str(now)})
+    pipe.zadd(keys.waiting(model_id), {job_id: now})
+    pipe.execute()
+    log.warning("job %s: worker(s) %s lost at step %d; waits for %s to be loaded again (%s)", job_id,
+                ", ".join(sorted(lost)), step, model_id, ", ".join(f"{o.worker_id} {o.span}" for o in orders)
+                or "orders in flight")
+    start_waiting_jobs(r, model_id, dispatch=dispatch)  # the loads may already be done
+    return True
+
+
+def lost_reason(lost: Sequence[str], step: int, model_id: str) -> str:
+    return (f"worker(s) {', '.join(sorted(lost))} lost at step {step} and no live worker holds or can load "
+            f"their layers of {model_id}")
+
+
+def _note_loss(r: redis.Redis, job_id: str, job: dict[str, str], lost: Sequence[str], *, now: float) -> None:
+    """Record the loss in the job's history (what the route was, how long it had been silent)."""
+    history = json.loads(job.get("reroutes") or "[]")
+    history.append({"epoch": int(job.get("epoch") or 0) + 1, "step": int(job.get("step") or 0),
+                    "lost": sorted(lost), "at": now,
+                    "stalled_s": round(now - float(job.get("updated") or now), 3),
+                    "old_route": json.loads(job["route"])})
+    r.hset(keys.job(job_id), "reroutes", json.dumps(history))
+
+
+def _closest(r: redis.Redis, model_id: str, routes: list[list[Hop]], old: Sequence[Hop]) -> list[Hop]:
+    """Of the fewest-hop routes, one keeping the most of ``old``'s hops (their workers are warm), in turn."""
     fewest = len(routes[0])
     candidates = [rt for rt in routes if len(rt) == fewest]
     best = max(_reuse(rt, old) for rt in candidates)
     candidates = [rt for rt in candidates if _reuse(rt, old) == best]
-    route = candidates[int(r.incr(keys.turn(model_id))) % len(candidates)]
+    return candidates[int(r.incr(keys.turn(model_id))) % len(candidates)]
+
+
+def _replay(r: redis.Redis, job_id: str, route: list[Hop], *, lost: Sequence[str] = (),
+            dispatch: Dispatcher, now: float | None = None) -> bool:
+    """Move the job to ``route`` at its next step k: a new grant (epoch + 1, start k), the prompt and the k
+    published tokens replayed to hop 0 as one prefill from position 0. Every hop drops its caches of older
+    epochs when the new epoch's first step comes, and step k is sampled with the job's seed: the tokens are
+    those of a run without the fault. The old route's other workers are told to drop the old epoch."""
+    now = time.time() if now is None else now
+    job = _hash(r, job_id)
+    old, epoch, step = job_route(job), int(job.get("epoch") or 0), int(job.get("step") or 0)
+    model_id = job["model_id"]
     entries: Any = r.xrange(keys.events(job_id))
     published = [int(keys.as_str(f[b"t"])) for _id, f in entries if f.get(b"t")]
     if len(published) != step:
@@ -335,13 +491,10 @@ def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: D
     except AzuError as exc:
         fail_job(r, job_id, exc.message, dispatch=dispatch)
         return False
-    history = json.loads(job.get("reroutes") or "[]")
-    history.append({"epoch": epoch + 1, "step": step, "lost": sorted(lost), "at": now,
-                    "stalled_s": round(now - float(job.get("updated") or now), 3),
-                    "old_route": json.loads(job["route"])})
     r.hset(keys.job(job_id), mapping={
-        "route": json.dumps([h.to_list() for h in route]), "grant": grant, "grant_sig": grant_sig,
-        "epoch": str(epoch + 1), "updated": str(now), "reroutes": json.dumps(history)})
+        "status": "running", "route": json.dumps([h.to_list() for h in route]), "grant": grant,
+        "grant_sig": grant_sig, "epoch": str(epoch + 1), "updated": str(now)})
+    r.hdel(keys.job(job_id), "resume")
     prompt = json.loads(job["prompt_ids"])
     replay = StepPayload(job_id=job_id, step=step, hop=0, pos=0, x=[*prompt, *published], grant=grant,
                          grant_sig=grant_sig)
@@ -351,13 +504,15 @@ def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: D
     gone = [h for h in old if h.worker_id not in lost and h.worker_id not in {x.worker_id for x in route}]
     if gone:
         end_caches(job_id, gone, epoch=epoch, dispatch=dispatch)
-    log.warning("job %s: worker(s) %s lost at step %d; re-routed (epoch %d) over %s", job_id,
-                ", ".join(sorted(lost)), step, epoch + 1, [h.worker_id for h in route])
+    log.warning("job %s: re-routed at step %d (epoch %d) over %s", job_id, step, epoch + 1,
+                [h.worker_id for h in route])
     return True
 
 
 def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | None = None) -> int:
     """Start the jobs waiting for ``model_id`` if live workers now hold a complete route. Returns how many.
+    A job that lost a worker mid-answer and waited for its layers (``resume``) carries on where it was
+    (``_replay``), on the route that keeps most of its old hops.
 
     Under a per-model lock: two workers finishing their loads at once must not both miss the route
     (each seeing only its own part) nor both start the same job.
@@ -376,11 +531,16 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
             job_id = keys.as_str(raw)
             if not r.zrem(keys.waiting(model_id), job_id):
                 continue
-            if keys.as_str(r.hget(keys.job(job_id), "status") or b"") != "queued":
+            state: list[Any] = r.hmget(keys.job(job_id), "status", "resume", "route")  # type: ignore[assignment]
+            if keys.as_str(state[0] or b"") != "queued":
                 continue  # cancelled or failed while waiting
-            route = placement.choose_route(routes, int(r.incr(keys.turn(model_id))))
-            assert route is not None
-            start_job(r, job_id, route, dispatch=dispatch)
+            if state[1]:
+                old = route_from_list(json.loads(state[2])) if state[2] else ()
+                _replay(r, job_id, _closest(r, model_id, routes, old), dispatch=dispatch)
+            else:
+                route = placement.choose_route(routes, int(r.incr(keys.turn(model_id))))
+                assert route is not None
+                start_job(r, job_id, route, dispatch=dispatch)
             started += 1
     return started
 
@@ -484,13 +644,19 @@ def cancel_job(r: redis.Redis, job_id: str, *, dispatch: Dispatcher | None = Non
     if status == "queued":
         model_id = keys.as_str(r.hget(key, "model_id") or b"")
         if r.zrem(keys.waiting(model_id), job_id) and r.hsetnx(key, "failed_claim", "1"):
-            usage = route_usage((), prompt_tokens=0, completion_tokens=0)
+            job = _hash(r, job_id)
+            # A job that lost a worker mid-answer and waits for its layers has tokens: they are charged.
+            usage = (usage_of(job) if job.get("resume")
+                     else route_usage((), prompt_tokens=0, completion_tokens=0))
             pipe = r.pipeline()
             pipe.xadd(keys.events(job_id), {"k": "done", "reason": "cancelled", "usage": json.dumps(usage)},
                       id="0-*")
             close(pipe, job_id, status="done", reason="cancelled", usage=usage)
             pipe.execute()
             send_settle(job_id, dispatch=dispatch)
+            if job.get("resume") and job.get("route"):
+                end_caches(job_id, job_route(job), epoch=int(job.get("epoch") or 0),
+                           dispatch=dispatch or get_dispatcher())
 
 
 # --- billing ------------------------------------------------------------------------------------

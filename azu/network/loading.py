@@ -7,8 +7,10 @@ in the load order, so a registry that serves other bytes than it sharded is caug
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,9 +44,18 @@ def fetch_span(registry_url: str, model_id: str, span: Span, folder: Path, *,
         name = check_file_name(entry.name, weights=entry in manifest.files)
         download(registry_file_url(registry_url, model_id, name), folder / name, sha256=entry.sha256,
                  size=entry.size)
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_bytes(raw)
-    os.replace(tmp, folder / "manifest.json")
+    # A temporary name of this writer's own: two loads into one folder at once (two spans of a model on one
+    # machine's shared cache) must not replace each other's half-written file, nor find theirs gone. A
+    # fixed name made the second writer's os.replace fail (FileNotFoundError) when the first had already
+    # moved it: a load failed for no reason, more often the busier the machine (issue "Survive faults").
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest.json.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(raw)
+        os.replace(tmp, folder / "manifest.json")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return folder
 
 

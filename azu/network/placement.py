@@ -3,15 +3,17 @@
 - ``find_routes``: complete chains (embeddings -> every layer -> head) over the stages live workers hold,
   fewest hops first.
 - ``choose_route``: one of the fewest-hop chains, taken in turn, so jobs spread over spare copies.
-- ``plan_loads``: when no chain is complete, load orders that finish one: the part no live worker
-  holds is cut into contiguous layer groups on the workers with the most free memory (fewest hops that
-  fit, groups balanced when several are needed), then spare copies while memory allows.
+- ``plan_loads``: load orders for what is missing: first what completes one chain (the layers no live
+  worker holds, cut into contiguous groups on the workers with the most free memory: fewest hops that fit,
+  groups balanced when several are needed), then spare copies up to N (``AZU_COPIES``) while memory
+  allows. Held spans and orders in flight are reused, so after a loss or a restart only the lost span is
+  loaded again.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from azu.engine.span import Span
 from azu.network.directory import WorkerInfo
@@ -110,64 +112,124 @@ def _capacity(shape: ModelShape, free: int, first: int, *, embeddings: bool, upt
 
 
 def _plan_range(shape: ModelShape, workers: list[tuple[str, int]], first: int, *,
-                embeddings: bool) -> list[LoadOrder] | None:
-    """Cover layers ``[first, L)`` + head (+ embeddings on the first group) on as few workers as fit."""
+                embeddings: bool, upto: int | None = None) -> list[LoadOrder] | None:
+    """Cover layers ``[first, upto)`` (default: to the last layer, with the head) (+ embeddings on the first
+    group) on as few of ``workers`` as fit. The head goes with the range that ends at the last layer."""
+    upto = shape.num_layers if upto is None else upto
     ranked = sorted(workers, key=lambda w: (-w[1], w[0]))
     for k in range(1, len(ranked) + 1):
-        plan = _try_k(shape, ranked[:k], first, embeddings=embeddings)
+        plan = _try_k(shape, ranked[:k], first, upto, embeddings=embeddings)
         if plan is not None:
             return plan
     return None
 
 
-def _try_k(shape: ModelShape, chosen: list[tuple[str, int]], first: int, *,
+def _try_k(shape: ModelShape, chosen: list[tuple[str, int]], first: int, upto: int, *,
            embeddings: bool) -> list[LoadOrder] | None:
-    L = shape.num_layers
+    head = upto == shape.num_layers
     orders: list[LoadOrder] = []
     start = first
     for i, (wid, free) in enumerate(chosen):
         emb = embeddings and i == 0
         left = len(chosen) - i
         if left == 1:
-            if shape.bytes_for(start, L, embeddings=emb, head=True) > free:
+            if shape.bytes_for(start, upto, embeddings=emb, head=head) > free:
                 return None
-            orders.append(LoadOrder(wid, shape.model_id, Span(start, L, emb, True)))
+            orders.append(LoadOrder(wid, shape.model_id, Span(start, upto, emb, head)))
             return orders
-        cap = _capacity(shape, free, start, embeddings=emb, upto=L)
+        cap = _capacity(shape, free, start, embeddings=emb, upto=upto)
         # Balanced groups: an even share of what is left, unless this worker can't hold that much.
-        share = math.ceil((L - start) / left)
-        n = min(cap, share)
-        if n == 0:
+        share = math.ceil((upto - start) / left)
+        n = min(cap, share, upto - start - 1)  # the last worker gets at least one layer
+        if n <= 0:
             return None
         orders.append(LoadOrder(wid, shape.model_id, Span(start, start + n, emb, False)))
         start += n
     return None
 
 
-def plan_loads(shape: ModelShape, workers: list[WorkerInfo], *, max_copies: int = 2) -> list[LoadOrder]:
-    """Load orders that make the model servable (first copy), then spare copies while memory allows.
-
-    Reuses the longest chain live workers already hold from the embeddings; plans only what is missing.
-    Returns [] when a complete route already exists or nothing fits.
-    """
-    if find_routes(shape.model_id, shape.num_layers, workers):
-        return []
+def _first_copy_from_prefix(shape: ModelShape, workers: list[WorkerInfo]) -> list[LoadOrder] | None:
+    """One complete copy: the longest held chain from the embeddings, then the rest on the roomiest workers
+    (the plan of the first placement, before spare copies were kept)."""
     free = {w.worker_id: w.free_memory for w in workers}
     prefix = longest_prefix(shape.model_id, workers)
     start = prefix[-1].span.last if prefix else 0
     # A worker that appears in the prefix may still take more layers: what it has left is still free.
-    first_copy = _plan_range(shape, list(free.items()), start, embeddings=not prefix)
-    if first_copy is None:
-        return []
-    orders = list(first_copy)
-    used = {o.worker_id for o in orders} | {h.worker_id for h in prefix}
-    for _ in range(max_copies - 1):
-        spare = [(wid, f) for wid, f in free.items() if wid not in used]
-        copy = _plan_range(shape, spare, 0, embeddings=True)
-        if copy is None:
-            break
-        orders += copy
-        used |= {o.worker_id for o in copy}
+    return _plan_range(shape, list(free.items()), start, embeddings=not prefix)
+
+
+def _deficits(counts: list[int], target: int) -> list[tuple[int, int]]:
+    """The maximal runs of layers held fewer than ``target`` times, as [first, last) ranges."""
+    out: list[tuple[int, int]] = []
+    for i, n in enumerate(counts):
+        if n >= target:
+            continue
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def _with(workers: list[WorkerInfo], orders: list[LoadOrder], shape: ModelShape) -> list[WorkerInfo]:
+    """``workers`` as they will be once ``orders`` are loaded (the span held, its memory taken)."""
+    by_id = {w.worker_id: replace(w, stages=list(w.stages)) for w in workers}
+    for o in orders:
+        w = by_id.get(o.worker_id)
+        if w is None:
+            continue
+        w.stages.append((o.model_id, o.span))
+        need = shape.bytes_for(o.span.first, o.span.last, embeddings=o.span.embeddings, head=o.span.head)
+        w.free_memory = max(0, w.free_memory - need)
+    return [by_id[k] for k in sorted(by_id)]
+
+
+def plan_loads(shape: ModelShape, workers: list[WorkerInfo], *, max_copies: int = 2,
+               pending: list[LoadOrder] | tuple[LoadOrder, ...] = ()) -> list[LoadOrder]:
+    """Load orders that make the model servable, then keep ``max_copies`` copies of every layer while
+    memory allows. Only what is missing is planned: spans live workers hold (and ``pending``, orders in
+    flight) are reused, so a restarted worker that came back empty gets exactly the span it lost, and a
+    route's surviving hops are kept.
+
+    Copy by copy (1, then 2, ... ``max_copies``): the runs of layers held fewer times than that are each
+    covered on the workers that hold none of their layers (so copies never share a worker), roomiest first,
+    in as few groups as fit. The embeddings go with a run that starts at layer 0, the head with one that ends
+    at the last layer. If the first copy cannot be completed that way (held spans that do not line up), a
+    complete copy is planned from the longest held prefix instead. Returns [] when nothing is missing or
+    nothing fits.
+    """
+    L = shape.num_layers
+    sim = _with(workers, list(pending), shape)
+    orders: list[LoadOrder] = []
+    for target in range(1, max_copies + 1):
+        counts = [0] * L
+        holders: list[set[str]] = [set() for _ in range(L)]
+        for w in sim:
+            for span in w.holds(shape.model_id):
+                for i in range(span.first, min(span.last, L)):
+                    counts[i] += 1
+                    holders[i].add(w.worker_id)
+        planned: list[LoadOrder] = []
+        for first, last in _deficits(counts, target):
+            busy = set().union(*holders[first:last])
+            room = [(w.worker_id, w.free_memory) for w in sim if w.worker_id not in busy]
+            cover = _plan_range(shape, room, first, embeddings=first == 0, upto=last)
+            if cover is None:
+                planned = []
+                break
+            planned += cover
+            sim = _with(sim, cover, shape)
+        if target == 1 and not find_routes(shape.model_id, L, sim):
+            # The held spans do not line up into a route: plan a complete copy the first way.
+            sim = _with(workers, list(pending), shape)
+            fallback = _first_copy_from_prefix(shape, sim)
+            if fallback is None:
+                return []
+            planned = fallback
+            sim = _with(sim, fallback, shape)
+        if not planned and target > 1 and _deficits(counts, target):
+            break  # no room for this spare copy: stop (the next copies need more room still)
+        orders += planned
     return orders
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 from azu.errors import AzuError, IntegrityFailure, InvalidRequest, UnsafeFormat
@@ -89,7 +90,9 @@ def download(url: str, dest: Path, *, sha256: str, size: int | None = None, time
     if is_cached(dest, sha256=sha256, size=size):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f".{dest.name}.part")
+    # A temporary name of its own: two processes downloading one file into a shared folder must not race.
+    fd, part_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    part = Path(part_name)
     h = hashlib.sha256()
     got = 0
     try:
@@ -97,7 +100,8 @@ def download(url: str, dest: Path, *, sha256: str, size: int | None = None, time
             with requests.get(url, stream=True, timeout=timeout) as resp:
                 if resp.status_code != 200:
                     raise DownloadFailed(f"{url} answered HTTP {resp.status_code}")
-                with open(part, "wb") as f:
+                with open(fd, "wb", closefd=True) as f:
+                    fd = -1
                     for chunk in resp.iter_content(CHUNK):
                         got += len(chunk)
                         if size is not None and got > size:
@@ -111,5 +115,7 @@ def download(url: str, dest: Path, *, sha256: str, size: int | None = None, time
                                    "SHA-256)", param=dest.name)
         os.replace(part, dest)
     finally:
+        if fd != -1:
+            os.close(fd)
         part.unlink(missing_ok=True)  # gone on every failure (a full disk must not stay full)
     return dest
