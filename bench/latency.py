@@ -1,7 +1,8 @@
 """Latency benchmark: decode tokens/s at batch 1 through two workers on their own hosts, with a delaying relay
-of 0, 10 and 50 ms one way between each worker and the core.
+of 0, 5, 25 and 50 ms one way (10, 50 and 100 ms round trip) between each worker and the core; and the
+aggregate tokens/s of ``--streams`` answers at once against one.
 
-    sudo python bench/latency.py [--delays 0,10,50] [--tokens 48] [--repeat 3] [--json out.json]
+    sudo python bench/latency.py [--delays 0,5,25,50] [--tokens 48] [--repeat 3] [--streams 16] [--json out]
 
 Needs root (network namespaces: tests/support/hosts.py). The core (Redis, API, scheduler) runs in one
 namespace, each worker in another; with a delay d > 0 every byte between a worker and the core's Redis or API
@@ -15,11 +16,15 @@ A decode step crosses the network 4 times with 2 workers: A hands its hidden sta
 and ``ratio`` = measured tokens/s / bound tokens/s: 1.00 means the network adds nothing beyond the hops'
 own latency; less means extra round trips per step (a Celery wake-up, an ack, a poll interval).
 Tokens/s = (N - 1) / (T(N tokens) - T(1 token)), each time the best of ``--repeat`` answers.
+
+Many streams: ``--streams`` answers of N tokens requested at once (threads); aggregate = all completion tokens
+/ the wall time of the slowest, compared with the same measure for one answer (target: >= 10x at 50 ms).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import sys
@@ -65,8 +70,16 @@ def decode_rate(api_url: str, tokens: int, repeat: int) -> tuple[float, int]:
     return (n - 1) / (min(t for t, _ in runs) - one), n
 
 
+def aggregate_rate(api_url: str, tokens: int, streams: int) -> float:
+    """Completion tokens/s of ``streams`` answers requested at once (all tokens / wall time)."""
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        got = list(pool.map(lambda _: answer_time(api_url, tokens)[1], range(streams)))
+    return sum(got) / (time.monotonic() - start)
+
+
 def measure(hosts: Hosts, registry: Path, root: Path, delay_ms: float, tokens: int, repeat: int,
-            env: dict[str, str]) -> dict:
+            env: dict[str, str], streams: int) -> dict:
     with contextlib.ExitStack() as stack:
         public_redis = public_api = None
         if delay_ms > 0:
@@ -77,14 +90,22 @@ def measure(hosts: Hosts, registry: Path, root: Path, delay_ms: float, tokens: i
         stack.callback(net.stop)
         answer_time(net.api_url, 2)  # the workers load their layers on the first job
         rate, n = decode_rate(net.api_url, tokens, repeat)
-    return {"delay_ms": delay_ms, "tokens_per_s": rate, "completion_tokens": n}
+        row = {"delay_ms": delay_ms, "tokens_per_s": rate, "completion_tokens": n}
+        if streams > 1:
+            one = max(aggregate_rate(net.api_url, tokens, 1) for _ in range(repeat))
+            many = max(aggregate_rate(net.api_url, tokens, streams) for _ in range(repeat))
+            row.update(one_stream_tokens_per_s=one, streams=streams, streams_tokens_per_s=many,
+                       streams_ratio=many / one)
+    return row
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--delays", default="0,10,50", help="one-way delays in ms, comma-separated (first: 0)")
+    p.add_argument("--delays", default="0,5,25,50",
+                   help="one-way delays in ms, comma-separated (first: 0); round trip = 2x")
     p.add_argument("--tokens", type=int, default=48, help="max_tokens of each timed answer")
     p.add_argument("--repeat", type=int, default=3, help="timed answers per delay (best is reported)")
+    p.add_argument("--streams", type=int, default=16, help="concurrent answers for the aggregate (1: skip)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting for every process (e.g. AZU_LINGER_S=0.5); repeatable")
     p.add_argument("--json", help="also write the rows here")
@@ -107,17 +128,21 @@ def main() -> int:
         shard_model(src, root / "registry" / MODEL_ID, progress=False)
         for delay in delays:
             with Hosts(2) as hosts:  # fresh hosts each time: nothing carried over between delays
-                rows.append(measure(hosts, root / "registry", root, delay, a.tokens, a.repeat, env))
+                rows.append(measure(hosts, root / "registry", root, delay, a.tokens, a.repeat, env,
+                                    a.streams))
             print(f"  {delay:g} ms: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
 
     t0 = 1 / rows[0]["tokens_per_s"]
-    print(f"{'one-way delay':>14} {'tokens/s':>9} {'ms/token':>9} {'bound tok/s':>12} {'ratio':>6}")
+    print(f"{'round trip':>11} {'tokens/s':>9} {'ms/token':>9} {'bound tok/s':>12} {'ratio':>6} "
+          f"{'streams':>8} {'aggregate':>10} {'vs one':>7}")
     for row in rows:
         bound = 1 / (t0 + CROSSINGS_PER_STEP * row["delay_ms"] / 1000)
         row.update(ms_per_token=1000 / row["tokens_per_s"], bound_tokens_per_s=bound,
                    ratio=row["tokens_per_s"] / bound)
-        print(f"{row['delay_ms']:>11g} ms {row['tokens_per_s']:>9.1f} {row['ms_per_token']:>9.1f} "
-              f"{bound:>12.1f} {row['ratio']:>6.2f}")
+        many = (f"{row['streams']:>8d} {row['streams_tokens_per_s']:>10.1f} {row['streams_ratio']:>6.2f}x"
+                if "streams" in row else "")
+        print(f"{2 * row['delay_ms']:>8g} ms {row['tokens_per_s']:>9.1f} {row['ms_per_token']:>9.1f} "
+              f"{bound:>12.1f} {row['ratio']:>6.2f} {many}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -114,6 +114,18 @@ class Inbox:
         """Keep the wake key for another ``WAKE_TTL_S``: the worker is about to wake itself by message."""
         self.r.expire(self.wake, WAKE_TTL_S)
 
+    def control_waiting(self, control_queue: str) -> bool:
+        """Whether a message waits on the worker's Celery list ``control_queue`` (True if that cannot be
+        told); keeps the wake key for another ``WAKE_TTL_S`` meanwhile (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.llen(control_queue)
+        pipe.expire(self.wake, WAKE_TTL_S)
+        try:
+            waiting, _ = pipe.execute()
+        except redis.RedisError:
+            return True
+        return bool(waiting)
+
     def release(self) -> bool:
         """Clear the wake key if nothing is pending; False if something arrived meanwhile (take it)."""
         return bool(self.r.eval(_RELEASE, 2, self.pending, self.wake))

@@ -19,7 +19,8 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,12 @@ def resolve_request(model_id: str, source: str | None = None) -> tuple[str, str]
 # -- what a checkpoint is made of -----------------------------------------------------------------------
 @dataclass
 class Source:
-    """A checkpoint on local disk, ready to shard: which files, and what they are."""
+    """A checkpoint on local disk, ready to shard: which files, and what they are.
+
+    A hub source may still be downloading its weight files: ``arriving`` holds them by name, each a
+    future of its verified local path, in download order. ``weight_paths`` holds the ones already in;
+    ``wait_for`` blocks for one; ``close`` stops the downloads that have not started.
+    """
 
     model_id: str
     revision: str | None
@@ -111,6 +117,24 @@ class Source:
     extra_paths: dict[str, Path]
     index: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    arriving: dict[str, Future[Path]] = field(default_factory=dict)
+    _downloads: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    def wait_for(self, name: str) -> Path:
+        """The local path of weight file ``name``, once downloaded and verified (its error otherwise)."""
+        if name not in self.weight_paths:
+            self.weight_paths[name] = self.arriving[name].result()
+        return self.weight_paths[name]
+
+    def wait_all(self) -> None:
+        for name in self.arriving:
+            self.wait_for(name)
+
+    def close(self) -> None:
+        """Cancel the downloads not started yet and wait for the one running (nothing runs after this)."""
+        if self._downloads is not None:
+            self._downloads.shutdown(wait=True, cancel_futures=True)
+            self._downloads = None
 
 
 def select_weight_files(names: Iterable[str], index: dict[str, Any] | None, *, where: str) -> list[str]:
@@ -188,12 +212,12 @@ def local_source(directory: str | os.PathLike[str]) -> Source:
 
 def open_source(source: str | os.PathLike[str], *, token: str | None = None, revision: str | None = None,
                 cache_dir: str | os.PathLike[str] | None = None, endpoint: str | None = None,
-                progress: bool = True) -> Source:
+                progress: bool = True, background: bool = False) -> Source:
     """``source`` (an existing local folder, else a hub id) as a ``Source`` with its config read.
 
     Hub downloads use ``HF_TOKEN`` (when ``token`` is None) and ``HF_ENDPOINT`` (when ``endpoint`` is
     None), go to the Hugging Face cache (or ``cache_dir``) and are each checked against the hash the hub
-    publishes.
+    publishes; with ``background`` the weight files arrive while the caller works (see ``fetch``).
     """
     path = Path(source)
     if path.exists():
@@ -202,10 +226,14 @@ def open_source(source: str | os.PathLike[str], *, token: str | None = None, rev
             raise InvalidRequest("--revision applies to hub ids, not to a local folder")
     elif isinstance(source, str) and is_hub_id(source):
         src = fetch(source, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
-                    progress=progress)
+                    progress=progress, background=background)
     else:
         raise NotFound(f"{source} is neither a folder nor a Hugging Face model id")
-    return load_config(src)
+    try:
+        return load_config(src)
+    except BaseException:
+        src.close()
+        raise
 
 
 # -- the hub --------------------------------------------------------------------------------------------
@@ -265,11 +293,9 @@ def _delete_download(path: Path) -> None:
         blob.unlink(missing_ok=True)
 
 
-def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None,
-          cache_dir: str | os.PathLike[str] | None = None, endpoint: str | None = None,
-          progress: bool = True) -> Source:
-    """Download the checkpoint files of hub repo ``repo_id`` (never a pickle) and verify each one."""
-    from huggingface_hub import HfApi, hf_hub_download
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None, endpoint: str | None) -> Iterator[None]:
+    """huggingface_hub's errors as azu's (gated: 403, missing: 404, transport: 503)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -278,12 +304,33 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
         RevisionNotFoundError,
     )
 
+    try:
+        yield
+    except GatedRepoError as exc:
+        raise Forbidden(f"{repo_id} is gated: set HF_TOKEN to a token with access ({exc})") from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise NotFound(f"{repo_id}{'@' + revision if revision else ''}: {exc}") from exc
+    except _network_errors(HfHubHTTPError) as exc:
+        raise HubUnavailable(f"could not fetch {repo_id} from {endpoint or 'the hub'}: {exc}") from exc
+
+
+def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None,
+          cache_dir: str | os.PathLike[str] | None = None, endpoint: str | None = None,
+          progress: bool = True, background: bool = False) -> Source:
+    """Download the checkpoint files of hub repo ``repo_id`` (never a pickle) and verify each one.
+
+    ``background``: return once the listing, the index and the small files are in; the weight files are
+    then downloaded one after another in a thread (``Source.arriving``), so a caller can work on each as it
+    arrives. The caller must ``close()`` the source.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+
     settings = get_settings()
     # Passed explicitly: huggingface_hub reads HF_ENDPOINT once, at import, and would miss a later change.
     endpoint = endpoint or settings.hf_endpoint
     token = token or settings.hf_token
     tqdm_class = None if progress else _silent_tqdm()
-    try:
+    with _hub_errors(repo_id, revision, endpoint):
         api = HfApi(endpoint=endpoint, token=token)
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
         siblings = {s.rfilename: s for s in info.siblings or []}
@@ -293,9 +340,10 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
         select_weight_files([n for n in names if n != INDEX_NAME], None, where=repo_id)
 
         def download(name: str, *, weight: bool) -> Path:
-            path = Path(hf_hub_download(repo_id, name, revision=commit, token=token,
-                                        cache_dir=None if cache_dir is None else Path(cache_dir),
-                                        endpoint=endpoint, tqdm_class=tqdm_class))
+            with _hub_errors(repo_id, revision, endpoint):
+                path = Path(hf_hub_download(repo_id, name, revision=commit, token=token,
+                                            cache_dir=None if cache_dir is None else Path(cache_dir),
+                                            endpoint=endpoint, tqdm_class=tqdm_class))
             _verify(path, siblings[name], repo_id=repo_id, weight=weight)
             return path
 
@@ -304,15 +352,14 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
             index = parse_index(download(INDEX_NAME, weight=False).read_bytes(), where=repo_id)
         weights = select_weight_files(names, index, where=repo_id)
         extras = {n: download(n, weight=False) for n in EXTRA_FILE_NAMES if n in siblings}
-        weight_paths = {n: download(n, weight=True) for n in weights}
-    except GatedRepoError as exc:
-        raise Forbidden(f"{repo_id} is gated: set HF_TOKEN to a token with access ({exc})") from exc
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
-        raise NotFound(f"{repo_id}{'@' + revision if revision else ''}: {exc}") from exc
-    except _network_errors(HfHubHTTPError) as exc:
-        raise HubUnavailable(f"could not fetch {repo_id} from {endpoint or 'the hub'}: {exc}") from exc
-    return Source(model_id=repo_id, revision=info.sha, weight_paths=weight_paths, extra_paths=extras,
-                  index=index)
+        source = Source(model_id=repo_id, revision=info.sha, weight_paths={}, extra_paths=extras, index=index)
+        if not background:
+            source.weight_paths = {n: download(n, weight=True) for n in weights}
+            return source
+    # One download at a time, in the files' order (a checkpoint's first file holds its first layers).
+    source._downloads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="azu-hub-download")
+    source.arriving = {n: source._downloads.submit(download, n, weight=True) for n in weights}
+    return source
 
 
 # -- how large a checkpoint is, before anything is downloaded -------------------------------------------

@@ -225,3 +225,31 @@ def test_generate_cli_text_prompt_and_errors(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "cannot split 4 layers into 9 stages" in bad.stderr
+
+
+def test_a_stage_holds_the_dtype_it_was_asked_for(tmp_path):
+    """A bfloat16 checkpoint (most hub models) loaded as float32 gives float32 weights, equal to the file's.
+
+    The skeleton used to be built in the config's dtype, so transformers cast every float32 tensor back to
+    bfloat16: the stage silently computed in bfloat16, after a float32 copy of each file (peak 1.9x).
+    """
+    import transformers
+
+    from azu.cli import demo
+    from azu.registry.sharder import shard_model
+
+    src = demo.build_model("llama", tmp_path / "src", with_tokenizer=False)
+    bf16 = tmp_path / "bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(bf16)
+    manifest = shard_model(bf16, tmp_path / "shards", progress=False)
+    assert manifest.torch_dtype == "bfloat16"
+    reference = transformers.AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
+    expected = {name: p.detach().float() for name, p in reference.named_parameters()}
+
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        stage = Stage.load(tmp_path / "shards", Span(0, manifest.num_layers, embeddings=True, head=True),
+                           dtype=dtype)
+        held = {name: p for name, p in stage.model.named_parameters() if not p.is_meta}
+        assert {p.dtype for p in held.values()} == {torch_dtype}
+        for name, p in held.items():
+            assert torch.equal(p.float(), expected[name]), name

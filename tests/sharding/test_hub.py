@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from azu.cli.demo import build_model
 from azu.errors import IntegrityFailure, NotFound, UnsafeFormat
+from azu.registry import sharder
 from azu.registry.manifest import Manifest
 from azu.registry.sharder import shard_model
 from azu.registry.sources import HubUnavailable
@@ -161,3 +163,48 @@ def test_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     with pytest.raises(HubUnavailable, match="could not fetch acme/x"):
         shard_model("acme/x", tmp_path / "out", cache_dir=tmp_path / "c", progress=False)
+
+
+class _HoldingHub(FakeHub):
+    """Holds the download of one file until ``release`` is set (or 30 s pass), and says which it was."""
+
+    def __init__(self, held: str) -> None:
+        super().__init__()
+        self.held, self.release = held, threading.Event()
+        self.released_by_event: bool | None = None
+
+    def _handle(self, h, *, head: bool) -> None:
+        if not head and h.path.endswith(f"/{self.held}"):
+            self.released_by_event = self.release.wait(timeout=30)
+        super()._handle(h, head=head)
+
+
+def test_hub_files_are_sharded_as_they_arrive(tiny, tmp_path, monkeypatch):
+    weights = _weight_files(tiny)
+    last = weights[-1]
+    hub = _HoldingHub(held=last).start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    written_before_last: list[str] = []
+    real_write = sharder.write_safetensors
+
+    def write_and_release(path, *args, **kwargs):
+        out = real_write(path, *args, **kwargs)
+        if hub.released_by_event is None:  # the last file is still held
+            written_before_last.append(path.name)
+        hub.release.set()
+        return out
+
+    monkeypatch.setattr(sharder, "write_safetensors", write_and_release)
+    try:
+        hub.add_folder("acme/streamed", tiny)
+        m = shard_model("acme/streamed", tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    finally:
+        hub.stop()
+    local = shard_model(tiny, tmp_path / "local", progress=False)
+
+    # The embeddings (all in the first file) were written while the last file was still on its way.
+    assert hub.released_by_event is True
+    assert "embeddings.safetensors" in written_before_last
+    assert [e.to_dict() for e in m.files] == [e.to_dict() for e in local.files]

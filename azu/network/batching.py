@@ -1,0 +1,128 @@
+"""What a worker runs next: micro-batches of decode steps and chunks of prompts.
+
+Two rules, both about keeping every stage of a pipeline busy without making anyone wait long:
+
+- **Micro-batches.** With J jobs decoding through a route of H stages, a stage that ran all J steps as one
+  batch would leave the other stages idle while it works (they alternate). Capped at about J / H rows, a
+  batch is handed on as soon as it is done, so while one stage runs a batch the next stage runs the batch
+  before: the pipeline fills.
+- **Chunked prompts.** A prompt runs ``chunk`` tokens at a time (all prompts waiting at a stage share that
+  budget, so many users starting together prefill as one batch), in turns with the decode batches: a long
+  prompt holds the jobs that are decoding up for one chunk at a time, not for the whole prompt. A prompt's
+  output is handed on once all of its chunks have run (the next stage gets the whole prompt, as before).
+
+The queue lives for one forward task (``WorkerNode.process_pending``); it is empty when the task returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from azu.engine.span import Span
+
+if TYPE_CHECKING:
+    import torch
+
+    from azu.network.wire import StepPayload
+
+StageId = tuple[str, Span]
+
+
+@dataclass
+class Queued:
+    """A step admitted to run at a stage: its whole input, and how much of it has run (prompts run in
+    chunks; a decode step is one chunk of one token)."""
+
+    step: StepPayload
+    x: torch.Tensor
+    done: int = 0
+    outs: list[torch.Tensor] = field(default_factory=list)  # hidden states of the chunks run so far
+
+    @property
+    def size(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def left(self) -> int:
+        return self.size - self.done
+
+
+@dataclass
+class Row:
+    """One row of a batch: ``item``'s next ``n`` positions."""
+
+    item: Queued
+    n: int
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.item.x[self.item.done : self.item.done + self.n]
+
+    @property
+    def last(self) -> bool:
+        """This row runs the step's last positions (its output goes on)."""
+        return self.item.done + self.n == self.item.size
+
+
+class StepQueue:
+    """Steps admitted and not yet run, per stage, in arrival order; at most one per job and stage."""
+
+    def __init__(self, *, chunk: int) -> None:
+        self.chunk = max(1, chunk)
+        self._by_stage: dict[StageId, dict[str, Queued]] = {}
+
+    def __bool__(self) -> bool:
+        return any(self._by_stage.values())
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._by_stage.values())
+
+    def stages(self) -> Iterator[StageId]:
+        return iter([s for s, q in self._by_stage.items() if q])
+
+    def holds(self, stage_id: StageId, job_id: str) -> bool:
+        return job_id in self._by_stage.get(stage_id, {})
+
+    def add(self, stage_id: StageId, step: StepPayload, x: torch.Tensor) -> None:
+        self._by_stage.setdefault(stage_id, {})[step.job_id] = Queued(step, x)
+
+    def drop_job(self, job_id: str) -> None:
+        for q in self._by_stage.values():
+            q.pop(job_id, None)
+
+    def remove(self, stage_id: StageId, job_id: str) -> None:
+        self._by_stage.get(stage_id, {}).pop(job_id, None)
+
+    def decode_batch(self, stage_id: StageId, max_rows: int) -> list[Row]:
+        """Up to ``max_rows`` one-position steps, oldest first."""
+        q = self._by_stage.get(stage_id, {})
+        return [Row(item, 1) for item in q.values() if item.left == 1][: max(1, max_rows)]
+
+    def prompt_batch(self, stage_id: StageId) -> list[Row]:
+        """The next chunk of the prompts waiting here: ``chunk`` positions in all, oldest prompt first.
+
+        A row is a contiguous piece of one prompt; rows of unequal length are padded to the longest in the
+        batch, so a prompt that would only add a short tail beside a long chunk waits for the next turn."""
+        q = self._by_stage.get(stage_id, {})
+        rows: list[Row] = []
+        budget = self.chunk
+        for item in q.values():
+            if item.left <= 1 and item.done == 0:
+                continue  # a one-position step: the decode batch's
+            if budget <= 0:
+                break
+            n = min(item.left, budget)
+            if rows and n < rows[0].n // 2:
+                break
+            rows.append(Row(item, n))
+            budget -= n
+        return rows
+
+
+def micro_batch_rows(jobs_in_flight: int, route_hops: int) -> int:
+    """How many decode steps a stage runs in one batch: about ``jobs_in_flight / route_hops``, so each of the
+    route's stages has a batch to run while the others run theirs."""
+    return max(1, math.ceil(jobs_in_flight / max(1, route_hops)))

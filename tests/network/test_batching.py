@@ -1,0 +1,81 @@
+"""A worker under load: decode steps in micro-batches, prompts in chunks between them (azu.network.batching).
+
+Every job must still get transformers' greedy tokens: the nodes here run in this process (InlineNetwork), so
+the batches they form can be watched, with a prompt chunk of 3 positions so that every prompt is split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from azu.engine.span import Span
+from azu.network import batching, jobs
+from azu.network.wire import StepPayload
+from azu.registry import status as models
+from tests.support.network import InlineNetwork
+
+pytestmark = [pytest.mark.network]
+
+PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 99, 12], [1, *range(100, 140)], [1, 7], [1, 300, 250, 200, 150],
+           [1, 65, 66, 67, 68], [1, 33, 44, 55], [1, 111, 222, 3, 4, 5, 6]]
+
+
+def test_chunked_prompts_and_micro_batches_match_generate(r, shard, reference, monkeypatch) -> None:
+    monkeypatch.setenv("AZU_PREFILL_CHUNK", "3")
+    model_id = shard("tiny-chunked")
+    folder = models.shard_dir(model_id)
+    net = InlineNetwork(r)
+    first = net.add("c1", folder, model_id, 0, 2, 4)
+    net.add("c2", folder, model_id, 2, 4, 4)
+    stage = first.stages[(model_id, Span(0, 2, True, False))]
+    seen: list[list[int]] = []  # row sizes of every batch at c1
+    run_batch = stage._run_batch
+
+    def watch(jobs_: list[Any], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        seen.append([int(x.shape[0]) for x in inputs])
+        return run_batch(jobs_, inputs)
+
+    monkeypatch.setattr(stage, "_run_batch", watch)
+    n = 10
+    ids = []
+    for p in PROMPTS:
+        job_id = f"jc-{len(ids)}"
+        jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=p,
+                                           max_tokens=n), dispatch=net)
+        ids.append(job_id)
+    net.run()
+    for job_id, prompt in zip(ids, PROMPTS, strict=True):
+        view = jobs.get_job(r, job_id)
+        assert view is not None and view.status == "done", view
+        assert view.token_ids == reference(prompt, n), f"job for prompt {prompt}"
+    assert seen and max(max(rows) for rows in seen) <= 3  # no prompt ran more than a chunk at once
+    assert any(len(rows) > 1 and max(rows) > 1 for rows in seen)  # chunks of several prompts batched
+    assert any(len(rows) > 1 and max(rows) == 1 for rows in seen)  # decode steps batched
+
+
+def _step(job: str, size: int) -> tuple[StepPayload, torch.Tensor]:
+    step = StepPayload(job_id=job, step=0, hop=0, pos=0, x=[1] * size, grant=b"g", grant_sig=b"s")
+    return step, torch.ones(size, dtype=torch.long)
+
+
+def test_queue_splits_decode_steps_and_shares_the_chunk() -> None:
+    stage_id = ("m", Span(0, 2, True, False))
+    q = batching.StepQueue(chunk=8)
+    for i in range(6):
+        q.add(stage_id, *_step(f"d{i}", 1))
+    q.add(stage_id, *_step("long", 20))
+    q.add(stage_id, *_step("short", 5))
+    assert [r.item.step.job_id for r in q.decode_batch(stage_id, 3)] == ["d0", "d1", "d2"]
+    rows = q.prompt_batch(stage_id)
+    assert [(r.item.step.job_id, r.n) for r in rows] == [("long", 8)]  # the oldest prompt takes the chunk
+    rows[0].item.done += 8
+    rows = q.prompt_batch(stage_id)
+    assert [(r.item.step.job_id, r.n, r.last) for r in rows] == [("long", 8, False)]
+    rows[0].item.done += 8
+    rows = q.prompt_batch(stage_id)
+    assert [(r.item.step.job_id, r.n, r.last) for r in rows] == [("long", 4, True), ("short", 4, False)]
+    assert batching.micro_batch_rows(16, 2) == 8 and batching.micro_batch_rows(3, 2) == 2
+    assert batching.micro_batch_rows(5, 1) == 5 and batching.micro_batch_rows(0, 2) == 1
