@@ -70,6 +70,7 @@ class WorkerSettings:
     kv_idle_s: float = 600.0  # AZU_KV_IDLE_S: free a job's caches after this long untouched
     linger_s: float = 0.05  # AZU_LINGER_S: how long an idle worker waits on its inbox
     session_s: float = 2.0  # AZU_SESSION_S: how long one forward task keeps taking from its inbox
+    prefill_chunk: int = 128  # AZU_PREFILL_CHUNK: prompt positions a stage runs per turn
     heartbeat_s: float = 3.0  # AZU_HEARTBEAT_S
     key_file: str | None = None  # AZU_WORKER_KEY_FILE: the worker's Ed25519 key (made on first start, 0600)
     core_url: str | None = None  # AZU_CORE_URL: the core's API, where azu-worker enrolls
@@ -169,6 +170,36 @@ class MetricsSettings:
                    multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR"))
 
 
+@dataclass(frozen=True)
+class VerifySettings:
+    """Verified work (azu.verification): how often the core re-computes jobs, and what workers keep for it."""
+
+    rate: float = 0.05  # AZU_VERIFY_RATE: share of ended jobs re-computed (new and suspect workers: all)
+    new_jobs: int = 20  # AZU_VERIFY_NEW_JOBS: a worker's jobs are all checked until this many passed
+    ban_after: int = 2  # AZU_VERIFY_BAN_AFTER: failed checks that take a worker off routes, payouts frozen
+    rtol: float = 1e-3  # AZU_VERIFY_RTOL: tolerance, relative to a row's largest magnitude (fp32; bf16: 5e-2)
+    wait_s: float = 30.0  # AZU_VERIFY_WAIT_S: how long the verifier waits for commitments and evidence
+    evidence_bytes: int = 256 << 20  # AZU_EVIDENCE_BYTES: signed hand-overs a worker keeps for disputes
+    evidence_s: float = 1800.0  # AZU_EVIDENCE_S: ... and for how long
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> VerifySettings:
+        raw = _text(env, "AZU_VERIFY_RATE")
+        try:
+            rate = 0.05 if raw is None else float(raw)
+        except ValueError:
+            rate = -1.0
+        if not 0.0 <= rate <= 1.0:
+            raise SettingsError(f"AZU_VERIFY_RATE must be a share between 0 and 1, got {raw!r}")
+        return cls(rate=rate, new_jobs=max(0, _int(env, "AZU_VERIFY_NEW_JOBS", 20) or 0),
+                   ban_after=max(1, _int(env, "AZU_VERIFY_BAN_AFTER", 2) or 2),
+                   rtol=_float(env, "AZU_VERIFY_RTOL", 1e-3), wait_s=_float(env, "AZU_VERIFY_WAIT_S", 30.0),
+                   evidence_bytes=max(0, _int(env, "AZU_EVIDENCE_BYTES", 256 << 20) or 0),
+                   evidence_s=_float(env, "AZU_EVIDENCE_S", 1800.0))
+
+
+VERIFY_VARIABLES = ("AZU_VERIFY_RATE", "AZU_VERIFY_NEW_JOBS", "AZU_VERIFY_BAN_AFTER", "AZU_VERIFY_RTOL",
+                    "AZU_VERIFY_WAIT_S", "AZU_EVIDENCE_BYTES", "AZU_EVIDENCE_S")
 METRICS_VARIABLES = ("AZU_METRICS_PORT", "AZU_METRICS_HOST", "AZU_METRICS_TOKEN", "PROMETHEUS_MULTIPROC_DIR")
 
 
@@ -203,6 +234,7 @@ class Settings:
     payments: PaymentSettings = field(default_factory=PaymentSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    verify: VerifySettings = field(default_factory=VerifySettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -255,6 +287,7 @@ class Settings:
                 kv_idle_s=_float(env, "AZU_KV_IDLE_S", 600.0),
                 linger_s=_float(env, "AZU_LINGER_S", 0.05),
                 session_s=_float(env, "AZU_SESSION_S", 2.0),
+                prefill_chunk=max(1, _int(env, "AZU_PREFILL_CHUNK", 128) or 128),
                 heartbeat_s=_float(env, "AZU_HEARTBEAT_S", 3.0),
                 key_file=_text(env, "AZU_WORKER_KEY_FILE"),
                 core_url=_text(env, "AZU_CORE_URL"),
@@ -262,6 +295,7 @@ class Settings:
             ),
             api=ApiSettings.from_env(env),
             metrics=MetricsSettings.from_env(env),
+            verify=VerifySettings.from_env(env),
             payments=PaymentSettings(
                 provider=(_text(env, "PAYMENT_PROVIDER", "hyperliquid") or "hyperliquid").lower(),
                 hyperliquid_rpc_url=_text(env, "HYPERLIQUID_RPC_URL"),
@@ -287,13 +321,13 @@ VARIABLES = (
     "AZU_REQUEST_TIMEOUT_S", "AZU_WATCHDOG_INTERVAL_S", "PAYOUT_INTERVAL_S", "AZU_TASK_EVENTS",
     "AZU_WORKER_ID", "AZU_DEVICE", "AZU_DTYPE", "AZU_WALLET_ADDRESS", "AZU_MEMORY_BYTES",
     "P2P_PUBLIC_URL", "AZU_MAX_CACHED_TOKENS", "AZU_KV_IDLE_S", "AZU_LINGER_S", "AZU_SESSION_S",
-    "AZU_HEARTBEAT_S", "AZU_WORKER_KEY_FILE", "AZU_CORE_PUBLIC_KEY", "PAYMENT_PROVIDER",
+    "AZU_PREFILL_CHUNK", "AZU_HEARTBEAT_S", "AZU_WORKER_KEY_FILE", "AZU_CORE_PUBLIC_KEY", "PAYMENT_PROVIDER",
     "HYPERLIQUID_RPC_URL", "HYPERLIQUID_ADDRESS",
     "HYPERLIQUID_CHAIN_ID", "SCHEDULER_PRIVATE_KEY", "SOLANA_RPC_URL", "SOLANA_ADDRESS",
     "SOLANA_PRIVATE_KEY", "MIN_CONFIRMATIONS", "PRICE_PER_TOKEN_LAYER", "PAYOUT_THRESHOLD",
     "AZU_CORE_URL", "AZU_WALLET_SIGNATURE", "AZU_BROKER_PUBLIC_URL", "AZU_RECONCILE_INTERVAL_S",
     "AZU_RECONCILE_GRACE_S",
-    *API_VARIABLES, *METRICS_VARIABLES,
+    *API_VARIABLES, *METRICS_VARIABLES, *VERIFY_VARIABLES,
 )
 
 

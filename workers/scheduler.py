@@ -8,7 +8,8 @@
 
 A worker process consuming ``core`` also runs the report collector (azu.network.collector) in a thread. One
 collector acts at a time however many processes run one (a Redis lease), so a separate
-``python -m azu.cli.processes collector`` beside it is harmless.
+``python -m azu.cli.processes collector`` beside it is harmless. The verifier is a process of its own
+(``python -m azu.cli.processes verifier``): a check's compute must not hold up the collector.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ On ``ctl.<worker_id>`` (the core's orders; only core processes may write it):
 - ``load``: a load order: pull a span's files from the registry, check them, hold them.
 - ``end_job``: the job is over (an order the core signed): free its KV caches here.
 - ``ping``: answer a health check (tests use it to know earlier messages were handled).
+- ``evidence``: send the core the signed bundles kept for a job it re-computes (azu.verification).
 
 The node starts with the worker process (``worker_ready``) when ``AZU_WORKER_ID`` is set and reports its
 heartbeat from a thread until ``worker_shutdown``.
@@ -25,6 +26,7 @@ from azu.config import get_settings
 from azu.engine.span import Span
 from azu.network import dispatch, keys
 from azu.network.node import WorkerNode
+from azu.verification.orders import EVIDENCE
 from workers import app
 
 log = logging.getLogger(__name__)
@@ -85,3 +87,9 @@ def ping(key: str, value: str) -> None:
     """Answer ``value`` for ``key`` (the collector writes it, ``azu:ping:*`` keys only)."""
     if isinstance(key, str) and key.startswith(keys.PING_PREFIX) and isinstance(value, str):
         node().ping(key, value)
+
+
+@app.task(name=EVIDENCE, ignore_result=True)
+def evidence(*, job_id: str, epoch: int, sig: bytes) -> None:
+    """Send the core the signed bundles kept for the job (an order the core signed; azu.verification)."""
+    node().send_evidence(job_id=job_id, epoch=epoch, sig=sig)

@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "deposit": ("azu.cli.wallet", "send AMOUNT to the platform on the chain and credit it (POST /deposit)"),
     "balance": ("azu.cli.wallet", "show your spendable balance (GET /balance)"),
     "payouts": ("azu.cli.wallet", "show (--watch: follow) worker wallets being paid on chain"),
+    "verdicts": ("azu.cli.verdicts", "verification: banned and suspect workers, the ledger's verdicts"),
+    "unban": ("azu.cli.verdicts", "put a banned worker back on routes and pay it again (core; after review)"),
 }
 
 

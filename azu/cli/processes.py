@@ -420,9 +420,35 @@ def collector_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def verifier_argv(*, loglevel: str | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "azu.cli.processes", "verifier"]
+    return [*argv, "--loglevel", loglevel] if loglevel else argv
+
+
+def verifier_main(argv: Sequence[str] | None = None) -> int:
+    """The verifier: re-computes the jobs picked for a check (``azu:verify:queue``) until SIGTERM/SIGINT."""
+    a = _parser("python -m azu.cli.processes verifier",
+                "the verifier: re-computes finished jobs picked for a check and acts on the verdict "
+                "(withhold, ban); a core process (REDIS_URL: the core's login; DATABASE_URL: the ledger; "
+                "the registry's shard files). Its own process: a check must not slow the collector down"
+                ).parse_args(argv)
+    logging.basicConfig(level=a.loglevel.upper(),
+                        format="[%(asctime)s: %(levelname)s/verifier] %(message)s")
+    import signal
+    import threading
+
+    from azu.verification import verifier
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    verifier.run(stop_event=stop)
+    return 0
+
+
 def core_main(argv: Sequence[str] | None = None) -> int:
-    p = _parser("azu-core", "API + scheduler + beat + registry + collector in one supervised group; "
-                + RESTART_POLICY)
+    p = _parser("azu-core", "API + scheduler + beat + registry + collector + verifier in one supervised "
+                "group; " + RESTART_POLICY)
     _api_args(p)
     _scheduler_args(p)
     _registry_args(p)
@@ -431,6 +457,14 @@ def core_main(argv: Sequence[str] | None = None) -> int:
     group = ProcessGroup()
     _scheduler_children(group, a)
     group.start("collector", collector_argv(loglevel=a.loglevel))
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        group.start("verifier", verifier_argv(loglevel=a.loglevel))
+    else:  # the core image has no torch: the verifier runs from the worker image (docker/compose.yaml)
+        logging.getLogger("azu-core").warning(
+            "no torch here: the verifier is not started; run `python -m azu.cli.processes verifier` on a "
+            "machine with torch and the core's REDIS_URL, DATABASE_URL, AUTH_SECRET_KEY and registry files")
     _registry_children(group, a)
     group.start("api", gunicorn_argv("web:create_app()", host=a.host, port=a.port, workers=a.web_workers,
                                      threads=a.threads, loglevel=a.loglevel), env=_service_metrics("api"))
@@ -445,7 +479,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 
 
 _MAINS = {"api": api_main, "scheduler": scheduler_main, "registry": registry_main, "core": core_main,
-          "collector": collector_main, "worker": worker_main}
+          "collector": collector_main, "verifier": verifier_main, "worker": worker_main}
 
 if __name__ == "__main__":
     # ``python -m azu.cli.processes worker`` works without the console scripts installed (azu up uses it).

@@ -50,6 +50,7 @@ from azu.cli.processes import (
     collector_argv,
     gunicorn_argv,
     metrics_dir,
+    verifier_argv,
 )
 from azu.cli.worker import CORE_ONLY
 from azu.config import get_settings
@@ -579,6 +580,8 @@ class LocalNetwork:
             self._start("beat", beat_argv())
         with _step("starting the collector (workers' signed reports)"):
             self._start("collector", collector_argv())
+        with _step("starting the verifier (re-computes a share of finished jobs)"):
+            self._start("verifier", verifier_argv())
         with _step("starting the registry (celery queue registry + http)") as info:
             self._start("registry-tasks", celery_argv("registry", name="registry", pool="solo"))
             self._start("registry-http", gunicorn_argv(REGISTRY_APP, host="127.0.0.1", port=registry_port,

@@ -1,7 +1,12 @@
 """Next-token sampling on the last stage: greedy, temperature, top-k, top-p.
 
-Seeded per ``(seed, step)``: a replayed step (a redelivered task, a re-planned route) draws the same
-token from the same logits.
+A sampled token is the Gumbel-max draw ``argmax(logits / T + g)`` over the tokens top-k and top-p allow, with
+the Gumbel noise ``g`` drawn from a generator seeded by ``(seed, step)``. Two consequences:
+
+- a replayed step (a redelivered task, a re-planned route) draws the same token from the same logits;
+- a verifier that re-computes the logits can check a sampled token exactly as it checks a greedy one: the
+  token's score must be the best, within a tolerance for the numeric noise between two devices or batch
+  shapes (``token_matches``). An inverse-CDF draw (``torch.multinomial``) has no such margin to test.
 """
 
 from __future__ import annotations
@@ -38,21 +43,60 @@ def _generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(mixed)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, *, seed: int, step: int) -> int:
-    """One token id from ``logits`` (shape ``[vocab]``)."""
-    logits = logits.detach().to("cpu", torch.float32).reshape(-1)
-    if params.greedy:
-        return int(torch.argmax(logits))
-    scaled = logits / params.temperature
+def gumbel_noise(vocab: int, *, seed: int, step: int) -> torch.Tensor:
+    """The step's Gumbel noise, ``[vocab]`` float32 (the same on every machine: drawn on the CPU)."""
+    u = torch.rand(vocab, generator=_generator(seed, step), dtype=torch.float64)
+    return (-torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))).float()
+
+
+def _allowed(scaled: torch.Tensor, params: SamplingParams, *, slack: float = 0.0) -> torch.Tensor:
+    """Which tokens top-k and top-p let through (bool ``[vocab]``); ``slack`` widens both cuts (the
+    verifier's tolerance: a token on the edge of the cut passes)."""
+    allowed = torch.ones_like(scaled, dtype=torch.bool)
     if params.top_k and params.top_k < scaled.numel():
         kth = torch.topk(scaled, params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        allowed &= scaled >= kth - slack
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Drop tokens once the mass *before* them already reaches top_p (the best token always stays).
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=_generator(seed, step)))
+        probs = torch.softmax(scaled, dim=-1)
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep tokens until the mass *before* them reaches top_p (the best token always stays).
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        keep_sorted = before < params.top_p + slack
+        allowed &= torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)
+    return allowed
+
+
+def scores(logits: torch.Tensor, params: SamplingParams, *, seed: int, step: int) -> torch.Tensor:
+    """What the sampler maximises: the logits (greedy), or ``logits / T + gumbel`` with the cut tokens at
+    ``-inf``."""
+    logits = logits.detach().to("cpu", torch.float32).reshape(-1)
+    if params.greedy:
+        return logits
+    scaled = logits / params.temperature
+    noisy = scaled + gumbel_noise(scaled.numel(), seed=seed, step=step)
+    return noisy.masked_fill(~_allowed(scaled, params), float("-inf"))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, *, seed: int, step: int) -> int:
+    """One token id from ``logits`` (shape ``[vocab]``)."""
+    return int(torch.argmax(scores(logits, params, seed=seed, step=step)))
+
+
+def token_matches(logits: torch.Tensor, token: int, params: SamplingParams, *, seed: int, step: int,
+                  tolerance: float) -> bool:
+    """Could ``token`` be what ``sample`` draws from logits within ``tolerance`` of ``logits``?
+
+    ``tolerance`` is in logit units (the verifier scales it to the row): the token's score must be within
+    ``tolerance / T`` of the best allowed score, and the token within the cuts widened by the same slack.
+    Greedy: its logit within ``tolerance`` of the largest."""
+    logits = logits.detach().to("cpu", torch.float32).reshape(-1)
+    if not 0 <= token < logits.numel():
+        return False
+    if params.greedy:
+        return bool(logits[token] >= logits.max() - tolerance)
+    slack = tolerance / params.temperature
+    scaled = logits / params.temperature
+    noisy = scaled + gumbel_noise(scaled.numel(), seed=seed, step=step)
+    best = noisy.masked_fill(~_allowed(scaled, params), float("-inf")).max()
+    loose = _allowed(scaled, params, slack=slack)
+    return bool(loose[token]) and bool(noisy[token] >= best - 2 * slack)

@@ -37,6 +37,7 @@ STEPS = b"azu-steps\n"
 REPORT = b"azu-report\n"
 END_ORDER = b"azu-end-job\n"
 END_RECORD = b"azu-end-record\n"
+EVIDENCE_ORDER = b"azu-evidence\n"
 
 
 def _seed(hex_text: str, what: str) -> bytes:

@@ -16,6 +16,9 @@ and the sender's right to say it, then acts:
 - ``loaded`` / ``load_failed``: start, or fail, the jobs waiting for the model.
 - ``job_failed`` (only from a hop of the job's route): fail the job.
 - ``refused``: count it (``azu:refused:<id>``). ``pong``: write the health-check key (``azu:ping:*``).
+- ``commit`` (only from the hop of the job's current route it names): keep the signed commitment, the first
+  one per chunk (azu.verification); ``evidence``: keep the signed bundles a hop sent on the verifier's order.
+  When a job ends, the collector picks it for a check or not (azu.verification.selection).
 
 One collector acts at a time (a lease on ``azu:collector:lock``), so a job's reports are handled in the order
 its last hop sent them. Between batches, about once a second, the loop also re-routes the running jobs that
@@ -44,6 +47,8 @@ from azu.network import auth, directory, jobs, keys, watchdog
 from azu.network.dispatch import Dispatcher, get_dispatcher, send_settle, worker_queue
 from azu.network.inbox import pop_all
 from azu.network.wire import Report, Sampling
+from azu.verification import selection
+from azu.verification.commitment import CHUNK, TOP_K, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +70,11 @@ class _Decoder:
 class Collector:
     """Report handling with what it remembers between batches (identities, stop-string decoders)."""
 
-    def __init__(self, r: redis.Redis, *, dispatch: Dispatcher | None = None) -> None:
+    def __init__(self, r: redis.Redis, *, dispatch: Dispatcher | None = None,
+                 verify_queue: str = keys.VERIFY_QUEUE) -> None:
         self.r = r
         self._dispatch = dispatch
+        self.verify_queue = verify_queue  # where ended jobs picked for a check go (azu.verification)
         self.identities: dict[str, str] = {}
         self.decoders: dict[str, _Decoder] = {}
         self.tokenizers: dict[str, Any] = {}
@@ -186,7 +193,7 @@ class Collector:
                 pipe.xadd(keys.events(job_id), {"k": "done", "t": shown, "reason": reason,
                                                 "usage": json.dumps(usage)}, id=f"0-{step + 1}")
                 jobs.close(pipe, job_id, status="done", reason=reason, usage=usage,
-                           fields={"step": job["step"]})
+                           fields={"step": job["step"], "last_token": str(token)})
                 ended.append((job_id, job))
                 self.tally.add(metrics.CORE_JOBS_ENDED, reason=reason)
                 self.decoders.pop(job_id, None)
@@ -195,6 +202,8 @@ class Collector:
                 pipe.hset(keys.job(job_id), mapping={"step": job["step"], "updated": now})
         pipe.execute(raise_on_error=False)
         for job_id, job in ended:
+            selection.pick(self.r, job_id, [h.worker_id for h in jobs.job_route(job)],
+                           queue=self.verify_queue)
             send_settle(job_id, dispatch=self.dispatch)
             jobs.end_caches(job_id, jobs.job_route(job), epoch=int(job.get("epoch") or 0),
                             dispatch=self.dispatch)
@@ -285,6 +294,58 @@ class Collector:
             raise Forbidden(f"job {job_id}: {rep.worker_id} is not on the job's route")
         jobs.fail_job(self.r, job_id, _text(rep.body.get("reason"))[:2000], dispatch=self.dispatch)
 
+    def _route_hop(self, rep: Report) -> tuple[str, int, int]:
+        """(job id, epoch, hop) of a commit/evidence report the sender may make: it is that hop of the job's
+        current route."""
+        b = rep.body
+        job_id, epoch, hop = _text(b.get("job_id")), b.get("epoch"), b.get("hop", -1)
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not isinstance(hop, int):
+            raise InvalidRequest(f"job {job_id}: malformed {rep.kind} report")
+        job = jobs.job_fields(self.r.hgetall(keys.job(job_id)))  # type: ignore[arg-type]
+        if epoch != int(job.get("epoch") or 0):
+            raise Forbidden(f"job {job_id}: epoch {epoch} is not the job's")
+        route = jobs.job_route(job)
+        if hop == -1:  # evidence names no hop: the sender's place on the route
+            hop = next((i for i, h in enumerate(route) if h.worker_id == rep.worker_id), -1)
+        if not 0 <= hop < len(route) or route[hop].worker_id != rep.worker_id:
+            raise Forbidden(f"job {job_id}: {rep.worker_id} is not hop {hop} of the job's route")
+        return job_id, epoch, hop
+
+    def _commit(self, rep: Report) -> None:
+        job_id, epoch, hop = self._route_hop(rep)
+        first, final, data = rep.body.get("first"), rep.body.get("final"), rep.body.get("data")
+        if (not isinstance(first, int) or first < 0 or not isinstance(final, bool)
+                or not isinstance(data, bytes)):
+            raise InvalidRequest(f"job {job_id}: malformed commit report")
+        rows, k = shape_of(data)
+        # Bounded: one chunk per report, on a chunk boundary, within the job's positions.
+        limit = self._positions(job_id)
+        if (rows > CHUNK or k != TOP_K or first % CHUNK
+                or first + rows > limit or (rows == 0 and not final)):
+            raise InvalidRequest(f"job {job_id}: commitment of rows [{first}, {first + rows}) is not a chunk "
+                                 f"of the job's {limit} positions")
+        key = keys.commits(job_id)
+        pipe = self.r.pipeline(transaction=False)
+        # The first commitment of a chunk stays: a worker cannot change what it committed to.
+        pipe.hsetnx(key, f"{epoch}:{hop}:{first}", rep.pack())
+        if final:
+            pipe.hsetnx(key, f"{epoch}:{hop}:final", str(first + rows))
+        pipe.expire(key, keys.JOB_TTL_S)
+        pipe.execute()
+
+    def _positions(self, job_id: str) -> int:
+        gen = json.loads(keys.as_str(self.r.hget(keys.job(job_id), "gen") or b"{}"))
+        return int(gen.get("prompt_len", 0)) + int(gen.get("max_tokens", 0))
+
+    def _evidence(self, rep: Report) -> None:
+        job_id, _epoch, _hop = self._route_hop(rep)
+        if not self.r.exists(keys.evidence_asked(job_id, rep.worker_id)):
+            raise Forbidden(f"job {job_id}: nobody asked {rep.worker_id} for evidence")
+        bundles = rep.body.get("bundles")
+        if not isinstance(bundles, list) or not all(isinstance(b, bytes) for b in bundles):
+            raise InvalidRequest(f"job {job_id}: malformed evidence report")
+        self.r.set(keys.evidence(job_id, rep.worker_id), rep.pack(), nx=True, ex=keys.JOB_TTL_S)
+
     def _refused(self, rep: Report) -> None:
         self.r.incr(keys.refused(rep.worker_id))
 
@@ -296,7 +357,7 @@ class Collector:
 
     _HANDLERS: dict[str, Callable[[Collector, Report], None]] = {
         "heartbeat": _heartbeat, "loaded": _loaded, "load_failed": _load_failed, "job_failed": _job_failed,
-        "refused": _refused, "pong": _pong}
+        "refused": _refused, "pong": _pong, "commit": _commit, "evidence": _evidence}
 
 
 def _text(value: Any) -> str:

@@ -91,10 +91,14 @@ def register(r: redis.Redis, info: WorkerInfo, *, now: float | None = None) -> N
     now = time.time() if now is None else now
     info.heartbeat_at = now
     marked = r.zscore(LOST, info.worker_id)
+    before = r.get(keys.worker(info.worker_id)) if marked is not None else None
     pipe = r.pipeline()
     pipe.set(keys.worker(info.worker_id), info.to_json())
     pipe.zadd(keys.WORKERS, {info.worker_id: now})
-    if marked is not None and info.started_at > marked:  # a new process under that id: not lost any more
+    # A new process under that id is not lost any more: one started after the mark, or one other than the
+    # process the record showed (a supervisor may have started it before the core found the old one silent).
+    if marked is not None and (info.started_at > marked or (
+            before and float(json.loads(before).get("started_at") or 0.0) != info.started_at)):
         pipe.zrem(LOST, info.worker_id)
     pipe.execute()
 
@@ -110,7 +114,8 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
     """Workers whose last heartbeat is within ``ttl`` seconds (default: the heartbeat TTL), by worker id."""
     now = time.time() if now is None else now
     found: list[Any] = r.zrangebyscore(keys.WORKERS, now - _ttl(ttl), "+inf")  # type: ignore[assignment]
-    lost = lost_workers(r, now=now)
+    # Lost workers until they restart; banned ones (failed verification, azu.verification) for good.
+    lost = lost_workers(r, now=now) | {keys.as_str(w) for w in r.hkeys(keys.BANNED)}  # type: ignore[union-attr]
     ids = [i for i in (keys.as_str(i) for i in found) if i not in lost]
     if not ids:
         return []

@@ -7,7 +7,8 @@ reports). What a worker may still touch is listed in docs/architecture.md (and e
 Money lives in PostgreSQL, shard files on the registry's disk. The core's Redis runs with AOF (everysec): a
 job's hash is the record its bill is made from until it is billed (the reconciler, azu.billing.reconcile,
 closes every hold whose job ended, was forgotten or is stuck). A job's keys expire a day after its last change
-(``JOB_TTL_S``). Worker ACL users are not in the AOF: after a restart workers enroll again.
+(``JOB_TTL_S``). Worker ACL users are not in the AOF: the core re-creates them from
+``azu:acl:logins`` (the hash of each worker's password) after a restart.
 
 ==============================  ======================================================================
 ``azu:job:<id>``                hash: user, model, status, prompt ids, sampling, grant, usage, the core-signed
@@ -26,9 +27,11 @@ closes every hold whose job ended, was forgotten or is stuck). A job's keys expi
 ``azu:assigned:<worker>``       spans (JSON [model, first, last, emb, head]) the core ordered it to load
 ``azu:reports``                 list of signed worker reports (workers RPUSH, the collector pops)
 ``azu:collector:lock``          the running collector's lease (one collector acts at a time)
-``azu:model:<id>``              hash: shard state, progress, reason, source, routing info
+``azu:model:<id>``              hash: shard state, progress, reason, source, routing info, ``placed``
 ``azu:model:<id>:waiting``      zset of jobs waiting for the model's layers to be loaded
 ``azu:model:<id>:loading``      load orders in flight (JSON), with the load deadline as TTL
+``azu:model:<id>:orders``       hash ``<worker> <span>`` -> when ordered (``failed:<when>``: not again soon)
+``azu:acl:logins``              hash worker -> SHA-256 of its broker password (to re-create lost ACL users)
 ``azu:model:<id>:turn``         counter: round robin over a model's equally short routes
 ``azu:model:<id>:startlock``    lock while waiting jobs are started
 ``azu:models:ready``            set of ready model ids
@@ -37,6 +40,17 @@ closes every hold whose job ended, was forgotten or is stuck). A job's keys expi
 ``azu:enroll:lock:<id>``        one enrollment of an id at a time
 ``azu:identity:<id>:wallet``    the worker's payout wallet when no ledger is configured
 ``azu:metrics:<name>``          core counters (reports, tokens, settlements, watchdog), core writers only
+``azu:job:<id>:commits``        hash ``<epoch>:<hop>:<first row>`` -> a stage's signed commitment report
+                                (the first kept: it cannot be changed); ``<epoch>:<hop>:final`` -> rows
+``azu:job:<id>:evidence:<w>``   the signed bundles worker ``w`` kept for the job, sent on the verifier's
+                                order
+                                (``...:asked`` while the order is out: evidence nobody asked for is refused)
+``azu:verify:queue``            ended jobs picked for a check (the collector pushes, the verifier pops)
+``azu:verify:lock``             the running verifier's lease
+``azu:verify:passed:<w>``       checks worker ``w`` passed (below AZU_VERIFY_NEW_JOBS: every job checked)
+``azu:verify:strikes:<w>``      counter of checks worker ``w`` failed
+``azu:verify:suspect``          set of workers every job of which is checked
+``azu:banned``                  hash worker -> why it is off routes (AZU_VERIFY_BAN_AFTER failed checks)
 ==============================  ======================================================================
 """
 
@@ -70,6 +84,34 @@ def events(job_id: str) -> str:
 
 def usage(job_id: str) -> str:
     return f"azu:job:{job_id}:usage"
+
+
+def commits(job_id: str) -> str:
+    return f"azu:job:{job_id}:commits"
+
+
+def evidence(job_id: str, worker_id: str) -> str:
+    return f"azu:job:{job_id}:evidence:{worker_id}"
+
+
+def evidence_asked(job_id: str, worker_id: str) -> str:
+    """Set by the verifier when it orders a worker's evidence: the collector takes only evidence asked for."""
+    return f"azu:job:{job_id}:evidence:{worker_id}:asked"
+
+
+VERIFY_QUEUE = "azu:verify:queue"
+VERIFY_LOCK = "azu:verify:lock"
+VERIFY_SUSPECT = "azu:verify:suspect"
+BANNED = "azu:banned"
+ACL_LOGINS = "azu:acl:logins"  # hash: worker id -> SHA-256 (hex) of its broker password (core-written)
+
+
+def verify_passed(worker_id: str) -> str:
+    return f"azu:verify:passed:{worker_id}"
+
+
+def verify_strikes(worker_id: str) -> str:
+    return f"azu:verify:strikes:{worker_id}"
 
 
 # --- workers ------------------------------------------------------------------------------------
@@ -114,6 +156,11 @@ def waiting(model_id: str) -> str:
 
 def loading(model_id: str) -> str:
     return f"azu:model:{model_id}:loading"
+
+
+def orders(model_id: str) -> str:
+    """hash: ``<worker> <span>`` -> when the core ordered that load (or ``failed:<when>``)."""
+    return f"azu:model:{model_id}:orders"
 
 
 def turn(model_id: str) -> str:

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from azu import metrics
-from azu.config import Settings
+from azu.config import Settings, get_settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Forbidden, InvalidRequest
-from azu.network import auth, directory, inbox, jobs, keys, loading
-from azu.network.dispatch import Dispatcher, send_forward, worker_queue
+from azu.network import auth, batching, directory, inbox, jobs, keys, loading
+from azu.network.dispatch import Dispatcher, control_queue, send_forward, worker_queue
 from azu.network.inbox import Inbox
 from azu.network.wire import (
     JobGrant,
@@ -40,9 +41,12 @@ from azu.network.wire import (
     StepBundle,
     StepPayload,
     end_order_part,
+    evidence_order_part,
     pack_tensor,
     unpack_tensor,
 )
+from azu.verification.commitment import CommitBuffer
+from azu.verification.evidence import EvidenceStore
 
 if TYPE_CHECKING:
     import torch
@@ -63,11 +67,14 @@ class _JobState:
     """What this worker remembers of a job between steps (beside the stages' KV caches)."""
 
     touched: float = 0.0
+    interval: float = 0.0  # seconds between its last two steps here (how long to wait for the next)
     epoch: int = 0  # the grant epoch the job's caches here belong to (a re-route starts a new one)
     decoder: StreamDecoder | None = None  # when the job has stop strings (last stage)
     # hop -> (step, what that step produced: the next hop's payload, or the sampled token at the last hop),
     # replayed when the same step arrives again
     last_out: dict[int, tuple[int, StepPayload | int]] = field(default_factory=dict)
+    # hop -> the commitments of what this worker produced at that hop (azu.verification), sent per chunk
+    commits: dict[int, CommitBuffer] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,7 +94,8 @@ class WorkerNode:
                  wallet: str | None = None, memory_limit: int | None = None,
                  max_cached_tokens: int = 32768, kv_idle_s: float = 600.0, linger_s: float = 0.05,
                  session_s: float = 2.0, heartbeat_s: float = 3.0, key: SigningKey | None = None,
-                 core_public_key: str | None = None, reports_key: str = keys.REPORTS) -> None:
+                 core_public_key: str | None = None, reports_key: str = keys.REPORTS,
+                 evidence_bytes: int = 256 << 20, evidence_s: float = 1800.0) -> None:
         from nacl.signing import SigningKey
 
         self.r = r
@@ -116,6 +124,8 @@ class WorkerNode:
         self.stage_bytes: dict[StageId, int] = {}
         self.folders: dict[str, Path] = {}  # model id -> its local shard folder (tokenizer files too)
         self.jobs: dict[str, _JobState] = {}
+        # The signed bundles received from the hop before, kept to prove what this worker was given.
+        self.evidence = EvidenceStore(max_bytes=evidence_bytes, max_age_s=evidence_s)
         # Jobs that ended here lately, with the epoch they ended at: a late duplicate of one of their steps
         # must not revive a cache (a step of a later epoch, after a re-route, may).
         self.ended: OrderedDict[str, int] = OrderedDict()
@@ -139,7 +149,8 @@ class WorkerNode:
                    cache_dir=cache_dir, registry_url=settings.registry_url,
                    p2p_url=w.p2p_url, wallet=w.wallet, memory_limit=w.memory_bytes,
                    max_cached_tokens=w.max_cached_tokens, kv_idle_s=w.kv_idle_s, linger_s=w.linger_s,
-                   session_s=w.session_s, heartbeat_s=w.heartbeat_s, key=key)
+                   session_s=w.session_s, heartbeat_s=w.heartbeat_s, key=key,
+                   evidence_bytes=settings.verify.evidence_bytes, evidence_s=settings.verify.evidence_s)
 
     # --- directory -------------------------------------------------------------------------------
     def info(self) -> directory.WorkerInfo:
@@ -231,30 +242,75 @@ class WorkerNode:
 
     # --- steps -----------------------------------------------------------------------------------
     def process_pending(self, blobs: list[bytes] | None = None) -> int:
-        """Run the payloads a wake-up brought, then every payload left for this worker meanwhile, batch
-        after batch. With nothing left it waits up to ``linger_s`` on its inbox: while a job is generating,
-        its next step arrives within milliseconds, and taking it from the list costs one Redis wake-up
-        instead of a Celery message each way. After ``session_s`` it hands what is pending to a new message
-        on its own queue, so load orders and end_job messages queued behind get their turn.
-        Returns how many steps were run or replayed."""
-        done = self._process(blobs) if blobs else 0
+        """Run the payloads a wake-up brought, then every payload left for this worker meanwhile, in rounds:
+        each round takes what arrived (without waiting) and runs one batch per stage, a micro-batch of
+        decode steps then a chunk of the prompts waiting (azu.network.batching), each handed on as soon as
+        it has run, so the next stage works while this one runs its next batch.
+
+        With nothing to run it waits on its inbox while a job of this worker is in flight (``_due_by``):
+        the job's next step is due, and taking it from the list costs one Redis wake-up instead of a Celery
+        message each way, whatever the round trip between hosts. Every ``session_s`` it looks at its control
+        queue: if a load order or end_job message waits there, it finishes what it holds and hands the rest
+        to a new message on its own queue, so the control message gets its turn. Returns how many steps
+        were run or replayed."""
+        queue = batching.StepQueue(chunk=get_settings().worker.prefill_chunk)
+        done = self._process(blobs, queue) if blobs else 0
         deadline = time.monotonic() + self.session_s
         while True:
-            if self.linger_s > 0 and time.monotonic() < deadline:
-                more = self.inbox.wait(self.linger_s)
-            else:
-                more = self.inbox.take()
+            if time.monotonic() > deadline and not self._control_waiting():
+                deadline = time.monotonic() + self.session_s  # nothing queued behind: the session goes on
+            if queue:
+                # Work in hand: take what arrived meanwhile without waiting, then the next round. Past the
+                # deadline nothing new is taken: what is held is finished first.
+                more = self.inbox.take() if time.monotonic() < deadline else []
+                done += self._process(more, queue)
+                continue
+            due_in = self._step_due_in(time.time())
+            wait_s = min(max(self.linger_s, due_in), deadline - time.monotonic()) if self.linger_s > 0 else 0
+            more = self.inbox.wait(wait_s) if wait_s > 0 else self.inbox.take()
             if more:
                 if time.monotonic() > deadline:  # the wake key stays set: senders keep using the list
                     self.inbox.keep_awake()
                     send_forward(self.worker_id, more, dispatch=self.dispatch)
                     return done
-                done += self._process(more)
+                done += self._process(more, queue)
                 continue
+            if self._step_due_in(time.time()) > 0:
+                if time.monotonic() < deadline:
+                    continue  # a job's next step is still due: wait on
+                # The session is over but a step is due: wake this worker again by message (after what is
+                # queued behind it); the wake key stays set, so senders keep using the list meanwhile.
+                self.inbox.keep_awake()
+                send_forward(self.worker_id, [], dispatch=self.dispatch)
+                return done
             if self.inbox.release():
                 return done
 
-    def _process(self, blobs: list[bytes]) -> int:
+    def _control_waiting(self) -> bool:
+        """Whether a load order, end_job or ping waits on this worker's control queue (its Celery list), or
+        that cannot be told: then the session ends, and the message gets its turn. Otherwise the session
+        goes on, and the wake key is kept (senders keep using the list)."""
+        return self.inbox.control_waiting(control_queue(self.worker_id))
+
+    def _step_due_in(self, now: float) -> float:
+        """Seconds until the last in-flight job's next step here is overdue (``_due_by``), 0 if none is in
+        flight; always 0 with ``linger_s`` 0 (tests that step by hand)."""
+        if self.linger_s <= 0:
+            return 0.0
+        return max(0.0, max((self._due_by(state) for state in self.jobs.values()), default=now) - now)
+
+    def _due_by(self, state: _JobState) -> float:
+        """When a job's next step here is overdue: twice its observed step interval after its last step (a
+        job whose interval is not known yet, or a slow one, counts for a whole session)."""
+        window = 2 * state.interval if state.interval else self.session_s
+        return state.touched + min(window, self.session_s)
+
+    def _process(self, blobs: Iterable[bytes], queue: batching.StepQueue | None = None) -> int:
+        """Admit ``blobs``' payloads to ``queue`` and run one round of it (one batch per stage); with no
+        queue given, run all they hold to the end."""
+        whole = queue is None
+        if queue is None:
+            queue = batching.StepQueue(chunk=get_settings().worker.prefill_chunk)
         groups: dict[StageId, list[StepPayload]] = defaultdict(list)
         for blob in blobs:
             for step in self._admit_bundle(blob):
@@ -262,7 +318,10 @@ class WorkerNode:
         done = 0
         with self.lock:
             for stage_id, steps in groups.items():
-                done += self._run_group(stage_id, steps)
+                done += self._run_group(stage_id, steps, queue)
+            done += self._run_round(queue)
+            while whole and queue:
+                done += self._run_round(queue)
         return done
 
     def _refuse(self, reason: str, job_id: str | None = None, *, why: str = "other") -> None:
@@ -292,6 +351,10 @@ class WorkerNode:
                 out.append(p)
             except AzuError as exc:
                 self._refuse(exc.message, p.job_id, why=f"payload_{exc.code}")
+        # Hidden states from the hop before: keep the signed bundle as proof of what this worker was given.
+        kept = {(p.job_id, p.g.epoch) for p in out if p.hop > 0}
+        if kept:
+            self.evidence.add(blob, kept)
         return out
 
     def _sender_key(self, sender: str, payloads: list[StepPayload]) -> str:
@@ -344,10 +407,11 @@ class WorkerNode:
         if (g.model_id, p.here.span) not in self.stages:
             raise AzuError(f"worker {self.worker_id} does not hold {g.model_id} {p.here.span}")
 
-    def _run_group(self, stage_id: StageId, steps: list[StepPayload]) -> int:
+    def _run_group(self, stage_id: StageId, steps: list[StepPayload], queue: batching.StepQueue) -> int:
+        """Sort one stage's admitted payloads: a fresh step joins ``queue`` (``_run_round`` runs it), one
+        already applied is answered again now from its remembered output, anything else is dropped or fails
+        its job. Returns how many were answered again."""
         stage = self.stages[stage_id]
-        fresh: list[StepPayload] = []
-        fresh_jobs: set[str] = set()
         replays: list[StepPayload] = []
         now = time.time()
         for s in steps:
@@ -361,25 +425,31 @@ class WorkerNode:
                     log.info("job %s step %s: epoch %d is past (now %d); payload dropped", s.job_id, s.step,
                              epoch, state.epoch)
                     continue
-                # The core re-routed the job: what this worker cached for the old route is dropped, the
-                # new epoch starts from its replay (position 0).
+                # The core re-routed the job: what this worker cached or queued for the old route is
+                # dropped, the new epoch starts from its replay (position 0).
                 self._drop_caches(s.job_id)
-                fresh = [f for f in fresh if f.job_id != s.job_id]  # old-epoch steps earlier in this batch
+                queue.drop_job(s.job_id)
                 replays = [f for f in replays if f.job_id != s.job_id]
-                fresh_jobs.discard(s.job_id)
                 state = None
             if state is None:
                 state = self.jobs[s.job_id] = _JobState(epoch=epoch)
             have = stage.job_length(s.job_id)
-            state.touched = now
             if have == s.pos:
-                if s.job_id in fresh_jobs:
-                    # Two copies of one step in one batch (a replay crossed the original): run it once.
-                    log.info("job %s step %s: duplicate payload in one batch dropped", s.job_id, s.step)
+                if queue.holds(stage_id, s.job_id):
+                    # Two copies of one step before it ran (a replay crossed the original): run it once.
+                    log.info("job %s step %s: duplicate payload dropped", s.job_id, s.step)
                     continue
-                fresh.append(s)
-                fresh_jobs.add(s.job_id)
+                try:
+                    x = torch_input(s.x)
+                except AzuError as exc:
+                    self._job_failed(s.job_id, exc.message)
+                    continue
+                if state.touched:
+                    state.interval = now - state.touched
+                state.touched = now
+                queue.add(stage_id, s, x)
                 continue
+            state.touched = now
             last = state.last_out.get(s.hop)
             if last is not None and last[0] == s.step:
                 replays.append(s)  # already applied: answer again, don't run again
@@ -389,65 +459,109 @@ class WorkerNode:
             else:
                 self._job_failed(s.job_id, f"worker {self.worker_id} lost the job's cache (at {have} "
                                  f"positions, step {s.step} needs {s.pos})")
-        ran = [r for r in self._forward(stage, fresh) if r is not None]
-        ran += [_Ran(s, self.jobs[s.job_id].last_out[s.hop][1], replay=True) for s in replays]
-        if replays:
-            self.metrics.steps.labels("replay").inc(len(replays))
+        if not replays:
+            return 0
+        self.metrics.steps.labels("replay").inc(len(replays))
+        ran = [_Ran(s, self.jobs[s.job_id].last_out[s.hop][1], replay=True) for s in replays]
         if stage_id[1].head:
             self._finish_steps(ran)
         else:
             self._send_on(ran)
         return len(ran)
 
+    def _run_round(self, queue: batching.StepQueue) -> int:
+        """One turn of every stage with work queued: a micro-batch of decode steps, then a chunk of the
+        prompts waiting; what each batch finished is handed on (or sampled) before the next batch runs."""
+        done = 0
+        now = time.time()
+        for stage_id in list(queue.stages()):
+            stage = self.stages[stage_id]
+            rows = queue.decode_batch(stage_id, self._micro_batch_rows(stage_id, queue, now))
+            for turn in ("decode", "prompt"):
+                if turn == "prompt":
+                    rows = queue.prompt_batch(stage_id)
+                if not rows:
+                    continue
+                ran = self._forward(stage_id, stage, rows, queue)
+                if stage_id[1].head:
+                    self._finish_steps(ran)
+                else:
+                    self._send_on(ran)
+                done += len(ran)
+        return done
+
+    def _micro_batch_rows(self, stage_id: StageId, queue: batching.StepQueue, now: float) -> int:
+        """The decode rows of one batch here: the jobs in flight (queued here, or due back within two step
+        intervals) over the stages of their route (azu.network.batching.micro_batch_rows)."""
+        queued = [r.item.step for r in queue.decode_batch(stage_id, 1 << 30)]
+        if not queued:
+            return 1
+        hops = len(queued[0].g.route)
+        due = sum(1 for st in self.jobs.values() if now < self._due_by(st))
+        return batching.micro_batch_rows(max(len(queued), due), hops)
+
     def _job_failed(self, job_id: str, reason: str) -> None:
         log.warning("worker %s: job %s failed: %s", self.worker_id, job_id, reason)
         self.report("job_failed", {"job_id": job_id, "reason": reason[:2000]})
 
-    def _forward(self, stage: Stage, steps: list[StepPayload]) -> list[_Ran | None]:
-        """What each step produced, in order (None where the job failed). Decode steps run as one batch."""
-        import torch
-
-        outputs: list[_Ran | None] = [None] * len(steps)
-        inputs: list[tuple[int, torch.Tensor]] = []
-        for i, s in enumerate(steps):
-            try:
-                x = torch.tensor(s.x, dtype=torch.long) if isinstance(s.x, list) else unpack_tensor(s.x)
-                inputs.append((i, x))
-            except AzuError as exc:
-                self._job_failed(s.job_id, exc.message)
-        done: set[int] = set()
-        singles = [(i, x) for i, x in inputs if x.shape[0] == 1]
-        if len(singles) > 1:
-            try:
-                started = time.perf_counter()
-                outs = stage.forward_batch([(steps[i].job_id, x) for i, x in singles])
-                self._observe_forward(started, [steps[i] for i, _ in singles])
-                for (i, x), o in zip(singles, outs, strict=True):
-                    outputs[i] = _Ran(steps[i], o, replay=False, tokens=int(x.shape[0]))
-                done = {i for i, _ in singles}
-            except Exception:
+    def _forward(self, stage_id: StageId, stage: Stage, rows: list[batching.Row],
+                 queue: batching.StepQueue) -> list[_Ran]:
+        """Run ``rows`` as one batch (job by job if the batch fails before it touched a cache) and return
+        the steps they finished: a prompt's output once its last chunk has run (hidden states of all its
+        positions, or the logits of its last one at the head)."""
+        started = time.perf_counter()
+        outs: list[Any] = []
+        try:
+            if len(rows) > 1:
+                outs = stage.forward_batch([(r.item.step.job_id, r.x) for r in rows])
+            else:
+                outs = [stage.forward(rows[0].item.step.job_id, rows[0].x)]
+        except Exception as exc:
+            if len(rows) == 1:
+                outs = [exc]
+            else:
                 log.exception("batched forward failed; running the steps one by one")
-        for i, x in inputs:
-            if i in done:
+                outs = []
+                for r in rows:
+                    job_id = r.item.step.job_id
+                    if stage.job_length(job_id) != r.item.step.pos + r.item.done:
+                        outs.append(AzuError("its cache was dropped with a failed batch"))
+                        continue
+                    try:
+                        outs.append(stage.forward(job_id, r.x))
+                    except Exception as single:
+                        outs.append(single)
+        self._observe_forward(started, rows)
+        ran: list[_Ran] = []
+        for r, out in zip(rows, outs, strict=True):
+            item = r.item
+            job_id = item.step.job_id
+            if isinstance(out, Exception):
+                queue.remove(stage_id, job_id)
+                reason = out.message if isinstance(out, AzuError) else f"{type(out).__name__}: {out}"
+                self._job_failed(job_id, f"worker {self.worker_id}: {reason}")
                 continue
-            try:
-                started = time.perf_counter()
-                outputs[i] = _Ran(steps[i], stage.forward(steps[i].job_id, x), replay=False,
-                                  tokens=int(x.shape[0]))
-                self._observe_forward(started, [steps[i]])
-            except Exception as exc:
-                reason = exc.message if isinstance(exc, AzuError) else f"{type(exc).__name__}: {exc}"
-                self._job_failed(steps[i].job_id, f"worker {self.worker_id}: {reason}")
-        return outputs
+            last = r.last
+            item.done += r.n
+            if not stage_id[1].head:
+                item.outs.append(out)
+            if not last:
+                continue
+            queue.remove(stage_id, job_id)
+            if not stage_id[1].head:
+                out = item.outs[0] if len(item.outs) == 1 else torch_cat(item.outs)
+            ran.append(_Ran(item.step, out, replay=False, tokens=item.size))
+        return ran
 
-    def _observe_forward(self, started: float, steps: list[StepPayload]) -> None:
+    def _observe_forward(self, started: float, rows: list[batching.Row]) -> None:
         self.metrics.step_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(steps))
-        prefill = sum(1 for s in steps if s.step == 0)
+        self.metrics.batch_size.observe(len(rows))
+        finished = [r.item.step for r in rows if r.last]
+        prefill = sum(1 for s in finished if s.step == s.g.start)
         if prefill:
             self.metrics.steps.labels("prefill").inc(prefill)
-        if len(steps) - prefill:
-            self.metrics.steps.labels("decode").inc(len(steps) - prefill)
+        if len(finished) - prefill:
+            self.metrics.steps.labels("decode").inc(len(finished) - prefill)
 
     def _hand_over(self, nexts: list[StepPayload], *, pipe: Any = None) -> None:
         """Send steps on, in one bundle per next worker signed by this worker (after ``pipe``'s writes)."""
@@ -468,6 +582,15 @@ class WorkerNode:
                 self.jobs[r.step.job_id].last_out[r.step.hop] = (r.step.step, nxt)
             nexts.append(nxt)
         self._hand_over(nexts)
+        # Commitments after the hand-over: off the step's critical path (the next hop is already working).
+        self._send_commits([(r.step, r.out) for r in ran if not r.replay])
+
+    def _send_commits(self, outputs: list[tuple[StepPayload, torch.Tensor]]) -> None:
+        commits: list[bytes] = []
+        for step, rows in outputs:
+            commits += self._commit(step, rows)
+        if commits:
+            self.r.rpush(self.reports_key, *commits)
 
     def _finish_steps(self, ran: list[_Ran]) -> None:
         """Last stage: sample, tell the core each token (a signed report), and send the next step to hop 0
@@ -482,6 +605,8 @@ class WorkerNode:
         pipe = self.r.pipeline(transaction=False)
         reports: list[bytes] = []
         nexts: list[StepPayload] = []
+        logits: list[tuple[StepPayload, torch.Tensor]] = []  # committed to after the hand-over
+        ended: list[tuple[str, int]] = []
         for r in ran:
             s = r.step
             g = s.sampling
@@ -491,18 +616,22 @@ class WorkerNode:
                 params = SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
                 token = int(sample(r.out, params, seed=g.seed, step=s.step))
                 self.jobs[s.job_id].last_out[s.hop] = (s.step, token)
+                logits.append((s, r.out.reshape(1, -1)))
             reports.append(self.signed_report("token", {"job_id": s.job_id, "epoch": s.g.epoch,
                                                         "step": s.step, "token": token}))
             if r.replay:
                 continue
-            ended = (token in g.stop_ids or s.step + 1 >= g.max_tokens
-                     or (bool(g.stop) and self._hits_stop(s, token)))
-            if ended:
-                self._end_local(s.job_id, s.g.epoch)
+            done = (token in g.stop_ids or s.step + 1 >= g.max_tokens
+                    or (bool(g.stop) and self._hits_stop(s, token)))
+            if done:
+                ended.append((s.job_id, s.g.epoch))
                 continue
             nexts.append(replace(s, step=s.step + 1, hop=0, pos=g.prompt_len + s.step, x=[token]))
         pipe.rpush(self.reports_key, *reports)
         self._hand_over(nexts, pipe=pipe)
+        self._send_commits(logits)
+        for job_id, epoch in ended:  # after the commitments: the end sends the last (final) chunk
+            self._end_local(job_id, epoch)
 
     def _hits_stop(self, s: StepPayload, token: int) -> bool:
         from azu.tokenization import load_tokenizer
@@ -524,6 +653,10 @@ class WorkerNode:
         state = self.jobs.get(job_id)
         if state is not None and state.epoch > epoch:
             return  # an order for a route the job has left: its new epoch's caches stay
+        if state is not None and state.epoch == epoch and state.commits:
+            final = self._commit_reports(job_id, state, final=True)
+            if final:
+                self.r.rpush(self.reports_key, *final)
         self._drop_caches(job_id)
         self.ended[job_id] = max(epoch, self.ended.get(job_id, -1))
         self.ended.move_to_end(job_id)
@@ -542,6 +675,41 @@ class WorkerNode:
             return
         with self.lock:
             self._end_local(job_id, epoch)
+
+    # --- verification ----------------------------------------------------------------------------
+    def _commit(self, step: StepPayload, rows: torch.Tensor) -> list[bytes]:
+        """Commit to what this step produced (before anyone can know whether the job will be checked);
+        the signed reports of the chunks now full."""
+        state = self.jobs.get(step.job_id)
+        if state is None:
+            return []
+        state.commits.setdefault(step.hop, CommitBuffer()).add(rows)
+        return self._commit_reports(step.job_id, state, final=False)
+
+    def _commit_reports(self, job_id: str, state: _JobState, *, final: bool) -> list[bytes]:
+        out = []
+        for hop, buf in state.commits.items():
+            chunks = buf.take(final=final)
+            for n, (first, c) in enumerate(chunks):
+                last = final and n == len(chunks) - 1
+                out.append(self.signed_report("commit", {
+                    "job_id": job_id, "epoch": state.epoch, "hop": hop, "first": first, "data": c.pack(),
+                    "final": last}))
+        return out
+
+    def send_evidence(self, *, job_id: str, epoch: int, sig: bytes) -> None:
+        """An evidence order (the core signed it): send the signed bundles this worker kept for the job."""
+        try:
+            if not isinstance(job_id, str) or not isinstance(epoch, int):
+                raise InvalidRequest("malformed evidence order")
+            auth.check(self.core_key, auth.EVIDENCE_ORDER, evidence_order_part(job_id, epoch), sig,
+                       what=f"evidence order for {job_id}")
+        except AzuError as exc:
+            self._refuse(exc.message, why=f"evidence_order_{exc.code}")
+            return
+        with self.lock:
+            bundles = self.evidence.take(job_id, epoch)
+        self.report("evidence", {"job_id": job_id, "epoch": epoch, "bundles": bundles})
 
     def ping(self, key: str, value: str) -> None:
         """Answer a health check (the core writes ``value`` under ``key`` once it hears back)."""
@@ -581,3 +749,16 @@ def _device_memory(device: str) -> tuple[str, int, int]:
 
     vm = psutil.virtual_memory()
     return "cpu", int(vm.total), int(vm.available)
+
+
+def torch_input(x: list[int] | bytes) -> torch.Tensor:
+    """A payload's input as a tensor: token ids (hop 0), or a hidden state (safetensors bytes)."""
+    import torch
+
+    return torch.tensor(x, dtype=torch.long) if isinstance(x, list) else unpack_tensor(x)
+
+
+def torch_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    return torch.cat(parts)

@@ -10,6 +10,7 @@ step payload, in end_job messages, in the job's record) and has to be parsed fro
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,10 +27,26 @@ if TYPE_CHECKING:
 
 
 # --- tensors ------------------------------------------------------------------------------------
-def pack_tensor(t: torch.Tensor) -> bytes:
-    from safetensors.torch import save
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64", "int32": "I32"}
 
-    return save({"x": t.detach().contiguous().cpu()})
+
+def pack_tensor(t: torch.Tensor) -> bytes:
+    """``{"x": t}`` in the safetensors format, built directly: byte-identical to ``safetensors.torch.save``
+    and several times faster for the small states of decode (it is on every hop of every step)."""
+    import torch
+
+    t = t.detach().contiguous().cpu()
+    code = _SAFETENSORS_DTYPES.get(str(t.dtype).removeprefix("torch."))
+    if code is None:
+        from safetensors.torch import save
+
+        return save({"x": t})
+    size = t.numel() * t.element_size()
+    header = json.dumps({"x": {"dtype": code, "shape": list(t.shape), "data_offsets": [0, size]}},
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if size else b""
+    return b"".join((len(header).to_bytes(8, "little"), header, data))
 
 
 def unpack_tensor(data: bytes) -> torch.Tensor:
@@ -319,7 +336,8 @@ class StepBundle:
 
 
 # --- reports (worker -> core) -------------------------------------------------------------------
-REPORT_KINDS = ("token", "heartbeat", "loaded", "load_failed", "job_failed", "refused", "pong")
+REPORT_KINDS = ("token", "heartbeat", "loaded", "load_failed", "job_failed", "refused", "pong", "commit",
+                "evidence")
 
 
 @dataclass(frozen=True)
@@ -354,3 +372,8 @@ class Report:
 def end_order_part(job_id: str, epoch: int) -> bytes:
     """What the core signs (``auth.END_ORDER``) to tell workers a job is over."""
     return msgpack.packb([job_id, epoch], use_bin_type=True)
+
+
+def evidence_order_part(job_id: str, epoch: int) -> bytes:
+    """What the core signs (``auth.EVIDENCE_ORDER``) to ask a worker for the bundles it kept for a job."""
+    return msgpack.packb(["evidence", job_id, epoch], use_bin_type=True)

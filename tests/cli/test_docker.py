@@ -51,7 +51,7 @@ def test_dockerfile_copies_only_what_exists_and_runs_an_installed_command(docker
 def test_compose_describes_the_network():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"redis", "postgres", "core", "worker-0", "worker-1"}
+    assert set(services) == {"redis", "postgres", "core", "verifier", "worker-0", "worker-1"}
     image, tag = services["redis"]["image"].split(":")
     assert image == "redis" and int(tag.split(".")[0]) >= 7  # per-worker ACL users need Redis 7 selectors
     assert "requirepass ${REDIS_PASSWORD" in compose["configs"]["redis_conf"]["content"]
@@ -60,6 +60,13 @@ def test_compose_describes_the_network():
     assert core["DATABASE_URL"].startswith("postgresql://") and "@postgres:5432/" in core["DATABASE_URL"]
     assert "AUTH_SECRET_KEY" in core and core["REGISTRY_URL"] == "http://core:8002"
     assert services["core"]["build"]["dockerfile"] == "docker/Dockerfile.core"
+    # The verifier: a core role (the core's logins) that needs torch (the worker image); registry read-only.
+    verifier = services["verifier"]
+    assert verifier["build"]["dockerfile"] == "docker/Dockerfile.worker"
+    assert verifier["entrypoint"][-1] == "verifier"
+    assert verifier["environment"]["REDIS_URL"] == core["REDIS_URL"]
+    assert "AUTH_SECRET_KEY" in verifier["environment"]
+    assert verifier["volumes"] == ["core-data:/data:ro"]
     for worker_id in ("worker-0", "worker-1"):
         worker = services[worker_id]
         assert worker["build"]["dockerfile"] == "docker/Dockerfile.worker"

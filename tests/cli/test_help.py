@@ -16,7 +16,8 @@ from tests.support import REPO
 AZU_COMMANDS = list(cli.SUBCOMMANDS)
 PROCESS_MAINS = {"azu-api": processes.api_main, "azu-scheduler": processes.scheduler_main,
                  "azu-registry": processes.registry_main, "azu-core": processes.core_main,
-                 "collector": processes.collector_main, "azu-worker": worker.main}
+                 "collector": processes.collector_main, "verifier": processes.verifier_main,
+                 "azu-worker": worker.main}
 # Options whose flag sets something to a value with no default, or flags (off unless given).
 NO_DEFAULT = {"-h", "--help"}
 

@@ -190,6 +190,7 @@ class InlineNetwork:
     nodes report on a list of their own, so a cluster's collector running meanwhile never sees them."""
 
     REPORTS = "azu:reports:inline"
+    VERIFY_QUEUE = "azu:verify:queue:inline"  # a cluster's verifier must not take these jobs
     # A cluster's core may run meanwhile (same Redis): its collector re-routes running jobs whose workers
     # stopped heartbeating, so these nodes heartbeat (every BEAT_S while stepping) like real workers.
     BEAT_S = 0.5
@@ -201,7 +202,7 @@ class InlineNetwork:
         self.queue: collections.deque[tuple[str, str, list[Any], dict[str, Any]]] = collections.deque()
         self.nodes: dict[str, Any] = {}
         self.sent: list[str] = []
-        self.collector = Collector(r, dispatch=self)
+        self.collector = Collector(r, dispatch=self, verify_queue=self.VERIFY_QUEUE)
         self.beat = time.monotonic()
 
     def send_task(self, name: str, *, queue: str, args: Any = (),
@@ -238,6 +239,7 @@ class InlineNetwork:
         if not self.queue:
             return self.collect() > 0
         from azu.network import dispatch
+        from azu.verification.orders import EVIDENCE
 
         now = time.monotonic()
         if now - self.beat >= self.BEAT_S:  # the nodes heartbeat while they work, as real workers do
@@ -251,6 +253,8 @@ class InlineNetwork:
             node.process_pending(_args[0] if _args else None)
         elif node is not None and kind == "ctl" and name == dispatch.END_JOB:
             node.end_job(**kwargs)
+        elif node is not None and kind == "ctl" and name == EVIDENCE:
+            node.send_evidence(**kwargs)
         self.collect()
         return True
 
