@@ -61,11 +61,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEASE_S = 60
+COMMIT_GRACE_S = 300.0  # after the job's end: how long a live worker's missing commitments are waited for
 
 
 @dataclass
 class Verdict:
-    status: str  # verified | failed | inconclusive
+    status: str  # verified | failed | inconclusive (| pending: not yet, the job goes back on the queue)
     hop: int | None = None
     worker: str | None = None
     reason: str = ""
@@ -348,7 +349,13 @@ class Verifier:
             # paid for fails the check; one that died since (its commitments lost with it) does not.
             live = {w.worker_id for w in directory.live_workers(self.r)}
             if worker in live:
-                return self._guilty(job, hop, "it did not commit to its output (alive, past the deadline)",
+                # A busy worker sends its last chunk when it handles the end order: give it a while (the job
+                # goes back on the queue) before its silence counts against it.
+                finished = float(self.r.hget(keys.job(job_id), "finished") or 0)
+                if time.time() - finished < COMMIT_GRACE_S:
+                    return Verdict("pending", hop, worker, "waiting for a hop's last commitments")
+                return self._guilty(job, hop, "it did not commit to its output (alive, "
+                                    f"{COMMIT_GRACE_S:.0f} s after the job ended)",
                                     {"missing_commitment": True})
             return Verdict("inconclusive", hop, worker,
                            "a hop's commitments never came complete and its worker is gone")
@@ -367,6 +374,9 @@ class Verifier:
         spent = self.compute_s
         verdict = self.verify(job_id)
         verdict.compute_s = self.compute_s - spent
+        if verdict.status == "pending":  # checked again later
+            self.r.rpush(keys.VERIFY_QUEUE, job_id)
+            return verdict
         job = job_fields(self.r.hgetall(keys.job(job_id)))  # type: ignore[arg-type]
         workers = sorted({h.worker_id for h in job_route(job)}) if job else []
         pipe = self.r.pipeline(transaction=False)
