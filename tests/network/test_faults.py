@@ -289,7 +289,11 @@ def test_a_lost_span_with_no_spare_is_loaded_and_the_job_carries_on(r, cluster, 
     live worker holds the tail, so the core orders it loaded on a live worker with room; the job waits (a
     pause) and carries on with the prefix replayed: the tokens of a run without the fault, charged once."""
     live = sorted({w.worker_id for w in directory.live_workers(r)} & set(SPARES))
-    assert len(live) == 2, live
+    assert len(live) >= 2, live
+    for extra in live[2:]:  # how many spares the earlier tests left running varies: keep exactly two
+        cluster.stop(extra)
+        directory.deregister(r, extra)
+    live = live[:2]
     model_id = shard("tiny-faults-reload")
     load_layout(cluster, celery_dispatch, model_id, {live[0]: (0, 2), live[1]: (2, 4)})
     prompt = PROMPTS[0]
@@ -314,7 +318,10 @@ def test_a_lost_span_with_no_spare_is_loaded_and_the_job_carries_on(r, cluster, 
     assert final[1].worker_id not in {w for w in SPARES if w != route[0].worker_id}  # a worker that loaded it
     assert [x["lost"] for x in json.loads(job["reroutes"])] == [[victim]] and job["epoch"] == "1"
     per_hop = (len(prompt) + len(tokens) - 1) * 2
-    assert events[-1].usage["workers"] == {h.worker_id: per_hop for h in final}
+    expected_usage: dict[str, int] = {}
+    for h in final:  # the worker that loaded the tail may hold the front too: it is paid for both
+        expected_usage[h.worker_id] = expected_usage.get(h.worker_id, 0) + per_hop
+    assert events[-1].usage["workers"] == expected_usage
     wait_for(lambda: r.hget(keys.job(job_id), "settled") == b"settled", what="settlement")
     print(f"\nkilled {victim} after {fired[0]} tokens; tail loaded on {final[1].worker_id}; "
           f"pause {pause:.2f}s; {len(tokens)} tokens identical")
