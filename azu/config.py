@@ -51,6 +51,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = (_text(env, name) or default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     return (_text(env, name) or "").lower() in ("1", "true", "yes", "on")
 
@@ -71,6 +78,7 @@ class WorkerSettings:
     linger_s: float = 0.05  # AZU_LINGER_S: how long an idle worker waits on its inbox
     session_s: float = 2.0  # AZU_SESSION_S: how long one forward task keeps taking from its inbox
     prefill_chunk: int = 128  # AZU_PREFILL_CHUNK: prompt positions a stage runs per turn
+    cpu_kernels: str = "auto"  # AZU_CPU_KERNELS: "auto" (oneDNN linears for float32) or "torch"
     heartbeat_s: float = 3.0  # AZU_HEARTBEAT_S
     key_file: str | None = None  # AZU_WORKER_KEY_FILE: the worker's Ed25519 key (made on first start, 0600)
     core_url: str | None = None  # AZU_CORE_URL: the core's API, where azu-worker enrolls
@@ -288,6 +296,7 @@ class Settings:
                 linger_s=_float(env, "AZU_LINGER_S", 0.05),
                 session_s=_float(env, "AZU_SESSION_S", 2.0),
                 prefill_chunk=max(1, _int(env, "AZU_PREFILL_CHUNK", 128) or 128),
+                cpu_kernels=_choice(env, "AZU_CPU_KERNELS", ("auto", "torch"), "auto"),
                 heartbeat_s=_float(env, "AZU_HEARTBEAT_S", 3.0),
                 key_file=_text(env, "AZU_WORKER_KEY_FILE"),
                 core_url=_text(env, "AZU_CORE_URL"),
@@ -321,7 +330,8 @@ VARIABLES = (
     "AZU_REQUEST_TIMEOUT_S", "AZU_WATCHDOG_INTERVAL_S", "PAYOUT_INTERVAL_S", "AZU_TASK_EVENTS",
     "AZU_WORKER_ID", "AZU_DEVICE", "AZU_DTYPE", "AZU_WALLET_ADDRESS", "AZU_MEMORY_BYTES",
     "P2P_PUBLIC_URL", "AZU_MAX_CACHED_TOKENS", "AZU_KV_IDLE_S", "AZU_LINGER_S", "AZU_SESSION_S",
-    "AZU_PREFILL_CHUNK", "AZU_HEARTBEAT_S", "AZU_WORKER_KEY_FILE", "AZU_CORE_PUBLIC_KEY", "PAYMENT_PROVIDER",
+    "AZU_PREFILL_CHUNK", "AZU_CPU_KERNELS", "AZU_HEARTBEAT_S", "AZU_WORKER_KEY_FILE", "AZU_CORE_PUBLIC_KEY",
+    "PAYMENT_PROVIDER",
     "HYPERLIQUID_RPC_URL", "HYPERLIQUID_ADDRESS",
     "HYPERLIQUID_CHAIN_ID", "SCHEDULER_PRIVATE_KEY", "SOLANA_RPC_URL", "SOLANA_ADDRESS",
     "SOLANA_PRIVATE_KEY", "MIN_CONFIRMATIONS", "PRICE_PER_TOKEN_LAYER", "PAYOUT_THRESHOLD",

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _support import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -62,17 +64,6 @@ ROWS: list[Row] = []
 def row(fault: str, user: str, money: str = "") -> None:
     ROWS.append(Row(fault, user, money))
     print(f"| {fault} | {user} | {money} |", flush=True)
-
-
-def _wait(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(interval)  # polling interval of a deadline wait
 
 
 def _free_port() -> int:
@@ -112,7 +103,7 @@ class Bed:
         from tests.support.network import Cluster, RegistryHandler
 
         self.r = redis.Redis.from_url(self.url)
-        _wait(self.ping, 20, "redis-server")
+        wait_until(self.ping, 20, "redis-server")
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RegistryHandler)
         self.server.tamper = {}  # type: ignore[attr-defined]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -168,7 +159,7 @@ class Bed:
             live = {w.worker_id: w for w in directory.live_workers(self.r)}
             return all(w in live and span in live[w].holds(model_id) for w, span in spans.items())
 
-        _wait(held, 120, f"{model_id} to load")
+        wait_until(held, 120, f"{model_id} to load")
 
     def submit(self, model_id: str, prompt: list[int], n: int) -> str:
         from azu.network import jobs
@@ -228,7 +219,8 @@ def charged_once(bed: Bed, job_id: str, prompt: list[int], tokens: list[int], vi
     from azu.network import jobs, keys
 
     with contextlib.suppress(TimeoutError):
-        _wait(lambda: bed.r.hget(keys.job(job_id), "settled") is not None, 30, "settlement")
+        wait_until(lambda: bed.r.hget(keys.job(job_id), "settled") is not None, 30, "settlement",
+                   error=TimeoutError)
     end = jobs.signed_end(jobs._hash_raw(bed.r, job_id))
     free_run = (len(prompt) + len(tokens) - 1) * 4
     return (end is not None and end["usage"]["token_layers"] == free_run
@@ -256,7 +248,7 @@ def cluster_section(binary: str, trials: int, seed: int) -> None:
         for trial in range(trials):
             prompt = PROMPTS[trial % len(PROMPTS)]
             expected = bed.reference(prompt, 120)
-            _wait(lambda: bed.copies(main) >= 2, 120, "two copies before the trial")
+            wait_until(lambda: bed.copies(main) >= 2, 120, "two copies before the trial")
             job_id = bed.submit(main, prompt, 120)
             route = jobs.job_route(jobs._hash(bed.r, job_id))
             victim = route[rng.randint(0, len(route) - 1)].worker_id  # rebuilt copies may join spans
@@ -274,7 +266,7 @@ def cluster_section(binary: str, trials: int, seed: int) -> None:
             t0 = time.monotonic()
             bed.cluster.wait_live(victim)
             with contextlib.suppress(TimeoutError):
-                _wait(lambda: bed.copies(main) >= 2, 120, "the copies rebuilt")
+                wait_until(lambda: bed.copies(main) >= 2, 120, "the copies rebuilt", error=TimeoutError)
             out.append({"done": kind == "done", "identical": tokens == expected, "money": ok_money,
                         "pause": _pause(times), "rebuilt_s": time.monotonic() - t0})
             print(json.dumps(out[-1]), flush=True)
@@ -305,7 +297,7 @@ def cluster_section(binary: str, trials: int, seed: int) -> None:
             "(a job routed to the dead worker is moved after the 2 s step timeout)", "")
         bed.cluster.start_gpu(victim)
         bed.cluster.wait_live(victim)
-        _wait(lambda: bed.copies(main) >= 2, 120, "copies")
+        wait_until(lambda: bed.copies(main) >= 2, 120, "copies")
 
         # 3. A loss with no spare copy: the lost span is loaded on a worker with room; the job waits.
         single = bed.model("ft-single")
@@ -343,7 +335,7 @@ def cluster_section(binary: str, trials: int, seed: int) -> None:
             f"its span (no manual load); first answer {time.monotonic() - t0:.1f} s after the restart", "")
 
         # 5. SIGSTOP a worker 30 s mid-stream.
-        _wait(lambda: bed.copies(main) >= 2, 120, "copies")
+        wait_until(lambda: bed.copies(main) >= 2, 120, "copies")
         prompt = PROMPTS[2]
         expected = bed.reference(prompt, 120)
         job_id = bed.submit(main, prompt, 120)
@@ -410,13 +402,14 @@ def redis_row(bed: Bed, model_id: str, label: str) -> None:
     threads = [threading.Thread(target=follow, args=(j,)) for j in ids]
     for t in threads:
         t.start()
-    _wait(lambda: all(int(bed.r.hget(keys.job(j), "step") or 0) >= 3 for j in ids), 60, "streams under way")
+    wait_until(lambda: all(int(bed.r.hget(keys.job(j), "step") or 0) >= 3 for j in ids), 60,
+               "streams under way")
     bed.redis_proc.kill()
     bed.redis_proc.wait(timeout=10)
     time.sleep(5.0)
     t0 = time.monotonic()
     bed.redis_proc = bed._redis()
-    _wait(bed.ping, 30, "redis-server again")
+    wait_until(bed.ping, 30, "redis-server again")
     for t in threads:
         t.join()
     took = time.monotonic() - t0
@@ -500,7 +493,7 @@ class Up:
                 raise RuntimeError(f"azu up exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             return info_path.is_file()
 
-        _wait(ready, 900, "azu up", interval=0.5)
+        wait_until(ready, 900, "azu up", interval=0.5)
         self.info = json.loads(info_path.read_text())
         import redis
 
@@ -651,7 +644,7 @@ def _up_rows(up: Up, psutil: Any, jobs: Any) -> None:
         pg = up.info.get("postgres_pid")
         if pg:
             os.kill(int(pg), signal.SIGINT)  # fast shutdown
-            _wait(lambda: not psutil.pid_exists(int(pg)), 60, "PostgreSQL to stop")
+            wait_until(lambda: not psutil.pid_exists(int(pg)), 60, "PostgreSQL to stop")
             codes = [up.chat(8) for _ in range(4)]
             row("PostgreSQL stopped (azu up)",
                 ", ".join(f"{c[0]} (Retry-After {c[4].get('Retry-After', '-')})"

@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+from _support import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -41,17 +43,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.02)  # polling interval of a deadline wait
 
 
 def main() -> int:
@@ -86,7 +77,7 @@ def main() -> int:
     from tests.support.network import Cluster, RegistryHandler
 
     r = redis.Redis.from_url(url)
-    _wait(lambda: _ping(r), 10, "redis-server")
+    wait_until(lambda: _ping(r), 10, "redis-server")
     src = build_model("llama", base / "src", seed=7)
     model_id = "tiny-faults-bench"
     shard_model(str(src), models.shard_dir(model_id), progress=False)
@@ -127,7 +118,7 @@ def main() -> int:
         cluster.wait_core()
         for wid in WORKERS:
             load(wid)
-        _wait(lambda: all(holds(w) for w in WORKERS), 120, "the loads")
+        wait_until(lambda: all(holds(w) for w in WORKERS), 120, "the loads")
         for trial in range(args.trials):
             prompt, n = PROMPTS[trial % len(PROMPTS)], 120
             expected = reference(prompt, n)
@@ -156,7 +147,7 @@ def main() -> int:
             free_run = (len(prompt) + len(tokens) - 1) * 4
             charged_once = False
             if end_kind == "done":
-                _wait(lambda j=job_id: r.hget(keys.job(j), "settled") is not None, 30, "settlement")
+                wait_until(lambda j=job_id: r.hget(keys.job(j), "settled") is not None, 30, "settlement")
                 end = jobs.signed_end(jobs._hash_raw(r, job_id))
                 charged_once = (end is not None and end["usage"]["token_layers"] == free_run
                                 and usage == end["usage"] and victim not in usage["workers"])
@@ -170,7 +161,7 @@ def main() -> int:
                 cluster.start_gpu(victim)
                 cluster.wait_live(victim)
                 load(victim)
-                _wait(lambda v=victim: holds(v), 120, f"{victim} to hold its span again")
+                wait_until(lambda v=victim: holds(v), 120, f"{victim} to hold its span again")
     finally:
         cluster.stop_all()
         server.shutdown()

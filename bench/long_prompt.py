@@ -51,6 +51,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from _support import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -63,14 +65,6 @@ SMALL = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_ke
              max_position_embeddings=4096)
 REDIS_SHARE_LIMIT = 0.05  # the issue: above this share of TTFT, big payloads go worker to worker
 HANDOVER_TRIALS = 15
-
-
-def _wait(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling interval of a deadline wait
 
 
 def _ms(seconds: float) -> str:
@@ -336,7 +330,7 @@ class LongPromptBench:
                        for n, spans in layouts.items() for wid, span in spans.items())
 
         t = time.perf_counter()
-        _wait(held, 600, "the workers to load their spans")
+        wait_until(held, 600, "the workers to load their spans")
         took = time.perf_counter() - t
         print(f"layout(s) of {', '.join(map(str, layouts))} workers loaded in {took:.1f} s", flush=True)
 
@@ -416,7 +410,7 @@ def main() -> int:
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    _wait(lambda: _ping(client), 20, "redis-server")
+    wait_until(lambda: _ping(client), 20, "redis-server")
     from azu.config import get_settings
 
     chunk = get_settings().worker.prefill_chunk

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from _support import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -122,6 +124,7 @@ class Bench:
                        AZU_CORE_PUBLIC_KEY=auth.core_public_key(), REGISTRY_URL=self.registry_url,
                        OMP_NUM_THREADS="1",
                        AZU_CACHE_DIR=str(self.registry), AZU_DEVICE="cpu", AZU_DTYPE="float32",
+                       AZU_CPU_KERNELS=self.args.kernels,
                        PYTHONPATH=str(REPO), AZU_HEARTBEAT_S="1")
             env.pop("AUTH_SECRET_KEY")  # a worker holds the core's public key only
             log = open(self.tmp / f"{wid}.log", "wb")  # noqa: SIM115 - lives as long as the process
@@ -130,7 +133,20 @@ class Bench:
                     "--without-mingle", "--without-heartbeat"]
             self.procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                start_new_session=True))
-        self._wait(lambda: set(ids) <= {w.worker_id for w in directory.live_workers(self.r)}, 120, "workers")
+        wait_until(lambda: set(ids) <= {w.worker_id for w in directory.live_workers(self.r)}, 120, "workers")
+
+    def load_split(self, model_id: str, workers: list[str]) -> str:
+        """Load ``model_id`` cut over ``workers`` the way placement cuts it (``--split work``: spans of even
+        work, the head counted; ``--split layers``: equal layer counts); the cut, as text for the table."""
+        from azu.engine.local import split_layers
+        from azu.network import jobs, placement
+
+        shape = jobs.model_info(self.r, model_id).shape
+        spans = (placement.even_spans(shape, len(workers)) if self.args.split == "work"
+                 else split_layers(shape.num_layers, len(workers)))
+        self.load(model_id, {w: (s.first, s.last) for w, s in zip(workers, spans, strict=True)},
+                  shape.num_layers)
+        return " + ".join(f"{s.last - s.first}" for s in spans) + " layers"
 
     def load(self, model_id: str, layout: dict[str, tuple[int, int]], num_layers: int) -> None:
         from azu.engine.span import Span
@@ -151,15 +167,7 @@ class Bench:
             live = {w.worker_id: w for w in directory.live_workers(self.r)}
             return all(span in live[wid].holds(model_id) for wid, span in spans.items() if wid in live)
 
-        self._wait(held, 600, f"{model_id} to load")
-
-    @staticmethod
-    def _wait(cond: Any, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"timed out waiting for {what}")
-            time.sleep(0.05)  # polling interval of a deadline wait
+        wait_until(held, 600, f"{model_id} to load")
 
     def stop(self) -> None:
         for p in self.procs:
@@ -206,13 +214,19 @@ class Bench:
                         open_ids.discard(job_id)
         return [{"submit": t0, "arrivals": arrivals[j]} for j in ids]
 
-    def baseline(self, src: Path, prompt: list[int], n: int) -> tuple[float, float]:
-        """(TTFT s, decode tokens/s) of transformers' generate in this process (1 thread)."""
+    def baseline(self, src: Path, prompt: list[int], n: int, *, onednn: bool = False) -> tuple[float, float]:
+        """(TTFT s, decode tokens/s) of transformers' generate in this process (1 thread); ``onednn``: with
+        the linears on the kernel azu's stages use on a CPU (azu.engine.kernels), so the ratio shows what
+        the pipeline itself costs."""
         import torch
         from transformers import AutoModelForCausalLM
 
+        from azu.engine import kernels
+
         torch.set_num_threads(1)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        if onednn:
+            kernels.swap_linears(model)
         ids = torch.tensor([prompt])
         mask = torch.ones_like(ids)
 
@@ -242,10 +256,15 @@ class Bench:
                   target: str) -> None:
         b_ttft, b_rate = self.baseline(src, prompt, n)
         p_ttft, p_rate = self.pipeline_single(model_id, prompt, n)
+        single = f"generate {b_rate:.2f} tok/s, TTFT {b_ttft * 1000:.0f} ms"
+        result = f"decode {p_rate / b_rate:.2f}x, TTFT {p_ttft / b_ttft:.2f}x"
+        if self.args.kernels == "auto":
+            # The same kernels in one process: what is left is the pipeline's own cost.
+            k_ttft, k_rate = self.baseline(src, prompt, n, onednn=True)
+            single += f"; with oneDNN linears {k_rate:.2f} tok/s, TTFT {k_ttft * 1000:.0f} ms"
+            result += f" (same kernels: {p_rate / k_rate:.2f}x, {p_ttft / k_ttft:.2f}x)"
         self.rows.append({"row": label, "pipeline": f"{p_rate:.2f} tok/s, TTFT {p_ttft * 1000:.0f} ms",
-                          "single process": f"{b_rate:.2f} tok/s, TTFT {b_ttft * 1000:.0f} ms",
-                          "result": f"decode {p_rate / b_rate:.2f}x, TTFT {p_ttft / b_ttft:.2f}x",
-                          "target": target})
+                          "single process": single, "result": result, "target": target})
 
     def hop_row(self, model_id: str, src: Path, steps: int) -> None:
         import torch
@@ -319,6 +338,11 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--tokens", type=int, default=24, help="new tokens per job for P1/P3 on the Qwen shape")
     p.add_argument("--streams", default="1,4,16,64", help="concurrent streams for P3 (first: the baseline)")
+    p.add_argument("--split", choices=("work", "layers"), default="work",
+                   help="how the models are cut over the two workers: spans of even work, as placement cuts "
+                        "them (default), or equal layer counts")
+    p.add_argument("--kernels", choices=("auto", "torch"), default="auto",
+                   help="the workers' AZU_CPU_KERNELS (azu.engine.kernels)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     bench = Bench(args)
@@ -330,19 +354,19 @@ def main() -> int:
             qwen, qwen_src = bench.model("bench-qwen", "qwen2", QWEN)
         bench.start_workers(["a", "b"])
         bench.load(tiny, {"a": (0, 1), "b": (1, 2)}, 2)
-        bench.load(petals, {"a": (0, 4), "b": (4, 8)}, 8)
-        if qwen:
-            bench.load(qwen, {"a": (0, 12), "b": (12, 24)}, 24)
+        petals_at = bench.load_split(petals, ["a", "b"])
+        qwen_at = bench.load_split(qwen, ["a", "b"]) if qwen else ""
         prompt = [1, *range(10, 25)]  # 16 tokens
         if qwen and qwen_src:
-            bench.ratio_row("P1 Qwen2.5-0.5B shape, 2 workers vs generate", qwen, qwen_src, prompt,
-                            args.tokens, "decode >= 0.97x")
+            bench.ratio_row(f"P1 Qwen2.5-0.5B shape, 2 workers ({qwen_at}) vs generate", qwen, qwen_src,
+                            prompt, args.tokens, "decode >= 0.97x")
         bench.hop_row(tiny, tiny_src, steps=200)
         counts = [int(k) for k in args.streams.split(",")]
         if qwen:
-            bench.streams_row("P3 Qwen2.5-0.5B shape, 2 workers", qwen, args.tokens, counts, 16)
-        bench.streams_row("P3 Llama 512x8, 2 workers", petals, 32, counts, 16)
-        bench.ratio_row("Petals model (Llama 512x8, vocab 32000, fp32)", petals, petals_src, prompt, 64,
+            bench.streams_row(f"P3 Qwen2.5-0.5B shape, 2 workers ({qwen_at})", qwen, args.tokens, counts, 16)
+        bench.streams_row(f"P3 Llama 512x8, 2 workers ({petals_at})", petals, 32, counts, 16)
+        bench.ratio_row(f"Petals model (Llama 512x8, vocab 32000, fp32; {petals_at})", petals, petals_src,
+                        prompt, 64,
                         "decode >= 0.95x, TTFT <= 1.1x")
     finally:
         bench.stop()

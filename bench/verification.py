@@ -35,6 +35,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _support import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -43,17 +45,6 @@ HONEST = {"h0": (0, 1), "h1": (1, 3), "h2": (3, 4)}
 PETALS_SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                     intermediate_size=1376, vocab_size=32000, max_position_embeddings=2048)
 CHEAT_HOP = {"wrong_token": 2, "frame": 0}  # the hidden-state kinds cheat at the middle hop (1)
-
-
-def _wait(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling interval of a deadline wait
 
 
 def main() -> int:
@@ -121,7 +112,7 @@ def _run(args: argparse.Namespace, rng: random.Random, base: Path, url: str) -> 
             live = {w.worker_id: w for w in directory.live_workers(r)}
             return all(w in live and s in live[w].holds(model_id) for w, s in spans.items())
 
-        _wait(held, 120, f"{model_id} loaded as {layout}")
+        wait_until(held, 120, f"{model_id} loaded as {layout}")
 
     def start_core(**env: str) -> None:
         """The core (collector in its scheduler) and the verifier, its own process, with ``env``."""
@@ -183,7 +174,7 @@ def _run(args: argparse.Namespace, rng: random.Random, base: Path, url: str) -> 
         def all_in() -> bool:
             return all((status.read(r, j) or {}).get("status") not in (None, "pending") for j in job_ids)
 
-        _wait(all_in, timeout, "the verdicts")
+        wait_until(all_in, timeout, "the verdicts")
         return [status.read(r, j) or {} for j in job_ids]
 
     def worker_cpu() -> float:

@@ -33,6 +33,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from azu.engine.families import Family, family_for
+from azu.engine.kernels import swap_linears, use_onednn
 from azu.engine.naming import classify_tensor
 from azu.engine.span import Span
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
@@ -210,7 +211,10 @@ class Stage:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         max_cached_tokens: int = 32768,
+        kernels: str = "auto",
     ) -> Stage:
+        """The stage holding ``span`` from a shard folder. ``kernels`` picks the linears' kernel on a CPU
+        (azu.engine.kernels): ``"auto"`` is oneDNN for float32, ``"torch"`` PyTorch's own."""
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -278,6 +282,8 @@ class Stage:
         for attr, how in family.last_stage.items():
             if not span.head:
                 _neutralise(base, attr, how, torch_dtype, torch_device)
+        if use_onednn(kernels, torch_device, torch_dtype):
+            swap_linears(model)
         # Buffers (rotary inv_freq, ALiBi helpers) were built real on the CPU; move them along.
         for module in model.modules():
             for name, buf in list(module._buffers.items()):

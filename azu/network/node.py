@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from azu import metrics
-from azu.config import Settings, get_settings
+from azu.config import Settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Forbidden, InvalidRequest
 from azu.network import auth, batching, directory, inbox, jobs, keys, loading
@@ -95,7 +95,8 @@ class WorkerNode:
                  max_cached_tokens: int = 32768, kv_idle_s: float = 600.0, linger_s: float = 0.05,
                  session_s: float = 2.0, heartbeat_s: float = 3.0, key: SigningKey | None = None,
                  core_public_key: str | None = None, reports_key: str = keys.REPORTS,
-                 evidence_bytes: int = 256 << 20, evidence_s: float = 1800.0) -> None:
+                 evidence_bytes: int = 256 << 20, evidence_s: float = 1800.0, prefill_chunk: int = 128,
+                 cpu_kernels: str = "auto") -> None:
         from nacl.signing import SigningKey
 
         self.r = r
@@ -119,6 +120,9 @@ class WorkerNode:
         self.linger_s = linger_s  # how long an idle worker waits on its inbox before it lets Celery wake it
         self.session_s = session_s  # how long one forward task may keep taking from the inbox
         self.heartbeat_s = heartbeat_s
+        self.prefill_chunk = prefill_chunk  # prompt positions a stage runs per turn (azu.network.batching)
+        self.cpu_kernels = cpu_kernels  # the linears' kernel on a CPU (azu.engine.kernels)
+        self._unsent_commits: list[bytes] = []  # signed commit reports, sent with the next hand-over
         self.inbox = Inbox(r, worker_id)
         self.stages: dict[StageId, Stage] = {}
         self.stage_bytes: dict[StageId, int] = {}
@@ -150,7 +154,8 @@ class WorkerNode:
                    p2p_url=w.p2p_url, wallet=w.wallet, memory_limit=w.memory_bytes,
                    max_cached_tokens=w.max_cached_tokens, kv_idle_s=w.kv_idle_s, linger_s=w.linger_s,
                    session_s=w.session_s, heartbeat_s=w.heartbeat_s, key=key,
-                   evidence_bytes=settings.verify.evidence_bytes, evidence_s=settings.verify.evidence_s)
+                   evidence_bytes=settings.verify.evidence_bytes, evidence_s=settings.verify.evidence_s,
+                   prefill_chunk=w.prefill_chunk, cpu_kernels=w.cpu_kernels)
 
     # --- directory -------------------------------------------------------------------------------
     def info(self) -> directory.WorkerInfo:
@@ -231,7 +236,7 @@ class WorkerNode:
 
     def _hold(self, model_id: str, span: Span, folder: Path) -> None:
         stage, size = loading.open_stage(folder, span, device=self.device, dtype=self.dtype or "float32",
-                                         max_cached_tokens=self.max_cached_tokens)
+                                         max_cached_tokens=self.max_cached_tokens, kernels=self.cpu_kernels)
         with self.lock:
             self.stages[(model_id, span)] = stage
             self.stage_bytes[(model_id, span)] = size
@@ -253,7 +258,14 @@ class WorkerNode:
         queue: if a load order or end_job message waits there, it finishes what it holds and hands the rest
         to a new message on its own queue, so the control message gets its turn. Returns how many steps
         were run or replayed."""
-        queue = batching.StepQueue(chunk=get_settings().worker.prefill_chunk)
+        try:
+            return self._session(blobs)
+        finally:
+            with self.lock:
+                self._flush_commits()
+
+    def _session(self, blobs: list[bytes] | None) -> int:
+        queue = batching.StepQueue(chunk=self.prefill_chunk)
         done = self._process(blobs, queue) if blobs else 0
         deadline = time.monotonic() + self.session_s
         while True:
@@ -310,7 +322,7 @@ class WorkerNode:
         queue given, run all they hold to the end."""
         whole = queue is None
         if queue is None:
-            queue = batching.StepQueue(chunk=get_settings().worker.prefill_chunk)
+            queue = batching.StepQueue(chunk=self.prefill_chunk)
         groups: dict[StageId, list[StepPayload]] = defaultdict(list)
         for blob in blobs:
             for step in self._admit_bundle(blob):
@@ -322,6 +334,8 @@ class WorkerNode:
             done += self._run_round(queue)
             while whole and queue:
                 done += self._run_round(queue)
+            if whole:
+                self._flush_commits()
         return done
 
     def _refuse(self, reason: str, job_id: str | None = None, *, why: str = "other") -> None:
@@ -564,8 +578,12 @@ class WorkerNode:
             self.metrics.steps.labels("decode").inc(len(finished) - prefill)
 
     def _hand_over(self, nexts: list[StepPayload], *, pipe: Any = None) -> None:
-        """Send steps on, in one bundle per next worker signed by this worker (after ``pipe``'s writes)."""
+        """Send steps on, in one bundle per next worker signed by this worker (after ``pipe``'s writes and
+        the commitments not sent yet: one round trip for all)."""
         pipe = pipe if pipe is not None else self.r.pipeline(transaction=False)
+        if self._unsent_commits:
+            pipe.rpush(self.reports_key, *self._unsent_commits)
+            self._unsent_commits = []
         if not nexts:
             if len(pipe):
                 pipe.execute()
@@ -586,11 +604,18 @@ class WorkerNode:
         self._send_commits([(r.step, r.out) for r in ran if not r.replay])
 
     def _send_commits(self, outputs: list[tuple[StepPayload, torch.Tensor]]) -> None:
-        commits: list[bytes] = []
+        """Commit to ``outputs``; the reports go with the next hand-over (or ``_flush_commits``), not in a
+        round trip of their own: between hosts that round trip would delay this worker's next wait on its
+        inbox, and with it the job's next step (bench/latency.py)."""
         for step, rows in outputs:
-            commits += self._commit(step, rows)
-        if commits:
-            self.r.rpush(self.reports_key, *commits)
+            self._unsent_commits += self._commit(step, rows)
+
+    def _flush_commits(self, final: list[bytes] | None = None) -> None:
+        """Push the commitments not sent yet (then ``final``), before this worker stops taking steps."""
+        out = [*self._unsent_commits, *(final or [])]
+        self._unsent_commits = []
+        if out:
+            self.r.rpush(self.reports_key, *out)
 
     def _finish_steps(self, ran: list[_Ran]) -> None:
         """Last stage: sample, tell the core each token (a signed report), and send the next step to hop 0
@@ -654,24 +679,31 @@ class WorkerNode:
         if state is not None and state.epoch > epoch:
             return  # an order for a route the job has left: its new epoch's caches stay
         if state is not None and state.epoch == epoch and state.commits:
-            final = self._commit_reports(job_id, state, final=True)
-            if final:
-                self.r.rpush(self.reports_key, *final)
+            self._flush_commits(self._commit_reports(job_id, state, final=True))
         self._drop_caches(job_id)
         self.ended[job_id] = max(epoch, self.ended.get(job_id, -1))
         self.ended.move_to_end(job_id)
         while len(self.ended) > _ENDED_MEMORY:
             self.ended.popitem(last=False)
 
-    def end_job(self, *, job_id: str, epoch: int, sig: bytes) -> None:
-        """An end_job order: free the job's caches if the core signed the order."""
+    def _core_order(self, kind: str, job_id: str, epoch: int, sig: bytes) -> bool:
+        """Whether an order about (``job_id``, ``epoch``) carries the core's signature; a malformed or
+        unsigned one is refused (reported, counted) and must not be acted on. ``kind`` is ``"end"`` or
+        ``"evidence"``."""
+        domain, part = {"end": (auth.END_ORDER, end_order_part),
+                        "evidence": (auth.EVIDENCE_ORDER, evidence_order_part)}[kind]
         try:
             if not isinstance(job_id, str) or not isinstance(epoch, int):
-                raise InvalidRequest("malformed end_job order")
-            auth.check(self.core_key, auth.END_ORDER, end_order_part(job_id, epoch), sig,
-                       what=f"end_job for {job_id}")
+                raise InvalidRequest(f"malformed {kind} order")
+            auth.check(self.core_key, domain, part(job_id, epoch), sig, what=f"{kind} order for {job_id}")
         except AzuError as exc:
-            self._refuse(exc.message, why=f"end_order_{exc.code}")
+            self._refuse(exc.message, why=f"{kind}_order_{exc.code}")
+            return False
+        return True
+
+    def end_job(self, *, job_id: str, epoch: int, sig: bytes) -> None:
+        """An end_job order: free the job's caches if the core signed the order."""
+        if not self._core_order("end", job_id, epoch, sig):
             return
         with self.lock:
             self._end_local(job_id, epoch)
@@ -699,13 +731,7 @@ class WorkerNode:
 
     def send_evidence(self, *, job_id: str, epoch: int, sig: bytes) -> None:
         """An evidence order (the core signed it): send the signed bundles this worker kept for the job."""
-        try:
-            if not isinstance(job_id, str) or not isinstance(epoch, int):
-                raise InvalidRequest("malformed evidence order")
-            auth.check(self.core_key, auth.EVIDENCE_ORDER, evidence_order_part(job_id, epoch), sig,
-                       what=f"evidence order for {job_id}")
-        except AzuError as exc:
-            self._refuse(exc.message, why=f"evidence_order_{exc.code}")
+        if not self._core_order("evidence", job_id, epoch, sig):
             return
         with self.lock:
             bundles = self.evidence.take(job_id, epoch)

@@ -138,14 +138,46 @@ def _try_k(shape: ModelShape, chosen: list[tuple[str, int]], first: int, upto: i
             orders.append(LoadOrder(wid, shape.model_id, Span(start, upto, emb, head)))
             return orders
         cap = _capacity(shape, free, start, embeddings=emb, upto=upto)
-        # Balanced groups: an even share of what is left, unless this worker can't hold that much.
-        share = math.ceil((upto - start) / left)
+        # Balanced groups: an even share of the work left, unless this worker can't hold that much.
+        share = _even_share(shape, start, upto, left, head=head)
         n = min(cap, share, upto - start - 1)  # the last worker gets at least one layer
         if n <= 0:
             return None
         orders.append(LoadOrder(wid, shape.model_id, Span(start, start + n, emb, False)))
         start += n
     return None
+
+
+def _even_share(shape: ModelShape, start: int, upto: int, groups: int, *, head: bool) -> int:
+    """How many layers from ``start`` make one of ``groups`` even shares of the work in ``[start, upto)``.
+
+    A decode step reads every weight of a group once, so a group's work is its weight bytes, with two
+    corrections: the embeddings are a lookup (one row per token) and count for nothing, and the head (the
+    hidden state times the whole vocabulary matrix) counts in full. The head is large: on Qwen2.5-0.5B's
+    shape it is as much work as 9 of the 24 layers, so equal layer counts leave the head's worker the
+    bottleneck of every pipelined batch (bench/pipeline.py, P3)."""
+    target = (sum(shape.layer_bytes[start:upto]) + (shape.head_bytes if head else 0)) / groups
+    best, best_gap, acc = 1, math.inf, 0
+    for n in range(1, upto - start + 1):
+        acc += shape.layer_bytes[start + n - 1]
+        if abs(acc - target) < best_gap:
+            best, best_gap = n, abs(acc - target)
+        elif acc > target:
+            break
+    return best
+
+
+def even_spans(shape: ModelShape, groups: int) -> list[Span]:
+    """The whole model cut into ``groups`` spans of even work (``_even_share``), memory not considered: the
+    cut placement makes when that many workers are needed and each has room."""
+    spans: list[Span] = []
+    start = 0
+    for left in range(groups, 0, -1):
+        n = shape.num_layers - start if left == 1 else min(
+            _even_share(shape, start, shape.num_layers, left, head=True), shape.num_layers - start - left + 1)
+        spans.append(Span(start, start + n, start == 0, start + n == shape.num_layers))
+        start += n
+    return spans
 
 
 def _first_copy_from_prefix(shape: ModelShape, workers: list[WorkerInfo]) -> list[LoadOrder] | None:

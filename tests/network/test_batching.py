@@ -24,12 +24,11 @@ PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 99, 12], [1, *range(100, 140)], [1, 7], 
 
 
 def test_chunked_prompts_and_micro_batches_match_generate(r, shard, reference, monkeypatch) -> None:
-    monkeypatch.setenv("AZU_PREFILL_CHUNK", "3")
     model_id = shard("tiny-chunked")
     folder = models.shard_dir(model_id)
     net = InlineNetwork(r)
-    first = net.add("c1", folder, model_id, 0, 2, 4)
-    net.add("c2", folder, model_id, 2, 4, 4)
+    first = net.add("c1", folder, model_id, 0, 2, 4, prefill_chunk=3)
+    net.add("c2", folder, model_id, 2, 4, 4, prefill_chunk=3)
     stage = first.stages[(model_id, Span(0, 2, True, False))]
     seen: list[list[int]] = []  # row sizes of every batch at c1
     run_batch = stage._run_batch

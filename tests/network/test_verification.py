@@ -67,6 +67,8 @@ class World:
         jobs.submit_job(self.net.r, req, dispatch=self.net)
         self.net.run()
         assert jobs.get_job(self.net.r, job_id).status == "done"
+        # Billed as the core's scheduler bills an ended job (the verifier withholds only from a billed job).
+        assert jobs.bill_ended_job(self.net.r, job_id, billing=self.billing) == "settled"
         return job_id
 
 

@@ -210,14 +210,15 @@ class InlineNetwork:
         self.queue.append((name, queue, list(args), dict(kwargs or {})))
         self.sent.append(name)
 
-    def add(self, worker_id: str, folder: Path, model_id: str, first: int, last: int, num_layers: int) -> Any:
+    def add(self, worker_id: str, folder: Path, model_id: str, first: int, last: int, num_layers: int,
+            **node_options: Any) -> Any:
         from azu.engine.span import Span
         from azu.network import jobs, keys
         from azu.network.node import WorkerNode
 
         # linger_s=0: this queue runs one message at a time in this thread; nobody else could fill the list.
         node = self.nodes.get(worker_id) or WorkerNode(self.r, worker_id=worker_id, dispatch=self, linger_s=0,
-                                                       reports_key=self.REPORTS)
+                                                       reports_key=self.REPORTS, **node_options)
         span = Span(first, last, first == 0, last == num_layers)
         self.r.set(keys.identity(worker_id), node.public_key)
         self.r.sadd(keys.assigned(worker_id), jobs.span_key(model_id, span))
