@@ -64,6 +64,13 @@ def deliver(pipe: redis.client.Pipeline, bundles: Mapping[str, bytes], *, dispat
     return answers[:before]
 
 
+def look_at_control(pipe: redis.client.Pipeline, control_queue: str, worker_id: str) -> None:
+    """Queue on ``pipe``: the length of the worker's control queue (the first answer), and another
+    ``WAKE_TTL_S`` for its wake key (the worker is still taking)."""
+    pipe.llen(control_queue)
+    pipe.expire(keys.wake(worker_id), WAKE_TTL_S)
+
+
 def pop_all(r: redis.Redis, key: str, timeout_s: float, *, has_blmpop: bool | None,
             count: int = BATCH_MAX) -> tuple[list[bytes], bool]:
     """Wait up to ``timeout_s`` for ``key``'s first item; return all queued (at most ``count``) and whether
@@ -118,8 +125,7 @@ class Inbox:
         """Whether a message waits on the worker's Celery list ``control_queue`` (True if that cannot be
         told); keeps the wake key for another ``WAKE_TTL_S`` meanwhile (one round trip)."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.llen(control_queue)
-        pipe.expire(self.wake, WAKE_TTL_S)
+        look_at_control(pipe, control_queue, self.worker_id)
         try:
             waiting, _ = pipe.execute()
         except redis.RedisError:

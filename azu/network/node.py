@@ -18,6 +18,7 @@ signed reports on ``azu:reports`` (azu.network.collector). The last hop hands th
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -123,6 +124,7 @@ class WorkerNode:
         self.prefill_chunk = prefill_chunk  # prompt positions a stage runs per turn (azu.network.batching)
         self.cpu_kernels = cpu_kernels  # the linears' kernel on a CPU (azu.engine.kernels)
         self._unsent_commits: list[bytes] = []  # signed commit reports, sent with the next hand-over
+        self._control_seen = (-math.inf, False)  # (when, whether) a control message was last seen waiting
         self.inbox = Inbox(r, worker_id)
         self.stages: dict[StageId, Stage] = {}
         self.stage_bytes: dict[StageId, int] = {}
@@ -280,18 +282,25 @@ class WorkerNode:
             due_in = self._step_due_in(time.time())
             wait_s = min(max(self.linger_s, due_in), deadline - time.monotonic()) if self.linger_s > 0 else 0
             more = self.inbox.wait(wait_s) if wait_s > 0 else self.inbox.take()
+            # The wait ends at the deadline at the latest. Past it the session goes on unless a control
+            # message waits: ending it costs a Celery message to this worker and back through the broker,
+            # several round trips that a job's next step would wait for (between distant hosts, more than
+            # the step itself: bench/latency.py).
+            ending = time.monotonic() > deadline and self._control_waiting()
+            if not ending and time.monotonic() > deadline:
+                deadline = time.monotonic() + self.session_s
             if more:
-                if time.monotonic() > deadline:  # the wake key stays set: senders keep using the list
+                if ending:  # the wake key stays set: senders keep using the list
                     self.inbox.keep_awake()
                     send_forward(self.worker_id, more, dispatch=self.dispatch)
                     return done
                 done += self._process(more, queue)
                 continue
             if self._step_due_in(time.time()) > 0:
-                if time.monotonic() < deadline:
+                if not ending:
                     continue  # a job's next step is still due: wait on
-                # The session is over but a step is due: wake this worker again by message (after what is
-                # queued behind it); the wake key stays set, so senders keep using the list meanwhile.
+                # A control message waits and a step is due: wake this worker again by message (after the
+                # control message); the wake key stays set, so senders keep using the list meanwhile.
                 self.inbox.keep_awake()
                 send_forward(self.worker_id, [], dispatch=self.dispatch)
                 return done
@@ -301,8 +310,16 @@ class WorkerNode:
     def _control_waiting(self) -> bool:
         """Whether a load order, end_job or ping waits on this worker's control queue (its Celery list), or
         that cannot be told: then the session ends, and the message gets its turn. Otherwise the session
-        goes on, and the wake key is kept (senders keep using the list)."""
-        return self.inbox.control_waiting(control_queue(self.worker_id))
+        goes on, and the wake key is kept (senders keep using the list).
+
+        A hand-over in the last half session brought the answer (``_hand_over``): a worker in the middle of
+        a job does not pay a round trip of its own for it, which between distant hosts is a step's delay."""
+        seen_at, waiting = self._control_seen
+        if time.monotonic() - seen_at <= self.session_s / 2:
+            return waiting
+        waiting = self.inbox.control_waiting(control_queue(self.worker_id))
+        self._control_seen = (time.monotonic(), waiting)
+        return waiting
 
     def _step_due_in(self, now: float) -> float:
         """Seconds until the last in-flight job's next step here is overdue (``_due_by``), 0 if none is in
@@ -584,11 +601,19 @@ class WorkerNode:
         if self._unsent_commits:
             pipe.rpush(self.reports_key, *self._unsent_commits)
             self._unsent_commits = []
+        # About once a second, the session's look at the control queue rides along (_control_waiting).
+        look = time.monotonic() - self._control_seen[0] > self.session_s / 2
+        at = len(pipe)
+        if look:
+            inbox.look_at_control(pipe, control_queue(self.worker_id), self.worker_id)
         if not nexts:
-            if len(pipe):
-                pipe.execute()
-            return
-        inbox.deliver(pipe, jobs.bundles(nexts, sender=self.worker_id, key=self.key), dispatch=self.dispatch)
+            answers = pipe.execute(raise_on_error=False) if len(pipe) else []
+        else:
+            answers = inbox.deliver(pipe, jobs.bundles(nexts, sender=self.worker_id, key=self.key),
+                                    dispatch=self.dispatch)
+        if look:
+            waiting = answers[at]  # an error counts as a waiting message: the session ends, as when asked
+            self._control_seen = (time.monotonic(), not isinstance(waiting, int) or waiting > 0)
 
     def _send_on(self, ran: list[_Ran]) -> None:
         nexts: list[StepPayload] = []
