@@ -97,7 +97,7 @@ class WorkerNode:
                  session_s: float = 2.0, heartbeat_s: float = 3.0, key: SigningKey | None = None,
                  core_public_key: str | None = None, reports_key: str = keys.REPORTS,
                  evidence_bytes: int = 256 << 20, evidence_s: float = 1800.0, prefill_chunk: int = 128,
-                 cpu_kernels: str = "auto") -> None:
+                 cpu_kernels: str = "auto", background_sends: bool = False) -> None:
         from nacl.signing import SigningKey
 
         self.r = r
@@ -125,6 +125,9 @@ class WorkerNode:
         self.cpu_kernels = cpu_kernels  # the linears' kernel on a CPU (azu.engine.kernels)
         self._unsent_commits: list[bytes] = []  # signed commit reports, sent with the next hand-over
         self._control_seen = (-math.inf, False)  # (when, whether) a control message was last seen waiting
+        self._control_asked = -math.inf  # when a hand-over last took the question along
+        # Hand-overs go out on a thread of their own in a worker process (inbox.Outbox).
+        self.outbox = inbox.Outbox(background=background_sends)
         self.inbox = Inbox(r, worker_id)
         self.stages: dict[StageId, Stage] = {}
         self.stage_bytes: dict[StageId, int] = {}
@@ -157,7 +160,7 @@ class WorkerNode:
                    max_cached_tokens=w.max_cached_tokens, kv_idle_s=w.kv_idle_s, linger_s=w.linger_s,
                    session_s=w.session_s, heartbeat_s=w.heartbeat_s, key=key,
                    evidence_bytes=settings.verify.evidence_bytes, evidence_s=settings.verify.evidence_s,
-                   prefill_chunk=w.prefill_chunk, cpu_kernels=w.cpu_kernels)
+                   prefill_chunk=w.prefill_chunk, cpu_kernels=w.cpu_kernels, background_sends=True)
 
     # --- directory -------------------------------------------------------------------------------
     def info(self) -> directory.WorkerInfo:
@@ -213,6 +216,10 @@ class WorkerNode:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+        try:
+            self.outbox.drain()  # what was handed over still goes out
+        except Exception as exc:  # stopping anyway; the watchdog recovers the steps
+            log.warning("worker %s: hand-overs lost at shutdown: %s", self.worker_id, exc)
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, *, model_id: str, span: Span, manifest_sha256: str | None = None) -> None:
@@ -312,10 +319,11 @@ class WorkerNode:
         that cannot be told: then the session ends, and the message gets its turn. Otherwise the session
         goes on, and the wake key is kept (senders keep using the list).
 
-        A hand-over in the last half session brought the answer (``_hand_over``): a worker in the middle of
-        a job does not pay a round trip of its own for it, which between distant hosts is a step's delay."""
+        A hand-over of the last session brought the answer (``_hand_over`` takes the question along every
+        half session): a worker in the middle of a job does not pay a round trip of its own for it, which
+        between distant hosts is a step's delay."""
         seen_at, waiting = self._control_seen
-        if time.monotonic() - seen_at <= self.session_s / 2:
+        if time.monotonic() - seen_at <= self.session_s:
             return waiting
         waiting = self.inbox.control_waiting(control_queue(self.worker_id))
         self._control_seen = (time.monotonic(), waiting)
@@ -602,18 +610,23 @@ class WorkerNode:
             pipe.rpush(self.reports_key, *self._unsent_commits)
             self._unsent_commits = []
         # About once a second, the session's look at the control queue rides along (_control_waiting).
-        look = time.monotonic() - self._control_seen[0] > self.session_s / 2
+        look = time.monotonic() - self._control_asked > self.session_s / 2
         at = len(pipe)
         if look:
+            self._control_asked = time.monotonic()
             inbox.look_at_control(pipe, control_queue(self.worker_id), self.worker_id)
-        if not nexts:
-            answers = pipe.execute(raise_on_error=False) if len(pipe) else []
-        else:
-            answers = inbox.deliver(pipe, jobs.bundles(nexts, sender=self.worker_id, key=self.key),
-                                    dispatch=self.dispatch)
-        if look:
-            waiting = answers[at]  # an error counts as a waiting message: the session ends, as when asked
-            self._control_seen = (time.monotonic(), not isinstance(waiting, int) or waiting > 0)
+        bundles = jobs.bundles(nexts, sender=self.worker_id, key=self.key) if nexts else {}
+
+        def send() -> None:  # on the outbox's thread: this thread goes on with its next batch
+            if bundles:
+                answers = inbox.deliver(pipe, bundles, dispatch=self.dispatch)
+            else:
+                answers = pipe.execute(raise_on_error=False) if len(pipe) else []
+            if look:
+                waiting = answers[at]  # an error counts as a waiting message: the session ends, as if asked
+                self._control_seen = (time.monotonic(), not isinstance(waiting, int) or waiting > 0)
+
+        self.outbox.submit(send)
 
     def _send_on(self, ran: list[_Ran]) -> None:
         nexts: list[StepPayload] = []
@@ -636,7 +649,9 @@ class WorkerNode:
             self._unsent_commits += self._commit(step, rows)
 
     def _flush_commits(self, final: list[bytes] | None = None) -> None:
-        """Push the commitments not sent yet (then ``final``), before this worker stops taking steps."""
+        """Push the commitments not sent yet (then ``final``), after every hand-over submitted (they may
+        carry earlier chunks), before this worker stops taking steps."""
+        self.outbox.drain()
         out = [*self._unsent_commits, *(final or [])]
         self._unsent_commits = []
         if out:
