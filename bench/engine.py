@@ -185,7 +185,13 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    import resource
+    """This process's peak RSS (VmHWM). Not ``getrusage``'s ru_maxrss: Linux carries the forking parent's
+    high-water mark through fork and exec into it, so a child forked from a parent that had just built a
+    model reported that model's size as its own peak (a 2.0x "peak at load" that was the parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource  # not Linux: the best there is
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

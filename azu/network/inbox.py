@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -143,33 +144,48 @@ class Inbox:
 
 
 class Outbox:
-    """A worker's hand-overs, sent in order on a thread of their own (``background``), so that the worker
-    runs its next batch while the last one travels: a hand-over waits for Redis's answer (whether the next
-    worker must be woken), which between distant hosts is a whole round trip, and a micro-batch that waited
-    for the one before it to be answered would leave the pipeline half empty (bench/latency.py, 16 streams).
+    """A worker's hand-overs, sent in order; on a thread of their own (``background``) when Redis is far,
+    so that the worker runs its next batch while the last one travels.
 
-    ``drain`` waits until everything submitted was sent and raises the first error a send met since the
-    last drain; the worker drains before any write that must come after its hand-overs (the last
-    commitments of a job, the end of a session). Without ``background`` a send runs at once, in the caller's
-    thread (in-process test networks, which step their messages by hand).
+    A hand-over waits for Redis's answer (whether the next worker must be woken). Between distant hosts that
+    is a whole round trip, and a micro-batch that waited for the one before it to be answered would leave
+    the pipeline half empty (bench/latency.py, 16 streams). Handing a send to another thread costs more
+    than it saves when there is nothing to overlap it with (the worker's next move is to wait for its
+    inbox anyway: one job in flight) or when Redis is next door (an answer in a fraction of a millisecond):
+    then a send runs in place, as long as nothing is queued before it. ``overlap``: the caller has more to
+    run now; sends count as slow from ``INLINE_S`` (a moving average of their time, in either thread).
+
+    ``drain`` waits until everything submitted was sent and raises the first error a queued send met since
+    the last drain; the worker drains before any write that must come after its hand-overs (the last
+    commitments of a job, the end of a session). Without ``background`` every send runs in place
+    (in-process test networks, which step their messages by hand).
     """
+
+    INLINE_S = 0.002
 
     def __init__(self, *, background: bool) -> None:
         self.background = background
+        self.send_s = 0.0  # moving average of a send's time
         self._sends: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._queued = 0  # submitted to the thread and not yet sent
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, send: Callable[[], None]) -> None:
-        if not self.background:
-            send()
-            return
+    def submit(self, send: Callable[[], None], *, overlap: bool = True) -> None:
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="azu-outbox", daemon=True)
-                self._thread.start()
-        self._sends.put(send)
+            in_place = not self.background or (
+                (self.send_s < self.INLINE_S or not overlap) and not self._queued)
+            if not in_place:
+                self._queued += 1
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="azu-outbox", daemon=True)
+                    self._thread.start()
+        if in_place:
+            self._timed(send)
+        else:
+            self._sends.put(send)
+            time.sleep(0)  # let go of the GIL: the send starts now, not when this thread next waits
 
     def drain(self) -> None:
         if not self.background:
@@ -179,14 +195,23 @@ class Outbox:
         if error is not None:
             raise error
 
+    def _timed(self, send: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        try:
+            send()
+        finally:
+            self.send_s = 0.8 * self.send_s + 0.2 * (time.perf_counter() - started)
+
     def _run(self) -> None:
         while True:
             send = self._sends.get()
             try:
-                send()
+                self._timed(send)
             except BaseException as exc:  # kept for the worker thread: its task fails, as a send there would
                 log.warning("a hand-over failed: %s", exc)
                 if self._error is None:
                     self._error = exc
             finally:
+                with self._lock:
+                    self._queued -= 1
                 self._sends.task_done()

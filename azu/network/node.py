@@ -128,6 +128,7 @@ class WorkerNode:
         self._control_asked = -math.inf  # when a hand-over last took the question along
         # Hand-overs go out on a thread of their own in a worker process (inbox.Outbox).
         self.outbox = inbox.Outbox(background=background_sends)
+        self._more_to_run = False  # whether the round has more batches to run after the one handed over
         self.inbox = Inbox(r, worker_id)
         self.stages: dict[StageId, Stage] = {}
         self.stage_bytes: dict[StageId, int] = {}
@@ -522,6 +523,8 @@ class WorkerNode:
                 if not rows:
                     continue
                 ran = self._forward(stage_id, stage, rows, queue)
+                # More to run while this batch travels: what is queued, or other jobs' steps due soon.
+                self._more_to_run = bool(queue) or self._jobs_due(now) > len(ran)
                 if stage_id[1].head:
                     self._finish_steps(ran)
                 else:
@@ -536,8 +539,11 @@ class WorkerNode:
         if not queued:
             return 1
         hops = len(queued[0].g.route)
-        due = sum(1 for st in self.jobs.values() if now < self._due_by(st))
-        return batching.micro_batch_rows(max(len(queued), due), hops)
+        return batching.micro_batch_rows(max(len(queued), self._jobs_due(now)), hops)
+
+    def _jobs_due(self, now: float) -> int:
+        """Jobs in flight here: those whose next step here is due (``_due_by``)."""
+        return sum(1 for st in self.jobs.values() if now < self._due_by(st))
 
     def _job_failed(self, job_id: str, reason: str) -> None:
         log.warning("worker %s: job %s failed: %s", self.worker_id, job_id, reason)
@@ -626,7 +632,7 @@ class WorkerNode:
                 waiting = answers[at]  # an error counts as a waiting message: the session ends, as if asked
                 self._control_seen = (time.monotonic(), not isinstance(waiting, int) or waiting > 0)
 
-        self.outbox.submit(send)
+        self.outbox.submit(send, overlap=self._more_to_run)
 
     def _send_on(self, ran: list[_Ran]) -> None:
         nexts: list[StepPayload] = []

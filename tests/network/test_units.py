@@ -179,6 +179,21 @@ def test_plan_uses_fewest_hops_that_fit_and_balances_groups() -> None:
     assert placement.plan_loads(SHAPE, [_worker("a", 300), _worker("b", 300)]) == []
 
 
+def test_groups_are_even_in_work_with_the_head_counted_and_the_embeddings_not() -> None:
+    # A head (and embeddings) as heavy as 4 layers: two groups of 6 layers, and 2 layers + the head (equal
+    # work: the embeddings are a lookup), not 4 + 4.
+    heavy = ModelShape("h", layer_bytes=(100,) * 8, embeddings_bytes=400, head_bytes=400)
+    assert placement.even_spans(heavy, 2) == [Span(0, 6, True, False), Span(6, 8, False, True)]
+    assert [s.last - s.first for s in placement.even_spans(heavy, 3)] == [4, 3, 1]
+    # Workers that must split the model (neither holds its 2000 bytes) split it by work too.
+    orders = placement.plan_loads(heavy, [_worker("a", 1300), _worker("b", 1300)], max_copies=1)
+    assert [(o.worker_id, o.span) for o in orders] == [
+        ("a", Span(0, 6, True, False)), ("b", Span(6, 8, False, True))]
+    # No group is left without a layer, whatever the head weighs.
+    huge = ModelShape("x", layer_bytes=(100,) * 3, embeddings_bytes=0, head_bytes=10_000)
+    assert [s.last - s.first for s in placement.even_spans(huge, 3)] == [1, 1, 1]
+
+
 def test_plan_adds_spare_copies_when_memory_allows() -> None:
     workers = [_worker("a", 2000), _worker("b", 2000), _worker("c", 100)]
     orders = placement.plan_loads(SHAPE, workers, max_copies=2)

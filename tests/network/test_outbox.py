@@ -1,0 +1,59 @@
+"""A worker's hand-overs (azu.network.inbox.Outbox), against the real Redis: in place while sends are quick,
+on a thread of their own once they are slow (a far Redis); in the order they were handed in either way; a
+failed queued send fails the worker's next drain, once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from azu.network.inbox import Outbox
+
+pytestmark = [pytest.mark.network]
+
+
+def _far() -> Outbox:
+    box = Outbox(background=True)
+    box.send_s = 1.0  # as measured against a Redis a second away: sends go to the thread
+    return box
+
+
+def test_queued_sends_go_out_in_order_and_drain_waits_for_them(r: redis.Redis) -> None:
+    key = "azu:test:outbox"
+    r.delete(key)
+    box = _far()
+    for i in range(200):
+        box.submit(lambda i=i: r.rpush(key, i))
+    box.drain()
+    assert [int(v) for v in r.lrange(key, 0, -1)] == list(range(200))
+    r.delete(key)
+
+
+def test_a_failed_queued_send_fails_the_next_drain_once_and_the_rest_still_go(r: redis.Redis) -> None:
+    key = "azu:test:outbox-errors"
+    r.delete(key)
+    box = _far()
+    box.submit(lambda: r.rpush(key, "a"))
+    box.submit(lambda: r.execute_command("NO-SUCH-COMMAND"))
+    box.submit(lambda: r.rpush(key, "b"))
+    with pytest.raises(redis.ResponseError):
+        box.drain()
+    box.drain()  # reported once
+    assert r.lrange(key, 0, -1) == [b"a", b"b"]
+    r.delete(key)
+
+
+def test_quick_sends_run_in_place_and_slow_ones_move_to_the_thread() -> None:
+    threads: list[str] = []
+    box = Outbox(background=True)
+    box.submit(lambda: threads.append(threading.current_thread().name))
+    assert threads == [threading.current_thread().name]  # next to Redis: no hand-off to another thread
+    for _ in range(5):  # a far Redis: each send takes 10 ms
+        box.submit(lambda: (time.sleep(0.01), threads.append(threading.current_thread().name)))
+    box.drain()
+    assert threads[-1] == "azu-outbox"
+    with pytest.raises(ZeroDivisionError):  # in place, an error is the caller's at once
+        Outbox(background=False).submit(lambda: 1 // 0)
