@@ -65,11 +65,13 @@ def use_onednn(kernels: str, device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def swap_linears(model: nn.Module) -> int:
-    """Make every plain ``nn.Linear`` of ``model`` whose weight is loaded (not on ``meta``) run on oneDNN;
-    how many were swapped. The modules keep their parameters: nothing is copied."""
+    """Make every plain ``nn.Linear`` of ``model`` whose weight is loaded (not on ``meta``) and dense run on
+    oneDNN; how many were swapped. The modules keep their parameters: nothing is copied. (oneDNN reads the
+    weight in place: a strided view, such as a slice of a fused tensor, stays on torch's linear.)"""
     swapped = 0
     for module in model.modules():
-        if type(module) is nn.Linear and not module.weight.is_meta:
+        if (type(module) is nn.Linear and not module.weight.is_meta and module.weight.is_contiguous()
+                and (module.bias is None or module.bias.is_contiguous())):
             module.__class__ = OneDnnLinear
             swapped += 1
     return swapped

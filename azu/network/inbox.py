@@ -190,6 +190,10 @@ class Outbox:
     def drain(self) -> None:
         if not self.background:
             return
+        with self._lock:  # a thread that died with sends queued would leave join() waiting forever
+            if self._queued and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(target=self._run, name="azu-outbox", daemon=True)
+                self._thread.start()
         self._sends.join()
         error, self._error = self._error, None
         if error is not None:

@@ -124,6 +124,7 @@ class WorkerNode:
         self.prefill_chunk = prefill_chunk  # prompt positions a stage runs per turn (azu.network.batching)
         self.cpu_kernels = cpu_kernels  # the linears' kernel on a CPU (azu.engine.kernels)
         self._unsent_commits: list[bytes] = []  # signed commit reports, sent with the next hand-over
+        self._commits_lock = threading.Lock()  # the outbox's thread gives back those of a failed send
         self._control_seen = (-math.inf, False)  # (when, whether) a control message was last seen waiting
         self._control_asked = -math.inf  # when a hand-over last took the question along
         # Hand-overs go out on a thread of their own in a worker process (inbox.Outbox).
@@ -612,9 +613,10 @@ class WorkerNode:
         """Send steps on, in one bundle per next worker signed by this worker (after ``pipe``'s writes and
         the commitments not sent yet: one round trip for all)."""
         pipe = pipe if pipe is not None else self.r.pipeline(transaction=False)
-        if self._unsent_commits:
-            pipe.rpush(self.reports_key, *self._unsent_commits)
-            self._unsent_commits = []
+        reports = len(pipe)  # the caller's writes (token reports) come first
+        carried = self._take_unsent_commits()
+        if carried:
+            pipe.rpush(self.reports_key, *carried)
         # About once a second, the session's look at the control queue rides along (_control_waiting).
         look = time.monotonic() - self._control_asked > self.session_s / 2
         at = len(pipe)
@@ -624,10 +626,19 @@ class WorkerNode:
         bundles = jobs.bundles(nexts, sender=self.worker_id, key=self.key) if nexts else {}
 
         def send() -> None:  # on the outbox's thread: this thread goes on with its next batch
-            if bundles:
-                answers = inbox.deliver(pipe, bundles, dispatch=self.dispatch)
-            else:
-                answers = pipe.execute(raise_on_error=False) if len(pipe) else []
+            try:
+                if bundles:
+                    answers = inbox.deliver(pipe, bundles, dispatch=self.dispatch)
+                else:
+                    answers = pipe.execute(raise_on_error=False) if len(pipe) else []
+            except Exception:
+                self._return_commits(carried)  # sent again with the next hand-over or flush
+                raise
+            failed = [a for a in answers[:reports] if isinstance(a, Exception)]
+            if failed:
+                log.warning("worker %s: reports not written: %s", self.worker_id, failed[0])
+            if carried and isinstance(answers[reports], Exception):
+                self._return_commits(carried)
             if look:
                 waiting = answers[at]  # an error counts as a waiting message: the session ends, as if asked
                 self._control_seen = (time.monotonic(), not isinstance(waiting, int) or waiting > 0)
@@ -651,15 +662,32 @@ class WorkerNode:
         """Commit to ``outputs``; the reports go with the next hand-over (or ``_flush_commits``), not in a
         round trip of their own: between hosts that round trip would delay this worker's next wait on its
         inbox, and with it the job's next step (bench/latency.py)."""
-        for step, rows in outputs:
-            self._unsent_commits += self._commit(step, rows)
+        made = [c for step, rows in outputs for c in self._commit(step, rows)]
+        if made:
+            with self._commits_lock:
+                self._unsent_commits += made
+
+    def _take_unsent_commits(self) -> list[bytes]:
+        with self._commits_lock:
+            out, self._unsent_commits = self._unsent_commits, []
+        return out
+
+    def _return_commits(self, carried: list[bytes]) -> None:
+        """Commitments whose hand-over failed go first in the next one (the collector keeps the first copy
+        of a chunk, so one that did arrive after all is harmless): a lost chunk would make the verifier find
+        a live, honest worker that did not commit."""
+        with self._commits_lock:
+            self._unsent_commits = [*carried, *self._unsent_commits]
 
     def _flush_commits(self, final: list[bytes] | None = None) -> None:
         """Push the commitments not sent yet (then ``final``), after every hand-over submitted (they may
-        carry earlier chunks), before this worker stops taking steps."""
-        self.outbox.drain()
-        out = [*self._unsent_commits, *(final or [])]
-        self._unsent_commits = []
+        carry earlier chunks), before this worker stops taking steps. A failed earlier hand-over is logged,
+        not raised: its steps are the watchdog's to recover, and these commitments must still go out."""
+        try:
+            self.outbox.drain()
+        except Exception as exc:
+            log.warning("worker %s: an earlier hand-over failed: %s", self.worker_id, exc)
+        out = [*self._take_unsent_commits(), *(final or [])]
         if out:
             self.r.rpush(self.reports_key, *out)
 

@@ -140,7 +140,7 @@ def _try_k(shape: ModelShape, chosen: list[tuple[str, int]], first: int, upto: i
         cap = _capacity(shape, free, start, embeddings=emb, upto=upto)
         # Balanced groups: an even share of the work left, unless this worker can't hold that much.
         share = _even_share(shape, start, upto, left, head=head)
-        n = min(cap, share, upto - start - 1)  # the last worker gets at least one layer
+        n = min(cap, share, upto - start - (left - 1))  # every later worker gets at least one layer
         if n <= 0:
             return None
         orders.append(LoadOrder(wid, shape.model_id, Span(start, start + n, emb, False)))
@@ -160,7 +160,7 @@ def _even_share(shape: ModelShape, start: int, upto: int, groups: int, *, head: 
     best, best_gap, acc = 1, math.inf, 0
     for n in range(1, upto - start + 1):
         acc += shape.layer_bytes[start + n - 1]
-        if abs(acc - target) < best_gap:
+        if abs(acc - target) <= best_gap:  # a tie goes to the larger share: earlier workers are roomier
             best, best_gap = n, abs(acc - target)
         elif acc > target:
             break

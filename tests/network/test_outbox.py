@@ -57,3 +57,22 @@ def test_quick_sends_run_in_place_and_slow_ones_move_to_the_thread() -> None:
     assert threads[-1] == "azu-outbox"
     with pytest.raises(ZeroDivisionError):  # in place, an error is the caller's at once
         Outbox(background=False).submit(lambda: 1 // 0)
+
+
+def test_commitments_of_a_failed_hand_over_go_out_with_the_next_flush(r: redis.Redis) -> None:
+    """A hand-over that fails gives its commitments back: lost, they would make the verifier find a live,
+    honest worker that did not commit."""
+    from azu.network.node import WorkerNode
+
+    reports = "azu:test:outbox-reports"
+    r.delete(reports)
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)  # nothing listens there
+    node = WorkerNode(dead, worker_id="ob1", dispatch=None, linger_s=0, reports_key=reports)  # type: ignore[arg-type]
+    node._unsent_commits = [b"chunk-0", b"chunk-1"]
+    with pytest.raises(redis.ConnectionError):
+        node._hand_over([])
+    assert node._unsent_commits == [b"chunk-0", b"chunk-1"]
+    node.r = r
+    node._flush_commits([b"final"])
+    assert r.lrange(reports, 0, -1) == [b"chunk-0", b"chunk-1", b"final"]
+    r.delete(reports)

@@ -189,6 +189,12 @@ def test_groups_are_even_in_work_with_the_head_counted_and_the_embeddings_not() 
     orders = placement.plan_loads(heavy, [_worker("a", 1300), _worker("b", 1300)], max_copies=1)
     assert [(o.worker_id, o.span) for o in orders] == [
         ("a", Span(0, 6, True, False)), ("b", Span(6, 8, False, True))]
+    # An even split that is a tie gives the extra layer to the roomier worker (ranked first), so the smaller
+    # one still fits its part.
+    five = ModelShape("f", layer_bytes=(100,) * 5, embeddings_bytes=0, head_bytes=0)
+    orders = placement.plan_loads(five, [_worker("a", 400), _worker("b", 300)], max_copies=1)
+    assert [(o.worker_id, o.span) for o in orders] == [
+        ("a", Span(0, 3, True, False)), ("b", Span(3, 5, False, True))]
     # No group is left without a layer, whatever the head weighs.
     huge = ModelShape("x", layer_bytes=(100,) * 3, embeddings_bytes=0, head_bytes=10_000)
     assert [s.last - s.first for s in placement.even_spans(huge, 3)] == [1, 1, 1]
