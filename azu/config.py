@@ -76,7 +76,7 @@ class WorkerSettings:
     max_cached_tokens: int = 32768  # AZU_MAX_CACHED_TOKENS: KV-cache bound per stage
     kv_idle_s: float = 600.0  # AZU_KV_IDLE_S: free a job's caches after this long untouched
     linger_s: float = 0.05  # AZU_LINGER_S: how long an idle worker waits on its inbox
-    session_s: float = 2.0  # AZU_SESSION_S: how long one forward task keeps taking from its inbox
+    session_s: float = 2.0  # AZU_SESSION_S: how often a forward task looks for a waiting control message
     prefill_chunk: int = 128  # AZU_PREFILL_CHUNK: prompt positions a stage runs per turn
     cpu_kernels: str = "auto"  # AZU_CPU_KERNELS: "auto" (oneDNN linears for float32) or "torch"
     heartbeat_s: float = 3.0  # AZU_HEARTBEAT_S

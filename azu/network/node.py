@@ -119,7 +119,7 @@ class WorkerNode:
         self.max_cached_tokens = max_cached_tokens
         self.kv_idle_s = kv_idle_s
         self.linger_s = linger_s  # how long an idle worker waits on its inbox before it lets Celery wake it
-        self.session_s = session_s  # how long one forward task may keep taking from the inbox
+        self.session_s = session_s  # how often a forward task looks for a waiting control message
         self.heartbeat_s = heartbeat_s
         self.prefill_chunk = prefill_chunk  # prompt positions a stage runs per turn (azu.network.batching)
         self.cpu_kernels = cpu_kernels  # the linears' kernel on a CPU (azu.engine.kernels)
