@@ -3,22 +3,14 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import TypeVar
+import functools
 
-T = TypeVar("T")
+from azu.waiting import wait_until as _wait_until
 
+# A bench stops with the reason (SystemExit) when what it waits for does not come.
+wait_until = functools.partial(_wait_until, error=SystemExit)
 
-def wait_until(cond: Callable[[], T], timeout: float, what: str, *, interval: float = 0.05,
-               error: type[BaseException] = SystemExit) -> T:
-    """``cond()``'s first truthy value, polled every ``interval`` seconds; ``error("timed out waiting for
-    <what>")`` once ``timeout`` seconds have passed (SystemExit by default: a bench stops with the reason)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise error(f"timed out waiting for {what}")
-        time.sleep(interval)
+# Qwen2.5-0.5B's shape (random weights): bench/pipeline.py's P1/P3 and bench/long_prompt.py.
+QWEN = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+            intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, use_sliding_window=False,
+            max_position_embeddings=4096)

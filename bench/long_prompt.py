@@ -51,15 +51,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _support import wait_until
+from _support import QWEN, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-QWEN = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-            intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, use_sliding_window=False,
-            max_position_embeddings=4096)
 SMALL = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=768, vocab_size=32000, tie_word_embeddings=True, use_sliding_window=False,
              max_position_embeddings=4096)

@@ -54,6 +54,7 @@ from azu.cli.processes import (
 )
 from azu.cli.worker import CORE_ONLY
 from azu.config import get_settings
+from azu.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -188,16 +189,8 @@ def _step(what: str) -> Iterator[dict[str, str]]:
 def _wait(condition: Callable[[], T | None], *, timeout: float, what: str,
           alive: Callable[[], None] | None = None, interval: float = 0.2) -> T:
     """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if alive:
-            alive()
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise StartupFailed(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(condition, timeout=timeout, what=what, interval=interval, error=StartupFailed,
+                      each=alive)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from azu.waiting import wait_until
+
 DEFAULT_STATE_DIR = ".azu"
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 HTTP_TIMEOUT_S = 30.0
@@ -231,14 +233,7 @@ def _web3(rpc_url: str) -> Any:
 
 
 def _wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise CliError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(condition, timeout=timeout, what=what, interval=interval, error=CliError)
 
 
 # --- the commands ----------------------------------------------------------------------------------

@@ -53,27 +53,20 @@ def inline3(r: redis.Redis, shard: Any) -> Iterator[tuple[InlineNetwork, str]]:
         r.zrem(keys.ACTIVE_JOBS, *mine)
 
 
-def _inline_job(r: redis.Redis, net: InlineNetwork, model_id: str, **kw: Any) -> str:
-    job_id = f"jf-{time.monotonic_ns()}"
-    jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=[1, 9, 8, 7],
-                                       max_tokens=24, **kw), dispatch=net)
-    return job_id
-
 
 def test_seeded_sampling_is_identical_across_a_reroute(r, inline3) -> None:
     """A sampled (temperature, top-k, seed) job re-routed after 5 tokens gives the fault-free run's tokens;
     old-epoch steps and end orders do not touch the new epoch's caches."""
     net, model_id = inline3
     params = {"temperature": 0.9, "top_k": 50, "seed": 1234}
-    clean = _inline_job(r, net, model_id, **params)
+    clean = net.submit(model_id, prefix="jf", **params)
     net.run()
     expected = jobs.get_job(r, clean).token_ids
     assert len(expected) == 24
-    job_id = _inline_job(r, net, model_id, **params)
+    job_id = net.submit(model_id, prefix="jf", **params)
     raw = r.hgetall(keys.job(job_id))
     old_grant, old_sig = raw[b"grant"], raw[b"grant_sig"]
-    while int(r.hget(keys.job(job_id), "step") or 0) < 5:
-        assert net.step()
+    net.step_until(job_id, 5)
     route = jobs.job_route(jobs._hash(r, job_id))
     victim = route[1].worker_id
     dead = net.nodes.pop(victim)  # its messages now go nowhere: lost mid-answer
@@ -98,9 +91,8 @@ def test_seeded_sampling_is_identical_across_a_reroute(r, inline3) -> None:
 
 def test_old_epoch_end_order_keeps_the_new_epochs_cache(r, inline3) -> None:
     net, model_id = inline3
-    job_id = _inline_job(r, net, model_id)
-    while int(r.hget(keys.job(job_id), "step") or 0) < 3:
-        assert net.step()
+    job_id = net.submit(model_id, prefix="jf")
+    net.step_until(job_id, 3)
     route = jobs.job_route(jobs._hash(r, job_id))
     r.zrem(directory.LOST, *INLINE)
     assert jobs.reroute_job(r, job_id, [route[1].worker_id], dispatch=net)
@@ -120,7 +112,7 @@ def test_old_epoch_end_order_keeps_the_new_epochs_cache(r, inline3) -> None:
 def test_lost_only_when_the_job_and_a_worker_are_both_silent(r, inline3) -> None:
     net, model_id = inline3
     r.zrem(directory.LOST, *INLINE)
-    job_id = _inline_job(r, net, model_id)
+    job_id = net.submit(model_id, prefix="jf")
     net.step()
     now = time.time() + 5  # the job has been silent for 5 s ...
     route = jobs.job_route(jobs._hash(r, job_id))
@@ -162,12 +154,11 @@ def test_a_lost_step_is_replayed_on_the_same_route(r, inline3) -> None:
     r.zrem(directory.LOST, *INLINE)
     for w in INLINE:  # the tests above dropped messages: no worker may look awake with nothing to wake it
         r.delete(keys.pending(w), keys.wake(w))
-    clean = _inline_job(r, net, model_id)
+    clean = net.submit(model_id, prefix="jf")
     net.run()
     expected = jobs.get_job(r, clean).token_ids
-    job_id = _inline_job(r, net, model_id)
-    while int(r.hget(keys.job(job_id), "step") or 0) < 4:
-        assert net.step()
+    job_id = net.submit(model_id, prefix="jf")
+    net.step_until(job_id, 4)
     net.queue.clear()  # the step in flight is lost ...
     for w in INLINE:
         r.delete(keys.pending(w), keys.wake(w))

@@ -186,24 +186,17 @@ def loading_net(r: redis.Redis, shard: Any, monkeypatch: pytest.MonkeyPatch) -> 
     r.hdel(keys.model(model_id), jobs.PLACED)
 
 
-def _job(r: redis.Redis, net: Any, model_id: str, **kw: Any) -> str:
-    job_id = f"jr-{time.monotonic_ns()}"
-    jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=[1, 9, 8, 7],
-                                       max_tokens=24, **kw), dispatch=net)
-    return job_id
-
 
 @pytest.mark.parametrize("hop", [1, 0], ids=["lose-tail", "lose-front"])
 def test_a_lost_span_with_no_spare_is_loaded_and_the_job_carries_on(r, loading_net, hop) -> None:
     net, model_id = loading_net
     params = {"temperature": 0.8, "top_k": 40, "seed": 99}
-    clean = _job(r, net, model_id, **params)
+    clean = net.submit(model_id, prefix="jr", **params)
     net.run()
     expected = jobs.get_job(r, clean).token_ids
     assert len(expected) == 24
-    job_id = _job(r, net, model_id, **params)
-    while int(r.hget(keys.job(job_id), "step") or 0) < 5:
-        assert net.step()
+    job_id = net.submit(model_id, prefix="jr", **params)
+    net.step_until(job_id, 5)
     route = jobs.job_route(jobs._hash(r, job_id))
     victim = route[hop].worker_id
     dead = net.nodes.pop(victim)  # lost mid-answer; no live worker holds its span
@@ -239,9 +232,8 @@ def test_a_lost_span_nobody_can_load_waits_then_fails_with_the_reason(r, loading
     """No live worker can take the lost tail: the job waits up to the step deadline for a worker to come
     back (a supervisor restarting it), then fails with the reason."""
     net, model_id = loading_net
-    job_id = _job(r, net, model_id)
-    while int(r.hget(keys.job(job_id), "step") or 0) < 3:
-        assert net.step()
+    job_id = net.submit(model_id, prefix="jr")
+    net.step_until(job_id, 3)
     route = jobs.job_route(jobs._hash(r, job_id))
     victim = route[1].worker_id
     front = net.nodes[route[0].worker_id]
@@ -271,12 +263,11 @@ def test_a_worker_restarted_within_the_step_timeout_is_lost_to_its_jobs(r, loadi
     timeout, but holds none of the job's caches. The core still moves the job (without marking the fresh
     process lost: it may load the span again)."""
     net, model_id = loading_net
-    clean = _job(r, net, model_id)
+    clean = net.submit(model_id, prefix="jr")
     net.run()
     expected = jobs.get_job(r, clean).token_ids
-    job_id = _job(r, net, model_id)
-    while int(r.hget(keys.job(job_id), "step") or 0) < 3:
-        assert net.step()
+    job_id = net.submit(model_id, prefix="jr")
+    net.step_until(job_id, 3)
     victim = jobs.job_route(jobs._hash(r, job_id))[1].worker_id
     old = net.nodes.pop(victim)
     # What was in flight to the old process died with it (the rest flows on: the fresh process refuses

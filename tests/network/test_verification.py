@@ -304,8 +304,7 @@ def test_a_rerouted_job_is_checked_on_its_last_route(r, world) -> None:
     req = jobs.JobRequest(job_id=job_id, user_id="u", model_id=w.model_id, prompt_ids=[1, 9, 8, 7],
                           max_tokens=24, temperature=0.8, top_k=40, seed=5, stop_token_ids=[])
     jobs.submit_job(r, req, dispatch=w.net)
-    while int(r.hget(keys.job(job_id), "step") or 0) < 6:
-        assert w.net.step()
+    w.net.step_until(job_id, 6)
     victim = jobs.job_route(jobs._hash(r, job_id))[1].worker_id
     dead = w.net.nodes.pop(victim)
     directory.mark_lost(r, [victim])

@@ -16,12 +16,13 @@ copy of every class in it).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from azu.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,11 +31,4 @@ def wait_for(cond: Callable[[], Any], *, timeout: float = 60.0, what: str = "con
              interval: float = 0.02) -> Any:
     """Poll ``cond`` until it returns something truthy and return that; fail the test with ``what`` after
     ``timeout`` seconds (never a bare sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)  # polling interval of a deadline wait, not a synchronization
+    return wait_until(cond, timeout=timeout, what=what, interval=interval, error=pytest.fail.Exception)

@@ -262,3 +262,21 @@ class InlineNetwork:
     def run(self) -> None:
         while self.step():
             pass
+
+    def submit(self, model_id: str, *, prefix: str, **kw: Any) -> str:
+        """A 24-token job on a 4-token prompt, sent through this network; its id starts with ``prefix``
+        (a test module's own: its fixtures find its jobs by it)."""
+        from azu.network import jobs
+
+        job_id = f"{prefix}-{time.monotonic_ns()}"
+        request = {"prompt_ids": [1, 9, 8, 7], "max_tokens": 24, **kw}
+        jobs.submit_job(self.r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, **request),
+                        dispatch=self)
+        return job_id
+
+    def step_until(self, job_id: str, step: int) -> None:
+        """Deliver messages until the job's step counter reaches ``step`` (there must be one to deliver)."""
+        from azu.network import keys
+
+        while int(self.r.hget(keys.job(job_id), "step") or 0) < step:
+            assert self.step()

@@ -174,15 +174,8 @@ def _post(
     if not moves:
         return txn_id
 
-    ordered = sorted(moves)  # lock in ascending id order: no deadlock between two postings
-    balances = dict(
-        session.execute(
-            select(Account.id, Account.balance)
-            .where(Account.id.in_(ordered))
-            .order_by(Account.id)
-            .with_for_update()
-        ).all()
-    )
+    ordered = sorted(moves)
+    balances = _lock_balances(session, ordered)
     for account_id in ordered:
         after = balances[account_id] + moves[account_id]
         if after < 0 and kinds[account_id] != AccountKind.CHAIN.value:
@@ -602,9 +595,10 @@ def _evidence(evidence: Any) -> dict[str, Any]:
     return safe  # type: ignore[no-any-return]
 
 
-def _lock_balances(session: Session, accounts: Iterable[Account]) -> dict[int, int]:
-    """Lock the accounts (ascending id, the order every posting locks in) and return their balances."""
-    ids = sorted({a.id for a in accounts})
+def _lock_balances(session: Session, account_ids: Iterable[int]) -> dict[int, int]:
+    """Lock the accounts in ascending id order (every posting locks in that order: no deadlock between
+    two postings) and return their balances."""
+    ids = sorted(set(account_ids))
     return dict(
         session.execute(
             select(Account.id, Account.balance)
@@ -664,7 +658,7 @@ def withhold_job_earnings(
         withheld_to = withheld_account(session, worker_id)
         platform = platform_account(session)
         user = user_account(session, hold.user_address)
-        balances = _lock_balances(session, (worker, withheld_to, platform, user))
+        balances = _lock_balances(session, (a.id for a in (worker, withheld_to, platform, user)))
 
         withheld = min(credit, balances[worker.id])
         shortfall = credit - withheld
