@@ -94,20 +94,17 @@ class Bed:
         support.REDIS_URL = self.url  # the workers' broker (read when a worker starts), this bed's Redis
         os.environ["AUTH_SECRET_KEY"] = SECRET
         (base / "registry").mkdir(exist_ok=True)
-        import http.server
 
         import redis
 
         import workers
         from azu.network.dispatch import get_dispatcher
-        from tests.support.network import Cluster, RegistryHandler
+        from tests.support.network import Cluster, serve_registry
 
         self.r = redis.Redis.from_url(self.url)
         wait_until(self.ping, 20, "redis-server")
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RegistryHandler)
-        self.server.tamper = {}  # type: ignore[attr-defined]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.cluster = Cluster(self.r, base, f"http://127.0.0.1:{self.server.server_address[1]}")
+        self.server = serve_registry()
+        self.cluster = Cluster(self.r, base, self.server.url)
         workers.use_broker(self.url)
         self.sender = get_dispatcher()
         self.src: Path | None = None

@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -61,7 +60,6 @@ def main() -> int:
 
     os.environ["AUTH_SECRET_KEY"] = SECRET
     (base / "registry").mkdir()
-    import http.server
 
     import redis
     import torch
@@ -74,7 +72,7 @@ def main() -> int:
     from azu.network.dispatch import get_dispatcher
     from azu.registry import status as models
     from azu.registry.sharder import shard_model
-    from tests.support.network import Cluster, RegistryHandler
+    from tests.support.network import Cluster, serve_registry
 
     r = redis.Redis.from_url(url)
     wait_until(lambda: _ping(r), 10, "redis-server")
@@ -83,10 +81,8 @@ def main() -> int:
     shard_model(str(src), models.shard_dir(model_id), progress=False)
     models.mark_ready(r, model_id, source=str(src))
     hf = AutoModelForCausalLM.from_pretrained(src).eval()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RegistryHandler)
-    server.tamper = {}  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    cluster = Cluster(r, base, f"http://127.0.0.1:{server.server_address[1]}")
+    server = serve_registry()
+    cluster = Cluster(r, base, server.url)
     workers.use_broker(url)
     sender = get_dispatcher()
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import http.server
 import json
 import os
 import random
@@ -44,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -86,19 +84,17 @@ class LongPromptBench:
 
         import workers
         from azu.network.dispatch import get_dispatcher
-        from tests.support.network import Cluster, RegistryHandler
+        from tests.support.network import Cluster, serve_registry
 
         self.args = args
         self.base = base
         self.r = redis.Redis.from_url(redis_url)
         self.r.flushdb()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RegistryHandler)
-        self.server.tamper = {}  # type: ignore[attr-defined]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve_registry()
         workers.use_broker(redis_url)
         self.dispatch = get_dispatcher()
         (base / "net").mkdir()
-        self.cluster = Cluster(self.r, base / "net", f"http://127.0.0.1:{self.server.server_address[1]}")
+        self.cluster = Cluster(self.r, base / "net", self.server.url)
         self.collector: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
         self.src = Path()

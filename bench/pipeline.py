@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.server
 import itertools
 import json
 import os
@@ -34,12 +33,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 from _support import QWEN, wait_until
 
@@ -51,26 +48,6 @@ PETALS = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_k
               intermediate_size=1376, vocab_size=32000, max_position_embeddings=2048)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=320, max_position_embeddings=4096)
-
-
-class _Registry(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        from azu.registry import status as models
-
-        url = urlparse(self.path)
-        name = url.path.rsplit("/", 1)[-1]
-        path = models.shard_dir(parse_qs(url.query).get("model_id", [""])[0]) / name
-        if not url.path.startswith("/models/files/") or not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        return
 
 
 class Bench:
@@ -85,9 +62,10 @@ class Bench:
 
         self.r = redis.Redis.from_url(self.redis_url)
         self.r.flushdb()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.registry_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        from tests.support.network import serve_registry
+
+        self.server = serve_registry()
+        self.registry_url = self.server.url
         self.procs: list[subprocess.Popen[bytes]] = []
         from azu.network.dispatch import get_dispatcher
 

@@ -29,7 +29,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +69,6 @@ def _run(args: argparse.Namespace, rng: random.Random, base: Path, url: str) -> 
 
     os.environ["AUTH_SECRET_KEY"] = SECRET
     (base / "registry").mkdir()
-    import http.server
 
     import psutil
     import redis
@@ -83,14 +81,12 @@ def _run(args: argparse.Namespace, rng: random.Random, base: Path, url: str) -> 
     from azu.registry import status as models
     from azu.registry.sharder import shard_model
     from azu.verification import status
-    from tests.support.network import Cluster, RegistryHandler
+    from tests.support.network import Cluster, serve_registry
 
     r = redis.Redis.from_url(url)
     src = build_model("llama", base / "src", seed=7)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RegistryHandler)
-    server.tamper = {}  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    cluster = Cluster(r, base, f"http://127.0.0.1:{server.server_address[1]}")
+    server = serve_registry()
+    cluster = Cluster(r, base, server.url)
     workers.use_broker(url)
     sender = get_dispatcher()
 

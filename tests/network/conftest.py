@@ -7,10 +7,8 @@ and shared; each test uses its own model ids and job ids, so tests do not see ea
 
 from __future__ import annotations
 
-import http.server
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.network import REDIS_URL, SECRET, Cluster, RegistryHandler
+from tests.support.network import REDIS_URL, SECRET, Cluster, serve_registry
 
 # Set before `workers`/celeryconfig are imported anywhere in this process: the broker is this database.
 os.environ["REDIS_URL"] = REDIS_URL
@@ -100,11 +98,7 @@ def shard(r: redis.Redis, registry_dir: Path, source_model: Path) -> Callable[[s
 @pytest.fixture(scope="session")
 def registry_http(registry_dir: Path) -> Iterator[Any]:
     """A static-file registry over real HTTP; ``server.tamper[(model, file)]`` can corrupt what it serves."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RegistryHandler)
-    server.tamper = {}  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    server = serve_registry()
     yield server
     server.shutdown()
     server.server_close()

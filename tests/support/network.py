@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,17 @@ class RegistryHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         return
+
+
+def serve_registry() -> Any:
+    """A static-file registry (``RegistryHandler``) over real HTTP on a free loopback port, served from a
+    daemon thread: ``.url`` is its address, ``.tamper[(model, file)]`` can corrupt what it serves; stop it
+    with ``shutdown()``. The tests' registry fixture and the benches start theirs here."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RegistryHandler)
+    server.tamper = {}  # type: ignore[attr-defined]
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 class Cluster:
