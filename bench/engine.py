@@ -198,6 +198,8 @@ def _peak_mb() -> float:
 
 def _stage_weights_mb(stage) -> tuple[float, set[str]]:
     """Bytes of the distinct tensors a stage holds (what it loaded, in the dtype it holds them), dtypes."""
+    from azu.engine.kernels import PackedLinear
+
     seen: dict[int, int] = {}
     dtypes = set()
     for tensor in [*stage.model.parameters(), *stage.model.buffers()]:
@@ -205,12 +207,20 @@ def _stage_weights_mb(stage) -> tuple[float, set[str]]:
             continue
         seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         dtypes.add(str(tensor.dtype).removeprefix("torch."))
-    return sum(seen.values()) / 2**20, dtypes
+    packed = 0
+    for module in stage.model.modules():
+        if isinstance(module, PackedLinear):  # weights repacked for oneDNN: not parameters any more
+            for tensor in [*module.blocks, *(b for b in module.biases if b is not None)]:
+                packed += tensor.numel() * tensor.element_size()
+                dtypes.add(str(tensor.dtype).removeprefix("torch."))
+    return (sum(seen.values()) + packed) / 2**20, dtypes
 
 
-def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int, steps: int) -> dict:
-    """Fresh process: a stage of embeddings + half the layers; peak RSS at load, then (jobs > 0) RSS after
-    ``jobs`` jobs (``prompt``-token prefills, ``steps`` batched decode steps) have ended.
+def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int, steps: int,
+                    end: str = "first") -> dict:
+    """Fresh process: a stage of embeddings + half the layers (``end="last"``: the other half and the head,
+    loaded only); peak RSS at load, then (jobs > 0) RSS after ``jobs`` jobs (``prompt``-token prefills,
+    ``steps`` batched decode steps) have ended.
 
     The baseline is the RSS after imports, the family's modeling code included (``Stage.load`` imports it
     lazily: ~90 MB of Python modules any worker process carries, whatever it holds); it is reported, not
@@ -231,7 +241,8 @@ def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int
     start = _rss_mb()
     importlib.import_module(f"transformers.models.{manifest.model_type}.modeling_{manifest.model_type}")
     base = _rss_mb()
-    stage = Stage.load(shards, Span(0, half, embeddings=True), device=device, dtype=dtype)
+    span = Span(0, half, embeddings=True) if end == "first" else Span(half, manifest.num_layers, head=True)
+    stage = Stage.load(shards, span, device=device, dtype=dtype)
     load_peak = _peak_mb() - base
     weights, dtypes = _stage_weights_mb(stage)
     out = {
@@ -352,6 +363,7 @@ def main() -> int:
     log("memory (fresh subprocesses)...")
     st = run_child("stage_rss", str(shards), args.device, dtype, "0", "0", "0")
     sj = run_child("stage_rss", str(shards), args.device, dtype, "16", str(args.job_prompt), "32")
+    sh = run_child("stage_rss", str(shards), args.device, dtype, "0", "0", "0", "last")
     rows += [
         (
             f"stage (embeddings + half the layers) peak RSS MB at load ({'/'.join(st['dtypes'])}; "
@@ -362,7 +374,14 @@ def main() -> int:
             "<= 1.15x" + ("" if st["dtypes"] == [dtype] else f" (NOT {dtype})"),
         ),
         (
-            f"same stage, RSS MB after 16 jobs ({args.job_prompt}-token prompts, 32 batched steps) "
+            f"stage (other half of the layers + head) peak RSS MB at load ({'/'.join(sh['dtypes'])})",
+            f"{sh['weights_mb']:.0f} (weights)",
+            f"{sh['load_peak_mb']:.0f}",
+            f"{sh['load_peak_mb'] / sh['weights_mb']:.3f}x",
+            "<= 1.15x" + ("" if sh["dtypes"] == [dtype] else f" (NOT {dtype})"),
+        ),
+        (
+            f"first stage, RSS MB after 16 jobs ({args.job_prompt}-token prompts, 32 batched steps) "
             f"ended (peak {sj['jobs_peak_mb']:.0f} with their caches)",
             f"{sj['weights_mb']:.0f} (weights)",
             f"{sj['freed_rss_mb']:.0f}",

@@ -33,11 +33,11 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from azu.engine.families import Family, family_for
-from azu.engine.kernels import swap_linears, use_onednn
+from azu.engine.kernels import pack_linears, use_onednn
 from azu.engine.naming import classify_tensor
 from azu.engine.span import Span
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
-from azu.registry.manifest import Manifest, load_verified
+from azu.registry.manifest import LoadedFiles, Manifest
 
 _DTYPES = {
     "float32": torch.float32,
@@ -257,11 +257,12 @@ class Stage:
             dtype=torch_dtype,
             device_map={"": torch_device},
         )
+        files = LoadedFiles()
         with _quiet_transformers():
             for entry in manifest.files_for(
                 span.first, span.last, embeddings=span.embeddings, head=span.head
             ):
-                state = load_verified(manifest.directory or shard_dir, entry)
+                state = files.load(manifest.directory or shard_dir, entry)
                 convert_and_load_state_dict_in_model(model, state, load_config)
                 del state
         _check_materialised(model, span, family)
@@ -283,7 +284,10 @@ class Stage:
             if not span.head:
                 _neutralise(base, attr, how, torch_dtype, torch_device)
         if use_onednn(kernels, torch_device, torch_dtype):
-            swap_linears(model)
+            # After the cut: a tied head is packed only where no embedding on this stage still reads it.
+            pack_linears(model, files.release)
+            release_freed_memory()  # weights that were dtype-converted copies, not views of a file
+        del files
         # Buffers (rotary inv_freq, ALiBi helpers) were built real on the CPU; move them along.
         for module in model.modules():
             for name, buf in list(module._buffers.items()):

@@ -7,9 +7,11 @@ from strangers, and a safetensors parser should never see bytes nobody vouched f
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,11 +199,16 @@ class Manifest:
 
 
 # -- hashing and verified reads -------------------------------------------------------------------------
-def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int | None = None) -> bytearray:
+def read_verified_bytes(
+    path: str | os.PathLike[str], sha256: str, *, size: int | None = None
+) -> bytearray | mmap.mmap:
     """The file's bytes; IntegrityFailure naming the file if its size or SHA-256 is not the promised one.
 
     The file is read once, into one buffer, and hashed as it is read: the bytes returned are the bytes
-    that were hashed, so a file swapped on disk mid-way cannot slip through.
+    that were hashed, so a file swapped on disk mid-way cannot slip through. The buffer is an anonymous
+    private mapping (not a heap block), so whoever holds it can give parts of it back to the OS
+    (``mmap.madvise(MADV_DONTNEED)``): a stage that repacks a weight into another layout frees the
+    original's pages as it goes (``azu.engine.kernels``) instead of holding two copies.
     """
     p = Path(path)
     try:
@@ -211,7 +218,10 @@ def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int 
     # Size first: a truncated or padded file is refused without reading it.
     if size is not None and actual_size != size:
         raise IntegrityFailure(f"{p.name}: size {actual_size} bytes, manifest says {size}", param=p.name)
-    buf = bytearray(actual_size)
+    # Private: MADV_DONTNEED frees a private anonymous page; on a shared one (mmap's default) it would not.
+    buf: bytearray | mmap.mmap = bytearray()
+    if actual_size:
+        buf = mmap.mmap(-1, actual_size, flags=mmap.MAP_PRIVATE)
     view = memoryview(buf)
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -222,6 +232,7 @@ def read_verified_bytes(path: str | os.PathLike[str], sha256: str, *, size: int 
                 raise IntegrityFailure(f"{p.name}: file shrank while being read", param=p.name)
             h.update(view[done:done + n])
             done += n
+    view.release()  # an exported view would keep the mapping from being unmapped once its tensors go
     digest = h.hexdigest()
     if digest != sha256.lower():
         raise IntegrityFailure(f"{p.name}: SHA-256 {digest} does not match the manifest's {sha256}",
@@ -235,19 +246,61 @@ def load_verified(directory: str | os.PathLike[str], entry: FileEntry) -> dict[s
     The tensors are views into the very buffer that was hashed (no second copy, so a stage's peak
     memory stays near its weights).
     """
+    return _load_verified(directory, entry)[1]
+
+
+def _load_verified(
+    directory: str | os.PathLike[str], entry: FileEntry
+) -> tuple[bytearray | mmap.mmap, dict[str, torch.Tensor]]:
     buf = read_verified_bytes(Path(directory) / entry.name, entry.sha256, size=entry.size)
     tensors = _parse_safetensors(buf, entry.name)
     if set(tensors) != set(entry.tensors):
         raise IntegrityFailure(f"{entry.name}: tensors {sorted(tensors)} differ from the manifest's list",
                                param=entry.name)
-    return tensors
+    return buf, tensors
+
+
+class LoadedFiles:
+    """Shard files loaded as with ``load_verified``, whose buffers can then be given back page by page.
+
+    A stage that copies a weight into another layout (``azu.engine.kernels.pack_linears``) calls
+    :meth:`release` with the original once the copy exists: the pages wholly inside it go back to the OS
+    (``MADV_DONTNEED`` on the anonymous mapping; they would read as zeros, so the caller must hold no other
+    reader of them). The mappings themselves go when their last tensor does.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[tuple[int, mmap.mmap]] = []
+
+    def load(self, directory: str | os.PathLike[str], entry: FileEntry) -> dict[str, torch.Tensor]:
+        buf, tensors = _load_verified(directory, entry)
+        if isinstance(buf, mmap.mmap):
+            anchor = ctypes.c_char.from_buffer(buf)  # only to read the mapping's address
+            self._buffers.append((ctypes.addressof(anchor), buf))
+            del anchor
+        return tensors
+
+    def release(self, tensor: torch.Tensor) -> int:
+        """Give back the pages wholly inside the contiguous ``tensor``, if a loaded file's buffer holds it;
+        how many bytes went back."""
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        for base, buf in self._buffers:
+            if base <= start and end <= base + len(buf):
+                first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE
+                last = (end - base) // mmap.PAGESIZE * mmap.PAGESIZE
+                if last > first:
+                    buf.madvise(mmap.MADV_DONTNEED, first, last - first)
+                    return last - first
+                return 0
+        return 0
 
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def _parse_safetensors(buf: bytearray, name: str) -> dict[str, torch.Tensor]:
+def _parse_safetensors(buf: bytearray | mmap.mmap, name: str) -> dict[str, torch.Tensor]:
     """Tensors as zero-copy views of a safetensors file's bytes (already hash-checked)."""
     import torch
 

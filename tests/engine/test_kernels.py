@@ -3,6 +3,8 @@ request; both give transformers' greedy tokens (the exact-match tests run the de
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -20,26 +22,56 @@ pytestmark = pytest.mark.skipif(not kernels.onednn_works(), reason="this PyTorch
 
 def _linears(stage: Stage) -> list[type]:
     return [type(m) for m in stage.model.modules()
-            if isinstance(m, nn.Linear) and not m.weight.is_meta]
+            if isinstance(m, kernels.PackedLinear) or (isinstance(m, nn.Linear) and not m.weight.is_meta)]
 
 
-def test_a_float32_cpu_stage_runs_its_linears_on_onednn_and_torch_on_request(built) -> None:
+def test_a_float32_cpu_stage_packs_its_linears_for_onednn_and_keeps_torchs_on_request(built) -> None:
     b = built("llama")
     auto = Stage.load(b.shards, Span(0, 2, embeddings=True))
     plain = Stage.load(b.shards, Span(0, 2, embeddings=True), kernels="torch")
-    assert _linears(auto) and set(_linears(auto)) == {kernels.OneDnnLinear}
+    assert _linears(auto) and set(_linears(auto)) == {kernels.PackedLinear}
+    assert len(_linears(auto)) == len(_linears(plain))
     assert set(_linears(plain)) == {nn.Linear}
     # Modules of layers this stage does not hold stay on meta and are left alone.
     assert all(type(m) is nn.Linear for m in auto.model.modules()
                if isinstance(m, nn.Linear) and m.weight.is_meta)
-    # Same parameters, nothing copied: the swapped module reads the very tensor that was loaded.
-    swapped = next(m for m in auto.model.modules() if type(m) is kernels.OneDnnLinear)
-    assert swapped.weight.data_ptr() == swapped.state_dict()["weight"].data_ptr()
+    # The packed module gives the plain one's products, up to float rounding; no weight is left to read.
+    packed = next(m for m in auto.model.modules() if type(m) is kernels.PackedLinear)
+    name = next(n for n, m in auto.model.named_modules() if m is packed)
+    original = plain.model.get_submodule(name)
+    x = torch.randn(3, 5, original.in_features)
+    torch.testing.assert_close(packed(x), original(x), rtol=1e-5, atol=1e-5)
+    assert not hasattr(packed, "weight")
     assert Stage.load(b.shards, Span(0, 2, embeddings=True), dtype="bfloat16").model is not None
     assert not kernels.use_onednn("auto", torch.device("cpu"), torch.bfloat16)
     assert not kernels.use_onednn("onednn", torch.device("cuda"), torch.float32)
     with pytest.raises(ValueError, match="unknown kernels"):
         kernels.use_onednn("fast", torch.device("cpu"), torch.float32)
+
+
+def test_a_weight_packed_in_blocks_gives_the_same_products_and_frees_the_originals_pages(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 64 * 1024)  # 1000 rows of 64 floats: 4 blocks of 256
+    model = nn.Sequential(nn.Linear(64, 1000), nn.Linear(1000, 8, bias=False))
+    reference = copy.deepcopy(model)
+    released: list[torch.Tensor] = []
+    assert kernels.pack_linears(model, released.append) == 2
+    assert len(model[0].blocks) == 4 and len(model[1].blocks) == 1
+    assert [int(t.shape[0]) for t in released] == [256, 256, 256, 232, 8]
+    x = torch.randn(2, 7, 64)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
+
+
+def test_a_weight_another_module_reads_is_not_packed() -> None:
+    embed, head = nn.Embedding(50, 16), nn.Linear(16, 50, bias=False)
+    head.weight = embed.weight  # tied, as a stage holding both ends of a tied model has them
+    model = nn.ModuleDict({"embed": embed, "head": head})
+    released: list[torch.Tensor] = []
+    assert kernels.pack_linears(model, released.append) == 0
+    assert type(model["head"]) is nn.Linear and not released
+    view = nn.Linear(16, 4)
+    view.weight = nn.Parameter(embed.weight[:4], requires_grad=False)  # a view into another tensor's bytes
+    model["view"] = view
+    assert kernels.pack_linears(model, released.append) == 0 and not released
 
 
 @pytest.mark.parametrize("family", sorted(demo.FAMILIES))

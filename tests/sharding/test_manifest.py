@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from azu.errors import IntegrityFailure, InvalidRequest, NotFound
 from azu.registry.download import sha256_file
-from azu.registry.manifest import FileEntry, Manifest, load_verified, read_verified_bytes
+from azu.registry.manifest import FileEntry, LoadedFiles, Manifest, load_verified, read_verified_bytes
 
 
 def _entry(directory, name, kind, layer, tensors):
@@ -53,6 +55,21 @@ def test_load_verified_returns_tensors(shard_dir):
     m = Manifest.load(shard_dir)
     t = load_verified(shard_dir, m.layer_file(0))
     assert torch.equal(t["layers.0.w"], torch.arange(6.0))
+
+
+def test_a_loaded_files_pages_can_be_given_back_tensor_by_tensor(tmp_path):
+    big, small = torch.arange(40_000.0), torch.arange(5.0)  # 160 kB: dozens of whole pages inside
+    entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"a.big": big, "b.small": small})
+    files = LoadedFiles()
+    tensors = files.load(tmp_path, entry)
+    freed = files.release(tensors["a.big"])
+    # The pages wholly inside the tensor went back (they read as zeros now); its partial end pages and the
+    # other tensor are untouched.
+    assert freed >= big.numel() * 4 - 2 * mmap.PAGESIZE and freed % mmap.PAGESIZE == 0
+    zeros = int((tensors["a.big"] == 0).sum()) - 1  # arange starts at 0
+    assert zeros == freed // 4
+    assert torch.equal(tensors["b.small"], small)
+    assert files.release(torch.ones(4)) == 0  # not from a loaded file: nothing to give back
 
 
 def test_tampered_file_is_refused_naming_it(shard_dir):
