@@ -130,7 +130,7 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + span * t.element_size()
 
 
-def pack_linears(model: nn.Module, release: Callable[[torch.Tensor], None]) -> int:
+def pack_linears(model: nn.Module, release: Callable[[torch.Tensor], object]) -> int:
     """Replace every plain float32 ``nn.Linear`` of ``model`` whose weight is loaded by a ``PackedLinear``;
     how many were replaced. ``release(t)`` is called with each block of original weight rows once its packed
     copy exists; it may hand those rows' pages back to the OS.
