@@ -5,7 +5,9 @@ On ``gpu.<worker_id>`` (anyone may wake a worker; every payload is signed and ch
   in its inbox meanwhile (azu.network.inbox), so the decode steps of different jobs run as one batch.
 On ``ctl.<worker_id>`` (the core's orders; only core processes may write it):
 - ``load``: a load order: pull a span's files from the registry, check them, hold them.
-- ``end_job``: the job is over (an order the core signed): free its KV caches here.
+- ``end_job``: the job is over (an order the core signed): free its KV caches here. The core now puts this
+  order in the worker's inbox beside the steps (azu.network.jobs.end_caches: a busy worker takes it without
+  ending its session); the task stays for orders still on the queue from a core of the round before.
 - ``ping``: answer a health check (tests use it to know earlier messages were handled).
 - ``evidence``: send the core the signed bundles kept for a job it re-computes (azu.verification).
 

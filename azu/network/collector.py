@@ -8,9 +8,9 @@ and the sender's right to say it, then acts:
 - ``token`` (only from the job's last hop, as the core-signed route says; only the job's next step): publish
   the event (id ``0-<step+1>``, so a replay is refused by Redis), advance the job, and decide the end itself
   (stop ids, stop strings with the core's tokenizer, max_tokens, cancel). On the end: the done event with the
-  usage the core computes (route x published tokens), the signed end record, ``end_job`` to every hop, and
-  settlement on ``core``. The last hop hands the next step to hop 0 itself: the collector is not on the
-  decode loop.
+  usage the core computes (route x published tokens), the signed end record, an end order in every hop's
+  inbox, and settlement on ``core``. The last hop hands the next step to hop 0 itself: the collector is not
+  on the decode loop.
 - ``heartbeat`` (about the sender only): the directory record, keeping only the spans the core ordered the
   worker to load (``azu:assigned:<id>``): a claim of spans never ordered is ignored.
 - ``loaded`` / ``load_failed``: start, or fail, the jobs waiting for the model.
@@ -205,7 +205,7 @@ class Collector:
             selection.pick(self.r, job_id, [h.worker_id for h in jobs.job_route(job)],
                            queue=self.verify_queue)
             send_settle(job_id, dispatch=self.dispatch)
-            jobs.end_caches(job_id, jobs.job_route(job), epoch=int(job.get("epoch") or 0),
+            jobs.end_caches(self.r, job_id, jobs.job_route(job), epoch=int(job.get("epoch") or 0),
                             dispatch=self.dispatch)
 
     def _check_token(self, rep: Report, job: dict[str, str]) -> tuple[int | None, int]:

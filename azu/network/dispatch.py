@@ -35,7 +35,7 @@ def worker_queue(worker_id: str) -> str:
 
 
 def control_queue(worker_id: str) -> str:
-    """The control queue of one worker node: ``ctl.<worker_id>`` (load, end_job, ping; the core only)."""
+    """The control queue of one worker node: ``ctl.<worker_id>`` (load, evidence, ping; the core only)."""
     return f"ctl.{worker_id}"
 
 

@@ -33,8 +33,17 @@ from azu.config import get_settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Conflict, InvalidRequest, NoCapacity
 from azu.network import auth, directory, inbox, keys, placement
-from azu.network.dispatch import Dispatcher, get_dispatcher, send_end_job, send_load, send_settle
-from azu.network.wire import Hop, JobGrant, Sampling, StepBundle, StepPayload, end_order_part, route_from_list
+from azu.network.dispatch import Dispatcher, get_dispatcher, send_load, send_settle
+from azu.network.wire import (
+    EndOrder,
+    Hop,
+    JobGrant,
+    Sampling,
+    StepBundle,
+    StepPayload,
+    end_order_part,
+    route_from_list,
+)
 from azu.registry.status import ModelInfo, model_info
 
 log = logging.getLogger(__name__)
@@ -503,7 +512,7 @@ def _replay(r: redis.Redis, job_id: str, route: list[Hop], *, lost: Sequence[str
     # does use drop them when the new epoch's first step comes).
     gone = [h for h in old if h.worker_id not in lost and h.worker_id not in {x.worker_id for x in route}]
     if gone:
-        end_caches(job_id, gone, epoch=epoch, dispatch=dispatch)
+        end_caches(r, job_id, gone, epoch=epoch, dispatch=dispatch)
     log.warning("job %s: re-routed at step %d (epoch %d) over %s", job_id, step, epoch + 1,
                 [h.worker_id for h in route])
     return True
@@ -607,11 +616,16 @@ def close(pipe: Any, job_id: str, *, status: str, reason: str, usage: dict[str, 
         pipe.expire(k, keys.JOB_TTL_S)
 
 
-def end_caches(job_id: str, route: Sequence[Hop], *, epoch: int = 0, dispatch: Dispatcher) -> None:
-    """Tell every hop's worker the job is over (an order signed by the core, on its control queue)."""
+def end_caches(r: redis.Redis, job_id: str, route: Sequence[Hop], *, epoch: int = 0,
+               dispatch: Dispatcher) -> None:
+    """Tell every hop's worker the job is over: an order signed by the core, in its inbox like a step (a
+    busy worker takes it between batches; an idle one is woken for it). Not on the control queue: a worker
+    ends its session to let a control message through, a pause of several round trips for the other jobs
+    it is running (bench/latency.py)."""
     sig = auth.sign(auth.core_signing_key(), auth.END_ORDER, end_order_part(job_id, epoch))
-    for worker_id in sorted({h.worker_id for h in route}):
-        send_end_job(worker_id, job_id=job_id, epoch=epoch, sig=sig, dispatch=dispatch)
+    order = EndOrder(job_id=job_id, epoch=epoch, sig=sig).pack()
+    inbox.deliver(r.pipeline(transaction=False), dict.fromkeys(sorted({h.worker_id for h in route}), order),
+                  dispatch=dispatch)
 
 
 def fail_job(r: redis.Redis, job_id: str, reason: str, *, dispatch: Dispatcher | None = None) -> bool:
@@ -630,7 +644,7 @@ def fail_job(r: redis.Redis, job_id: str, reason: str, *, dispatch: Dispatcher |
     pipe.execute()
     send_settle(job_id, dispatch=dispatch)
     if job.get("route"):
-        end_caches(job_id, job_route(job), epoch=int(job.get("epoch") or 0), dispatch=dispatch)
+        end_caches(r, job_id, job_route(job), epoch=int(job.get("epoch") or 0), dispatch=dispatch)
     return True
 
 
@@ -655,7 +669,7 @@ def cancel_job(r: redis.Redis, job_id: str, *, dispatch: Dispatcher | None = Non
             pipe.execute()
             send_settle(job_id, dispatch=dispatch)
             if job.get("resume") and job.get("route"):
-                end_caches(job_id, job_route(job), epoch=int(job.get("epoch") or 0),
+                end_caches(r, job_id, job_route(job), epoch=int(job.get("epoch") or 0),
                            dispatch=dispatch or get_dispatcher())
 
 

@@ -1,7 +1,8 @@
 """A worker node's step runtime: admit, batch, forward, send on, finish, end jobs, heartbeat.
 
-Framework-free: ``workers/stage.py`` (Celery) calls ``WorkerNode.process_pending`` when woken, ``load`` on a
-load order and ``end_job`` when a job is over; ``start_heartbeat`` runs beside them. Fetching a span's files
+Framework-free: ``workers/stage.py`` (Celery) calls ``WorkerNode.process_pending`` when woken and ``load``
+on a load order; the core's order to end a job comes in the inbox beside the steps (``end_job``);
+``start_heartbeat`` runs beside them. Fetching a span's files
 is azu.network.loading, the mailbox azu.network.inbox, the command line azu.cli.worker.
 
 One wake-up takes *every* step payload waiting for this worker, so the decode steps of all jobs at the same
@@ -37,13 +38,14 @@ from azu.network import auth, batching, directory, inbox, jobs, keys, loading
 from azu.network.dispatch import Dispatcher, control_queue, send_forward, worker_queue
 from azu.network.inbox import Inbox
 from azu.network.wire import (
+    EndOrder,
     JobGrant,
     Report,
-    StepBundle,
     StepPayload,
     end_order_part,
     evidence_order_part,
     pack_tensor,
+    unpack_inbox,
     unpack_tensor,
 )
 from azu.verification.commitment import CommitBuffer
@@ -266,9 +268,9 @@ class WorkerNode:
         With nothing to run it waits on its inbox while a job of this worker is in flight (``_due_by``):
         the job's next step is due, and taking it from the list costs one Redis wake-up instead of a Celery
         message each way, whatever the round trip between hosts. Every ``session_s`` it looks at its control
-        queue: if a load order or end_job message waits there, it finishes what it holds and hands the rest
-        to a new message on its own queue, so the control message gets its turn. Returns how many steps
-        were run or replayed."""
+        queue: if a load order (or another control message) waits there, it finishes what it holds and hands
+        the rest to a new message on its own queue, so the control message gets its turn. Returns how many
+        steps were run or replayed."""
         try:
             return self._session(blobs)
         finally:
@@ -317,9 +319,9 @@ class WorkerNode:
                 return done
 
     def _control_waiting(self) -> bool:
-        """Whether a load order, end_job or ping waits on this worker's control queue (its Celery list), or
-        that cannot be told: then the session ends, and the message gets its turn. Otherwise the session
-        goes on, and the wake key is kept (senders keep using the list).
+        """Whether a load order, evidence order or ping waits on this worker's control queue (its Celery
+        list), or that cannot be told: then the session ends, and the message gets its turn. Otherwise the
+        session goes on, and the wake key is kept (senders keep using the list).
 
         A hand-over of the last session brought the answer (``_hand_over`` takes the question along every
         half session): a worker in the middle of a job does not pay a round trip of its own for it, which
@@ -375,7 +377,10 @@ class WorkerNode:
         if len(self.grants) > 4096:
             self.grants.clear()
         try:
-            bundle = StepBundle.unpack(blob)
+            bundle = unpack_inbox(blob)
+            if isinstance(bundle, EndOrder):
+                self.end_job(job_id=bundle.job_id, epoch=bundle.epoch, sig=bundle.sig, in_session=True)
+                return []
             payloads = [StepPayload.unpack(b, grants=self.grants) for b in bundle.steps]
             sender_key = self._sender_key(bundle.sender, payloads)
             auth.check(sender_key, auth.STEPS, bundle.signed_part(), bundle.sig,
@@ -753,7 +758,11 @@ class WorkerNode:
         if state is not None and state.epoch > epoch:
             return  # an order for a route the job has left: its new epoch's caches stay
         if state is not None and state.epoch == epoch and state.commits:
-            self._flush_commits(self._commit_reports(job_id, state, final=True))
+            # The final chunk goes with the next hand-over, or the flush when this worker stops taking steps
+            # (a round trip of its own here would hold up every other job this worker is running).
+            final = self._commit_reports(job_id, state, final=True)
+            with self._commits_lock:
+                self._unsent_commits += final
         self._drop_caches(job_id)
         self.ended[job_id] = max(epoch, self.ended.get(job_id, -1))
         self.ended.move_to_end(job_id)
@@ -775,12 +784,16 @@ class WorkerNode:
             return False
         return True
 
-    def end_job(self, *, job_id: str, epoch: int, sig: bytes) -> None:
-        """An end_job order: free the job's caches if the core signed the order."""
+    def end_job(self, *, job_id: str, epoch: int, sig: bytes, in_session: bool = False) -> None:
+        """An end order: free the job's caches if the core signed the order. It comes in the inbox
+        (``in_session``: the job's final commitments go out with this session's next hand-over or its
+        end) or, from an older core, as a Celery message on the control queue (they go out now)."""
         if not self._core_order("end", job_id, epoch, sig):
             return
         with self.lock:
             self._end_local(job_id, epoch)
+            if not in_session:
+                self._flush_commits()
 
     # --- verification ----------------------------------------------------------------------------
     def _commit(self, step: StepPayload, rows: torch.Tensor) -> list[bytes]:

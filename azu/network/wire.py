@@ -5,7 +5,7 @@ bytes (``{"x": t}``). Nothing here ever unpickles, and ``StepPayload.unpack`` ch
 workers are strangers to each other, and anyone who can reach a queue can put bytes on it.
 
 ``Hop`` lives here, not in placement: placement plans routes, but a route is something that travels (in every
-step payload, in end_job messages, in the job's record) and has to be parsed from a stranger's bytes.
+step payload, in grants, in the job's record) and has to be parsed from a stranger's bytes.
 """
 
 from __future__ import annotations
@@ -328,7 +328,11 @@ class StepBundle:
 
     @classmethod
     def unpack(cls, data: bytes) -> StepBundle:
-        d = _fields(_msgpack(data, "step bundle"), ("from", "steps", "sig"), "step bundle")
+        return cls._from(_msgpack(data, "step bundle"))
+
+    @classmethod
+    def _from(cls, raw: Any) -> StepBundle:
+        d = _fields(raw, ("from", "steps", "sig"), "step bundle")
         steps = d["steps"]
         if not isinstance(steps, list) or not steps or not all(isinstance(b, bytes) for b in steps):
             raise InvalidRequest("malformed step bundle: steps must be a non-empty list of bytes")
@@ -368,10 +372,39 @@ class Report:
                    sig=_bytes(d["sig"], "sig"))
 
 
-# --- end-of-job orders (core -> worker, on ctl.<id>) --------------------------------------------
+# --- end-of-job orders (core -> worker, in its inbox) ------------------------------------------
 def end_order_part(job_id: str, epoch: int) -> bytes:
     """What the core signs (``auth.END_ORDER``) to tell workers a job is over."""
     return msgpack.packb([job_id, epoch], use_bin_type=True)
+
+
+@dataclass(frozen=True)
+class EndOrder:
+    """The core's order to free a job's caches, as it travels in a worker's inbox beside step bundles (so
+    a worker in the middle of other jobs takes it in its stride, instead of ending its session for a
+    Celery message). Anyone who may write to the inbox can put one there; only the core's signature over
+    ``end_order_part`` makes a worker act on it."""
+
+    job_id: str
+    epoch: int
+    sig: bytes
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"end": self.job_id, "epoch": self.epoch, "sig": self.sig}, use_bin_type=True)
+
+    @classmethod
+    def _from(cls, raw: Any) -> EndOrder:
+        d = _fields(raw, ("end", "epoch", "sig"), "end order")
+        return cls(job_id=_str(d["end"], "job id"), epoch=_int(d["epoch"], "epoch"),
+                   sig=_bytes(d["sig"], "sig"))
+
+
+def unpack_inbox(data: bytes) -> StepBundle | EndOrder:
+    """What a worker found in its inbox: a step bundle (from a worker or the core) or an end order."""
+    raw = _msgpack(data, "inbox message")
+    if isinstance(raw, Mapping) and "end" in raw:
+        return EndOrder._from(raw)
+    return StepBundle._from(raw)
 
 
 def evidence_order_part(job_id: str, epoch: int) -> bytes:

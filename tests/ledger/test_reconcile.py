@@ -29,8 +29,8 @@ from azu.billing.ledger.models import Hold, JournalTransaction
 from azu.billing.reconcile import FORGOTTEN, ReconcileReport, reconcile
 from azu.cli.up import find_redis_server
 from azu.engine.span import Span
-from azu.network import dispatch, jobs, keys
-from azu.network.wire import Hop, Sampling
+from azu.network import auth, jobs, keys
+from azu.network.wire import EndOrder, Hop, Sampling, end_order_part, unpack_inbox
 from tests.support import wait_for
 from tests.support.network import Recording
 from tests.support.security import CORE_SEED
@@ -329,7 +329,12 @@ def test_a_job_stuck_past_its_deadline_is_ended_and_charged_its_published_steps(
         "end_sig": r.hget(keys.job("stuck"), "end_sig")})
     assert end is not None and end["status"] == "failed" and end["usage"]["completion_tokens"] == 4
     assert jobs.get_job(r, "stuck").status == "failed"  # type: ignore[union-attr]
-    assert recorder.count(dispatch.END_JOB) == 2  # both hops told to free the job's caches
+    # Both hops told to free the job's caches: the core's signed order, in each one's inbox.
+    for hop in ROUTE:
+        (order,) = [unpack_inbox(blob) for blob in r.lrange(keys.pending(hop.worker_id), 0, -1)]
+        assert isinstance(order, EndOrder) and order.job_id == "stuck"
+        auth.check(auth.core_public_key(), auth.END_ORDER, end_order_part("stuck", order.epoch), order.sig,
+                   what="the end order")
     assert_second_run_changes_nothing(r, engine, billing)
 
 

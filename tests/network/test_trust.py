@@ -17,7 +17,7 @@ from nacl.signing import SigningKey
 
 from azu.engine.span import Span
 from azu.network import auth, directory, dispatch, inbox, jobs, keys
-from azu.network.wire import Hop, JobGrant, Report, Sampling, StepPayload, end_order_part
+from azu.network.wire import EndOrder, Hop, JobGrant, Report, Sampling, StepPayload, end_order_part
 from tests.network.test_pipeline import collect, load_layout, submit
 from tests.support import wait_for
 from tests.support.network import Cluster, Recording
@@ -139,7 +139,9 @@ def test_forged_end_is_not_settled_and_the_true_end_settles_once(r, cluster, cel
     assert jobs.bill_ended_job(r, job_id, billing=ledger) == "not finished" and ledger.calls == []
     # The true end (the core fails it: nothing was computed) settles once, with the core's usage.
     r.hset(keys.job(job_id), "status", "running")
-    assert jobs.fail_job(r, job_id, "test: ended by the core", dispatch=Recording(None))
+    # (A real dispatcher: the end orders it puts in w1's and w2's inboxes must wake them, or their wake keys
+    # would stay set and the next test's steps would wait for the keys to expire.)
+    assert jobs.fail_job(r, job_id, "test: ended by the core", dispatch=celery_dispatch)
     assert jobs.bill_ended_job(r, job_id, billing=ledger) == "released"
     assert jobs.bill_ended_job(r, job_id, billing=ledger) == "already settled"
     assert ledger.calls == [("release", job_id)]
@@ -179,7 +181,7 @@ def test_ghost_claiming_every_layer_gets_no_job(r, cluster, shard) -> None:
 
 
 # --- (5) forged reports and orders --------------------------------------------------------------------------
-def test_forged_token_reports_change_no_stream(r, cluster, model) -> None:
+def test_forged_token_reports_change_no_stream(r, cluster, celery_dispatch, model) -> None:
     job_id = running_job(r, model)
     body = {"job_id": job_id, "epoch": 0, "step": 0, "token": 7}
     r.rpush(keys.REPORTS,
@@ -193,7 +195,7 @@ def test_forged_token_reports_change_no_stream(r, cluster, model) -> None:
     r.rpush(keys.REPORTS, report("w2", "token", body, key_of(cluster, "w2")))
     synced(cluster)
     assert r.xlen(keys.events(job_id)) == 1 and r.hget(keys.job(job_id), "step") == b"1"
-    jobs.fail_job(r, job_id, "test over", dispatch=Recording(None))
+    jobs.fail_job(r, job_id, "test over", dispatch=celery_dispatch)  # its end orders must wake w1 and w2
 
 
 def test_minted_end_job_does_not_drop_a_live_cache(r, cluster, celery_dispatch, model) -> None:
@@ -211,12 +213,16 @@ def test_minted_end_job_does_not_drop_a_live_cache(r, cluster, celery_dispatch, 
     sig_by_worker = auth.sign(key_of(cluster, "w3"), auth.END_ORDER, end_order_part(job_id, 0))
     dispatch.send_end_job("w1", job_id=job_id, epoch=0, sig=sig_by_worker, dispatch=celery_dispatch)
     dispatch.send_end_job("w1", job_id=job_id, epoch=0, sig=b"\0" * 64, dispatch=celery_dispatch)
-    wait_for(lambda: refusals(r, "w1") >= refused + 2, what="w1 to refuse both orders")
+    # The same orders where the core now sends them, in w1's inbox: any worker may write there (hand-overs).
+    for sig in (sig_by_worker, b"\0" * 64):
+        inbox.deliver(r.pipeline(transaction=False), {"w1": EndOrder(job_id=job_id, epoch=0, sig=sig).pack()},
+                      dispatch=celery_dispatch)
+    wait_for(lambda: refusals(r, "w1") >= refused + 4, what="w1 to refuse all four orders")
     seen = time.time()
     wait_for(lambda: directory.get_worker(r, "w1").heartbeat_at > seen + 0.1, what="a later heartbeat")
     assert w1_caches() >= 1
     # The core's own order frees it.
-    jobs.end_caches(job_id, ROUTE, dispatch=celery_dispatch)
+    jobs.end_caches(r, job_id, ROUTE, dispatch=celery_dispatch)
     wait_for(lambda: w1_caches() == 0, what="the core's end_job to free the cache")
 
 
