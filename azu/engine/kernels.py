@@ -91,10 +91,26 @@ class PackedLinear(nn.Module):
     def _products(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.blocks) == 1:
             return _product(x, self.blocks[0], self.biases[0])
-        return torch.cat([_product(x, w, b) for w, b in zip(self.blocks, self.biases, strict=True)], dim=-1)
+        # Into one output, block by block: not the blocks' outputs and their concatenation at once (a
+        # verifier's 2048-position prefill through a Qwen head would hold 1.2 GB of logits twice).
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        first = 0
+        for w, b in zip(self.blocks, self.biases, strict=True):
+            part = _product(x, w, b)
+            out[..., first:first + part.shape[-1]] = part
+            first += part.shape[-1]
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={len(self.blocks)}"
+
+
+class OneDnnLinear(nn.Linear):
+    """An ``nn.Linear`` whose product runs on oneDNN with the weight as it is (no packed copy): for a weight
+    another module also reads (a head tied to the embeddings on the same stage)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _product(x, self.weight, self.bias)
 
 
 @functools.cache
@@ -135,10 +151,14 @@ def pack_linears(model: nn.Module, release: Callable[[torch.Tensor], object]) ->
     how many were replaced. ``release(t)`` is called with each block of original weight rows once its packed
     copy exists; it may hand those rows' pages back to the OS.
 
-    A weight whose memory another tensor of the model shares (a head tied to the embeddings on one stage)
-    stays on torch's linear: its pages are still read. Only a contiguous weight is released (a strided view's
-    byte range covers other tensors' bytes).
+    A weight another tensor of the model shares memory with (a head tied to the embeddings on one stage), or
+    a linear module the model holds in two places, is not packed: its pages are still read. It runs on oneDNN
+    as it is (``OneDnnLinear``). A strided weight (a view into a fused tensor) stays on torch's linear:
+    packing would keep two copies, since only whole tensors' pages can be given back.
     """
+    slots: dict[int, int] = {}  # how many (parent, name) places hold each module
+    for _, module in model.named_modules(remove_duplicate=False):
+        slots[id(module)] = slots.get(id(module), 0) + 1
     owners: dict[int, int] = {}  # how many module slots hold each tensor (2 or more: tied)
     ranges: dict[int, tuple[int, int]] = {}
     for module in model.modules():
@@ -159,7 +179,11 @@ def pack_linears(model: nn.Module, release: Callable[[torch.Tensor], object]) ->
             if type(module) is not nn.Linear:
                 continue
             weight, bias = module.weight, module.bias
-            if weight.is_meta or weight.dtype != torch.float32 or shared(weight):
+            if (weight.is_meta or weight.dtype != torch.float32 or not weight.numel()
+                    or not weight.is_contiguous()):
+                continue
+            if slots[id(module)] > 1 or shared(weight):
+                module.__class__ = OneDnnLinear
                 continue
             rows = max(1, BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
             blocks: list[torch.Tensor] = []
@@ -169,8 +193,7 @@ def pack_linears(model: nn.Module, release: Callable[[torch.Tensor], object]) ->
                     part = weight[first:first + rows]
                     blocks.append(torch.ops.mkldnn._reorder_linear_weight(part.contiguous(), PACK_FOR_ROWS))
                     biases.append(None if bias is None else bias[first:first + rows].clone())
-                    if weight.is_contiguous():
-                        release(part)
+                    release(part)
             setattr(parent, name, PackedLinear(blocks, biases, module.in_features, module.out_features))
             packed += 1
     return packed

@@ -318,9 +318,9 @@ class Stage:
 
     def end_job(self, job_id: str, *, release: bool = True) -> None:
         with self._lock:
-            self._jobs.pop(job_id, None)
+            held = self._jobs.pop(job_id, None) is not None
             idle = not self._jobs
-        if idle and release:
+        if held and idle and release:
             # The stage went idle: hand its freed KV caches back to the OS (only then: a trim of a large heap
             # takes 60-600 ms, and while jobs run glibc reuses the freed memory anyway).
             release_freed_memory()

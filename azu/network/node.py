@@ -353,11 +353,15 @@ class WorkerNode:
         if queue is None:
             queue = batching.StepQueue(chunk=self.prefill_chunk)
         groups: dict[StageId, list[StepPayload]] = defaultdict(list)
+        ends: list[EndOrder] = []
         for blob in blobs:
-            for step in self._admit_bundle(blob):
+            for step in self._admit_bundle(blob, ends):
                 groups[(step.model_id, step.here.span)].append(step)
         done = 0
         with self.lock:
+            for order in ends:  # before the steps: a re-routed job's new epoch may come in the same take
+                if self._end_local(order.job_id, order.epoch):
+                    queue.drop_job(order.job_id)  # rows of the ended job still queued in this session
             for stage_id, steps in groups.items():
                 done += self._run_group(stage_id, steps, queue)
             done += self._run_round(queue)
@@ -372,14 +376,16 @@ class WorkerNode:
         self.metrics.refused.labels(metrics.label(why)).inc()
         self.report("refused", {"reason": reason[:500], **({"job_id": job_id} if job_id else {})})
 
-    def _admit_bundle(self, blob: bytes) -> list[StepPayload]:
-        """The payloads of a signed bundle this worker may run; every refusal reported."""
+    def _admit_bundle(self, blob: bytes, ends: list[EndOrder]) -> list[StepPayload]:
+        """The payloads of a signed bundle this worker may run (a core-signed end order found instead goes
+        on ``ends``); every refusal reported."""
         if len(self.grants) > 4096:
             self.grants.clear()
         try:
             bundle = unpack_inbox(blob)
             if isinstance(bundle, EndOrder):
-                self.end_job(job_id=bundle.job_id, epoch=bundle.epoch, sig=bundle.sig, in_session=True)
+                if self._core_order("end", bundle.job_id, bundle.epoch, bundle.sig):
+                    ends.append(bundle)
                 return []
             payloads = [StepPayload.unpack(b, grants=self.grants) for b in bundle.steps]
             sender_key = self._sender_key(bundle.sender, payloads)
@@ -753,10 +759,15 @@ class WorkerNode:
             stage.end_job(job_id)
         self.jobs.pop(job_id, None)
 
-    def _end_local(self, job_id: str, epoch: int) -> None:
+    def _end_local(self, job_id: str, epoch: int) -> bool:
+        """End the job here at ``epoch``: its final commitments queued, its caches dropped. False if there
+        was nothing to end (an order for a route the job has left, or one already carried out: a replayed
+        order costs nothing)."""
         state = self.jobs.get(job_id)
         if state is not None and state.epoch > epoch:
-            return  # an order for a route the job has left: its new epoch's caches stay
+            return False  # an order for a route the job has left: its new epoch's caches stay
+        if state is None and self.ended.get(job_id, -1) >= epoch:
+            return False
         if state is not None and state.epoch == epoch and state.commits:
             # The final chunk goes with the next hand-over, or the flush when this worker stops taking steps
             # (a round trip of its own here would hold up every other job this worker is running).
@@ -768,6 +779,7 @@ class WorkerNode:
         self.ended.move_to_end(job_id)
         while len(self.ended) > _ENDED_MEMORY:
             self.ended.popitem(last=False)
+        return True
 
     def _core_order(self, kind: str, job_id: str, epoch: int, sig: bytes) -> bool:
         """Whether an order about (``job_id``, ``epoch``) carries the core's signature; a malformed or
@@ -784,15 +796,14 @@ class WorkerNode:
             return False
         return True
 
-    def end_job(self, *, job_id: str, epoch: int, sig: bytes, in_session: bool = False) -> None:
-        """An end order: free the job's caches if the core signed the order. It comes in the inbox
-        (``in_session``: the job's final commitments go out with this session's next hand-over or its
-        end) or, from an older core, as a Celery message on the control queue (they go out now)."""
+    def end_job(self, *, job_id: str, epoch: int, sig: bytes) -> None:
+        """An end order on the control queue (a Celery message, as a core of the round before sent them):
+        free the job's caches if the core signed the order, and send its final commitments now. The core
+        now puts end orders in the inbox (``_process`` carries them out between rounds)."""
         if not self._core_order("end", job_id, epoch, sig):
             return
         with self.lock:
-            self._end_local(job_id, epoch)
-            if not in_session:
+            if self._end_local(job_id, epoch):
                 self._flush_commits()
 
     # --- verification ----------------------------------------------------------------------------

@@ -349,8 +349,8 @@ class Verifier:
             # paid for fails the check; one that died since (its commitments lost with it) does not.
             live = {w.worker_id for w in directory.live_workers(self.r)}
             if worker in live:
-                # A busy worker sends its last chunk when it handles the end order: give it a while (the job
-                # goes back on the queue) before its silence counts against it.
+                # A worker sends its last chunk with its next hand-over after the job ended, or when its
+                # session ends: give it a while (the job goes back on the queue) before its silence counts.
                 finished = float(self.r.hget(keys.job(job_id), "finished") or 0)
                 if time.time() - finished < COMMIT_GRACE_S:
                     return Verdict("pending", hop, worker, "waiting for a hop's last commitments")

@@ -61,17 +61,25 @@ def test_a_weight_packed_in_blocks_gives_the_same_products_and_frees_the_origina
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
 
 
-def test_a_weight_another_module_reads_is_not_packed() -> None:
+def test_a_weight_something_else_reads_is_not_packed_nor_released() -> None:
     embed, head = nn.Embedding(50, 16), nn.Linear(16, 50, bias=False)
     head.weight = embed.weight  # tied, as a stage holding both ends of a tied model has them
-    model = nn.ModuleDict({"embed": embed, "head": head})
-    released: list[torch.Tensor] = []
-    assert kernels.pack_linears(model, released.append) == 0
-    assert type(model["head"]) is nn.Linear and not released
     view = nn.Linear(16, 4)
     view.weight = nn.Parameter(embed.weight[:4], requires_grad=False)  # a view into another tensor's bytes
-    model["view"] = view
+    twice = nn.Linear(16, 8)  # one module held in two places
+    strided = nn.Linear(16, 8)
+    strided.weight = nn.Parameter(torch.randn(16, 8).t(), requires_grad=False)  # a transposed view
+    model = nn.ModuleDict({"embed": embed, "head": head, "view": view, "a": twice,
+                           "b": nn.Sequential(twice), "strided": strided})
+    reference = copy.deepcopy(model)
+    released: list[torch.Tensor] = []
     assert kernels.pack_linears(model, released.append) == 0 and not released
+    # Read in place (oneDNN on the weight as it is, or torch's linear for the strided one): same products.
+    assert {type(model[k]) for k in ("head", "view", "a")} == {kernels.OneDnnLinear}
+    assert model["b"][0] is model["a"] and type(model["strided"]) is nn.Linear
+    x = torch.randn(3, 16)
+    for k in ("head", "view", "a", "strided"):
+        torch.testing.assert_close(model[k](x), reference[k](x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", sorted(demo.FAMILIES))

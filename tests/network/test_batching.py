@@ -78,3 +78,36 @@ def test_queue_splits_decode_steps_and_shares_the_chunk() -> None:
     assert [(r.item.step.job_id, r.n, r.last) for r in rows] == [("long", 4, True), ("short", 4, False)]
     assert batching.micro_batch_rows(16, 2) == 8 and batching.micro_batch_rows(3, 2) == 2
     assert batching.micro_batch_rows(5, 1) == 5 and batching.micro_batch_rows(0, 2) == 1
+
+
+def test_an_end_order_taken_mid_session_drops_the_jobs_queued_rows(r, shard) -> None:
+    """The core's end order comes in the inbox, so it can arrive while the session still holds rows of the
+    job (here the rest of a prompt's chunks): they are dropped with its caches, not run on a fresh cache."""
+    from azu.network import keys
+    from azu.network.inbox import Inbox
+
+    model_id = shard("tiny-ended")  # a model of its own: no other test's nodes hold it
+    folder = models.shard_dir(model_id)
+    net = InlineNetwork(r)
+    first = net.add("e1", folder, model_id, 0, 2, 4, prefill_chunk=3)
+    net.add("e2", folder, model_id, 2, 4, 4, prefill_chunk=3)
+    stage = first.stages[(model_id, Span(0, 2, True, False))]
+
+    def take(worker_id: str) -> list[bytes]:
+        blobs = r.lrange(keys.pending(worker_id), 0, -1)
+        r.delete(keys.pending(worker_id))
+        return blobs
+
+    job_id = "je-mid-session"
+    jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id,
+                                       prompt_ids=[1, *range(100, 120)], max_tokens=4), dispatch=net)
+    queue = batching.StepQueue(chunk=3)
+    first._process(take("e1"), queue)  # one round: the first 3 of 21 positions
+    assert queue and stage.job_length(job_id) == 3
+    assert jobs.fail_job(r, job_id, "test: ended mid-prompt", dispatch=net)
+    (order,) = take("e1")
+    assert first._process([order], queue) == 0
+    assert not queue and job_id not in stage.jobs and job_id not in first.jobs
+    assert first._process([order], queue) == 0  # the same order again: nothing left to end, nothing breaks
+    for worker_id in ("e1", "e2"):
+        Inbox(r, worker_id).clear()

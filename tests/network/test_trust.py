@@ -65,6 +65,17 @@ def synced(cluster: Cluster, worker_id: str = "w3") -> None:
     wait_for(lambda: cluster.r.get(marker), what="the collector to reach the sync report")
 
 
+class WithoutSettle:
+    """A dispatcher that sends everything but the settle task (the test settles the job itself)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def send_task(self, name: str, **kwargs: Any) -> None:
+        if name != dispatch.SETTLE:
+            self.inner.send_task(name, **kwargs)
+
+
 def refusals(r: Any, worker_id: str) -> int:
     return int(r.get(keys.refused(worker_id)) or 0)
 
@@ -139,9 +150,9 @@ def test_forged_end_is_not_settled_and_the_true_end_settles_once(r, cluster, cel
     assert jobs.bill_ended_job(r, job_id, billing=ledger) == "not finished" and ledger.calls == []
     # The true end (the core fails it: nothing was computed) settles once, with the core's usage.
     r.hset(keys.job(job_id), "status", "running")
-    # (A real dispatcher: the end orders it puts in w1's and w2's inboxes must wake them, or their wake keys
-    # would stay set and the next test's steps would wait for the keys to expire.)
-    assert jobs.fail_job(r, job_id, "test: ended by the core", dispatch=celery_dispatch)
+    # The test bills the job itself (no settle task), but the end orders the core puts in w1's and w2's
+    # inboxes must wake them, or their wake keys would stay set and later steps wait for the keys to expire.
+    assert jobs.fail_job(r, job_id, "test: ended by the core", dispatch=WithoutSettle(celery_dispatch))
     assert jobs.bill_ended_job(r, job_id, billing=ledger) == "released"
     assert jobs.bill_ended_job(r, job_id, billing=ledger) == "already settled"
     assert ledger.calls == [("release", job_id)]

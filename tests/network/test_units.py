@@ -365,7 +365,7 @@ def test_watchdog_fails_a_stalled_job_with_a_reason(r, inline) -> None:
     _, events = jobs.read_events(r, job_id, block_ms=None)
     assert events[-1].kind == "error" and "stalled" in events[-1].error
     assert watchdog.tick(r, now=time.time() + 2000, dispatch=net) == []  # failed once
-    net.run()  # end_job orders free the caches
+    net.run()  # the core's end orders (in each node's inbox) free the caches
     Inbox(r, "i2").clear()  # the lost message's wake-up, as a restart would
     assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())
 

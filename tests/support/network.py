@@ -264,8 +264,6 @@ class InlineNetwork:
         node = self.nodes.get(worker_id)
         if node is not None and kind == "gpu" and name == dispatch.FORWARD:
             node.process_pending(_args[0] if _args else None)
-        elif node is not None and kind == "ctl" and name == dispatch.END_JOB:
-            node.end_job(**kwargs)
         elif node is not None and kind == "ctl" and name == EVIDENCE:
             node.send_evidence(**kwargs)
         self.collect()
