@@ -273,6 +273,10 @@ class DelayRelay:
         self._writers |= {writer, up_writer}
         try:
             await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except asyncio.CancelledError:
+            # The relay is stopping (stop() cancels every connection). Ending normally keeps Python 3.11's
+            # stream callback from calling exception() on a cancelled task and printing a traceback for it.
+            pass
         finally:
             for w in (writer, up_writer):
                 self._writers.discard(w)
