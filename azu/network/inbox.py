@@ -52,7 +52,9 @@ return 0
 
 def deliver(pipe: redis.client.Pipeline, bundles: Mapping[str, bytes], *, dispatch: Dispatcher,
             before: int | None = None) -> list[Any]:
-    """Hand ``bundles`` (worker id -> one packed, signed ``StepBundle``) over, then wake each idle worker.
+    """Hand ``bundles`` (worker id -> one packed, signed ``StepBundle``, or the core's ``EndOrder``) over,
+    then wake each idle worker. A write Redis refused is logged (its steps are the watchdog's to recover; a
+    lost end order leaves the caches to the worker's idle sweep).
 
     ``pipe`` may already carry the caller's own writes: they go in the same round trip, before the hand-over.
     Returns the answers to those earlier writes.
@@ -64,6 +66,9 @@ def deliver(pipe: redis.client.Pipeline, bundles: Mapping[str, bytes], *, dispat
         pipe.expire(keys.pending(worker_id), PENDING_TTL_S)
         pipe.set(keys.wake(worker_id), "1", nx=True, ex=WAKE_TTL_S)
     answers = pipe.execute(raise_on_error=False)
+    for worker_id, pushed in zip(order, answers[before::3], strict=True):
+        if isinstance(pushed, Exception):
+            log.warning("hand-over to worker %s not written: %s", worker_id, pushed)
     for worker_id, woke in zip(order, answers[before + 2::3], strict=True):
         if woke is True:
             send_forward(worker_id, [], dispatch=dispatch)

@@ -438,3 +438,20 @@ def test_inbox_takes_everything_queued_with_and_without_blmpop(r, blmpop: bool) 
     assert not box.release() and r.exists(box.wake)  # something is pending: the wake key stays
     assert box.take() == [b"d"]
     assert box.release() and not r.exists(box.wake)
+
+
+def test_a_hand_over_redis_refuses_is_logged_and_the_others_still_go(r, caplog) -> None:
+    from azu.network import inbox
+    from tests.support.network import Recording
+
+    r.delete(keys.pending("u-ok"), keys.wake("u-ok"), keys.wake("u-bad"))
+    r.set(keys.pending("u-bad"), "not a list")  # RPUSH answers WRONGTYPE
+    rec = Recording(None)
+    try:
+        with caplog.at_level("WARNING", logger="azu.network.inbox"):
+            inbox.deliver(r.pipeline(transaction=False), {"u-bad": b"x", "u-ok": b"y"}, dispatch=rec)
+        assert "hand-over to worker u-bad not written" in caplog.text and "u-ok" not in caplog.text
+        assert r.lrange(keys.pending("u-ok"), 0, -1) == [b"y"]
+        assert rec.count(dispatch.FORWARD) == 2  # both were idle: both woken
+    finally:
+        r.delete(keys.pending("u-ok"), keys.pending("u-bad"), keys.wake("u-ok"), keys.wake("u-bad"))
