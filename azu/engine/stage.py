@@ -266,7 +266,6 @@ class Stage:
                 convert_and_load_state_dict_in_model(model, state, load_config)
                 del state
         _check_materialised(model, span, family)
-        release_freed_memory()  # the files' buffers and any dtype-conversion scratch
 
         # Cut the layer list down to the stage's layers; they keep their global index.
         layers = getattr(base, family.layers)
@@ -286,8 +285,8 @@ class Stage:
         if use_onednn(kernels, torch_device, torch_dtype):
             # After the cut: a tied head is packed only where no embedding on this stage still reads it.
             pack_linears(model, files.release)
-            release_freed_memory()  # weights that were dtype-converted copies, not views of a file
         del files
+        release_freed_memory()  # load scratch: dtype-conversion copies, and those packing replaced
         # Buffers (rotary inv_freq, ALiBi helpers) were built real on the CPU; move them along.
         for module in model.modules():
             for name, buf in list(module._buffers.items()):

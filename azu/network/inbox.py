@@ -183,9 +183,7 @@ class Outbox:
                 (self.send_s < self.INLINE_S or not overlap) and not self._queued)
             if not in_place:
                 self._queued += 1
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._run, name="azu-outbox", daemon=True)
-                    self._thread.start()
+                self._start_thread()
         if in_place:
             self._timed(send)
         else:
@@ -196,13 +194,18 @@ class Outbox:
         if not self.background:
             return
         with self._lock:  # a thread that died with sends queued would leave join() waiting forever
-            if self._queued and (self._thread is None or not self._thread.is_alive()):
-                self._thread = threading.Thread(target=self._run, name="azu-outbox", daemon=True)
-                self._thread.start()
+            if self._queued:
+                self._start_thread()
         self._sends.join()
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+    def _start_thread(self) -> None:
+        """Start the sending thread unless it runs (the caller holds ``_lock``)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="azu-outbox", daemon=True)
+            self._thread.start()
 
     def _timed(self, send: Callable[[], None]) -> None:
         started = time.perf_counter()

@@ -281,25 +281,32 @@ class WorkerNode:
         queue = batching.StepQueue(chunk=self.prefill_chunk)
         done = self._process(blobs, queue) if blobs else 0
         deadline = time.monotonic() + self.session_s
+
+        def past_deadline_with_control() -> bool:
+            """Whether the session should end: past its deadline with a control message waiting. Past it
+            with none waiting, the deadline moves on: ending the session costs a Celery message to this
+            worker and back through the broker, several round trips that a job's next step would wait for
+            (between distant hosts, more than the step itself: bench/latency.py)."""
+            nonlocal deadline
+            if time.monotonic() <= deadline:
+                return False
+            if self._control_waiting():
+                return True
+            deadline = time.monotonic() + self.session_s
+            return False
+
         while True:
-            if time.monotonic() > deadline and not self._control_waiting():
-                deadline = time.monotonic() + self.session_s  # nothing queued behind: the session goes on
+            ending = past_deadline_with_control()
             if queue:
-                # Work in hand: take what arrived meanwhile without waiting, then the next round. Past the
-                # deadline nothing new is taken: what is held is finished first.
-                more = self.inbox.take() if time.monotonic() < deadline else []
+                # Work in hand: take what arrived meanwhile without waiting, then the next round. A session
+                # that is ending takes nothing new: what is held is finished first.
+                more = [] if ending else self.inbox.take()
                 done += self._process(more, queue)
                 continue
             due_in = self._step_due_in(time.time())
             wait_s = min(max(self.linger_s, due_in), deadline - time.monotonic()) if self.linger_s > 0 else 0
             more = self.inbox.wait(wait_s) if wait_s > 0 else self.inbox.take()
-            # The wait ends at the deadline at the latest. Past it the session goes on unless a control
-            # message waits: ending it costs a Celery message to this worker and back through the broker,
-            # several round trips that a job's next step would wait for (between distant hosts, more than
-            # the step itself: bench/latency.py).
-            ending = time.monotonic() > deadline and self._control_waiting()
-            if not ending and time.monotonic() > deadline:
-                deadline = time.monotonic() + self.session_s
+            ending = past_deadline_with_control()  # the wait ends at the deadline at the latest
             if more:
                 if ending:  # the wake key stays set: senders keep using the list
                     self.inbox.keep_awake()
