@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+# AZU_CPU_KERNELS's choices: azu.engine.kernels.KERNELS (not imported here: it would import torch).
+CPU_KERNELS = ("auto", "packed", "plain", "torch")
+
 
 class SettingsError(ValueError):
     """A variable is set to something azu cannot use; the message names it and says what is expected."""
@@ -78,7 +81,7 @@ class WorkerSettings:
     linger_s: float = 0.05  # AZU_LINGER_S: how long an idle worker waits on its inbox
     session_s: float = 2.0  # AZU_SESSION_S: how often a forward task looks for a waiting control message
     prefill_chunk: int = 128  # AZU_PREFILL_CHUNK: prompt positions a stage runs per turn
-    cpu_kernels: str = "auto"  # AZU_CPU_KERNELS: "auto" (oneDNN linears for float32) or "torch"
+    cpu_kernels: str = "auto"  # AZU_CPU_KERNELS: auto (measured), packed, plain or torch (azu.engine.kernels)
     heartbeat_s: float = 3.0  # AZU_HEARTBEAT_S
     key_file: str | None = None  # AZU_WORKER_KEY_FILE: the worker's Ed25519 key (made on first start, 0600)
     core_url: str | None = None  # AZU_CORE_URL: the core's API, where azu-worker enrolls
@@ -296,7 +299,7 @@ class Settings:
                 linger_s=_float(env, "AZU_LINGER_S", 0.05),
                 session_s=_float(env, "AZU_SESSION_S", 2.0),
                 prefill_chunk=max(1, _int(env, "AZU_PREFILL_CHUNK", 128) or 128),
-                cpu_kernels=_choice(env, "AZU_CPU_KERNELS", ("auto", "torch"), "auto"),
+                cpu_kernels=_choice(env, "AZU_CPU_KERNELS", CPU_KERNELS, "auto"),
                 heartbeat_s=_float(env, "AZU_HEARTBEAT_S", 3.0),
                 key_file=_text(env, "AZU_WORKER_KEY_FILE"),
                 core_url=_text(env, "AZU_CORE_URL"),

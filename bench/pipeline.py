@@ -77,6 +77,7 @@ class Bench:
                                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         self.rows: list[dict[str, Any]] = []
+        self.plans: dict[int, str] = {}  # the CPU linears plan the same-kernels baseline ran, per model width
 
     # -- setup ------------------------------------------------------------------------------------------
     def model(self, name: str, family: str, config: dict[str, Any]) -> tuple[str, Path]:
@@ -189,10 +190,11 @@ class Bench:
                         open_ids.discard(job_id)
         return [{"submit": t0, "arrivals": arrivals[j]} for j in ids]
 
-    def baseline(self, src: Path, prompt: list[int], n: int, *, onednn: bool = False) -> tuple[float, float]:
-        """(TTFT s, decode tokens/s) of transformers' generate in this process (1 thread); ``onednn``: with
-        the linears on the kernel azu's stages use on a CPU (azu.engine.kernels), so the ratio shows what
-        the pipeline itself costs."""
+    def baseline(self, src: Path, prompt: list[int], n: int, *,
+                 azu_kernels: bool = False) -> tuple[float, float]:
+        """(TTFT s, decode tokens/s) of transformers' generate in this process (1 thread); ``azu_kernels``:
+        with the linears on the kernels azu's stages use on a CPU (azu.engine.kernels), so the ratio shows
+        what the pipeline itself costs."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -200,12 +202,14 @@ class Bench:
 
         torch.set_num_threads(1)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-        if onednn:
+        if azu_kernels:
             head = model.get_output_embeddings()
             if head is not None and head.weight is model.get_input_embeddings().weight:
                 # Untied, so the head is packed as on azu's last stage (which holds no embeddings).
                 head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-            kernels.pack_linears(model, release=lambda _rows: None)
+            plan = kernels.measured_plan(self.args.kernels, model.config.hidden_size)
+            self.plans[model.config.hidden_size] = plan.describe()
+            kernels.apply_plan(model, plan, release=lambda _rows: None)
         ids = torch.tensor([prompt])
         mask = torch.ones_like(ids)
 
@@ -237,10 +241,10 @@ class Bench:
         p_ttft, p_rate = self.pipeline_single(model_id, prompt, n)
         single = f"generate {b_rate:.2f} tok/s, TTFT {b_ttft * 1000:.0f} ms"
         result = f"decode {p_rate / b_rate:.2f}x, TTFT {p_ttft / b_ttft:.2f}x"
-        if self.args.kernels == "auto":
+        if self.args.kernels != "torch":
             # The same kernels in one process: what is left is the pipeline's own cost.
-            k_ttft, k_rate = self.baseline(src, prompt, n, onednn=True)
-            single += f"; with oneDNN linears {k_rate:.2f} tok/s, TTFT {k_ttft * 1000:.0f} ms"
+            k_ttft, k_rate = self.baseline(src, prompt, n, azu_kernels=True)
+            single += f"; with azu's CPU linears {k_rate:.2f} tok/s, TTFT {k_ttft * 1000:.0f} ms"
             result += f" (same kernels: {p_rate / k_rate:.2f}x, {p_ttft / k_ttft:.2f}x)"
         self.rows.append({"row": label, "pipeline": f"{p_rate:.2f} tok/s, TTFT {p_ttft * 1000:.0f} ms",
                           "single process": single, "result": result, "target": target})
@@ -320,7 +324,7 @@ def main() -> int:
     p.add_argument("--split", choices=("work", "layers"), default="work",
                    help="how the models are cut over the two workers: spans of even work, as placement cuts "
                         "them (default), or equal layer counts")
-    p.add_argument("--kernels", choices=("auto", "torch"), default="auto",
+    p.add_argument("--kernels", choices=("auto", "packed", "plain", "torch"), default="auto",
                    help="the workers' AZU_CPU_KERNELS (azu.engine.kernels)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -350,6 +354,9 @@ def main() -> int:
     finally:
         bench.stop()
     print(bench.table())
+    for hidden, plan in bench.plans.items():
+        print(f"CPU linears of a model {hidden} wide (AZU_CPU_KERNELS={args.kernels}, as measured by the "
+              f"baseline's process; each worker measures its own): {plan}")
     if args.json:
         Path(args.json).write_text(json.dumps(bench.rows, indent=2))
     return 0

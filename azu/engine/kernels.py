@@ -1,45 +1,61 @@
-"""Which matrix-multiply kernel a stage's linear layers use on a CPU.
+"""Which matrix-multiply kernel a stage's linear layers use on a CPU, chosen by measuring this machine.
 
 On a CPU, PyTorch's ``F.linear`` goes to MKL's sgemm. For the shapes a pipeline stage runs (a few rows
-against a large weight: decode steps, micro-batches) that is far from what the CPU allows. oneDNN's
-inner-product primitive, which PyTorch ships and its own compiler uses for CPU linears
-(``torch.ops.mkldnn._linear_pointwise``), is faster on the weight as it is, and much faster on a weight
-reordered once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the layout
-PyTorch's compiler packs frozen weights into). Measured on this project's 2-core machine, one thread, fp32,
-in milliseconds per product:
+against a large weight: decode steps, micro-batches), oneDNN's inner-product primitive, which PyTorch ships
+and its own compiler uses for CPU linears (``torch.ops.mkldnn._linear_pointwise``), is often much faster,
+either on the weight as it is or on a weight reordered once into oneDNN's blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``). Which one wins, and at how many rows, depends on the CPU.
+Milliseconds per product, one thread, fp32, the best of several rounds, running over several weights in turn
+as a stage's forward does:
 
-=======================  ======  ======  =======
-shape, rows               MKL     oneDNN  packed
-=======================  ======  ======  =======
-4864x896 (MLP), 1          1.45    0.81    0.56
-4864x896 (MLP), 8          2.93    2.14    0.90
-4864x896 (MLP), 16         3.82    2.94    1.60
-151936x896 (Qwen head), 8   101      60      38
-=======================  ======  ======  =======
+=====================================  =====  ======  ======
+machine, shape, rows                    MKL   oneDNN  packed
+=====================================  =====  ======  ======
+AMD EPYC (AVX2), 4864x896, 1            1.45    0.81    0.56
+AMD EPYC (AVX2), 4864x896, 8            2.93    2.14    0.90
+AMD EPYC (AVX2), 4864x896, 16           3.82    2.94    1.60
+Intel Xeon (AVX-512), 4864x896, 1       1.07    1.12    1.19
+Intel Xeon (AVX-512), 4864x896, 8       2.79    1.72    1.70
+Intel Xeon (AVX-512), 4864x896, 16      2.61    2.24    2.14
+=====================================  =====  ======  ======
 
-A 16-row product costs 1.8x a 1-row one packed, against 3.6x in place: that is what lets a stage batch
-many users' decode steps (``bench/pipeline.py``'s P3 rows). Prompt-sized products (512-2048 rows) are no
-slower packed.
+On the AVX2 machine the packed layout wins everywhere (and with the weights in memory, not the cache, one
+row ran faster padded to four rows: 0.88 ms against 1.17); on the AVX-512 machine MKL wins a single row,
+oneDNN on the weight as it is ties the packed layout from 4 rows up, and padding one row to four costs 20%.
+A choice fixed from either machine costs the
+other up to 30% of its decode speed at b=1, so a stage does not fix it: ``measure()`` times the three
+kernels once per process, on as many bytes of weights shaped like the model's MLP as the stage holds (16
+to 384 MB), for 1-4, 8, 16 and 128 rows (about two seconds before a large stage loads), and ``KernelPlan``
+takes from that:
 
-Packing copies the weight, so a stage would briefly hold two. ``pack_linears`` packs one block of rows at a
-time (a head of 545 MB goes in ~32 MB blocks, each its own oneDNN product, the outputs joined) and hands
-each block's original pages back to the OS as soon as its packed copy exists (the shard buffers are
-anonymous mappings: ``azu.registry.manifest.read_verified_bytes``), so a stage's peak memory stays its
-weights plus one block.
+- per row count, the kernel on the weight as loaded: MKL (what ``generate`` runs), or oneDNN where it is
+  clearly faster (10%) for that many rows;
+- the layout: packed or as loaded. One user's decode step comes first: the plan packs only where a packed
+  single row is clearly faster than the loaded layout's, and then only if packed micro-batches (4, 8, 16
+  rows) are clearly faster on average too. Packing copies every weight (in blocks,
+  the original pages handed back as it goes) and costs load time, so it must pay;
+- on the packed layout, how many zero rows to add to 1-3 rows (oneDNN runs 1 or 2 rows on a slower kernel
+  on some CPUs).
+
+``auto`` does not measure for a stage whose weights are under 64 MB: they stay in the cache, where every
+kernel is fast; it runs PyTorch's linear.
 
 The results are the same up to float rounding (relative difference ~1e-7 per product, as between any two
 GEMM implementations), so greedy tokens stay those of ``transformers`` and the verifier's tolerance covers
 a worker and a verifier that use different kernels.
 
-``"auto"`` packs float32 stages' linears on a CPU when this build of PyTorch has oneDNN and it answers a test
-product correctly; ``"torch"`` (``AZU_CPU_KERNELS=torch``) keeps PyTorch's own linear everywhere.
+``AZU_CPU_KERNELS``: ``auto`` measures and chooses for float32 CPU stages; ``packed`` and ``plain`` force the
+layout (the per-row choices are still measured); ``torch`` keeps PyTorch's own linear everywhere.
+Every worker logs the plan it chose and the figures it chose from.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,19 +63,143 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "torch", "onednn")
+KERNELS = ("auto", "packed", "plain", "torch")
 
-# The row count oneDNN picks its blocked layout for. Measured on the 2-core AVX2 machine: a layout picked for
-# 16 rows is the fastest or within noise of it for every product from 1 to 2048 rows.
+# The row count oneDNN picks its blocked layout for: a layout picked for 16 rows was the fastest or within
+# noise of it for every product from 1 to 2048 rows on both machines above.
 PACK_FOR_ROWS = 16
-# Fewer rows than this are padded with zero rows (see PackedLinear.forward).
-PAD_TO_ROWS = 4
+# The row counts measured; a product of r rows follows the choice for the smallest of these >= r (or the
+# largest). 128 is the default prefill chunk (AZU_PREFILL_CHUNK).
+ROW_BUCKETS = (1, 2, 3, 4, 8, 16, 128)
+# Up to how many rows a product of 1-3 rows may be padded with zero rows.
+PAD_UP_TO = 4
+# The row counts a layout is judged on: one decode row, micro-batches.
+JUDGED_ROWS = (1, 4, 8, 16)
+# Another kernel than PyTorch's, or the packed layout, is taken where it runs in at most this share of the
+# time: run to run, the same product's best time moves by a few percent.
+CLEARLY_FASTER = 0.9
+# ``measure`` runs products over as many bytes of weights as the stage holds, within these bounds: whether a
+# stage's weights stay in the cache between steps changes which kernel wins.
+MEASURE_BYTES = (16 << 20, 384 << 20)
+# ``auto`` leaves a stage with fewer bytes of weights than this on torch's linear without measuring: its
+# weights stay in the cache, and any kernel is fast.
+MEASURE_ABOVE_BYTES = 64 << 20
 # Rows of a weight packed (and its original pages freed) at a time: at most this many bytes each.
 BLOCK_BYTES = 32 << 20
 
 
-def _product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def bucket(rows: int) -> int:
+    """The measured row count a product of ``rows`` rows follows."""
+    return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How a stage's float32 linears run on this CPU: the layout, and per row count the kernel."""
+
+    packed: bool
+    onednn_rows: frozenset[int]  # on the loaded layout, the row buckets oneDNN runs (MKL runs the others)
+    pad_to: dict[int, int]  # on the packed layout, rows (1-3) -> the rows run, zero rows added
+
+    def describe(self) -> str:
+        if self.packed:
+            pads = ", ".join(f"{r}->{p}" for r, p in sorted(self.pad_to.items()) if p != r)
+            return f"packed for oneDNN (rows padded: {pads or 'none'})"
+        on = sorted(self.onednn_rows)
+        return f"as loaded; oneDNN for {on} rows, MKL for the rest" if on else "as loaded; MKL"
+
+
+Timings = dict[tuple[str, int], float]
+
+
+def measure(hidden: int = 1024, working_bytes: int = 96 << 20) -> Timings:
+    """Milliseconds per product on this CPU, the best of several rounds, for ``mkl``, ``onednn`` (weight as
+    it is) and ``packed`` at each of ``ROW_BUCKETS`` (and 1-4 rows, for the padding), on MLP-shaped weights
+    (``4 * hidden`` x ``hidden``) of the model's width.
+
+    Each round runs the product over ``working_bytes`` of different weights in turn, as a stage's forward runs
+    its layers (a stage passes its own size): a single weight that stays in the cache made packing look twice
+    as fast at 8-16 rows as it is on a stage's 1.2 GB, and a 96 MB set that fit the AVX-512 machine's 300 MB
+    cache called packing faster for one row where, on a Qwen stage's 1.2 GB, it is slower (measured). The
+    width matters too: oneDNN's fixed cost per call is larger than MKL's, which only small products feel.
+    """
+    out_features, in_features = 4 * hidden, hidden
+    weights = max(2, working_bytes // (out_features * in_features * 4))
+    gen = torch.Generator().manual_seed(0)
+    plain = [torch.empty(out_features, in_features).uniform_(-0.05, 0.05, generator=gen)
+             for _ in range(weights)]
+    inputs = {rows: torch.randn(rows, in_features, generator=gen)
+              for rows in sorted({*ROW_BUCKETS, *range(1, PAD_UP_TO + 1)})}
+    times: Timings = {}
+
+    def time_kernels(kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], object]],
+                     held: list[torch.Tensor]) -> None:
+        for rows, x in inputs.items():
+            for run in kernels.values():
+                run(x, held[0])  # a primitive is created on first use
+            for _ in range(2):  # kernels interleaved: a busy moment hits them alike
+                for name, run in kernels.items():
+                    # A prompt chunk's product is bound by arithmetic, not by reading the weight: two do.
+                    some = held[:2] if rows > 16 else held
+                    start = time.perf_counter()
+                    for w in some:
+                        run(x, w)
+                    took = (time.perf_counter() - start) / len(some) * 1e3
+                    times[name, rows] = min(took, times.get((name, rows), took))
+
+    with torch.inference_mode():
+        time_kernels({"mkl": lambda x, w: F.linear(x, w), "onednn": lambda x, w: _product(x, w, None)}, plain)
+        packed = []
+        while plain:  # one copy at a time: the measurement holds about one set of weights
+            packed.append(torch.ops.mkldnn._reorder_linear_weight(plain.pop(), PACK_FOR_ROWS))
+        time_kernels({"packed": lambda x, w: _product(x, w, None)}, packed)
+    return times
+
+
+def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
+    """The plan ``times`` (from ``measure``) call for; ``layout`` ``"packed"`` or ``"plain"`` forces it."""
+    pad_to = {r: min(range(r, PAD_UP_TO + 1), key=lambda p: times["packed", p]) for r in range(1, PAD_UP_TO)}
+    # PyTorch's linear (MKL) is what ``generate`` runs: another kernel takes a row count only where it is
+    # clearly faster, not where a noisy measurement put it a hair ahead.
+    onednn_rows = frozenset(b for b in ROW_BUCKETS if times["onednn", b] < CLEARLY_FASTER * times["mkl", b])
+
+    def packed_ms(rows: int) -> float:
+        return times["packed", pad_to.get(rows, rows)]
+
+    def plain_ms(rows: int) -> float:
+        return times["onednn" if rows in onednn_rows else "mkl", rows]
+
+    if layout == "auto":
+        # One user's decode step first: packing is chosen only where it makes a single row clearly faster,
+        # and then only if it makes micro-batches and prefill chunks faster too.
+        batches = [packed_ms(r) / plain_ms(r) for r in JUDGED_ROWS if r > 1]
+        packed = (packed_ms(1) < CLEARLY_FASTER * plain_ms(1)
+                  and sum(batches) / len(batches) < CLEARLY_FASTER)
+    else:
+        packed = layout == "packed"
+    return KernelPlan(packed=packed, onednn_rows=onednn_rows, pad_to=pad_to)
+
+
+@functools.cache
+def _measured(hidden: int, working_bytes: int) -> Timings:
+    return measure(hidden, working_bytes)
+
+
+@functools.cache
+def measured_plan(layout: str = "auto", hidden: int = 1024, weight_bytes: int = 96 << 20) -> KernelPlan:
+    """This process's plan for ``layout`` and a stage of a model ``hidden`` wide holding ``weight_bytes``:
+    measured once (``measure``), then kept."""
+    low, high = MEASURE_BYTES
+    times = _measured(hidden, min(max(weight_bytes, low), high))
+    plan = plan_from(times, layout)
+    log.info("CPU linears: %s (ms per %dx%d product, rows 1/8/16: MKL %s, oneDNN %s, packed %s)",
+             plan.describe(), 4 * hidden, hidden,
+             *("/".join(f"{times[k, r]:.2f}" for r in (1, 8, 16)) for k in ("mkl", "onednn", "packed")))
+    return plan
 
 
 class PackedLinear(nn.Module):
@@ -70,20 +210,21 @@ class PackedLinear(nn.Module):
     """
 
     def __init__(self, blocks: list[torch.Tensor], biases: list[torch.Tensor | None], in_features: int,
-                 out_features: int) -> None:
+                 out_features: int, pad_to: dict[int, int] | None = None) -> None:
         super().__init__()
         self.blocks = blocks  # oneDNN tensors: not parameters (no state dict, no autograd)
         self.biases = biases
         self.in_features = in_features
         self.out_features = out_features
+        self.pad_to = pad_to or {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if 0 < rows < PAD_TO_ROWS:
-            # oneDNN runs 1 or 2 rows on a slower kernel than 3 or more (measured on weights that do not fit
-            # in the cache: 4864x896 takes 1.17 ms for 1 row, 1.41 for 2, 0.88 for 4): zero rows make the
-            # product faster, and each real row's result does not depend on the other rows.
-            padded = x.new_zeros(PAD_TO_ROWS, self.in_features)
+        run = self.pad_to.get(rows, rows)
+        if run > rows:
+            # Zero rows, where this CPU runs more rows faster (measured: KernelPlan); each real row's result
+            # does not depend on the other rows.
+            padded = x.new_zeros(run, self.in_features)
             padded[:rows] = x.reshape(rows, self.in_features)
             return self._products(padded)[:rows].reshape(*x.shape[:-1], self.out_features)
         return self._products(x)
@@ -106,11 +247,16 @@ class PackedLinear(nn.Module):
 
 
 class OneDnnLinear(nn.Linear):
-    """An ``nn.Linear`` whose product runs on oneDNN with the weight as it is (no packed copy): for a weight
-    another module also reads (a head tied to the embeddings on the same stage)."""
+    """An ``nn.Linear`` on its weight as loaded that runs each product on MKL or oneDNN, whichever this CPU
+    runs faster for that many rows (``KernelPlan.onednn_rows``); also a packed stage's linears whose weight
+    another module reads (a head tied to the embeddings on the same stage)."""
+
+    onednn_rows: frozenset[int] = frozenset(ROW_BUCKETS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _product(x, self.weight, self.bias)
+        if bucket(x.numel() // self.in_features) in self.onednn_rows:
+            return _product(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 @functools.cache
@@ -129,15 +275,20 @@ def onednn_works() -> bool:
     return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
 
 
-def use_onednn(kernels: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a stage on ``device`` in ``dtype`` runs its linears on oneDNN, given the ``kernels`` choice."""
+def plan_for(kernels: str, device: torch.device, dtype: torch.dtype, weight_bytes: int,
+             hidden: int = 1024) -> KernelPlan | None:
+    """The plan a stage on ``device`` in ``dtype`` holding ``weight_bytes`` of weights of a model ``hidden``
+    wide runs its linears by, given the ``kernels`` choice (one of ``KERNELS``); ``None``: PyTorch's own
+    linear."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
     if kernels == "torch" or device.type != "cpu":
-        return False
+        return None
+    if kernels == "auto" and weight_bytes < MEASURE_ABOVE_BYTES:
+        return None
     if dtype != torch.float32:
-        return False  # bfloat16/float16 on a CPU: not measured, left on torch's path
-    return onednn_works()
+        return None  # bfloat16/float16 on a CPU: not measured, left on torch's path
+    return measured_plan(kernels, hidden, weight_bytes) if onednn_works() else None
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
@@ -146,14 +297,14 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + span * t.element_size()
 
 
-def pack_linears(model: nn.Module, release: Callable[[torch.Tensor], object]) -> int:
-    """Replace every plain float32 ``nn.Linear`` of ``model`` whose weight is loaded by a ``PackedLinear``;
-    how many were replaced. ``release(t)`` is called with each block of original weight rows once its packed
-    copy exists; it may hand those rows' pages back to the OS.
+def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tensor], object]) -> int:
+    """Run ``model``'s plain float32 ``nn.Linear`` modules whose weight is loaded as ``plan`` says; how many
+    were packed. On the packed layout, ``release(t)`` is called with each block of original weight rows once
+    its packed copy exists; it may hand those rows' pages back to the OS.
 
     A weight another tensor of the model shares memory with (a head tied to the embeddings on one stage), or
-    a linear module the model holds in two places, is not packed: its pages are still read. It runs on oneDNN
-    as it is (``OneDnnLinear``). A strided weight (a view into a fused tensor) stays on torch's linear:
+    a linear module the model holds in two places, is not packed: its pages are still read. It runs as
+    loaded (``OneDnnLinear``). A strided weight (a view into a fused tensor) stays on torch's linear:
     packing would keep two copies, since only whole tensors' pages can be given back.
     """
     slots: dict[int, int] = {}  # how many (parent, name) places hold each module
@@ -182,8 +333,9 @@ def pack_linears(model: nn.Module, release: Callable[[torch.Tensor], object]) ->
             if (weight.is_meta or weight.dtype != torch.float32 or not weight.numel()
                     or not weight.is_contiguous()):
                 continue
-            if slots[id(module)] > 1 or shared(weight):
+            if not plan.packed or slots[id(module)] > 1 or shared(weight):
                 module.__class__ = OneDnnLinear
+                module.onednn_rows = plan.onednn_rows  # type: ignore[assignment]
                 continue
             rows = max(1, BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
             blocks: list[torch.Tensor] = []
@@ -194,6 +346,7 @@ def pack_linears(model: nn.Module, release: Callable[[torch.Tensor], object]) ->
                     blocks.append(torch.ops.mkldnn._reorder_linear_weight(part.contiguous(), PACK_FOR_ROWS))
                     biases.append(None if bias is None else bias[first:first + rows].clone())
                     release(part)
-            setattr(parent, name, PackedLinear(blocks, biases, module.in_features, module.out_features))
+            setattr(parent, name, PackedLinear(blocks, biases, module.in_features, module.out_features,
+                                               plan.pad_to))
             packed += 1
     return packed

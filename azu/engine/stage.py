@@ -33,7 +33,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from azu.engine.families import Family, family_for
-from azu.engine.kernels import pack_linears, use_onednn
+from azu.engine.kernels import apply_plan, plan_for
 from azu.engine.naming import classify_tensor
 from azu.engine.span import Span
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
@@ -214,7 +214,8 @@ class Stage:
         kernels: str = "auto",
     ) -> Stage:
         """The stage holding ``span`` from a shard folder. ``kernels`` picks the linears' kernel on a CPU
-        (azu.engine.kernels): ``"auto"`` is oneDNN for float32, ``"torch"`` PyTorch's own."""
+        (azu.engine.kernels): ``"auto"`` measures this CPU and picks for float32, ``"packed"`` and ``"plain"``
+        force the weights' layout, ``"torch"`` is PyTorch's own linear."""
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -231,6 +232,12 @@ class Stage:
         if span.head and span.last != manifest.num_layers:
             raise InvalidRequest("only the stage ending at the last layer can hold the head")
 
+        # Measured (once per process) before the weights are read: the measurement's own weights come and go
+        # before the stage's arrive, so they add nothing to its peak.
+        entries = manifest.files_for(span.first, span.last, embeddings=span.embeddings, head=span.head)
+        plan = plan_for(kernels, torch_device, torch_dtype, sum(e.size for e in entries),
+                        manifest.hidden_size)
+        release_freed_memory()  # the measurement's weights, while the heap is still small
         config = _build_config(manifest)
         with _params_on_meta():
             try:
@@ -259,9 +266,7 @@ class Stage:
         )
         files = LoadedFiles()
         with _quiet_transformers():
-            for entry in manifest.files_for(
-                span.first, span.last, embeddings=span.embeddings, head=span.head
-            ):
+            for entry in entries:
                 state = files.load(manifest.directory or shard_dir, entry)
                 convert_and_load_state_dict_in_model(model, state, load_config)
                 del state
@@ -282,9 +287,9 @@ class Stage:
         for attr, how in family.last_stage.items():
             if not span.head:
                 _neutralise(base, attr, how, torch_dtype, torch_device)
-        if use_onednn(kernels, torch_device, torch_dtype):
+        if plan is not None:
             # After the cut: a tied head is packed only where no embedding on this stage still reads it.
-            pack_linears(model, files.release)
+            apply_plan(model, plan, files.release)
         del files
         release_freed_memory()  # load scratch: dtype-conversion copies, and those packing replaced
         # Buffers (rotary inv_freq, ALiBi helpers) were built real on the CPU; move them along.

@@ -263,7 +263,7 @@ def _load_verified(
 class LoadedFiles:
     """Shard files loaded as with ``load_verified``, whose buffers can then be given back page by page.
 
-    A stage that copies a weight into another layout (``azu.engine.kernels.pack_linears``) calls
+    A stage that copies a weight into another layout (``azu.engine.kernels.apply_plan``) calls
     :meth:`release` with the original once the copy exists: the pages wholly inside it go back to the OS
     (``MADV_DONTNEED`` on the anonymous mapping; they would read as zeros, so the caller must hold no other
     reader of them). The mappings themselves go when their last tensor does.

@@ -1,5 +1,6 @@
-"""The linears' kernel on a CPU (azu.engine.kernels): oneDNN for float32 stages by default, PyTorch's own on
-request; both give transformers' greedy tokens (the exact-match tests run the default for every family)."""
+"""The linears' kernel on a CPU (azu.engine.kernels): measured per machine for float32 stages (packed for
+oneDNN, or as loaded with MKL or oneDNN per row count), PyTorch's own on request; every choice gives
+transformers' greedy tokens for every family."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from azu.cli import demo
-from azu.config import Settings, SettingsError
+from azu.config import CPU_KERNELS, Settings, SettingsError
 from azu.engine import kernels
 from azu.engine.local import LocalPipeline
 from azu.engine.span import Span
@@ -20,33 +21,93 @@ from tests.support.engine import NEW_TOKENS
 pytestmark = pytest.mark.skipif(not kernels.onednn_works(), reason="this PyTorch has no oneDNN linear")
 
 
+PACKED = kernels.KernelPlan(packed=True, onednn_rows=frozenset(kernels.ROW_BUCKETS),
+                            pad_to={1: 4, 2: 4, 3: 3})
+PLAIN = kernels.KernelPlan(packed=False, onednn_rows=frozenset({4, 8, 16, 128}), pad_to={})
+
+
 def _linears(stage: Stage) -> list[type]:
     return [type(m) for m in stage.model.modules()
             if isinstance(m, kernels.PackedLinear) or (isinstance(m, nn.Linear) and not m.weight.is_meta)]
 
 
-def test_a_float32_cpu_stage_packs_its_linears_for_onednn_and_keeps_torchs_on_request(built) -> None:
+def test_a_float32_cpu_stage_runs_its_linears_as_the_plan_says(built) -> None:
     b = built("llama")
-    auto = Stage.load(b.shards, Span(0, 2, embeddings=True))
-    plain = Stage.load(b.shards, Span(0, 2, embeddings=True), kernels="torch")
-    assert _linears(auto) and set(_linears(auto)) == {kernels.PackedLinear}
-    assert len(_linears(auto)) == len(_linears(plain))
+    span = Span(0, 2, embeddings=True)
+    packed = Stage.load(b.shards, span, kernels="packed")
+    as_loaded = Stage.load(b.shards, span, kernels="plain")
+    plain = Stage.load(b.shards, span, kernels="torch")
+    assert _linears(packed) and set(_linears(packed)) == {kernels.PackedLinear}
+    assert set(_linears(as_loaded)) == {kernels.OneDnnLinear}
+    assert len(_linears(packed)) == len(_linears(plain)) == len(_linears(as_loaded))
     assert set(_linears(plain)) == {nn.Linear}
+    # A stage this small stays in the cache: auto leaves it on torch's linear without measuring.
+    assert set(_linears(Stage.load(b.shards, span))) == {nn.Linear}
     # Modules of layers this stage does not hold stay on meta and are left alone.
-    assert all(type(m) is nn.Linear for m in auto.model.modules()
+    assert all(type(m) is nn.Linear for m in packed.model.modules()
                if isinstance(m, nn.Linear) and m.weight.is_meta)
-    # The packed module gives the plain one's products, up to float rounding; no weight is left to read.
-    packed = next(m for m in auto.model.modules() if type(m) is kernels.PackedLinear)
-    name = next(n for n, m in auto.model.named_modules() if m is packed)
+    # The packed module gives the plain one's products, up to float rounding, for every row count (1-3
+    # padded as measured); no weight is left to read.
+    module = next(m for m in packed.model.modules() if type(m) is kernels.PackedLinear)
+    name = next(n for n, m in packed.model.named_modules() if m is module)
     original = plain.model.get_submodule(name)
-    x = torch.randn(3, 5, original.in_features)
-    torch.testing.assert_close(packed(x), original(x), rtol=1e-5, atol=1e-5)
-    assert not hasattr(packed, "weight")
-    assert Stage.load(b.shards, Span(0, 2, embeddings=True), dtype="bfloat16").model is not None
-    assert not kernels.use_onednn("auto", torch.device("cpu"), torch.bfloat16)
-    assert not kernels.use_onednn("onednn", torch.device("cuda"), torch.float32)
+    for shape in ((1, 1), (1, 2), (3, 1), (3, 5)):
+        x = torch.randn(*shape, original.in_features)
+        torch.testing.assert_close(module(x), original(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(as_loaded.model.get_submodule(name)(x), original(x), rtol=1e-5, atol=1e-5)
+    assert not hasattr(module, "weight")
+    assert Stage.load(b.shards, span, dtype="bfloat16").model is not None
+    assert kernels.plan_for("packed", torch.device("cpu"), torch.bfloat16, 1 << 40) is None
+    assert kernels.plan_for("packed", torch.device("cuda"), torch.float32, 1 << 40) is None
     with pytest.raises(ValueError, match="unknown kernels"):
-        kernels.use_onednn("fast", torch.device("cpu"), torch.float32)
+        kernels.plan_for("fast", torch.device("cpu"), torch.float32, 0)
+
+
+def _times(mkl: list[float], onednn: list[float], packed: list[float]) -> kernels.Timings:
+    rows = kernels.ROW_BUCKETS
+    return {(name, r): ms for name, figures in (("mkl", mkl), ("onednn", onednn), ("packed", packed))
+            for r, ms in zip(rows, figures, strict=True)}
+
+
+def test_the_plan_puts_one_users_decode_first_then_batches() -> None:
+    # Like the AVX2 machine: oneDNN beats MKL, packed wins every row count, three rows faster run as four.
+    avx2 = _times(mkl=[1.45, 1.6, 1.8, 2.0, 2.93, 3.82, 20], onednn=[0.81, 1.2, 1.4, 1.6, 2.14, 2.94, 16],
+                  packed=[0.56, 0.7, 0.8, 0.75, 0.90, 1.60, 15])
+    plan = kernels.plan_from(avx2)
+    assert plan.packed and plan.pad_to == {1: 1, 2: 2, 3: 4} and plan.onednn_rows == set(kernels.ROW_BUCKETS)
+    # Like the AVX-512 machine: MKL wins 1-3 rows, oneDNN as loaded ties packed from 4 rows up; at 128 rows
+    # all three are within noise, so MKL (what generate runs) keeps it.
+    avx512 = _times(mkl=[1.07, 1.10, 1.23, 2.22, 2.79, 2.61, 8.3],
+                    onednn=[1.12, 1.6, 1.68, 1.64, 1.72, 2.24, 8.2],
+                    packed=[1.19, 1.34, 1.59, 1.51, 1.70, 2.14, 8.1])
+    plan = kernels.plan_from(avx512)
+    assert not plan.packed and plan.onednn_rows == {4, 8, 16}
+    # Packing that wins batches but costs one user's step is not chosen; forced, it is.
+    costly = dict(avx2)
+    costly.update({("packed", r): 0.8 for r in (1, 2, 3, 4)})
+    assert not kernels.plan_from(costly).packed and kernels.plan_from(costly, "packed").packed
+    assert not kernels.plan_from(avx2, "plain").packed
+
+
+def test_a_plain_linear_runs_each_row_count_on_the_kernel_the_plan_names(monkeypatch) -> None:
+    calls: list[int] = []
+    product = kernels._product
+    monkeypatch.setattr(kernels, "_product", lambda x, w, b: calls.append(x.numel() // w.shape[1])
+                        or product(x, w, b))
+    model = nn.Sequential(nn.Linear(32, 48))
+    reference = copy.deepcopy(model)
+    assert kernels.apply_plan(model, PLAIN, lambda _t: None) == 0 and type(model[0]) is kernels.OneDnnLinear
+    for rows in (1, 3, 4, 7, 200):  # 1-3 rows on MKL; 4 and up on oneDNN (7 -> 8, 200 -> 128's choice)
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert calls == [4, 7, 200]
+
+
+def test_measuring_gives_every_kernel_and_row_count() -> None:
+    times = kernels.measure(hidden=64, working_bytes=1 << 20)
+    assert {(k, r) for k in ("mkl", "onednn", "packed") for r in kernels.ROW_BUCKETS} <= set(times)
+    assert all(ms > 0 for ms in times.values())
+    assert isinstance(kernels.plan_from(times), kernels.KernelPlan)
 
 
 def test_a_weight_packed_in_blocks_gives_the_same_products_and_frees_the_originals_pages(monkeypatch) -> None:
@@ -54,11 +115,11 @@ def test_a_weight_packed_in_blocks_gives_the_same_products_and_frees_the_origina
     model = nn.Sequential(nn.Linear(64, 1000), nn.Linear(1000, 8, bias=False))
     reference = copy.deepcopy(model)
     released: list[torch.Tensor] = []
-    assert kernels.pack_linears(model, released.append) == 2
+    assert kernels.apply_plan(model, PACKED, released.append) == 2
     assert len(model[0].blocks) == 4 and len(model[1].blocks) == 1
     assert [int(t.shape[0]) for t in released] == [256, 256, 256, 232, 8]
-    x = torch.randn(2, 7, 64)
-    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
+    for x in (torch.randn(2, 7, 64), torch.randn(1, 64), torch.randn(3, 64)):  # 1 row padded to 4, 3 not
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
 
 
 def test_a_weight_something_else_reads_is_not_packed_nor_released() -> None:
@@ -73,8 +134,8 @@ def test_a_weight_something_else_reads_is_not_packed_nor_released() -> None:
                            "b": nn.Sequential(twice), "strided": strided})
     reference = copy.deepcopy(model)
     released: list[torch.Tensor] = []
-    assert kernels.pack_linears(model, released.append) == 0 and not released
-    # Read in place (oneDNN on the weight as it is, or torch's linear for the strided one): same products.
+    assert kernels.apply_plan(model, PACKED, released.append) == 0 and not released
+    # Read in place (on the weight as it is, or torch's linear for the strided one): same products.
     assert {type(model[k]) for k in ("head", "view", "a")} == {kernels.OneDnnLinear}
     assert model["b"][0] is model["a"] and type(model["strided"]) is nn.Linear
     x = torch.randn(3, 16)
@@ -83,10 +144,10 @@ def test_a_weight_something_else_reads_is_not_packed_nor_released() -> None:
 
 
 @pytest.mark.parametrize("family", sorted(demo.FAMILIES))
-def test_both_kernels_give_generates_greedy_tokens(built, family: str) -> None:
+def test_every_kernel_choice_gives_generates_greedy_tokens(built, family: str) -> None:
     b = built(family)
     expected = b.reference()
-    for choice in ("auto", "torch"):
+    for choice in ("packed", "plain", "torch"):
         pipe = LocalPipeline(b.shards, 2, kernels=choice)
         assert pipe.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == expected, choice
 
@@ -94,5 +155,7 @@ def test_both_kernels_give_generates_greedy_tokens(built, family: str) -> None:
 def test_the_kernel_setting_is_checked() -> None:
     assert Settings.from_env({}).worker.cpu_kernels == "auto"
     assert Settings.from_env({"AZU_CPU_KERNELS": "TORCH"}).worker.cpu_kernels == "torch"
+    assert Settings.from_env({"AZU_CPU_KERNELS": "plain"}).worker.cpu_kernels == "plain"
+    assert CPU_KERNELS == kernels.KERNELS
     with pytest.raises(SettingsError, match="AZU_CPU_KERNELS"):
         Settings.from_env({"AZU_CPU_KERNELS": "cuda"})
