@@ -205,9 +205,11 @@ class Bench:
         if azu_kernels:
             head = model.get_output_embeddings()
             if head is not None and head.weight is model.get_input_embeddings().weight:
-                # Untied, so the head is packed as on azu's last stage (which holds no embeddings).
+                # Untied, as on azu's last stage (which holds no embeddings): packed there if the plan packs.
                 head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-            plan = kernels.measured_plan(self.args.kernels, model.config.hidden_size)
+            # Measured as a worker measures, on this process's working set: the whole model's weights.
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            plan = kernels.measured_plan(self.args.kernels, model.config.hidden_size, weight_bytes)
             self.plans[model.config.hidden_size] = plan.describe()
             kernels.apply_plan(model, plan, release=lambda _rows: None)
         ids = torch.tensor([prompt])

@@ -22,8 +22,8 @@ Intel Xeon (AVX-512), 4864x896, 16      2.61    2.24    2.14
 On the AVX2 machine the packed layout wins everywhere (and with the weights in memory, not the cache, one
 row ran faster padded to four rows: 0.88 ms against 1.17); on the AVX-512 machine MKL wins a single row,
 oneDNN on the weight as it is ties the packed layout from 4 rows up, and padding one row to four costs 20%.
-A choice fixed from either machine costs the
-other up to 30% of its decode speed at b=1, so a stage does not fix it: ``measure()`` times the three
+A choice fixed from either machine costs the other up to 30% of its decode speed at b=1, so a stage does not
+fix it: ``measure()`` times the three
 kernels once per process, on as many bytes of weights shaped like the model's MLP as the stage holds (16
 to 384 MB), for 1-4, 8, 16 and 128 rows (about two seconds before a large stage loads), and ``KernelPlan``
 takes from that:
@@ -32,8 +32,8 @@ takes from that:
   clearly faster (10%) for that many rows;
 - the layout: packed or as loaded. One user's decode step comes first: the plan packs only where a packed
   single row is clearly faster than the loaded layout's, and then only if packed micro-batches (4, 8, 16
-  rows) are clearly faster on average too. Packing copies every weight (in blocks,
-  the original pages handed back as it goes) and costs load time, so it must pay;
+  rows) are clearly faster on average too. Packing copies every weight (in blocks, the original pages
+  handed back as it goes) and costs load time, so it must pay;
 - on the packed layout, how many zero rows to add to 1-3 rows (oneDNN runs 1 or 2 rows on a slower kernel
   on some CPUs).
 
@@ -60,6 +60,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from azu.engine.heap import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ class KernelPlan:
 Timings = dict[tuple[str, int], float]
 
 
-def measure(hidden: int = 1024, working_bytes: int = 96 << 20) -> Timings:
+def measure(hidden: int, working_bytes: int) -> Timings:
     """Milliseconds per product on this CPU, the best of several rounds, for ``mkl``, ``onednn`` (weight as
     it is) and ``packed`` at each of ``ROW_BUCKETS`` (and 1-4 rows, for the padding), on MLP-shaped weights
     (``4 * hidden`` x ``hidden``) of the model's width.
@@ -141,10 +143,10 @@ def measure(hidden: int = 1024, working_bytes: int = 96 << 20) -> Timings:
         for rows, x in inputs.items():
             for run in kernels.values():
                 run(x, held[0])  # a primitive is created on first use
+            # A prompt chunk's product is bound by arithmetic, not by reading the weight: two weights do.
+            some = held[:2] if rows > 16 else held
             for _ in range(2):  # kernels interleaved: a busy moment hits them alike
                 for name, run in kernels.items():
-                    # A prompt chunk's product is bound by arithmetic, not by reading the weight: two do.
-                    some = held[:2] if rows > 16 else held
                     start = time.perf_counter()
                     for w in some:
                         run(x, w)
@@ -186,11 +188,13 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
 
 @functools.cache
 def _measured(hidden: int, working_bytes: int) -> Timings:
-    return measure(hidden, working_bytes)
+    times = measure(hidden, working_bytes)
+    release_freed_memory()  # the measurement's weights, before a stage's arrive
+    return times
 
 
 @functools.cache
-def measured_plan(layout: str = "auto", hidden: int = 1024, weight_bytes: int = 96 << 20) -> KernelPlan:
+def measured_plan(layout: str, hidden: int, weight_bytes: int) -> KernelPlan:
     """This process's plan for ``layout`` and a stage of a model ``hidden`` wide holding ``weight_bytes``:
     measured once (``measure``), then kept."""
     low, high = MEASURE_BYTES
@@ -246,7 +250,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={len(self.blocks)}"
 
 
-class OneDnnLinear(nn.Linear):
+class DispatchLinear(nn.Linear):
     """An ``nn.Linear`` on its weight as loaded that runs each product on MKL or oneDNN, whichever this CPU
     runs faster for that many rows (``KernelPlan.onednn_rows``); also a packed stage's linears whose weight
     another module reads (a head tied to the embeddings on the same stage)."""
@@ -276,7 +280,7 @@ def onednn_works() -> bool:
 
 
 def plan_for(kernels: str, device: torch.device, dtype: torch.dtype, weight_bytes: int,
-             hidden: int = 1024) -> KernelPlan | None:
+             hidden: int) -> KernelPlan | None:
     """The plan a stage on ``device`` in ``dtype`` holding ``weight_bytes`` of weights of a model ``hidden``
     wide runs its linears by, given the ``kernels`` choice (one of ``KERNELS``); ``None``: PyTorch's own
     linear."""
@@ -304,7 +308,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tens
 
     A weight another tensor of the model shares memory with (a head tied to the embeddings on one stage), or
     a linear module the model holds in two places, is not packed: its pages are still read. It runs as
-    loaded (``OneDnnLinear``). A strided weight (a view into a fused tensor) stays on torch's linear:
+    loaded (``DispatchLinear``). A strided weight (a view into a fused tensor) stays on torch's linear:
     packing would keep two copies, since only whole tensors' pages can be given back.
     """
     slots: dict[int, int] = {}  # how many (parent, name) places hold each module
@@ -334,7 +338,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tens
                     or not weight.is_contiguous()):
                 continue
             if not plan.packed or slots[id(module)] > 1 or shared(weight):
-                module.__class__ = OneDnnLinear
+                module.__class__ = DispatchLinear
                 module.onednn_rows = plan.onednn_rows  # type: ignore[assignment]
                 continue
             rows = max(1, BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))

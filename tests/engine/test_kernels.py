@@ -38,7 +38,7 @@ def test_a_float32_cpu_stage_runs_its_linears_as_the_plan_says(built) -> None:
     as_loaded = Stage.load(b.shards, span, kernels="plain")
     plain = Stage.load(b.shards, span, kernels="torch")
     assert _linears(packed) and set(_linears(packed)) == {kernels.PackedLinear}
-    assert set(_linears(as_loaded)) == {kernels.OneDnnLinear}
+    assert set(_linears(as_loaded)) == {kernels.DispatchLinear}
     assert len(_linears(packed)) == len(_linears(plain)) == len(_linears(as_loaded))
     assert set(_linears(plain)) == {nn.Linear}
     # A stage this small stays in the cache: auto leaves it on torch's linear without measuring.
@@ -57,10 +57,10 @@ def test_a_float32_cpu_stage_runs_its_linears_as_the_plan_says(built) -> None:
         torch.testing.assert_close(as_loaded.model.get_submodule(name)(x), original(x), rtol=1e-5, atol=1e-5)
     assert not hasattr(module, "weight")
     assert Stage.load(b.shards, span, dtype="bfloat16").model is not None
-    assert kernels.plan_for("packed", torch.device("cpu"), torch.bfloat16, 1 << 40) is None
-    assert kernels.plan_for("packed", torch.device("cuda"), torch.float32, 1 << 40) is None
+    assert kernels.plan_for("packed", torch.device("cpu"), torch.bfloat16, 1 << 40, 64) is None
+    assert kernels.plan_for("packed", torch.device("cuda"), torch.float32, 1 << 40, 64) is None
     with pytest.raises(ValueError, match="unknown kernels"):
-        kernels.plan_for("fast", torch.device("cpu"), torch.float32, 0)
+        kernels.plan_for("fast", torch.device("cpu"), torch.float32, 0, 64)
 
 
 def _times(mkl: list[float], onednn: list[float], packed: list[float]) -> kernels.Timings:
@@ -96,7 +96,7 @@ def test_a_plain_linear_runs_each_row_count_on_the_kernel_the_plan_names(monkeyp
                         or product(x, w, b))
     model = nn.Sequential(nn.Linear(32, 48))
     reference = copy.deepcopy(model)
-    assert kernels.apply_plan(model, PLAIN, lambda _t: None) == 0 and type(model[0]) is kernels.OneDnnLinear
+    assert kernels.apply_plan(model, PLAIN, lambda _t: None) == 0 and type(model[0]) is kernels.DispatchLinear
     for rows in (1, 3, 4, 7, 200):  # 1-3 rows on MKL; 4 and up on oneDNN (7 -> 8, 200 -> 128's choice)
         x = torch.randn(rows, 32)
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
@@ -136,7 +136,7 @@ def test_a_weight_something_else_reads_is_not_packed_nor_released() -> None:
     released: list[torch.Tensor] = []
     assert kernels.apply_plan(model, PACKED, released.append) == 0 and not released
     # Read in place (on the weight as it is, or torch's linear for the strided one): same products.
-    assert {type(model[k]) for k in ("head", "view", "a")} == {kernels.OneDnnLinear}
+    assert {type(model[k]) for k in ("head", "view", "a")} == {kernels.DispatchLinear}
     assert model["b"][0] is model["a"] and type(model["strided"]) is nn.Linear
     x = torch.randn(3, 16)
     for k in ("head", "view", "a", "strided"):
