@@ -54,6 +54,14 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024
 LEASE_S = 10
+LEASE_RENEW_S = 1.0  # the loop renews its lease this often (a pop waits wait_s at most before it renews)
+# Take the lease if free, or renew it if this collector holds it: 1 if held now, else 0 (one round trip).
+_HOLD = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]); return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]); return 1 end
+return 0
+"""
 # Enrollment (azu.network.enrollment) writes every worker's identity. Development switch only: with it on,
 # the first signed heartbeat of an unknown worker id names its key, once (SET NX).
 TRUST_FIRST_HEARTBEAT = False
@@ -393,12 +401,17 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
     has_blmpop: bool | None = None
     check_every = min(1.0, watchdog.step_timeout_s(settings) / 2)
     checked = time.monotonic()
+    held_until = 0.0  # when this loop must next make sure it holds the lease
     while not stop_event.is_set():
         try:
-            if r.get(lease) != me.encode() and not r.set(lease, me, nx=True, ex=LEASE_S):
-                stop_event.wait(1.0)  # another collector holds the lease
-                continue
-            r.expire(lease, LEASE_S)
+            # The lease is taken or renewed once a second, not before every pop: tokens that arrive one
+            # after another (one job decoding) would each wait for that round trip. It lasts LEASE_S, far
+            # longer than a second, so no other collector can take it meanwhile.
+            if time.monotonic() >= held_until:
+                if not r.eval(_HOLD, 1, lease, me, LEASE_S):
+                    stop_event.wait(1.0)  # another collector holds the lease
+                    continue
+                held_until = time.monotonic() + LEASE_RENEW_S
             got, has_blmpop = pop_all(r, key, wait_s, has_blmpop=has_blmpop, count=BATCH_MAX)
             if got:
                 collector.process(got)

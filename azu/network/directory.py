@@ -113,9 +113,13 @@ def deregister(r: redis.Redis, worker_id: str) -> None:
 def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None = None) -> list[WorkerInfo]:
     """Workers whose last heartbeat is within ``ttl`` seconds (default: the heartbeat TTL), by worker id."""
     now = time.time() if now is None else now
-    found: list[Any] = r.zrangebyscore(keys.WORKERS, now - _ttl(ttl), "+inf")  # type: ignore[assignment]
+    pipe = r.pipeline(transaction=False)  # one round trip (every job's submit reads the directory)
+    pipe.zrangebyscore(keys.WORKERS, now - _ttl(ttl), "+inf")
+    pipe.zrangebyscore(LOST, now - LOST_HOLD_S, "+inf")
+    pipe.hkeys(keys.BANNED)
+    found, lost_ids, banned = pipe.execute()
     # Lost workers until they restart; banned ones (failed verification, azu.verification) for good.
-    lost = lost_workers(r, now=now) | {keys.as_str(w) for w in r.hkeys(keys.BANNED)}  # type: ignore[union-attr]
+    lost = {keys.as_str(w) for w in (*lost_ids, *banned)}
     ids = [i for i in (keys.as_str(i) for i in found) if i not in lost]
     if not ids:
         return []

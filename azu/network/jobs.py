@@ -17,6 +17,7 @@ end-of-job record the scheduler bills from is signed by the core (``auth.END_REC
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -146,6 +147,19 @@ def _validate(req: JobRequest, info: ModelInfo) -> None:
 
 
 # --- submitting and starting --------------------------------------------------------------------
+# Claim a job id and write the job (KEYS: the job, the active jobs, the model's turn counter; ARGV: the job
+# id, now, the record's TTL, whether to count a turn, then the record's fields and values): -1 if the id is
+# taken, else the model's next turn (0 when not counted), in one atomic step.
+_CREATE = """
+if redis.call('HSETNX', KEYS[1], 'status', 'queued') == 0 then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if ARGV[4] == '1' then return redis.call('INCR', KEYS[3]) end
+return 0
+"""
+
+
 def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None = None) -> None:
     """Route the job (or order the loads it needs), store it and enqueue its first step.
 
@@ -157,9 +171,8 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     dispatch = dispatch or get_dispatcher()
     workers = directory.live_workers(r)
     routes = placement.find_routes(req.model_id, info.num_layers, workers)
-    loading = r.exists(keys.loading(req.model_id))
-    copies = get_settings().copies
-    if not routes and not loading and not placement.plan_loads(info.shape, workers, max_copies=copies):
+    if (not routes and not r.exists(keys.loading(req.model_id))
+            and not placement.plan_loads(info.shape, workers, max_copies=get_settings().copies)):
         need = placement.needed_bytes(info.shape)
         raise NoCapacity(f"no live worker holds {req.model_id} and the {len(workers)} live worker(s) "
                          f"cannot load it (it needs about {need} bytes)", param="model")
@@ -170,21 +183,18 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
         stop_ids=tuple(req.stop_token_ids if req.stop_token_ids is not None else info.eos_token_ids),
         prompt_len=len(req.prompt_ids))
     now = time.time()
-    key = keys.job(req.job_id)
-    if not r.hsetnx(key, "status", "queued"):
+    fields = {"user_id": req.user_id, "model_id": req.model_id, "prompt_ids": json.dumps(req.prompt_ids),
+              "gen": json.dumps(sampling.to_dict()), "created": str(now), "updated": str(now), "step": "0"}
+    # One round trip (a job's first token waits for this): claim the id, write the job, count the turn.
+    turn = int(r.eval(_CREATE, 3, keys.job(req.job_id), keys.ACTIVE_JOBS, keys.turn(req.model_id),  # type: ignore[arg-type]
+                      req.job_id, str(now), keys.JOB_TTL_S, "1" if routes else "0",
+                      *(part for item in fields.items() for part in item)))
+    if turn < 0:
         raise Conflict(f"job id {req.job_id} is already in use")
-    pipe = r.pipeline()
-    pipe.hset(key, mapping={
-        "user_id": req.user_id, "model_id": req.model_id, "prompt_ids": json.dumps(req.prompt_ids),
-        "gen": json.dumps(sampling.to_dict()), "created": str(now), "updated": str(now), "step": "0",
-    })
-    pipe.expire(key, keys.JOB_TTL_S)
-    pipe.zadd(keys.ACTIVE_JOBS, {req.job_id: now})
-    pipe.execute()
     if routes:
-        route = placement.choose_route(routes, int(r.incr(keys.turn(req.model_id))))
+        route = placement.choose_route(routes, turn)
         assert route is not None
-        start_job(r, req.job_id, route, dispatch=dispatch)
+        start_job(r, req.job_id, route, dispatch=dispatch, job={**fields, "status": "queued"})
         return
     r.zadd(keys.waiting(req.model_id), {req.job_id: now})
     orders = ensure_placed(r, req.model_id, dispatch=dispatch)
@@ -330,12 +340,24 @@ def order_load(r: redis.Redis, worker_id: str, model_id: str, span: Span, *,
 
 def _manifest_sha256(model_id: str) -> str | None:
     """The manifest's hash as the registry has it (so a worker can check what it downloads), if local."""
-    import hashlib
-
     from azu.registry.status import shard_dir
 
     path = shard_dir(model_id) / "manifest.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _file_sha256(str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, _mtime_ns: int, _size: int, _inode: int) -> str:
+    """A file's SHA-256, kept while its modification time, size and inode stay (every job's grant names the
+    manifest's hash; a re-shard writes a new file)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 GRANT_SLACK_S = 300.0  # a grant outlives the request timeout by this much (queueing, clock skew)
@@ -358,9 +380,11 @@ def make_grant(r: redis.Redis, job_id: str, model_id: str, route: Sequence[Hop],
     return grant, auth.sign(auth.core_signing_key(), auth.GRANT, grant)
 
 
-def start_job(r: redis.Redis, job_id: str, route: list[Hop], *, dispatch: Dispatcher) -> None:
-    """Grant the job its route and send the prompt (step 0) to the first hop."""
-    job = _hash(r, job_id)
+def start_job(r: redis.Redis, job_id: str, route: list[Hop], *, dispatch: Dispatcher,
+              job: dict[str, str] | None = None) -> None:
+    """Grant the job its route and send the prompt (step 0) to the first hop; ``job``: its record, where
+    the caller has just written it (else it is read)."""
+    job = job if job is not None else _hash(r, job_id)
     model_id = job["model_id"]
     sampling = Sampling.from_dict(json.loads(job["gen"]))
     try:
@@ -369,11 +393,14 @@ def start_job(r: redis.Redis, job_id: str, route: list[Hop], *, dispatch: Dispat
         fail_job(r, job_id, exc.message, dispatch=dispatch)
         return
     route_json = json.dumps([h.to_list() for h in route])
-    r.hset(keys.job(job_id), mapping={"status": "running", "route": route_json, "grant": grant,
-                                      "grant_sig": grant_sig, "epoch": "0", "updated": str(time.time())})
     first = StepPayload(job_id=job_id, step=0, hop=0, pos=0, x=json.loads(job["prompt_ids"]), grant=grant,
                         grant_sig=grant_sig)
-    send_steps(r, [first], dispatch=dispatch)
+    # The record's new state goes in the hand-over's round trip, ahead of it (a worker that reports the
+    # first token finds the job running).
+    pipe = r.pipeline(transaction=False)
+    pipe.hset(keys.job(job_id), mapping={"status": "running", "route": route_json, "grant": grant,
+                                         "grant_sig": grant_sig, "epoch": "0", "updated": str(time.time())})
+    send_steps(r, [first], dispatch=dispatch, pipe=pipe)
 
 
 def bundles(steps: Sequence[StepPayload], *, sender: str, key: Any) -> dict[str, bytes]:
@@ -389,13 +416,17 @@ def bundles(steps: Sequence[StepPayload], *, sender: str, key: Any) -> dict[str,
     return out
 
 
-def send_steps(r: redis.Redis, steps: Sequence[StepPayload], *, dispatch: Dispatcher) -> None:
-    """Send steps on from the core (signed "core"), each to the worker of its hop: one Redis round trip,
-    then one Celery message per worker that was idle. Never waits."""
+def send_steps(r: redis.Redis, steps: Sequence[StepPayload], *, dispatch: Dispatcher,
+               pipe: redis.client.Pipeline | None = None) -> None:
+    """Send steps on from the core (signed "core"), each to the worker of its hop: one Redis round trip
+    (after ``pipe``'s writes, if given), then one Celery message per worker that was idle. Never waits."""
     if not steps:
         return
-    inbox.deliver(r.pipeline(transaction=False),
-                  bundles(steps, sender=auth.CORE, key=auth.core_signing_key()), dispatch=dispatch)
+    answers = inbox.deliver(pipe if pipe is not None else r.pipeline(transaction=False),
+                            bundles(steps, sender=auth.CORE, key=auth.core_signing_key()), dispatch=dispatch)
+    failed = [a for a in answers if isinstance(a, Exception)]
+    if failed:
+        raise failed[0]
 
 
 def _reuse(route: Sequence[Hop], old: Sequence[Hop]) -> int:

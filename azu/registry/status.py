@@ -68,13 +68,22 @@ def registry_file_url(base_url: str, model_id: str, name: str) -> str:
 # --- status -------------------------------------------------------------------------------------
 def model_status(r: redis.Redis, model_id: str) -> dict[str, Any]:
     """{"model_id", "state", "progress", "reason"}; NotFound if the model was never asked for."""
+    return _status_of(model_id, _model_record(r, model_id))
+
+
+def _model_record(r: redis.Redis, model_id: str) -> dict[str, str]:
+    """The model's hash as text; NotFound if the model was never asked for."""
     raw = {keys.as_str(k): keys.as_str(v) for k, v in r.hgetall(keys.model(model_id)).items()}
     if not raw:
         if (shard_dir(model_id) / MANIFEST_NAME).is_file():
             mark_ready(r, model_id, source=model_id)  # sharded before Redis was (re)started
-            return model_status(r, model_id)
+            return _model_record(r, model_id)
         raise NotFound(f"model {model_id!r} is not in the registry (POST /models/shard first)",
                        param="model_id")
+    return raw
+
+
+def _status_of(model_id: str, raw: dict[str, str]) -> dict[str, Any]:
     return {"model_id": model_id, "state": raw.get("state", "pending"),
             "progress": float(raw.get("progress") or 0.0), "reason": raw.get("reason") or None}
 
@@ -255,12 +264,12 @@ def mark_ready(r: redis.Redis, model_id: str, *, source: str) -> ModelInfo:
 
 def model_info(r: redis.Redis, model_id: str) -> ModelInfo:
     """Routing facts of a ready model; NotFound if unknown, NoCapacity while it is still being sharded."""
-    status = model_status(r, model_id)
+    record = _model_record(r, model_id)  # one round trip: a job's first token waits for it
+    status = _status_of(model_id, record)
     if status["state"] != "ready":
         if status["state"] == "failed":
             raise NotFound(f"model {model_id!r} failed to shard: {status['reason']}", param="model")
         raise NoCapacity(f"model {model_id!r} is not ready yet ({status['state']})", param="model")
-    raw = r.hget(keys.model(model_id), "info")
-    if raw:
-        return ModelInfo.from_json(raw)
+    if record.get("info"):
+        return ModelInfo.from_json(record["info"])
     return mark_ready(r, model_id, source=model_id)

@@ -83,7 +83,8 @@ def refusals(r: Any, worker_id: str) -> int:
 def running_job(r: Any, model_id: str, max_tokens: int = 8) -> str:
     """A job granted its route (w1 -> w2) whose first step is never delivered: it stays running."""
     real = inbox.deliver
-    inbox.deliver = lambda *_a, **_k: []  # type: ignore[assignment]  # hand nothing over
+    # Hand nothing over; the caller's own writes on the pipeline (the job's running state) still go.
+    inbox.deliver = lambda pipe, *_a, **_k: pipe.execute()  # type: ignore[assignment]
     try:
         return submit(r, Recording(None), model_id, PROMPT, max_tokens)
     finally:

@@ -24,6 +24,7 @@ from azu.network.inbox import Inbox
 from azu.network.placement import ModelShape
 from azu.network.wire import Hop, Sampling, StepPayload
 from azu.registry import status as models
+from tests.support import wait_for
 from tests.support.network import InlineNetwork
 
 NUM_LAYERS = 4
@@ -337,9 +338,12 @@ def test_bad_requests_are_refused(r, inline) -> None:
         jobs.submit_job(r, jobs.JobRequest(job_id="x1", user_id="u", model_id="no-such-model", prompt_ids=[1],
                                            max_tokens=1), dispatch=net)
     job_id = _submit(r, net, model_id, [1, 2], 2)
+    before, turn = r.hgetall(keys.job(job_id)), r.get(keys.turn(model_id))
     with pytest.raises(Conflict, match="already in use"):
-        same = jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=[1], max_tokens=1)
+        same = jobs.JobRequest(job_id=job_id, user_id="u2", model_id=model_id, prompt_ids=[1], max_tokens=1)
         jobs.submit_job(r, same, dispatch=net)
+    # Refused with nothing written: the first job's record and the model's turn are as they were.
+    assert r.hgetall(keys.job(job_id)) == before and r.get(keys.turn(model_id)) == turn
     net.run()
 
 
@@ -455,3 +459,53 @@ def test_a_hand_over_redis_refuses_is_logged_and_the_others_still_go(r, caplog) 
         assert rec.count(dispatch.FORWARD) == 2  # both were idle: both woken
     finally:
         r.delete(keys.pending("u-ok"), keys.pending("u-bad"), keys.wake("u-ok"), keys.wake("u-bad"))
+
+
+def test_a_grant_names_the_manifest_on_disk_now(tmp_path, monkeypatch) -> None:
+    # The hash is kept between jobs, but a re-shard (a new manifest written in place, or renamed over it)
+    # is seen by the next grant.
+    import hashlib
+
+    from azu.registry.status import shard_dir
+
+    monkeypatch.setenv("AZU_REGISTRY_DIR", str(tmp_path))
+    assert jobs._manifest_sha256("org/m") is None
+    folder = shard_dir("org/m")
+    folder.mkdir(parents=True)
+    manifest = folder / "manifest.json"
+    for text in ('{"v": 1}', '{"v": 22}'):
+        manifest.write_text(text)
+        assert jobs._manifest_sha256("org/m") == hashlib.sha256(text.encode()).hexdigest()
+    (folder / "new.json").write_text('{"v": 3}')
+    (folder / "new.json").replace(manifest)
+    assert jobs._manifest_sha256("org/m") == hashlib.sha256(b'{"v": 3}').hexdigest()
+
+
+def test_one_collector_holds_the_lease_and_another_takes_over_when_it_stops(r) -> None:
+    # Two collector loops on one report list (real Redis): the second waits while the first renews its
+    # lease (once a second, not per pop), and takes the lease once the first stops.
+    import threading
+
+    from azu.network import collector
+
+    key = "azu:test:reports"
+    lease = f"{keys.COLLECTOR_LOCK}:{key}"
+    first, second = threading.Event(), threading.Event()
+    kw = dict(r=r, key=key, wait_s=0.1)
+    one = threading.Thread(target=collector.run, kwargs={"stop_event": first, **kw}, daemon=True)
+    one.start()
+    wait_for(lambda: r.get(lease) is not None, timeout=5)
+    holder = r.get(lease)
+    two = threading.Thread(target=collector.run, kwargs={"stop_event": second, **kw}, daemon=True)
+    two.start()
+    deadline = time.monotonic() + 2.5  # past two renewals of the first
+    while time.monotonic() < deadline:
+        assert r.get(lease) == holder
+        assert 0 < r.ttl(lease) <= collector.LEASE_S
+        time.sleep(0.05)
+    first.set()
+    one.join(5)
+    wait_for(lambda: r.get(lease) not in (None, holder), timeout=5)
+    second.set()
+    two.join(5)
+    assert r.get(lease) is None  # a stopping collector gives its lease back
