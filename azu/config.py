@@ -352,7 +352,10 @@ def _parsed(values: tuple[str | None, ...]) -> Settings:
 
 @lru_cache(maxsize=8)
 def _parsed_raw(raw: tuple[bytes | None, ...]) -> Settings:
-    return _parsed(tuple(os.environ.get(name) for name in VARIABLES))
+    # From the key itself, decoded as os.environ decodes it: reading the environment again here could
+    # cache another thread's change under this key.
+    encoding = sys.getfilesystemencoding()
+    return _parsed(tuple(None if v is None else v.decode(encoding, "surrogateescape") for v in raw))
 
 
 # CPython's os.environ keeps the environment as a dict of encoded names and values: looking the variables up

@@ -17,10 +17,13 @@ end-of-job record the scheduler bills from is signed by the core (``auth.END_REC
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import logging
+import os
 import secrets
+import stat
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -344,20 +347,28 @@ def _manifest_sha256(model_id: str) -> str | None:
 
     path = shard_dir(model_id) / "manifest.json"
     try:
-        stat = path.stat()
+        with open(path, "rb") as f:
+            found = os.fstat(f.fileno())  # the file opened, not whatever the path names a moment later
+            if not stat.S_ISREG(found.st_mode):
+                return None
+            key = (str(path), found.st_mtime_ns, found.st_size, found.st_ino)
+            with _MANIFEST_HASHES_LOCK:
+                cached = _MANIFEST_HASHES.get(key)
+            if cached is None:
+                cached = hashlib.sha256(f.read()).hexdigest()
+                with _MANIFEST_HASHES_LOCK:
+                    _MANIFEST_HASHES[key] = cached
+                    while len(_MANIFEST_HASHES) > 256:
+                        _MANIFEST_HASHES.pop(next(iter(_MANIFEST_HASHES)))
+            return cached
     except OSError:
         return None
-    return _file_sha256(str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
-@functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, _mtime_ns: int, _size: int, _inode: int) -> str:
-    """A file's SHA-256, kept while its modification time, size and inode stay (every job's grant names the
-    manifest's hash; a re-shard writes a new file)."""
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+# Manifest hashes by (path, mtime, size, inode): every job's grant names its manifest's hash, and a re-shard
+# renames a new file over it (a new inode), so a kept hash is that of the file as it is.
+_MANIFEST_HASHES: dict[tuple[str, int, int, int], str] = {}
+_MANIFEST_HASHES_LOCK = threading.Lock()
 
 
 GRANT_SLACK_S = 300.0  # a grant outlives the request timeout by this much (queueing, clock skew)
@@ -397,7 +408,7 @@ def start_job(r: redis.Redis, job_id: str, route: list[Hop], *, dispatch: Dispat
                         grant_sig=grant_sig)
     # The record's new state goes in the hand-over's round trip, ahead of it (a worker that reports the
     # first token finds the job running).
-    pipe = r.pipeline(transaction=False)
+    pipe = r.pipeline(transaction=True)  # a write Redis refuses (out of memory) stops the hand-over too
     pipe.hset(keys.job(job_id), mapping={"status": "running", "route": route_json, "grant": grant,
                                          "grant_sig": grant_sig, "epoch": "0", "updated": str(time.time())})
     send_steps(r, [first], dispatch=dispatch, pipe=pipe)

@@ -7,6 +7,7 @@ The node tests drive real WorkerNodes and real Stages over real Redis through an
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -473,12 +474,19 @@ def test_a_grant_names_the_manifest_on_disk_now(tmp_path, monkeypatch) -> None:
     folder = shard_dir("org/m")
     folder.mkdir(parents=True)
     manifest = folder / "manifest.json"
-    for text in ('{"v": 1}', '{"v": 22}'):
+    when = 1_700_000_000_000_000_000
+    for n, text in enumerate(('{"v": 1}', '{"v": 2}')):  # the same size, rewritten in place
         manifest.write_text(text)
+        os.utime(manifest, ns=(when + n, when + n))
         assert jobs._manifest_sha256("org/m") == hashlib.sha256(text.encode()).hexdigest()
+    # The same size and modification time, renamed over it: a new inode.
     (folder / "new.json").write_text('{"v": 3}')
+    os.utime(folder / "new.json", ns=(when + 1, when + 1))
     (folder / "new.json").replace(manifest)
     assert jobs._manifest_sha256("org/m") == hashlib.sha256(b'{"v": 3}').hexdigest()
+    manifest.unlink()
+    manifest.mkdir()
+    assert jobs._manifest_sha256("org/m") is None  # not a file: no hash, no error
 
 
 def test_one_collector_holds_the_lease_and_another_takes_over_when_it_stops(r) -> None:
@@ -503,6 +511,8 @@ def test_one_collector_holds_the_lease_and_another_takes_over_when_it_stops(r) -
         assert r.get(lease) == holder
         assert 0 < r.ttl(lease) <= collector.LEASE_S
         time.sleep(0.05)
+    # Renewed meanwhile (once a second), not left to run down since it was taken 2.5 s ago (TTL: seconds).
+    assert r.ttl(lease) >= collector.LEASE_S - 2
     first.set()
     one.join(5)
     wait_for(lambda: r.get(lease) not in (None, holder), timeout=5)
