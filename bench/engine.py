@@ -6,7 +6,8 @@
 Rows:
   decode tok/s      transformers `generate` (greedy) vs the engine's 2-stage loop in one process
   prefill 512       one forward of a 512-token prompt: transformers vs the engine's 2 stages
-  batched decode    16 jobs decoding together (Stage.forward_batch) vs 1 job, aggregate tok/s
+  batched decode    16 jobs decoding together (Stage.forward_batch) vs 1 job, aggregate tok/s; 8 jobs at 512
+                    positions vs at 32 (what a longer context costs a batch)
   stage peak RSS    a stage holding half the layers (+ embeddings) vs the bytes of the tensors it holds:
                     peak at load, and RSS after 16 jobs' KV caches are freed (each a fresh process)
   whole-model RSS   transformers from_pretrained of the same model vs all weight bytes
@@ -128,12 +129,12 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
             stage.end_job("prefill")
         return dt
 
-    def engine_batched(n_jobs: int, steps: int) -> float:
-        """Aggregate decode tok/s of n_jobs decoding together (after one-by-one prefills)."""
+    def engine_batched(n_jobs: int, steps: int, job_prompt: list[int] = prompt) -> float:
+        """Aggregate decode tok/s of n_jobs decoding together (after one prefill of ``job_prompt`` each)."""
         jobs = [f"b{i}" for i in range(n_jobs)]
         nxt = {}
         for j in jobs:
-            nxt[j] = torch.tensor([int(pipe.step(j, torch.tensor(prompt)).argmax())])
+            nxt[j] = torch.tensor([int(pipe.step(j, torch.tensor(job_prompt)).argmax())])
         sync()
         t = time.perf_counter()
         for _ in range(steps):
@@ -165,6 +166,10 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
         b1.append(engine_batched(1, 16))
         b16.append(engine_batched(16, 16))
         log(f"round {r + 1}/{rounds}: generate {hf_t[-1]:.1f} tok/s, engine {eng_t[-1]:.1f} tok/s")
+    # What a longer context costs batched decode (the caches' copies, attention): 8 jobs at 512 positions
+    # against the same 8 at 32, once (the 512-token prefills take most of a minute on a CPU).
+    b8_long = engine_batched(8, 8, long_prompt)
+    b8_short = engine_batched(8, 8)
     med = statistics.median
     return {
         "hf_tok_s": med(hf_t),
@@ -174,6 +179,8 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
         "engine_prefill_s": med(eng_p),
         "batch1_tok_s": med(b1),
         "batch16_tok_s": med(b16),
+        "batch8_short_tok_s": b8_short,
+        "batch8_long_tok_s": b8_long,
     }
 
 
@@ -314,6 +321,13 @@ def timing_rows(t: dict) -> list[tuple[str, ...]]:
             f"{t['batch1_tok_s']:.1f}",
             f"{t['batch16_tok_s']:.1f}",
             f"{t['batch16_tok_s'] / t['batch1_tok_s']:.2f}x",
+            "",
+        ),
+        (
+            "decode, 8 jobs batched: at 512 positions vs at 32 (agg tok/s)",
+            f"{t['batch8_short_tok_s']:.1f}",
+            f"{t['batch8_long_tok_s']:.1f}",
+            f"{t['batch8_long_tok_s'] / t['batch8_short_tok_s']:.2f}x",
             "",
         ),
     ]
