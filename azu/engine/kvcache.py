@@ -8,7 +8,9 @@ step 125 ms against 86 ms at 16 positions; ``torch.cat`` alone 76 ms of it). ``G
 keys and values in buffers with room at the end: a step writes only its own columns, and the buffer is
 copied only when it grows (by a quarter, at least ``GROW_MIN`` positions), so a job's steps cost the same
 at position 2000 as at position 20. ``keys`` and ``values`` stay what transformers and the stage read: the
-filled part (a view).
+filled part (a view). The price is memory: a job's buffers hold up to a quarter (at least ``GROW_MIN``
+positions) more than it has filled; ``AZU_MAX_CACHED_TOKENS`` counts the positions filled, and the worker's
+``kv_cache_bytes`` metric the buffers whole.
 """
 
 from __future__ import annotations

@@ -276,10 +276,8 @@ class Stage:
         with self._lock:
             held = self._jobs.pop(job_id, None) is not None
             idle = not self._jobs
-        if held and idle:
-            with self._lock:
-                if not self._jobs:
-                    self._batch_room.clear()
+            if idle:  # the batches' padded caches are kept only while jobs run (also after a failed batch)
+                self._batch_room.clear()
         if held and idle and release:
             # The stage went idle: hand its freed KV caches back to the OS (only then: a trim of a large heap
             # takes 60-600 ms, and while jobs run glibc reuses the freed memory anyway).

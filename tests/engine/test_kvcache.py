@@ -70,3 +70,33 @@ def test_generate_and_batches_match_past_many_growths(tmp_path, family) -> None:
             nxt[k] = torch.tensor([int(logits.argmax())])
             got[k].append(int(nxt[k]))
     assert [got["j0"], got["j1"]] == alone
+
+
+def test_a_batch_zeroes_its_padding_and_the_stage_frees_its_room_when_idle(tmp_path) -> None:
+    from azu.metrics import kv_cache_bytes
+
+    src = demo.build_model("llama", tmp_path / "src", with_tokenizer=False)
+    shard_model(src, tmp_path / "shards", progress=False)
+    pipe = LocalPipeline(tmp_path / "shards", 1)
+    stage = pipe.stages[0]
+    prompts = [[5, 9, 13], [7] * 20, [11] * 9]
+    alone = [pipe.generate(p, max_tokens=6).token_ids for p in prompts]
+    nxt = {f"j{i}": torch.tensor([int(pipe.step(f"j{i}", torch.tensor(p)).argmax())])
+           for i, p in enumerate(prompts)}
+    got = {k: [int(x)] for k, x in nxt.items()}
+    for _ in range(5):
+        # Whatever the kept memory held before (NaN here), a padded position must not reach a real row.
+        with torch.inference_mode():  # the room is the stage's (inference) memory
+            for room in stage._batch_room.values():
+                room.fill_(float("nan"))
+        keys = list(nxt)
+        logits = stage.forward_batch([(k, nxt[k]) for k in keys])
+        for k, out in zip(keys, logits, strict=True):
+            nxt[k] = torch.tensor([int(out.argmax())])
+            got[k].append(int(nxt[k]))
+    assert [got[f"j{i}"] for i in range(3)] == alone
+    kept = sum(int(t.nbytes) for t in stage._batch_room.values())
+    assert kept and kv_cache_bytes(stage) > kept  # the jobs' buffers, and the batches' room
+    for k in keys:
+        stage.end_job(k)
+    assert stage._batch_room == {} and kv_cache_bytes(stage) == 0
