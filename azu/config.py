@@ -360,14 +360,14 @@ def _parsed_raw(raw: tuple[bytes | None, ...]) -> Settings:
 
 # CPython's os.environ keeps the environment as a dict of encoded names and values: looking the variables up
 # there takes 2 us, through os.environ 55-140 us, and get_settings is called several times per job and per
-# report. Where that dict is not there, the public way.
-_ENV_DATA: dict[bytes, bytes] | None = getattr(os.environ, "_data", None)
+# report. Where that dict is not there (or not POSIX's, whose names are encoded as below), the public way.
+_ENV_DATA: dict[bytes, bytes] | None = getattr(os.environ, "_data", None) if os.name == "posix" else None
 _ENV_NAMES = tuple(name.encode(sys.getfilesystemencoding(), "surrogateescape") for name in VARIABLES)
 
 
 def get_settings() -> Settings:
     """The settings of this process's environment as it is now (parsed once per distinct environment)."""
-    if _ENV_DATA is not None and os.name == "posix":  # the names are encoded as above on POSIX only
+    if _ENV_DATA is not None:
         return _parsed_raw(tuple(map(_ENV_DATA.get, _ENV_NAMES)))
     return _parsed(tuple(os.environ.get(name) for name in VARIABLES))
 

@@ -317,6 +317,8 @@ class Bench:
 
 
 def main() -> int:
+    from azu.config import CPU_KERNELS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis-db", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="skip the Qwen-shaped model (P1 and P3 on it)")
@@ -326,7 +328,7 @@ def main() -> int:
     p.add_argument("--split", choices=("work", "layers"), default="work",
                    help="how the models are cut over the two workers: spans of even work, as placement cuts "
                         "them (default), or equal layer counts")
-    p.add_argument("--kernels", choices=("auto", "packed", "plain", "torch"), default="auto",
+    p.add_argument("--kernels", choices=CPU_KERNELS, default="auto",
                    help="the workers' AZU_CPU_KERNELS (azu.engine.kernels)")
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -77,9 +77,13 @@ def mark_lost(r: redis.Redis, worker_ids: list[str] | set[str], *, now: float | 
 
 
 def lost_workers(r: redis.Redis, *, now: float | None = None) -> set[str]:
-    now = time.time() if now is None else now
-    found: list[Any] = r.zrangebyscore(LOST, now - LOST_HOLD_S, "+inf")  # type: ignore[assignment]
+    found: list[Any] = _read_lost(r, time.time() if now is None else now)
     return {keys.as_str(w) for w in found}
+
+
+def _read_lost(reader: Any, now: float) -> Any:
+    """Ask ``reader`` (a client, or a pipeline to answer later) for the workers whose lost mark stands."""
+    return reader.zrangebyscore(LOST, now - LOST_HOLD_S, "+inf")
 
 
 def _ttl(ttl: float | None) -> float:
@@ -115,7 +119,7 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
     now = time.time() if now is None else now
     pipe = r.pipeline(transaction=False)  # one round trip (every job's submit reads the directory)
     pipe.zrangebyscore(keys.WORKERS, now - _ttl(ttl), "+inf")
-    pipe.zrangebyscore(LOST, now - LOST_HOLD_S, "+inf")
+    _read_lost(pipe, now)
     pipe.hkeys(keys.BANNED)
     found, lost_ids, banned = pipe.execute()
     # Lost workers until they restart; banned ones (failed verification, azu.verification) for good.

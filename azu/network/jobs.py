@@ -352,15 +352,12 @@ def _manifest_sha256(model_id: str) -> str | None:
             if not stat.S_ISREG(found.st_mode):
                 return None
             key = (str(path), found.st_mtime_ns, found.st_size, found.st_ino)
-            with _MANIFEST_HASHES_LOCK:
-                cached = _MANIFEST_HASHES.get(key)
-            if cached is None:
-                cached = hashlib.sha256(f.read()).hexdigest()
-                with _MANIFEST_HASHES_LOCK:
-                    _MANIFEST_HASHES[key] = cached
+            with _MANIFEST_HASHES_LOCK:  # a manifest is a few kB: hashing it under the lock is cheap
+                if key not in _MANIFEST_HASHES:
+                    _MANIFEST_HASHES[key] = hashlib.sha256(f.read()).hexdigest()
                     while len(_MANIFEST_HASHES) > 256:
                         _MANIFEST_HASHES.pop(next(iter(_MANIFEST_HASHES)))
-            return cached
+                return _MANIFEST_HASHES[key]
     except OSError:
         return None
 
