@@ -10,6 +10,12 @@ Two rules, both about keeping every stage of a pipeline busy without making anyo
   budget, so many users starting together prefill as one batch), in turns with the decode batches: a long
   prompt holds the jobs that are decoding up for one chunk at a time, not for the whole prompt. A prompt's
   output is handed on once all of its chunks have run (the next stage gets the whole prompt, as before).
+- **Decode steps ride with short prompts.** Where the decode batch and the prompt chunk would pad little
+  (``mixes_cheaply``), they run as one batch: one pass over the weights instead of two, and the jobs that
+  were decoding and the ones that start travel on together from then on. Without it, a job whose prompt
+  ran alone (it came first, the others while it ran) stays a micro-batch of its own for its whole life,
+  and on a CPU, where a step costs the pass over the weights more than its rows, every round of the
+  pipeline pays one pass more (bench/pipeline.py, P3: 16 streams formed batches of 1, 8 and 7 rows).
 
 The queue lives for one forward task (``WorkerNode.process_pending``); it is empty when the task returns.
 """
@@ -17,7 +23,7 @@ The queue lives for one forward task (``WorkerNode.process_pending``); it is emp
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -101,17 +107,19 @@ class StepQueue:
         q = self._by_stage.get(stage_id, {})
         return [Row(item, 1) for item in q.values() if item.left == 1][: max(1, max_rows)]
 
-    def prompt_batch(self, stage_id: StageId) -> list[Row]:
-        """The next chunk of the prompts waiting here: ``chunk`` positions in all, oldest prompt first.
+    def prompt_batch(self, stage_id: StageId, besides: Sequence[Row] = ()) -> list[Row]:
+        """The next chunk of the prompts waiting here: ``chunk`` positions in all, oldest prompt first, none
+        of the steps ``besides`` holds (the decode batch of the same turn).
 
         A row is a contiguous piece of one prompt; rows of unequal length are padded to the longest in the
         batch, so a prompt that would only add a short tail beside a long chunk waits for the next turn."""
         q = self._by_stage.get(stage_id, {})
+        taken = {id(r.item) for r in besides}
         rows: list[Row] = []
         budget = self.chunk
         for item in q.values():
-            if item.left <= 1 and item.done == 0:
-                continue  # a one-position step: the decode batch's
+            if (item.left <= 1 and item.done == 0) or id(item) in taken:
+                continue  # a one-position step (the decode batch's), or one the decode batch took
             if budget <= 0:
                 break
             n = min(item.left, budget)
@@ -120,6 +128,24 @@ class StepQueue:
             rows.append(Row(item, n))
             budget -= n
         return rows
+
+
+# How much padding a decode batch and a prompt chunk may add, run as one batch (rows are padded to the
+# longest, so a one-token decode row beside a 16-token prompt costs 15 padded positions): at most this share
+# of the positions they run. A pass over a CPU stage's weights costs about what a dozen prompt positions
+# cost, and the jobs that merge save a pass on every later step, so a quarter is well worth it; beside a
+# long prompt's chunk (decode rows padded to 128 positions each) they run apart.
+MIX_PADDING = 0.25
+
+
+def mixes_cheaply(decode: list[Row], prompt: list[Row]) -> bool:
+    """Whether ``decode`` rows and a ``prompt`` chunk run as one batch (``MIX_PADDING``)."""
+    if not decode or not prompt:
+        return False
+    rows = decode + prompt
+    real = sum(r.n for r in rows)
+    padded = len(rows) * max(r.n for r in rows)
+    return padded - real <= MIX_PADDING * real
 
 
 def micro_batch_rows(jobs_in_flight: int, route_hops: int) -> int:

@@ -530,15 +530,16 @@ class WorkerNode:
 
     def _run_round(self, queue: batching.StepQueue) -> int:
         """One turn of every stage with work queued: a micro-batch of decode steps, then a chunk of the
-        prompts waiting; what each batch finished is handed on (or sampled) before the next batch runs."""
+        prompts waiting, or both as one batch where that pads little (azu.network.batching); what each batch
+        finished is handed on (or sampled) before the next batch runs."""
         done = 0
         now = time.time()
         for stage_id in list(queue.stages()):
             stage = self.stages[stage_id]
-            rows = queue.decode_batch(stage_id, self._micro_batch_rows(stage_id, queue, now))
-            for turn in ("decode", "prompt"):
-                if turn == "prompt":
-                    rows = queue.prompt_batch(stage_id)
+            decode = queue.decode_batch(stage_id, self._micro_batch_rows(stage_id, queue, now))
+            prompt = queue.prompt_batch(stage_id, besides=decode)
+            batches = ([decode + prompt] if batching.mixes_cheaply(decode, prompt) else [decode, prompt])
+            for rows in batches:
                 if not rows:
                     continue
                 ran = self._forward(stage_id, stage, rows, queue)

@@ -111,3 +111,63 @@ def test_an_end_order_taken_mid_session_drops_the_jobs_queued_rows(r, shard) -> 
     assert first._process([order], queue) == 0  # the same order again: nothing left to end, nothing breaks
     for worker_id in ("e1", "e2"):
         Inbox(r, worker_id).clear()
+
+
+def test_decode_rows_ride_with_a_short_prompt_chunk() -> None:
+    stage_id = ("m", Span(0, 2, True, False))
+    q = batching.StepQueue(chunk=128)
+    q.add(stage_id, *_step("decoding", 1))
+    for i in range(7):
+        q.add(stage_id, *_step(f"new{i}", 16))
+    decode, prompt = q.decode_batch(stage_id, 8), q.prompt_batch(stage_id)
+    assert batching.mixes_cheaply(decode, prompt)  # 1 + 112 positions, 15 of padding: one batch
+    long = batching.StepQueue(chunk=128)
+    for i in range(8):
+        long.add(stage_id, *_step(f"d{i}", 1))
+    long.add(stage_id, *_step("long", 2048))
+    decode, prompt = long.decode_batch(stage_id, 8), long.prompt_batch(stage_id)
+    assert [r.n for r in prompt] == [128]
+    assert not batching.mixes_cheaply(decode, prompt)  # 8 rows padded to 128 positions each: apart
+    assert not batching.mixes_cheaply([], prompt) and not batching.mixes_cheaply(decode, [])
+
+
+def test_a_job_decoding_alone_joins_the_prompts_that_came_after_it(r, shard, reference, monkeypatch) -> None:
+    """The first user's prompt runs alone (the others arrive while it runs); its next step then runs in one
+    batch with the others' prompts, and from there on it decodes in the others' micro-batches; tokens stay
+    generate's."""
+    model_id = shard("tiny-mixed")
+    folder = models.shard_dir(model_id)
+    net = InlineNetwork(r)
+    first = net.add("m1", folder, model_id, 0, 2, 4, prefill_chunk=64)
+    net.add("m2", folder, model_id, 2, 4, 4, prefill_chunk=64)
+    stage = first.stages[(model_id, Span(0, 2, True, False))]
+    seen: list[list[int]] = []
+    run_batch = stage._run_batch
+
+    def watch(jobs_: list[Any], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        seen.append([int(x.shape[0]) for x in inputs])
+        return run_batch(jobs_, inputs)
+
+    monkeypatch.setattr(stage, "_run_batch", watch)
+    prompts = [[1, 40, 50, 60], [1, 99, 12, 7], [1, 300, 250, 200], [1, 65, 66, 67]]
+    n = 6
+
+    def submit(i: int) -> str:
+        job_id = f"jm-{i}"
+        jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id,
+                                           prompt_ids=prompts[i], max_tokens=n), dispatch=net)
+        return job_id
+
+    ids = [submit(0)]
+    net.step()  # m1 runs the first prompt alone
+    net.step()  # m2 samples its first token and sends its next step to m1
+    ids += [submit(i) for i in range(1, len(prompts))]
+    net.run()
+    for job_id, prompt in zip(ids, prompts, strict=True):
+        view = jobs.get_job(r, job_id)
+        assert view is not None and view.status == "done", view
+        assert view.token_ids == reference(prompt, n), f"job for prompt {prompt}"
+    mixed = seen.index([1, 4, 4, 4])  # the decode step rode with the three prompts
+    # From there on the four jobs decode in micro-batches of two (4 jobs over 2 stages): 19 decode steps
+    # (the first job's other 4, the others' 5 each), the last of them alone (the first job ends a step early).
+    assert seen[mixed + 1 :] == [[1, 1]] * 9
