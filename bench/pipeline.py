@@ -17,6 +17,10 @@ One run, one table:
 
 Every process uses one thread (OMP_NUM_THREADS=1), the single-process baseline too: the machine has two
 cores shared with other work, so numbers are noisy; each measurement is the best of ``--repeat`` runs.
+
+On a GPU: ``python bench/pipeline.py --device cuda`` (bfloat16 unless ``--dtype``): the two workers share the
+device, the baseline runs ``generate`` on it, and every timing waits for the device (the CPU kernel choice and
+its "same kernels" baseline do not apply).
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ class Bench:
             env = dict(os.environ, AZU_WORKER_ID=wid, AZU_WORKER_KEY_FILE=str(key_file),
                        AZU_CORE_PUBLIC_KEY=auth.core_public_key(), REGISTRY_URL=self.registry_url,
                        OMP_NUM_THREADS="1",
-                       AZU_CACHE_DIR=str(self.registry), AZU_DEVICE="cpu", AZU_DTYPE="float32",
+                       AZU_CACHE_DIR=str(self.registry), AZU_DEVICE=self.args.device,
+                       AZU_DTYPE=self.args.dtype,
                        AZU_CPU_KERNELS=self.args.kernels,
                        PYTHONPATH=str(REPO), AZU_HEARTBEAT_S="1")
             env.pop("AUTH_SECRET_KEY")  # a worker holds the core's public key only
@@ -201,7 +206,8 @@ class Bench:
         from azu.engine import kernels
 
         torch.set_num_threads(1)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        device, dtype = self.args.device, getattr(torch, self.args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(device).eval()
         if azu_kernels:
             head = model.get_output_embeddings()
             if head is not None and head.weight is model.get_input_embeddings().weight:
@@ -212,14 +218,20 @@ class Bench:
             plan = kernels.measured_plan(self.args.kernels, model.config.hidden_size, weight_bytes)
             self.plans[model.config.hidden_size] = plan.describe()
             kernels.apply_plan(model, plan, release=lambda _rows: None)
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=device)
         mask = torch.ones_like(ids)
 
         def gen(k: int) -> float:
+            sync()
             t = time.perf_counter()
             with torch.no_grad():
                 model.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+            sync()
             return time.perf_counter() - t
+
+        def sync() -> None:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
 
         gen(2)  # warm-up
         ttft = min(gen(1) for _ in range(self.args.repeat))
@@ -243,7 +255,7 @@ class Bench:
         p_ttft, p_rate = self.pipeline_single(model_id, prompt, n)
         single = f"generate {b_rate:.2f} tok/s, TTFT {b_ttft * 1000:.0f} ms"
         result = f"decode {p_rate / b_rate:.2f}x, TTFT {p_ttft / b_ttft:.2f}x"
-        if self.args.kernels != "torch":
+        if self.args.kernels != "torch" and self.args.device == "cpu" and self.args.dtype == "float32":
             # The same kernels in one process: what is left is the pipeline's own cost.
             k_ttft, k_rate = self.baseline(src, prompt, n, azu_kernels=True)
             single += f"; with azu's CPU linears {k_rate:.2f} tok/s, TTFT {k_ttft * 1000:.0f} ms"
@@ -261,14 +273,16 @@ class Bench:
 
         torch.set_num_threads(1)
         folder = models.shard_dir(model_id)
-        a = Stage.load(folder, Span(0, 1, embeddings=True))
-        b = Stage.load(folder, Span(1, 2, head=True))
+        device, dtype = self.args.device, self.args.dtype
+        a = Stage.load(folder, Span(0, 1, embeddings=True), device=device, dtype=dtype)
+        b = Stage.load(folder, Span(1, 2, head=True), device=device, dtype=dtype)
         prompt = [1, 5, 9, 13]
         times = []
         token = 0
         for step in range(steps + 1):
-            x = torch.tensor(prompt if step == 0 else [token])
+            x = torch.tensor(prompt if step == 0 else [token], device=device)
             t = time.perf_counter()
+            # sample() reads the logits on the host: the step's time includes waiting for the device.
             token = sample(b.forward("c", a.forward("c", x)), SamplingParams(), seed=0, step=step)
             times.append(time.perf_counter() - t)
         compute = statistics.median(times[1:])
@@ -330,8 +344,11 @@ def main() -> int:
                         "them (default), or equal layer counts")
     p.add_argument("--kernels", choices=CPU_KERNELS, default="auto",
                    help="the workers' AZU_CPU_KERNELS (azu.engine.kernels)")
+    p.add_argument("--device", default="cpu", help="the workers' and the baseline's device (cpu, cuda)")
+    p.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda by default")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     bench = Bench(args)
     try:
         tiny, tiny_src = bench.model("bench-tiny", "llama", TINY)
@@ -352,9 +369,8 @@ def main() -> int:
         if qwen:
             bench.streams_row(f"P3 Qwen2.5-0.5B shape, 2 workers ({qwen_at})", qwen, args.tokens, counts, 16)
         bench.streams_row(f"P3 Llama 512x8, 2 workers ({petals_at})", petals, 32, counts, 16)
-        bench.ratio_row(f"Petals model (Llama 512x8, vocab 32000, fp32; {petals_at})", petals, petals_src,
-                        prompt, 64,
-                        "decode >= 0.95x, TTFT <= 1.1x")
+        bench.ratio_row(f"Petals model (Llama 512x8, vocab 32000, {args.dtype}; {petals_at})", petals,
+                        petals_src, prompt, 64, "decode >= 0.95x, TTFT <= 1.1x")
     finally:
         bench.stop()
     print(bench.table())
