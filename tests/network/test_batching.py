@@ -23,14 +23,16 @@ PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 99, 12], [1, *range(100, 140)], [1, 7], 
            [1, 65, 66, 67, 68], [1, 33, 44, 55], [1, 111, 222, 3, 4, 5, 6]]
 
 
-def test_chunked_prompts_and_micro_batches_match_generate(r, shard, reference, monkeypatch) -> None:
-    model_id = shard("tiny-chunked")
+def _watched_pair(r, model_id: str, prefix: str, chunk: int,
+                  monkeypatch) -> tuple[InlineNetwork, list[list[int]]]:
+    """Two nodes holding ``model_id`` (layers 0-2 with the embeddings, 2-4 with the head) and the row sizes of
+    every batch the first one runs (a list that fills as the network runs)."""
     folder = models.shard_dir(model_id)
     net = InlineNetwork(r)
-    first = net.add("c1", folder, model_id, 0, 2, 4, prefill_chunk=3)
-    net.add("c2", folder, model_id, 2, 4, 4, prefill_chunk=3)
+    first = net.add(f"{prefix}1", folder, model_id, 0, 2, 4, prefill_chunk=chunk)
+    net.add(f"{prefix}2", folder, model_id, 2, 4, 4, prefill_chunk=chunk)
     stage = first.stages[(model_id, Span(0, 2, True, False))]
-    seen: list[list[int]] = []  # row sizes of every batch at c1
+    seen: list[list[int]] = []
     run_batch = stage._run_batch
 
     def watch(jobs_: list[Any], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -38,6 +40,12 @@ def test_chunked_prompts_and_micro_batches_match_generate(r, shard, reference, m
         return run_batch(jobs_, inputs)
 
     monkeypatch.setattr(stage, "_run_batch", watch)
+    return net, seen
+
+
+def test_chunked_prompts_and_micro_batches_match_generate(r, shard, reference, monkeypatch) -> None:
+    model_id = shard("tiny-chunked")
+    net, seen = _watched_pair(r, model_id, "c", 3, monkeypatch)
     n = 10
     ids = []
     for p in PROMPTS:
@@ -136,19 +144,7 @@ def test_a_job_decoding_alone_joins_the_prompts_that_came_after_it(r, shard, ref
     batch with the others' prompts, and from there on it decodes in the others' micro-batches; tokens stay
     generate's."""
     model_id = shard("tiny-mixed")
-    folder = models.shard_dir(model_id)
-    net = InlineNetwork(r)
-    first = net.add("m1", folder, model_id, 0, 2, 4, prefill_chunk=64)
-    net.add("m2", folder, model_id, 2, 4, 4, prefill_chunk=64)
-    stage = first.stages[(model_id, Span(0, 2, True, False))]
-    seen: list[list[int]] = []
-    run_batch = stage._run_batch
-
-    def watch(jobs_: list[Any], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        seen.append([int(x.shape[0]) for x in inputs])
-        return run_batch(jobs_, inputs)
-
-    monkeypatch.setattr(stage, "_run_batch", watch)
+    net, seen = _watched_pair(r, model_id, "m", 64, monkeypatch)
     prompts = [[1, 40, 50, 60], [1, 99, 12, 7], [1, 300, 250, 200], [1, 65, 66, 67]]
     n = 6
 
