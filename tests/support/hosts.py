@@ -222,6 +222,11 @@ class DelayRelay:
         self.max_chunks = max_chunks
         self.refusing = False
         self.connections = 0  # accepted so far: lets a test check its traffic really took this path
+        # How late chunks went out past their due time (the event loop's timer wakes late, more so on a busy
+        # machine): what the relay adds beyond ``delay_s`` on its sending side, which a bound built on
+        # ``delay_s`` alone leaves out (bench/latency.py). Written on the loop's thread only.
+        self.late_s = 0.0
+        self.sent_chunks = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -300,6 +305,8 @@ class DelayRelay:
                 wait = due - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)  # the latency this relay exists to add
+                self.late_s += max(0.0, loop.time() - due)
+                self.sent_chunks += 1
                 if not chunk:
                     with contextlib.suppress(OSError):
                         if writer.can_write_eof():
@@ -323,6 +330,11 @@ class DelayRelay:
         for w in list(self._writers):
             w.transport.abort()
         self._writers.clear()
+
+    @property
+    def mean_lateness_s(self) -> float:
+        """Mean seconds a chunk went out past its due time (0 before any was sent)."""
+        return self.late_s / self.sent_chunks if self.sent_chunks else 0.0
 
     def drop(self, *, refuse: bool = True) -> None:
         """Abort every open connection now; with ``refuse``, new ones are closed as soon as accepted."""
