@@ -14,3 +14,11 @@ wait_until = functools.partial(_wait_until, error=SystemExit)
 QWEN = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
             intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, use_sliding_window=False,
             max_position_embeddings=4096)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs it asynchronously): before and after a timing."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()

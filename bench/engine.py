@@ -20,6 +20,7 @@ each run in a fresh subprocess (peak RSS minus the RSS after imports).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -27,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _support import synchronize
 
 QWEN05B = dict(
     vocab_size=151936,
@@ -83,9 +86,7 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
     prompt = torch.randint(100, vocab, (32,), generator=torch.Generator().manual_seed(1)).tolist()
     long_prompt = torch.randint(100, vocab, (512,), generator=torch.Generator().manual_seed(2)).tolist()
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    sync = functools.partial(synchronize, device)
 
     def hf_generate() -> tuple[float, list[int]]:
         ids = torch.tensor([prompt], device=device)

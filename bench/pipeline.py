@@ -42,7 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _support import QWEN, wait_until
+from _support import QWEN, synchronize, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -222,16 +222,12 @@ class Bench:
         mask = torch.ones_like(ids)
 
         def gen(k: int) -> float:
-            sync()
+            synchronize(device)
             t = time.perf_counter()
             with torch.no_grad():
                 model.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False)
-            sync()
+            synchronize(device)
             return time.perf_counter() - t
-
-        def sync() -> None:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
 
         gen(2)  # warm-up
         ttft = min(gen(1) for _ in range(self.args.repeat))

@@ -331,11 +331,6 @@ class DelayRelay:
             w.transport.abort()
         self._writers.clear()
 
-    @property
-    def mean_lateness_s(self) -> float:
-        """Mean seconds a chunk went out past its due time (0 before any was sent)."""
-        return self.late_s / self.sent_chunks if self.sent_chunks else 0.0
-
     def drop(self, *, refuse: bool = True) -> None:
         """Abort every open connection now; with ``refuse``, new ones are closed as soon as accepted."""
         self.refusing = refuse
