@@ -104,20 +104,8 @@ def watch_node(node: Any) -> None:
 
 
 def kv_cache_bytes(stage: Any) -> int:
-    """Bytes of key/value tensors a stage holds for its jobs (the layers it owns): a growing layer's whole
-    buffers (azu.engine.kvcache, room included), and the batches' padded caches the stage keeps."""
-    total = sum(int(t.nbytes) for t in list(getattr(stage, "_batch_room", {}).values()))
-    for job in list(getattr(stage, "_jobs", {}).values()):
-        cache = job.cache
-        for i in cache.owned:
-            if i >= len(cache.layers):
-                continue
-            layer = cache.layers[i]
-            filled = (getattr(layer, "keys", None), getattr(layer, "values", None))
-            for t in getattr(layer, "_room", None) or filled:
-                if t is not None and hasattr(t, "nbytes"):
-                    total += int(t.nbytes)
-    return total
+    """Bytes of key/value memory a stage holds for its jobs (azu.engine.stage.Stage.kv_cache_bytes)."""
+    return int(stage.kv_cache_bytes())
 
 
 class _NodeCollector(Collector):

@@ -11,10 +11,18 @@ at position 2000 as at position 20. ``keys`` and ``values`` stay what transforme
 filled part (a view). The price is memory: a job's buffers hold up to a quarter (at least ``GROW_MIN``
 positions) more than it has filled; ``AZU_MAX_CACHED_TOKENS`` counts the positions filled, and the worker's
 ``kv_cache_bytes`` metric the buffers whole.
+
+Jobs that decode together keep their caches together (``BatchRows``): a batch of J jobs used to copy every
+job's keys and values into a padded batch cache before each step and hand the new columns back after it (a
+Qwen-shaped stage, 8 jobs: 2.3 + 2.0 ms of a 56 ms step on a CPU; on a GPU, four small copies per job and
+layer). Now the jobs of a batch are the rows of one buffer per layer, and the next batch of the same jobs runs
+on those buffers in place, each row writing its new columns at its own next positions (``RowsLayer``); the
+rows are copied only when a batch's jobs change (a job joins, leaves or runs alone).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,3 +116,78 @@ class StageCache(DynamicCache):
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return super().get_query_offset(self._owned(layer_idx))
+
+
+# Where a job's past is before it joins a ``BatchRows``: its keys and values for a layer index
+# (``[heads, positions, head_dim]``).
+Past = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+class BatchRows:
+    """The keys and values of ``size`` jobs, one row each, in one buffer per layer (``[size, heads, room,
+    head_dim]``, zeroed when made: a masked position must still be finite, or 0 x NaN reaches the real rows).
+    Rows are left-aligned (a row's positions start at column 0); a row's columns past its length are free.
+
+    Made empty with the jobs' ``pasts``: a layer's buffers are made by the batch's first update of that layer
+    (only then are its heads and head size known), from those pasts; after that the pasts are dropped
+    (``forget_pasts``), and so is the memory they held."""
+
+    def __init__(self, pasts: list[Past | None]) -> None:
+        self.size = len(pasts)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self._pasts: list[Past | None] | None = pasts
+
+    def reserve(self, idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
+                span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``idx``'s buffers, made or grown (by a quarter, at least ``GROW_MIN`` positions) so that
+        every row has ``span`` positions."""
+        keys, values = self.keys.get(idx), self.values.get(idx)
+        if keys is not None and values is not None and keys.shape[2] >= span:
+            return keys, values
+        room = span + max(GROW_MIN, span // 4)
+        new_k = key_states.new_zeros(self.size, key_states.shape[1], room, key_states.shape[3])
+        new_v = value_states.new_zeros(self.size, value_states.shape[1], room, value_states.shape[3])
+        if keys is not None and values is not None:
+            new_k[:, :, : keys.shape[2]] = keys
+            new_v[:, :, : values.shape[2]] = values
+        elif self._pasts is not None:
+            for row, past in enumerate(self._pasts):
+                if past is not None:
+                    k, v = past(idx)
+                    new_k[row, :, : k.shape[-2]] = k
+                    new_v[row, :, : v.shape[-2]] = v
+        self.keys[idx], self.values[idx] = new_k, new_v
+        return new_k, new_v
+
+    def forget_pasts(self) -> bool:
+        """Drop the pasts (after the batch that made the buffers); whether there were any (new rows)."""
+        new, self._pasts = self._pasts is not None, None
+        return new
+
+    def row(self, idx: int, row: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Row ``row`` of layer ``idx``'s buffers (``[1, heads, room, head_dim]`` views), if made."""
+        if idx not in self.keys:
+            return None
+        return self.keys[idx][row : row + 1], self.values[idx][row : row + 1]
+
+
+class RowsLayer(DynamicLayer):
+    """A batch's cache layer over ``BatchRows``: row b's new columns (``[b, :, q]`` of an update) go to
+    columns ``where[b, q]`` of its row, and attention reads the first ``span`` columns of every row (the
+    batch's mask says which of them each query sees)."""
+
+    def __init__(self, rows: BatchRows, idx: int, where: torch.Tensor, span: int) -> None:
+        super().__init__()
+        self.rows, self.idx, self.where, self.span = rows, idx, where, span
+        self._batch = torch.arange(rows.size, device=where.device)[:, None]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.rows.reserve(self.idx, key_states, value_states, self.span)
+        keys[self._batch, :, self.where] = key_states.transpose(1, 2)
+        values[self._batch, :, self.where] = value_states.transpose(1, 2)
+        self.keys, self.values = keys[:, :, : self.span], values[:, :, : self.span]
+        return self.keys, self.values

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import functools
 import inspect
-import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -33,7 +32,7 @@ from torch import nn
 from azu.engine.families import Family, family_for
 from azu.engine.heap import release_freed_memory
 from azu.engine.kernels import apply_plan, plan_for
-from azu.engine.kvcache import GrowingLayer, StageCache
+from azu.engine.kvcache import BatchRows, GrowingLayer, Past, RowsLayer, StageCache
 from azu.engine.naming import classify_tensor
 from azu.engine.span import Span
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
@@ -108,6 +107,10 @@ class _Job:
     cache: StageCache
     length: int = 0
     last_used: float = 0.0
+    # Where the job's keys and values are while it runs in batches: row ``row`` of ``rows`` (its own cache
+    # layers are then empty). None: in its own cache layers.
+    rows: BatchRows | None = None
+    row: int = 0
 
 
 def _resolve(module: Any, path: str) -> Any:
@@ -141,10 +144,6 @@ class Stage:
         self._base = _resolve(getattr(model, model.base_model_prefix), family.inner)
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
-        # A batch's padded keys and values, per (layer, keys or values): memory kept between batches while
-        # jobs run. Allocated afresh each step, megabytes of new pages were faulted in per layer (an 8-job
-        # batch at 512 positions: 34 buffers of 2 MB, 20-35 ms of page faults per step).
-        self._batch_room: dict[tuple[int, int], torch.Tensor] = {}
         self.max_positions = int(
             getattr(self.config, "max_position_embeddings", 0)
             or getattr(self.config, "n_positions", 0)
@@ -264,6 +263,28 @@ class Stage:
     def cached_tokens(self) -> int:
         return sum(j.length for j in self._jobs.values())
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes of memory holding the jobs' keys and values: every buffer whole (room included), each counted
+        once (a batch's buffers hold the rows of all its jobs)."""
+        seen: dict[int, int] = {}
+
+        def count(t: Any) -> None:
+            if isinstance(t, torch.Tensor) and t.numel():
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+
+        for job in list(self._jobs.values()):
+            rows = job.rows
+            if rows is not None:
+                for buffer in [*rows.keys.values(), *rows.values.values()]:
+                    count(buffer)
+            for idx in job.cache.owned:
+                layer: Any = job.cache.layers[idx] if idx < len(job.cache.layers) else None
+                for t in (getattr(layer, "_room", None) or (getattr(layer, "keys", None),
+                                                             getattr(layer, "values", None))):
+                    count(t)
+        return sum(seen.values())
+
     @property
     def jobs(self) -> list[str]:
         return list(self._jobs)
@@ -276,8 +297,6 @@ class Stage:
         with self._lock:
             held = self._jobs.pop(job_id, None) is not None
             idle = not self._jobs
-            if idle:  # the batches' padded caches are kept only while jobs run (also after a failed batch)
-                self._batch_room.clear()
         if held and idle and release:
             # The stage went idle: hand its freed KV caches back to the OS (only then: a trim of a large heap
             # takes 60-600 ms, and while jobs run glibc reuses the freed memory anyway).
@@ -298,6 +317,7 @@ class Stage:
         with self._lock:
             job = self._admit(job_id, n)
             try:
+                self._settle(job)
                 out = self._run(job, x, all_logits=all_logits)
             except Exception:
                 # A half-applied step leaves some layers' caches longer than others: drop the job.
@@ -355,61 +375,43 @@ class Stage:
 
     @torch.inference_mode()
     def _run_batch(self, jobs: list[_Job], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Rows of ``n_b >= 1`` new tokens each, as one batch. Row b's past (``L_b`` positions) and its new
-        tokens are both left-padded: the past to the longest past ``P``, the new tokens to the longest row
-        ``Q``, so every row's last token is in the last column (the one the head keeps). The temporary cache
-        is a padded copy of each job's cache; the new columns go back to each job's own cache afterwards."""
+        """Rows of ``n_b >= 1`` new tokens each, as one batch on the jobs' ``BatchRows`` (azu.engine.kvcache).
+
+        Row b has ``L_b`` positions cached, at columns ``[0, L_b)`` of its row. Its new tokens are left-padded
+        to the longest row ``Q``, so every row's last token is in the last column (the one the head keeps);
+        its real tokens go to columns ``[L_b, L_b + n_b)``, its padding tokens to the free columns after them
+        (each padding query sees only itself: a query that sees nothing would give NaN)."""
         owned = range(self.span.first, self.span.last)
+        rows = self._rows_for(jobs)
+        order = sorted(range(len(jobs)), key=lambda b: jobs[b].row)
+        jobs, inputs = [jobs[b] for b in order], [inputs[b] for b in order]
         lengths = [job.length for job in jobs]
         sizes = [int(x.shape[0]) for x in inputs]
-        longest, widest = max(lengths), max(sizes)
-        batch = len(jobs)
+        widest, batch = max(sizes), len(jobs)
+        span = max(lengths) + widest
+        dev = self.device
+        length = torch.tensor(lengths, device=dev)[:, None]  # [B, 1]
+        size = torch.tensor(sizes, device=dev)[:, None]
+        pad = widest - size
+        query = torch.arange(widest, device=dev)[None, :]  # [1, Q]
+        real = query >= pad  # [B, Q]
+        positions = torch.where(real, length + query - pad, 0)
+        where = torch.where(real, positions, length + size + query)  # each query's column in its row
+        col = torch.arange(span, device=dev)[None, None, :]  # [1, 1, S]
+        seen = torch.where(real[..., None], col <= where[..., None], col == where[..., None])  # [B, Q, S]
+        mask = torch.zeros(batch, 1, widest, span, dtype=self.dtype, device=dev)
+        mask.masked_fill_(~seen[:, None], torch.finfo(self.dtype).min)
         temp = StageCache(self.model.config, owned)
-        if longest:
-            for idx in owned:
-                held: list[Any] = [cast(Any, job.cache.layers[idx]) if lengths[b] else None
-                                   for b, job in enumerate(jobs)]
-                keys: list[Any] = [h.keys if h is not None else None for h in held]
-                values: list[Any] = [h.values if h is not None else None for h in held]
-                sample_k = next(k for k in keys if k is not None)
-                sample_v = next(v for v in values if v is not None)
-                # Room for the batch's new columns at the end: the layers write them in place. Only the
-                # padding is zeroed (a masked key must still be finite: 0 x NaN would reach real rows).
-                k_shape = (batch, sample_k.shape[1], longest + widest, sample_k.shape[3])
-                v_shape = (batch, sample_v.shape[1], longest + widest, sample_v.shape[3])
-                k_pad = self._room_for(idx, 0, k_shape, sample_k)
-                v_pad = self._room_for(idx, 1, v_shape, sample_v)
-                for b in range(batch):
-                    pad = longest - lengths[b]
-                    k_pad[b, :, :pad] = 0
-                    v_pad[b, :, :pad] = 0
-                    if lengths[b]:
-                        k_pad[b, :, pad:longest] = keys[b][0]
-                        v_pad[b, :, pad:longest] = values[b][0]
-                layer: Any = temp.layers[idx]
-                if isinstance(layer, GrowingLayer):
-                    layer.reserve(k_pad, v_pad, widest)
-                else:
-                    layer.lazy_initialization(k_pad, v_pad)
-                    layer.keys, layer.values = k_pad[:, :, :longest], v_pad[:, :, :longest]
-        positions = torch.zeros(batch, widest, dtype=torch.long, device=self.device)
-        for b, (length, size) in enumerate(zip(lengths, sizes, strict=True)):
-            positions[b, widest - size :] = torch.arange(length, length + size, device=self.device)
-        if widest == 1:
-            # Decode steps only: a padding mask is enough (the family builds the causal part).
-            mask = torch.zeros(batch, longest + 1, dtype=torch.long, device=self.device)
-            for b, length in enumerate(lengths):
-                mask[b, longest - length :] = 1
-        else:
-            mask = self._rows_mask(lengths, sizes, longest, widest)
+        for idx in owned:
+            temp.layers[idx] = RowsLayer(rows, idx, where, span)
         kwargs: dict = {
             "cache": temp,
             "use_cache": True,
-            "attention_mask": mask,
+            "attention_mask": mask,  # 4-D: transformers takes it as it is
             "position_ids": positions,
         }
         if self.span.embeddings:
-            ids = torch.zeros(batch, widest, dtype=torch.long, device=self.device)
+            ids = torch.zeros(batch, widest, dtype=torch.long, device=dev)
             for b, x in enumerate(inputs):
                 ids[b, widest - sizes[b] :] = x
             kwargs["input_ids"] = ids  # [B, Q]
@@ -427,39 +429,58 @@ class Stage:
             out = self._base(**kwargs)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             outs = [hidden[b, widest - sizes[b] :] for b in range(batch)]  # each [n_b, hidden]
-        # Hand each job its new key/value columns.
-        for idx in owned:
-            done: Any = temp.layers[idx]
-            for b, job in enumerate(jobs):
-                new_k = done.keys[b : b + 1, :, longest + widest - sizes[b] :]
-                new_v = done.values[b : b + 1, :, longest + widest - sizes[b] :]
-                job.cache.update(new_k, new_v, idx)
-        return outs
+        if rows.forget_pasts():
+            # The jobs that joined these rows: their keys and values were copied in, so their own buffers go.
+            for job in jobs:
+                for idx in owned:
+                    own: Any = job.cache.layers[idx]
+                    if own.is_initialized:
+                        own.reset()
+        in_order: list[torch.Tensor] = [outs[0]] * batch
+        for b, out_b in zip(order, outs, strict=True):
+            in_order[b] = out_b
+        return in_order
 
-    def _room_for(self, idx: int, which: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A contiguous ``shape`` tensor (contents undefined) over memory this stage keeps for layer ``idx``'s
-        batched keys (``which`` 0) or values (1), grown by a quarter when a batch needs more."""
-        numel = math.prod(shape)
-        room = self._batch_room.get((idx, which))
-        if room is None or room.numel() < numel or room.dtype != like.dtype or room.device != like.device:
-            room = self._batch_room[(idx, which)] = like.new_empty(numel + numel // 4)
-        return room[:numel].view(shape)
+    def _rows_for(self, jobs: list[_Job]) -> BatchRows:
+        """The ``BatchRows`` holding exactly ``jobs`` (in any order), or new rows for them, made from where
+        each job's past is now (its own buffers, or another batch's rows) when the batch runs."""
+        held = jobs[0].rows
+        if held is not None and held.size == len(jobs) and all(job.rows is held for job in jobs):
+            return held
+        rows = BatchRows([self._past_of(job) for job in jobs])
+        for b, job in enumerate(jobs):
+            job.rows, job.row = rows, b
+        return rows
 
-    def _rows_mask(self, lengths: list[int], sizes: list[int], longest: int, widest: int) -> torch.Tensor:
-        """The additive ``[B, 1, Q, P + Q]`` mask of a batch with rows of several new tokens: a real token of
-        row b sees the row's own past and its own new tokens up to itself; a padding query sees only itself
-        (a query that sees nothing would give NaN, and NaN in a padded key poisons the real rows through the
-        masked product)."""
-        length = torch.tensor(lengths, device=self.device)[:, None, None]  # [B, 1, 1]
-        pad = widest - torch.tensor(sizes, device=self.device)[:, None, None]
-        query = torch.arange(widest, device=self.device)[None, :, None]  # [1, Q, 1]
-        col = torch.arange(longest + widest, device=self.device)[None, None, :]  # [1, 1, P + Q]
-        past = (col >= longest - length) & (col < longest)
-        new = (col >= longest + pad) & (col <= longest + query)
-        allowed = torch.where(query >= pad, past | new, col == longest + query)  # [B, Q, P + Q]
-        batch = len(lengths)
-        mask = torch.zeros(batch, 1, widest, longest + widest, dtype=self.dtype, device=self.device)
-        return mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self.dtype).min)
+    def _past_of(self, job: _Job) -> Past | None:
+        """Where ``job``'s cached keys and values are, per layer: ``[heads, positions, head_dim]``."""
+        n = job.length
+        if n == 0:
+            return None
+        if job.rows is not None:
+            rows, row = job.rows, job.row
+            return lambda idx: (rows.keys[idx][row, :, :n], rows.values[idx][row, :, :n])
+        cache = job.cache
+        return lambda idx: (cast(Any, cache.layers[idx]).keys[0], cast(Any, cache.layers[idx]).values[0])
+
+    def _settle(self, job: _Job) -> None:
+        """Before ``job`` runs alone: it leaves its rows, its cache layers taking a copy of its row (the row's
+        free columns as their room). A copy, not views: views would keep the whole batch's buffers alive for
+        one job (the bound on cached tokens counts jobs' positions, not rows left behind)."""
+        rows, job.rows = job.rows, None
+        if rows is None:
+            return
+        for idx in range(self.span.first, self.span.last):
+            held = rows.row(idx, job.row)
+            if held is None:
+                continue
+            layer: Any = job.cache.layers[idx]
+            keys, values = held[0].clone(), held[1].clone()
+            if isinstance(layer, GrowingLayer):
+                layer.reserve(keys, values, keys.shape[-2] - job.length)
+            else:
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys[..., : job.length, :], values[..., : job.length, :]
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -30,7 +30,7 @@ def test_a_growing_layer_holds_what_concatenation_holds() -> None:
     k, v = torch.randn(2, 3, 1, 8, generator=gen), torch.randn(2, 3, 1, 8, generator=gen)
     got, want = grown.update(k, v), cat.update(k, v)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    # A batch's temporary layer: the caller's padded buffer with room for the new columns, written in place.
+    # A job's row of a batch's buffers, taken over when it runs alone: written in place.
     temp = kvcache.GrowingLayer()
     past = torch.randn(2, 3, 10, 8, generator=gen)
     buf_k, buf_v = torch.empty(2, 3, 12, 8), torch.empty(2, 3, 12, 8)
@@ -72,7 +72,10 @@ def test_generate_and_batches_match_past_many_growths(tmp_path, family) -> None:
     assert [got["j0"], got["j1"]] == alone
 
 
-def test_a_batch_zeroes_its_padding_and_the_stage_frees_its_room_when_idle(tmp_path) -> None:
+def test_jobs_decoding_together_keep_their_caches_as_one_batchs_rows(tmp_path) -> None:
+    """A batch of the same jobs runs on their rows in place (no copy in, none out); a job that runs alone, a
+    batch in another order, one with a job gone: each gives generate's tokens; memory is counted once and
+    goes with the jobs."""
     from azu.metrics import kv_cache_bytes
 
     src = demo.build_model("llama", tmp_path / "src", with_tokenizer=False)
@@ -80,23 +83,46 @@ def test_a_batch_zeroes_its_padding_and_the_stage_frees_its_room_when_idle(tmp_p
     pipe = LocalPipeline(tmp_path / "shards", 1)
     stage = pipe.stages[0]
     prompts = [[5, 9, 13], [7] * 20, [11] * 9]
-    alone = [pipe.generate(p, max_tokens=6).token_ids for p in prompts]
+    alone = [pipe.generate(p, max_tokens=14).token_ids for p in prompts]
     nxt = {f"j{i}": torch.tensor([int(pipe.step(f"j{i}", torch.tensor(p)).argmax())])
            for i, p in enumerate(prompts)}
     got = {k: [int(x)] for k, x in nxt.items()}
-    for _ in range(5):
-        # Whatever the kept memory held before (NaN here), a padded position must not reach a real row.
-        with torch.inference_mode():  # the room is the stage's (inference) memory
-            for room in stage._batch_room.values():
-                room.fill_(float("nan"))
-        keys = list(nxt)
-        logits = stage.forward_batch([(k, nxt[k]) for k in keys])
-        for k, out in zip(keys, logits, strict=True):
+
+    def step(keys: list[str]) -> None:
+        outs = stage.forward_batch([(k, nxt[k]) for k in keys])
+        for k, out in zip(keys, outs, strict=True):
             nxt[k] = torch.tensor([int(out.argmax())])
             got[k].append(int(nxt[k]))
-    assert [got[f"j{i}"] for i in range(3)] == alone
-    kept = sum(int(t.nbytes) for t in stage._batch_room.values())
-    assert kept and kv_cache_bytes(stage) > kept  # the jobs' buffers, and the batches' room
-    for k in keys:
+
+    def rows_of(key: str) -> kvcache.BatchRows | None:
+        return stage._jobs[key].rows
+
+    step(["j0", "j1", "j2"])
+    rows = rows_of("j0")
+    assert rows is not None and rows.size == 3 and rows_of("j2") is rows
+    buffers = [t.data_ptr() for t in rows.keys.values()]
+    own = stage._jobs["j1"].cache.layers[0]
+    assert not own.is_initialized  # the job's own buffers went when it joined the rows
+    assert kv_cache_bytes(stage) == sum(t.nbytes for t in [*rows.keys.values(), *rows.values.values()])
+    for _ in range(3):
+        step(["j2", "j0", "j1"])  # the same jobs in another order: the same rows, the same buffers
+        assert rows_of("j1") is rows and [t.data_ptr() for t in rows.keys.values()] == buffers
+    for idx, keys in rows.keys.items():  # every column finite: free room is zeros or some row's padding
+        assert torch.isfinite(keys).all() and torch.isfinite(rows.values[idx]).all(), idx
+    for _ in range(2):  # j1 alone: it leaves the rows with a copy of its row
+        step(["j1"])
+    assert rows_of("j1") is None and rows_of("j0") is rows
+    for _ in range(3):  # back together: new rows, copied from the old rows and j1's own cache
+        step(["j0", "j1", "j2"])
+    assert rows_of("j0") is not rows
+    stage.end_job("j0")
+    for _ in range(4):  # a job gone: new rows of two
+        step(["j2", "j1"])
+    assert rows_of("j1").size == 2
+    assert got["j0"] == alone[0][: len(got["j0"])] and len(got["j0"]) == 8
+    assert got["j1"] == alone[1][: len(got["j1"])] and len(got["j1"]) == 14
+    assert got["j2"] == alone[2][: len(got["j2"])] and len(got["j2"]) == 12
+    assert kv_cache_bytes(stage) > 0
+    for k in ("j1", "j2"):
         stage.end_job(k)
-    assert stage._batch_room == {} and kv_cache_bytes(stage) == 0
+    assert kv_cache_bytes(stage) == 0
