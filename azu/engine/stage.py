@@ -329,11 +329,12 @@ class Stage:
 
     def forward_batch(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
         """Several jobs' inputs at once. Each job's cache advances as with :meth:`forward`, and each output is
-        what :meth:`forward` would return for that job alone.
+        what :meth:`forward` would return for that job alone. Admitted whole or refused whole.
 
         The rows run as one batch (one pass over the weights for all of them) where the stage's layers allow
         it: one-token decode steps, prompt chunks of any length, or both mixed (a chunk of a long prompt
-        beside the decode steps of other jobs). Anything else runs job by job.
+        beside the decode steps of other jobs); rows whose caches differ too much in length run in separate
+        batches (``batch_parts``). Anything else runs job by job.
         """
         job_ids = [job_id for job_id, _ in items]
         inputs = [self._check_input(x) for _, x in items]
@@ -352,8 +353,18 @@ class Stage:
                     if job.length == 0:  # admitted just now for this batch: leave nothing behind
                         self._jobs.pop(job_id, None)
                 raise
+            outs: list[torch.Tensor | None] = [None] * len(jobs)
             try:
-                outs = self._run_batch(jobs, inputs)
+                sizes = [int(x.shape[0]) for x in inputs]
+                for part in batch_parts([job.length for job in jobs], sizes):
+                    if len(part) == 1:
+                        (b,) = part
+                        self._settle(jobs[b])
+                        ran = [self._run(jobs[b], inputs[b])]
+                    else:
+                        ran = self._run_batch([jobs[b] for b in part], [inputs[b] for b in part])
+                    for b, out in zip(part, ran, strict=True):
+                        outs[b] = out
             except Exception:
                 for job_id in job_ids:
                     self._jobs.pop(job_id, None)
@@ -362,7 +373,7 @@ class Stage:
             for job, x in zip(jobs, inputs, strict=True):
                 job.length += int(x.shape[0])
                 job.last_used = now
-        return outs
+        return cast(list[torch.Tensor], outs)  # every row is in one part
 
     @functools.cached_property
     def _can_batch(self) -> bool:
@@ -536,6 +547,33 @@ class Stage:
         out = self._base(**kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden[0]
+
+
+# How much of a batch's cache may be padding: rows are as long as the longest (its cache and its new tokens),
+# so one job far longer than the others would make every row hold its length (memory the bound on cached
+# positions does not count: 8 rows beside a 32k-position job hold 8 x 32k) and every row's attention read it.
+# A batch is split where its cache would be more than half padding, past ``PART_SLACK`` positions a row.
+PART_PADDING = 2
+PART_SLACK = 64
+
+
+def batch_parts(lengths: Sequence[int], sizes: Sequence[int]) -> list[list[int]]:
+    """The rows of a batch (cached positions ``lengths``, new tokens ``sizes``) as the batches they run in:
+    indices, rows of like lengths together, each part in the batch's order; one part if padding costs
+    little."""
+    order = sorted(range(len(lengths)), key=lambda b: lengths[b] + sizes[b])
+    parts: list[list[int]] = []
+    part: list[int] = []
+    for b in order:
+        rows = [*part, b]
+        span = max(lengths[r] for r in rows) + max(sizes[r] for r in rows)
+        real = sum(lengths[r] + sizes[r] for r in rows)
+        if part and len(rows) * span > PART_PADDING * real + len(rows) * PART_SLACK:
+            parts.append(part)
+            rows = [b]
+        part = rows
+    parts.append(part)
+    return [sorted(part) for part in parts]
 
 
 def _build_config(manifest: Manifest):

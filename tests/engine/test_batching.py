@@ -65,3 +65,40 @@ def test_batch_refused_whole_when_cache_is_full(tmp_path):
     with pytest.raises(CacheFull):
         stage.forward_batch([("a", torch.tensor([12])), ("b", torch.tensor([13])), ("c", torch.tensor([14]))])
     assert stage.jobs == ["a"] and stage.job_length("a") == 2  # nothing half-applied
+
+
+def test_rows_of_very_different_lengths_run_in_separate_batches():
+    from azu.engine.stage import PART_SLACK, batch_parts
+
+    assert batch_parts([30, 31, 29, 40], [1, 1, 1, 1]) == [[0, 1, 2, 3]]  # alike: one batch, in order
+    assert batch_parts([0, 3, 9], [16, 1, 1]) == [[0, 1, 2]]  # short caches: padding within the slack
+    # One long job beside short ones: 4 rows of 2001 columns would be mostly padding.
+    assert batch_parts([20, 2000, 25, 22], [1, 1, 1, 1]) == [[0, 2, 3], [1]]
+    assert batch_parts([20, 2000, 25, 1990], [1, 1, 1, 1]) == [[0, 2], [1, 3]]
+    lengths = [5, 5 + 2 * PART_SLACK]
+    assert len(batch_parts(lengths, [1, 1])) == 1
+
+
+def test_a_long_job_decoding_beside_short_ones_gets_rows_of_its_own(tmp_path):
+    """A job hundreds of positions long decodes in the same forward_batch as three short ones: the short jobs'
+    rows are not stretched to its length, and every job still gets generate's tokens."""
+    src = demo.build_model("llama", tmp_path / "src", with_tokenizer=False)
+    shard_model(src, tmp_path / "shards", progress=False)
+    pipe = LocalPipeline(tmp_path / "shards", 1)
+    stage = pipe.stages[0]
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(7, demo.VOCAB_SIZE, (n,), generator=gen).tolist() for n in (4, 400, 6, 5)]
+    alone = [pipe.generate(p, max_tokens=6).token_ids for p in prompts]
+    keys = [f"j{i}" for i in range(len(prompts))]
+    nxt = {k: torch.tensor([int(stage.forward(k, torch.tensor(p)).argmax())])
+           for k, p in zip(keys, prompts, strict=True)}
+    got = {k: [int(x)] for k, x in nxt.items()}
+    for _ in range(5):
+        outs = stage.forward_batch([(k, nxt[k]) for k in keys])
+        for k, out in zip(keys, outs, strict=True):
+            nxt[k] = torch.tensor([int(out.argmax())])
+            got[k].append(int(nxt[k]))
+    assert [got[k] for k in keys] == alone
+    short = stage._jobs["j0"].rows
+    assert short is not None and short.size == 3 and stage._jobs["j1"].rows is None
+    assert all(t.shape[2] < 100 for t in short.keys.values())  # not 400 positions a row
