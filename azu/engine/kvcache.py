@@ -134,6 +134,7 @@ class BatchRows:
 
     def __init__(self, pasts: list[Past | None]) -> None:
         self.size = len(pasts)
+        self.members: list[Any] = []  # the jobs whose rows these are (row order), kept by the stage
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self._pasts: list[Past | None] | None = pasts
@@ -177,10 +178,11 @@ class RowsLayer(DynamicLayer):
     columns ``where[b, q]`` of its row, and attention reads the first ``span`` columns of every row (the
     batch's mask says which of them each query sees)."""
 
-    def __init__(self, rows: BatchRows, idx: int, where: torch.Tensor, span: int) -> None:
+    def __init__(self, rows: BatchRows, idx: int, where: torch.Tensor, span: int,
+                 batch: torch.Tensor) -> None:
         super().__init__()
         self.rows, self.idx, self.where, self.span = rows, idx, where, span
-        self._batch = torch.arange(rows.size, device=where.device)[:, None]
+        self._batch = batch  # [size, 1]: each row's index, shared by the batch's layers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

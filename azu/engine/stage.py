@@ -32,7 +32,7 @@ from torch import nn
 from azu.engine.families import Family, family_for
 from azu.engine.heap import release_freed_memory
 from azu.engine.kernels import apply_plan, plan_for
-from azu.engine.kvcache import BatchRows, GrowingLayer, Past, RowsLayer, StageCache
+from azu.engine.kvcache import GROW_MIN, BatchRows, GrowingLayer, Past, RowsLayer, StageCache
 from azu.engine.naming import classify_tensor
 from azu.engine.span import Span
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
@@ -295,7 +295,11 @@ class Stage:
 
     def end_job(self, job_id: str, *, release: bool = True) -> None:
         with self._lock:
-            held = self._jobs.pop(job_id, None) is not None
+            job = self._jobs.pop(job_id, None)
+            held = job is not None
+            if job is not None and job.rows is not None:
+                rows, job.rows = job.rows, None
+                self._disband(rows)
             idle = not self._jobs
         if held and idle and release:
             # The stage went idle: hand its freed KV caches back to the OS (only then: a trim of a large heap
@@ -317,7 +321,8 @@ class Stage:
         with self._lock:
             job = self._admit(job_id, n)
             try:
-                self._settle(job)
+                if job.rows is not None:
+                    self._disband(job.rows)
                 out = self._run(job, x, all_logits=all_logits)
             except Exception:
                 # A half-applied step leaves some layers' caches longer than others: drop the job.
@@ -359,7 +364,9 @@ class Stage:
                 for part in batch_parts([job.length for job in jobs], sizes):
                     if len(part) == 1:
                         (b,) = part
-                        self._settle(jobs[b])
+                        rows = jobs[b].rows
+                        if rows is not None:
+                            self._disband(rows)
                         ran = [self._run(jobs[b], inputs[b])]
                     else:
                         ran = self._run_batch([jobs[b] for b in part], [inputs[b] for b in part])
@@ -413,8 +420,9 @@ class Stage:
         mask = torch.zeros(batch, 1, widest, span, dtype=self.dtype, device=dev)
         mask.masked_fill_(~seen[:, None], torch.finfo(self.dtype).min)
         temp = StageCache(self.model.config, owned)
+        row_index = torch.arange(batch, device=dev)[:, None]
         for idx in owned:
-            temp.layers[idx] = RowsLayer(rows, idx, where, span)
+            temp.layers[idx] = RowsLayer(rows, idx, where, span, row_index)
         kwargs: dict = {
             "cache": temp,
             "use_cache": True,
@@ -459,9 +467,23 @@ class Stage:
         if held is not None and held.size == len(jobs) and all(job.rows is held for job in jobs):
             return held
         rows = BatchRows([self._past_of(job) for job in jobs])
+        rows.members = list(jobs)
+        left = {id(job.rows): job.rows for job in jobs if job.rows is not None}
         for b, job in enumerate(jobs):
             job.rows, job.row = rows, b
+        for old in left.values():
+            self._disband(old)
         return rows
+
+    def _disband(self, rows: BatchRows) -> None:
+        """Rows a job leaves (it joins other rows, runs alone, or ended): the jobs still in them leave too,
+        each with a copy of its row (``_settle``), so the buffers go now. Kept, they would hold a whole
+        batch's rows, those of jobs that moved or ended included (memory the bound on cached positions does
+        not see), for as long as the jobs left in them idle or run alone."""
+        for member in rows.members:
+            if member.rows is rows:
+                self._settle(member)
+        rows.members = []
 
     def _past_of(self, job: _Job) -> Past | None:
         """Where ``job``'s cached keys and values are, per layer: ``[heads, positions, head_dim]``."""
@@ -475,18 +497,19 @@ class Stage:
         return lambda idx: (cast(Any, cache.layers[idx]).keys[0], cast(Any, cache.layers[idx]).values[0])
 
     def _settle(self, job: _Job) -> None:
-        """Before ``job`` runs alone: it leaves its rows, its cache layers taking a copy of its row (the row's
-        free columns as their room). A copy, not views: views would keep the whole batch's buffers alive for
-        one job (the bound on cached tokens counts jobs' positions, not rows left behind)."""
+        """``job`` leaves its rows for its own cache layers, which take a copy of its row: its positions and
+        the room a cache of its own would have (not the row's whole length, which the batch's longest job
+        set). A copy, not views: views would keep the whole batch's buffers alive for one job."""
         rows, job.rows = job.rows, None
         if rows is None:
             return
+        keep = job.length + max(GROW_MIN, job.length // 4)
         for idx in range(self.span.first, self.span.last):
             held = rows.row(idx, job.row)
             if held is None:
                 continue
             layer: Any = job.cache.layers[idx]
-            keys, values = held[0].clone(), held[1].clone()
+            keys, values = (t[..., : min(keep, t.shape[-2]), :].clone() for t in held)
             if isinstance(layer, GrowingLayer):
                 layer.reserve(keys, values, keys.shape[-2] - job.length)
             else:
@@ -552,8 +575,9 @@ class Stage:
 # How much of a batch's cache may be padding: rows are as long as the longest (its cache and its new tokens),
 # so one job far longer than the others would make every row hold its length (memory the bound on cached
 # positions does not count: 8 rows beside a 32k-position job hold 8 x 32k) and every row's attention read it.
-# A batch is split where its cache would be more than half padding, past ``PART_SLACK`` positions a row.
-PART_PADDING = 2
+# A batch is split where its cache would hold more than half as many positions again as its rows fill, past
+# ``PART_SLACK`` positions a row (so two rows, one short and one long, run apart too).
+PART_PADDING = 1.5
 PART_SLACK = 64
 
 

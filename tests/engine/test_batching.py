@@ -75,8 +75,8 @@ def test_rows_of_very_different_lengths_run_in_separate_batches():
     # One long job beside short ones: 4 rows of 2001 columns would be mostly padding.
     assert batch_parts([20, 2000, 25, 22], [1, 1, 1, 1]) == [[0, 2, 3], [1]]
     assert batch_parts([20, 2000, 25, 1990], [1, 1, 1, 1]) == [[0, 2], [1, 3]]
-    lengths = [5, 5 + 2 * PART_SLACK]
-    assert len(batch_parts(lengths, [1, 1])) == 1
+    assert batch_parts([0, 32000], [1, 1]) == [[0], [1]]  # a pair too: a short job beside a long one
+    assert batch_parts([5, 5 + PART_SLACK], [1, 1]) == [[0, 1]]
 
 
 def test_a_long_job_decoding_beside_short_ones_gets_rows_of_its_own(tmp_path):

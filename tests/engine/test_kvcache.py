@@ -109,13 +109,14 @@ def test_jobs_decoding_together_keep_their_caches_as_one_batchs_rows(tmp_path) -
         assert rows_of("j1") is rows and [t.data_ptr() for t in rows.keys.values()] == buffers
     for idx, keys in rows.keys.items():  # every column finite: free room is zeros or some row's padding
         assert torch.isfinite(keys).all() and torch.isfinite(rows.values[idx]).all(), idx
-    for _ in range(2):  # j1 alone: it leaves the rows with a copy of its row
+    for _ in range(2):  # j1 alone: the rows disband, each job taking a copy of its row
         step(["j1"])
-    assert rows_of("j1") is None and rows_of("j0") is rows
+    assert rows_of("j1") is None and rows_of("j0") is None and rows_of("j2") is None
     for _ in range(3):  # back together: new rows, copied from the old rows and j1's own cache
         step(["j0", "j1", "j2"])
     assert rows_of("j0") is not rows
-    stage.end_job("j0")
+    stage.end_job("j0")  # the others leave its rows at once
+    assert rows_of("j1") is None and rows_of("j2") is None
     for _ in range(4):  # a job gone: new rows of two
         step(["j2", "j1"])
     assert rows_of("j1").size == 2
@@ -126,3 +127,48 @@ def test_jobs_decoding_together_keep_their_caches_as_one_batchs_rows(tmp_path) -
     for k in ("j1", "j2"):
         stage.end_job(k)
     assert kv_cache_bytes(stage) == 0
+
+
+def _buffered_positions(stage, idx: int) -> int:
+    """Positions of layer ``idx``'s key buffers held: rows x room of batch rows, a job's own room."""
+    held: dict[int, int] = {}
+    for job in stage._jobs.values():
+        if job.rows is not None:
+            keys = job.rows.keys[idx]
+            held[keys.data_ptr()] = keys.shape[0] * keys.shape[2]
+        elif job.cache.layers[idx]._room is not None:
+            keys = job.cache.layers[idx]._room[0]
+            held[keys.data_ptr()] = keys.shape[-2]
+    return sum(held.values())
+
+
+def _own_bound(stage) -> int:
+    """What the stage's jobs would buffer each in a cache of its own."""
+    return sum(j.length + max(kvcache.GROW_MIN, j.length // 4) for j in stage._jobs.values())
+
+
+def test_batch_rows_hold_no_more_than_their_jobs_need(tmp_path) -> None:
+    """Attacks on a worker's memory through batching (each would hold many times the positions that
+    AZU_MAX_CACHED_TOKENS counts): one-token jobs batched in turn beside one long job, and jobs that ended or
+    ran alone leaving the rows of a whole batch to one idle job."""
+    src = demo.build_model("llama", tmp_path / "src", with_tokenizer=False)
+    shard_model(src, tmp_path / "shards", progress=False)
+    stage = LocalPipeline(tmp_path / "shards", 1).stages[0]
+    stage.forward("long", torch.full((400,), 9))
+    for i in range(6):  # each pair would be a 2-row batch as long as the long job
+        stage.forward_batch([("long", torch.tensor([9])), (f"b{i}", torch.tensor([9]))])
+    assert _buffered_positions(stage, 0) <= _own_bound(stage)
+    for k in stage.jobs:
+        stage.end_job(k)
+
+    keys = [f"j{i}" for i in range(8)]
+    for k in keys:
+        stage.forward(k, torch.full((200,), 9))
+    for _ in range(2):
+        stage.forward_batch([(k, torch.tensor([9])) for k in keys])
+    assert stage._jobs["j0"].rows is not None and stage._jobs["j0"].rows.size == 8
+    for k in keys[1:]:
+        stage.end_job(k)  # j0 idles: it holds its own positions, not 8 rows
+    assert _buffered_positions(stage, 0) <= _own_bound(stage) == 202 + kvcache.GROW_MIN
+    stage.forward("j0", torch.tensor([9]))
+    assert stage.job_length("j0") == 203
