@@ -321,8 +321,6 @@ class Stage:
         with self._lock:
             job = self._admit(job_id, n)
             try:
-                if job.rows is not None:
-                    self._disband(job.rows)
                 out = self._run(job, x, all_logits=all_logits)
             except Exception:
                 # A half-applied step leaves some layers' caches longer than others: drop the job.
@@ -364,9 +362,6 @@ class Stage:
                 for part in batch_parts([job.length for job in jobs], sizes):
                     if len(part) == 1:
                         (b,) = part
-                        rows = jobs[b].rows
-                        if rows is not None:
-                            self._disband(rows)
                         ran = [self._run(jobs[b], inputs[b])]
                     else:
                         ran = self._run_batch([jobs[b] for b in part], [inputs[b] for b in part])
@@ -552,6 +547,9 @@ class Stage:
 
     @torch.inference_mode()
     def _run(self, job: _Job, x: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+        """One job's step on its own cache layers (it leaves any batch's rows first: ``_disband``)."""
+        if job.rows is not None:
+            self._disband(job.rows)
         n = x.shape[0]
         kwargs: dict = {"cache": job.cache, "use_cache": True}
         if self.span.embeddings:
