@@ -50,8 +50,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PETALS = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
               intermediate_size=1376, vocab_size=32000, max_position_embeddings=2048)
+# Llama-2-7B's shape (the issue's GPU row; `--only-llama7b`): built on the run's device, in its dtype.
+LLAMA7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+               intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=320, max_position_embeddings=4096)
+
+
+def _pythonpath() -> str:
+    """The repository first, then what the caller had (bench/gpu.sh's carried packages on a GPU machine)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 class Bench:
@@ -77,19 +85,23 @@ class Bench:
         # The core's report collector (publishes tokens, keeps the directory) as its own process, as in a
         # deployment: in this process its work would share the GIL with the client that takes the timings.
         log = open(self.tmp / "collector.log", "wb")  # noqa: SIM115 - lives as long as the process
+        env = dict(os.environ, PYTHONPATH=_pythonpath(), OMP_NUM_THREADS="1")
         self.procs.append(subprocess.Popen([sys.executable, "-m", "azu.cli.processes", "collector"], cwd=REPO,
-                                           env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
-                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                                           env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
         self.rows: list[dict[str, Any]] = []
         self.plans: dict[int, str] = {}  # the CPU linears plan the same-kernels baseline ran, per model width
 
     # -- setup ------------------------------------------------------------------------------------------
-    def model(self, name: str, family: str, config: dict[str, Any]) -> tuple[str, Path]:
+    def model(self, name: str, family: str, config: dict[str, Any], *, big: bool = False) -> tuple[str, Path]:
+        """Build, shard and register a random model; ``big``: drawn on the run's device in its dtype (a 7B
+        shape in float32 on the CPU would take minutes and 27 GB)."""
         from azu.cli import demo
         from azu.registry import status as models
         from azu.registry.sharder import shard_model
 
-        src = demo.build_model(family, self.tmp / f"src-{name}", seed=1, **config)
+        built = dict(device=self.args.device, dtype=self.args.dtype) if big else {}
+        src = demo.build_model(family, self.tmp / f"src-{name}", seed=1, **built, **config)
         shard_model(str(src), models.shard_dir(name), progress=False)
         models.mark_ready(self.r, name, source=str(src))
         return name, src
@@ -106,7 +118,7 @@ class Bench:
                        AZU_CACHE_DIR=str(self.registry), AZU_DEVICE=self.args.device,
                        AZU_DTYPE=self.args.dtype,
                        AZU_CPU_KERNELS=self.args.kernels,
-                       PYTHONPATH=str(REPO), AZU_HEARTBEAT_S="1")
+                       PYTHONPATH=_pythonpath(), AZU_HEARTBEAT_S="1")
             env.pop("AUTH_SECRET_KEY")  # a worker holds the core's public key only
             log = open(self.tmp / f"{wid}.log", "wb")  # noqa: SIM115 - lives as long as the process
             argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{wid},ctl.{wid}",
@@ -342,10 +354,16 @@ def main() -> int:
                    help="the workers' AZU_CPU_KERNELS (azu.engine.kernels)")
     p.add_argument("--device", default="cpu", help="the workers' and the baseline's device (cpu, cuda)")
     p.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda by default")
+    p.add_argument("--only-llama7b", action="store_true",
+                   help="only a Llama-2-7B-shaped model at b=1 (the GPU row; built on --device in --dtype)")
+    p.add_argument("--llama7b-layers", type=int, default=LLAMA7B["num_hidden_layers"],
+                   help="fewer layers of the 7B shape (a rehearsal on a CPU: bench/gpu.sh rehearse)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     bench = Bench(args)
+    if args.only_llama7b:
+        return llama7b_only(bench, args)
     try:
         tiny, tiny_src = bench.model("bench-tiny", "llama", TINY)
         petals, petals_src = bench.model("bench-petals", "llama", PETALS)
@@ -373,6 +391,25 @@ def main() -> int:
     for hidden, plan in bench.plans.items():
         print(f"CPU linears of a model {hidden} wide (AZU_CPU_KERNELS={args.kernels}, as measured by the "
               f"baseline's process; each worker measures its own): {plan}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(bench.rows, indent=2))
+    return 0
+
+
+def llama7b_only(bench: Bench, args: argparse.Namespace) -> int:
+    """The issue's second GPU row: a Llama-2-7B shape through 2 worker processes at b=1 vs ``generate``."""
+    layers = args.llama7b_layers
+    try:
+        config = dict(LLAMA7B, num_hidden_layers=layers)
+        model_id, src = bench.model("bench-llama7b", "llama", config, big=True)
+        bench.start_workers(["a", "b"])
+        at = bench.load_split(model_id, ["a", "b"])
+        shape = "Llama-2-7B shape" if layers == LLAMA7B["num_hidden_layers"] else f"7B shape, {layers} layers"
+        bench.ratio_row(f"{shape}, {args.dtype}, 2 workers ({at}) vs generate", model_id, src,
+                        [1, *range(10, 25)], args.tokens, ">= 100 tok/s on a GPU (generate: 13.7)")
+    finally:
+        bench.stop()
+    print(bench.table())
     if args.json:
         Path(args.json).write_text(json.dumps(bench.rows, indent=2))
     return 0

@@ -200,13 +200,15 @@ def build_config(family: str, **overrides: Any):
 
 
 def perturb_(model, *, seed: int, scale: float = 0.2) -> None:
-    """Re-draw every weight so the logits are far from flat (default inits give near-ties)."""
+    """Re-draw every weight so the logits are far from flat (default inits give near-ties). The draws are
+    made on the model's device (a model built on a GPU: seconds for billions of weights, not minutes)."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32, device=device)
             if param.ndim == 1:  # norms near 1, biases near 0
                 is_norm = "norm" in name or "ln" in name
                 param.copy_(1.0 + 0.1 * noise if is_norm else 0.02 * noise)
@@ -226,11 +228,15 @@ def build_model(
     seed: int = 0,
     max_shard_size: str | None = None,
     with_tokenizer: bool = True,
+    dtype: str | None = None,
+    device: str = "cpu",
     **overrides: Any,
 ) -> Path:
     """Build a tiny random ``family`` model and ``save_pretrained`` it (safetensors) into ``out_dir``.
 
     ``max_shard_size`` (e.g. ``"50KB"``) saves a sharded checkpoint with ``model.safetensors.index.json``.
+    ``dtype`` (default float32) is the dtype saved; ``device`` where the weights are drawn (a big model on a
+    GPU: the benches' 7B shape).
     """
     import torch
     import transformers
@@ -239,10 +245,12 @@ def build_model(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = build_config(family, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)} if dtype else {}
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
     model.eval()
     perturb_(model, seed=seed)
-    kwargs: dict[str, Any] = {}
+    kwargs = {}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out, **kwargs)
