@@ -53,6 +53,7 @@ PETALS = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_k
 # Llama-2-7B's shape (the issue's GPU row; `--only-llama7b`): built on the run's device, in its dtype.
 LLAMA7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096)
+PROMPT = [1, *range(10, 25)]  # 16 tokens: the b=1 rows' prompt
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=320, max_position_embeddings=4096)
 
@@ -374,19 +375,23 @@ def main() -> int:
         bench.load(tiny, {"a": (0, 1), "b": (1, 2)}, 2)
         petals_at = bench.load_split(petals, ["a", "b"])
         qwen_at = bench.load_split(qwen, ["a", "b"]) if qwen else ""
-        prompt = [1, *range(10, 25)]  # 16 tokens
         if qwen and qwen_src:
             bench.ratio_row(f"P1 Qwen2.5-0.5B shape, 2 workers ({qwen_at}) vs generate", qwen, qwen_src,
-                            prompt, args.tokens, "decode >= 0.97x")
+                            PROMPT, args.tokens, "decode >= 0.97x")
         bench.hop_row(tiny, tiny_src, steps=200)
         counts = [int(k) for k in args.streams.split(",")]
         if qwen:
             bench.streams_row(f"P3 Qwen2.5-0.5B shape, 2 workers ({qwen_at})", qwen, args.tokens, counts, 16)
         bench.streams_row(f"P3 Llama 512x8, 2 workers ({petals_at})", petals, 32, counts, 16)
         bench.ratio_row(f"Petals model (Llama 512x8, vocab 32000, {args.dtype}; {petals_at})", petals,
-                        petals_src, prompt, 64, "decode >= 0.95x, TTFT <= 1.1x")
+                        petals_src, PROMPT, 64, "decode >= 0.95x, TTFT <= 1.1x")
     finally:
         bench.stop()
+    return report(bench, args)
+
+
+def report(bench: Bench, args: argparse.Namespace) -> int:
+    """Print the table (and the CPU kernel plans the baselines ran); write ``--json``."""
     print(bench.table())
     for hidden, plan in bench.plans.items():
         print(f"CPU linears of a model {hidden} wide (AZU_CPU_KERNELS={args.kernels}, as measured by the "
@@ -406,13 +411,10 @@ def llama7b_only(bench: Bench, args: argparse.Namespace) -> int:
         at = bench.load_split(model_id, ["a", "b"])
         shape = "Llama-2-7B shape" if layers == LLAMA7B["num_hidden_layers"] else f"7B shape, {layers} layers"
         bench.ratio_row(f"{shape}, {args.dtype}, 2 workers ({at}) vs generate", model_id, src,
-                        [1, *range(10, 25)], args.tokens, ">= 100 tok/s on a GPU (generate: 13.7)")
+                        PROMPT, args.tokens, ">= 100 tok/s on a GPU (generate: 13.7)")
     finally:
         bench.stop()
-    print(bench.table())
-    if args.json:
-        Path(args.json).write_text(json.dumps(bench.rows, indent=2))
-    return 0
+    return report(bench, args)
 
 
 if __name__ == "__main__":

@@ -241,16 +241,18 @@ def build_model(
     import torch
     import transformers
 
+    from azu.engine.stage import parse_dtype
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = build_config(family, **overrides)
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)} if dtype else {}
+    as_asked = {"dtype": parse_dtype(dtype)} if dtype else {}  # else transformers' default, as before
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_config(config, **as_asked)
     model.eval()
     perturb_(model, seed=seed)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out, **kwargs)
