@@ -362,6 +362,8 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.llama7b_layers < 2:
+        p.error("--llama7b-layers: at least 2 (one per worker)")
     bench = Bench(args)
     if args.only_llama7b:
         return llama7b_only(bench, args)
