@@ -21,6 +21,9 @@ from pathlib import Path
 
 # AZU_CPU_KERNELS's choices: azu.engine.kernels.KERNELS (not imported here: it would import torch).
 CPU_KERNELS = ("auto", "packed", "plain", "torch")
+# AZU_DECODE_GRAPHS: a job's one-token steps as CUDA graph replays (azu.engine.graphs). "auto": on a GPU,
+# where the stage's family allows it; "on": also on a CPU (the same static step, run eagerly: for tests).
+DECODE_GRAPHS = ("auto", "on", "off")
 
 
 class SettingsError(ValueError):
@@ -83,6 +86,7 @@ class WorkerSettings:
     session_s: float = 2.0  # AZU_SESSION_S: how often a forward task looks for a waiting control message
     prefill_chunk: int = 128  # AZU_PREFILL_CHUNK: prompt positions a stage runs per turn
     cpu_kernels: str = "auto"  # AZU_CPU_KERNELS: auto (measured), packed, plain or torch (azu.engine.kernels)
+    decode_graphs: str = "auto"  # AZU_DECODE_GRAPHS: one-token steps as CUDA graph replays (auto, on, off)
     heartbeat_s: float = 3.0  # AZU_HEARTBEAT_S
     key_file: str | None = None  # AZU_WORKER_KEY_FILE: the worker's Ed25519 key (made on first start, 0600)
     core_url: str | None = None  # AZU_CORE_URL: the core's API, where azu-worker enrolls
@@ -301,6 +305,7 @@ class Settings:
                 session_s=_float(env, "AZU_SESSION_S", 2.0),
                 prefill_chunk=max(1, _int(env, "AZU_PREFILL_CHUNK", 128) or 128),
                 cpu_kernels=_choice(env, "AZU_CPU_KERNELS", CPU_KERNELS, "auto"),
+                decode_graphs=_choice(env, "AZU_DECODE_GRAPHS", DECODE_GRAPHS, "auto"),
                 heartbeat_s=_float(env, "AZU_HEARTBEAT_S", 3.0),
                 key_file=_text(env, "AZU_WORKER_KEY_FILE"),
                 core_url=_text(env, "AZU_CORE_URL"),
@@ -334,7 +339,8 @@ VARIABLES = (
     "AZU_REQUEST_TIMEOUT_S", "AZU_WATCHDOG_INTERVAL_S", "PAYOUT_INTERVAL_S", "AZU_TASK_EVENTS",
     "AZU_WORKER_ID", "AZU_DEVICE", "AZU_DTYPE", "AZU_WALLET_ADDRESS", "AZU_MEMORY_BYTES",
     "P2P_PUBLIC_URL", "AZU_MAX_CACHED_TOKENS", "AZU_KV_IDLE_S", "AZU_LINGER_S", "AZU_SESSION_S",
-    "AZU_PREFILL_CHUNK", "AZU_CPU_KERNELS", "AZU_HEARTBEAT_S", "AZU_WORKER_KEY_FILE", "AZU_CORE_PUBLIC_KEY",
+    "AZU_PREFILL_CHUNK", "AZU_CPU_KERNELS", "AZU_DECODE_GRAPHS", "AZU_HEARTBEAT_S", "AZU_WORKER_KEY_FILE",
+    "AZU_CORE_PUBLIC_KEY",
     "PAYMENT_PROVIDER",
     "HYPERLIQUID_RPC_URL", "HYPERLIQUID_ADDRESS",
     "HYPERLIQUID_CHAIN_ID", "SCHEDULER_PRIVATE_KEY", "SOLANA_RPC_URL", "SOLANA_ADDRESS",

@@ -4,7 +4,9 @@
     python bench/engine.py --device cuda --dtype bfloat16
 
 Rows:
-  decode tok/s      transformers `generate` (greedy) vs the engine's 2-stage loop in one process
+  decode tok/s      transformers `generate` (greedy) vs the engine's 2-stage loop in one process; on a
+                    GPU also the engine with its one-token steps eager vs as CUDA graph replays
+                    (azu.engine.graphs)
   prefill 512       one forward of a 512-token prompt: transformers vs the engine's 2 stages
   batched decode    16 jobs decoding together (Stage.forward_batch) vs 1 job, aggregate tok/s; 8 jobs at 512
                     positions vs at 32 (what a longer context costs a batch)
@@ -82,6 +84,9 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).to(device).eval()
     pipe = LocalPipeline(shards, 2, device=device, dtype=dtype)
+    # On a GPU the engine replays its one-token steps as CUDA graphs ("auto"); the same engine eager beside.
+    graphed = device.startswith("cuda")
+    eager = LocalPipeline(shards, 2, device=device, dtype=dtype, graphs="off") if graphed else pipe
     vocab = hf.config.vocab_size
     prompt = torch.randint(100, vocab, (32,), generator=torch.Generator().manual_seed(1)).tolist()
     long_prompt = torch.randint(100, vocab, (512,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -103,10 +108,10 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
         sync()
         return time.perf_counter() - t, out[0, len(prompt) :].tolist()
 
-    def engine_generate() -> tuple[float, list[int]]:
+    def engine_generate(engine: LocalPipeline = pipe) -> tuple[float, list[int]]:
         sync()
         t = time.perf_counter()
-        res = pipe.generate(prompt, max_tokens=new_tokens)
+        res = engine.generate(prompt, max_tokens=new_tokens)
         sync()
         return time.perf_counter() - t, res.token_ids
 
@@ -151,17 +156,23 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
                 stage.end_job(j)
         return n_jobs * steps / dt
 
-    # warm-up both sides (allocators, kernels)
+    # warm-up both sides (allocators, kernels; the engine's first decode graphs are recorded here)
     hf_generate()
     engine_generate()
-    hf_t, eng_t, hf_p, eng_p, b1, b16 = [], [], [], [], [], []
-    same = True
+    if graphed:
+        engine_generate(eager)
+    hf_t, eng_t, eager_t, hf_p, eng_p, b1, b16 = [], [], [], [], [], [], []
+    same = same_eager = True
     for r in range(rounds):
         t1, toks_hf = hf_generate()
         t2, toks_eng = engine_generate()
         same = same and toks_hf == toks_eng
         hf_t.append(new_tokens / t1)
         eng_t.append(new_tokens / t2)
+        if graphed:
+            t3, toks_eager = engine_generate(eager)
+            same_eager = same_eager and toks_hf == toks_eager
+            eager_t.append(new_tokens / t3)
         hf_p.append(hf_prefill())
         eng_p.append(engine_prefill())
         b1.append(engine_batched(1, 16))
@@ -176,6 +187,8 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
         "hf_tok_s": med(hf_t),
         "engine_tok_s": med(eng_t),
         "same_tokens": same,
+        "eager_tok_s": med(eager_t) if eager_t else None,
+        "same_tokens_eager": same_eager,
         "hf_prefill_s": med(hf_p),
         "engine_prefill_s": med(eng_p),
         "batch1_tok_s": med(b1),
@@ -310,6 +323,14 @@ def timing_rows(t: dict) -> list[tuple[str, ...]]:
             ">= 0.98x",
         ),
         ("same greedy tokens", "-", "-", "yes" if t["same_tokens"] else "NO", "yes"),
+        *([(
+            "decode tok/s: engine eager vs one-token steps as CUDA graphs",
+            f"{t['eager_tok_s']:.1f}",
+            f"{t['engine_tok_s']:.1f}",
+            f"{t['engine_tok_s'] / t['eager_tok_s']:.2f}x",
+            "",
+        ), ("same greedy tokens (engine eager)", "-", "-", "yes" if t["same_tokens_eager"] else "NO", "yes")]
+          if t.get("eager_tok_s") else []),
         (
             "prefill 512 tokens (s)",
             f"{t['hf_prefill_s']:.3f}",

