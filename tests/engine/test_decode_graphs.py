@@ -172,3 +172,40 @@ def test_rooms_are_powers_of_two_within_the_context() -> None:
     assert graphs.room_for(3000, 4096) == 4096
     assert graphs.room_for(3000, 3500) == 3500
     assert graphs.room_for(5000, 4096) == 5000  # past the context (refused by admission anyway)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs: needs a GPU (bench/gpu.sh)")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_recorded_graphs_on_a_gpu_give_the_eager_tokens(built, family) -> None:
+    """The real thing: graphs recorded and replayed on a GPU (float32), against generate on the same GPU and
+    the engine's eager steps; a second job replays a spare; two jobs batched in between move back."""
+    import transformers
+
+    b = built(family)
+    model = transformers.AutoModelForCausalLM.from_pretrained(b.src).to("cuda").eval()
+    ids = torch.tensor([b.prompt()], device="cuda")
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         attention_mask=torch.ones_like(ids))
+    want = out[0, PROMPT_LEN:].tolist()
+    pipe = LocalPipeline(b.shards, 2, device="cuda", dtype="float32")
+    eager = LocalPipeline(b.shards, 2, device="cuda", dtype="float32", graphs="off")
+    assert eager.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == want
+    assert pipe.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == want
+    graphed = [stage for stage in pipe.stages if stage._graphs_on]
+    assert graphed and all(s._spare_graphs and s._spare_graphs[-1].graph is not None for s in graphed)
+    recorded = {id(g) for s in graphed for g in s._spare_graphs}
+    assert pipe.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == want
+    assert {id(g) for s in graphed for g in s._spare_graphs} == recorded  # the spare served: no recording
+
+    nxt = {k: torch.tensor(p) for k, p in {"a": b.prompt(), "b": b.prompt()[:17]}.items()}
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for step in range(12):
+        keys = ["a", "b"] if 4 <= step < 8 else ["a"] if step % 2 else ["b"]
+        xs = [nxt[k] for k in keys]
+        for stage in pipe.stages:
+            xs = stage.forward_batch(list(zip(keys, xs, strict=True)))
+        for k, logits in zip(keys, xs, strict=True):
+            nxt[k] = torch.tensor([int(logits.argmax())])
+            got[k].append(int(nxt[k]))
+    for k, prompt in {"a": b.prompt(), "b": b.prompt()[:17]}.items():
+        assert got[k] == eager.generate(prompt, max_tokens=len(got[k])).token_ids
