@@ -177,7 +177,9 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
         eng_p.append(engine_prefill())
         b1.append(engine_batched(1, 16))
         b16.append(engine_batched(16, 16))
-        log(f"round {r + 1}/{rounds}: generate {hf_t[-1]:.1f} tok/s, engine {eng_t[-1]:.1f} tok/s")
+        log(f"round {r + 1}/{rounds}: generate {hf_t[-1]:.1f} tok/s, engine {eng_t[-1]:.1f} tok/s"
+            + (f" (eager {eager_t[-1]:.1f})" if eager_t else "")
+            + f", batched 16 {b16[-1]:.1f} vs 1 {b1[-1]:.1f} tok/s")
     # What a longer context costs batched decode (the caches' copies, attention): 8 jobs at 512 positions
     # against the same 8 at 32, once (the 512-token prefills take most of a minute on a CPU).
     b8_long = engine_batched(8, 8, long_prompt)
@@ -370,6 +372,7 @@ def main() -> int:
         help="prompt tokens of each of the 16 jobs of the stage-memory row",
     )
     parser.add_argument("--skip-shard", action="store_true", help="leave out the sharding rows")
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the memory rows")
     parser.add_argument(
         "--memory-only",
         action="store_true",
@@ -396,6 +399,10 @@ def main() -> int:
             "timings", str(src), str(shards), args.device, dtype, str(args.new_tokens), str(args.rounds)
         )
         rows += timing_rows(t)
+        for row in rows:  # now: a run cut short later still shows them
+            log(" | ".join(row))
+    if args.skip_memory:
+        return print_table(args, dtype, rows)
     log("memory (fresh subprocesses)...")
     st = run_child("stage_rss", str(shards), args.device, dtype, "0", "0", "0")
     sj = run_child("stage_rss", str(shards), args.device, dtype, "16", str(args.job_prompt), "32")
@@ -450,6 +457,10 @@ def main() -> int:
                     rows.append(tuple(row))
             else:
                 log(f"bench/shard.py failed: {out.stderr[-500:]}")
+    return print_table(args, dtype, rows)
+
+
+def print_table(args: argparse.Namespace, dtype: str, rows: list[tuple[str, ...]]) -> int:
     print(
         f"\nazu engine benchmark — {args.device}, {dtype}, Qwen2.5-0.5B-shaped random model "
         f"({QWEN05B['num_hidden_layers']} layers, hidden {QWEN05B['hidden_size']}), torch threads "

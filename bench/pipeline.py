@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -118,12 +119,13 @@ class Bench:
                        OMP_NUM_THREADS="1",
                        AZU_CACHE_DIR=str(self.registry), AZU_DEVICE=self.args.device,
                        AZU_DTYPE=self.args.dtype,
-                       AZU_CPU_KERNELS=self.args.kernels,
+                       AZU_CPU_KERNELS=self.args.kernels, AZU_DECODE_GRAPHS=self.args.graphs,
                        PYTHONPATH=_pythonpath(), AZU_HEARTBEAT_S="1")
             env.pop("AUTH_SECRET_KEY")  # a worker holds the core's public key only
             log = open(self.tmp / f"{wid}.log", "wb")  # noqa: SIM115 - lives as long as the process
+            level = "INFO" if self.args.worker_logs else "WARNING"
             argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{wid},ctl.{wid}",
-                    "--pool", "solo", "-n", f"{wid}@bench", "--loglevel", "WARNING", "--without-gossip",
+                    "--pool", "solo", "-n", f"{wid}@bench", "--loglevel", level, "--without-gossip",
                     "--without-mingle", "--without-heartbeat"]
             self.procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                start_new_session=True))
@@ -164,6 +166,11 @@ class Bench:
         wait_until(held, 600, f"{model_id} to load")
 
     def stop(self) -> None:
+        if self.args.worker_logs:  # what the workers said of graphs and failures, before the logs go
+            for path in sorted(self.tmp.glob("?.log")):
+                said = [line for line in path.read_text(errors="replace").splitlines()
+                        if re.search(r"graph|Error|Traceback|failed|WARNING", line)]
+                print(f"--- {path.name}: {len(said)} lines\n" + "\n".join(said[-40:]), file=sys.stderr)
         for p in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
@@ -364,6 +371,11 @@ def main() -> int:
                    help="only a Llama-2-7B-shaped model at b=1 (the GPU row; built on --device in --dtype)")
     p.add_argument("--llama7b-layers", type=int, default=LLAMA7B["num_hidden_layers"],
                    help="fewer layers of the 7B shape (a rehearsal on a CPU: bench/gpu.sh rehearse)")
+    p.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
+                   help="the workers' AZU_DECODE_GRAPHS (azu.engine.graphs)")
+    p.add_argument("--rows", default="p1,p2,p3,petals", help="which rows to run (p1, p2, p3, petals)")
+    p.add_argument("--worker-logs", action="store_true",
+                   help="workers log at INFO; their lines on graphs and failures printed at the end")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -382,16 +394,20 @@ def main() -> int:
         bench.load(tiny, {"a": (0, 1), "b": (1, 2)}, 2)
         petals_at = bench.load_split(petals, ["a", "b"])
         qwen_at = bench.load_split(qwen, ["a", "b"]) if qwen else ""
-        if qwen and qwen_src:
+        rows = set(args.rows.split(","))
+        if qwen and qwen_src and "p1" in rows:
             bench.ratio_row(f"P1 Qwen2.5-0.5B shape, 2 workers ({qwen_at}) vs generate", qwen, qwen_src,
                             PROMPT, args.tokens, "decode >= 0.97x")
-        bench.hop_row(tiny, tiny_src, steps=200)
+        if "p2" in rows:
+            bench.hop_row(tiny, tiny_src, steps=200)
         counts = [int(k) for k in args.streams.split(",")]
-        if qwen:
+        if qwen and "p3" in rows:
             bench.streams_row(f"P3 Qwen2.5-0.5B shape, 2 workers ({qwen_at})", qwen, args.tokens, counts, 16)
-        bench.streams_row(f"P3 Llama 512x8, 2 workers ({petals_at})", petals, 32, counts, 16)
-        bench.ratio_row(f"Petals model (Llama 512x8, vocab 32000, {args.dtype}; {petals_at})", petals,
-                        petals_src, PROMPT, 64, "decode >= 0.95x, TTFT <= 1.1x")
+        if "p3" in rows:
+            bench.streams_row(f"P3 Llama 512x8, 2 workers ({petals_at})", petals, 32, counts, 16)
+        if "petals" in rows:
+            bench.ratio_row(f"Petals model (Llama 512x8, vocab 32000, {args.dtype}; {petals_at})", petals,
+                            petals_src, PROMPT, 64, "decode >= 0.95x, TTFT <= 1.1x")
     finally:
         bench.stop()
     return report(bench, args)

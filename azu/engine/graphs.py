@@ -27,6 +27,7 @@ On a CPU (``graphs="on"``, for tests) the same static step runs eagerly: the ste
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -111,9 +112,22 @@ class DecodeGraph:
                     forward(self)
             torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA call (a metrics read) must not break the recording.
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            self.out = forward(self)
+        # Not ``torch.cuda.graph(...)``: it also synchronizes, runs ``gc.collect()`` and empties the
+        # allocator's cache before each recording, tens of milliseconds in a worker process (and every
+        # allocation after it a fresh cudaMalloc), paid by every job a stage records for. The recording
+        # stream waits for the work before it instead. thread_local: another thread's CUDA call (the
+        # heartbeat's memory query) must not break the recording.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                self.out = forward(self)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the recording is broken anyway: end it
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = graph
 
     def step(self, forward: Callable[[DecodeGraph], torch.Tensor], x: torch.Tensor,

@@ -648,6 +648,10 @@ class Stage:
             graph = next((g for g in self._spare_graphs if needed <= g.room <= room), None)
             if graph is not None:
                 self._spare_graphs.remove(graph)
+            elif len(self._jobs) > SPARES and self.device.type == "cuda":
+                # Many jobs here: their steps mostly run as batches (eager), and a recording for each job's
+                # odd step alone would cost more than it saves. Graphs are for a few jobs at a time.
+                return None
         if job.graph is not None and job.graph is not graph:
             self._spare(job.graph)  # the job moves on: its old graph serves the next job that fits
         fresh = graph is None
@@ -682,12 +686,15 @@ class Stage:
         return torch.zeros(1, self.manifest.hidden_size, dtype=self.dtype, device=like.device)
 
     def _record(self, graph: DecodeGraph, position: int) -> None:
+        started = time.perf_counter()
         first = self._graph_pool is None
         if first:
             self._graph_pool = torch.cuda.graph_pool_handle()
             self._graph_stream = torch.cuda.Stream(self.device)
         graph.capture(self._static_forward, position, pool=self._graph_pool, stream=self._graph_stream,
                       warmup=WARMUP_STEPS if first else 0)
+        log.info("stage %s: recorded a decode graph (room %d) in %.1f ms", self.span, graph.room,
+                 (time.perf_counter() - started) * 1000)
 
     def _static_forward(self, graph: DecodeGraph) -> torch.Tensor:
         """The one-token step a decode graph records: input ``graph.x`` at position ``graph.pos``, the cache
