@@ -36,6 +36,11 @@ from transformers.cache_utils import DynamicLayer
 
 MIN_ROOM = 256  # positions: a job's first graph, and the smallest spare worth keeping
 SPARES = 4  # graphs a stage keeps for the next jobs (each holds its room's keys and values)
+# Jobs a stage replays graphs for at once: it records for a new job only while it holds at most this many, and
+# on a GPU a batch of at most this many one-token steps runs as one replay per job, not as an eager batch.
+# Measured on an H200 (bench/gpu.sh): an eager step of a 17-layer Qwen-shaped stage took some 150 ms of
+# launches (4 streams: 23 tok/s in all, graphs or not), a replay about a millisecond (one stream: 218 tok/s).
+GRAPHED_JOBS = 16
 SPARE_POSITIONS = 4096  # and the positions their rooms hold together, at most (memory no job's bound counts)
 WARMUP_STEPS = 2  # eager runs on the capture stream before the first capture (cuBLAS, allocator)
 

@@ -32,7 +32,15 @@ from torch import nn
 
 from azu.config import DECODE_GRAPHS
 from azu.engine.families import Family, family_for
-from azu.engine.graphs import SPARE_POSITIONS, SPARES, WARMUP_STEPS, DecodeGraph, copy_into, room_for
+from azu.engine.graphs import (
+    GRAPHED_JOBS,
+    SPARE_POSITIONS,
+    SPARES,
+    WARMUP_STEPS,
+    DecodeGraph,
+    copy_into,
+    room_for,
+)
 from azu.engine.heap import release_freed_memory
 from azu.engine.kernels import apply_plan, plan_for
 from azu.engine.kvcache import GROW_MIN, BatchRows, GrowingLayer, Past, RowsLayer, StageCache
@@ -166,6 +174,9 @@ class Stage:
         self._base_takes_positions = "position_ids" in inspect.signature(self._base.forward).parameters
         self._lm_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.graphs = graphs
+        # A batch of at most this many one-token steps runs as one graph replay per job (``_as_replays``): on
+        # a GPU, where eager steps are launch-bound; tests set it to run the path on a CPU.
+        self.replay_rows = GRAPHED_JOBS if device.type == "cuda" else 0
         self._spare_graphs: list[DecodeGraph] = []  # graphs no job uses, for the next jobs (oldest first)
         self._graph_pool: Any = None  # the stage's graphs share one memory pool and one recording stream
         self._graph_stream: Any = None
@@ -267,7 +278,7 @@ class Stage:
             for name, buf in list(module._buffers.items()):
                 if buf is not None and buf.device != torch_device:
                     module._buffers[name] = buf.to(torch_device)
-        return cls(
+        stage = cls(
             model,
             manifest,
             span,
@@ -277,6 +288,9 @@ class Stage:
             max_cached_tokens=max_cached_tokens,
             graphs=graphs,
         )
+        if torch_device.type == "cuda":
+            stage.warm_graphs()
+        return stage
 
     # -- jobs ----------------------------------------------------------------------------------
     @property
@@ -387,9 +401,8 @@ class Stage:
             try:
                 sizes = [int(x.shape[0]) for x in inputs]
                 for part in batch_parts([job.length for job in jobs], sizes):
-                    if len(part) == 1:
-                        (b,) = part
-                        ran = [self._run(jobs[b], inputs[b])]
+                    if len(part) == 1 or self._as_replays([jobs[b] for b in part], [sizes[b] for b in part]):
+                        ran = [self._run(jobs[b], inputs[b]) for b in part]
                     else:
                         ran = self._run_batch([jobs[b] for b in part], [inputs[b] for b in part])
                     for b, out in zip(part, ran, strict=True):
@@ -648,9 +661,9 @@ class Stage:
             graph = next((g for g in self._spare_graphs if needed <= g.room <= room), None)
             if graph is not None:
                 self._spare_graphs.remove(graph)
-            elif len(self._jobs) > SPARES and self.device.type == "cuda":
-                # Many jobs here: their steps mostly run as batches (eager), and a recording for each job's
-                # odd step alone would cost more than it saves. Graphs are for a few jobs at a time.
+            elif len(self._jobs) > GRAPHED_JOBS and self.device.type == "cuda":
+                # Many jobs here: their steps run as batches (eager), and a recording for each job's odd
+                # step alone would cost more than it saves. Graphs are for a few jobs at a time.
                 return None
         if job.graph is not None and job.graph is not graph:
             self._spare(job.graph)  # the job moves on: its old graph serves the next job that fits
@@ -716,6 +729,33 @@ class Stage:
         out = self._base(**kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden[0]
+
+    def _as_replays(self, jobs: list[_Job], sizes: list[int]) -> bool:
+        """Whether a batch runs as one decode-graph replay per job: one-token steps of jobs under way, at
+        most ``replay_rows`` of them (on a GPU, where an eager batch step costs more than that many replays;
+        azu.engine.graphs)."""
+        return (len(jobs) <= self.replay_rows and self._graphs_on
+                and all(n == 1 and job.length for job, n in zip(jobs, sizes, strict=True)))
+
+    def warm_graphs(self) -> None:
+        """Record a first decode graph now, kept as a spare (``load`` does on a GPU, where the stage takes
+        graphs): a stage's first recording also warms its recording stream (two eager runs), 150-630 ms
+        measured on an H200, which its first job would wait for otherwise. Runs a throwaway job of two steps
+        (before ``load`` returns no step can reach the stage, so its name meets no real job's)."""
+        if not self._graphs_on:
+            return
+        job_id = f"stage-warm-up:{id(self):x}"
+        if self.span.embeddings:
+            x = torch.zeros(1, dtype=torch.long, device=self.device)
+        else:
+            x = torch.zeros(1, self.manifest.hidden_size, dtype=self.dtype, device=self.device)
+        try:
+            self._forward_checked(job_id, x)
+            self._forward_checked(job_id, x)
+        except Exception:  # the first job records instead
+            log.exception("stage %s: warming decode graphs up failed", self.span)
+        finally:
+            self.end_job(job_id, release=False)
 
     def _spare(self, graph: DecodeGraph) -> None:
         """Keep ``graph`` for a later job: the newest spares, ``SPARES`` and ``SPARE_POSITIONS`` at most (an

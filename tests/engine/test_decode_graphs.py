@@ -133,6 +133,33 @@ def test_jobs_share_spares_and_move_between_graphs_batches_and_eager_steps(built
     assert all(g in spares for g in pipe.stages[0]._spare_graphs)
 
 
+def test_small_batches_run_as_one_replay_per_job_and_a_warm_up_leaves_a_spare(built) -> None:
+    """On a GPU a batch of a few one-token steps runs as replays, one per job (``replay_rows``), and a stage
+    records its first graph when it loads (``warm_graphs``): both forced here on the CPU."""
+    b = built("llama")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    for stage in pipe.stages:
+        stage.warm_graphs()
+        assert len(stage._spare_graphs) == 1 and not stage.jobs and stage.cached_tokens == 0
+        stage.replay_rows = 2
+    prompts = {"a": b.prompt(), "b": b.prompt()[:17], "c": b.prompt()[:9]}
+    want = {k: plain.generate(p, max_tokens=8).token_ids for k, p in prompts.items()}
+    nxt = {k: torch.tensor([int(pipe.step(k, torch.tensor(p)).argmax())]) for k, p in prompts.items()}
+    got = {k: [int(x)] for k, x in nxt.items()}
+    for step in range(7):
+        keys = ["a", "b"] if step < 4 else ["a", "b", "c"]  # 2 rows: replays; 3: a batch
+        xs = [nxt[k] for k in keys]
+        for stage in pipe.stages:
+            xs = stage.forward_batch(list(zip(keys, xs, strict=True)))
+            in_rows = [stage._jobs[k].rows is not None for k in keys]
+            assert in_rows == [len(keys) > 2] * len(keys)
+        for k, logits in zip(keys, xs, strict=True):
+            nxt[k] = torch.tensor([int(logits.argmax())])
+            got[k].append(int(nxt[k]))
+    assert got["a"] == want["a"] and got["b"] == want["b"] and got["c"] == want["c"][:4]
+
+
 def test_a_long_prompt_chunk_after_graphed_steps_writes_in_place(built) -> None:
     """Eager steps (a chunk of several tokens) between graphed ones read and write the same cache: the
     graph's views are brought up to date first."""
@@ -177,8 +204,9 @@ def test_rooms_are_powers_of_two_within_the_context() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs: needs a GPU (bench/gpu.sh)")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_recorded_graphs_on_a_gpu_give_the_eager_tokens(built, family) -> None:
-    """The real thing: graphs recorded and replayed on a GPU (float32), against generate on the same GPU and
-    the engine's eager steps; a second job replays a spare; two jobs batched in between move back."""
+    """The real thing: graphs recorded (the first when the stage loads) and replayed on a GPU (float32),
+    against generate on the same GPU and the engine's eager steps; a second job replays a spare; two jobs
+    stepped together (as one replay each) and alone in turn keep their tokens."""
     import transformers
 
     b = built(family)
@@ -188,6 +216,7 @@ def test_recorded_graphs_on_a_gpu_give_the_eager_tokens(built, family) -> None:
                          attention_mask=torch.ones_like(ids))
     want = out[0, PROMPT_LEN:].tolist()
     pipe = LocalPipeline(b.shards, 2, device="cuda", dtype="float32")
+    assert all(len(s._spare_graphs) == 1 for s in pipe.stages if s._graphs_on)  # recorded at load
     eager = LocalPipeline(b.shards, 2, device="cuda", dtype="float32", graphs="off")
     assert eager.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == want
     assert pipe.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == want
