@@ -656,7 +656,8 @@ class Stage:
         filled = {idx: cast(tuple[torch.Tensor, torch.Tensor], layer._room)
                   for idx, layer in zip(owned, layers, strict=True)}
         room = room_for(needed, self.max_positions)
-        graph = job.graph if job.graph is not None and job.graph.fits(needed) else None
+        old = job.graph
+        graph = old if old is not None and old.fits(needed) else None
         if graph is None:
             graph = next((g for g in self._spare_graphs if needed <= g.room <= room), None)
             if graph is not None:
@@ -665,20 +666,29 @@ class Stage:
                 # Many jobs here: their steps run as batches (eager), and a recording for each job's odd
                 # step alone would cost more than it saves. Graphs are for a few jobs at a time.
                 return None
-        if job.graph is not None and job.graph is not graph:
-            self._spare(job.graph)  # the job moves on: its old graph serves the next job that fits
         fresh = graph is None
         if graph is None:
             like = next(iter(filled.values()))[0]
-            # Zeros: the columns after a step's position are masked, and must be finite (0 x NaN is NaN).
-            rooms = {idx: (k.new_zeros(*k.shape[:-2], room, k.shape[-1]),
-                           v.new_zeros(*v.shape[:-2], room, v.shape[-1])) for idx, (k, v) in filled.items()}
+            try:
+                # Zeros: the columns after a step's position are masked, and must be finite (0 x NaN is NaN).
+                rooms = {idx: (k.new_zeros(*k.shape[:-2], room, k.shape[-1]),
+                               v.new_zeros(*v.shape[:-2], room, v.shape[-1]))
+                         for idx, (k, v) in filled.items()}
+            except torch.OutOfMemoryError:
+                # Nothing has moved yet: the step runs eagerly on the job's own cache, the spares go.
+                log.warning("stage %s: no memory for a decode graph's rooms (%d positions); the step runs "
+                            "eagerly", self.span, room)
+                self._spare_graphs.clear()
+                return None
             graph = DecodeGraph(rooms, self._graph_input(like), self.dtype)
         copy_into(graph, filled, job.length)
         for idx, layer in zip(owned, layers, strict=True):
             keys, values = graph.rooms[idx]
             layer.reserve(keys, values, graph.room - job.length)
         job.graph = graph
+        if old is not None and old is not graph:
+            # Only now, with the job's cache out of its rooms: the old graph serves the next job that fits.
+            self._spare(old)
         if fresh and self.device.type == "cuda":
             try:
                 self._record(graph, job.length)

@@ -32,6 +32,15 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _spares_are_nobodys(stage: Stage) -> None:
+    """No spare's rooms are a job's cache (a job adopting it would write over that job's keys)."""
+    spare = {id(k) for g in stage._spare_graphs for k, _ in g.rooms.values()}
+    for job in stage._jobs.values():
+        for idx in range(stage.span.first, stage.span.last):
+            room = getattr(job.cache.layers[idx], "_room", None)
+            assert room is None or id(room[0]) not in spare
+
+
 def _small_rooms(monkeypatch, extra: int = 9) -> None:
     """Rooms ``extra`` positions longer than asked: with 9, a 40-token prompt's 24 steps move the job through
     three graphs (rooms of 50, 60 and 70 positions)."""
@@ -93,6 +102,7 @@ def test_jobs_share_spares_and_move_between_graphs_batches_and_eager_steps(built
         x = nxt[k]
         for stage in pipe.stages:
             x = stage.forward(k, x)
+            _spares_are_nobodys(stage)
         nxt[k] = torch.tensor([int(x.argmax())])
         got[k].append(int(nxt[k]))
 
@@ -158,6 +168,31 @@ def test_small_batches_run_as_one_replay_per_job_and_a_warm_up_leaves_a_spare(bu
             nxt[k] = torch.tensor([int(logits.argmax())])
             got[k].append(int(nxt[k]))
     assert got["a"] == want["a"] and got["b"] == want["b"] and got["c"] == want["c"][:4]
+
+
+def test_no_memory_for_a_graph_leaves_the_step_eager_and_the_cache_whole(built, monkeypatch) -> None:
+    """A graph's rooms that cannot be allocated (a GPU out of memory) cost the step its graph, not the job:
+    it runs eagerly on the job's own cache, and the graph it outgrew does not become a spare under it."""
+    _small_rooms(monkeypatch, 2)
+    b = built("llama")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    want = plain.generate(b.prompt(), max_tokens=12).token_ids
+    x = torch.tensor(b.prompt())
+    got = []
+    new_zeros = torch.Tensor.new_zeros
+    for step in range(12):
+        if step == 5:  # from here on no new room can be had; the jobs' graphs fill up two steps later
+            def no_memory(self, *args, **kwargs):
+                raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+            monkeypatch.setattr(torch.Tensor, "new_zeros", no_memory)
+        for stage in pipe.stages:
+            x = stage.forward("j", x)
+            _spares_are_nobodys(stage)
+        got.append(int(x.argmax()))
+        x = torch.tensor([got[-1]])
+    monkeypatch.setattr(torch.Tensor, "new_zeros", new_zeros)
+    assert got == want
 
 
 def test_a_long_prompt_chunk_after_graphed_steps_writes_in_place(built) -> None:
