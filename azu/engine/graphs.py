@@ -38,8 +38,8 @@ MIN_ROOM = 256  # positions: a job's first graph, and the smallest spare worth k
 SPARES = 4  # graphs a stage keeps for the next jobs (each holds its room's keys and values)
 # Jobs a stage replays graphs for at once: it records for a new job only while it holds at most this many, and
 # on a GPU a batch of at most this many one-token steps runs as one replay per job, not as an eager batch.
-# Measured on an H200 (bench/gpu.sh): an eager step of a 17-layer Qwen-shaped stage took some 150 ms of
-# launches (4 streams: 23 tok/s in all, graphs or not), a replay about a millisecond (one stream: 218 tok/s).
+# Measured on an H200 (bench/gpu.sh, Qwen2.5-0.5B shape over 2 workers): eager steps, launch-bound, gave one
+# stream 6.6-28 tok/s and 4 streams in eager batches 21-25 tok/s in all; replays gave one stream 218-225.
 GRAPHED_JOBS = 16
 SPARE_POSITIONS = 4096  # and the positions their rooms hold together, at most (memory no job's bound counts)
 WARMUP_STEPS = 2  # eager runs on the capture stream before the first capture (cuBLAS, allocator)
@@ -118,10 +118,9 @@ class DecodeGraph:
             torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # Not ``torch.cuda.graph(...)``: it also synchronizes, runs ``gc.collect()`` and empties the
-        # allocator's cache before each recording, tens of milliseconds in a worker process (and every
-        # allocation after it a fresh cudaMalloc), paid by every job a stage records for. The recording
-        # stream waits for the work before it instead. thread_local: another thread's CUDA call (the
-        # heartbeat's memory query) must not break the recording.
+        # allocator's cache before each recording (so every allocation after it is a fresh cudaMalloc),
+        # paid by every job a stage records for. The recording stream waits for the work before it instead.
+        # thread_local: another thread's CUDA call (the heartbeat's memory query) must not break it.
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
