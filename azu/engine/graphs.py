@@ -12,7 +12,8 @@ A graph needs fixed shapes, fixed addresses and no host sync inside. So a graphe
 - writes its new column at ``pos``, a one-element device tensor the stage sets before the replay (a fill: no
   wait for the device), with ``index_copy_``;
 - attends over the whole room under an additive mask made inside the graph from ``pos`` (columns after it
-  masked). Those columns hold zeros or another step's finite values: never NaN, so a zero weight stays zero;
+  masked). Those columns hold zeros (a job moving into a room zeroes what follows its positions: a NaN
+  another job left there would pass through a zero weight) or the job's own earlier values;
 - takes its input from a static tensor (copied in before the replay) and leaves its output in another (cloned
   after it: the hand-over sends the output while the next step runs).
 
@@ -112,26 +113,30 @@ class DecodeGraph:
         self.pos.fill_(position)
         if warmup:
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    forward(self)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+            try:
+                with torch.cuda.stream(stream):
+                    for _ in range(warmup):
+                        forward(self)
+            finally:  # a failed warm-up too: the eager step after it writes the same column
+                torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # Not ``torch.cuda.graph(...)``: it also synchronizes, runs ``gc.collect()`` and empties the
         # allocator's cache before each recording (so every allocation after it is a fresh cudaMalloc),
         # paid by every job a stage records for. The recording stream waits for the work before it instead.
         # thread_local: another thread's CUDA call (the heartbeat's memory query) must not break it.
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-            try:
-                self.out = forward(self)
-            except BaseException:
-                with contextlib.suppress(Exception):  # the recording is broken anyway: end it
-                    graph.capture_end()
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    self.out = forward(self)
+                except BaseException:
+                    with contextlib.suppress(Exception):  # the recording is broken anyway: end it
+                        graph.capture_end()
+                    raise
+                graph.capture_end()
+        finally:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = graph
 
     def step(self, forward: Callable[[DecodeGraph], torch.Tensor], x: torch.Tensor,
@@ -149,9 +154,13 @@ class DecodeGraph:
 
 def copy_into(graph: DecodeGraph, filled: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
     """Put a job's ``length`` cached positions (``filled``: layer -> keys, values, at least that long) at
-    the front of ``graph``'s rooms."""
+    the front of ``graph``'s rooms, and zeros after them: the columns after them held another job's keys and
+    values (a spare's last job), masked but read, and a NaN among them (a worker upstream can send one) would
+    reach this job's output through the zero weight (0 x NaN)."""
     for idx, (keys, values) in filled.items():
         room_k, room_v = graph.rooms[idx]
         if room_k.data_ptr() != keys.data_ptr():
             room_k[..., :length, :] = keys[..., :length, :]
             room_v[..., :length, :] = values[..., :length, :]
+            room_k[..., length:, :].zero_()
+            room_v[..., length:, :].zero_()

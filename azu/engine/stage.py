@@ -631,6 +631,8 @@ class Stage:
         if graph is None or not graph.fits(needed) or not self._graph_holds(job, graph):
             graph = self._graph_for(job, needed)
             if graph is None:
+                if job.graph is not None and not self._graph_holds(job, job.graph):
+                    job.graph = None  # outgrown and left behind (no room to be had): its memory goes
                 return None
         out = graph.step(self._static_forward, x, job.length)
         job.stale_views = True
@@ -744,8 +746,13 @@ class Stage:
         """Whether a batch runs as one decode-graph replay per job: one-token steps of jobs under way, at
         most ``replay_rows`` of them (on a GPU, where an eager batch step costs more than that many replays;
         azu.engine.graphs)."""
-        return (len(jobs) <= self.replay_rows and self._graphs_on
-                and all(n == 1 and job.length for job, n in zip(jobs, sizes, strict=True)))
+        if not (len(jobs) <= self.replay_rows and self._graphs_on
+                and all(n == 1 and job.length for job, n in zip(jobs, sizes, strict=True))):
+            return False
+        # Only where the jobs have graphs, or may record them: steps that would run eagerly one by one (a
+        # busy stage) cost more than one eager batch.
+        return len(self._jobs) <= GRAPHED_JOBS or all(
+            job.graph is not None and job.graph.fits(job.length + 1) for job in jobs)
 
     def warm_graphs(self) -> None:
         """Record a first decode graph now, kept as a spare (``load`` does on a GPU, where the stage takes
@@ -771,6 +778,8 @@ class Stage:
         """Keep ``graph`` for a later job: the newest spares, ``SPARES`` and ``SPARE_POSITIONS`` at most (an
         older one goes, with its memory)."""
         spares = self._spare_graphs
+        if graph.room > SPARE_POSITIONS:
+            return  # one long job's room would push every other spare out, then itself
         spares.append(graph)
         while spares and (len(spares) > SPARES or sum(g.room for g in spares) > SPARE_POSITIONS):
             spares.pop(0)

@@ -195,6 +195,23 @@ def test_no_memory_for_a_graph_leaves_the_step_eager_and_the_cache_whole(built, 
     assert got == want
 
 
+def test_a_job_taking_a_spare_reads_nothing_of_its_last_job(built) -> None:
+    """A worker upstream can send NaN rows: the job they poison writes NaN keys and values into its room.
+    When it ends and its graph serves another job, the columns after that job's positions (masked, but read:
+    0 x NaN is NaN) must not hold them."""
+    stage = LocalPipeline(built("llama").shards, 2, graphs="on").stages[1]  # hidden rows in, logits out
+    hidden = stage.manifest.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    stage.forward("a", torch.randn(4, hidden, generator=gen))
+    for _ in range(3):
+        stage.forward("a", torch.full((1, hidden), float("nan")))
+    poisoned = stage._jobs["a"].graph
+    stage.end_job("a")
+    stage.forward("b", torch.randn(2, hidden, generator=gen))
+    out = stage.forward("b", torch.randn(1, hidden, generator=gen))
+    assert stage._jobs["b"].graph is poisoned and bool(torch.isfinite(out).all())
+
+
 def test_a_long_prompt_chunk_after_graphed_steps_writes_in_place(built) -> None:
     """Eager steps (a chunk of several tokens) between graphed ones read and write the same cache: the
     graph's views are brought up to date first."""
