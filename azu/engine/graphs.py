@@ -79,17 +79,16 @@ class DecodeGraph:
     ``forward(graph)`` is the stage's static step: it reads ``graph.x``, ``graph.positions`` and
     ``graph.mask()``, runs the layers on a cache of ``graph.layers()``, and returns the output."""
 
-    def __init__(self, rooms: dict[int, tuple[torch.Tensor, torch.Tensor]], x_like: torch.Tensor,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, rooms: dict[int, tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor) -> None:
         some = next(iter(rooms.values()))[0]
         self.rooms = rooms
         self.room = int(some.shape[-2])
         self.device = some.device
-        self.dtype = dtype
+        self.dtype = some.dtype  # the stage's: the mask's too
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.positions = self.pos.view(1, 1)
         self.cols = torch.arange(self.room, device=self.device)
-        self.x = torch.zeros_like(x_like, device=self.device)
+        self.x = x  # the static input (the graph's own: each step's is copied into it)
         self.out: torch.Tensor | None = None
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
 

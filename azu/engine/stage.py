@@ -604,13 +604,17 @@ class Stage:
             kwargs["inputs_embeds"] = x.unsqueeze(0)
         if self._base_takes_positions:
             kwargs["position_ids"] = torch.arange(job.length, job.length + n, device=self.device).unsqueeze(0)
+        return self._one_job_output(kwargs, all_logits=all_logits)
+
+    def _one_job_output(self, kwargs: dict, *, all_logits: bool = False) -> torch.Tensor:
+        """The stage's layers run on ``kwargs`` (one job's row): float32 logits of the last position (of
+        every position with ``all_logits``) at the head, else hidden states ``[n, hidden]``."""
         if self.span.head:
             if all_logits:
                 return self.model(**kwargs).logits[0].float()
             if self._lm_takes_logits_to_keep:
                 kwargs["logits_to_keep"] = 1
-            out = self.model(**kwargs)
-            return out.logits[0, -1].float()
+            return self.model(**kwargs).logits[0, -1].float()
         out = self._base(**kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden[0]
@@ -670,7 +674,6 @@ class Stage:
                 return None
         fresh = graph is None
         if graph is None:
-            like = next(iter(filled.values()))[0]
             try:
                 # Zeros: the columns after a step's position are masked, and must be finite (0 x NaN is NaN).
                 rooms = {idx: (k.new_zeros(*k.shape[:-2], room, k.shape[-1]),
@@ -682,7 +685,7 @@ class Stage:
                             "eagerly", self.span, room)
                 self._spare_graphs.clear()
                 return None
-            graph = DecodeGraph(rooms, self._graph_input(like), self.dtype)
+            graph = DecodeGraph(rooms, self._graph_input())
         copy_into(graph, filled, job.length)
         for idx, layer in zip(owned, layers, strict=True):
             keys, values = graph.rooms[idx]
@@ -704,11 +707,11 @@ class Stage:
                 return None
         return graph
 
-    def _graph_input(self, like: torch.Tensor) -> torch.Tensor:
-        """The static input of a one-token step: a token id, or one position's hidden state."""
+    def _graph_input(self) -> torch.Tensor:
+        """A one-token step's input, zero: a token id, or one position's hidden state."""
         if self.span.embeddings:
-            return torch.zeros(1, dtype=torch.long, device=like.device)
-        return torch.zeros(1, self.manifest.hidden_size, dtype=self.dtype, device=like.device)
+            return torch.zeros(1, dtype=torch.long, device=self.device)
+        return torch.zeros(1, self.manifest.hidden_size, dtype=self.dtype, device=self.device)
 
     def _record(self, graph: DecodeGraph, position: int) -> None:
         started = time.perf_counter()
@@ -734,13 +737,7 @@ class Stage:
             kwargs["input_ids"] = graph.x.view(1, 1)
         else:
             kwargs["inputs_embeds"] = graph.x.view(1, 1, -1)
-        if self.span.head:
-            if self._lm_takes_logits_to_keep:
-                kwargs["logits_to_keep"] = 1
-            return self.model(**kwargs).logits[0, -1].float()
-        out = self._base(**kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden[0]
+        return self._one_job_output(kwargs)
 
     def _as_replays(self, jobs: list[_Job], sizes: list[int]) -> bool:
         """Whether a batch runs as one decode-graph replay per job: one-token steps of jobs under way, at
@@ -762,10 +759,7 @@ class Stage:
         if not self._graphs_on:
             return
         job_id = f"stage-warm-up:{id(self):x}"
-        if self.span.embeddings:
-            x = torch.zeros(1, dtype=torch.long, device=self.device)
-        else:
-            x = torch.zeros(1, self.manifest.hidden_size, dtype=self.dtype, device=self.device)
+        x = self._graph_input()
         try:
             self._forward_checked(job_id, x)
             self._forward_checked(job_id, x)
