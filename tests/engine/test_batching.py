@@ -8,6 +8,7 @@ import torch
 from azu.cli import demo
 from azu.engine.local import LocalPipeline
 from azu.registry.sharder import shard_model
+from tests.support.engine import decode_together
 
 NO_SLIDING = {"sliding_window": None}
 
@@ -42,14 +43,7 @@ def test_batched_decode_matches_one_by_one(tmp_path, family, overrides):
         got[k].append(token)
         nxt[k] = torch.tensor([token])
     for _ in range(11):
-        keys = list(nxt)
-        xs = [nxt[k] for k in keys]
-        for stage in pipe.stages:
-            xs = stage.forward_batch(list(zip(keys, xs, strict=True)))
-        for k, logits in zip(keys, xs, strict=True):
-            token = int(logits.argmax())
-            got[k].append(token)
-            nxt[k] = torch.tensor([token])
+        decode_together(pipe.stages, list(nxt), nxt, got)
     assert [got[f"j{i}"] for i in range(len(prompts))] == alone
     assert pipe.stages[0].job_length("j0") == len(prompts[0]) + 11
 

@@ -13,7 +13,7 @@ from azu.engine import stage as stage_module
 from azu.engine.local import LocalPipeline
 from azu.engine.stage import Stage
 from azu.errors import InvalidRequest
-from tests.support.engine import NEW_TOKENS, PROMPT_LEN
+from tests.support.engine import NEW_TOKENS, PROMPT_LEN, decode_together
 
 # Families whose stages take the static step (explicit positions, full attention; azu.engine.stage).
 GRAPHED = ["llama", "qwen2", "phi", "phi3", "gemma", "qwen2_moe", "deepseek_v2"]
@@ -107,12 +107,7 @@ def test_jobs_share_spares_and_move_between_graphs_batches_and_eager_steps(built
         got[k].append(int(nxt[k]))
 
     def together() -> None:
-        xs = [nxt["a"], nxt["b"]]
-        for stage in pipe.stages:
-            xs = stage.forward_batch(list(zip(["a", "b"], xs, strict=True)))
-        for k, logits in zip(["a", "b"], xs, strict=True):
-            nxt[k] = torch.tensor([int(logits.argmax())])
-            got[k].append(int(nxt[k]))
+        decode_together(pipe.stages, ["a", "b"], nxt, got)
 
     for _ in range(4):
         alone("a")
@@ -159,14 +154,11 @@ def test_small_batches_run_as_one_replay_per_job_and_a_warm_up_leaves_a_spare(bu
     got = {k: [int(x)] for k, x in nxt.items()}
     for step in range(7):
         keys = ["a", "b"] if step < 4 else ["a", "b", "c"]  # 2 rows: replays; 3: a batch
-        xs = [nxt[k] for k in keys]
-        for stage in pipe.stages:
-            xs = stage.forward_batch(list(zip(keys, xs, strict=True)))
-            in_rows = [stage._jobs[k].rows is not None for k in keys]
-            assert in_rows == [len(keys) > 2] * len(keys)
-        for k, logits in zip(keys, xs, strict=True):
-            nxt[k] = torch.tensor([int(logits.argmax())])
-            got[k].append(int(nxt[k]))
+
+        def in_rows_if_batched(stage: Stage, keys: list[str] = keys) -> None:
+            assert [stage._jobs[k].rows is not None for k in keys] == [len(keys) > 2] * len(keys)
+
+        decode_together(pipe.stages, keys, nxt, got, in_rows_if_batched)
     assert got["a"] == want["a"] and got["b"] == want["b"] and got["c"] == want["c"][:4]
 
 
@@ -282,11 +274,6 @@ def test_recorded_graphs_on_a_gpu_give_the_eager_tokens(built, family) -> None:
     got: dict[str, list[int]] = {"a": [], "b": []}
     for step in range(12):
         keys = ["a", "b"] if 4 <= step < 8 else ["a"] if step % 2 else ["b"]
-        xs = [nxt[k] for k in keys]
-        for stage in pipe.stages:
-            xs = stage.forward_batch(list(zip(keys, xs, strict=True)))
-        for k, logits in zip(keys, xs, strict=True):
-            nxt[k] = torch.tensor([int(logits.argmax())])
-            got[k].append(int(nxt[k]))
+        decode_together(pipe.stages, keys, nxt, got)
     for k, prompt in {"a": b.prompt(), "b": b.prompt()[:17]}.items():
         assert got[k] == eager.generate(prompt, max_tokens=len(got[k])).token_ids

@@ -12,6 +12,7 @@ from azu.cli import demo
 from azu.engine import kvcache
 from azu.engine.local import LocalPipeline
 from azu.registry.sharder import shard_model
+from tests.support.engine import decode_together
 
 
 def test_a_growing_layer_holds_what_concatenation_holds() -> None:
@@ -62,13 +63,7 @@ def test_generate_and_batches_match_past_many_growths(tmp_path, family) -> None:
            for i, p in enumerate(prompts)}
     got = {k: [int(x)] for k, x in nxt.items()}
     for _ in range(steps - 1):
-        keys = list(nxt)
-        xs = [nxt[k] for k in keys]
-        for stage in pipe.stages:
-            xs = stage.forward_batch(list(zip(keys, xs, strict=True)))
-        for k, logits in zip(keys, xs, strict=True):
-            nxt[k] = torch.tensor([int(logits.argmax())])
-            got[k].append(int(nxt[k]))
+        decode_together(pipe.stages, list(nxt), nxt, got)
     assert [got["j0"], got["j1"]] == alone
 
 

@@ -10,7 +10,7 @@ copy of every class in it).
     tests.support.database  ADMIN_URL, create_database/drop_database, LEDGER_TABLES, BOOKS_CHECK
     tests.support.chain     deploy_reverting_contract, FaultyChain (+ Crash)
     tests.support.payouts   THRESHOLD, FUNDING, Env, check_books_and_chain
-    tests.support.engine    PROMPT_LEN, NEW_TOKENS, Built
+    tests.support.engine    PROMPT_LEN, NEW_TOKENS, Built, decode_together
     tests.support.fake_hub  FakeHub: a local stand-in for the Hugging Face hub
 """
 

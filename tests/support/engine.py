@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,3 +52,19 @@ class Built:
             )
             self._reference = out[0, PROMPT_LEN:].tolist()
         return self._reference
+
+
+def decode_together(stages: Iterable[Any], keys: list[str], nxt: dict[str, torch.Tensor],
+                    got: dict[str, list[int]], after_stage: Callable[[Any], None] | None = None) -> None:
+    """One greedy step of the jobs ``keys`` through ``stages`` as batches (``Stage.forward_batch``): each
+    job's input from ``nxt``; its token appended to ``got[job]`` and put in ``nxt`` as the next input.
+    ``after_stage(stage)`` runs after each stage's batch (checks)."""
+    xs = [nxt[k] for k in keys]
+    for stage in stages:
+        xs = stage.forward_batch(list(zip(keys, xs, strict=True)))
+        if after_stage is not None:
+            after_stage(stage)
+    for k, logits in zip(keys, xs, strict=True):
+        token = int(logits.argmax())
+        got[k].append(token)
+        nxt[k] = torch.tensor([token])
