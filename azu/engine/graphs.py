@@ -44,6 +44,7 @@ SPARES = 4  # graphs a stage keeps for the next jobs (each holds its room's keys
 GRAPHED_JOBS = 16
 SPARE_POSITIONS = 4096  # and the positions their rooms hold together, at most (memory no job's bound counts)
 WARMUP_STEPS = 2  # eager runs on the capture stream before the first capture (cuBLAS, allocator)
+RETRY_AFTER_OOM_S = 10.0  # after the device ran out of memory for a graph, no new one is tried for this long
 
 
 def room_for(positions: int, limit: int) -> int:

@@ -34,6 +34,7 @@ from azu.config import DECODE_GRAPHS
 from azu.engine.families import Family, family_for
 from azu.engine.graphs import (
     GRAPHED_JOBS,
+    RETRY_AFTER_OOM_S,
     SPARE_POSITIONS,
     SPARES,
     WARMUP_STEPS,
@@ -178,6 +179,8 @@ class Stage:
         # a GPU, where eager steps are launch-bound; tests set it to run the path on a CPU.
         self.replay_rows = GRAPHED_JOBS if device.type == "cuda" else 0
         self._spare_graphs: list[DecodeGraph] = []  # graphs no job uses, for the next jobs (oldest first)
+        self._records = device.type == "cuda"  # graphs are recorded (else the static step runs eagerly)
+        self._no_new_graphs_until = 0.0  # monotonic time: no new room or recording before it (out of memory)
         self._graph_pool: Any = None  # the stage's graphs share one memory pool and one recording stream
         self._graph_stream: Any = None
 
@@ -484,12 +487,17 @@ class Stage:
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             outs = [hidden[b, widest - sizes[b] :] for b in range(batch)]  # each [n_b, hidden]
         if rows.forget_pasts():
-            # The jobs that joined these rows: their keys and values were copied in, so their own buffers go.
+            # The jobs that joined these rows: their keys and values were copied in, so their own buffers go,
+            # and so do their decode graphs (as spares): a graph's rooms no longer hold its job's cache, and
+            # kept beside the rows they would hold every batched job's positions twice.
             for job in jobs:
                 for idx in owned:
                     own: Any = job.cache.layers[idx]
                     if own.is_initialized:
                         own.reset()
+                if job.graph is not None:
+                    self._spare(job.graph)
+                    job.graph = None
         in_order: list[torch.Tensor] = [outs[0]] * batch
         for b, out_b in zip(order, outs, strict=True):
             in_order[b] = out_b
@@ -674,6 +682,8 @@ class Stage:
                 return None
         fresh = graph is None
         if graph is None:
+            if time.monotonic() < self._no_new_graphs_until:
+                return None  # the device was out of memory a moment ago (below)
             try:
                 # Zeros: the columns after a step's position are masked, and must be finite (0 x NaN is NaN).
                 rooms = {idx: (k.new_zeros(*k.shape[:-2], room, k.shape[-1]),
@@ -681,9 +691,7 @@ class Stage:
                          for idx, (k, v) in filled.items()}
             except torch.OutOfMemoryError:
                 # Nothing has moved yet: the step runs eagerly on the job's own cache, the spares go.
-                log.warning("stage %s: no memory for a decode graph's rooms (%d positions); the step runs "
-                            "eagerly", self.span, room)
-                self._spare_graphs.clear()
+                self._out_of_memory(f"a decode graph's rooms ({room} positions)")
                 return None
             graph = DecodeGraph(rooms, self._graph_input())
         copy_into(graph, filled, job.length)
@@ -694,18 +702,33 @@ class Stage:
         if old is not None and old is not graph:
             # Only now, with the job's cache out of its rooms: the old graph serves the next job that fits.
             self._spare(old)
-        if fresh and self.device.type == "cuda":
+        if fresh and self._records:
             try:
                 self._record(graph, job.length)
-            except Exception:
+            except Exception as exc:
                 # The job's cache is in the graph's rooms, which eager steps use as well: it goes on eagerly.
-                log.exception("stage %s: recording a decode graph failed; one-token steps run eagerly",
-                              self.span)
-                self.graphs = "off"
-                self.__dict__.pop("_graphs_on", None)
                 job.graph = None
+                if isinstance(exc, torch.OutOfMemoryError):
+                    self._out_of_memory("recording a decode graph")
+                else:
+                    # Anything else is the step's own code (an op a recording cannot hold, a host sync):
+                    # every later recording would fail the same way, after its warm-up runs.
+                    log.exception("stage %s: recording a decode graph failed; one-token steps run eagerly "
+                                  "from now on", self.span)
+                    self.graphs = "off"
+                    self.__dict__.pop("_graphs_on", None)
                 return None
         return graph
+
+    def _out_of_memory(self, what: str) -> None:
+        """The device had no memory for ``what``: the spares go, and for ``RETRY_AFTER_OOM_S`` no new graph
+        is tried (a step that tried anyway would fail the same way, and each failed allocation makes
+        PyTorch's allocator hand back its whole cache, so that every allocation after it is a fresh
+        cudaMalloc). Steps meanwhile run eagerly, or on the graphs their jobs hold."""
+        self._spare_graphs.clear()
+        self._no_new_graphs_until = time.monotonic() + RETRY_AFTER_OOM_S
+        log.warning("stage %s: out of device memory for %s; one-token steps of new graphs run eagerly for "
+                    "%.0f s", self.span, what, RETRY_AFTER_OOM_S)
 
     def _graph_input(self) -> torch.Tensor:
         """A one-token step's input, zero: a token id, or one position's hidden state."""

@@ -86,9 +86,9 @@ def test_the_static_step_makes_no_host_sync(built, family) -> None:
 
 
 def test_jobs_share_spares_and_move_between_graphs_batches_and_eager_steps(built, monkeypatch) -> None:
-    """Two jobs: alone (each its own graph), as one batch (rows: their graphs idle), alone again (each moves
-    back into its graph's rooms, no recording), a prompt chunk between decode steps (eager, in place), and
-    after they end a third job takes a spare. Tokens: each job's own greedy run."""
+    """Two jobs: alone (each its own graph), as one batch (rows: their graphs go to the spares), alone again
+    (each moves into a spare's rooms, no recording), a prompt chunk between decode steps (eager, in place),
+    and after they end a third job takes a spare. Tokens: each job's own greedy run."""
     _small_rooms(monkeypatch, 16)
     b = built("llama")
     plain = LocalPipeline(b.shards, 2, graphs="off")
@@ -116,11 +116,14 @@ def test_jobs_share_spares_and_move_between_graphs_batches_and_eager_steps(built
     assert all(recorded.values()) and recorded["a"] is not recorded["b"]
     for _ in range(6):
         together()
+        # In rows, a job holds no graph: its graph's rooms would hold its positions a second time.
+        assert all(pipe.stages[0]._jobs[k].graph is None for k in prompts)
+        assert {id(g) for g in recorded.values()} <= {id(g) for g in pipe.stages[0]._spare_graphs}
     for _ in range(5):
         alone("a")
         alone("b")
-    # Back from the batch: each job is in its own graph's rooms again (it still fits them).
-    assert {k: pipe.stages[0]._jobs[k].graph for k in prompts} == recorded
+    # Back from the batch: each job took one of the spares (both still fit them), nothing was recorded.
+    assert {id(pipe.stages[0]._jobs[k].graph) for k in prompts} == {id(g) for g in recorded.values()}
     for _ in range(NEW_TOKENS - 15):
         alone("a")
         alone("b")
@@ -173,9 +176,11 @@ def test_no_memory_for_a_graph_leaves_the_step_eager_and_the_cache_whole(built, 
     x = torch.tensor(b.prompt())
     got = []
     new_zeros = torch.Tensor.new_zeros
+    refused: list[int] = []
     for step in range(12):
         if step == 5:  # from here on no new room can be had; the jobs' graphs fill up two steps later
             def no_memory(self, *args, **kwargs):
+                refused.append(1)
                 raise torch.OutOfMemoryError("CUDA out of memory (a test)")
             monkeypatch.setattr(torch.Tensor, "new_zeros", no_memory)
         for stage in pipe.stages:
@@ -185,6 +190,65 @@ def test_no_memory_for_a_graph_leaves_the_step_eager_and_the_cache_whole(built, 
         x = torch.tensor([got[-1]])
     monkeypatch.setattr(torch.Tensor, "new_zeros", new_zeros)
     assert got == want
+    # One try a stage, then none for RETRY_AFTER_OOM_S (a try a step would flush the allocator each step).
+    assert len(refused) == len(pipe.stages) and all(s._no_new_graphs_until > 0 for s in pipe.stages)
+
+
+def test_batched_jobs_hold_no_graph_rooms_beside_their_rows(built) -> None:
+    """Jobs that leave their graphs for a batch's rows hand the graphs to the spares (bounded): kept by the
+    jobs, 8 batched jobs held their positions twice over, in the rows and in 8 idle rooms."""
+    b = built("llama")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    keys = [f"j{i}" for i in range(8)]
+    nxt = {k: torch.tensor([int(pipe.step(k, torch.tensor(b.prompt()[: 9 + i])).argmax())])
+           for i, k in enumerate(keys)}
+    got: dict[str, list[int]] = {k: [] for k in keys}
+    for k in keys:  # one step alone each: every job gets a graph
+        nxt[k] = torch.tensor([int(pipe.step(k, nxt[k]).argmax())])
+    stage = pipe.stages[0]
+    alone = stage.kv_cache_bytes()
+    assert all(stage._jobs[k].graph is not None for k in keys)
+    for _ in range(3):
+        decode_together(pipe.stages, keys, nxt, got)
+    for stage in pipe.stages:
+        assert all(stage._jobs[k].graph is None and stage._jobs[k].rows is not None for k in keys)
+        assert len(stage._spare_graphs) <= graphs.SPARES
+    # The rows (8 x ~26 positions, grown by GROW_MIN) and at most SPARES spare rooms: under the 8 rooms alone.
+    assert pipe.stages[0].kv_cache_bytes() < alone
+
+
+def test_out_of_memory_pauses_new_graphs_and_other_recording_failures_end_them(built, monkeypatch) -> None:
+    """Out of device memory (for rooms, or while recording): no new graph is tried for RETRY_AFTER_OOM_S
+    (every try would fail and flush the allocator's cache), then graphs come back. A recording that fails
+    otherwise is the step's own code: graphs end on that stage. Tokens stay generate's throughout."""
+    b = built("llama")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    want = plain.generate(b.prompt(), max_tokens=12).token_ids
+    stage = pipe.stages[0]
+    stage._records = True  # as on a GPU; the "recording" below is the test's
+    tries: list[str] = []
+    failure: list[BaseException] = [torch.OutOfMemoryError("CUDA out of memory (a test)")]
+
+    def record(graph, position) -> None:
+        tries.append("record")
+        if failure:
+            raise failure[0]
+
+    monkeypatch.setattr(stage, "_record", record)
+    x, got = torch.tensor(b.prompt()), []
+    for step in range(12):
+        if step == 4:  # the pause is over; the next recording fails for another reason
+            assert tries == ["record"] and stage._graphs_on and stage._jobs["j"].graph is None
+            stage._no_new_graphs_until = 0.0
+            failure[0] = RuntimeError("operation not permitted when stream is capturing (a test)")
+        if step == 7:
+            assert tries == ["record", "record"] and not stage._graphs_on
+        x = pipe.step("j", x)
+        got.append(int(x.argmax()))
+        x = torch.tensor([got[-1]])
+    assert got == want and tries == ["record", "record"]
+    assert all(s._jobs["j"].graph is not None for s in pipe.stages[1:] if s._graphs_on)
 
 
 def test_a_job_taking_a_spare_reads_nothing_of_its_last_job(built) -> None:
