@@ -1,4 +1,4 @@
-"""Decode graphs: a job's one-token step at a stage as one replay of a captured CUDA graph.
+"""Decode graphs: a job's one-token step at a stage (or a batch's) as one replay of a captured CUDA graph.
 
 Why: on a GPU a small model's decode step is bound by launches, not by the device. transformers' eager
 forward issues some fifteen kernels a layer from Python, so a 12-layer stage of a Qwen2.5-0.5B shape spends
@@ -23,13 +23,22 @@ uses (it ended, or moved on) is kept as a spare (``SPARES`` a stage, their rooms
 the next job whose cache fits its room moves into its buffers (one copy of the prompt's keys and values) and
 replays it without recording anything.
 
+Batch decode graphs: jobs that decode together (a micro-batch, azu.network.batching) step as one replay of a
+graph over the rows of their batch (``BatchRows``, one buffer ``[rows, heads, room, head_dim]`` a layer), each
+row writing its column at its own ``pos[b]`` (one indexed copy a layer) under its own mask row. A stage makes
+one when a batch is too large for one replay per job (``GRAPHED_JOBS``) or when the same jobs meet again (a
+recording is paid back by the batch's next steps, not by a batch that meets once): the jobs' caches are
+copied into new rows of a ``room_for`` room, their own graphs go to the spares, and the graph is recorded. It
+serves the batch while its jobs stay together and their rows have a free column; a job that leaves (runs
+alone, ends, or a new job joins) disbands the rows, and the next batch makes new ones.
+
 On a CPU (``graphs="on"``, for tests) the same static step runs eagerly: the step the graph would record.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +53,7 @@ SPARES = 4  # graphs a stage keeps for the next jobs (each holds its room's keys
 GRAPHED_JOBS = 16
 SPARE_POSITIONS = 4096  # and the positions their rooms hold together, at most (memory no job's bound counts)
 WARMUP_STEPS = 2  # eager runs on the capture stream before the first capture (cuBLAS, allocator)
+BATCH_GRAPH_FAILURES = 3  # recordings of batch graphs that may fail (not for memory) before a stage stops
 RETRY_AFTER_OOM_S = 10.0  # after the device ran out of memory for a graph, no new one is tried for this long
 
 
@@ -57,60 +67,76 @@ def room_for(positions: int, limit: int) -> int:
 
 
 class StaticLayer(DynamicLayer):
-    """A cache layer over a fixed room ``[1, heads, room, head_dim]``: an update writes its one column at
-    ``pos`` and attention reads the whole room (the step's mask hides the columns after ``pos``)."""
+    """A cache layer over a fixed room ``[rows, heads, room, head_dim]``: an update writes each row's one
+    column at that row's ``pos`` and attention reads the whole room (the step's mask hides the columns after
+    each row's ``pos``)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+                 rows: torch.Tensor | None) -> None:
         super().__init__()
         self.lazy_initialization(keys, values)
-        self.room, self.pos = (keys, values), pos
+        self.room, self.pos, self.rows = (keys, values), pos, rows
         self.keys, self.values = keys, values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.room
-        keys.index_copy_(2, self.pos, key_states)
-        values.index_copy_(2, self.pos, value_states)
+        if self.rows is None:  # one row
+            keys.index_copy_(2, self.pos, key_states)
+            values.index_copy_(2, self.pos, value_states)
+        else:  # row b's column at pos[b]: [rows, heads, head_dim] written in one indexed copy
+            keys[self.rows, :, self.pos] = key_states[:, :, 0]
+            values[self.rows, :, self.pos] = value_states[:, :, 0]
         return keys, values
 
 
 class DecodeGraph:
-    """One-token steps on the rooms ``rooms`` (layer index -> keys, values; all ``room`` positions long).
+    """One-token steps of ``rows`` jobs at once on the rooms ``rooms`` (layer index -> keys, values
+    ``[rows, heads, room, head_dim]``; row b is one job's cache, all ``room`` positions long).
 
-    ``forward(graph)`` is the stage's static step: it reads ``graph.x``, ``graph.positions`` and
-    ``graph.mask()``, runs the layers on a cache of ``graph.layers()``, and returns the output."""
+    ``forward(graph)`` is the stage's static step: it reads ``graph.x`` (one token or hidden state a row),
+    ``graph.positions`` and ``graph.mask()``, runs the layers on a cache of ``graph.layers()``, and returns
+    the output (a row each)."""
 
     def __init__(self, rooms: dict[int, tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor) -> None:
         some = next(iter(rooms.values()))[0]
         self.rooms = rooms
+        self.rows = int(some.shape[0])
         self.room = int(some.shape[-2])
         self.device = some.device
         self.dtype = some.dtype  # the stage's: the mask's too
-        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.positions = self.pos.view(1, 1)
+        self.pos = torch.zeros(self.rows, dtype=torch.long, device=self.device)
+        self.positions = self.pos.view(self.rows, 1)
+        self._row_index = torch.arange(self.rows, device=self.device) if self.rows > 1 else None
         self.cols = torch.arange(self.room, device=self.device)
         self.x = x  # the static input (the graph's own: each step's is copied into it)
         self.out: torch.Tensor | None = None
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
 
     def layers(self) -> dict[int, StaticLayer]:
-        return {idx: StaticLayer(k, v, self.pos) for idx, (k, v) in self.rooms.items()}
+        return {idx: StaticLayer(k, v, self.pos, self._row_index) for idx, (k, v) in self.rooms.items()}
 
     def mask(self) -> torch.Tensor:
-        """The additive mask ``[1, 1, 1, room]``: 0 up to ``pos``, the dtype's minimum after it."""
-        hidden = (self.cols > self.pos).view(1, 1, 1, self.room)
+        """The additive mask ``[rows, 1, 1, room]``: 0 up to each row's ``pos``, the dtype's minimum after."""
+        hidden = (self.cols[None, :] > self.pos[:, None]).view(self.rows, 1, 1, self.room)
         return torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(
             hidden, torch.finfo(self.dtype).min)
 
     def fits(self, positions: int) -> bool:
         return positions <= self.room
 
-    def capture(self, forward: Callable[[DecodeGraph], torch.Tensor], position: int, *, pool: Any,
-                stream: Any, warmup: int) -> None:
+    def _set_positions(self, positions: int | Sequence[int]) -> None:
+        if isinstance(positions, int):
+            self.pos.fill_(positions)  # a fill: no copy from the host
+        else:
+            self.pos.copy_(torch.as_tensor(positions, dtype=torch.long))
+
+    def capture(self, forward: Callable[[DecodeGraph], torch.Tensor], positions: int | Sequence[int], *,
+                pool: Any, stream: Any, warmup: int) -> None:
         """Record ``forward`` (on a GPU; run first ``warmup`` times eagerly on ``stream``, as recording
-        requires). Recording runs nothing; the warm-up runs write column ``position`` of every room (a free
-        one: the job's next), which its real step writes again."""
-        self.pos.fill_(position)
+        requires). Recording runs nothing; the warm-up runs write column ``positions[b]`` of row b of every
+        room (a free one: the job's next), which its real step writes again."""
+        self._set_positions(positions)
         if warmup:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             try:
@@ -140,11 +166,11 @@ class DecodeGraph:
         self.graph = graph
 
     def step(self, forward: Callable[[DecodeGraph], torch.Tensor], x: torch.Tensor,
-             position: int) -> torch.Tensor:
-        """The step of input ``x`` at ``position``: the recorded graph replayed (its output cloned), or on a
-        CPU ``forward`` run eagerly."""
+             positions: int | Sequence[int]) -> torch.Tensor:
+        """The step of input ``x`` (a row each) at ``positions`` (a row each; an int for one row): the
+        recorded graph replayed (its output cloned), or on a CPU ``forward`` run eagerly."""
         self.x.copy_(x.view_as(self.x))
-        self.pos.fill_(position)
+        self._set_positions(positions)
         if self.graph is None:
             return forward(self)
         self.graph.replay()

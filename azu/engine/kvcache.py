@@ -138,6 +138,15 @@ class BatchRows:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self._pasts: list[Past | None] | None = pasts
+        self.graph: Any = None  # the decode graph (azu.engine.graphs) whose rooms these buffers are, if any
+
+    @classmethod
+    def made(cls, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]) -> BatchRows:
+        """Rows whose buffers are made already (``[size, heads, room, head_dim]`` a layer, the jobs' pasts
+        copied in): a batch decode graph's rooms."""
+        rows = cls([None] * int(next(iter(keys.values())).shape[0]))
+        rows.keys, rows.values, rows._pasts = keys, values, None
+        return rows
 
     def reserve(self, idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
                 span: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ from torch import nn
 from azu.config import DECODE_GRAPHS
 from azu.engine.families import Family, family_for
 from azu.engine.graphs import (
+    BATCH_GRAPH_FAILURES,
     GRAPHED_JOBS,
     RETRY_AFTER_OOM_S,
     SPARE_POSITIONS,
@@ -129,6 +130,9 @@ class _Job:
     # behind the positions graphed steps wrote (brought up to date before anything else reads them).
     graph: DecodeGraph | None = None
     stale_views: bool = False
+    # The jobs of the last batch this job ran in (their ids): a batch of the same jobs again is worth a
+    # batch decode graph on a GPU (``_batch_graph_wanted``).
+    batch_key: frozenset[int] | None = None
 
 
 def _resolve(module: Any, path: str) -> Any:
@@ -180,6 +184,8 @@ class Stage:
         self.replay_rows = GRAPHED_JOBS if device.type == "cuda" else 0
         self._spare_graphs: list[DecodeGraph] = []  # graphs no job uses, for the next jobs (oldest first)
         self._records = device.type == "cuda"  # graphs are recorded (else the static step runs eagerly)
+        self._batch_graphs = True  # off once batch decode graphs' recordings failed (not for memory)
+        self._batch_graph_failures = 0
         self._no_new_graphs_until = 0.0  # monotonic time: no new room or recording before it (out of memory)
         self._graph_pool: Any = None  # the stage's graphs share one memory pool and one recording stream
         self._graph_stream: Any = None
@@ -404,12 +410,19 @@ class Stage:
             try:
                 sizes = [int(x.shape[0]) for x in inputs]
                 for part in batch_parts([job.length for job in jobs], sizes):
-                    if len(part) == 1 or self._as_replays([jobs[b] for b in part], [sizes[b] for b in part]):
-                        ran = [self._run(jobs[b], inputs[b]) for b in part]
-                    else:
-                        ran = self._run_batch([jobs[b] for b in part], [inputs[b] for b in part])
+                    those, their_sizes = [jobs[b] for b in part], [sizes[b] for b in part]
+                    ran: list[torch.Tensor] | None = None
+                    if len(part) > 1 and self._batch_graph_wanted(those, their_sizes):
+                        ran = self._batch_graph_step(those, [inputs[b] for b in part])
+                    if ran is None:
+                        if len(part) == 1 or self._as_replays(those, their_sizes):
+                            ran = [self._run(jobs[b], inputs[b]) for b in part]
+                        else:
+                            ran = self._run_batch(those, [inputs[b] for b in part])
+                    together = frozenset(map(id, those))
                     for b, out in zip(part, ran, strict=True):
                         outs[b] = out
+                        jobs[b].batch_key = together
             except Exception:
                 for job_id in job_ids:
                     self._jobs.pop(job_id, None)
@@ -477,27 +490,12 @@ class Stage:
             for b, x in enumerate(inputs):
                 embeds[b, widest - sizes[b] :] = x
             kwargs["inputs_embeds"] = embeds  # [B, Q, hidden]
-        if self.span.head:
-            if self._lm_takes_logits_to_keep:
-                kwargs["logits_to_keep"] = 1
-            logits = self.model(**kwargs).logits[:, -1].float()
-            outs = list(logits.unbind(0))
-        else:
-            out = self._base(**kwargs)
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            outs = [hidden[b, widest - sizes[b] :] for b in range(batch)]  # each [n_b, hidden]
+        out = self._model_output(kwargs)
+        # Logits of each row's last position, or hidden states of each row's real tokens ([n_b, hidden]).
+        outs = list(out.unbind(0)) if self.span.head else [out[b, widest - sizes[b] :] for b in range(batch)]
         if rows.forget_pasts():
-            # The jobs that joined these rows: their keys and values were copied in, so their own buffers go,
-            # and so do their decode graphs (as spares): a graph's rooms no longer hold its job's cache, and
-            # kept beside the rows they would hold every batched job's positions twice.
-            for job in jobs:
-                for idx in owned:
-                    own: Any = job.cache.layers[idx]
-                    if own.is_initialized:
-                        own.reset()
-                if job.graph is not None:
-                    self._spare(job.graph)
-                    job.graph = None
+            # The jobs that joined these rows: their keys and values were copied in.
+            self._left_for_rows(jobs)
         in_order: list[torch.Tensor] = [outs[0]] * batch
         for b, out_b in zip(order, outs, strict=True):
             in_order[b] = out_b
@@ -617,15 +615,19 @@ class Stage:
     def _one_job_output(self, kwargs: dict, *, all_logits: bool = False) -> torch.Tensor:
         """The stage's layers run on ``kwargs`` (one job's row): float32 logits of the last position (of
         every position with ``all_logits``) at the head, else hidden states ``[n, hidden]``."""
+        if self.span.head and all_logits:
+            return self.model(**kwargs).logits[0].float()
+        return self._model_output(kwargs)[0]
+
+    def _model_output(self, kwargs: dict) -> torch.Tensor:
+        """The stage's layers run on ``kwargs`` (rows of jobs): float32 logits of each row's last position
+        ``[rows, vocab]`` at the head, else hidden states ``[rows, positions, hidden]``."""
         if self.span.head:
-            if all_logits:
-                return self.model(**kwargs).logits[0].float()
             if self._lm_takes_logits_to_keep:
                 kwargs["logits_to_keep"] = 1
-            return self.model(**kwargs).logits[0, -1].float()
+            return self.model(**kwargs).logits[:, -1].float()
         out = self._base(**kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden[0]
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     # -- decode graphs (azu.engine.graphs) ---------------------------------------------------------
     @functools.cached_property
@@ -648,7 +650,7 @@ class Stage:
                 return None
         out = graph.step(self._static_forward, x, job.length)
         job.stale_views = True
-        return out
+        return out[0]
 
     def _graph_holds(self, job: _Job, graph: DecodeGraph) -> bool:
         """Whether ``graph``'s rooms are ``job``'s cache (nothing moved it since: a batch, a growth)."""
@@ -730,37 +732,140 @@ class Stage:
         log.warning("stage %s: out of device memory for %s; one-token steps of new graphs run eagerly for "
                     "%.0f s", self.span, what, RETRY_AFTER_OOM_S)
 
-    def _graph_input(self) -> torch.Tensor:
-        """A one-token step's input, zero: a token id, or one position's hidden state."""
+    def _graph_input(self, rows: int = 1) -> torch.Tensor:
+        """One-token steps' input, zero: a token id, or one position's hidden state, a row each."""
         if self.span.embeddings:
-            return torch.zeros(1, dtype=torch.long, device=self.device)
-        return torch.zeros(1, self.manifest.hidden_size, dtype=self.dtype, device=self.device)
+            return torch.zeros(rows, dtype=torch.long, device=self.device)
+        return torch.zeros(rows, self.manifest.hidden_size, dtype=self.dtype, device=self.device)
 
-    def _record(self, graph: DecodeGraph, position: int) -> None:
+    def _record(self, graph: DecodeGraph, positions: int | list[int]) -> None:
         started = time.perf_counter()
         first = self._graph_pool is None
         if first:
             self._graph_pool = torch.cuda.graph_pool_handle()
             self._graph_stream = torch.cuda.Stream(self.device)
-        graph.capture(self._static_forward, position, pool=self._graph_pool, stream=self._graph_stream,
+        graph.capture(self._static_forward, positions, pool=self._graph_pool, stream=self._graph_stream,
                       warmup=WARMUP_STEPS if first else 0)
-        log.info("stage %s: recorded a decode graph (room %d) in %.1f ms", self.span, graph.room,
-                 (time.perf_counter() - started) * 1000)
+        log.info("stage %s: recorded a decode graph (%d rows, room %d) in %.1f ms", self.span, graph.rows,
+                 graph.room, (time.perf_counter() - started) * 1000)
 
     def _static_forward(self, graph: DecodeGraph) -> torch.Tensor:
-        """The one-token step a decode graph records: input ``graph.x`` at position ``graph.pos``, the cache
-        the graph's rooms (``StaticLayer``), the mask made from ``pos``. No host sync, no shape that depends
-        on a value: what a recording needs."""
+        """The one-token steps a decode graph records: row b's input ``graph.x[b]`` at position
+        ``graph.pos[b]``, the cache the graph's rooms (``StaticLayer``), the mask made from ``pos``. No host
+        sync, no shape that depends on a value: what a recording needs. Returns a row each: logits
+        ``[rows, vocab]`` at the head, else hidden states ``[rows, 1, hidden]``."""
         cache = StageCache(self.model.config, range(self.span.first, self.span.last))
         for idx, layer in graph.layers().items():
             cache.layers[idx] = layer
         kwargs: dict = {"cache": cache, "use_cache": True, "attention_mask": graph.mask(),
                         "position_ids": graph.positions}
         if self.span.embeddings:
-            kwargs["input_ids"] = graph.x.view(1, 1)
+            kwargs["input_ids"] = graph.x.view(graph.rows, 1)
         else:
-            kwargs["inputs_embeds"] = graph.x.view(1, 1, -1)
-        return self._one_job_output(kwargs)
+            kwargs["inputs_embeds"] = graph.x.view(graph.rows, 1, -1)
+        return self._model_output(kwargs)
+
+    # -- batch decode graphs: one replay for the one-token steps of a batch's jobs -----------------
+    def _batch_graph_wanted(self, jobs: list[_Job], sizes: list[int]) -> bool:
+        """Whether one-token steps of ``jobs`` (two or more) run as a batch decode graph: on a stage that
+        takes graphs, for a batch too large for one replay per job (``replay_rows``), or one whose jobs ran
+        together last time (in one batch's rows, or as replays): a recording per batch of jobs is paid back
+        by the batch's next steps, and jobs that meet once would each pay for it."""
+        if not (self._graphs_on and self._batch_graphs and all(n == 1 for n in sizes)
+                and all(job.length for job in jobs)):
+            return False
+        held = jobs[0].rows
+        together = frozenset(map(id, jobs))
+        return (len(jobs) > self.replay_rows or (held is not None and all(job.rows is held for job in jobs))
+                or all(job.batch_key == together for job in jobs))
+
+    def _batch_graph_step(self, jobs: list[_Job], inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """One-token steps of ``jobs`` as one replay of their rows' decode graph (recorded now if the rows
+        are new or outgrew it); None: no graph to be had (the batch runs otherwise)."""
+        graph = self._rows_graph(jobs)
+        if graph is None:
+            return None
+        order = sorted(range(len(jobs)), key=lambda b: jobs[b].row)
+        out = graph.step(self._static_forward, torch.cat([inputs[b] for b in order]),
+                         [jobs[b].length for b in order])
+        outs: list[torch.Tensor] = [out[0]] * len(jobs)
+        for b, out_b in zip(order, out.unbind(0), strict=True):
+            outs[b] = out_b
+        return outs
+
+    def _rows_graph(self, jobs: list[_Job]) -> DecodeGraph | None:
+        """The decode graph of the rows holding exactly ``jobs``, with a free column in every row: the rows'
+        own, or new rows (the jobs' caches copied into rooms of ``room_for`` positions) under a new
+        recording."""
+        owned = range(self.span.first, self.span.last)
+        needed = max(job.length for job in jobs) + 1
+        held = jobs[0].rows
+        if (held is not None and held.size == len(jobs) and all(job.rows is held for job in jobs)
+                and held.graph is not None and held.graph.fits(needed)
+                and all(held.keys.get(idx) is held.graph.rooms[idx][0] for idx in owned)):
+            return cast(DecodeGraph, held.graph)
+        if time.monotonic() < self._no_new_graphs_until:
+            return None
+        room = room_for(needed, self.max_positions)
+        pasts = [cast(Past, self._past_of(job)) for job in jobs]
+        try:
+            keys: dict[int, torch.Tensor] = {}
+            values: dict[int, torch.Tensor] = {}
+            for idx in owned:
+                held_kv = [past(idx) for past in pasts]  # each [heads, positions, head_dim]
+                k0, v0 = held_kv[0]
+                # Zeros: the columns after a row's position are masked, and must be finite (0 x NaN is NaN).
+                keys[idx] = k0.new_zeros(len(jobs), k0.shape[0], room, k0.shape[-1])
+                values[idx] = v0.new_zeros(len(jobs), v0.shape[0], room, v0.shape[-1])
+                for b, (k, v) in enumerate(held_kv):
+                    keys[idx][b, :, : k.shape[-2]] = k
+                    values[idx][b, :, : v.shape[-2]] = v
+        except torch.OutOfMemoryError:
+            self._out_of_memory(f"a batch decode graph's rooms ({len(jobs)} rows of {room} positions)")
+            return None
+        del pasts
+        rows = BatchRows.made(keys, values)
+        rows.members = list(jobs)
+        left = {id(job.rows): job.rows for job in jobs if job.rows is not None}
+        for b, job in enumerate(jobs):
+            job.rows, job.row = rows, b
+        for old in left.values():
+            self._disband(old)
+        self._left_for_rows(jobs)
+        graph = DecodeGraph({idx: (keys[idx], values[idx]) for idx in owned}, self._graph_input(len(jobs)))
+        rows.graph = graph
+        if self._records:
+            try:
+                self._record(graph, [job.length for job in jobs])
+            except Exception as exc:
+                # The rows hold the jobs' caches: an eager batch runs on them.
+                rows.graph = None
+                if isinstance(exc, torch.OutOfMemoryError):
+                    self._out_of_memory("recording a batch decode graph")
+                else:
+                    # The step's own code, most likely (as for a job's graph), but a batch's shapes are new
+                    # to the stage's kernels: batch graphs end after BATCH_GRAPH_FAILURES of them.
+                    self._batch_graph_failures += 1
+                    log.exception("stage %s: recording a batch decode graph failed (%d of %d); the batch "
+                                  "runs eagerly", self.span, self._batch_graph_failures, BATCH_GRAPH_FAILURES)
+                    if self._batch_graph_failures >= BATCH_GRAPH_FAILURES:
+                        self._batch_graphs = False
+                return None
+        return graph
+
+    def _left_for_rows(self, jobs: list[_Job]) -> None:
+        """``jobs`` now live in a batch's rows: their own cache layers' buffers go, and so do their decode
+        graphs (as spares): a graph's rooms no longer hold its job's cache, and kept beside the rows they
+        would hold every batched job's positions twice."""
+        for job in jobs:
+            for idx in range(self.span.first, self.span.last):
+                own: Any = job.cache.layers[idx]
+                if own.is_initialized:
+                    own.reset()
+            job.stale_views = False
+            if job.graph is not None:
+                self._spare(job.graph)
+                job.graph = None
 
     def _as_replays(self, jobs: list[_Job], sizes: list[int]) -> bool:
         """Whether a batch runs as one decode-graph replay per job: one-token steps of jobs under way, at

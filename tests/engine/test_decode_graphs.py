@@ -61,6 +61,47 @@ def test_static_steps_give_generates_tokens(built, family, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("family", GRAPHED)
+def test_batch_graphs_give_each_jobs_own_tokens(built, family, monkeypatch) -> None:
+    """Jobs decoding together as one batch decode graph (forced on the CPU: ``replay_rows`` 0): each gets
+    its own greedy tokens through rows that fill and move to longer rooms, a job leaving the batch for a step
+    alone and coming back, another job's prompt arriving (eager) and the job joining the batch."""
+    _small_rooms(monkeypatch, 5)
+    b = built(family)
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    prompts = {"a": b.prompt(), "b": b.prompt()[:23], "c": b.prompt()[:31], "d": b.prompt()[:12]}
+    want = {k: plain.generate(p, max_tokens=NEW_TOKENS).token_ids for k, p in prompts.items()}
+    nxt = {k: torch.tensor([int(pipe.step(k, torch.tensor(prompts[k])).argmax())]) for k in "abc"}
+    got = {k: [int(x)] for k, x in nxt.items()}
+    graphed = [stage for stage in pipe.stages if stage._graphs_on]
+    assert graphed, f"no {family} stage takes the static step"
+    seen: set[int] = set()
+
+    def one_batch_graph(stage, keys) -> None:
+        if stage._graphs_on:
+            rows = stage._jobs[keys[0]].rows
+            assert rows is not None and rows.graph is not None and rows.size == len(keys)
+            assert all(stage._jobs[k].rows is rows for k in keys)
+            seen.add(id(rows.graph))
+
+    for step in range(NEW_TOKENS - 1):
+        keys = ["a", "b", "c"] if step < 14 else ["a", "b", "c", "d"]
+        if step == 6:  # "b" runs a step alone (it leaves the rows), then rejoins
+            nxt["b"] = torch.tensor([int(pipe.step("b", nxt["b"]).argmax())])
+            got["b"].append(int(nxt["b"]))
+            keys = ["a", "c"]
+        if step == 10:  # "d" arrives: its prompt runs eagerly, then it decodes with the others
+            nxt["d"] = torch.tensor([int(pipe.step("d", torch.tensor(prompts["d"])).argmax())])
+            got["d"] = [int(nxt["d"])]
+        decode_together(pipe.stages, keys, nxt, got, lambda stage, keys=keys: one_batch_graph(stage, keys))
+    assert {k: got[k][: len(want[k])] for k in "abc"} == {k: want[k][: len(got[k])] for k in "abc"}
+    assert got["d"] == want["d"][: len(got["d"])] and len(got["d"]) == 10
+    assert all(len(got[k]) >= NEW_TOKENS - 1 for k in "abc")
+    # New rows a stage made: for 3 jobs, 2, 3 again, 4 jobs, and each time the rows filled their room.
+    assert len(seen) >= 4 * len(graphed)
+
+
+@pytest.mark.parametrize("family", GRAPHED)
 def test_the_static_step_makes_no_host_sync(built, family) -> None:
     """What a CUDA graph records must not read a value on the host: check every op the step dispatches."""
     b = built(family)
@@ -82,7 +123,34 @@ def test_the_static_step_makes_no_host_sync(built, family) -> None:
             out = stage._static_forward(graph)
         assert not ops.seen & HOST_SYNCS, f"{family} stage {stage.span}: {sorted(ops.seen & HOST_SYNCS)}"
         assert "aten.index_copy_" in ops.seen or "aten.index_copy" in ops.seen  # the step's column, in place
-        token = out if not stage.span.head else token
+        token = out[0] if not stage.span.head else token
+
+
+@pytest.mark.parametrize("family", GRAPHED)
+def test_the_batch_static_step_makes_no_host_sync(built, family) -> None:
+    """The same for a batch decode graph's step (three jobs' rows, at different positions)."""
+    b = built(family)
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    keys = ["a", "b", "c"]
+    xs = {k: torch.tensor(b.prompt()[: 6 + 3 * i]) for i, k in enumerate(keys)}
+    for stage in pipe.stages:
+        xs = {k: stage.forward(k, x) for k, x in xs.items()}
+    xs = {k: torch.tensor([int(x.argmax())]) for k, x in xs.items()}
+    for stage in pipe.stages:
+        if not stage._graphs_on:
+            xs = {k: stage.forward(k, x) for k, x in xs.items()}
+            continue
+        jobs = [stage._jobs[k] for k in keys]
+        graph = stage._rows_graph(jobs)
+        assert graph is not None and graph.rows == 3 and all(job.rows is jobs[0].rows for job in jobs)
+        graph.x.copy_(torch.cat([xs[k] for k in keys]).view_as(graph.x))
+        graph.pos.copy_(torch.tensor([job.length for job in jobs]))
+        with torch.inference_mode(), _Ops() as ops:
+            out = stage._static_forward(graph)
+        assert not ops.seen & HOST_SYNCS, f"{family} stage {stage.span}: {sorted(ops.seen & HOST_SYNCS)}"
+        assert "aten.index_put_" in ops.seen  # each row's column, in place
+        if not stage.span.head:
+            xs = {k: out[i] for i, k in enumerate(keys)}
 
 
 def test_jobs_share_spares_and_move_between_graphs_batches_and_eager_steps(built, monkeypatch) -> None:
@@ -142,8 +210,9 @@ def test_jobs_share_spares_and_move_between_graphs_batches_and_eager_steps(built
 
 
 def test_small_batches_run_as_one_replay_per_job_and_a_warm_up_leaves_a_spare(built) -> None:
-    """On a GPU a batch of a few one-token steps runs as replays, one per job (``replay_rows``), and a stage
-    records its first graph when it loads (``warm_graphs``): both forced here on the CPU."""
+    """On a GPU a batch of a few one-token steps runs as replays, one per job (``replay_rows``), the first
+    time its jobs meet; from their second batch together, as one batch decode graph. A stage records its
+    first graph when it loads (``warm_graphs``). All forced here on the CPU."""
     b = built("llama")
     plain = LocalPipeline(b.shards, 2, graphs="off")
     pipe = LocalPipeline(b.shards, 2, graphs="on")
@@ -156,10 +225,13 @@ def test_small_batches_run_as_one_replay_per_job_and_a_warm_up_leaves_a_spare(bu
     nxt = {k: torch.tensor([int(pipe.step(k, torch.tensor(p)).argmax())]) for k, p in prompts.items()}
     got = {k: [int(x)] for k, x in nxt.items()}
     for step in range(7):
-        keys = ["a", "b"] if step < 4 else ["a", "b", "c"]  # 2 rows: replays; 3: a batch
+        # 2 rows: replays, then (the same jobs again) a batch decode graph; 3 rows: a batch decode graph.
+        keys = ["a", "b"] if step < 4 else ["a", "b", "c"]
 
-        def in_rows_if_batched(stage: Stage, keys: list[str] = keys) -> None:
-            assert [stage._jobs[k].rows is not None for k in keys] == [len(keys) > 2] * len(keys)
+        def in_rows_if_batched(stage: Stage, keys: list[str] = keys, step: int = step) -> None:
+            batched = len(keys) > 2 or step > 0
+            assert [stage._jobs[k].rows is not None for k in keys] == [batched] * len(keys)
+            assert [stage._jobs[k].graph is not None for k in keys] == [not batched] * len(keys)
 
         decode_together(pipe.stages, keys, nxt, got, in_rows_if_batched)
     assert got["a"] == want["a"] and got["b"] == want["b"] and got["c"] == want["c"][:4]
@@ -205,16 +277,18 @@ def test_batched_jobs_hold_no_graph_rooms_beside_their_rows(built) -> None:
     got: dict[str, list[int]] = {k: [] for k in keys}
     for k in keys:  # one step alone each: every job gets a graph
         nxt[k] = torch.tensor([int(pipe.step(k, nxt[k]).argmax())])
-    stage = pipe.stages[0]
-    alone = stage.kv_cache_bytes()
-    assert all(stage._jobs[k].graph is not None for k in keys)
+    assert all(pipe.stages[0]._jobs[k].graph is not None for k in keys)
     for _ in range(3):
         decode_together(pipe.stages, keys, nxt, got)
     for stage in pipe.stages:
-        assert all(stage._jobs[k].graph is None and stage._jobs[k].rows is not None for k in keys)
+        jobs = [stage._jobs[k] for k in keys]
+        assert all(job.graph is None and job.rows is jobs[0].rows for job in jobs)
         assert len(stage._spare_graphs) <= graphs.SPARES
-    # The rows (8 x ~26 positions, grown by GROW_MIN) and at most SPARES spare rooms: under the 8 rooms alone.
-    assert pipe.stages[0].kv_cache_bytes() < alone
+        # What the stage holds: the rows and the spares, nothing beside them.
+        rows = jobs[0].rows
+        held = [*rows.keys.values(), *rows.values.values(),
+                *(t for g in stage._spare_graphs for pair in g.rooms.values() for t in pair)]
+        assert stage.kv_cache_bytes() == sum(t.untyped_storage().nbytes() for t in held)
 
 
 def test_out_of_memory_pauses_new_graphs_and_other_recording_failures_end_them(built, monkeypatch) -> None:
@@ -249,6 +323,34 @@ def test_out_of_memory_pauses_new_graphs_and_other_recording_failures_end_them(b
         x = torch.tensor([got[-1]])
     assert got == want and tries == ["record", "record"]
     assert all(s._jobs["j"].graph is not None for s in pipe.stages[1:] if s._graphs_on)
+
+
+def test_batch_graphs_that_fail_to_record_leave_eager_batches_then_end(built, monkeypatch) -> None:
+    """A batch decode graph whose recording fails (not for memory): the batch runs eagerly on the rows just
+    made, and after BATCH_GRAPH_FAILURES such failures the stage makes no more (its jobs' own graphs stay)."""
+    b = built("llama")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    stage = pipe.stages[0]
+    stage._records = True
+    tries: list[int] = []
+
+    def record(graph, positions) -> None:
+        tries.append(graph.rows)
+        if graph.rows > 1:
+            raise RuntimeError("operation not permitted when stream is capturing (a test)")
+
+    monkeypatch.setattr(stage, "_record", record)
+    prompts = {"a": b.prompt(), "b": b.prompt()[:17]}
+    want = {k: plain.generate(p, max_tokens=10).token_ids for k, p in prompts.items()}
+    nxt = {k: torch.tensor([int(pipe.step(k, torch.tensor(p)).argmax())]) for k, p in prompts.items()}
+    got = {k: [int(x)] for k, x in nxt.items()}
+    for _ in range(9):
+        decode_together(pipe.stages, ["a", "b"], nxt, got)
+    assert got == want
+    assert tries == [2] * graphs.BATCH_GRAPH_FAILURES and not stage._batch_graphs and stage._graphs_on
+    pipe.step("a", nxt["a"])  # alone: its own graph, recorded
+    assert tries[-1] == 1 and stage._jobs["a"].graph is not None
 
 
 def test_a_job_taking_a_spare_reads_nothing_of_its_last_job(built) -> None:
@@ -341,3 +443,25 @@ def test_recorded_graphs_on_a_gpu_give_the_eager_tokens(built, family) -> None:
         decode_together(pipe.stages, keys, nxt, got)
     for k, prompt in {"a": b.prompt(), "b": b.prompt()[:17]}.items():
         assert got[k] == eager.generate(prompt, max_tokens=len(got[k])).token_ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs: needs a GPU (bench/gpu.sh)")
+def test_recorded_batch_graphs_on_a_gpu_give_the_eager_tokens(built) -> None:
+    """20 jobs decoding together on a GPU (more than ``replay_rows``): one recorded batch decode graph a
+    stage, replayed, through a room move; each job's tokens those of the eager batches on the same GPU."""
+    b = built("llama")
+    prompts = {f"j{i}": b.prompt()[: 5 + i] for i in range(20)}
+    results = {}
+    for graphs_setting in ("off", "auto"):
+        pipe = LocalPipeline(b.shards, 2, device="cuda", dtype="float32", graphs=graphs_setting)
+        nxt = {k: torch.tensor([int(pipe.step(k, torch.tensor(p)).argmax())]) for k, p in prompts.items()}
+        got = {k: [int(x)] for k, x in nxt.items()}
+        for _ in range(graphs.MIN_ROOM - 20):  # the longest job outgrows its first room
+            decode_together(pipe.stages, list(prompts), nxt, got)
+        results[graphs_setting] = got
+        if graphs_setting == "auto":
+            for stage in pipe.stages:
+                rows = stage._jobs["j0"].rows
+                assert rows is not None and rows.graph is not None and rows.graph.graph is not None
+                assert rows.graph.room == 2 * graphs.MIN_ROOM
+    assert results["auto"] == results["off"]
