@@ -29,9 +29,14 @@ row, oneDNN on the weight as it is ties the packed layout from 4 rows up, and pa
 0.72 in some measurements and 30% under it in others, and packed batches take two thirds of the time.
 A choice fixed from either machine costs the other up to 30% of its decode speed at b=1, so a stage does not
 fix it: ``measure()`` times the three
-kernels once per process, on as many bytes of weights shaped like the model's MLP as the stage holds (16
+kernels once per process, on as many bytes of weights shaped like the model's layers as the stage holds (16
 to 384 MB), for 1-4, 8, 16 and 128 rows (about two seconds before a large stage loads), and ``KernelPlan``
-takes from that:
+takes from that. The weights are a layer's linears in turn (``layer_shapes``: attention projections and a
+gated MLP), not the MLP's shape alone: oneDNN's fixed cost per call weighs on a layer's small projections,
+and on the Intel Xeon with AVX-512 of 2026-12-01 the MLP shape alone called packing a tie for one row (0.28
+ms a product either way) on Petals' test model (512 wide), whose one-process decode packing made 15% slower
+(52-56 tok/s against 62-64, alternating runs); the layer's shapes show it (a layer's products 1.0-1.07 ms
+packed, 0.87-0.90 MKL).
 
 - per row count, the kernel on the weight as loaded: MKL (what ``generate`` runs), or oneDNN where it is
   clearly faster (10%) for that many rows;
@@ -59,8 +64,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,47 +129,72 @@ class KernelPlan:
 Timings = dict[tuple[str, int], float]
 
 
-def measure(hidden: int, working_bytes: int) -> Timings:
-    """Milliseconds per product on this CPU, the best of several rounds, for ``mkl``, ``onednn`` (weight as
-    it is) and ``packed`` at each of ``ROW_BUCKETS`` (and 1-4 rows, for the padding), on MLP-shaped weights
-    (``4 * hidden`` x ``hidden``) of the model's width.
+# A layer's linear weights, ``(out_features, in_features)`` each: what ``measure`` runs products on.
+LayerShapes = tuple[tuple[int, int], ...]
 
-    Each round runs the product over ``working_bytes`` of different weights in turn, as a stage's forward runs
-    its layers (a stage passes its own size): a single weight that stays in the cache made packing look twice
-    as fast at 8-16 rows as it is on a stage's 1.2 GB, and a 96 MB set that fit the AVX-512 machine's 300 MB
-    cache called packing faster for one row where, on a Qwen stage's 1.2 GB, it is slower (measured). The
-    width matters too: oneDNN's fixed cost per call is larger than MKL's, which only small products feel.
+
+def layer_shapes(config: Mapping[str, Any], hidden: int) -> LayerShapes:
+    """The linears of one of a model's layers, from its config (``hidden`` wide): the attention's query, key,
+    value and output projections (grouped-query key/value heads counted) and a gated MLP (a plain MLP has one
+    weight fewer: close enough for choosing a kernel)."""
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads") or heads) * head_dim
+    inner = int(config.get("intermediate_size") or config.get("ffn_dim") or config.get("n_inner")
+                or 4 * hidden)
+    q = heads * head_dim
+    return ((q, hidden), (kv, hidden), (kv, hidden), (hidden, q), (inner, hidden), (inner, hidden),
+            (hidden, inner))
+
+
+def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
+    """Milliseconds per layer's products on this CPU (one product per weight of ``shapes``), the best of
+    several rounds, for ``mkl``, ``onednn`` (weight as it is) and ``packed`` at each of ``ROW_BUCKETS`` (and
+    1-4 rows, for the padding).
+
+    Each round runs the products over ``working_bytes`` of different weights in turn, as a stage's forward
+    runs its layers (a stage passes its own size): a single weight that stays in the cache made packing look
+    twice as fast at 8-16 rows as it is on a stage's 1.2 GB, and a 96 MB set that fit the AVX-512 machine's
+    300 MB cache called packing faster for one row where, on a Qwen stage's 1.2 GB, it is slower (measured).
+    The shapes matter too: oneDNN's fixed cost per call is larger than MKL's, which small products feel.
     """
-    out_features, in_features = 4 * hidden, hidden
-    weights = max(2, working_bytes // (out_features * in_features * 4))
+    layer_bytes = sum(out * inp * 4 for out, inp in shapes)
+    layers = max(2, working_bytes // layer_bytes)
     gen = torch.Generator().manual_seed(0)
-    plain = [torch.empty(out_features, in_features).uniform_(-0.05, 0.05, generator=gen)
-             for _ in range(weights)]
-    inputs = {rows: torch.randn(rows, in_features, generator=gen)
+    plain = [torch.empty(out, inp).uniform_(-0.05, 0.05, generator=gen)
+             for _ in range(layers) for out, inp in shapes]
+    widths = sorted({inp for _, inp in shapes})
+    inputs = {rows: {inp: torch.randn(rows, inp, generator=gen) for inp in widths}
               for rows in sorted({*ROW_BUCKETS, *range(1, PAD_UP_TO + 1)})}
     times: Timings = {}
 
     def time_kernels(kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], object]],
-                     held: list[torch.Tensor]) -> None:
-        for rows, x in inputs.items():
+                     held: list[torch.Tensor], in_features: list[int]) -> None:
+        for rows, xs in inputs.items():
             for run in kernels.values():
-                run(x, held[0])  # a primitive is created on first use
-            # A prompt chunk's product is bound by arithmetic, not by reading the weight: two weights do.
-            some = held[:2] if rows > 16 else held
+                for w, inp in zip(held[: len(shapes)], in_features, strict=False):
+                    run(xs[inp], w)  # a primitive is created on first use
+            # A prompt chunk's products are bound by arithmetic, not by reading the weights: one layer does.
+            passes = 1 if rows > 16 else layers
+            some = list(zip(held[: passes * len(shapes)], in_features, strict=False))
             for _ in range(3):  # kernels interleaved: a busy moment hits them alike
                 for name, run in kernels.items():
                     start = time.perf_counter()
-                    for w in some:
-                        run(x, w)
-                    took = (time.perf_counter() - start) / len(some) * 1e3
+                    for w, inp in some:
+                        run(xs[inp], w)
+                    took = (time.perf_counter() - start) / passes * 1e3
                     times[name, rows] = min(took, times.get((name, rows), took))
 
+    in_features = [inp for _ in range(layers) for _, inp in shapes]
     with torch.inference_mode():
-        time_kernels({"mkl": lambda x, w: F.linear(x, w), "onednn": lambda x, w: _product(x, w, None)}, plain)
-        packed = []
-        while plain:  # one copy at a time: the measurement holds about one set of weights
-            packed.append(torch.ops.mkldnn._reorder_linear_weight(plain.pop(), PACK_FOR_ROWS))
-        time_kernels({"packed": lambda x, w: _product(x, w, None)}, packed)
+        time_kernels({"mkl": lambda x, w: F.linear(x, w), "onednn": lambda x, w: _product(x, w, None)}, plain,
+                     in_features)
+        packed: list[torch.Tensor] = []
+        for i in range(len(plain)):  # one copy at a time: the measurement holds about one set of weights
+            packed.append(torch.ops.mkldnn._reorder_linear_weight(plain[i], PACK_FOR_ROWS))
+            plain[i] = packed[-1]  # the plain weight goes
+        del plain
+        time_kernels({"packed": lambda x, w: _product(x, w, None)}, packed, in_features)
     return times
 
 
@@ -194,21 +225,21 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
 
 
 @functools.cache
-def _measured(hidden: int, working_bytes: int) -> Timings:
-    times = measure(hidden, working_bytes)
+def _measured(shapes: LayerShapes, working_bytes: int) -> Timings:
+    times = measure(shapes, working_bytes)
     release_freed_memory()  # the measurement's weights, before a stage's arrive
     return times
 
 
 @functools.cache
-def measured_plan(layout: str, hidden: int, weight_bytes: int) -> KernelPlan:
-    """This process's plan for ``layout`` and a stage of a model ``hidden`` wide holding ``weight_bytes``:
-    measured once (``measure``), then kept."""
+def measured_plan(layout: str, shapes: LayerShapes, weight_bytes: int) -> KernelPlan:
+    """This process's plan for ``layout`` and a stage of a model whose layers' linears are ``shapes``
+    (``layer_shapes``) holding ``weight_bytes``: measured once (``measure``), then kept."""
     low, high = MEASURE_BYTES
-    times = _measured(hidden, min(max(weight_bytes, low), high))
+    times = _measured(shapes, min(max(weight_bytes, low), high))
     plan = plan_from(times, layout)
-    log.info("CPU linears: %s (ms per %dx%d product, rows 1/8/16: MKL %s, oneDNN %s, packed %s)",
-             plan.describe(), 4 * hidden, hidden,
+    log.info("CPU linears: %s (ms per layer's products %s, rows 1/8/16: MKL %s, oneDNN %s, packed %s)",
+             plan.describe(), " ".join(f"{o}x{i}" for o, i in shapes),
              *("/".join(f"{times[k, r]:.2f}" for r in (1, 8, 16)) for k in ("mkl", "onednn", "packed")))
     return plan
 
@@ -287,10 +318,10 @@ def onednn_works() -> bool:
 
 
 def plan_for(kernels: str, device: torch.device, dtype: torch.dtype, weight_bytes: int,
-             hidden: int) -> KernelPlan | None:
-    """The plan a stage on ``device`` in ``dtype`` holding ``weight_bytes`` of weights of a model ``hidden``
-    wide runs its linears by, given the ``kernels`` choice (one of ``KERNELS``); ``None``: PyTorch's own
-    linear."""
+             shapes: LayerShapes) -> KernelPlan | None:
+    """The plan a stage on ``device`` in ``dtype`` holding ``weight_bytes`` of weights of a model whose
+    layers' linears are ``shapes`` runs its linears by, given the ``kernels`` choice (one of ``KERNELS``);
+    ``None``: PyTorch's own linear."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
     if kernels == "torch" or device.type != "cpu":
@@ -299,7 +330,7 @@ def plan_for(kernels: str, device: torch.device, dtype: torch.dtype, weight_byte
         return None
     if dtype != torch.float32:
         return None  # bfloat16/float16 on a CPU: not measured, left on torch's path
-    return measured_plan(kernels, hidden, weight_bytes) if onednn_works() else None
+    return measured_plan(kernels, shapes, weight_bytes) if onednn_works() else None
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:

@@ -44,7 +44,7 @@ from azu.engine.graphs import (
     room_for,
 )
 from azu.engine.heap import release_freed_memory
-from azu.engine.kernels import apply_plan, plan_for
+from azu.engine.kernels import apply_plan, layer_shapes, plan_for
 from azu.engine.kvcache import GROW_MIN, BatchRows, GrowingLayer, Past, RowsLayer, StageCache
 from azu.engine.naming import classify_tensor
 from azu.engine.span import Span
@@ -227,7 +227,7 @@ class Stage:
         # before the stage's arrive, so they add nothing to its peak.
         entries = manifest.files_for(span.first, span.last, embeddings=span.embeddings, head=span.head)
         plan = plan_for(kernels, torch_device, torch_dtype, sum(e.size for e in entries),
-                        manifest.hidden_size)
+                        layer_shapes(manifest.config, manifest.hidden_size))
         config = _build_config(manifest)
         with _params_on_meta():
             try:

@@ -57,10 +57,10 @@ def test_a_float32_cpu_stage_runs_its_linears_as_the_plan_says(built) -> None:
         torch.testing.assert_close(as_loaded.model.get_submodule(name)(x), original(x), rtol=1e-5, atol=1e-5)
     assert not hasattr(module, "weight")
     assert Stage.load(b.shards, span, dtype="bfloat16").model is not None
-    assert kernels.plan_for("packed", torch.device("cpu"), torch.bfloat16, 1 << 40, 64) is None
-    assert kernels.plan_for("packed", torch.device("cuda"), torch.float32, 1 << 40, 64) is None
+    assert kernels.plan_for("packed", torch.device("cpu"), torch.bfloat16, 1 << 40, ((64, 64),)) is None
+    assert kernels.plan_for("packed", torch.device("cuda"), torch.float32, 1 << 40, ((64, 64),)) is None
     with pytest.raises(ValueError, match="unknown kernels"):
-        kernels.plan_for("fast", torch.device("cpu"), torch.float32, 0, 64)
+        kernels.plan_for("fast", torch.device("cpu"), torch.float32, 0, ((64, 64),))
 
 
 def _times(mkl: list[float], onednn: list[float], packed: list[float]) -> kernels.Timings:
@@ -113,7 +113,10 @@ def test_a_plain_linear_runs_each_row_count_on_the_kernel_the_plan_names(monkeyp
 
 
 def test_measuring_gives_every_kernel_and_row_count() -> None:
-    times = kernels.measure(hidden=64, working_bytes=1 << 20)
+    shapes = kernels.layer_shapes({"num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "intermediate_size": 96}, 64)
+    assert shapes == ((64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96))
+    times = kernels.measure(shapes, working_bytes=1 << 20)
     assert {(k, r) for k in ("mkl", "onednn", "packed") for r in kernels.ROW_BUCKETS} <= set(times)
     assert all(ms > 0 for ms in times.values())
     assert isinstance(kernels.plan_from(times), kernels.KernelPlan)
