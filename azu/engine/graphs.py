@@ -108,6 +108,7 @@ class DecodeGraph:
         self.pos = torch.zeros(self.rows, dtype=torch.long, device=self.device)
         self.positions = self.pos.view(self.rows, 1)
         self._row_index = torch.arange(self.rows, device=self.device) if self.rows > 1 else None
+        self._positions: list[int] | None = None  # what ``pos`` holds, for rows
         self.cols = torch.arange(self.room, device=self.device)
         self.x = x  # the static input (the graph's own: each step's is copied into it)
         self.out: torch.Tensor | None = None
@@ -128,8 +129,14 @@ class DecodeGraph:
     def _set_positions(self, positions: int | Sequence[int]) -> None:
         if isinstance(positions, int):
             self.pos.fill_(positions)  # a fill: no copy from the host
+            return
+        positions = list(positions)
+        if self._positions is not None and all(
+                p == q + 1 for p, q in zip(positions, self._positions, strict=True)):
+            self.pos.add_(1)  # the rows' next step: no copy from the host (a pageable one waits for the GPU)
         else:
             self.pos.copy_(torch.as_tensor(positions, dtype=torch.long))
+        self._positions = positions
 
     def capture(self, forward: Callable[[DecodeGraph], torch.Tensor], positions: int | Sequence[int], *,
                 pool: Any, stream: Any, warmup: int) -> None:

@@ -168,6 +168,8 @@ class BatchRows:
                     new_k[row, :, : k.shape[-2]] = k
                     new_v[row, :, : v.shape[-2]] = v
         self.keys[idx], self.values[idx] = new_k, new_v
+        # A decode graph over the old buffers no longer holds these rows (and would keep the old buffers).
+        self.graph = None
         return new_k, new_v
 
     def forget_pasts(self) -> bool:

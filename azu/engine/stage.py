@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import threading
 import time
@@ -117,6 +119,9 @@ class _ZeroPositions(nn.Module):
         return torch.zeros(*positions.shape, self.dim, dtype=self.dtype, device=self.device)
 
 
+_JOB_SERIALS = itertools.count()
+
+
 @dataclass
 class _Job:
     cache: StageCache
@@ -130,9 +135,10 @@ class _Job:
     # behind the positions graphed steps wrote (brought up to date before anything else reads them).
     graph: DecodeGraph | None = None
     stale_views: bool = False
-    # The jobs of the last batch this job ran in (their ids): a batch of the same jobs again is worth a
+    # The jobs of the last batch this job ran in (their serials): a batch of the same jobs again is worth a
     # batch decode graph on a GPU (``_batch_graph_wanted``).
     batch_key: frozenset[int] | None = None
+    serial: int = dataclasses.field(default_factory=lambda: next(_JOB_SERIALS))
 
 
 def _resolve(module: Any, path: str) -> Any:
@@ -419,7 +425,7 @@ class Stage:
                             ran = [self._run(jobs[b], inputs[b]) for b in part]
                         else:
                             ran = self._run_batch(those, [inputs[b] for b in part])
-                    together = frozenset(map(id, those))
+                    together = frozenset(job.serial for job in those)
                     for b, out in zip(part, ran, strict=True):
                         outs[b] = out
                         jobs[b].batch_key = together
@@ -542,16 +548,20 @@ class Stage:
         """``job`` leaves its rows for its own cache layers, which take a copy of its row: its positions and
         the room a cache of its own would have (not the row's whole length, which the batch's longest job
         set). A copy, not views: views would keep the whole batch's buffers alive for one job."""
-        rows, job.rows = job.rows, None
+        rows = job.rows
         if rows is None:
             return
         keep = job.length + max(GROW_MIN, job.length // 4)
+        # Every layer's copy first, then the job leaves: a copy that fails (out of memory) leaves the job
+        # whole in its rows, not with some layers' caches empty and its length unchanged.
+        copies = {}
         for idx in range(self.span.first, self.span.last):
             held = rows.row(idx, job.row)
-            if held is None:
-                continue
+            if held is not None:
+                copies[idx] = tuple(t[..., : min(keep, t.shape[-2]), :].clone() for t in held)
+        job.rows = None
+        for idx, (keys, values) in copies.items():
             layer: Any = job.cache.layers[idx]
-            keys, values = (t[..., : min(keep, t.shape[-2]), :].clone() for t in held)
             if isinstance(layer, GrowingLayer):
                 layer.reserve(keys, values, keys.shape[-2] - job.length)
             else:
@@ -775,10 +785,12 @@ class Stage:
                 and all(job.length for job in jobs)):
             return False
         held = jobs[0].rows
-        together = frozenset(map(id, jobs))
-        return (len(jobs) > self.replay_rows or (held is not None and all(job.rows is held for job in jobs))
+        together = frozenset(job.serial for job in jobs)
+        return (len(jobs) > self.replay_rows
+                or (held is not None and held.size == len(jobs) and all(job.rows is held for job in jobs))
                 or all(job.batch_key == together for job in jobs))
 
+    @torch.inference_mode()
     def _batch_graph_step(self, jobs: list[_Job], inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """One-token steps of ``jobs`` as one replay of their rows' decode graph (recorded now if the rows
         are new or outgrew it); None: no graph to be had (the batch runs otherwise)."""

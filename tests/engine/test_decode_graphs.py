@@ -353,6 +353,76 @@ def test_batch_graphs_that_fail_to_record_leave_eager_batches_then_end(built, mo
     assert tries[-1] == 1 and stage._jobs["a"].graph is not None
 
 
+def test_batch_graph_steps_keep_no_autograd_history(built) -> None:
+    """A worker calls forward_batch with autograd on (its thread's default): a batch graph's step must not
+    record history (each step's graph would stay alive through the rows, and on a GPU a recording under
+    autograd keeps every saved activation in the graph pool). Found by this round's review."""
+    assert torch.is_grad_enabled()
+    stage = LocalPipeline(built("llama").shards, 2, graphs="on").stages[0]
+    keys = ["a", "b", "c"]
+    for i, k in enumerate(keys):
+        stage.forward(k, torch.arange(7, 12 + i))
+    for step in range(3):
+        outs = stage.forward_batch([(k, torch.tensor([20 + step])) for k in keys])
+        assert not any(out.requires_grad for out in outs)
+    rows = stage._jobs["a"].rows
+    assert rows is not None and rows.graph is not None
+    buffers = [*rows.keys.values(), *rows.values.values()]
+    assert not any(t.requires_grad or t.grad_fn is not None for t in buffers)
+
+
+def test_rows_that_grow_in_an_eager_batch_drop_their_graph(built) -> None:
+    """An eager batch on a batch graph's rows (a prompt chunk beside decode steps) that grows them past the
+    graph's room: the graph goes with the old buffers (kept, it held them unseen by kv_cache_bytes)."""
+    stage = LocalPipeline(built("llama").shards, 2, graphs="on").stages[0]
+    for k in "ab":
+        stage.forward(k, torch.arange(7, 47))
+    for step in range(2):
+        stage.forward_batch([("a", torch.tensor([11 + step])), ("b", torch.tensor([12 + step]))])
+    rows = stage._jobs["a"].rows
+    assert rows is not None and rows.graph is not None and rows.graph.room == graphs.MIN_ROOM
+    stage.forward_batch([("a", torch.tensor([13])), ("b", torch.arange(7, 237) % 300 + 7)])
+    rows = stage._jobs["a"].rows
+    assert rows is not None and rows.graph is None and rows.keys[stage.span.first].shape[2] > graphs.MIN_ROOM
+
+
+def test_a_job_whose_copy_out_of_rows_fails_stays_whole(built, monkeypatch) -> None:
+    """Jobs left in rows that a new batch replaces each take a copy of their row; one that finds no memory
+    partway must stay whole in its rows (before, it kept its length with some layers' caches empty, and its
+    next tokens were wrong without an error). Found by this round's review."""
+    b = built("llama")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    stage = pipe.stages[1]
+    for p in (plain, pipe):
+        for k, n in zip("abe", (10, 11, 12), strict=True):
+            p.step(k, torch.tensor(b.prompt()[:n]))
+        for _ in range(2):
+            xs = [(k, torch.tensor([20])) for k in "abe"]
+            for st in p.stages:
+                xs = list(zip("abe", st.forward_batch(xs), strict=True))
+    assert stage._jobs["e"].rows is not None
+    clone = torch.Tensor.clone
+    copies: list[int] = []
+
+    def second_copy_fails(self, *args, **kwargs):
+        copies.append(1)
+        if len(copies) == 3:  # job e's second layer (its keys, then values, a layer)
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return clone(self, *args, **kwargs)
+
+    hidden = torch.randn(2, stage.manifest.hidden_size, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.Tensor, "clone", second_copy_fails)
+    with pytest.raises(torch.OutOfMemoryError):
+        stage.forward_batch([("a", hidden[:1]), ("b", hidden[1:])])  # new rows for a, b: e must leave
+    monkeypatch.setattr(torch.Tensor, "clone", clone)
+    assert stage._jobs["e"].rows is not None  # still in its old rows, whole
+    x = torch.tensor([30])
+    for st_plain, st in zip(plain.stages, pipe.stages, strict=True):
+        want, x = st_plain.forward("e", x), st.forward("e", x)
+        torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_job_taking_a_spare_reads_nothing_of_its_last_job(built) -> None:
     """A worker upstream can send NaN rows: the job they poison writes NaN keys and values into its room.
     When it ends and its graph serves another job, the columns after that job's positions (masked, but read:
