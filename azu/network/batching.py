@@ -8,8 +8,10 @@ Two rules, both about keeping every stage of a pipeline busy without making anyo
   before: the pipeline fills.
 - **Chunked prompts.** A prompt runs ``chunk`` tokens at a time (all prompts waiting at a stage share that
   budget, so many users starting together prefill as one batch), in turns with the decode batches: a long
-  prompt holds the jobs that are decoding up for one chunk at a time, not for the whole prompt. A prompt's
-  output is handed on once all of its chunks have run (the next stage gets the whole prompt, as before).
+  prompt holds the jobs that are decoding up for one chunk at a time, not for the whole prompt. With no
+  other job in flight at the worker the chunk is ``ALONE_CHUNKS`` times longer (each chunk is a pass over
+  the weights). A prompt's output is handed on once all of its chunks have run (the next stage gets the
+  whole prompt, as before).
 - **Decode steps ride with short prompts.** Where the decode batch and the prompt chunk would pad little
   (``mixes_cheaply``), they run as one batch: one pass over the weights instead of two, and the jobs that
   were decoding and the ones that start travel on together from then on. Without it, a job whose prompt
@@ -107,16 +109,22 @@ class StepQueue:
         q = self._by_stage.get(stage_id, {})
         return [Row(item, 1) for item in q.values() if item.left == 1][: max(1, max_rows)]
 
-    def prompt_batch(self, stage_id: StageId, besides: Sequence[Row] = ()) -> list[Row]:
-        """The next chunk of the prompts waiting here: ``chunk`` positions in all, oldest prompt first, none
-        of the steps ``besides`` holds (the decode batch of the same turn).
+    def prompt_jobs(self, stage_id: StageId) -> int:
+        """How many prompts (steps of more than one position) wait here."""
+        return sum(1 for item in self._by_stage.get(stage_id, {}).values() if item.size > 1)
+
+    def prompt_batch(self, stage_id: StageId, besides: Sequence[Row] = (), *,
+                     alone: bool = False) -> list[Row]:
+        """The next chunk of the prompts waiting here: ``chunk`` positions in all (``ALONE_CHUNKS`` times that
+        when ``alone``: no other job's step waits for the chunk), oldest prompt first, none of the steps
+        ``besides`` holds (the decode batch of the same turn).
 
         A row is a contiguous piece of one prompt; rows of unequal length are padded to the longest in the
         batch, so a prompt that would only add a short tail beside a long chunk waits for the next turn."""
         q = self._by_stage.get(stage_id, {})
         taken = {id(r.item) for r in besides}
         rows: list[Row] = []
-        budget = self.chunk
+        budget = self.chunk * (ALONE_CHUNKS if alone else 1)
         for item in q.values():
             if (item.left <= 1 and item.done == 0) or id(item) in taken:
                 continue  # a one-position step (the decode batch's), or one the decode batch took
@@ -129,6 +137,13 @@ class StepQueue:
             budget -= n
         return rows
 
+
+# A prompt's chunk when no other job's step is in flight at the worker (nobody to hold up): this many
+# chunks at once. Each chunk reads the stage's weights again; on an Intel Xeon (2026-12-01) a Qwen-shaped
+# model's 2048-token prompt through its two stages took 16.6 s in chunks of 128, 14.3 in 256, 13.7-14.0 in
+# 512-2048 (bench/long_prompt.py: TTFT 1.22x `generate` in chunks of 128). A job that arrives meanwhile
+# waits for this bigger chunk at most.
+ALONE_CHUNKS = 4
 
 # How much padding a decode batch and a prompt chunk may add, run as one batch (rows are padded to the
 # longest, so a one-token decode row beside a 16-token prompt costs 15 padded positions): at most this share

@@ -541,7 +541,9 @@ class WorkerNode:
         for stage_id in list(queue.stages()):
             stage = self.stages[stage_id]
             decode = queue.decode_batch(stage_id, self._micro_batch_rows(stage_id, queue, now))
-            prompt = queue.prompt_batch(stage_id, besides=decode)
+            # Alone: no decode step here, and no job in flight at this worker but those whose prompts wait.
+            alone = not decode and self._jobs_due(now) <= queue.prompt_jobs(stage_id)
+            prompt = queue.prompt_batch(stage_id, besides=decode, alone=alone)
             batches = ([decode + prompt] if batching.mixes_cheaply(decode, prompt) else [decode, prompt])
             for rows in batches:
                 if not rows:

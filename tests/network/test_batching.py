@@ -58,7 +58,10 @@ def test_chunked_prompts_and_micro_batches_match_generate(r, shard, reference, m
         view = jobs.get_job(r, job_id)
         assert view is not None and view.status == "done", view
         assert view.token_ids == reference(prompt, n), f"job for prompt {prompt}"
-    assert seen and max(max(rows) for rows in seen) <= 3  # no prompt ran more than a chunk at once
+    # The first batch: all prompts, nobody decoding yet (ALONE_CHUNKS chunks at once); from then on, beside
+    # decoding jobs, no prompt runs more than a chunk at a time.
+    assert seen and sum(seen[0]) == 3 * batching.ALONE_CHUNKS
+    assert all(max(rows) <= 3 for rows in seen[1:])
     assert any(len(rows) > 1 and max(rows) > 1 for rows in seen)  # chunks of several prompts batched
     assert any(len(rows) > 1 and max(rows) == 1 for rows in seen)  # decode steps batched
 
@@ -84,6 +87,10 @@ def test_queue_splits_decode_steps_and_shares_the_chunk() -> None:
     rows[0].item.done += 8
     rows = q.prompt_batch(stage_id)
     assert [(r.item.step.job_id, r.n, r.last) for r in rows] == [("long", 4, True), ("short", 4, False)]
+    alone = batching.StepQueue(chunk=8)
+    alone.add(stage_id, *_step("long", 40))
+    assert [r.n for r in alone.prompt_batch(stage_id, alone=True)] == [8 * batching.ALONE_CHUNKS]
+    assert alone.prompt_jobs(stage_id) == 1 and q.prompt_jobs(stage_id) == 2
     assert batching.micro_batch_rows(16, 2) == 8 and batching.micro_batch_rows(3, 2) == 2
     assert batching.micro_batch_rows(5, 1) == 5 and batching.micro_batch_rows(0, 2) == 1
 
@@ -110,14 +117,50 @@ def test_an_end_order_taken_mid_session_drops_the_jobs_queued_rows(r, shard) -> 
     jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id,
                                        prompt_ids=[1, *range(100, 120)], max_tokens=4), dispatch=net)
     queue = batching.StepQueue(chunk=3)
-    first._process(take("e1"), queue)  # one round: the first 3 of 21 positions
-    assert queue and stage.job_length(job_id) == 3
+    first._process(take("e1"), queue)  # one round: the first 12 of 21 positions (alone: 4 chunks of 3)
+    assert queue and stage.job_length(job_id) == 3 * batching.ALONE_CHUNKS
     assert jobs.fail_job(r, job_id, "test: ended mid-prompt", dispatch=net)
     (order,) = take("e1")
     assert first._process([order], queue) == 0
     assert not queue and job_id not in stage.jobs and job_id not in first.jobs
     assert first._process([order], queue) == 0  # the same order again: nothing left to end, nothing breaks
     for worker_id in ("e1", "e2"):
+        Inbox(r, worker_id).clear()
+
+
+def test_a_prompt_runs_in_longer_chunks_only_while_no_other_job_is_in_flight(r, shard) -> None:
+    """A chunk is a pass over the stage's weights: a prompt with nobody to hold up runs ALONE_CHUNKS chunks
+    at once; beside a job decoding at the worker it runs one chunk a turn."""
+    from azu.network import keys
+    from azu.network.inbox import Inbox
+
+    model_id = shard("tiny-alone")
+    folder = models.shard_dir(model_id)
+    net = InlineNetwork(r)
+    first = net.add("c1", folder, model_id, 0, 2, 4, prefill_chunk=3)
+    second = net.add("c2", folder, model_id, 2, 4, 4, prefill_chunk=3)
+    stage = first.stages[(model_id, Span(0, 2, True, False))]
+
+    def take(worker_id: str) -> list[bytes]:
+        blobs = r.lrange(keys.pending(worker_id), 0, -1)
+        r.delete(keys.pending(worker_id))
+        return blobs
+
+    def submit(job_id: str, prompt: list[int]) -> None:
+        jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=prompt,
+                                           max_tokens=8), dispatch=net)
+
+    submit("ja-decoding", [1, 40, 50])
+    first._process(take("c1"))  # its prompt, whole
+    second._process(take("c2"))  # its first token; its next step waits at c1: it is in flight there
+    submit("ja-long", [1, *range(100, 120)])
+    queue = batching.StepQueue(chunk=3)
+    first._process(take("c1"), queue)  # one round: the decoding job's step, then one chunk of the prompt
+    assert stage.job_length("ja-long") == 3 and stage.job_length("ja-decoding") == 4
+    assert jobs.fail_job(r, "ja-decoding", "test: done", dispatch=net)
+    first._process(take("c1"), queue)  # the end order; then the prompt is alone: 4 chunks at once
+    assert stage.job_length("ja-long") == 3 + 3 * batching.ALONE_CHUNKS
+    for worker_id in ("c1", "c2"):
         Inbox(r, worker_id).clear()
 
 
