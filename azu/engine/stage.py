@@ -510,17 +510,29 @@ class Stage:
     def _rows_for(self, jobs: list[_Job]) -> BatchRows:
         """The ``BatchRows`` holding exactly ``jobs`` (in any order), or new rows for them, made from where
         each job's past is now (its own buffers, or another batch's rows) when the batch runs."""
+        held = self._held_rows(jobs)
+        if held is not None:
+            return held
+        rows = BatchRows([self._past_of(job) for job in jobs])
+        self._join_rows(jobs, rows)
+        return rows
+
+    @staticmethod
+    def _held_rows(jobs: list[_Job]) -> BatchRows | None:
+        """The rows that hold exactly ``jobs`` now, if any."""
         held = jobs[0].rows
         if held is not None and held.size == len(jobs) and all(job.rows is held for job in jobs):
             return held
-        rows = BatchRows([self._past_of(job) for job in jobs])
+        return None
+
+    def _join_rows(self, jobs: list[_Job], rows: BatchRows) -> None:
+        """``jobs`` (in row order) move into ``rows``; rows they leave are disbanded (``_disband``)."""
         rows.members = list(jobs)
         left = {id(job.rows): job.rows for job in jobs if job.rows is not None}
         for b, job in enumerate(jobs):
             job.rows, job.row = rows, b
         for old in left.values():
             self._disband(old)
-        return rows
 
     def _disband(self, rows: BatchRows) -> None:
         """Rows a job leaves (it joins other rows, runs alone, or ended): the jobs still in them leave too,
@@ -784,10 +796,8 @@ class Stage:
         if not (self._graphs_on and self._batch_graphs and all(n == 1 for n in sizes)
                 and all(job.length for job in jobs)):
             return False
-        held = jobs[0].rows
         together = frozenset(job.serial for job in jobs)
-        return (len(jobs) > self.replay_rows
-                or (held is not None and held.size == len(jobs) and all(job.rows is held for job in jobs))
+        return (len(jobs) > self.replay_rows or self._held_rows(jobs) is not None
                 or all(job.batch_key == together for job in jobs))
 
     @torch.inference_mode()
@@ -811,9 +821,8 @@ class Stage:
         recording."""
         owned = range(self.span.first, self.span.last)
         needed = max(job.length for job in jobs) + 1
-        held = jobs[0].rows
-        if (held is not None and held.size == len(jobs) and all(job.rows is held for job in jobs)
-                and held.graph is not None and held.graph.fits(needed)
+        held = self._held_rows(jobs)
+        if (held is not None and held.graph is not None and held.graph.fits(needed)
                 and all(held.keys.get(idx) is held.graph.rooms[idx][0] for idx in owned)):
             return cast(DecodeGraph, held.graph)
         if time.monotonic() < self._no_new_graphs_until:
@@ -837,12 +846,7 @@ class Stage:
             return None
         del pasts
         rows = BatchRows.made(keys, values)
-        rows.members = list(jobs)
-        left = {id(job.rows): job.rows for job in jobs if job.rows is not None}
-        for b, job in enumerate(jobs):
-            job.rows, job.row = rows, b
-        for old in left.values():
-            self._disband(old)
+        self._join_rows(jobs, rows)
         self._left_for_rows(jobs)
         graph = DecodeGraph({idx: (keys[idx], values[idx]) for idx in owned}, self._graph_input(len(jobs)))
         rows.graph = graph
