@@ -160,6 +160,7 @@ def test_a_prompt_runs_in_longer_chunks_only_while_no_other_job_is_in_flight(r, 
     assert jobs.fail_job(r, "ja-decoding", "test: done", dispatch=net)
     first._process(take("c1"), queue)  # the end order; then the prompt is alone: 4 chunks at once
     assert stage.job_length("ja-long") == 3 + 3 * batching.ALONE_CHUNKS
+    assert jobs.fail_job(r, "ja-long", "test: done", dispatch=net)  # no running job left for other tests
     for worker_id in ("c1", "c2"):
         Inbox(r, worker_id).clear()
 
