@@ -22,8 +22,8 @@ rows are copied only when a batch's jobs change (a job joins, leaves or runs alo
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -140,22 +140,24 @@ class BatchRows:
         self._pasts: list[Past | None] | None = pasts
         self.graph: Any = None  # the decode graph (azu.engine.graphs) whose rooms these buffers are, if any
 
-    @classmethod
-    def made(cls, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]) -> BatchRows:
-        """Rows whose buffers are made already (``[size, heads, room, head_dim]`` a layer, the jobs' pasts
-        copied in): a batch decode graph's rooms."""
-        rows = cls([None] * int(next(iter(keys.values())).shape[0]))
-        rows.keys, rows.values, rows._pasts = keys, values, None
-        return rows
+    def make(self, layers: Iterable[int], room: int) -> None:
+        """Every layer's buffers now, ``room`` positions a row exactly (a batch decode graph's rooms), from
+        the pasts (every row has one); then the pasts go."""
+        assert self._pasts is not None and all(past is not None for past in self._pasts)
+        first = cast(Past, self._pasts[0])
+        for idx in layers:
+            k, v = first(idx)
+            self.reserve(idx, k[None], v[None], room, grow=False)
+        self.forget_pasts()
 
     def reserve(self, idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
-                span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``idx``'s buffers, made or grown (by a quarter, at least ``GROW_MIN`` positions) so that
-        every row has ``span`` positions."""
+                span: int, *, grow: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``idx``'s buffers, made or grown (by a quarter, at least ``GROW_MIN`` positions, unless not
+        ``grow``) so that every row has ``span`` positions."""
         keys, values = self.keys.get(idx), self.values.get(idx)
         if keys is not None and values is not None and keys.shape[2] >= span:
             return keys, values
-        room = span + max(GROW_MIN, span // 4)
+        room = span + max(GROW_MIN, span // 4) if grow else span
         new_k = key_states.new_zeros(self.size, key_states.shape[1], room, key_states.shape[3])
         new_v = value_states.new_zeros(self.size, value_states.shape[1], room, value_states.shape[3])
         if keys is not None and values is not None:

@@ -141,6 +141,11 @@ class _Job:
     serial: int = dataclasses.field(default_factory=lambda: next(_JOB_SERIALS))
 
 
+def _one_token_steps(jobs: Sequence[_Job], sizes: Sequence[int]) -> bool:
+    """Whether a batch is one-token steps of jobs under way (what decode graphs run)."""
+    return all(n == 1 and job.length for job, n in zip(jobs, sizes, strict=True))
+
+
 def _resolve(module: Any, path: str) -> Any:
     for part in filter(None, path.split(".")):
         module = getattr(module, part)
@@ -793,8 +798,7 @@ class Stage:
         takes graphs, for a batch too large for one replay per job (``replay_rows``), or one whose jobs ran
         together last time (in one batch's rows, or as replays): a recording per batch of jobs is paid back
         by the batch's next steps, and jobs that meet once would each pay for it."""
-        if not (self._graphs_on and self._batch_graphs and all(n == 1 for n in sizes)
-                and all(job.length for job in jobs)):
+        if not (self._graphs_on and self._batch_graphs and _one_token_steps(jobs, sizes)):
             return False
         together = frozenset(job.serial for job in jobs)
         return (len(jobs) > self.replay_rows or self._held_rows(jobs) is not None
@@ -822,33 +826,23 @@ class Stage:
         owned = range(self.span.first, self.span.last)
         needed = max(job.length for job in jobs) + 1
         held = self._held_rows(jobs)
-        if (held is not None and held.graph is not None and held.graph.fits(needed)
-                and all(held.keys.get(idx) is held.graph.rooms[idx][0] for idx in owned)):
+        # (Rows whose buffers an eager batch replaced have no graph any more: BatchRows.reserve.)
+        if held is not None and held.graph is not None and held.graph.fits(needed):
             return cast(DecodeGraph, held.graph)
         if time.monotonic() < self._no_new_graphs_until:
             return None
         room = room_for(needed, self.max_positions)
-        pasts = [cast(Past, self._past_of(job)) for job in jobs]
+        rows = BatchRows([self._past_of(job) for job in jobs])
         try:
-            keys: dict[int, torch.Tensor] = {}
-            values: dict[int, torch.Tensor] = {}
-            for idx in owned:
-                held_kv = [past(idx) for past in pasts]  # each [heads, positions, head_dim]
-                k0, v0 = held_kv[0]
-                # Zeros: the columns after a row's position are masked, and must be finite (0 x NaN is NaN).
-                keys[idx] = k0.new_zeros(len(jobs), k0.shape[0], room, k0.shape[-1])
-                values[idx] = v0.new_zeros(len(jobs), v0.shape[0], room, v0.shape[-1])
-                for b, (k, v) in enumerate(held_kv):
-                    keys[idx][b, :, : k.shape[-2]] = k
-                    values[idx][b, :, : v.shape[-2]] = v
+            # Zeroed buffers: the columns after a row's position are masked, and must be finite (0 x NaN).
+            rows.make(owned, room)
         except torch.OutOfMemoryError:
             self._out_of_memory(f"a batch decode graph's rooms ({len(jobs)} rows of {room} positions)")
             return None
-        del pasts
-        rows = BatchRows.made(keys, values)
         self._join_rows(jobs, rows)
         self._left_for_rows(jobs)
-        graph = DecodeGraph({idx: (keys[idx], values[idx]) for idx in owned}, self._graph_input(len(jobs)))
+        graph = DecodeGraph({idx: (rows.keys[idx], rows.values[idx]) for idx in owned},
+                            self._graph_input(len(jobs)))
         rows.graph = graph
         if self._records:
             try:
@@ -887,8 +881,7 @@ class Stage:
         """Whether a batch runs as one decode-graph replay per job: one-token steps of jobs under way, at
         most ``replay_rows`` of them (on a GPU, where an eager batch step costs more than that many replays;
         azu.engine.graphs)."""
-        if not (len(jobs) <= self.replay_rows and self._graphs_on
-                and all(n == 1 and job.length for job, n in zip(jobs, sizes, strict=True))):
+        if not (len(jobs) <= self.replay_rows and self._graphs_on and _one_token_steps(jobs, sizes)):
             return False
         # Only where the jobs have graphs, or may record them: steps that would run eagerly one by one (a
         # busy stage) cost more than one eager batch.
