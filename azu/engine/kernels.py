@@ -161,22 +161,21 @@ def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
     layer_bytes = sum(out * inp * 4 for out, inp in shapes)
     layers = max(2, working_bytes // layer_bytes)
     gen = torch.Generator().manual_seed(0)
-    plain = [torch.empty(out, inp).uniform_(-0.05, 0.05, generator=gen)
-             for _ in range(layers) for out, inp in shapes]
-    widths = sorted({inp for _, inp in shapes})
-    inputs = {rows: {inp: torch.randn(rows, inp, generator=gen) for inp in widths}
+    # (weight, its in_features) in a stage's order, layer after layer.
+    weights = [(torch.empty(out, inp).uniform_(-0.05, 0.05, generator=gen), inp)
+               for _ in range(layers) for out, inp in shapes]
+    inputs = {rows: {inp: torch.randn(rows, inp, generator=gen) for inp in {inp for _, inp in shapes}}
               for rows in sorted({*ROW_BUCKETS, *range(1, PAD_UP_TO + 1)})}
     times: Timings = {}
 
-    def time_kernels(kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], object]],
-                     held: list[torch.Tensor], in_features: list[int]) -> None:
+    def time_kernels(kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], object]]) -> None:
         for rows, xs in inputs.items():
             for run in kernels.values():
-                for w, inp in zip(held[: len(shapes)], in_features, strict=False):
+                for w, inp in weights[: len(shapes)]:
                     run(xs[inp], w)  # a primitive is created on first use
             # A prompt chunk's products are bound by arithmetic, not by reading the weights: one layer does.
             passes = 1 if rows > 16 else layers
-            some = list(zip(held[: passes * len(shapes)], in_features, strict=False))
+            some = weights[: passes * len(shapes)]
             for _ in range(3):  # kernels interleaved: a busy moment hits them alike
                 for name, run in kernels.items():
                     start = time.perf_counter()
@@ -185,16 +184,11 @@ def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
                     took = (time.perf_counter() - start) / passes * 1e3
                     times[name, rows] = min(took, times.get((name, rows), took))
 
-    in_features = [inp for _ in range(layers) for _, inp in shapes]
     with torch.inference_mode():
-        time_kernels({"mkl": lambda x, w: F.linear(x, w), "onednn": lambda x, w: _product(x, w, None)}, plain,
-                     in_features)
-        packed: list[torch.Tensor] = []
-        for i in range(len(plain)):  # one copy at a time: the measurement holds about one set of weights
-            packed.append(torch.ops.mkldnn._reorder_linear_weight(plain[i], PACK_FOR_ROWS))
-            plain[i] = packed[-1]  # the plain weight goes
-        del plain
-        time_kernels({"packed": lambda x, w: _product(x, w, None)}, packed, in_features)
+        time_kernels({"mkl": lambda x, w: F.linear(x, w), "onednn": lambda x, w: _product(x, w, None)})
+        for i, (w, inp) in enumerate(weights):  # one copy at a time: about one set of weights is held
+            weights[i] = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_FOR_ROWS), inp)
+        time_kernels({"packed": lambda x, w: _product(x, w, None)})
     return times
 
 
