@@ -66,6 +66,15 @@ def test_chunked_prompts_and_micro_batches_match_generate(r, shard, reference, m
     assert any(len(rows) > 1 and max(rows) == 1 for rows in seen)  # decode steps batched
 
 
+def _take(r, worker_id: str) -> list[bytes]:
+    """What waits in a worker's inbox, taken (the tests run its rounds by hand)."""
+    from azu.network import keys
+
+    blobs = r.lrange(keys.pending(worker_id), 0, -1)
+    r.delete(keys.pending(worker_id))
+    return blobs
+
+
 def _step(job: str, size: int) -> tuple[StepPayload, torch.Tensor]:
     step = StepPayload(job_id=job, step=0, hop=0, pos=0, x=[1] * size, grant=b"g", grant_sig=b"s")
     return step, torch.ones(size, dtype=torch.long)
@@ -98,7 +107,6 @@ def test_queue_splits_decode_steps_and_shares_the_chunk() -> None:
 def test_an_end_order_taken_mid_session_drops_the_jobs_queued_rows(r, shard) -> None:
     """The core's end order comes in the inbox, so it can arrive while the session still holds rows of the
     job (here the rest of a prompt's chunks): they are dropped with its caches, not run on a fresh cache."""
-    from azu.network import keys
     from azu.network.inbox import Inbox
 
     model_id = shard("tiny-ended")  # a model of its own: no other test's nodes hold it
@@ -108,19 +116,14 @@ def test_an_end_order_taken_mid_session_drops_the_jobs_queued_rows(r, shard) -> 
     net.add("e2", folder, model_id, 2, 4, 4, prefill_chunk=3)
     stage = first.stages[(model_id, Span(0, 2, True, False))]
 
-    def take(worker_id: str) -> list[bytes]:
-        blobs = r.lrange(keys.pending(worker_id), 0, -1)
-        r.delete(keys.pending(worker_id))
-        return blobs
-
     job_id = "je-mid-session"
     jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id,
                                        prompt_ids=[1, *range(100, 120)], max_tokens=4), dispatch=net)
     queue = batching.StepQueue(chunk=3)
-    first._process(take("e1"), queue)  # one round: the first 12 of 21 positions (alone: 4 chunks of 3)
+    first._process(_take(r, "e1"), queue)  # one round: the first 12 of 21 positions (alone: 4 chunks of 3)
     assert queue and stage.job_length(job_id) == 3 * batching.ALONE_CHUNKS
     assert jobs.fail_job(r, job_id, "test: ended mid-prompt", dispatch=net)
-    (order,) = take("e1")
+    (order,) = _take(r, "e1")
     assert first._process([order], queue) == 0
     assert not queue and job_id not in stage.jobs and job_id not in first.jobs
     assert first._process([order], queue) == 0  # the same order again: nothing left to end, nothing breaks
@@ -131,7 +134,6 @@ def test_an_end_order_taken_mid_session_drops_the_jobs_queued_rows(r, shard) -> 
 def test_a_prompt_runs_in_longer_chunks_only_while_no_other_job_is_in_flight(r, shard) -> None:
     """A chunk is a pass over the stage's weights: a prompt with nobody to hold up runs ALONE_CHUNKS chunks
     at once; beside a job decoding at the worker it runs one chunk a turn."""
-    from azu.network import keys
     from azu.network.inbox import Inbox
 
     model_id = shard("tiny-alone")
@@ -141,24 +143,19 @@ def test_a_prompt_runs_in_longer_chunks_only_while_no_other_job_is_in_flight(r, 
     second = net.add("c2", folder, model_id, 2, 4, 4, prefill_chunk=3)
     stage = first.stages[(model_id, Span(0, 2, True, False))]
 
-    def take(worker_id: str) -> list[bytes]:
-        blobs = r.lrange(keys.pending(worker_id), 0, -1)
-        r.delete(keys.pending(worker_id))
-        return blobs
-
     def submit(job_id: str, prompt: list[int]) -> None:
         jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=prompt,
                                            max_tokens=8), dispatch=net)
 
     submit("ja-decoding", [1, 40, 50])
-    first._process(take("c1"))  # its prompt, whole
-    second._process(take("c2"))  # its first token; its next step waits at c1: it is in flight there
+    first._process(_take(r, "c1"))  # its prompt, whole
+    second._process(_take(r, "c2"))  # its first token; its next step waits at c1: it is in flight there
     submit("ja-long", [1, *range(100, 120)])
     queue = batching.StepQueue(chunk=3)
-    first._process(take("c1"), queue)  # one round: the decoding job's step, then one chunk of the prompt
+    first._process(_take(r, "c1"), queue)  # one round: the decoding job's step, then one chunk of the prompt
     assert stage.job_length("ja-long") == 3 and stage.job_length("ja-decoding") == 4
     assert jobs.fail_job(r, "ja-decoding", "test: done", dispatch=net)
-    first._process(take("c1"), queue)  # the end order; then the prompt is alone: 4 chunks at once
+    first._process(_take(r, "c1"), queue)  # the end order; then the prompt is alone: 4 chunks at once
     assert stage.job_length("ja-long") == 3 + 3 * batching.ALONE_CHUNKS
     assert jobs.fail_job(r, "ja-long", "test: done", dispatch=net)  # no running job left for other tests
     for worker_id in ("c1", "c2"):
