@@ -423,6 +423,27 @@ def test_a_job_whose_copy_out_of_rows_fails_stays_whole(built, monkeypatch) -> N
         torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-5)
 
 
+def test_nan_rows_sent_for_one_job_reach_no_other_job_of_its_batch_graph(built) -> None:
+    """A worker upstream can send one job NaN or infinite hidden states: through a batch decode graph (rows
+    side by side, masked columns read) the other jobs' outputs stay what the eager stage gives them."""
+    shards = built("llama").shards
+    plain = LocalPipeline(shards, 2, graphs="off").stages[1]
+    stage = LocalPipeline(shards, 2, graphs="on").stages[1]  # hidden rows in, logits out
+    gen = torch.Generator().manual_seed(0)
+    hidden = stage.manifest.hidden_size
+    for k, n in zip("abc", (4, 7, 9), strict=True):
+        x = torch.randn(n, hidden, generator=gen)
+        plain.forward(k, x)
+        stage.forward(k, x)
+    for step in range(4):
+        clean = {k: torch.randn(1, hidden, generator=gen) for k in "bc"}
+        poison = torch.full((1, hidden), float("nan") if step % 2 else float("inf"))
+        outs = stage.forward_batch([("a", poison), ("b", clean["b"]), ("c", clean["c"])])
+        assert stage._jobs["a"].rows is not None and stage._jobs["a"].rows.graph is not None
+        for k, out in zip("bc", outs[1:], strict=True):
+            torch.testing.assert_close(out, plain.forward(k, clean[k]), rtol=1e-4, atol=1e-5)
+
+
 def test_a_job_taking_a_spare_reads_nothing_of_its_last_job(built) -> None:
     """A worker upstream can send NaN rows: the job they poison writes NaN keys and values into its room.
     When it ends and its graph serves another job, the columns after that job's positions (masked, but read:
