@@ -54,7 +54,8 @@ API_REQUEST_SECONDS = Histogram(
     ["route", "method"], buckets=LATENCY_BUCKETS, registry=API)
 API_TTFT_SECONDS = Histogram(
     "azu_api_time_to_first_token_seconds",
-    "Streamed requests: time from the request's start to the first token event the API read.",
+    "Streamed requests: time from the request's start to the first token the API read "
+    "(a stop token that ends the answer at once counts).",
     ["route"], buckets=TTFT_BUCKETS, registry=API)
 API_REFUSALS = Counter("azu_api_refusals", "4xx answers by status and error code (429: rate limits).",
                        ["status", "code"], registry=API)

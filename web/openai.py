@@ -154,7 +154,9 @@ def _stream(r: redis.Redis, job_id: str, head: _Head, model: serving.ReadyModel,
                     last_sent = time.monotonic()
                     yield ": keep-alive\n\n"
                 continue
-            if started is not None and event.token_id is not None:  # the first token (maybe in "done")
+            # The first token, maybe in "done": a stop id that ends the answer at once is not shown, but
+            # it was the first token all the same (the core counts it too).
+            if started is not None and (event.token_id is not None or event.kind == "done"):
                 metrics.API_TTFT_SECONDS.labels("chat_stream").observe(time.monotonic() - started)
                 started = None
             if event.kind == "token" and event.token_id is not None:

@@ -129,3 +129,37 @@ def test_redis_down_still_answers(metrics_redis_url: str, monkeypatch: pytest.Mo
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(resp.get_data(as_text=True)) for s in fam.samples}
     assert value(samples, "azu_core_scrape_ok") == 0
+
+
+@pytest.mark.parametrize("events", [
+    [{"k": "token", "t": "7"}, {"k": "done", "t": "", "reason": "stop"}],
+    # The first token is a stop id: the answer ends at once and the token is never shown.
+    [{"k": "done", "t": "", "reason": "stop"}],
+], ids=["token-first", "stop-token-first"])
+def test_a_stream_times_its_first_token_once(metrics_redis_url: str, metrics_registry_dir,
+                                             events: list[dict[str, str]]) -> None:
+    """The API's time to first token counts every streamed answer once, also one that a stop id ends at once
+    (the core counts that one at its step 0: the two counts must agree)."""
+    from azu import metrics, serving
+    from azu.network import keys
+    from azu.tokenization import load_tokenizer
+    from tests.support.api import MODEL_ID
+    from web.openai import _Head, _stream
+
+    r = redis.Redis.from_url(metrics_redis_url)
+    job_id = f"ttft-{len(events)}"
+    r.delete(keys.events(job_id))
+    for step, fields in enumerate(events):
+        r.xadd(keys.events(job_id), fields, id=f"0-{step + 1}")
+    folder = metrics_registry_dir / MODEL_ID
+    model = serving.ReadyModel(model_id=MODEL_ID, folder=folder, tokenizer=load_tokenizer(folder),
+                               num_layers=2, context_length=None)
+    sampling = serving.Sampling(temperature=0.0, top_p=1.0, top_k=0, seed=0)
+    head = _Head(id="chatcmpl-1", created=0, model=MODEL_ID, job_id=job_id, results_url="/results/x")
+    count = metrics.API.get_sample_value
+    before = count("azu_api_time_to_first_token_seconds_count", {"route": "chat_stream"}) or 0.0
+    chunks = list(_stream(r, job_id, head, model, sampling, prompt_tokens=1, include_usage=False,
+                          timeout_s=10, started=0.0))
+    assert chunks[-1] == "data: [DONE]\n\n" and '"finish_reason":"stop"' in chunks[-2]
+    after = count("azu_api_time_to_first_token_seconds_count", {"route": "chat_stream"})
+    assert after == before + 1

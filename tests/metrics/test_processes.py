@@ -152,6 +152,8 @@ def test_a_job_moves_worker_api_and_core_metrics(stack) -> None:
         assert stream.status_code == 200
         lines = [line for line in stream.iter_lines() if line]
     assert lines[-1] == b"data: [DONE]"
+    # An error event also ends with [DONE]: the stream must have finished its answer, with no error.
+    assert any(b'"finish_reason":"' in line for line in lines), f"{lines}\n{stack['tail']()}"
 
     # The worker's own port: steps of the job (prefill, then decode), batch sizes, step latency.
     worker = samples(requests.get(stack["worker_metrics"], timeout=10).text)
