@@ -17,6 +17,10 @@ One run, one table:
 - Petals comparison: random Llama hidden 512 x 8 layers, vocab 32000, fp32, two workers: decode tokens/s
       and TTFT vs single process (Petals 2.2 measured 0.55x and 2.1x here).
 
+P1 and the Petals row also run the same two stages in two bare processes joined by a pipe
+(bench/_pipe_pair.py): the pipeline's ratio to that pair is what azu's messaging costs; the pair's own
+ratio to one process is what taking turns costs on this machine.
+
 Every process uses one thread (OMP_NUM_THREADS=1), the single-process baseline too: the machine has two
 cores shared with other work, so numbers are noisy; each measurement is the best of ``--repeat`` runs.
 
@@ -96,6 +100,7 @@ class Bench:
         self.pids = {"collector": self.procs[-1].pid}  # whose CPU time the P2 row counts, by role
         self.rows: list[dict[str, Any]] = []
         self.plans: dict[int, str] = {}  # the CPU linears plan the same-kernels baseline ran, per model width
+        self.cuts: dict[str, int] = {}  # model id -> the layer where its second worker's span starts
 
     # -- setup ------------------------------------------------------------------------------------------
     def model(self, name: str, family: str, config: dict[str, Any], *, big: bool = False) -> tuple[str, Path]:
@@ -154,6 +159,8 @@ class Bench:
         from azu.network.jobs import order_load
 
         spans = {wid: Span(a, b, a == 0, b == num_layers) for wid, (a, b) in layout.items()}
+        if len(spans) == 2:
+            self.cuts[model_id] = next(s.last for s in spans.values() if s.first == 0)
         for wid, span in spans.items():
             order_load(self.r, wid, model_id, span, dispatch=self.dispatch)
 
@@ -281,6 +288,18 @@ class Bench:
             k_ttft, k_rate = self.baseline(src, prompt, n, azu_kernels=True)
             single += f"; with azu's CPU linears {k_rate:.2f} tok/s, TTFT {k_ttft * 1000:.0f} ms"
             result += f" (same kernels: {p_rate / k_rate:.2f}x, {p_ttft / k_ttft:.2f}x)"
+        if model_id in self.cuts:
+            # The same two stages in two bare processes, a pipe between them: what taking turns costs on this
+            # machine without any of azu's messaging (bench/_pipe_pair.py).
+            from _pipe_pair import pipe_pair
+
+            from azu.registry import status as models
+
+            f_ttft, f_rate = pipe_pair(models.shard_dir(model_id), self.cuts[model_id], prompt, n,
+                                       device=self.args.device, dtype=self.args.dtype,
+                                       rounds=self.args.repeat)
+            single += f"; two bare processes over a pipe {f_rate:.2f} tok/s, TTFT {f_ttft * 1000:.0f} ms"
+            result += f"; vs the bare pair: decode {p_rate / f_rate:.2f}x, TTFT {p_ttft / f_ttft:.2f}x"
         self.add_row({"row": label, "pipeline": f"{p_rate:.2f} tok/s, TTFT {p_ttft * 1000:.0f} ms",
                           "single process": single, "result": result, "target": target})
 
