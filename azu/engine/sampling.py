@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from azu.errors import InvalidRequest
@@ -78,8 +79,13 @@ def scores(logits: torch.Tensor, params: SamplingParams, *, seed: int, step: int
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, *, seed: int, step: int) -> int:
-    """One token id from ``logits`` (shape ``[vocab]``)."""
-    return int(torch.argmax(scores(logits, params, seed=seed, step=step)))
+    """One token id from ``logits`` (shape ``[vocab]``).
+
+    The scores are a float32 CPU vector, and NumPy's argmax over one is 10-20x faster than PyTorch's (one
+    thread, AVX-512 Xeon: 3.5 against 47 us for 32000 entries, 9.5 against 219 us for 151936), on the last
+    stage for every row of every step. Both return the first index of the largest value, NaN counting as
+    the largest (``test_sample_takes_torchs_argmax``)."""
+    return int(np.argmax(scores(logits, params, seed=seed, step=step).numpy()))
 
 
 def token_matches(logits: torch.Tensor, token: int, params: SamplingParams, *, seed: int, step: int,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from azu.engine.local import LocalPipeline, split_layers
-from azu.engine.sampling import SamplingParams, sample
+from azu.engine.sampling import SamplingParams, sample, scores
 from azu.engine.span import Span
 from azu.engine.stage import Stage
 from azu.errors import CacheFull, IntegrityFailure, InvalidRequest, UnsupportedArchitecture
@@ -43,6 +43,31 @@ def test_sample_filters():
         SamplingParams(top_p=0.0)
     with pytest.raises(InvalidRequest):
         SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "all -inf", "inf", "strided"])
+def test_sample_takes_torchs_argmax(case: str) -> None:
+    """Greedy sampling runs NumPy's argmax: the same index as torch.argmax on ties (the first), NaN (the
+    first NaN), infinities and a strided view."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 32000, generator=g)
+    if case == "ties":
+        logits[:, [5, 17, 31999]] = 100.0
+    elif case == "nan":
+        logits[:, [9, 12]] = float("nan")
+        logits[:, 3] = float("inf")
+    elif case == "all -inf":
+        logits[:] = float("-inf")
+    elif case == "inf":
+        logits[:, [40, 7]] = float("inf")
+    rows = logits[:, ::2] if case == "strided" else logits
+    for row in rows:
+        assert sample(row, SamplingParams(), seed=0, step=0) == int(torch.argmax(row))
+    # and through the Gumbel path (temperature > 0): the noisy scores, cut tokens at -inf
+    params = SamplingParams(temperature=0.7, top_k=50)
+    for step, row in enumerate(rows):
+        noisy = scores(row, params, seed=1, step=step)
+        assert sample(row, params, seed=1, step=step) == int(torch.argmax(noisy))
 
 
 def test_interleaved_jobs_keep_separate_caches(built):
