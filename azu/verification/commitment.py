@@ -85,9 +85,40 @@ def commit_rows(rows: torch.Tensor, *, k: int = TOP_K) -> RowCommitment:
     import torch
     rows = rows.detach().to("cpu", torch.float32).reshape(rows.shape[0], -1)
     k = min(k, rows.shape[1])
-    idx = torch.topk(rows.abs(), k, dim=1).indices
+    idx = top_magnitudes(rows, k)
     vals = torch.gather(rows, 1, idx)
     return RowCommitment(idx.to(torch.int32).numpy(), vals.numpy())
+
+
+# Rows at least this wide (a vocabulary's logits) take the block search of ``top_magnitudes``.
+BLOCK = 128
+BLOCK_SEARCH_WIDTH = 64 * BLOCK
+
+
+def top_magnitudes(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of each row's ``k`` entries of largest magnitude (``[n, k]``, largest first): what
+    ``torch.topk(rows.abs(), k)`` gives, up to the order of equal magnitudes.
+
+    The last stage commits to every step's logits, and ``torch.topk`` over a vocabulary of 151936 took 7.9%
+    of that stage's time at 16 streams (one CPU thread: 366 us a row). Wide rows are searched in blocks
+    instead: the ``k`` largest entries lie in the ``k`` blocks with the largest maxima (a block left out has
+    ``k`` blocks at least as large before it, hence ``k`` larger entries), so only those blocks' entries are
+    ranked: 74 us a row, 739 us for 8 rows against 2392 (``test_top_magnitudes_are_torchs_topk``)."""
+    import torch
+
+    n, width = rows.shape
+    magnitudes = rows.abs()
+    full = width // BLOCK
+    if width < BLOCK_SEARCH_WIDTH or full < k:
+        return torch.topk(magnitudes, k, dim=1).indices
+    block_max = magnitudes[:, :full * BLOCK].view(n, full, BLOCK).amax(dim=2)
+    if width > full * BLOCK:  # the last, shorter block
+        block_max = torch.cat([block_max, magnitudes[:, full * BLOCK:].amax(dim=1, keepdim=True)], dim=1)
+    blocks = torch.topk(block_max, k, dim=1).indices
+    candidates = (blocks[:, :, None] * BLOCK + torch.arange(BLOCK)).reshape(n, -1)
+    past_end = candidates >= width  # in the last block, when it is shorter
+    ranked = torch.gather(magnitudes, 1, candidates.clamp(max=width - 1)).masked_fill(past_end, -1.0)
+    return torch.gather(candidates, 1, torch.topk(ranked, k, dim=1).indices)
 
 
 @dataclass(frozen=True)
