@@ -309,15 +309,20 @@ class Tally:
         with self.lock:
             self.counts[key] = self.counts.get(key, 0) + amount
 
-    def flush(self, r: Any) -> None:
+    def write(self, pipe: Any) -> None:
+        """Queue the counts on ``pipe`` (the caller's round trip carries them) and start over."""
         with self.lock:
             counts, self.counts = self.counts, {}
-        if not counts:
+        for (metric, labels), n in counts.items():
+            metric.inc(pipe, n, **dict(labels))
+
+    def flush(self, r: Any) -> None:
+        """Write the counts in a round trip of their own (none when there is nothing to count)."""
+        if not self.counts:
             return
         try:
             pipe = r.pipeline(transaction=False)
-            for (metric, labels), n in counts.items():
-                metric.inc(pipe, n, **dict(labels))
+            self.write(pipe)
             pipe.execute()
         except Exception:
             log.debug("core metrics not written", exc_info=True)

@@ -86,7 +86,7 @@ class Collector:
         self.identities: dict[str, str] = {}
         self.decoders: dict[str, _Decoder] = {}
         self.tokenizers: dict[str, Any] = {}
-        self.tally = metrics.Tally()  # this batch's report counts, written to Redis once per batch
+        self.tally = metrics.Tally()  # this batch's report counts, written with its tokens or at its end
 
     @property
     def dispatch(self) -> Dispatcher:
@@ -208,6 +208,8 @@ class Collector:
             else:
                 pipe.xadd(keys.events(job_id), {"k": "token", "t": str(token)}, id=f"0-{step + 1}")
                 pipe.hset(keys.job(job_id), mapping={"step": job["step"], "updated": now})
+        # The batch's counts so far ride on this round trip: a batch of tokens makes one write, not two.
+        self.tally.write(pipe)
         pipe.execute(raise_on_error=False)
         for job_id, job in ended:
             selection.pick(self.r, job_id, [h.worker_id for h in jobs.job_route(job)],

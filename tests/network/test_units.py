@@ -290,6 +290,43 @@ def test_replayed_step_is_answered_not_rerun(r, inline, reference) -> None:
     assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())
 
 
+def test_a_batch_of_token_reports_is_published_in_one_write(r, inline, monkeypatch) -> None:
+    """The collector reads the batch's jobs in one round trip and writes their tokens, with the batch's
+    counts, in one more: the counts do not take a round trip of their own."""
+    import redis
+
+    from azu import metrics
+
+    net, model_id = inline
+    job_id = _submit(r, net, model_id, [1, 9, 8], 50)
+    with monkeypatch.context() as m:
+        m.setattr(net, "collect", lambda: 0)  # the reports wait on their list
+        for _ in range(9):
+            net.step()
+    blobs = r.lrange(net.REPORTS, 0, -1)
+    r.delete(net.REPORTS)
+    tokens = [b for b in blobs if protocol.Report.unpack(b).kind == "token"]
+    assert len(tokens) >= 3
+    def accepted() -> float:
+        family = metrics.CORE_REPORTS.family(r.hgetall(metrics.CORE_REPORTS.key))
+        return sum(s.value for s in family.samples if s.labels == {"kind": "token", "outcome": "accepted"})
+
+    before = accepted()
+    executed = []
+    real = redis.client.Pipeline.execute
+    monkeypatch.setattr(redis.client.Pipeline, "execute",
+                        lambda self, *a, **k: executed.append(len(self)) or real(self, *a, **k))
+    assert net.collector.process(tokens) == len(tokens)
+    monkeypatch.undo()
+    assert len(executed) == 2, executed
+    assert jobs.get_job(r, job_id).token_ids and r.xlen(keys.events(job_id)) == len(tokens)
+    assert accepted() == before + len(tokens)
+    net.collector.process([b for b in blobs if b not in tokens])
+    jobs.cancel_job(r, job_id, dispatch=net)
+    net.run()
+    assert jobs.get_job(r, job_id).status == "done"
+
+
 def test_cancel_stops_at_the_next_step(r, inline) -> None:
     net, model_id = inline
     job_id = _submit(r, net, model_id, [1, 5, 6], 50)
