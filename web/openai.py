@@ -155,8 +155,10 @@ def _stream(r: redis.Redis, job_id: str, head: _Head, model: serving.ReadyModel,
                     yield ": keep-alive\n\n"
                 continue
             # The first token, maybe in "done": a stop id that ends the answer at once is not shown, but
-            # it was the first token all the same (the core counts it too).
-            if started is not None and (event.token_id is not None or event.kind == "done"):
+            # it was the first token all the same (the core counts it too). A job cancelled before its
+            # first token also ends with "done", and has no first token to time.
+            first = event.token_id is not None or (event.kind == "done" and event.finish_reason == "stop")
+            if started is not None and first:
                 metrics.API_TTFT_SECONDS.labels("chat_stream").observe(time.monotonic() - started)
                 started = None
             if event.kind == "token" and event.token_id is not None:

@@ -131,15 +131,17 @@ def test_redis_down_still_answers(metrics_redis_url: str, monkeypatch: pytest.Mo
     assert value(samples, "azu_core_scrape_ok") == 0
 
 
-@pytest.mark.parametrize("events", [
-    [{"k": "token", "t": "7"}, {"k": "done", "t": "", "reason": "stop"}],
+@pytest.mark.parametrize(("events", "timed"), [
+    ([{"k": "token", "t": "7"}, {"k": "done", "t": "", "reason": "stop"}], 1),
     # The first token is a stop id: the answer ends at once and the token is never shown.
-    [{"k": "done", "t": "", "reason": "stop"}],
-], ids=["token-first", "stop-token-first"])
+    ([{"k": "done", "t": "", "reason": "stop"}], 1),
+    # Cancelled before any token: there is no first token to time.
+    ([{"k": "done", "reason": "cancelled"}], 0),
+], ids=["token-first", "stop-token-first", "cancelled-before-a-token"])
 def test_a_stream_times_its_first_token_once(metrics_redis_url: str, metrics_registry_dir,
-                                             events: list[dict[str, str]]) -> None:
-    """The API's time to first token counts every streamed answer once, also one that a stop id ends at once
-    (the core counts that one at its step 0: the two counts must agree)."""
+                                             events: list[dict[str, str]], timed: int) -> None:
+    """The API's time to first token counts every streamed answer with a token once, also one that a stop id
+    ends at once (the core counts that one at its step 0: the two counts must agree)."""
     from azu import metrics, serving
     from azu.network import keys
     from azu.tokenization import load_tokenizer
@@ -147,7 +149,7 @@ def test_a_stream_times_its_first_token_once(metrics_redis_url: str, metrics_reg
     from web.openai import _Head, _stream
 
     r = redis.Redis.from_url(metrics_redis_url)
-    job_id = f"ttft-{len(events)}"
+    job_id = f"ttft-{len(events)}-{timed}"
     r.delete(keys.events(job_id))
     for step, fields in enumerate(events):
         r.xadd(keys.events(job_id), fields, id=f"0-{step + 1}")
@@ -160,6 +162,6 @@ def test_a_stream_times_its_first_token_once(metrics_redis_url: str, metrics_reg
     before = count("azu_api_time_to_first_token_seconds_count", {"route": "chat_stream"}) or 0.0
     chunks = list(_stream(r, job_id, head, model, sampling, prompt_tokens=1, include_usage=False,
                           timeout_s=10, started=0.0))
-    assert chunks[-1] == "data: [DONE]\n\n" and '"finish_reason":"stop"' in chunks[-2]
-    after = count("azu_api_time_to_first_token_seconds_count", {"route": "chat_stream"})
-    assert after == before + 1
+    assert chunks[-1] == "data: [DONE]\n\n" and f'"finish_reason":"{events[-1]["reason"]}"' in chunks[-2]
+    after = count("azu_api_time_to_first_token_seconds_count", {"route": "chat_stream"}) or 0.0
+    assert after == before + timed
