@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _support import pythonpath
 
 
 def _read(fd: int, n: int) -> bytes:
@@ -72,8 +72,7 @@ def pipe_pair(folder: Path, cut: int, prompt: list[int], n: int, *, device: str,
     stage = _stage(str(folder), 0, cut, device=device, dtype=dtype, embeddings=True, head=False)
     to_child, from_here = os.pipe()
     to_here, from_child = os.pipe()
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath())
     child = subprocess.Popen([sys.executable, __file__, "child", str(folder), str(cut), str(last), device,
                               dtype, str(rounds), str(n), str(to_child), str(from_child)],
                              pass_fds=(to_child, from_child), env=env)
@@ -103,8 +102,7 @@ def pipe_pair(folder: Path, cut: int, prompt: list[int], n: int, *, device: str,
         child.wait(timeout=60)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
-    sys.path.insert(0, str(REPO))
+if __name__ == "__main__" and sys.argv[1:2] == ["child"]:  # on PYTHONPATH: the repository (pythonpath())
     folder_, first_, last_, device_, dtype_, rounds_, steps_, read_, write_ = sys.argv[2:11]
     _child(folder_, int(first_), int(last_), device_, dtype_, int(rounds_), int(steps_), int(read_),
            int(write_))

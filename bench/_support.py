@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 from azu.waiting import wait_until as _wait_until
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A bench stops with the reason (SystemExit) when what it waits for does not come.
 wait_until = functools.partial(_wait_until, error=SystemExit)
@@ -14,6 +18,12 @@ wait_until = functools.partial(_wait_until, error=SystemExit)
 QWEN = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
             intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, use_sliding_window=False,
             max_position_embeddings=4096)
+
+
+def pythonpath() -> str:
+    """PYTHONPATH for a bench's child processes: the repository first, then what the caller had
+    (bench/gpu.sh's carried packages on a GPU machine)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def synchronize(device: str) -> None:

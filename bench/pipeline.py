@@ -49,7 +49,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _support import QWEN, synchronize, wait_until
+from _support import QWEN, pythonpath, synchronize, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -63,11 +63,6 @@ LLAMA7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, n
 PROMPT = [1, *range(10, 25)]  # 16 tokens: the b=1 rows' prompt
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=320, max_position_embeddings=4096)
-
-
-def _pythonpath() -> str:
-    """The repository first, then what the caller had (bench/gpu.sh's carried packages on a GPU machine)."""
-    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 class Bench:
@@ -93,7 +88,7 @@ class Bench:
         # The core's report collector (publishes tokens, keeps the directory) as its own process, as in a
         # deployment: in this process its work would share the GIL with the client that takes the timings.
         log = open(self.tmp / "collector.log", "wb")  # noqa: SIM115 - lives as long as the process
-        env = dict(os.environ, PYTHONPATH=_pythonpath(), OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1")
         self.procs.append(subprocess.Popen([sys.executable, "-m", "azu.cli.processes", "collector"], cwd=REPO,
                                            env=env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))
@@ -128,7 +123,7 @@ class Bench:
                        AZU_CACHE_DIR=str(self.registry), AZU_DEVICE=self.args.device,
                        AZU_DTYPE=self.args.dtype,
                        AZU_CPU_KERNELS=self.args.kernels, AZU_DECODE_GRAPHS=self.args.graphs,
-                       PYTHONPATH=_pythonpath(), AZU_HEARTBEAT_S="1")
+                       PYTHONPATH=pythonpath(), AZU_HEARTBEAT_S="1")
             env.pop("AUTH_SECRET_KEY")  # a worker holds the core's public key only
             log = open(self.tmp / f"{wid}.log", "wb")  # noqa: SIM115 - lives as long as the process
             level = "INFO" if self.args.worker_logs else "WARNING"
