@@ -560,12 +560,14 @@ class WorkerNode:
 
     def _micro_batch_rows(self, stage_id: StageId, queue: batching.StepQueue, now: float) -> int:
         """The decode rows of one batch here: the jobs in flight (queued here, or due back within two step
-        intervals) over the stages of their route (azu.network.batching.micro_batch_rows)."""
+        intervals) over the stages of their route, and every job's last step queued here
+        (azu.network.batching.micro_batch_rows)."""
         queued = [r.item.step for r in queue.decode_batch(stage_id, 1 << 30)]
         if not queued:
             return 1
         hops = len(queued[0].g.route)
-        return batching.micro_batch_rows(max(len(queued), self._jobs_due(now)), hops)
+        return batching.micro_batch_rows(max(len(queued), self._jobs_due(now)), hops,
+                                         ending=queue.last_steps(stage_id))
 
     def _jobs_due(self, now: float) -> int:
         """Jobs in flight here: those whose next step here is due (``_due_by``)."""

@@ -13,7 +13,7 @@ import torch
 
 from azu.engine.span import Span
 from azu.network import batching, jobs
-from azu.network.wire import StepPayload
+from azu.network.wire import Hop, JobGrant, Sampling, StepPayload
 from azu.registry import status as models
 from tests.support.network import InlineNetwork
 
@@ -75,9 +75,15 @@ def _take(r, worker_id: str) -> list[bytes]:
     return blobs
 
 
-def _step(job: str, size: int) -> tuple[StepPayload, torch.Tensor]:
-    step = StepPayload(job_id=job, step=0, hop=0, pos=0, x=[1] * size, grant=b"g", grant_sig=b"s")
-    return step, torch.ones(size, dtype=torch.long)
+def _step(job: str, size: int, *, step: int = 0, max_tokens: int = 16) -> tuple[StepPayload, torch.Tensor]:
+    sampling = Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=1, stop=(),
+                        stop_ids=(), prompt_len=size)
+    route = (Hop("a", Span(0, 2, True, False)), Hop("b", Span(2, 4, False, True)))
+    grant = JobGrant(job_id=job, model_id="m", manifest_sha256="", route=route, public_keys=("aa" * 32,) * 2,
+                     sampling=sampling, epoch=0, expires_at=1e10)
+    payload = StepPayload(job_id=job, step=step, hop=0, pos=0, x=[1] * size, grant=b"g", grant_sig=b"s",
+                          grant_info=grant)
+    return payload, torch.ones(size, dtype=torch.long)
 
 
 def test_queue_splits_decode_steps_and_shares_the_chunk() -> None:
@@ -102,6 +108,26 @@ def test_queue_splits_decode_steps_and_shares_the_chunk() -> None:
     assert alone.prompt_jobs(stage_id) == 1 and q.prompt_jobs(stage_id) == 2
     assert batching.micro_batch_rows(16, 2) == 8 and batching.micro_batch_rows(3, 2) == 2
     assert batching.micro_batch_rows(5, 1) == 5 and batching.micro_batch_rows(0, 2) == 1
+
+
+def test_the_jobs_last_steps_ride_in_one_batch() -> None:
+    """The last steps of jobs (their ``max_tokens``-th token) go first and all in the batch: split off, they
+    would cost passes over the weights with no later step of theirs for the other stages to run meanwhile
+    (bench/pipeline.py, P3: the last 7 steps of 16 streams ran as batches of 4, 2 and 1)."""
+    stage_id = ("m", Span(2, 4, False, True))
+    q = batching.StepQueue(chunk=8)
+    q.add(stage_id, *_step("on", 1, step=5))
+    for i in range(7):
+        q.add(stage_id, *_step(f"last{i}", 1, step=15))
+    assert q.last_steps(stage_id) == 7
+    rows = batching.micro_batch_rows(8, 2, ending=q.last_steps(stage_id))
+    assert rows == 8  # all 7 last steps, and half of the one job that goes on
+    assert [r.item.step.job_id for r in q.decode_batch(stage_id, 7)] == [f"last{i}" for i in range(7)]
+    # Only last steps: one batch, however many (the rule without them would split 7 into 4, 2 and 1).
+    assert batching.micro_batch_rows(7, 2, ending=7) == 7
+    assert batching.micro_batch_rows(7, 2) == 4
+    # Jobs that go on are split as before.
+    assert batching.micro_batch_rows(16, 2, ending=0) == 8 and batching.micro_batch_rows(16, 2, ending=2) == 9
 
 
 def test_an_end_order_taken_mid_session_drops_the_jobs_queued_rows(r, shard) -> None:
@@ -205,6 +231,7 @@ def test_a_job_decoding_alone_joins_the_prompts_that_came_after_it(r, shard, ref
         assert view is not None and view.status == "done", view
         assert view.token_ids == reference(prompt, n), f"job for prompt {prompt}"
     mixed = seen.index([1, 4, 4, 4])  # the decode step rode with the three prompts
-    # From there on the four jobs decode in micro-batches of two (4 jobs over 2 stages): 19 decode steps
-    # (the first job's other 4, the others' 5 each), the last of them alone (the first job ends a step early).
-    assert seen[mixed + 1 :] == [[1, 1]] * 9
+    # From there on the four jobs decode in micro-batches of two (4 jobs over 2 stages), and each job's last
+    # step rides in the batch at hand: the first job's (it ends a step early) with a micro-batch, then the
+    # other three's together, not split into two and one (batching.micro_batch_rows).
+    assert seen[mixed + 1 :] == [[1, 1]] * 6 + [[1, 1, 1]] * 2
