@@ -30,6 +30,7 @@ from azu.network import jobs as jobs_api
 from azu.registry import sources
 from azu.registry import status as shard_status
 from azu.registry.download import DownloadFailed, fetch_bytes
+from azu.registry.status import ModelInfo
 from azu.tokenization import ModelTokenizer, StreamDecoder, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,22 +49,24 @@ class ReadyModel:
     tokenizer: ModelTokenizer
     num_layers: int
     context_length: int | None
+    # Its routing facts as read here, handed to the job's submission (which would read them again).
+    info: ModelInfo | None = None
 
 
 def ready_model(r: redis.Redis, model_id: str, *, param: str = "model",
                 settings: Settings | None = None) -> ReadyModel:
     """The model if it is sharded and ready; NotFound if unknown, Conflict while it is still being sharded."""
+    info: ModelInfo | None = None
     try:
         sources.validate_model_id(model_id)
-        status = shard_status.model_status(r, model_id)
+        status, info = shard_status.status_and_info(r, model_id)  # one round trip
     except (NotFound, InvalidRequest):
         status = {}
     state = status.get("state")
-    if state == "ready":
-        info = shard_status.model_info(r, model_id)
+    if info is not None:
         folder = tokenizer_folder(model_id, settings=settings)
         return ReadyModel(model_id=model_id, folder=folder, tokenizer=load_tokenizer(folder),
-                          num_layers=info.num_layers, context_length=info.context_length)
+                          num_layers=info.num_layers, context_length=info.context_length, info=info)
     if state in ("pending", "sharding"):
         progress = status.get("progress")
         done = f" ({round(100 * float(progress))}% done)" if isinstance(progress, int | float) else ""
@@ -173,7 +176,7 @@ def start_job(r: redis.Redis, billing: Billing, model: ReadyModel, *, user_id: s
                               max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                               top_k=max(sampling.top_k, 0), seed=sampling.seed, stop=list(sampling.stop))
     try:
-        jobs_api.submit_job(r, req)
+        jobs_api.submit_job(r, req, info=model.info)
     except BaseException:
         billing.release(job_id=job_id)
         raise

@@ -163,13 +163,17 @@ return 0
 """
 
 
-def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None = None) -> None:
+def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None = None,
+               info: ModelInfo | None = None) -> None:
     """Route the job (or order the loads it needs), store it and enqueue its first step.
+
+    ``info``: the model's routing facts where the caller has just read them (the API, for the hold), so
+    they are not read again on the way to the first token.
 
     Raises NotFound (unknown model), NoCapacity (model still sharding; no live worker can hold it),
     InvalidRequest (bad parameters), Conflict (job id already used).
     """
-    info = model_info(r, req.model_id)
+    info = info if info is not None else model_info(r, req.model_id)
     _validate(req, info)
     dispatch = dispatch or get_dispatcher()
     workers = directory.live_workers(r)

@@ -264,12 +264,21 @@ def mark_ready(r: redis.Redis, model_id: str, *, source: str) -> ModelInfo:
 
 def model_info(r: redis.Redis, model_id: str) -> ModelInfo:
     """Routing facts of a ready model; NotFound if unknown, NoCapacity while it is still being sharded."""
-    record = _model_record(r, model_id)  # one round trip: a job's first token waits for it
-    status = _status_of(model_id, record)
-    if status["state"] != "ready":
+    status, info = status_and_info(r, model_id)  # one round trip: a job's first token waits for it
+    if info is None:
         if status["state"] == "failed":
             raise NotFound(f"model {model_id!r} failed to shard: {status['reason']}", param="model")
         raise NoCapacity(f"model {model_id!r} is not ready yet ({status['state']})", param="model")
+    return info
+
+
+def status_and_info(r: redis.Redis, model_id: str) -> tuple[dict[str, Any], ModelInfo | None]:
+    """``model_status`` and, if the model is ready, its routing facts, from one read of its record (the API
+    wants both for every request); NotFound if the model was never asked for."""
+    record = _model_record(r, model_id)
+    status = _status_of(model_id, record)
+    if status["state"] != "ready":
+        return status, None
     if record.get("info"):
-        return ModelInfo.from_json(record["info"])
-    return mark_ready(r, model_id, source=model_id)
+        return status, ModelInfo.from_json(record["info"])
+    return status, mark_ready(r, model_id, source=model_id)

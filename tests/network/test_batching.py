@@ -235,3 +235,28 @@ def test_a_job_decoding_alone_joins_the_prompts_that_came_after_it(r, shard, ref
     # step rides in the batch at hand: the first job's (it ends a step early) with a micro-batch, then the
     # other three's together, not split into two and one (batching.micro_batch_rows).
     assert seen[mixed + 1 :] == [[1, 1]] * 6 + [[1, 1, 1]] * 2
+
+
+def test_a_request_reads_its_models_record_once(r, shard, reference, monkeypatch) -> None:
+    """The API reads a model's record for the hold (``status_and_info``) and hands what it read to
+    ``submit_job``: one round trip for it on the way to the first token, not three; the job still gives
+    ``generate``'s tokens."""
+    model_id = shard("tiny-read-once")
+    net, _ = _watched_pair(r, model_id, "o", 64, monkeypatch)
+    reads: list[str] = []
+    read = models._model_record
+
+    def counted(r_: Any, model: str) -> dict[str, str]:
+        reads.append(model)
+        return read(r_, model)
+
+    monkeypatch.setattr(models, "_model_record", counted)
+    status, info = models.status_and_info(r, model_id)
+    assert status["state"] == "ready" and info is not None
+    prompt = [1, 40, 50, 60]
+    jobs.submit_job(r, jobs.JobRequest(job_id="jo-1", user_id="u", model_id=model_id, prompt_ids=prompt,
+                                       max_tokens=5), dispatch=net, info=info)
+    assert reads == [model_id]
+    net.run()
+    view = jobs.get_job(r, "jo-1")
+    assert view is not None and view.status == "done" and view.token_ids == reference(prompt, 5)
