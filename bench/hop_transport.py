@@ -26,11 +26,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _support import REPO, pythonpath
 
-from _support import pythonpath
+sys.path.insert(0, str(REPO))
 
 # (label, payload bytes): a decode step's hidden state in fp32 (a safetensors header adds ~80 bytes), and a
 # 128-position prompt chunk of the Qwen shape (AZU_PREFILL_CHUNK).

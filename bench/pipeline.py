@@ -49,9 +49,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _support import QWEN, pythonpath, synchronize, wait_until
+from _support import QWEN, REPO, pythonpath, synchronize, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
