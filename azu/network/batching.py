@@ -111,11 +111,6 @@ class StepQueue:
         rows.sort(key=lambda r: not last_step(r.item.step))  # stable: arrival order within each kind
         return rows[: max(1, max_rows)]
 
-    def last_steps(self, stage_id: StageId) -> int:
-        """How many one-position steps queued here are their job's last (``last_step``)."""
-        return sum(1 for item in self._by_stage.get(stage_id, {}).values()
-                   if item.left == 1 and last_step(item.step))
-
     def prompt_jobs(self, stage_id: StageId) -> int:
         """How many prompts (steps of more than one position) wait here."""
         return sum(1 for item in self._by_stage.get(stage_id, {}).values() if item.size > 1)

@@ -567,7 +567,7 @@ class WorkerNode:
             return 1
         hops = len(queued[0].g.route)
         return batching.micro_batch_rows(max(len(queued), self._jobs_due(now)), hops,
-                                         ending=queue.last_steps(stage_id))
+                                         ending=sum(1 for step in queued if batching.last_step(step)))
 
     def _jobs_due(self, now: float) -> int:
         """Jobs in flight here: those whose next step here is due (``_due_by``)."""

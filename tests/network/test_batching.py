@@ -119,8 +119,10 @@ def test_the_jobs_last_steps_ride_in_one_batch() -> None:
     q.add(stage_id, *_step("on", 1, step=5))
     for i in range(7):
         q.add(stage_id, *_step(f"last{i}", 1, step=15))
-    assert q.last_steps(stage_id) == 7
-    rows = batching.micro_batch_rows(8, 2, ending=q.last_steps(stage_id))
+    queued = [r.item.step for r in q.decode_batch(stage_id, 1 << 30)]
+    ending = sum(1 for step in queued if batching.last_step(step))
+    assert ending == 7
+    rows = batching.micro_batch_rows(8, 2, ending=ending)
     assert rows == 8  # all 7 last steps, and half of the one job that goes on
     assert [r.item.step.job_id for r in q.decode_batch(stage_id, 7)] == [f"last{i}" for i in range(7)]
     # Only last steps: one batch, however many (the rule without them would split 7 into 4, 2 and 1).
