@@ -53,53 +53,64 @@ def _child(folder: str, first: int, last: int, device: str, dtype: str, rounds: 
     for _ in range(rounds):
         stage.end_job("j")
         for step in range(steps):
-            n = int.from_bytes(_read(read_fd, 8), "little")
+            try:
+                n = int.from_bytes(_read(read_fd, 8), "little")
+            except EOFError:  # the first stage's side closed: no more rounds
+                return
             rows = torch.frombuffer(bytearray(_read(read_fd, n)), dtype=stage.dtype)
             x = rows.reshape(-1, stage.manifest.hidden_size).to(device)
             token = int(sample(stage.forward("j", x), SamplingParams(), seed=0, step=step))
             os.write(write_fd, token.to_bytes(8, "little"))
 
 
-def pipe_pair(folder: Path, cut: int, prompt: list[int], n: int, *, device: str, dtype: str,
-              rounds: int) -> tuple[float, float]:
-    """(TTFT s, decode tokens/s), best of ``rounds``: layers [0, cut) here, [cut, last) in a child process."""
-    import torch
+class PipePair:
+    """Layers [0, cut) in this process, [cut, last) in a child process, for ``rounds`` rounds of ``n`` steps
+    (``round``), each a greedy answer to the same prompt. ``close`` when done (the child ends after its last
+    round)."""
 
-    from azu.registry.manifest import Manifest
+    def __init__(self, folder: Path, cut: int, n: int, *, device: str, dtype: str, rounds: int) -> None:
+        import torch
 
-    last = Manifest.load(folder).num_layers
-    torch.set_num_threads(1)
-    stage = _stage(str(folder), 0, cut, device=device, dtype=dtype, embeddings=True, head=False)
-    to_child, from_here = os.pipe()
-    to_here, from_child = os.pipe()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath())
-    child = subprocess.Popen([sys.executable, __file__, "child", str(folder), str(cut), str(last), device,
-                              dtype, str(rounds), str(n), str(to_child), str(from_child)],
-                             pass_fds=(to_child, from_child), env=env)
-    os.close(to_child)
-    os.close(from_child)
-    try:
-        _read(to_here, 1)
-        best_ttft, best_rate = float("inf"), 0.0
-        for _ in range(rounds):
-            stage.end_job("j")
-            token, arrivals = None, []
-            start = time.perf_counter()
-            for step in range(n):
-                x = torch.tensor(prompt if step == 0 else [token], device=device)
-                # .cpu() waits for the device: the bytes are the step's output, as a hop's would be.
-                out = stage.forward("j", x).contiguous().cpu()
-                data = out.reshape(-1).view(torch.uint8).numpy().tobytes()
-                os.write(from_here, len(data).to_bytes(8, "little") + data)
-                token = int.from_bytes(_read(to_here, 8), "little")
-                arrivals.append(time.perf_counter())
-            best_ttft = min(best_ttft, arrivals[0] - start)
-            best_rate = max(best_rate, (n - 1) / (arrivals[-1] - arrivals[0]))
-        return best_ttft, best_rate
-    finally:
-        os.close(from_here)
-        os.close(to_here)
-        child.wait(timeout=60)
+        from azu.registry.manifest import Manifest
+
+        last = Manifest.load(folder).num_layers
+        torch.set_num_threads(1)
+        self.n, self.device = n, device
+        self.stage = _stage(str(folder), 0, cut, device=device, dtype=dtype, embeddings=True, head=False)
+        to_child, self._to_child = os.pipe()
+        self._from_child, from_child = os.pipe()
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath())
+        self.child = subprocess.Popen([sys.executable, __file__, "child", str(folder), str(cut), str(last),
+                                       device, dtype, str(rounds), str(n), str(to_child), str(from_child)],
+                                      pass_fds=(to_child, from_child), env=env)
+        os.close(to_child)
+        os.close(from_child)
+        _read(self._from_child, 1)  # the child has loaded its stage
+
+    def round(self, prompt: list[int]) -> tuple[float, float]:
+        """One answer of ``n`` tokens: (TTFT s, decode tokens/s)."""
+        import torch
+
+        self.stage.end_job("j")
+        token, arrivals = None, []
+        start = time.perf_counter()
+        for step in range(self.n):
+            x = torch.tensor(prompt if step == 0 else [token], device=self.device)
+            # .cpu() waits for the device: the bytes are the step's output, as a hop's would be.
+            out = self.stage.forward("j", x).contiguous().cpu()
+            data = out.reshape(-1).view(torch.uint8).numpy().tobytes()
+            os.write(self._to_child, len(data).to_bytes(8, "little") + data)
+            token = int.from_bytes(_read(self._from_child, 8), "little")
+            arrivals.append(time.perf_counter())
+        return arrivals[0] - start, (self.n - 1) / (arrivals[-1] - arrivals[0])
+
+    def close(self) -> None:
+        os.close(self._to_child)
+        os.close(self._from_child)
+        try:
+            self.child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:  # on PYTHONPATH: the repository (pythonpath())

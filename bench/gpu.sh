@@ -92,10 +92,10 @@ if torch.cuda.is_available(): print(torch.cuda.get_device_name(0))'
   [[ $steps == *" engine "* ]] &&
     step engine "$l_engine" python3 bench/engine.py --device "$device" "${engine_args[@]}"
   [[ $steps == *" pipeline "* ]] &&
-    step pipeline "$l_pipeline" python3 bench/pipeline.py --device "$device" --repeat 1 \
+    step pipeline "$l_pipeline" python3 bench/pipeline.py --device "$device" --repeat 1 --rounds 2 \
       --json "$OUT/pipeline.json" "${pipeline_args[@]}"
   [[ $steps == *" llama7b "* ]] &&
-    step llama7b "$l_llama" python3 bench/pipeline.py --device "$device" --repeat 1 --only-llama7b \
+    step llama7b "$l_llama" python3 bench/pipeline.py --device "$device" --repeat 1 --rounds 2 --only-llama7b \
       --json "$OUT/llama7b.json" "${llama_args[@]}"
   return 0
 }

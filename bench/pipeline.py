@@ -22,7 +22,9 @@ P1 and the Petals row also run the same two stages in two bare processes joined 
 ratio to one process is what taking turns costs on this machine.
 
 Every process uses one thread (OMP_NUM_THREADS=1), the single-process baseline too: the machine has two
-cores shared with other work, so numbers are noisy; each measurement is the best of ``--repeat`` runs.
+cores shared with other work, so numbers are noisy. P3 takes the best of ``--repeat`` runs; the b=1 rows (P1,
+Petals' model) run their sides in turn for ``--rounds`` rounds and report the median of the rounds' ratios
+(``Bench.ratio_row``).
 
 On a GPU: ``python bench/pipeline.py --device cuda`` (bfloat16 unless ``--dtype``): the two workers share the
 device, the baseline runs ``generate`` on it, and every timing waits for the device (the CPU kernel choice and
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -46,6 +49,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +178,7 @@ class Bench:
         if self.args.worker_logs:  # what the workers said of graphs and failures, before the logs go
             for path in sorted(self.tmp.glob("?.log")):
                 said = [line for line in path.read_text(errors="replace").splitlines()
-                        if re.search(r"graph|Error|Traceback|failed|WARNING", line)]
+                        if re.search(r"graph|CPU linears|Error|Traceback|failed|WARNING", line)]
                 print(f"--- {path.name}: {len(said)} lines\n" + "\n".join(said[-40:]), file=sys.stderr)
         for p in self.procs:
             with contextlib.suppress(ProcessLookupError):
@@ -220,11 +224,11 @@ class Bench:
                         open_ids.discard(job_id)
         return [{"submit": t0, "arrivals": arrivals[j]} for j in ids]
 
-    def baseline(self, src: Path, prompt: list[int], n: int, *,
-                 azu_kernels: bool = False) -> tuple[float, float]:
-        """(TTFT s, decode tokens/s) of transformers' generate in this process (1 thread); ``azu_kernels``:
-        with the linears on the kernels azu's stages use on a CPU (azu.engine.kernels), so the ratio shows
-        what the pipeline itself costs."""
+    def generate_side(self, src: Path, prompt: list[int], n: int, *,
+                      azu_kernels: bool = False) -> Callable[[], tuple[float, float]]:
+        """transformers' generate in this process (1 thread), loaded and warmed up now: a call answers
+        ``prompt`` once, (TTFT s, decode tokens/s). ``azu_kernels``: with the linears on the kernels azu's
+        stages use on a CPU (azu.engine.kernels), so the ratio shows what the pipeline itself costs."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -255,47 +259,77 @@ class Bench:
             synchronize(device)
             return time.perf_counter() - t
 
-        gen(2)  # warm-up
-        ttft = min(gen(1) for _ in range(self.args.repeat))
-        full = min(gen(n) for _ in range(self.args.repeat))
-        return ttft, (n - 1) / (full - ttft)
+        def once() -> tuple[float, float]:
+            ttft = gen(1)
+            return ttft, (n - 1) / (gen(n) - ttft)
 
-    def pipeline_single(self, model_id: str, prompt: list[int], n: int) -> tuple[float, float]:
-        self.run_jobs(model_id, [prompt], 2)  # warm-up
-        best_ttft, best_rate = float("inf"), 0.0
-        for _ in range(self.args.repeat):
-            (res,) = self.run_jobs(model_id, [prompt], n)
-            a = res["arrivals"]
-            best_ttft = min(best_ttft, a[0] - res["submit"])
-            best_rate = max(best_rate, (len(a) - 1) / (a[-1] - a[0]))
-        return best_ttft, best_rate
+        gen(2)  # warm-up
+        return once
+
+    def pipeline_once(self, model_id: str, prompt: list[int], n: int) -> tuple[float, float]:
+        """One answer of ``n`` tokens through the workers: (TTFT s, decode tokens/s)."""
+        (res,) = self.run_jobs(model_id, [prompt], n)
+        a = res["arrivals"]
+        return a[0] - res["submit"], (len(a) - 1) / (a[-1] - a[0])
 
     # -- the rows --------------------------------------------------------------------------------------
     def ratio_row(self, label: str, model_id: str, src: Path, prompt: list[int], n: int,
                   target: str) -> None:
-        b_ttft, b_rate = self.baseline(src, prompt, n)
-        p_ttft, p_rate = self.pipeline_single(model_id, prompt, n)
-        single = f"generate {b_rate:.2f} tok/s, TTFT {b_ttft * 1000:.0f} ms"
-        result = f"decode {p_rate / b_rate:.2f}x, TTFT {p_ttft / b_ttft:.2f}x"
+        """The pipeline at b=1 against one process running ``generate`` (on a CPU also with azu's kernels;
+        where the model is cut in two, also the same two stages as bare processes over a pipe).
+
+        The sides take turns: ``--rounds`` rounds, each side answering once per round, the order rotating
+        from round to round. A ratio is the median over the rounds of the two sides' ratio within a round:
+        this machine's speed drifts by 10-20% over minutes (a 2-core virtual machine), and sides measured
+        one after the other, each over several answers, carried the drift into their ratio (Petals' model
+        at 0.71x to 0.91x `generate` in runs of the same hour). The absolute figures are each side's best."""
+        sides: dict[str, Callable[[], tuple[float, float]]] = {
+            "pipeline": functools.partial(self.pipeline_once, model_id, prompt, n),
+            "generate": self.generate_side(src, prompt, n)}
         if self.args.kernels != "torch" and self.args.device == "cpu" and self.args.dtype == "float32":
             # The same kernels in one process: what is left is the pipeline's own cost.
-            k_ttft, k_rate = self.baseline(src, prompt, n, azu_kernels=True)
-            single += f"; with azu's CPU linears {k_rate:.2f} tok/s, TTFT {k_ttft * 1000:.0f} ms"
-            result += f" (same kernels: {p_rate / k_rate:.2f}x, {p_ttft / k_ttft:.2f}x)"
+            sides["with azu's CPU linears"] = self.generate_side(src, prompt, n, azu_kernels=True)
+        pair = None
         if model_id in self.cuts:
             # The same two stages in two bare processes, a pipe between them: what taking turns costs on this
             # machine without any of azu's messaging (bench/_pipe_pair.py).
-            from _pipe_pair import pipe_pair
+            from _pipe_pair import PipePair
 
             from azu.registry import status as models
 
-            f_ttft, f_rate = pipe_pair(models.shard_dir(model_id), self.cuts[model_id], prompt, n,
-                                       device=self.args.device, dtype=self.args.dtype,
-                                       rounds=self.args.repeat)
-            single += f"; two bare processes over a pipe {f_rate:.2f} tok/s, TTFT {f_ttft * 1000:.0f} ms"
-            result += f"; vs the bare pair: decode {p_rate / f_rate:.2f}x, TTFT {p_ttft / f_ttft:.2f}x"
-        self.add_row({"row": label, "pipeline": f"{p_rate:.2f} tok/s, TTFT {p_ttft * 1000:.0f} ms",
-                          "single process": single, "result": result, "target": target})
+            pair = PipePair(models.shard_dir(model_id), self.cuts[model_id], n, device=self.args.device,
+                            dtype=self.args.dtype, rounds=self.args.rounds + 1)
+            sides["two bare processes over a pipe"] = functools.partial(pair.round, prompt)
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+        try:
+            self.run_jobs(model_id, [prompt], 2)  # warm-up (a generate side warms up as it loads)
+            if pair is not None:
+                pair.round(prompt)
+            names = list(sides)
+            for i in range(self.args.rounds):
+                for name in names[i % len(names):] + names[: i % len(names)]:
+                    runs[name].append(sides[name]())
+        finally:
+            if pair is not None:
+                pair.close()
+
+        def best(name: str) -> str:
+            return (f"{max(rate for _, rate in runs[name]):.2f} tok/s, "
+                    f"TTFT {min(ttft for ttft, _ in runs[name]) * 1000:.0f} ms")
+
+        def ratios(name: str) -> str:
+            rounds = list(zip(runs["pipeline"], runs[name], strict=True))
+            decode = [p_rate / s_rate for (_, p_rate), (_, s_rate) in rounds]
+            ttft = statistics.median(p_ttft / s_ttft for (p_ttft, _), (s_ttft, _) in rounds)
+            spread = f" ({min(decode):.2f}-{max(decode):.2f})" if len(decode) > 1 else ""
+            return f"decode {statistics.median(decode):.2f}x{spread}, TTFT {ttft:.2f}x"
+
+        baselines = [name for name in sides if name != "pipeline"]
+        result = "; ".join(f"vs {name}: {ratios(name)}" for name in baselines)
+        self.add_row({"row": label, "pipeline": best("pipeline"),
+                      "single process": "; ".join(f"{name} {best(name)}" for name in baselines),
+                      "result": f"{result} (medians of {self.args.rounds} interleaved rounds)",
+                      "target": target})
 
     def hop_row(self, model_id: str, src: Path, steps: int) -> None:
         import torch
@@ -398,7 +432,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis-db", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="skip the Qwen-shaped model (P1 and P3 on it)")
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=2, help="runs of P3 (the best counts)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of the b=1 rows (P1, Petals' model, the 7B shape): medians")
     p.add_argument("--tokens", type=int, default=24, help="new tokens per job for P1/P3 on the Qwen shape")
     p.add_argument("--streams", default="1,4,16,64", help="concurrent streams for P3 (first: the baseline)")
     p.add_argument("--split", choices=("work", "layers"), default="work",
@@ -416,7 +452,7 @@ def main() -> int:
                    help="the workers' AZU_DECODE_GRAPHS (azu.engine.graphs)")
     p.add_argument("--rows", default="p1,p2,p3,petals", help="which rows to run (p1, p2, p3, petals)")
     p.add_argument("--worker-logs", action="store_true",
-                   help="workers log at INFO; their lines on graphs and failures printed at the end")
+                   help="workers log at INFO; their lines on kernels, graphs and failures printed at the end")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
