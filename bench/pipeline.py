@@ -4,8 +4,9 @@
 
 One run, one table:
 - P1  Qwen2.5-0.5B-shaped random model (hidden 896, 24 layers, 14 heads, 2 kv heads, intermediate 4864,
-      vocab 151936, fp32), two worker processes (12 layers each): decode tokens/s vs single-process
-      ``generate`` (greedy), and time to first token.
+      vocab 151936, fp32), two worker processes (cut where placement cuts it, even work per stage, or
+      12 layers each with ``--split layers``): decode tokens/s vs single-process ``generate`` (greedy),
+      and time to first token.
 - P2  per-hop overhead (broker + serialization + bookkeeping), p50 / p99: a 2-layer hidden-64 model on two
       workers; each step is 2 hops (A -> B, then B -> A with the sampled token). Overhead per hop =
       (client-observed time between tokens - the same stages' compute time in one process) / 2. Also the
