@@ -540,7 +540,8 @@ class WorkerNode:
         now = time.time()
         for stage_id in list(queue.stages()):
             stage = self.stages[stage_id]
-            decode = queue.decode_batch(stage_id, self._micro_batch_rows(stage_id, queue, now))
+            queued = queue.decode_batch(stage_id, 1 << 30)  # every decode step queued here, in batch order
+            decode = queued[: self._micro_batch_rows(queued, now)]
             # Alone: no decode step here, and no job in flight at this worker but those whose prompts wait.
             alone = not decode and self._jobs_due(now) <= queue.prompt_jobs(stage_id)
             prompt = queue.prompt_batch(stage_id, besides=decode, alone=alone)
@@ -558,16 +559,15 @@ class WorkerNode:
                 done += len(ran)
         return done
 
-    def _micro_batch_rows(self, stage_id: StageId, queue: batching.StepQueue, now: float) -> int:
-        """The decode rows of one batch here: the jobs in flight (queued here, or due back within two step
-        intervals) over the stages of their route, and every job's last step queued here
-        (azu.network.batching.micro_batch_rows)."""
-        queued = [r.item.step for r in queue.decode_batch(stage_id, 1 << 30)]
+    def _micro_batch_rows(self, queued: list[batching.Row], now: float) -> int:
+        """The decode rows of one batch at a stage whose queued decode steps are ``queued``: the jobs in
+        flight (queued there, or due back within two step intervals) over the stages of their route, and
+        every job's last step queued there (azu.network.batching.micro_batch_rows)."""
         if not queued:
             return 1
-        hops = len(queued[0].g.route)
+        hops = len(queued[0].item.step.g.route)
         return batching.micro_batch_rows(max(len(queued), self._jobs_due(now)), hops,
-                                         ending=sum(1 for step in queued if batching.last_step(step)))
+                                         ending=sum(1 for r in queued if batching.last_step(r.item.step)))
 
     def _jobs_due(self, now: float) -> int:
         """Jobs in flight here: those whose next step here is due (``_due_by``)."""
