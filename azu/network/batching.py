@@ -10,8 +10,10 @@ Two rules, both about keeping every stage of a pipeline busy without making anyo
   budget, so many users starting together prefill as one batch), in turns with the decode batches: a long
   prompt holds the jobs that are decoding up for one chunk at a time, not for the whole prompt. With no
   other job in flight at the worker the chunk is ``ALONE_CHUNKS`` times longer (each chunk is a pass over
-  the weights). A prompt's output is handed on once all of its chunks have run (the next stage gets the
-  whole prompt, as before).
+  the weights). Each chunk's output is handed on as soon as it has run: the next stage runs chunk k while
+  this one runs chunk k+1, so a long prompt's time to first token is about the busiest stage's share plus a
+  chunk at each later stage, not the sum of the stages. A queued prompt at a later stage may therefore hold
+  only the positions that have arrived so far (``Queued.total`` says how many will).
 - **Decode steps ride with short prompts.** Where the decode batch and the prompt chunk would pad little
   (``mixes_cheaply``), they run as one batch: one pass over the weights instead of two, and the jobs that
   were decoding and the ones that start travel on together from then on. Without it, a job whose prompt
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from azu.engine.span import Span
@@ -41,21 +43,34 @@ StageId = tuple[str, Span]
 
 @dataclass
 class Queued:
-    """A step admitted to run at a stage: its whole input, and how much of it has run (prompts run in
-    chunks; a decode step is one chunk of one token)."""
+    """A step admitted to run at a stage: its input so far, how much of it has run (prompts run in chunks; a
+    decode step is one chunk of one token), and how many positions it brings in all (``total``: a prompt
+    at a later stage arrives in parts, as the stage before runs its chunks)."""
 
     step: StepPayload
     x: torch.Tensor
+    total: int
     done: int = 0
-    outs: list[torch.Tensor] = field(default_factory=list)  # hidden states of the chunks run so far
 
     @property
     def size(self) -> int:
+        """Positions arrived so far (from ``step.pos``)."""
         return int(self.x.shape[0])
 
     @property
     def left(self) -> int:
+        """Positions arrived and not run yet."""
         return self.size - self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.size >= self.total
+
+    def extend(self, x: torch.Tensor) -> None:
+        """The next part of the prompt arrived (its positions follow the ones held)."""
+        import torch
+
+        self.x = torch.cat([self.x, x])
 
 
 @dataclass
@@ -71,8 +86,8 @@ class Row:
 
     @property
     def last(self) -> bool:
-        """This row runs the step's last positions (its output goes on)."""
-        return self.item.done + self.n == self.item.size
+        """This row runs the step's last positions (the last stage samples from it)."""
+        return self.item.done + self.n == self.item.total
 
 
 class StepQueue:
@@ -85,6 +100,10 @@ class StepQueue:
     def __bool__(self) -> bool:
         return any(self._by_stage.values())
 
+    def runnable(self) -> bool:
+        """Whether any step has positions to run (a prompt whose next part has not arrived has none)."""
+        return any(item.left > 0 for q in self._by_stage.values() for item in q.values())
+
     def __len__(self) -> int:
         return sum(len(q) for q in self._by_stage.values())
 
@@ -94,8 +113,14 @@ class StepQueue:
     def holds(self, stage_id: StageId, job_id: str) -> bool:
         return job_id in self._by_stage.get(stage_id, {})
 
-    def add(self, stage_id: StageId, step: StepPayload, x: torch.Tensor) -> None:
-        self._by_stage.setdefault(stage_id, {})[step.job_id] = Queued(step, x)
+    def item(self, stage_id: StageId, job_id: str) -> Queued | None:
+        return self._by_stage.get(stage_id, {}).get(job_id)
+
+    def add(self, stage_id: StageId, step: StepPayload, x: torch.Tensor, total: int | None = None) -> None:
+        """Queue ``step`` with its input ``x`` (``total`` positions in all: more than ``x`` holds when the
+        rest of the prompt is still to arrive)."""
+        size = int(x.shape[0]) if total is None else total
+        self._by_stage.setdefault(stage_id, {})[step.job_id] = Queued(step, x, size)
 
     def drop_job(self, job_id: str) -> None:
         for q in self._by_stage.values():
@@ -107,13 +132,13 @@ class StepQueue:
     def decode_batch(self, stage_id: StageId, max_rows: int) -> list[Row]:
         """Up to ``max_rows`` one-position steps: jobs' last steps first (``last_step``), then the oldest."""
         q = self._by_stage.get(stage_id, {})
-        rows = [Row(item, 1) for item in q.values() if item.left == 1]
+        rows = [Row(item, 1) for item in q.values() if item.total == 1 and item.left == 1]
         rows.sort(key=lambda r: not last_step(r.item.step))  # stable: arrival order within each kind
         return rows[: max(1, max_rows)]
 
     def prompt_jobs(self, stage_id: StageId) -> int:
         """How many prompts (steps of more than one position) wait here."""
-        return sum(1 for item in self._by_stage.get(stage_id, {}).values() if item.size > 1)
+        return sum(1 for item in self._by_stage.get(stage_id, {}).values() if item.total > 1)
 
     def prompt_batch(self, stage_id: StageId, besides: Sequence[Row] = (), *,
                      alone: bool = False) -> list[Row]:
@@ -128,8 +153,8 @@ class StepQueue:
         rows: list[Row] = []
         budget = self.chunk * (ALONE_CHUNKS if alone else 1)
         for item in q.values():
-            if (item.left <= 1 and item.done == 0) or id(item) in taken:
-                continue  # a one-position step (the decode batch's), or one the decode batch took
+            if item.total == 1 or item.left <= 0 or id(item) in taken:
+                continue  # a one-position step (the decode batch's), one waiting for its next part, or taken
             if budget <= 0:
                 break
             n = min(item.left, budget)

@@ -73,9 +73,9 @@ class _JobState:
     interval: float = 0.0  # seconds between its last two steps here (how long to wait for the next)
     epoch: int = 0  # the grant epoch the job's caches here belong to (a re-route starts a new one)
     decoder: StreamDecoder | None = None  # when the job has stop strings (last stage)
-    # hop -> (step, what that step produced: the next hop's payload, or the sampled token at the last hop),
-    # replayed when the same step arrives again
-    last_out: dict[int, tuple[int, StepPayload | int]] = field(default_factory=dict)
+    # hop -> (step, what that step produced: the next hop's payloads (a prompt's parts), or the sampled
+    # token at the last hop), replayed when the same step arrives again
+    last_out: dict[int, tuple[int, list[StepPayload] | int]] = field(default_factory=dict)
     # hop -> the commitments of what this worker produced at that hop (azu.verification), sent per chunk
     commits: dict[int, CommitBuffer] = field(default_factory=dict)
 
@@ -301,7 +301,7 @@ class WorkerNode:
 
         while True:
             ending = past_deadline_with_control()
-            if queue:
+            if queue.runnable():
                 # Work in hand: take what arrived meanwhile without waiting, then the next round. A session
                 # that is ending takes nothing new: what is held is finished first.
                 more = [] if ending else self.inbox.take()
@@ -376,7 +376,7 @@ class WorkerNode:
             for stage_id, steps in groups.items():
                 done += self._run_group(stage_id, steps, queue)
             done += self._run_round(queue)
-            while whole and queue:
+            while whole and queue.runnable():
                 done += self._run_round(queue)
             if whole:
                 self._flush_commits()
@@ -460,7 +460,10 @@ class WorkerNode:
         if p.step >= g.sampling.max_tokens or p.step < g.start:
             raise Forbidden(f"{what}: outside the grant's steps [{g.start}, {g.sampling.max_tokens})")
         expected_pos = 0 if first else g.sampling.prompt_len + p.step - 1
-        if p.pos != expected_pos:
+        # A later hop gets the epoch's prompt in parts, each as the hop before ran it (any part that starts
+        # inside the prompt; _run_group runs it only where the positions held end).
+        in_prompt = first and p.hop > 0 and 0 <= p.pos < p.end
+        if p.pos != expected_pos and not in_prompt:
             raise Forbidden(f"{what}: position {p.pos} is not step {p.step}'s ({expected_pos})")
         if p.hop == 0 and (not isinstance(p.x, list) or (not first and len(p.x) != 1)
                            or (first and len(p.x) != g.sampling.prompt_len + g.start)):
@@ -496,21 +499,30 @@ class WorkerNode:
                 state = None
             if state is None:
                 state = self.jobs[s.job_id] = _JobState(epoch=epoch)
+            queued = queue.item(stage_id, s.job_id)
             have = stage.job_length(s.job_id)
-            if have == s.pos:
-                if queue.holds(stage_id, s.job_id):
+            follows = queued is not None and queued.step.step == s.step and not queued.complete \
+                and s.pos == queued.step.pos + queued.size  # the next part of a prompt queued here
+            if have == s.pos or follows:
+                if queued is not None and not follows:
                     # Two copies of one step before it ran (a replay crossed the original): run it once.
                     log.info("job %s step %s: duplicate payload dropped", s.job_id, s.step)
                     continue
                 try:
                     x = torch_input(s.x)
+                    if not 0 < x.shape[0] <= s.end - s.pos:
+                        raise InvalidRequest(f"job {s.job_id} step {s.step}: {x.shape[0]} positions from "
+                                             f"{s.pos} do not fit the step (it ends at {s.end})")
                 except AzuError as exc:
                     self._job_failed(s.job_id, exc.message)
                     continue
                 if state.touched:
                     state.interval = now - state.touched
                 state.touched = now
-                queue.add(stage_id, s, x)
+                if queued is not None:
+                    queued.extend(x)
+                else:
+                    queue.add(stage_id, s, x, total=s.end - s.pos)
                 continue
             state.touched = now
             last = state.last_out.get(s.hop)
@@ -615,15 +627,15 @@ class WorkerNode:
                 self._job_failed(job_id, f"worker {self.worker_id}: {reason}")
                 continue
             last = r.last
+            first_pos = item.step.pos + item.done
             item.done += r.n
+            if last:
+                queue.remove(stage_id, job_id)
             if not stage_id[1].head:
-                item.outs.append(out)
-            if not last:
-                continue
-            queue.remove(stage_id, job_id)
-            if not stage_id[1].head:
-                out = item.outs[0] if len(item.outs) == 1 else torch_cat(item.outs)
-            ran.append(_Ran(item.step, out, replay=False, tokens=item.size))
+                # Every chunk goes on as it has run: the next stage runs it while this one runs the next.
+                ran.append(_Ran(replace(item.step, pos=first_pos), out, replay=False, tokens=r.n))
+            elif last:
+                ran.append(_Ran(item.step, out, replay=False, tokens=item.total))
         return ran
 
     def _observe_forward(self, started: float, rows: list[batching.Row]) -> None:
@@ -676,10 +688,15 @@ class WorkerNode:
         nexts: list[StepPayload] = []
         for r in ran:
             if r.replay:
-                nxt = r.out
+                nexts += r.out
+                continue
+            nxt = replace(r.step, hop=r.step.hop + 1, x=pack_tensor(r.out))
+            state = self.jobs[r.step.job_id]
+            sent = state.last_out.get(r.step.hop)
+            if sent is not None and sent[0] == r.step.step and isinstance(sent[1], list):
+                sent[1].append(nxt)  # the next part of the step's prompt
             else:
-                nxt = replace(r.step, hop=r.step.hop + 1, x=pack_tensor(r.out))
-                self.jobs[r.step.job_id].last_out[r.step.hop] = (r.step.step, nxt)
+                state.last_out[r.step.hop] = (r.step.step, [nxt])
             nexts.append(nxt)
         self._hand_over(nexts)
         # Commitments after the hand-over: off the step's critical path (the next hop is already working).
@@ -896,9 +913,3 @@ def torch_input(x: list[int] | bytes) -> torch.Tensor:
     import torch
 
     return torch.tensor(x, dtype=torch.long) if isinstance(x, list) else unpack_tensor(x)
-
-
-def torch_cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    import torch
-
-    return torch.cat(parts)

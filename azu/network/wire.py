@@ -279,6 +279,13 @@ class StepPayload:
         """The hop this payload is for (``unpack`` checked it is on the route)."""
         return self.g.route[self.hop]
 
+    @property
+    def end(self) -> int:
+        """The position after the step's last: the epoch's first step (``g.start``) runs the prompt and the
+        tokens published before, positions [0, prompt_len + start); step s > start runs position
+        prompt_len + s - 1. A later hop may get the first step in parts (``pos`` inside it)."""
+        return self.g.sampling.prompt_len + self.step
+
     def pack(self) -> bytes:
         return msgpack.packb({"job": self.job_id, "step": self.step, "hop": self.hop, "pos": self.pos,
                               "x": self.x, "grant": self.grant, "gsig": self.grant_sig}, use_bin_type=True)

@@ -263,7 +263,7 @@ class Verifier:
                 self._wait()
         sender = job.route[hop - 1].worker_id
         sender_key = job.grant.public_keys[hop - 1]
-        by_step: dict[int, torch.Tensor] = {}
+        by_pos: dict[int, torch.Tensor] = {}  # a step's rows by their first position (a prompt in parts)
         for b in Report.unpack(bytes(blob)).body.get("bundles") or []:
             try:
                 bundle = StepBundle.unpack(b)
@@ -274,14 +274,20 @@ class Verifier:
                     p = StepPayload.unpack(packed)
                     x = p.x
                     if p.job_id == job.job_id and p.hop == hop and p.grant == job.grant_bytes \
-                            and isinstance(x, bytes):
-                        by_step.setdefault(p.step, unpack_tensor(x))
+                            and isinstance(x, bytes) and job.grant.start <= p.step < len(job.tokens):
+                        by_pos.setdefault(p.pos, unpack_tensor(x))
             except AzuError as exc:
                 log.warning("job %s: evidence bundle from %s refused: %s", job.job_id, worker, exc.message)
-        steps = range(job.grant.start, len(job.tokens))
-        if any(s not in by_step for s in steps):
-            raise EvidenceMissing(f"{worker}'s evidence lacks steps of the job")
-        rows = torch.cat([by_step[s] for s in steps])
+        # The rows it received, position after position: the prompt's parts, then one row per step.
+        parts: list[torch.Tensor] = []
+        at = 0
+        while at < len(job.inputs):
+            part = by_pos.get(at)
+            if part is None or part.shape[0] == 0:
+                raise EvidenceMissing(f"{worker}'s evidence lacks position {at} of the job")
+            parts.append(part)
+            at += int(part.shape[0])
+        rows = torch.cat(parts)
         if rows.shape[0] != len(job.inputs):
             raise EvidenceMissing(f"{worker}'s evidence covers {rows.shape[0]} of {len(job.inputs)} "
                                   "positions")

@@ -262,3 +262,74 @@ def test_a_request_reads_its_models_record_once(r, shard, reference, monkeypatch
     net.run()
     view = jobs.get_job(r, "jo-1")
     assert view is not None and view.status == "done" and view.token_ids == reference(prompt, 5)
+
+
+def test_a_prompt_arriving_in_parts_runs_as_its_parts_arrive() -> None:
+    """A later stage gets a long prompt a chunk at a time, as the stage before runs it: it runs what has
+    arrived, waits for the rest (nothing runnable, not a decode step), and samples only at the end."""
+    stage_id = ("m", Span(2, 4, False, True))
+    q = batching.StepQueue(chunk=4)
+    part, x = _step("long", 20)
+    q.add(stage_id, part, x[:6], total=20)
+    q.add(stage_id, *_step("dec", 1, step=3))
+    assert [r.item.step.job_id for r in q.decode_batch(stage_id, 8)] == ["dec"]
+    rows = q.prompt_batch(stage_id, alone=True)
+    assert [(r.item.step.job_id, r.n, r.last) for r in rows] == [("long", 6, False)]  # all that arrived
+    rows[0].item.done += 6
+    q.remove(stage_id, "dec")
+    assert q and not q.runnable() and q.prompt_batch(stage_id, alone=True) == []
+    assert q.decode_batch(stage_id, 8) == [] and q.prompt_jobs(stage_id) == 1
+    item = q.item(stage_id, "long")
+    assert item is not None and not item.complete
+    item.extend(x[6:19])
+    assert q.runnable() and [(r.n, r.last) for r in q.prompt_batch(stage_id)] == [(4, False)]
+    item.done = 19
+    item.extend(x[19:])  # one position left: still a prompt's row, not a decode step
+    assert item.complete and q.decode_batch(stage_id, 8) == []
+    assert [(r.n, r.last) for r in q.prompt_batch(stage_id)] == [(1, True)]
+
+
+def test_a_long_prompts_chunks_go_on_as_they_run(r, shard, reference) -> None:
+    """Each chunk a stage runs of a prompt goes on at once (the next stage runs it while this one runs the
+    next chunk), across three workers whose chunks do not line up; the answer is transformers' greedy one,
+    and the last worker kept the signed parts as evidence of what it was given."""
+    from azu.network.inbox import Inbox
+    from azu.network.wire import unpack_inbox
+
+    model_id = shard("tiny-parts")
+    folder = models.shard_dir(model_id)
+    net = InlineNetwork(r)
+    first = net.add("p1", folder, model_id, 0, 1, 4, prefill_chunk=3)
+    middle = net.add("p2", folder, model_id, 1, 3, 4, prefill_chunk=2)
+    net.add("p3", folder, model_id, 3, 4, 4, prefill_chunk=5)
+    prompt = [1, *range(100, 140)]
+    jobs.submit_job(r, jobs.JobRequest(job_id="jp-long", user_id="u", model_id=model_id, prompt_ids=prompt,
+                                       max_tokens=6), dispatch=net)
+    held = batching.StepQueue(chunk=3)  # the first worker's session, one round at a time
+    first._process(_take(r, "p1"), held)  # one round: 4 chunks of 3, alone
+    blobs = _take(r, "p2")
+    handed = [StepPayload.unpack(b) for blob in blobs for b in unpack_inbox(blob).steps]
+    assert [(p.hop, p.pos, _rows(p)) for p in handed] == [(1, 0, 12)]
+    stage = first.stages[(model_id, Span(0, 1, True, False))]
+    assert stage.job_length("jp-long") == 12  # the first stage has run 12 of the prompt's 41 positions...
+    middle._process(blobs)
+    middle_stage = middle.stages[(model_id, Span(1, 3, False, False))]
+    assert middle_stage.job_length("jp-long") == 12  # ...and the next one has already run them (in 8 + 4)
+    while held.runnable():
+        first._process([], held)
+    net.run()
+    view = jobs.get_job(r, "jp-long")
+    assert view is not None and view.status == "done" and view.token_ids == reference(prompt, 6)
+    kept = net.nodes["p3"].evidence.take("jp-long", 0)
+    parts = sorted(StepPayload.unpack(b).pos for blob in kept for b in unpack_inbox(blob).steps
+                   if StepPayload.unpack(b).step == 0)
+    assert len(parts) > 2 and parts[0] == 0  # the prompt reached the last worker in parts
+    for worker_id in ("p1", "p2", "p3"):
+        Inbox(r, worker_id).clear()
+
+
+def _rows(p: StepPayload) -> int:
+    from azu.network.wire import unpack_tensor
+
+    assert isinstance(p.x, bytes)
+    return int(unpack_tensor(p.x).shape[0])

@@ -22,7 +22,7 @@ from azu.billing.base import FreeBilling
 from azu.config import get_settings
 from azu.engine.span import Span
 from azu.network import auth, directory, jobs, keys
-from azu.network.wire import Report
+from azu.network.wire import Report, StepPayload, unpack_inbox
 from azu.registry import status as models
 from azu.verification import status
 from azu.verification.verifier import Verifier, banned_workers
@@ -62,7 +62,8 @@ class World:
             node.heartbeat()
         self.net.collect()
         job_id = f"jv-{next(_ids)}-{self.model_id}"
-        req = jobs.JobRequest(job_id=job_id, user_id="u", model_id=self.model_id, prompt_ids=[1, 9, 8, 7, 3],
+        req = jobs.JobRequest(job_id=job_id, user_id="u", model_id=self.model_id,
+                              prompt_ids=kw.pop("prompt", [1, 9, 8, 7, 3]),
                               max_tokens=kw.pop("max_tokens", 40), **kw)
         jobs.submit_job(self.net.r, req, dispatch=self.net)
         self.net.run()
@@ -77,7 +78,7 @@ def world(r: redis.Redis, shard: Any, request: pytest.FixtureRequest) -> Iterato
     """``world(spans)``: a fresh in-process network over its own copy of the tiny model, a worker per span."""
     made: list[World] = []
 
-    def make(spans: list[tuple[int, int]], *, wait_s: float = 5.0) -> World:
+    def make(spans: list[tuple[int, int]], *, wait_s: float = 5.0, **node_options: Any) -> World:
         n = next(_ids)
         model_id = shard(f"tiny-verify-{n}")
         net = InlineNetwork(r)
@@ -85,7 +86,7 @@ def world(r: redis.Redis, shard: Any, request: pytest.FixtureRequest) -> Iterato
         workers = []
         for i, (first, last) in enumerate(spans):
             wid = f"vw{n}-{i}"
-            net.add(wid, folder, model_id, first, last, 4)
+            net.add(wid, folder, model_id, first, last, 4, **node_options)
             workers.append(wid)
         settings = get_settings()
         settings = dataclasses.replace(settings, verify=dataclasses.replace(settings.verify, wait_s=wait_s))
@@ -140,6 +141,24 @@ def test_a_cheating_middle_stage_is_caught_and_named(r, world, kind) -> None:
     assert r.sismember(keys.VERIFY_SUSPECT, w.workers[1])
     assert not r.sismember(keys.VERIFY_SUSPECT, w.workers[0])
     assert not r.sismember(keys.VERIFY_SUSPECT, w.workers[2])
+
+
+def test_a_prompt_handed_on_in_parts_is_checked_and_its_parts_are_evidence(r, world, monkeypatch) -> None:
+    """Prompts run in chunks of 2 and each chunk goes on as it runs, so hop 1 gets the prompt in parts: an
+    honest job is verified, and a framing hop 0 is still named from hop 1's kept parts."""
+    import azu.network.node as node_module
+
+    prompt = [1, *range(40, 60)]
+    w = world([(0, 2), (2, 4)], prefill_chunk=2)
+    assert w.verifier.check(w.job(prompt=prompt, max_tokens=12)).status == "verified"
+    monkeypatch.setattr(node_module, "pack_tensor", cheats.framing_pack(node_module.pack_tensor))
+    job_id = w.job(prompt=prompt, max_tokens=12)
+    kept = w.net.nodes[w.workers[1]].evidence.take(job_id, 0)
+    firsts = [StepPayload.unpack(b) for blob in kept for b in unpack_inbox(blob).steps]
+    assert sorted(p.pos for p in firsts if p.step == 0) == [0, 8, 16]  # the prompt's parts (4 chunks of 2)
+    verdict = w.verifier.check(job_id)
+    assert (verdict.status, verdict.hop, verdict.worker) == ("failed", 0, w.workers[0]), verdict
+    assert verdict.evidence["first_mismatch_hop"] == 1
 
 
 def test_a_cheating_first_stage_is_named_without_evidence(r, world) -> None:
