@@ -526,11 +526,16 @@ class WorkerNode:
                 continue
             state.touched = now
             last = state.last_out.get(s.hop)
-            if last is not None and last[0] == s.step:
+            if have > s.pos and last is not None and last[0] == s.step:
                 replays.append(s)  # already applied: answer again, don't run again
             elif have > s.pos:
                 log.info("job %s step %s: stale payload (cache at %d, payload at %d)", s.job_id, s.step,
                          have, s.pos)
+            elif s.step == s.g.start and s.hop > 0:
+                # A part of the prompt past the positions held: one before it was lost on the way (a failed
+                # hand-over). Dropped: the job stalls as on a lost step, and the watchdog replays it.
+                log.warning("job %s: a part of the prompt from position %d, held %d; dropped", s.job_id,
+                            s.pos, have)
             else:
                 self._job_failed(s.job_id, f"worker {self.worker_id} lost the job's cache (at {have} "
                                  f"positions, step {s.step} needs {s.pos})")

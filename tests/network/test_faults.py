@@ -173,6 +173,43 @@ def test_a_lost_step_is_replayed_on_the_same_route(r, inline3) -> None:
         r.zadd(keys.WORKERS, {w: time.time()})
 
 
+def test_a_prompt_part_lost_on_the_way_is_replayed_not_failed(r, inline3, monkeypatch) -> None:
+    """A long prompt goes to the next hop in parts; one part is lost (a failed hand-over) while the later
+    ones arrive. The next hop drops the later parts (they leave a gap) instead of failing the job; the job
+    stalls like one whose step was lost, the watchdog replays it on its route, and it ends as a run without
+    the fault."""
+    net, model_id = inline3
+    r.zrem(directory.LOST, *INLINE)
+    for w in INLINE:
+        r.delete(keys.pending(w), keys.wake(w))
+    for node in net.nodes.values():
+        monkeypatch.setattr(node, "prefill_chunk", 2)  # the lone prompt runs (and goes on) 8 positions a time
+    prompt = [1, *range(40, 70)]
+    clean = net.submit(model_id, prefix="jf", prompt_ids=prompt, max_tokens=6)
+    net.run()
+    expected = jobs.get_job(r, clean).token_ids
+    assert len(expected) == 6
+    job_id = net.submit(model_id, prefix="jf", prompt_ids=prompt, max_tokens=6)
+    _, queue, args, _ = net.queue.popleft()  # the first hop's wake-up with the prompt
+    assert queue == "gpu.j1"
+    net.nodes["j1"].process_pending(args[0] if args else None)  # runs the prompt, handing on 4 parts
+    nxt = jobs.job_route(jobs._hash(r, job_id))[1].worker_id
+    parts = r.lrange(keys.pending(nxt), 0, -1)  # (the first may ride in the wake-up message instead)
+    assert len(parts) >= 2
+    r.lrem(keys.pending(nxt), 1, parts[0])  # a part is lost on the way; one after it arrives
+    net.run()
+    assert jobs.get_job(r, job_id).status == "running"  # stalled, not failed
+    now = time.time() + 7  # nothing comes for 3.5 step timeouts while every worker heartbeats
+    for w in INLINE:
+        r.zadd(keys.WORKERS, {w: now})
+    assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == [job_id]
+    net.run()
+    view = jobs.get_job(r, job_id)
+    assert view.status == "done" and view.token_ids == expected
+    for w in INLINE:
+        r.zadd(keys.WORKERS, {w: time.time()})
+
+
 # --- real worker processes: SIGKILL mid-answer
 SPARES = ("f1", "f2", "f3", "f4")
 MAX_TOKENS = 200  # long enough that the kill lands mid-answer
