@@ -108,6 +108,42 @@ def test_three_workers_match_generate(r, cluster, celery_dispatch, shard, refere
                                            "w3": (len(prompt) + n - 1) * 1}
 
 
+def test_a_long_prompt_goes_on_in_parts_through_three_worker_processes(r, cluster, celery_dispatch, shard,
+                                                                        reference) -> None:
+    """Workers whose lone prompt runs 32 positions at a time hand each chunk on as it runs: a 200-token prompt
+    reaches the next stages in parts (their sessions wait for the next part as for a next step), the answer
+    is transformers' greedy one, each worker is paid its layers' positions once, and the last worker's kept
+    bundles (asked for with a core-signed evidence order) hold the prompt's parts."""
+    from azu.network.wire import Report, unpack_inbox
+    from azu.verification.orders import send_evidence_order
+
+    parts = ("pp1", "pp2", "pp3")
+    for wid in parts:
+        cluster.start_gpu(wid, AZU_PREFILL_CHUNK="8")
+    try:
+        cluster.wait_live(*parts)
+        model_id = shard("tiny-parts-live")
+        load_layout(cluster, celery_dispatch, model_id, {"pp1": (0, 1), "pp2": (1, 3), "pp3": (3, 4)})
+        prompt, n = [1, *range(100, 299)], 8
+        job_id = submit(r, celery_dispatch, model_id, prompt, n)
+        tokens, events = collect(r, job_id)
+        assert tokens == reference(prompt, n)
+        assert events[-1].usage["workers"] == {"pp1": (len(prompt) + n - 1) * 1,
+                                               "pp2": (len(prompt) + n - 1) * 2,
+                                               "pp3": (len(prompt) + n - 1) * 1}
+        r.set(keys.evidence_asked(job_id, "pp3"), "1", ex=60)
+        send_evidence_order("pp3", job_id=job_id, epoch=0, dispatch=celery_dispatch)
+        wait_for(lambda: r.exists(keys.evidence(job_id, "pp3")), what="pp3's evidence")
+        kept = Report.unpack(r.get(keys.evidence(job_id, "pp3"))).body["bundles"]
+        firsts = [StepPayload.unpack(b) for blob in kept for b in unpack_inbox(blob).steps]
+        starts = sorted(p.pos for p in firsts if p.step == 0)
+        assert len(starts) >= 200 // 32 and starts[0] == 0, starts  # in parts of at most 32 positions
+    finally:
+        for wid in parts:
+            cluster.stop(wid)
+            directory.deregister(r, wid)
+
+
 def test_eight_concurrent_jobs_all_correct(r, cluster, celery_dispatch, two_workers, reference) -> None:
     n = 10
     ids = [submit(r, celery_dispatch, two_workers, p, n) for p in PROMPTS]
