@@ -41,36 +41,57 @@ if TYPE_CHECKING:
 StageId = tuple[str, Span]
 
 
-@dataclass
 class Queued:
     """A step admitted to run at a stage: its input so far, how much of it has run (prompts run in chunks; a
     decode step is one chunk of one token), and how many positions it brings in all (``total``: a prompt
-    at a later stage arrives in parts, as the stage before runs its chunks)."""
+    at a later stage arrives in parts, as the stage before runs its chunks).
 
-    step: StepPayload
-    x: torch.Tensor
-    total: int
-    done: int = 0
+    The parts are kept as they came and joined only as far as a chunk needs (``rows``); parts that have run
+    are let go. Joining every part as it arrives would copy the rows held again each time: quadratic in the
+    number of parts, which the hop before chooses."""
+
+    def __init__(self, step: StepPayload, x: torch.Tensor, total: int) -> None:
+        self.step = step
+        self.total = total
+        self.done = 0  # positions run (from ``step.pos``)
+        self._parts = [x]  # rows from position ``step.pos + self._first`` on (the first ones may have run)
+        self._first = 0
+        self._size = int(x.shape[0])
 
     @property
     def size(self) -> int:
         """Positions arrived so far (from ``step.pos``)."""
-        return int(self.x.shape[0])
+        return self._size
 
     @property
     def left(self) -> int:
         """Positions arrived and not run yet."""
-        return self.size - self.done
+        return self._size - self.done
 
     @property
     def complete(self) -> bool:
-        return self.size >= self.total
+        return self._size >= self.total
 
     def extend(self, x: torch.Tensor) -> None:
         """The next part of the prompt arrived (its positions follow the ones held)."""
+        self._parts.append(x)
+        self._size += int(x.shape[0])
+
+    def rows(self, n: int) -> torch.Tensor:
+        """The next ``n`` positions not run yet (``n <= left``)."""
         import torch
 
-        self.x = torch.cat([self.x, x])
+        while self._first + int(self._parts[0].shape[0]) <= self.done:  # parts that have run
+            self._first += int(self._parts[0].shape[0])
+            self._parts.pop(0)
+        start = self.done - self._first
+        k, held = 1, int(self._parts[0].shape[0])
+        while held < start + n:
+            held += int(self._parts[k].shape[0])
+            k += 1
+        if k > 1:
+            self._parts[:k] = [torch.cat(self._parts[:k])]
+        return self._parts[0][start : start + n]
 
 
 @dataclass
@@ -82,7 +103,7 @@ class Row:
 
     @property
     def x(self) -> torch.Tensor:
-        return self.item.x[self.item.done : self.item.done + self.n]
+        return self.item.rows(self.n)
 
     @property
     def last(self) -> bool:
@@ -112,6 +133,10 @@ class StepQueue:
 
     def holds(self, stage_id: StageId, job_id: str) -> bool:
         return job_id in self._by_stage.get(stage_id, {})
+
+    def has_job(self, job_id: str) -> bool:
+        """Whether a step of ``job_id`` is queued at any stage."""
+        return any(job_id in q for q in self._by_stage.values())
 
     def item(self, stage_id: StageId, job_id: str) -> Queued | None:
         return self._by_stage.get(stage_id, {}).get(job_id)

@@ -134,6 +134,7 @@ class WorkerNode:
         # Hand-overs go out on a thread of their own in a worker process (inbox.Outbox).
         self.outbox = inbox.Outbox(background=background_sends)
         self._more_to_run = False  # whether the round has more batches to run after the one handed over
+        self._held: batching.StepQueue | None = None  # the running session's queue (the idle sweep spares it)
         self.inbox = Inbox(r, worker_id)
         self.stages: dict[StageId, Stage] = {}
         self.stage_bytes: dict[StageId, int] = {}
@@ -278,11 +279,12 @@ class WorkerNode:
         try:
             return self._session(blobs)
         finally:
+            self._held = None
             with self.lock:
                 self._flush_commits()
 
     def _session(self, blobs: list[bytes] | None) -> int:
-        queue = batching.StepQueue(chunk=self.prefill_chunk)
+        queue = self._held = batching.StepQueue(chunk=self.prefill_chunk)
         done = self._process(blobs, queue) if blobs else 0
         deadline = time.monotonic() + self.session_s
 
@@ -501,6 +503,13 @@ class WorkerNode:
                 state = self.jobs[s.job_id] = _JobState(epoch=epoch)
             queued = queue.item(stage_id, s.job_id)
             have = stage.job_length(s.job_id)
+            if queued is not None and (queued.step.g.epoch != epoch or have != queued.step.pos + queued.done):
+                # Its cache was freed since it was queued (an end order, the idle sweep): what is queued no
+                # longer follows what the stage holds, and a part must not run on top of another cache.
+                log.info("job %s: queued step %s no longer matches the cache; dropped", s.job_id,
+                         queued.step.step)
+                queue.remove(stage_id, s.job_id)
+                queued = None
             follows = queued is not None and queued.step.step == s.step and not queued.complete \
                 and s.pos == queued.step.pos + queued.size  # the next part of a prompt queued here
             if have == s.pos or follows:
@@ -542,12 +551,27 @@ class WorkerNode:
         if not replays:
             return 0
         self.metrics.steps.labels("replay").inc(len(replays))
-        ran = [_Ran(s, self.jobs[s.job_id].last_out[s.hop][1], replay=True) for s in replays]
+        ran = [_Ran(s, self._answer_again(s), replay=True) for s in replays]
         if stage_id[1].head:
             self._finish_steps(ran)
         else:
             self._send_on(ran)
         return len(ran)
+
+    def _answer_again(self, s: StepPayload) -> Any:
+        """What this stage produced for ``s``, a payload it has applied already: the sampled token at the last
+        hop, else the payloads it sent on for the positions ``s`` brings. Only those: a prompt went on in
+        parts, and answering every duplicate part with all of them would multiply at each later hop."""
+        sent = self.jobs[s.job_id].last_out[s.hop][1]
+        if not isinstance(sent, list) or len(sent) == 1:
+            return sent
+        lo = s.pos
+        try:
+            hi = lo + (len(s.x) if isinstance(s.x, list) else int(torch_input(s.x).shape[0]))
+        except AzuError:
+            return []
+        ends = [p.pos for p in sent[1:]] + [s.end]
+        return [p for p, end in zip(sent, ends, strict=True) if p.pos < hi and end > lo]
 
     def _run_round(self, queue: batching.StepQueue) -> int:
         """One turn of every stage with work queued: a micro-batch of decode steps, then a chunk of the
@@ -886,7 +910,10 @@ class WorkerNode:
         if not self.lock.acquire(blocking=False):
             return []
         try:
-            idle = [j for j, s in self.jobs.items() if now - s.touched > self.kv_idle_s]
+            # Not the jobs the running session holds: a long prompt's chunks, or one awaiting its next part.
+            held = self._held
+            idle = [j for j, s in self.jobs.items()
+                    if now - s.touched > self.kv_idle_s and not (held is not None and held.has_job(j))]
             for job_id in idle:
                 self._drop_caches(job_id)
         finally:

@@ -263,7 +263,14 @@ class Verifier:
                 self._wait()
         sender = job.route[hop - 1].worker_id
         sender_key = job.grant.public_keys[hop - 1]
-        by_pos: dict[int, torch.Tensor] = {}  # a step's rows by their first position (a prompt in parts)
+        # The rows the hop ran, rebuilt as the hop admits them (WorkerNode._admit and _run_group), in the
+        # order they arrived: a payload runs only where the positions run so far end. One behind them is a
+        # duplicate the hop dropped, one past them leaves a gap the hop dropped: neither is what it ran,
+        # whatever the sender signed (a sender could otherwise send right numbers it knows will be dropped,
+        # then wrong ones that run, and have the hop blamed for them).
+        n = len(job.inputs)
+        parts: list[torch.Tensor] = []
+        at = 0
         for b in Report.unpack(bytes(blob)).body.get("bundles") or []:
             try:
                 bundle = StepBundle.unpack(b)
@@ -273,20 +280,21 @@ class Verifier:
                 for packed in bundle.steps:
                     p = StepPayload.unpack(packed)
                     x = p.x
-                    if p.job_id == job.job_id and p.hop == hop and p.grant == job.grant_bytes \
-                            and isinstance(x, bytes) and job.grant.start <= p.step < len(job.tokens):
-                        by_pos.setdefault(p.pos, unpack_tensor(x))
+                    if p.job_id != job.job_id or p.hop != hop or p.grant != job.grant_bytes \
+                            or not isinstance(x, bytes) or not job.grant.start <= p.step < len(job.tokens):
+                        continue
+                    first = p.step == job.grant.start
+                    if p.pos != at or (not first and p.pos != p.end - 1) or p.pos >= p.end:
+                        continue
+                    rows = unpack_tensor(x)
+                    if not 0 < rows.shape[0] <= p.end - p.pos:
+                        continue
+                    parts.append(rows)
+                    at += int(rows.shape[0])
             except AzuError as exc:
                 log.warning("job %s: evidence bundle from %s refused: %s", job.job_id, worker, exc.message)
-        # The rows it received, position after position: the prompt's parts, then one row per step.
-        parts: list[torch.Tensor] = []
-        at = 0
-        while at < len(job.inputs):
-            part = by_pos.get(at)
-            if part is None or part.shape[0] == 0:
-                raise EvidenceMissing(f"{worker}'s evidence lacks position {at} of the job")
-            parts.append(part)
-            at += int(part.shape[0])
+        if at < n:
+            raise EvidenceMissing(f"{worker}'s evidence lacks position {at} of the job")
         rows = torch.cat(parts)
         if rows.shape[0] != len(job.inputs):
             raise EvidenceMissing(f"{worker}'s evidence covers {rows.shape[0]} of {len(job.inputs)} "

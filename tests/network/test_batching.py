@@ -6,6 +6,7 @@ the batches they form can be watched, with a prompt chunk of 3 positions so that
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -287,6 +288,15 @@ def test_a_prompt_arriving_in_parts_runs_as_its_parts_arrive() -> None:
     item.extend(x[19:])  # one position left: still a prompt's row, not a decode step
     assert item.complete and q.decode_batch(stage_id, 8) == []
     assert [(r.n, r.last) for r in q.prompt_batch(stage_id)] == [(1, True)]
+    # Many one-row parts: joined only as far as a chunk needs, and let go once they have run.
+    many = batching.Queued(part, torch.arange(1.0, 2.0), total=100)
+    for i in range(2, 101):
+        many.extend(torch.tensor([float(i)]))
+    assert torch.equal(many.rows(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    many.done = 4
+    assert torch.equal(many.rows(10), torch.arange(5.0, 15.0))
+    many.done = 90
+    assert torch.equal(many.rows(10), torch.arange(91.0, 101.0)) and len(many._parts) == 1
 
 
 def test_a_long_prompts_chunks_go_on_as_they_run(r, shard, reference) -> None:
@@ -333,3 +343,69 @@ def _rows(p: StepPayload) -> int:
 
     assert isinstance(p.x, bytes)
     return int(unpack_tensor(p.x).shape[0])
+
+
+def test_a_duplicate_part_is_answered_with_the_parts_it_overlaps_only(r, shard) -> None:
+    """A stage that gets a part of a prompt again (a redelivery, or a hop before that sends it twice) answers
+    again with what it sent for those positions, not with every part: answered with all, each later hop
+    would multiply them (parts at hop 1 x parts at hop 2 x ...)."""
+    from azu.network.inbox import Inbox
+    from azu.network.wire import unpack_inbox
+
+    model_id = shard("tiny-parts-again")
+    folder = models.shard_dir(model_id)
+    net = InlineNetwork(r)
+    net.add("q1", folder, model_id, 0, 1, 4, prefill_chunk=3)
+    middle = net.add("q2", folder, model_id, 1, 3, 4, prefill_chunk=2)
+    net.add("q3", folder, model_id, 3, 4, 4, prefill_chunk=5)
+    prompt = [1, *range(100, 140)]
+    jobs.submit_job(r, jobs.JobRequest(job_id="jq-again", user_id="u", model_id=model_id, prompt_ids=prompt,
+                                       max_tokens=8), dispatch=net)
+    net.step_until("jq-again", 1)  # the prompt has gone through
+    sent = [p.pos for p in middle.jobs["jq-again"].last_out[1][1]]  # type: ignore[union-attr]
+    assert sent == [0, 8, 16, 24, 32, 40]  # the middle stage ran the prompt 8 positions at a time
+    received = [blob for blob in middle.evidence.take("jq-again", 0)
+                if StepPayload.unpack(unpack_inbox(blob).steps[0]).step == 0]
+    first = StepPayload.unpack(unpack_inbox(received[0]).steps[0])
+    assert (first.pos, _rows(first)) == (0, 12)  # the first stage's first part: positions 0-11
+    middle._process([received[0]])  # the same part again
+    # What it sent q3: in q3's list, or riding in the message that wakes q3.
+    woke = [m for m in net.queue if m[1] == "gpu.q3"]
+    blobs = _take(r, "q3") + [blob for m in woke for blob in (m[2][0] if m[2] else [])]
+    again = [p for blob in blobs for b in unpack_inbox(blob).steps if (p := StepPayload.unpack(b)).step == 0]
+    assert [p.pos for p in again] == [0, 8]  # the parts covering positions 0-11, not all six
+    net.run()
+    assert jobs.get_job(r, "jq-again").status == "done"
+    for worker_id in ("q1", "q2", "q3"):
+        Inbox(r, worker_id).clear()
+
+
+def test_a_prompt_waiting_for_its_next_part_keeps_its_cache(r, shard) -> None:
+    """A later stage holding part of a prompt, waiting for the rest: the idle sweep leaves the job alone
+    while the session holds it; and if its cache is freed all the same (an end order), the next part is not
+    run on top of nothing (dropped: the job is replayed), however the queue looked."""
+    from azu.network.inbox import Inbox
+
+    model_id = shard("tiny-parts-held")
+    folder = models.shard_dir(model_id)
+    net = InlineNetwork(r)
+    first = net.add("h1", folder, model_id, 0, 2, 4, prefill_chunk=3)
+    second = net.add("h2", folder, model_id, 2, 4, 4, prefill_chunk=3)
+    jobs.submit_job(r, jobs.JobRequest(job_id="jh-held", user_id="u", model_id=model_id,
+                                       prompt_ids=[1, *range(100, 140)], max_tokens=3), dispatch=net)
+    q1, q2 = batching.StepQueue(chunk=3), batching.StepQueue(chunk=3)
+    first._process(_take(r, "h1"), q1)  # 12 positions run, handed on
+    second._process(_take(r, "h2"), q2)  # ... and run here; the rest of the prompt is still to come
+    stage = second.stages[(model_id, Span(2, 4, False, True))]
+    assert stage.job_length("jh-held") == 12 and q2.has_job("jh-held") and not q2.runnable()
+    second._held = q2  # as in a session
+    far = time.time() + 10 * second.kv_idle_s
+    assert second.sweep_idle(now=far) == [] and stage.job_length("jh-held") == 12
+    second._held = None
+    assert second.sweep_idle(now=far) == ["jh-held"] and stage.job_length("jh-held") == 0
+    first._process([], q1)  # the next 12 positions go on
+    second._process(_take(r, "h2"), q2)
+    assert stage.job_length("jh-held") == 0 and not q2.has_job("jh-held")  # not run on an empty cache
+    assert jobs.fail_job(r, "jh-held", "test: done", dispatch=net)
+    for worker_id in ("h1", "h2"):
+        Inbox(r, worker_id).clear()

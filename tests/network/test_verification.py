@@ -336,3 +336,64 @@ def test_a_rerouted_job_is_checked_on_its_last_route(r, world) -> None:
     assert victim not in {h.worker_id for h in jobs.job_route(jobs._hash(r, job_id))}
     w.net.nodes[victim] = dead
     r.zrem(directory.LOST, victim)
+
+
+def test_parts_the_hop_dropped_are_not_taken_for_its_input(r, world) -> None:
+    """Hop 0 signs right rows for positions 4-7 and sends them first (they leave a gap: hop 1 drops them),
+    then positions 0-3, then other rows for 4-7, which hop 1 runs. The verifier rebuilds the input hop 1 ran
+    from its kept bundles, in their order and by hop 1's own rules, not the first rows signed for each
+    position: the sender cannot have hop 1 blamed for numbers it was not given."""
+    import time
+
+    import torch
+
+    from azu.network import batching
+    from azu.network.inbox import Inbox
+    from azu.network.wire import Hop, JobGrant, Sampling, pack_tensor
+    from azu.verification.verifier import _Job
+
+    w = world([(0, 2), (2, 4)])
+    sender, hop1 = (w.net.nodes[x] for x in w.workers)
+    route = (Hop(w.workers[0], Span(0, 2, True, False)), Hop(w.workers[1], Span(2, 4, False, True)))
+    job_id = f"jv-frame-{next(_ids)}"
+    sampling = Sampling(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=(), stop_ids=(),
+                        prompt_len=8)
+    grant = JobGrant(job_id, w.model_id, "", route, (sender.public_key, hop1.public_key), sampling, 0,
+                     time.time() + 600)
+    grant_bytes = grant.pack()
+    grant_sig = auth.sign(auth.core_signing_key(), auth.GRANT, grant_bytes)
+    right, first, wrong = torch.randn(4, 64), torch.randn(4, 64), torch.randn(4, 64)
+
+    def signed(pos: int, rows: torch.Tensor) -> bytes:
+        part = StepPayload(job_id, 0, 1, pos, pack_tensor(rows), grant_bytes, grant_sig)
+        return jobs.bundles([part], sender=w.workers[0], key=sender.key)[w.workers[1]]
+
+    ran: list[torch.Tensor] = []
+    stage = _stage(w, 1)
+    forward = stage.forward
+
+    def watched(job: str, x: torch.Tensor, **kw: Any) -> Any:
+        ran.append(x.clone())
+        return forward(job, x, **kw)
+
+    stage.forward = watched
+    try:
+        held = batching.StepQueue(chunk=128)
+        for blob in (signed(4, right), signed(0, first), signed(4, wrong)):
+            hop1._process([blob], held)
+            while held.runnable():
+                hop1._process([], held)
+    finally:
+        del stage.forward
+    assert torch.equal(torch.cat(ran), torch.cat([first, wrong]))  # what hop 1 ran
+    kept = hop1.evidence.take(job_id, 0)
+    assert len(kept) == 3
+    # As the collector keeps it when the verifier asks (azu.network.collector): hop 1's signed report.
+    r.set(keys.evidence(job_id, w.workers[1]),
+          hop1.signed_report("evidence", {"job_id": job_id, "epoch": 0, "bundles": kept}))
+    job = _Job(job_id, w.model_id, route, grant, grant_bytes, 0, list(range(8)), [5], sampling)
+    rows = w.verifier.evidence_input(job, 1, time.monotonic() + 5)
+    assert torch.equal(rows, torch.cat([first, wrong]))
+    for worker_id in w.workers:
+        Inbox(r, worker_id).clear()
+    hop1._drop_caches(job_id)
