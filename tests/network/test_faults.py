@@ -146,6 +146,20 @@ def test_lost_only_when_the_job_and_a_worker_are_both_silent(r, inline3) -> None
         r.zadd(keys.WORKERS, {w: time.time()})
 
 
+def replayed_after_silence(r: redis.Redis, net: InlineNetwork, job_id: str, expected: list[int]) -> None:
+    """Nothing comes of ``job_id`` for 3.5 step timeouts while every worker heartbeats: the watchdog replays
+    it on its route, and it ends with ``expected``."""
+    now = time.time() + 7
+    for w in INLINE:
+        r.zadd(keys.WORKERS, {w: now})
+    assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == [job_id]
+    net.run()
+    view = jobs.get_job(r, job_id)
+    assert view.status == "done" and view.token_ids == expected
+    for w in INLINE:
+        r.zadd(keys.WORKERS, {w: time.time()})
+
+
 def test_a_lost_step_is_replayed_on_the_same_route(r, inline3) -> None:
     """Every worker heartbeats but the step in flight is gone (a Redis restart lost the last second of
     hand-overs): after 3 step timeouts the job is replayed on its route, and ends as a run without the
@@ -162,15 +176,7 @@ def test_a_lost_step_is_replayed_on_the_same_route(r, inline3) -> None:
     net.queue.clear()  # the step in flight is lost ...
     for w in INLINE:
         r.delete(keys.pending(w), keys.wake(w))
-    now = time.time() + 7  # ... and nothing comes for 3.5 step timeouts while every worker heartbeats
-    for w in INLINE:
-        r.zadd(keys.WORKERS, {w: now})
-    assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == [job_id]
-    net.run()
-    view = jobs.get_job(r, job_id)
-    assert view.status == "done" and view.token_ids == expected
-    for w in INLINE:
-        r.zadd(keys.WORKERS, {w: time.time()})
+    replayed_after_silence(r, net, job_id, expected)  # ... and nothing comes for 3.5 step timeouts
 
 
 def test_a_prompt_part_lost_on_the_way_is_replayed_not_failed(r, inline3, monkeypatch) -> None:
@@ -199,15 +205,7 @@ def test_a_prompt_part_lost_on_the_way_is_replayed_not_failed(r, inline3, monkey
     r.lrem(keys.pending(nxt), 1, parts[0])  # a part is lost on the way; one after it arrives
     net.run()
     assert jobs.get_job(r, job_id).status == "running"  # stalled, not failed
-    now = time.time() + 7  # nothing comes for 3.5 step timeouts while every worker heartbeats
-    for w in INLINE:
-        r.zadd(keys.WORKERS, {w: now})
-    assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == [job_id]
-    net.run()
-    view = jobs.get_job(r, job_id)
-    assert view.status == "done" and view.token_ids == expected
-    for w in INLINE:
-        r.zadd(keys.WORKERS, {w: time.time()})
+    replayed_after_silence(r, net, job_id, expected)
 
 
 # --- real worker processes: SIGKILL mid-answer
