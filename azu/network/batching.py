@@ -89,8 +89,9 @@ class Queued:
         while held < start + n:
             held += int(self._parts[k].shape[0])
             k += 1
-        if k > 1:
-            self._parts[:k] = [torch.cat(self._parts[:k])]
+        if k > 1:  # join from the first row not run yet: rows that ran are not copied again
+            self._parts[:k] = [torch.cat([self._parts[0][start:], *self._parts[1:k]])]
+            self._first, start = self.done, 0
         return self._parts[0][start : start + n]
 
 

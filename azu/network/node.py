@@ -519,7 +519,7 @@ class WorkerNode:
                     continue
                 try:
                     x = torch_input(s.x)
-                    if not 0 < x.shape[0] <= s.end - s.pos:
+                    if x.ndim == 0 or not 0 < x.shape[0] <= s.end - s.pos:
                         raise InvalidRequest(f"job {s.job_id} step {s.step}: {x.shape[0]} positions from "
                                              f"{s.pos} do not fit the step (it ends at {s.end})")
                 except AzuError as exc:
@@ -567,9 +567,12 @@ class WorkerNode:
             return sent
         lo = s.pos
         try:
-            hi = lo + (len(s.x) if isinstance(s.x, list) else int(torch_input(s.x).shape[0]))
+            x = torch_input(s.x)
         except AzuError:
             return []
+        if x.ndim == 0:
+            return []
+        hi = lo + int(x.shape[0])
         ends = [p.pos for p in sent[1:]] + [s.end]
         return [p for p, end in zip(sent, ends, strict=True) if p.pos < hi and end > lo]
 
@@ -722,8 +725,9 @@ class WorkerNode:
             nxt = replace(r.step, hop=r.step.hop + 1, x=pack_tensor(r.out))
             state = self.jobs[r.step.job_id]
             sent = state.last_out.get(r.step.hop)
-            if sent is not None and sent[0] == r.step.step and isinstance(sent[1], list):
-                sent[1].append(nxt)  # the next part of the step's prompt
+            if sent is not None and sent[0] == r.step.step and isinstance(sent[1], list) \
+                    and r.step.pos > sent[1][-1].pos:
+                sent[1].append(nxt)  # the next part of the step's prompt (one from its start again: anew)
             else:
                 state.last_out[r.step.hop] = (r.step.step, [nxt])
             nexts.append(nxt)

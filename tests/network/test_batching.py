@@ -297,6 +297,17 @@ def test_a_prompt_arriving_in_parts_runs_as_its_parts_arrive() -> None:
     assert torch.equal(many.rows(10), torch.arange(5.0, 15.0))
     many.done = 90
     assert torch.equal(many.rows(10), torch.arange(91.0, 101.0)) and len(many._parts) == 1
+    # Parts that never line up with the chunks (a first part of one row, then 128 at a time): the rows held
+    # stay the ones not run and at most a chunk and a part more (joining the run ones again would copy the
+    # prompt over and over, and hold all of it).
+    odd = batching.Queued(part, torch.zeros(1), total=1 + 128 * 8)
+    for i in range(8):
+        odd.extend(torch.arange(1.0 + 128 * i, 1.0 + 128 * (i + 1)))
+    while odd.left:
+        n = min(128, odd.left)
+        assert torch.equal(odd.rows(n)[-1:], torch.tensor([float(odd.done + n - 1)]))
+        odd.done += n
+        assert sum(int(p.shape[0]) for p in odd._parts) <= odd.left + 2 * 128
 
 
 def test_a_long_prompts_chunks_go_on_as_they_run(r, shard, reference) -> None:
@@ -374,6 +385,13 @@ def test_a_duplicate_part_is_answered_with_the_parts_it_overlaps_only(r, shard) 
     blobs = _take(r, "q3") + [blob for m in woke for blob in (m[2][0] if m[2] else [])]
     again = [p for blob in blobs for b in unpack_inbox(blob).steps if (p := StepPayload.unpack(b)).step == 0]
     assert [p.pos for p in again] == [0, 8]  # the parts covering positions 0-11, not all six
+    # A signed duplicate whose hidden state is no rows at all (a 0-d tensor): answered with nothing, and the
+    # session goes on.
+    from azu.network.wire import pack_tensor
+
+    scalar = StepPayload("jq-again", 0, 1, 0, pack_tensor(torch.tensor(1.0)), first.grant, first.grant_sig)
+    middle._process(jobs.bundles([scalar], sender="q1", key=net.nodes["q1"].key).values())
+    assert not [b for b in _take(r, "q3") if StepPayload.unpack(unpack_inbox(b).steps[0]).step == 0]
     net.run()
     assert jobs.get_job(r, "jq-again").status == "done"
     for worker_id in ("q1", "q2", "q3"):
