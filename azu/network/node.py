@@ -351,7 +351,10 @@ class WorkerNode:
         flight; always 0 with ``linger_s`` 0 (tests that step by hand)."""
         if self.linger_s <= 0:
             return 0.0
-        return max(0.0, max((self._due_by(state) for state in self.jobs.values()), default=now) - now)
+        # A copy taken at once (the heartbeat thread's idle sweep may remove jobs meanwhile: this runs outside
+        # the lock, between rounds).
+        states = list(self.jobs.values())
+        return max(0.0, max((self._due_by(state) for state in states), default=now) - now)
 
     def _due_by(self, state: _JobState) -> float:
         """When a job's next step here is overdue: twice its observed step interval after its last step (a
