@@ -522,9 +522,10 @@ class WorkerNode:
                     continue
                 try:
                     x = torch_input(s.x)
-                    if x.ndim == 0 or not 0 < x.shape[0] <= s.end - s.pos:
-                        raise InvalidRequest(f"job {s.job_id} step {s.step}: {x.shape[0]} positions from "
-                                             f"{s.pos} do not fit the step (it ends at {s.end})")
+                    if not s.fits(x):
+                        raise InvalidRequest(f"job {s.job_id} step {s.step}: an input of shape "
+                                             f"{tuple(x.shape)} from position {s.pos} does not fit the step "
+                                             f"(it ends at {s.end})")
                 except AzuError as exc:
                     self._job_failed(s.job_id, exc.message)
                     continue

@@ -286,6 +286,11 @@ class StepPayload:
         prompt_len + s - 1. A later hop may get the first step in parts (``pos`` inside it)."""
         return self.g.sampling.prompt_len + self.step
 
+    def fits(self, rows: torch.Tensor) -> bool:
+        """Whether ``rows`` (this payload's input, unpacked) are rows of positions from ``pos`` that the step
+        holds: at least one, none past ``end`` (a 0-d tensor is no rows)."""
+        return rows.ndim > 0 and 0 < rows.shape[0] <= self.end - self.pos
+
     def pack(self) -> bytes:
         return msgpack.packb({"job": self.job_id, "step": self.step, "hop": self.hop, "pos": self.pos,
                               "x": self.x, "grant": self.grant, "gsig": self.grant_sig}, use_bin_type=True)

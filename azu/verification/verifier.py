@@ -287,7 +287,7 @@ class Verifier:
                     if p.pos != at or (not first and p.pos != p.end - 1) or p.pos >= p.end:
                         continue
                     rows = unpack_tensor(x)
-                    if rows.ndim == 0 or not 0 < rows.shape[0] <= p.end - p.pos:
+                    if not p.fits(rows):
                         continue
                     parts.append(rows)
                     at += int(rows.shape[0])
