@@ -132,9 +132,6 @@ class StepQueue:
     def stages(self) -> Iterator[StageId]:
         return iter([s for s, q in self._by_stage.items() if q])
 
-    def holds(self, stage_id: StageId, job_id: str) -> bool:
-        return job_id in self._by_stage.get(stage_id, {})
-
     def has_job(self, job_id: str) -> bool:
         """Whether a step of ``job_id`` is queued at any stage."""
         return any(job_id in q for q in self._by_stage.values())
@@ -145,8 +142,8 @@ class StepQueue:
     def add(self, stage_id: StageId, step: StepPayload, x: torch.Tensor, total: int | None = None) -> None:
         """Queue ``step`` with its input ``x`` (``total`` positions in all: more than ``x`` holds when the
         rest of the prompt is still to arrive)."""
-        size = int(x.shape[0]) if total is None else total
-        self._by_stage.setdefault(stage_id, {})[step.job_id] = Queued(step, x, size)
+        total = int(x.shape[0]) if total is None else total
+        self._by_stage.setdefault(stage_id, {})[step.job_id] = Queued(step, x, total)
 
     def drop_job(self, job_id: str) -> None:
         for q in self._by_stage.values():

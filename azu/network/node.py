@@ -82,12 +82,12 @@ class _JobState:
 
 @dataclass
 class _Ran:
-    """A step run (or replayed) here: its payload, what came out, and the positions it brought."""
+    """A step run (or replayed) here: its payload (a prompt's part: ``pos`` where the part starts), and what
+    came out."""
 
     step: StepPayload
-    out: Any  # hidden state (fresh), or the replayed next payload / token
+    out: Any  # hidden state (fresh), or what is answered again: the payloads sent on, or the token
     replay: bool
-    tokens: int = 0
 
 
 class WorkerNode:
@@ -669,9 +669,9 @@ class WorkerNode:
                 queue.remove(stage_id, job_id)
             if not stage_id[1].head:
                 # Every chunk goes on as it has run: the next stage runs it while this one runs the next.
-                ran.append(_Ran(replace(item.step, pos=first_pos), out, replay=False, tokens=r.n))
+                ran.append(_Ran(replace(item.step, pos=first_pos), out, replay=False))
             elif last:
-                ran.append(_Ran(item.step, out, replay=False, tokens=item.total))
+                ran.append(_Ran(item.step, out, replay=False))
         return ran
 
     def _observe_forward(self, started: float, rows: list[batching.Row]) -> None:
