@@ -79,7 +79,8 @@ class WorkerSettings:
     wallet: str | None = None  # AZU_WALLET_ADDRESS: where payouts go
     memory_bytes: int | None = None  # AZU_MEMORY_BYTES: offer at most this much memory
     cache_dir: str | None = None  # AZU_CACHE_DIR: default .azu/cache/<worker id>
-    p2p_url: str | None = None  # P2P_PUBLIC_URL
+    p2p_url: str | None = None  # P2P_PUBLIC_URL: where other workers send hand-overs (azu.network.direct)
+    p2p_listen: str | None = None  # AZU_P2P_LISTEN: host:port to listen on (default 0.0.0.0:<that port>)
     max_cached_tokens: int = 32768  # AZU_MAX_CACHED_TOKENS: KV-cache bound per stage
     kv_idle_s: float = 600.0  # AZU_KV_IDLE_S: free a job's caches after this long untouched
     linger_s: float = 0.05  # AZU_LINGER_S: how long an idle worker waits on its inbox
@@ -298,7 +299,7 @@ class Settings:
                 wallet=_text(env, "AZU_WALLET_ADDRESS"),
                 memory_bytes=memory,
                 cache_dir=_text(env, "AZU_CACHE_DIR"),
-                p2p_url=_text(env, "P2P_PUBLIC_URL"),
+                p2p_url=_text(env, "P2P_PUBLIC_URL"), p2p_listen=_text(env, "AZU_P2P_LISTEN"),
                 max_cached_tokens=_int(env, "AZU_MAX_CACHED_TOKENS", 32768) or 32768,
                 kv_idle_s=_float(env, "AZU_KV_IDLE_S", 600.0),
                 linger_s=_float(env, "AZU_LINGER_S", 0.05),

@@ -87,6 +87,9 @@ class WorkerMetrics:
         self.refused = Counter("azu_worker_refused_payloads",
                                "Payloads and orders refused here, by what was wrong (never who sent it).",
                                ["reason"], registry=registry)
+        self.handovers = Counter("azu_worker_handovers",
+                                 "Bundles of steps handed to the next worker, by path (direct, redis).",
+                                 ["path"], registry=registry)
         self.nodes: weakref.WeakSet[Any] = weakref.WeakSet()
         registry.register(_NodeCollector(self.nodes))
 

@@ -1,8 +1,11 @@
 """Latency benchmark: decode tokens/s at batch 1 through two workers on their own hosts, with a delaying relay
 of 0, 5, 25 and 50 ms one way (10, 50 and 100 ms round trip) between each worker and the core; and the
-aggregate tokens/s of ``--streams`` answers at once against one.
+aggregate tokens/s of ``--streams`` answers at once against one. Each delay runs for each of ``--paths``:
+``redis`` (hand-overs through the core's Redis) and ``direct`` (worker to worker, azu.network.direct, with a
+relay of the same delay between the two workers).
 
-    sudo python bench/latency.py [--delays 0,5,25,50] [--tokens 48] [--repeat 3] [--streams 16] [--json out]
+    sudo python bench/latency.py [--delays 0,5,25,50] [--paths redis,direct] [--tokens 48] [--repeat 3]
+                                 [--streams 16] [--json out]
 
 Needs root (network namespaces: tests/support/hosts.py). The core (Redis, API, scheduler) runs in one
 namespace, each worker in another; with a delay d > 0 every byte between a worker and the core's Redis or API
@@ -14,7 +17,8 @@ A decode step crosses the network 4 times with 2 workers: A hands its hidden sta
     per-token time  <=  t0 + 4 d        (t0: the per-token time measured with no delay)
 
 and ``ratio`` = measured tokens/s / bound tokens/s: 1.00 means the network adds nothing beyond the hops'
-own latency; less means extra round trips per step (a Celery wake-up, an ack, a poll interval).
+own latency; less means extra round trips per step (a Celery wake-up, an ack, a poll interval). On the
+direct path a step crosses twice (A -> B, B -> A): the bound is t0 + 2 d, t0 the direct path's own.
 
 The relay is a Python event loop on a machine the workers keep busy: it sends each chunk somewhat after its
 due time (its timer wakes late), so a crossing takes d plus that. ``relay late`` is the mean lateness of the
@@ -43,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.hosts import (
     MODEL_ID,
+    DelayRelay,
     Hosts,
     core_relays,
     hosts_unavailable,
@@ -50,7 +55,8 @@ from tests.support.hosts import (
 )
 
 MESSAGES = [{"role": "user", "content": "Once upon a time"}]
-CROSSINGS_PER_STEP = 4  # 2 workers: A -> Redis -> B, B -> Redis -> A
+CROSSINGS_PER_STEP = {"redis": 4, "direct": 2}  # 2 workers: A -> Redis -> B, B -> Redis -> A; or A -> B -> A
+P2P_PORT = 8003  # each worker namespace has its own ports
 
 
 def answer_time(api_url: str, tokens: int) -> tuple[float, int]:
@@ -83,22 +89,47 @@ def aggregate_rate(api_url: str, tokens: int, streams: int) -> float:
     return sum(got) / (time.monotonic() - start)
 
 
-def measure(hosts: Hosts, registry: Path, root: Path, delay_ms: float, tokens: int, repeat: int,
+def direct_addresses(hosts: Hosts, stack: contextlib.ExitStack,
+                     delay_ms: float) -> tuple[list[dict[str, str]], list[DelayRelay]]:
+    """Each worker's P2P settings: it listens on its own namespace's port; the others reach it through a
+    relay of ``delay_ms`` on the bridge (or straight, with no delay). Returns (settings, relays)."""
+    env, relays = [], []
+    for i in range(len(hosts.workers)):
+        url = f"tcp://{hosts.worker_addr(i)}:{P2P_PORT}"
+        if delay_ms > 0:
+            relay = stack.enter_context(DelayRelay(listen_host=hosts.host_addr, delay_s=delay_ms / 1000,
+                                                   upstream=(hosts.worker_addr(i), P2P_PORT)))
+            relays.append(relay)
+            url = f"tcp://{hosts.host_addr}:{relay.port}"
+        env.append({"P2P_PUBLIC_URL": url, "AZU_P2P_LISTEN": f"0.0.0.0:{P2P_PORT}"})
+    return env, relays
+
+
+def measure(hosts: Hosts, registry: Path, root: Path, delay_ms: float, path: str, tokens: int, repeat: int,
             env: dict[str, str], streams: int) -> dict:
     with contextlib.ExitStack() as stack:
         public_redis = public_api = None
+        relays: list[DelayRelay] = []
         if delay_ms > 0:
             rr, ra = stack.enter_context(core_relays(hosts, delay_s=delay_ms / 1000))
             public_redis, public_api = f"{hosts.host_addr}:{rr.port}", f"{hosts.host_addr}:{ra.port}"
-        net = start_host_network(hosts, registry_dir=registry, root=root / f"d{delay_ms:g}", extra_env=env,
-                                 public_redis=public_redis, public_api=public_api)
+            relays = [rr]
+        worker_env = None
+        if path == "direct":
+            worker_env, relays = direct_addresses(hosts, stack, delay_ms)
+        net = start_host_network(hosts, registry_dir=registry, root=root / f"{path}-d{delay_ms:g}",
+                                 extra_env=env, public_redis=public_redis, public_api=public_api,
+                                 worker_env=worker_env)
         stack.callback(net.stop)
         answer_time(net.api_url, 2)  # the workers load their layers on the first job
-        relay = rr if delay_ms > 0 else None
-        before = (relay.late_s, relay.sent_chunks) if relay else (0.0, 0)
+        before = [(relay.late_s, relay.sent_chunks) for relay in relays]
         rate, n = decode_rate(net.api_url, tokens, repeat)
-        late, sent = (relay.late_s - before[0], relay.sent_chunks - before[1]) if relay else (0.0, 0)
-        row = {"delay_ms": delay_ms, "tokens_per_s": rate, "completion_tokens": n,
+        late = sum(relay.late_s - b[0] for relay, b in zip(relays, before, strict=True))
+        sent = sum(relay.sent_chunks - b[1] for relay, b in zip(relays, before, strict=True))
+        if path == "direct" and delay_ms > 0 and not sum(relay.connections for relay in relays):
+            raise RuntimeError("no hand-over took the direct path's relays: see the worker logs in "
+                               f"{net.logs}")
+        row = {"delay_ms": delay_ms, "path": path, "tokens_per_s": rate, "completion_tokens": n,
                "relay_late_ms": 1000 * late / sent if sent else 0.0}
         if streams > 1:
             one = max(aggregate_rate(net.api_url, tokens, 1) for _ in range(repeat))
@@ -112,6 +143,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--delays", default="0,5,25,50",
                    help="one-way delays in ms, comma-separated (first: 0); round trip = 2x")
+    p.add_argument("--paths", default="redis,direct", help="hand-over paths to run (redis, direct)")
     p.add_argument("--tokens", type=int, default=48, help="max_tokens of each timed answer")
     p.add_argument("--repeat", type=int, default=3, help="timed answers per delay (best is reported)")
     p.add_argument("--streams", type=int, default=16, help="concurrent answers for the aggregate (1: skip)")
@@ -124,6 +156,9 @@ def main() -> int:
         sys.exit(why)
     env = dict(item.split("=", 1) for item in a.env)
     delays = [float(d) for d in a.delays.split(",")]
+    paths = [p.strip() for p in a.paths.split(",") if p.strip()]
+    if not paths or any(p not in CROSSINGS_PER_STEP for p in paths):
+        sys.exit(f"--paths: choose from {', '.join(CROSSINGS_PER_STEP)}")
     if delays[0] != 0:
         delays.insert(0, 0.0)  # the bound is built on the no-delay time
 
@@ -136,26 +171,32 @@ def main() -> int:
         src = build_demo_model(root / "models" / MODEL_ID)
         shard_model(src, root / "registry" / MODEL_ID, progress=False)
         for delay in delays:
-            with Hosts(2) as hosts:  # fresh hosts each time: nothing carried over between delays
-                rows.append(measure(hosts, root / "registry", root, delay, a.tokens, a.repeat, env,
-                                    a.streams))
-            print(f"  {delay:g} ms: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+            for path in paths:
+                with Hosts(2) as hosts:  # fresh hosts each time: nothing carried over between runs
+                    rows.append(measure(hosts, root / "registry", root, delay, path, a.tokens, a.repeat, env,
+                                        a.streams))
+                print(f"  {delay:g} ms, {path}: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
 
-    t0 = 1 / rows[0]["tokens_per_s"]
-    print(f"{'round trip':>11} {'tokens/s':>9} {'ms/token':>9} {'bound tok/s':>12} {'ratio':>6} "
-          f"{'relay late':>11} {'ratio*':>7} {'streams':>8} {'aggregate':>10} {'vs one':>7}")
+    t0 = {row["path"]: 1 / row["tokens_per_s"] for row in rows if row["delay_ms"] == 0}
+    print(f"{'round trip':>11} {'path':>7} {'tokens/s':>9} {'ms/token':>9} {'bound tok/s':>12} {'ratio':>6} "
+          f"{'relay late':>11} {'ratio*':>7} {'vs redis':>9} {'streams':>8} {'aggregate':>10} {'vs one':>7}")
+    redis_rate = {row["delay_ms"]: row["tokens_per_s"] for row in rows if row["path"] == "redis"}
     for row in rows:
-        bound = 1 / (t0 + CROSSINGS_PER_STEP * row["delay_ms"] / 1000)
+        crossings = CROSSINGS_PER_STEP[row["path"]]
+        bound = 1 / (t0[row["path"]] + crossings * row["delay_ms"] / 1000)
         crossing_s = (row["delay_ms"] + row["relay_late_ms"]) / 1000  # lateness 0 with no relay
-        measured_bound = 1 / (t0 + CROSSINGS_PER_STEP * crossing_s)
+        measured_bound = 1 / (t0[row["path"]] + crossings * crossing_s)
         row.update(ms_per_token=1000 / row["tokens_per_s"], bound_tokens_per_s=bound,
                    ratio=row["tokens_per_s"] / bound,
                    ratio_measured_crossings=row["tokens_per_s"] / measured_bound)
+        vs = (f"{row['tokens_per_s'] / redis_rate[row['delay_ms']]:>8.2f}x" if row["delay_ms"] in redis_rate
+              else f"{'':>9}")
         many = (f"{row['streams']:>8d} {row['streams_tokens_per_s']:>10.1f} {row['streams_ratio']:>6.2f}x"
                 if "streams" in row else "")
-        print(f"{2 * row['delay_ms']:>8g} ms {row['tokens_per_s']:>9.1f} {row['ms_per_token']:>9.1f} "
-              f"{bound:>12.1f} {row['ratio']:>6.2f} {row['relay_late_ms']:>8.2f} ms "
-              f"{row['ratio_measured_crossings']:>7.2f} {many}")
+        print(f"{2 * row['delay_ms']:>8g} ms {row['path']:>7} {row['tokens_per_s']:>9.1f} "
+              f"{row['ms_per_token']:>9.1f} {bound:>12.1f} {row['ratio']:>6.2f} "
+              f"{row['relay_late_ms']:>8.2f} ms "
+              f"{row['ratio_measured_crossings']:>7.2f} {vs} {many}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -38,6 +38,7 @@ REPORT = b"azu-report\n"
 END_ORDER = b"azu-end-job\n"
 END_RECORD = b"azu-end-record\n"
 EVIDENCE_ORDER = b"azu-evidence\n"
+DIRECT_HELLO = b"azu-direct-hello\n"  # a listener's answer to a direct-path hello (azu.network.direct)
 
 
 def _seed(hex_text: str, what: str) -> bytes:

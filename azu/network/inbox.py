@@ -14,14 +14,25 @@ steps, whatever the number of workers it goes to.
 Taking (``Inbox``): a woken worker takes everything pending as its next batch, so the decode steps of many
 jobs run together; it releases ``wake`` only when ``pending`` is empty, in one atomic step, so a payload is
 never left on a list nobody will read.
+
+A worker with a direct path (azu.network.direct) has a second source: ``LocalFrames``, the hand-overs its
+listener received. Its inbox then waits on both at once: a blocking pop sent on a connection of its own and
+left outstanding (``_BlockingPop``), and the frames' wake-up pipe, in one ``select``; a frame ends the wait
+at once and the pop stays outstanding for the next one (its answer is read whenever it comes, so nothing it
+took is lost). Before the worker releases ``wake`` it reads the outstanding pop's answer (``settle``): a pop
+still outstanding after the release could take a payload whose sender found ``wake`` set and woke nobody.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -105,14 +116,109 @@ def pop_all(r: redis.Redis, key: str, timeout_s: float, *, has_blmpop: bool | No
     return [first[1], *rest], False
 
 
-class Inbox:
-    """The taking side, for one worker."""
+class LocalFrames:
+    """Hand-overs that came over the direct path, queued for the worker's session (the listener's threads
+    put, the session takes); a byte on a pipe wakes a session waiting in ``Inbox.wait``."""
 
-    def __init__(self, r: redis.Redis, worker_id: str) -> None:
+    def __init__(self) -> None:
+        self._items: deque[bytes] = deque()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def put(self, blob: bytes) -> None:
+        self._items.append(blob)
+        with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already: the waiter looks
+            os.write(self._write, b"\0")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def take(self) -> list[bytes]:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        out = []
+        while self._items:
+            out.append(self._items.popleft())
+        return out
+
+
+class _BlockingPop:
+    """A BLMPOP (BLPOP before Redis 7) on a connection of its own, which may be left outstanding while the
+    worker does something else, and whose answer is read when it comes."""
+
+    def __init__(self, r: redis.Redis, key: str) -> None:
+        self.r = r
+        self.key = key
+        self.conn: Any = None
+        self.outstanding = False
+        self.has_blmpop: bool | None = None
+        self._blmpop = True  # which the outstanding one is
+
+    def start(self, timeout_s: float) -> None:
+        if self.outstanding:
+            return
+        if self.conn is None:
+            self.conn = self.r.connection_pool.make_connection()
+        timeout = max(0.01, round(timeout_s, 3))  # 0 would block for ever
+        self._blmpop = self.has_blmpop is not False
+        if self._blmpop:
+            self.conn.send_command("BLMPOP", timeout, 1, self.key, "LEFT", "COUNT", BATCH_MAX)
+        else:
+            self.conn.send_command("BLPOP", self.key, timeout)
+        self.outstanding = True
+
+    def fileno(self) -> int:
+        return int(self.conn._sock.fileno())
+
+    def answered(self) -> bool:
+        return self.outstanding and bool(self.conn.can_read(0))
+
+    def read(self) -> list[bytes]:
+        """The outstanding pop's answer (waits for it)."""
+        self.outstanding = False
+        try:
+            got: Any = self.conn.read_response()
+        except redis.ResponseError as exc:
+            if self._blmpop and "unknown command" in str(exc).lower():
+                self.has_blmpop = False
+                return []
+            raise
+        except Exception:
+            self.conn.disconnect()  # what it had popped is lost with it: the watchdog replays those steps
+            raise
+        if not got:
+            return []
+        if self._blmpop:
+            self.has_blmpop = True
+            return list(got[1])
+        pipe = self.r.pipeline()  # BLPOP took the first: the rest in one go, as pop_all does
+        pipe.lrange(self.key, 0, BATCH_MAX - 2)
+        pipe.ltrim(self.key, BATCH_MAX - 1, -1)
+        return [got[1], *pipe.execute()[0]]
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.disconnect()
+        self.outstanding = False
+
+
+class Inbox:
+    """The taking side, for one worker (``local``: its direct path's frames, if it has one)."""
+
+    def __init__(self, r: redis.Redis, worker_id: str, local: LocalFrames | None = None) -> None:
         self.r = r
         self.worker_id = worker_id
         self.pending = keys.pending(worker_id)
         self.wake = keys.wake(worker_id)
+        self.local = local
+        self._pop = _BlockingPop(r, self.pending) if local is not None else None
         self._has_blmpop: bool | None = None  # BLMPOP needs Redis >= 7; found out on first use
 
     def clear(self) -> None:
@@ -121,12 +227,41 @@ class Inbox:
 
     def take(self) -> list[bytes]:
         """Everything pending now (the wake key stays set: senders keep queueing)."""
-        return list(self.r.eval(_TAKE, 2, self.pending, self.wake, WAKE_TTL_S))  # type: ignore[arg-type]
+        got = self._local_and_popped()
+        return got + list(self.r.eval(_TAKE, 2, self.pending, self.wake, WAKE_TTL_S))  # type: ignore[arg-type]
 
     def wait(self, timeout_s: float) -> list[bytes]:
         """Wait up to ``timeout_s`` for payloads; return all that are queued (at most ``BATCH_MAX``)."""
-        got, self._has_blmpop = pop_all(self.r, self.pending, timeout_s, has_blmpop=self._has_blmpop)
-        return got
+        if self.local is None or self._pop is None:
+            got, self._has_blmpop = pop_all(self.r, self.pending, timeout_s, has_blmpop=self._has_blmpop)
+            return got
+        deadline = time.monotonic() + timeout_s
+        while True:  # an empty answer of a pop left from an earlier wait does not end this one
+            got = self._local_and_popped()
+            left = deadline - time.monotonic()
+            if got or left <= 0:
+                return got
+            self._pop.start(left)
+            select.select([self._pop.fileno(), self.local.fileno()], [], [], left)
+
+    def settle(self) -> list[bytes]:
+        """Before ``release``: wait for the outstanding pop's answer (or a direct frame, which comes first)
+        and return what either brought."""
+        if self._pop is None or self.local is None:
+            return []
+        while self._pop.outstanding and not len(self.local):
+            select.select([self._pop.fileno(), self.local.fileno()], [], [], 1.0)
+            if self._pop.answered():
+                return self._pop.read() + self.local.take()
+        return self._local_and_popped()
+
+    def _local_and_popped(self) -> list[bytes]:
+        got = self._pop.read() if self._pop is not None and self._pop.answered() else []
+        return got + self.local.take() if self.local is not None else got
+
+    def close(self) -> None:
+        if self._pop is not None:
+            self._pop.close()
 
     def keep_awake(self) -> None:
         """Keep the wake key for another ``WAKE_TTL_S``: the worker is about to wake itself by message."""

@@ -380,7 +380,10 @@ def make_grant(r: redis.Redis, job_id: str, model_id: str, route: Sequence[Hop],
     """The job's grant, signed by the core: (grant bytes, signature). Each hop names its worker's enrolled
     public key (``azu:identity:<worker>``); NoCapacity if a hop's worker has none."""
     ids = [h.worker_id for h in route]
-    found: list[Any] = r.mget([keys.identity(w) for w in ids])  # type: ignore[assignment]
+    pipe = r.pipeline(transaction=False)
+    pipe.mget([keys.identity(w) for w in ids])
+    pipe.mget([keys.worker(w) for w in ids])
+    found, records = pipe.execute()
     missing = [w for w, k in zip(ids, found, strict=True) if not k]
     if missing:
         raise NoCapacity(f"worker(s) {', '.join(missing)} have no enrolled identity")
@@ -388,8 +391,20 @@ def make_grant(r: redis.Redis, job_id: str, model_id: str, route: Sequence[Hop],
     grant = JobGrant(job_id=job_id, model_id=model_id, manifest_sha256=_manifest_sha256(model_id) or "",
                      route=tuple(route), public_keys=tuple(keys.as_str(k) for k in found), sampling=sampling,
                      epoch=epoch, expires_at=now + get_settings().request_timeout_s + GRANT_SLACK_S,
-                     start=start).pack()
+                     start=start, direct=_direct_addresses(records)).pack()
     return grant, auth.sign(auth.core_signing_key(), auth.GRANT, grant)
+
+
+def _direct_addresses(records: Sequence[Any]) -> tuple[str, ...]:
+    """Each hop's direct-path address from its directory record ("" for none); () when no hop has one."""
+    out = []
+    for raw in records:
+        try:
+            url = json.loads(raw).get("p2p_url") if raw else None
+        except ValueError:
+            url = None
+        out.append(url if isinstance(url, str) else "")
+    return tuple(out) if any(out) else ()
 
 
 def start_job(r: redis.Redis, job_id: str, route: list[Hop], *, dispatch: Dispatcher,

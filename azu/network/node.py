@@ -34,13 +34,14 @@ from azu import metrics
 from azu.config import Settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Forbidden, InvalidRequest
-from azu.network import auth, batching, directory, inbox, jobs, keys, loading
+from azu.network import auth, batching, direct, directory, inbox, jobs, keys, loading
 from azu.network.dispatch import Dispatcher, control_queue, send_forward, worker_queue
 from azu.network.inbox import Inbox
 from azu.network.wire import (
     EndOrder,
     JobGrant,
     Report,
+    StepBundle,
     StepPayload,
     end_order_part,
     evidence_order_part,
@@ -100,7 +101,7 @@ class WorkerNode:
                  core_public_key: str | None = None, reports_key: str = keys.REPORTS,
                  evidence_bytes: int = 256 << 20, evidence_s: float = 1800.0, prefill_chunk: int = 128,
                  cpu_kernels: str = "auto", decode_graphs: str = "auto",
-                 background_sends: bool = False) -> None:
+                 background_sends: bool = False, p2p_listen: str | None = None) -> None:
         from nacl.signing import SigningKey
 
         self.r = r
@@ -135,7 +136,19 @@ class WorkerNode:
         self.outbox = inbox.Outbox(background=background_sends)
         self._more_to_run = False  # whether the round has more batches to run after the one handed over
         self._held: batching.StepQueue | None = None  # the running session's queue (the idle sweep spares it)
-        self.inbox = Inbox(r, worker_id)
+        # The direct path (azu.network.direct): with a P2P address, hand-overs come straight from the hop
+        # before (``frames``, from the listener's threads) and go straight to the next hop.
+        self.p2p_listen = p2p_listen
+        self.frames = inbox.LocalFrames() if self.p2p_listen else None
+        self.listener: direct.Listener | None = None
+        self.connections = direct.Connections(self.key) if background_sends else None
+        # Whether a session runs or a message to start one is on its way (a frame that finds neither wakes
+        # this worker); read and written under _wake_lock, with the frames queue and the inbox's release.
+        self._awake = False
+        self._wake_lock = threading.Lock()
+        self._direct_grants: dict[bytes, JobGrant] = {}
+        self._direct_grant_cache = auth.GrantCache(size=4096)
+        self.inbox = Inbox(r, worker_id, self.frames)
         self.stages: dict[StageId, Stage] = {}
         self.stage_bytes: dict[StageId, int] = {}
         self.folders: dict[str, Path] = {}  # model id -> its local shard folder (tokenizer files too)
@@ -168,7 +181,8 @@ class WorkerNode:
                    session_s=w.session_s, heartbeat_s=w.heartbeat_s, key=key,
                    evidence_bytes=settings.verify.evidence_bytes, evidence_s=settings.verify.evidence_s,
                    prefill_chunk=w.prefill_chunk, cpu_kernels=w.cpu_kernels, decode_graphs=w.decode_graphs,
-                   background_sends=True)
+                   background_sends=True,
+                   p2p_listen=w.p2p_listen or (_listen_on(w.p2p_url) if w.p2p_url else None))
 
     # --- directory -------------------------------------------------------------------------------
     def info(self) -> directory.WorkerInfo:
@@ -206,6 +220,7 @@ class WorkerNode:
         # A new process holds no caches: payloads left for an earlier one with this id are useless (their
         # jobs fail on the position check or by the watchdog), and its wake key must not stall senders.
         self.inbox.clear()
+        self.start_direct()
         self.heartbeat()
         every = self.heartbeat_s if interval is None else interval
 
@@ -220,14 +235,52 @@ class WorkerNode:
         self._thread = threading.Thread(target=run, name="azu-heartbeat", daemon=True)
         self._thread.start()
 
+    def start_direct(self) -> None:
+        """Listen for other workers' hand-overs on the P2P address (azu.network.direct), if there is one."""
+        if self.frames is None or self.listener is not None:
+            return
+        assert self.p2p_listen
+        self.listener = direct.Listener(self.key, direct.parse_address(self.p2p_listen),
+                                        on_frame=self._on_frame, admit=self._admit_frame).start()
+        log.info("worker %s takes hand-overs directly on %s:%d (advertised as %s)", self.worker_id,
+                 *self.listener.address, self.p2p_url)
+
+    def _admit_frame(self, blob: bytes, sender_key: str) -> bool:
+        """Whether a direct frame may be queued (the listener's thread): a bundle of steps for this worker,
+        from the worker its core-signed grant names for the connection's key. The bundle's own signature and
+        every payload are checked later, by the session, as for the Redis path (``_admit_bundle``)."""
+        bundle = unpack_inbox(blob)
+        if not isinstance(bundle, StepBundle) or bundle.sender == auth.CORE:
+            return False
+        if len(self._direct_grants) > 1024:
+            self._direct_grants.clear()
+        first = StepPayload.unpack(bundle.steps[0], grants=self._direct_grants)
+        self._direct_grant_cache.check(self.core_key, first.grant, first.grant_sig)
+        return first.here.worker_id == self.worker_id and first.g.key_of(bundle.sender) == sender_key
+
+    def _on_frame(self, blob: bytes) -> None:
+        """A direct frame for the session; wakes this worker (a Celery message to itself) if none runs."""
+        assert self.frames is not None
+        with self._wake_lock:
+            self.frames.put(blob)
+            if self._awake:
+                return
+            self._awake = True
+        send_forward(self.worker_id, [], dispatch=self.dispatch)
+
     def stop(self) -> None:
         self._stop.set()
+        if self.listener is not None:
+            self.listener.stop()
         if self._thread:
             self._thread.join(timeout=5)
         try:
             self.outbox.drain()  # what was handed over still goes out
         except Exception as exc:  # stopping anyway; the watchdog recovers the steps
             log.warning("worker %s: hand-overs lost at shutdown: %s", self.worker_id, exc)
+        if self.connections is not None:
+            self.connections.close()
+        self.inbox.close()
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, *, model_id: str, span: Span, manifest_sha256: str | None = None) -> None:
@@ -276,12 +329,26 @@ class WorkerNode:
         queue: if a load order (or another control message) waits there, it finishes what it holds and hands
         the rest to a new message on its own queue, so the control message gets its turn. Returns how many
         steps were run or replayed."""
+        with self._wake_lock:
+            self._awake = True
         try:
             return self._session(blobs)
+        except BaseException:
+            if self.frames is not None:
+                self._after_failed_session()
+            raise
         finally:
             self._held = None
             with self.lock:
                 self._flush_commits()
+
+    def _after_failed_session(self) -> None:
+        """A session that raised: frames that came meanwhile must still start one (none may be coming)."""
+        assert self.frames is not None
+        with self._wake_lock:
+            self._awake = bool(len(self.frames))
+        if self._awake:
+            send_forward(self.worker_id, [], dispatch=self.dispatch)
 
     def _session(self, blobs: list[bytes] | None) -> int:
         queue = self._held = batching.StepQueue(chunk=self.prefill_chunk)
@@ -328,8 +395,23 @@ class WorkerNode:
                 self.inbox.keep_awake()
                 send_forward(self.worker_id, [], dispatch=self.dispatch)
                 return done
-            if self.inbox.release():
+            more = self.inbox.settle()
+            if more:
+                done += self._process(more, queue)
+                continue
+            if self._release():
                 return done
+
+    def _release(self) -> bool:
+        """Stop taking (``Inbox.release``) unless something came meanwhile, through Redis or directly: a frame
+        that comes after this finds the worker not awake and wakes it (``_on_frame``)."""
+        if self.frames is None:
+            return self.inbox.release()
+        with self._wake_lock:
+            if len(self.frames) or not self.inbox.release():
+                return False
+            self._awake = False
+            return True
 
     def _control_waiting(self) -> bool:
         """Whether a load order, evidence order or ping waits on this worker's control queue (its Celery
@@ -699,11 +781,20 @@ class WorkerNode:
             self._control_asked = time.monotonic()
             inbox.look_at_control(pipe, control_queue(self.worker_id), self.worker_id)
         bundles = jobs.bundles(nexts, sender=self.worker_id, key=self.key) if nexts else {}
+        routes = self._direct_routes(nexts)
 
         def send() -> None:  # on the outbox's thread: this thread goes on with its next batch
             try:
-                if bundles:
-                    answers = inbox.deliver(pipe, bundles, dispatch=self.dispatch)
+                rest = bundles
+                if routes:  # straight to the next worker; through Redis what could not go that way
+                    assert self.connections is not None
+                    rest = {w: b for w, b in bundles.items()
+                            if w not in routes or not self.connections.send(w, *routes[w], b)}
+                if routes:
+                    self.metrics.handovers.labels("direct").inc(len(bundles) - len(rest))
+                if rest:
+                    self.metrics.handovers.labels("redis").inc(len(rest))
+                    answers = inbox.deliver(pipe, rest, dispatch=self.dispatch)
                 else:
                     answers = pipe.execute(raise_on_error=False) if len(pipe) else []
             except Exception:
@@ -718,7 +809,22 @@ class WorkerNode:
                 waiting = answers[at]  # an error counts as a waiting message: the session ends, as if asked
                 self._control_seen = (time.monotonic(), not isinstance(waiting, int) or waiting > 0)
 
-        self.outbox.submit(send, overlap=self._more_to_run)
+        # A hand-over going directly leaves only reports for Redis: off the next step's path, so they may
+        # go on the outbox's thread even with nothing else to run meanwhile.
+        self.outbox.submit(send, overlap=self._more_to_run or bool(routes))
+
+    def _direct_routes(self, nexts: list[StepPayload]) -> dict[str, tuple[str, str]]:
+        """Next worker -> (its direct-path address, its key), as the core's grant names them, for those that
+        have one (and are not being backed off after a failure)."""
+        if self.connections is None:
+            return {}
+        out: dict[str, tuple[str, str]] = {}
+        for s in nexts:
+            worker_id = s.here.worker_id
+            url = s.g.direct_of(s.hop)
+            if url and worker_id not in out and worker_id != self.worker_id:
+                out[worker_id] = (url, s.g.public_keys[s.hop])
+        return out
 
     def _send_on(self, ran: list[_Ran]) -> None:
         nexts: list[StepPayload] = []
@@ -932,6 +1038,11 @@ class WorkerNode:
         """Positions each held stage has cached for ``job_id`` (diagnostics and tests)."""
         with self.lock:
             return {f"{m} {span}": s.job_length(job_id) for (m, span), s in self.stages.items()}
+
+
+def _listen_on(p2p_url: str) -> str:
+    """Where to listen for a P2P address with no ``AZU_P2P_LISTEN``: every interface, the address's port."""
+    return f"0.0.0.0:{direct.parse_address(p2p_url)[1]}"
 
 
 def _device_memory(device: str) -> tuple[str, int, int]:

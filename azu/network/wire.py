@@ -156,7 +156,7 @@ class Sampling:
 
 
 # --- job grants -----------------------------------------------------------------------------------
-GRANT_VERSION = 1
+GRANT_VERSION = 2  # 2: each hop's direct-path address (``direct``)
 
 
 @dataclass(frozen=True)
@@ -177,15 +177,18 @@ class JobGrant:
     # The first step of this epoch: a re-routed job's replay (a step from the core at hop 0, position 0,
     # carrying the prompt and the ``start`` tokens published so far); 0 for the first route.
     start: int = 0
+    # Each hop's direct-path address (``P2P_PUBLIC_URL`` from its heartbeat; "" for none): where the hop
+    # before sends its hand-overs, encrypted to the key above (azu.network.direct). Empty: none has one.
+    direct: tuple[str, ...] = ()
 
-    _KEYS = ("v", "job", "model", "manifest", "route", "gen", "epoch", "exp", "start")
+    _KEYS = ("v", "job", "model", "manifest", "route", "gen", "epoch", "exp", "start", "direct")
 
     def pack(self) -> bytes:
         return msgpack.packb({
             "v": GRANT_VERSION, "job": self.job_id, "model": self.model_id, "manifest": self.manifest_sha256,
             "route": [[*h.to_list(), k] for h, k in zip(self.route, self.public_keys, strict=True)],
             "gen": self.sampling.to_dict(), "epoch": self.epoch, "exp": self.expires_at,
-            "start": self.start}, use_bin_type=True)
+            "start": self.start, "direct": list(self.direct)}, use_bin_type=True)
 
     @classmethod
     def unpack(cls, data: bytes) -> JobGrant:
@@ -204,10 +207,18 @@ class JobGrant:
         manifest = d["manifest"]
         if not isinstance(manifest, str):
             raise InvalidRequest("malformed job grant: manifest must be a string")
+        direct = d["direct"]
+        if not isinstance(direct, list | tuple) or len(direct) not in (0, len(route)) \
+                or not all(isinstance(a, str) for a in direct):
+            raise InvalidRequest("malformed job grant: direct must be one address (or \"\") per hop")
         return cls(job_id=_str(d["job"], "job"), model_id=_str(d["model"], "model"), manifest_sha256=manifest,
                    route=tuple(route), public_keys=tuple(pubs), sampling=Sampling.from_dict(d["gen"]),
                    epoch=_int(d["epoch"], "epoch"), expires_at=_float(d["exp"], "exp"),
-                   start=_int(d["start"], "start"))
+                   start=_int(d["start"], "start"), direct=tuple(direct))
+
+    def direct_of(self, hop: int) -> str:
+        """Hop ``hop``'s direct-path address, "" if it has none."""
+        return self.direct[hop] if hop < len(self.direct) else ""
 
     def key_of(self, worker_id: str) -> str | None:
         """The public key the grant names for ``worker_id`` (None if it is not on the route)."""

@@ -144,6 +144,47 @@ def test_a_long_prompt_goes_on_in_parts_through_three_worker_processes(r, cluste
             directory.deregister(r, wid)
 
 
+def handovers(port: int) -> dict[str, float]:
+    """A worker process's hand-overs by path, from its /metrics."""
+    import requests
+
+    out = {"direct": 0.0, "redis": 0.0}
+    for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+        if line.startswith("azu_worker_handovers_total{"):
+            out[line.split('path="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_hand_overs_go_worker_to_worker_directly_and_stay_exact(r, cluster, celery_dispatch, shard,
+                                                                reference) -> None:
+    """Three worker processes with P2P addresses: every hand-over between them goes over the direct path
+    (none through Redis, by their own counters), a long prompt in parts and three jobs at once among them,
+    and the answers are transformers' greedy ones."""
+    from azu.cli.up import free_port
+
+    ids = ("dp1", "dp2", "dp3")
+    metrics = {wid: free_port() for wid in ids}
+    for wid in ids:
+        cluster.start_gpu(wid, AZU_PREFILL_CHUNK="8", P2P_PUBLIC_URL=f"tcp://127.0.0.1:{free_port()}",
+                          AZU_METRICS_PORT=str(metrics[wid]))
+    try:
+        cluster.wait_live(*ids)
+        model_id = shard("tiny-direct-live")
+        load_layout(cluster, celery_dispatch, model_id, {"dp1": (0, 1), "dp2": (1, 3), "dp3": (3, 4)})
+        prompts = [[1, *range(100, 160)], PROMPTS[0], PROMPTS[2]]
+        jobs_sent = [(submit(r, celery_dispatch, model_id, p, 8), p) for p in prompts]
+        for job_id, prompt in jobs_sent:
+            tokens, _ = collect(r, job_id)
+            assert tokens == reference(prompt, 8)
+        counts = {wid: handovers(metrics[wid]) for wid in ids}
+        assert all(c["direct"] > 0 and c["redis"] == 0 for c in counts.values()), counts
+        assert "takes hand-overs directly" in cluster.log("dp2")
+    finally:
+        for wid in ids:
+            cluster.stop(wid)
+            directory.deregister(r, wid)
+
+
 def test_eight_concurrent_jobs_all_correct(r, cluster, celery_dispatch, two_workers, reference) -> None:
     n = 10
     ids = [submit(r, celery_dispatch, two_workers, p, n) for p in PROMPTS]

