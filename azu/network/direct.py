@@ -23,11 +23,16 @@ bundle's first step names the connection's key for the bundle's sender (``admit`
 reach the port gets nothing queued. A frame that fails any check, or is larger than ``max_frame``, closes
 its connection.
 
-Limits: ``max_connections`` open at once (the rest are closed at accept), a handshake deadline, a frame
-size cap. A send that fails (no listener, a refused hello, a broken connection) returns False and the
-caller sends that hand-over through Redis; the address is not tried again for ``backoff_s``. A step that
-arrives twice (once each way, after a send whose fate is unknown) is answered from its remembered output,
-as any duplicate.
+Limits, on the listener: ``max_connections`` open at once (when full, the oldest connection that has not
+yet had a frame admitted is closed for the new one: strangers cannot lock the hop before out); one deadline
+for the whole hello, one per frame once its length is read, and ``idle_s`` between frames; a frame size
+cap, ``FIRST_FRAME_MAX`` until the connection has had a frame admitted; frames are checked one at a time
+(``admit`` runs under one lock: it parses what a stranger sent); refusal messages cut short in the log. On
+the sender: a deadline for connecting and the hello, a deadline for each send (a receiver that stops
+reading cannot hold the sender), and a connection the listener closed (idle, restarted) is found before a
+frame is written to it. A send that fails returns False and the caller sends that hand-over through Redis;
+the address is not tried again for ``backoff_s``. A step that arrives twice (once each way, after a send
+whose fate is unknown) is answered from its remembered output, as any duplicate.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -62,10 +68,15 @@ _LENGTH = struct.Struct(">I")
 BOX_OVERHEAD = SecretBox.MACBYTES  # a Box frame carries the same 16-byte tag
 
 MAX_FRAME = 64 << 20  # a 2048-token prompt's hidden state at hidden size 896 is 7.3 MB
+FIRST_FRAME_MAX = 16 << 20  # until a frame of the connection was admitted (a prompt's chunk is far less)
 MAX_CONNECTIONS = 64
 HANDSHAKE_S = 10.0
+IDLE_S = 300.0  # a connection with no frame this long is closed (the sender opens a new one)
+FRAME_S = 10.0  # a frame's body must arrive within this, plus a second per MIN_RATE bytes
+MIN_RATE = 1 << 20
 CONNECT_S = 3.0
 BACKOFF_S = 10.0
+MAX_LOGGED = 200  # characters of a refusal's reason in the log (it may quote what a stranger sent)
 
 
 def parse_address(url: str) -> tuple[str, int]:
@@ -89,10 +100,20 @@ def _box(own: SigningKey, other_public: bytes) -> Box:
     return Box(own.to_curve25519_private_key(), VerifyKey(other_public).to_curve25519_public_key())
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    """``n`` bytes from ``conn``; b"" if it closed before the first, ConnectionError if it closed midway."""
+def _deadline_for(size: int) -> float:
+    return time.monotonic() + FRAME_S + size / MIN_RATE
+
+
+def _recv_exact(conn: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes from ``conn`` (by ``deadline``, a monotonic time, if given: else socket.timeout); b"" if
+    it closed before the first, ConnectionError if it closed midway."""
     chunks, got = [], 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{got} of {n} bytes in time")
+            conn.settimeout(left)
         chunk = conn.recv(min(n - got, 1 << 20))
         if not chunk:
             if got:
@@ -116,18 +137,24 @@ class Listener:
 
     def __init__(self, key: SigningKey, bind: tuple[str, int], *, on_frame: Callable[[bytes], None],
                  admit: Callable[[bytes, str], bool], max_frame: int = MAX_FRAME,
-                 max_connections: int = MAX_CONNECTIONS, handshake_s: float = HANDSHAKE_S) -> None:
+                 first_frame_max: int = FIRST_FRAME_MAX, max_connections: int = MAX_CONNECTIONS,
+                 handshake_s: float = HANDSHAKE_S, idle_s: float = IDLE_S) -> None:
         self.key = key
         self.public = bytes(key.verify_key)
         self.on_frame = on_frame
         self.admit = admit
         self.max_frame = max_frame
+        self.first_frame_max = min(first_frame_max, max_frame)
         self.max_connections = max_connections
         self.handshake_s = handshake_s
+        self.idle_s = idle_s
         self._private: PrivateKey = key.to_curve25519_private_key()
         self._sock = socket.create_server(bind, reuse_port=False)
-        self._open: set[socket.socket] = set()
+        # Open connections -> whether one of their frames was admitted (the unproven go first when full),
+        # in the order they were accepted.
+        self._open: dict[socket.socket, bool] = {}
         self._lock = threading.Lock()
+        self._admit_lock = threading.Lock()
         self._stopped = threading.Event()
         self.refused = 0  # connections closed for a failed check (tests, metrics)
         self.frames = 0  # frames handed on
@@ -163,9 +190,19 @@ class Listener:
                 time.sleep(0.05)  # out of file descriptors, say: do not spin
                 continue
             with self._lock:
+                evict = None
+                if len(self._open) >= self.max_connections:
+                    evict = next((c for c, proven in self._open.items() if not proven), None)
+                    if evict is not None:
+                        del self._open[evict]
                 full = len(self._open) >= self.max_connections
                 if not full:
-                    self._open.add(conn)
+                    self._open[conn] = False
+            if evict is not None:
+                log.warning("direct path: %d connections open: the oldest with no frame admitted closed",
+                            self.max_connections)
+                with contextlib.suppress(OSError):
+                    evict.shutdown(socket.SHUT_RDWR)
             if full:
                 log.warning("direct path: %d connections open, one more refused", self.max_connections)
                 conn.close()
@@ -180,17 +217,16 @@ class Listener:
             log.debug("direct connection closed: %s", exc)
         finally:
             with self._lock:
-                self._open.discard(conn)
+                self._open.pop(conn, None)
             conn.close()
 
     def _refuse(self, why: str) -> None:
         self.refused += 1
-        log.warning("direct path: connection closed: %s", why)
+        log.warning("direct path: connection closed: %s", why[:MAX_LOGGED])
 
     def _receive(self, conn: socket.socket) -> None:
         _tune(conn)
-        conn.settimeout(self.handshake_s)
-        hello = _recv_exact(conn, _HELLO)
+        hello = _recv_exact(conn, _HELLO, time.monotonic() + self.handshake_s)
         if len(hello) != _HELLO or not hello.startswith(MAGIC):
             return self._refuse("not a direct-path hello")
         sender = hello[len(MAGIC):len(MAGIC) + 32]
@@ -201,17 +237,21 @@ class Listener:
             return self._refuse("the hello's key is not an Ed25519 public key")
         base = os.urandom(BASE_BYTES)
         conn.sendall(base + auth.sign(self.key, auth.DIRECT_HELLO, challenge + base + sender))
-        conn.settimeout(None)
         sender_hex = sender.hex()
         counter = 0
+        cap = self.first_frame_max
         while not self._stopped.is_set():
-            head = _recv_exact(conn, _LENGTH.size)
+            conn.settimeout(self.idle_s)
+            try:
+                head = _recv_exact(conn, _LENGTH.size)
+            except TimeoutError:
+                return None  # idle: the sender opens a new connection when it has something to send
             if not head:
                 return None
             (size,) = _LENGTH.unpack(head)
-            if size > self.max_frame + BOX_OVERHEAD:
-                return self._refuse(f"a frame of {size} bytes (at most {self.max_frame})")
-            body = _recv_exact(conn, size)
+            if size > cap + BOX_OVERHEAD:
+                return self._refuse(f"a frame of {size} bytes (at most {cap} now)")
+            body = _recv_exact(conn, size, _deadline_for(size))
             if len(body) != size:
                 return None
             try:
@@ -220,10 +260,17 @@ class Listener:
                 return self._refuse("a frame that does not decrypt (forged, or replayed)")
             counter += 1
             try:
-                if not self.admit(plain, sender_hex):
-                    return self._refuse(f"a frame from {sender_hex[:16]}… that its grant does not name")
+                with self._admit_lock:  # one stranger's frame parsed at a time
+                    admitted = self.admit(plain, sender_hex)
             except AzuError as exc:
                 return self._refuse(exc.message)
+            if not admitted:
+                return self._refuse(f"a frame from {sender_hex[:16]}… that its grant does not name")
+            if cap != self.max_frame:
+                cap = self.max_frame
+                with self._lock:
+                    if conn in self._open:
+                        self._open[conn] = True
             self.frames += 1
             self.on_frame(plain)
         return None
@@ -240,18 +287,32 @@ class _Connection:
     counter: int = 0
 
 
-class Connections:
-    """The sending side: one connection per receiving worker, opened on first use (``send``)."""
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the listener closed ``sock`` (it never writes after the hello: anything readable is its end:
+    idle, restarted). Found before a frame is written, which the kernel would otherwise take and lose."""
+    poll = select.poll()  # not a peek: a socket with a timeout waits that long even with MSG_DONTWAIT
+    poll.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poll.poll(0))  # readable: its end (b""), or bytes it should not have sent
 
-    def __init__(self, key: SigningKey, *, connect_s: float = CONNECT_S,
-                 backoff_s: float = BACKOFF_S) -> None:
+
+class Connections:
+    """The sending side: one connection per receiving worker, opened on first use (``send``); sends to
+    different workers do not wait for each other."""
+
+    MAX_OPEN = 64  # connections kept; the least recently used is closed beyond
+
+    def __init__(self, key: SigningKey, *, connect_s: float = CONNECT_S, backoff_s: float = BACKOFF_S,
+                 frame_s: float = FRAME_S, min_rate: float = MIN_RATE) -> None:
         self.key = key
         self.public = bytes(key.verify_key)
         self.connect_s = connect_s
         self.backoff_s = backoff_s
-        self._conns: dict[str, _Connection] = {}
+        self.frame_s = frame_s  # a send's deadline: this, plus a second per ``min_rate`` bytes
+        self.min_rate = min_rate
+        self._conns: dict[str, _Connection] = {}  # by worker, least recently used first
         self._failed: dict[tuple[str, tuple[str, int]], float] = {}  # (worker, address) -> retry after
-        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}  # one per worker: a slow receiver holds only its own
+        self._lock = threading.Lock()  # the three dicts
         self.sent = 0  # frames sent (tests, metrics)
 
     def usable(self, worker_id: str, address: tuple[str, int]) -> bool:
@@ -268,50 +329,59 @@ class Connections:
         with self._lock:
             if not self.usable(worker_id, address):
                 return False
-            conn = self._conns.get(worker_id)
-            if conn is not None and (conn.address != address or conn.public_key != public_key):
-                self._close(worker_id)
-                conn = None
+            lock = self._locks.setdefault(worker_id, threading.Lock())
+        with lock:
+            with self._lock:
+                conn = self._conns.pop(worker_id, None)
             try:
+                if conn is not None and (conn.address != address or conn.public_key != public_key
+                                         or _closed_by_peer(conn.sock)):
+                    conn.sock.close()
+                    conn = None
                 if conn is None:
-                    conn = self._conns[worker_id] = self._connect(address, public_key)
+                    conn = self._connect(address, public_key)
                 frame = conn.box.encrypt(blob, _nonce(conn.base, conn.counter)).ciphertext
                 conn.counter += 1
+                conn.sock.settimeout(self.frame_s + len(frame) / self.min_rate)
                 conn.sock.sendall(_LENGTH.pack(len(frame)) + frame)
             except (OSError, ConnectionError, AzuError, CryptoError, ValueError) as exc:
                 log.warning("direct path to %s at %s:%d not used (through Redis instead, for %.0f s): %s",
-                            worker_id, *address, self.backoff_s, exc)
-                self._close(worker_id)
-                self._failed[(worker_id, address)] = time.monotonic() + self.backoff_s
+                            worker_id, *address, self.backoff_s, str(exc)[:MAX_LOGGED])
+                if conn is not None:
+                    conn.sock.close()
+                with self._lock:
+                    now = time.monotonic()
+                    self._failed = {k: t for k, t in self._failed.items() if t > now}
+                    self._failed[(worker_id, address)] = now + self.backoff_s
                 return False
-            self.sent += 1
+            with self._lock:
+                self._conns[worker_id] = conn  # the most recently used, last
+                while len(self._conns) > self.MAX_OPEN:
+                    self._conns.pop(next(iter(self._conns))).sock.close()
+                self.sent += 1
             return True
 
     def _connect(self, address: tuple[str, int], public_key: str) -> _Connection:
         receiver = auth.verify_key(public_key)
+        deadline = time.monotonic() + self.connect_s
         sock = socket.create_connection(address, timeout=self.connect_s)
         try:
             _tune(sock)
             challenge = os.urandom(CHALLENGE_BYTES)
             sock.sendall(MAGIC + self.public + challenge)
-            answer = _recv_exact(sock, _ANSWER)
+            answer = _recv_exact(sock, _ANSWER, deadline)
             if len(answer) != _ANSWER:
                 raise ConnectionError("the listener closed the connection at the hello")
             base = answer[:BASE_BYTES]
             auth.check(public_key, auth.DIRECT_HELLO, challenge + base + self.public, answer[BASE_BYTES:],
                        what=f"the direct-path hello of {address[0]}:{address[1]}")
-            sock.settimeout(None)
             return _Connection(address, public_key, sock, _box(self.key, bytes(receiver)), base)
         except BaseException:
             sock.close()
             raise
 
-    def _close(self, worker_id: str) -> None:
-        conn = self._conns.pop(worker_id, None)
-        if conn is not None:
-            conn.sock.close()
-
     def close(self) -> None:
         with self._lock:
-            for worker_id in list(self._conns):
-                self._close(worker_id)
+            for conn in self._conns.values():
+                conn.sock.close()
+            self._conns.clear()

@@ -118,10 +118,18 @@ def pop_all(r: redis.Redis, key: str, timeout_s: float, *, has_blmpop: bool | No
 
 class LocalFrames:
     """Hand-overs that came over the direct path, queued for the worker's session (the listener's threads
-    put, the session takes); a byte on a pipe wakes a session waiting in ``Inbox.wait``."""
+    put, the session takes); a byte on a pipe wakes a session waiting in ``Inbox.wait``.
 
-    def __init__(self) -> None:
+    At most ``max_bytes`` wait (``room`` blocks the listener's thread until the session takes some: that
+    connection stops being read, its sender's send times out and goes through Redis)."""
+
+    MAX_BYTES = 256 << 20
+
+    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
         self._items: deque[bytes] = deque()
+        self._bytes = 0
+        self._taken = threading.Condition()
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -129,8 +137,16 @@ class LocalFrames:
     def fileno(self) -> int:
         return self._read
 
+    def room(self, size: int, timeout_s: float = 60.0) -> bool:
+        """Wait (up to ``timeout_s``) until ``size`` more bytes fit; False if they did not in time."""
+        with self._taken:
+            return self._taken.wait_for(lambda: not self._items or self._bytes + size <= self.max_bytes,
+                                        timeout_s)
+
     def put(self, blob: bytes) -> None:
-        self._items.append(blob)
+        with self._taken:
+            self._items.append(blob)
+            self._bytes += len(blob)
         with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already: the waiter looks
             os.write(self._write, b"\0")
 
@@ -143,9 +159,11 @@ class LocalFrames:
                 pass
         except BlockingIOError:
             pass
-        out = []
-        while self._items:
-            out.append(self._items.popleft())
+        with self._taken:
+            out = list(self._items)
+            self._items.clear()
+            self._bytes = 0
+            self._taken.notify_all()
         return out
 
 
@@ -242,7 +260,7 @@ class Inbox:
             if got or left <= 0:
                 return got
             self._pop.start(left)
-            select.select([self._pop.fileno(), self.local.fileno()], [], [], left)
+            self._wait_either(left)
 
     def settle(self) -> list[bytes]:
         """Before ``release``: wait for the outstanding pop's answer (or a direct frame, which comes first)
@@ -250,10 +268,18 @@ class Inbox:
         if self._pop is None or self.local is None:
             return []
         while self._pop.outstanding and not len(self.local):
-            select.select([self._pop.fileno(), self.local.fileno()], [], [], 1.0)
+            self._wait_either(1.0)
             if self._pop.answered():
                 return self._pop.read() + self.local.take()
         return self._local_and_popped()
+
+    def _wait_either(self, timeout_s: float) -> None:
+        """Until the outstanding pop's connection or the frames' pipe is readable, or ``timeout_s``."""
+        assert self._pop is not None and self.local is not None
+        poll = select.poll()  # not select(): a worker with many connections has descriptors past 1024
+        poll.register(self._pop.fileno(), select.POLLIN)
+        poll.register(self.local.fileno(), select.POLLIN)
+        poll.poll(max(0, int(timeout_s * 1000)))
 
     def _local_and_popped(self) -> list[bytes]:
         got = self._pop.read() if self._pop is not None and self._pop.answered() else []

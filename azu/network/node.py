@@ -146,8 +146,7 @@ class WorkerNode:
         # this worker); read and written under _wake_lock, with the frames queue and the inbox's release.
         self._awake = False
         self._wake_lock = threading.Lock()
-        self._direct_grants: dict[bytes, JobGrant] = {}
-        self._direct_grant_cache = auth.GrantCache(size=4096)
+        self._direct_grant_cache = auth.GrantCache(size=4096)  # the listener's (checks run one at a time)
         self.inbox = Inbox(r, worker_id, self.frames)
         self.stages: dict[StageId, Stage] = {}
         self.stage_bytes: dict[StageId, int] = {}
@@ -229,6 +228,7 @@ class WorkerNode:
                 try:
                     self.heartbeat()
                     self.sweep_idle()
+                    self._wake_for_frames()
                 except Exception:  # a Redis hiccup must not kill the heartbeat for good
                     log.exception("heartbeat failed")
 
@@ -252,21 +252,43 @@ class WorkerNode:
         bundle = unpack_inbox(blob)
         if not isinstance(bundle, StepBundle) or bundle.sender == auth.CORE:
             return False
-        if len(self._direct_grants) > 1024:
-            self._direct_grants.clear()
-        first = StepPayload.unpack(bundle.steps[0], grants=self._direct_grants)
+        first = StepPayload.unpack(bundle.steps[0])  # no shared cache: its grant is not checked yet
         self._direct_grant_cache.check(self.core_key, first.grant, first.grant_sig)
-        return first.here.worker_id == self.worker_id and first.g.key_of(bundle.sender) == sender_key
+        return (first.here.worker_id == self.worker_id and first.g.key_of(bundle.sender) == sender_key
+                and first.g.expires_at > time.time())
 
     def _on_frame(self, blob: bytes) -> None:
-        """A direct frame for the session; wakes this worker (a Celery message to itself) if none runs."""
+        """A direct frame for the session; wakes this worker (a Celery message to itself) if none runs.
+        Waits while the frames queued are at their cap (outside the lock: the session's release takes it)."""
         assert self.frames is not None
+        if not self.frames.room(len(blob)):
+            raise ConnectionError("the session takes no frames: this connection is closed")
         with self._wake_lock:
             self.frames.put(blob)
             if self._awake:
                 return
             self._awake = True
-        send_forward(self.worker_id, [], dispatch=self.dispatch)
+        self._wake_self()
+
+    def _wake_self(self) -> None:
+        """Start a session for the frames queued (a Celery message to this worker). If the broker refuses,
+        the worker is not awake: the next frame, or the heartbeat (``_wake_for_frames``), tries again."""
+        try:
+            send_forward(self.worker_id, [], dispatch=self.dispatch)
+        except Exception as exc:
+            log.warning("worker %s could not wake itself for direct frames: %s", self.worker_id, exc)
+            with self._wake_lock:
+                self._awake = False
+
+    def _wake_for_frames(self) -> None:
+        """From the heartbeat: frames queued with no session running or coming start one."""
+        if self.frames is None:
+            return
+        with self._wake_lock:
+            if self._awake or not len(self.frames):
+                return
+            self._awake = True
+        self._wake_self()
 
     def stop(self) -> None:
         self._stop.set()
@@ -348,7 +370,7 @@ class WorkerNode:
         with self._wake_lock:
             self._awake = bool(len(self.frames))
         if self._awake:
-            send_forward(self.worker_id, [], dispatch=self.dispatch)
+            self._wake_self()
 
     def _session(self, blobs: list[bytes] | None) -> int:
         queue = self._held = batching.StepQueue(chunk=self.prefill_chunk)
@@ -470,7 +492,7 @@ class WorkerNode:
         return done
 
     def _refuse(self, reason: str, job_id: str | None = None, *, why: str = "other") -> None:
-        log.warning("worker %s refused a step: %s", self.worker_id, reason)
+        log.warning("worker %s refused a step: %s", self.worker_id, reason[:500])
         self.metrics.refused.labels(metrics.label(why)).inc()
         self.report("refused", {"reason": reason[:500], **({"job_id": job_id} if job_id else {})})
 

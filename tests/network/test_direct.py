@@ -168,19 +168,116 @@ def test_an_oversized_frame_and_a_bad_hello_close_the_connection_before_anything
         listener.stop()
 
 
-def test_connections_beyond_the_cap_are_closed_at_accept():
-    receiver = SigningKey.generate()
-    listener, _ = listen(receiver, max_connections=2, handshake_s=30)
+def test_strangers_holding_every_connection_do_not_lock_the_hop_before_out():
+    """At the cap, a new connection closes the oldest one that never had a frame admitted; with only proven
+    connections open, the new one is refused."""
+    receiver, sender, other = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    listener, got = listen(receiver, max_connections=2, handshake_s=30)
     try:
         held = [socket.create_connection(listener.address, timeout=5) for _ in range(2)]
-        time.sleep(0.2)
-        extra = socket.create_connection(listener.address, timeout=5)
-        assert closed_by_peer(extra)
-        for s in held:
-            s.close()
-        assert until(lambda: len(listener._open) == 0)
-        sender = SigningKey.generate()
-        assert direct.Connections(sender).send("w2", url(listener), auth.public_hex(receiver), b"z")
+        assert until(lambda: len(listener._open) == 2)
+        conns = direct.Connections(sender)
+        assert conns.send("w2", url(listener), auth.public_hex(receiver), b"z")  # evicts held[0]
+        assert until(lambda: got.frames == [b"z"])
+        assert closed_by_peer(held[0])
+        others = direct.Connections(other)  # kept: its connection stays open
+        assert others.send("w3", url(listener), auth.public_hex(receiver), b"y")  # evicts held[1]
+        assert until(lambda: got.frames == [b"z", b"y"])
+        assert closed_by_peer(held[1])
+        late = socket.create_connection(listener.address, timeout=5)
+        assert closed_by_peer(late)  # both open connections are proven: the new one goes
+        assert conns.send("w2", url(listener), auth.public_hex(receiver), b"x")  # still served
+        assert until(lambda: got.frames == [b"z", b"y", b"x"])
+    finally:
+        listener.stop()
+
+
+def test_a_hello_trickled_byte_by_byte_is_cut_at_its_deadline():
+    """One deadline for the whole hello (a timeout per read would let a byte every 0.3 s hold it for ever)."""
+    listener, _ = listen(SigningKey.generate(), handshake_s=1.0)
+    try:
+        sock = socket.create_connection(listener.address, timeout=5)
+        started, cut_at = time.monotonic(), None
+        for byte in direct.MAGIC + bytes(64):
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                cut_at = time.monotonic() - started
+                break
+            time.sleep(0.3)
+            if time.monotonic() - started > 8:
+                break
+        assert cut_at is not None and cut_at < 4, cut_at
+        assert listener.frames == 0
+    finally:
+        listener.stop()
+
+
+def test_a_receiver_that_stops_reading_does_not_hold_the_sender():
+    """The listener's end answers the hello, then never reads: the send gives up at its deadline (the caller
+    goes through Redis) instead of blocking the worker."""
+    receiver, sender = SigningKey.generate(), SigningKey.generate()
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    accepted: list[socket.socket] = []
+
+    def answer_hello_then_sleep() -> None:
+        conn, _ = server.accept()
+        accepted.append(conn)
+        hello = direct._recv_exact(conn, direct._HELLO)
+        base = os.urandom(direct.BASE_BYTES)
+        conn.sendall(base + auth.sign(receiver, auth.DIRECT_HELLO, hello[-32:] + base + hello[-64:-32]))
+
+    threading.Thread(target=answer_hello_then_sleep, daemon=True).start()
+    conns = direct.Connections(sender, frame_s=0.5, min_rate=1 << 30)
+    try:
+        started = time.monotonic()
+        results = [conns.send("w2", f"tcp://127.0.0.1:{port}", auth.public_hex(receiver), os.urandom(4 << 20))
+                   for _ in range(8)]
+        assert not all(results)  # the kernel's buffers take a few; then a send gives up
+        assert time.monotonic() - started < 10
+        assert not conns.usable("w2", ("127.0.0.1", port))
+    finally:
+        for c in accepted:
+            c.close()
+        server.close()
+
+
+def test_a_restarted_or_idle_closed_listener_is_found_before_a_frame_is_lost():
+    receiver, sender = SigningKey.generate(), SigningKey.generate()
+    listener, got = listen(receiver, idle_s=0.5)
+    conns = direct.Connections(sender)
+    try:
+        assert conns.send("w2", url(listener), auth.public_hex(receiver), b"one")
+        assert until(lambda: got.frames == [b"one"])
+        time.sleep(1.0)  # the listener closes the idle connection
+        assert conns.send("w2", url(listener), auth.public_hex(receiver), b"two")  # on a new connection
+        assert until(lambda: got.frames == [b"one", b"two"])
+        host, port = listener.address
+        listener.stop()
+        again = Received()  # the same worker back at the same address: the old connection is dead
+        restarted = direct.Listener(receiver, (host, port), on_frame=again, admit=lambda b, k: True).start()
+        try:
+            assert conns.send("w2", url(restarted), auth.public_hex(receiver), b"three")
+            assert until(lambda: again.frames == [b"three"])
+        finally:
+            restarted.stop()
+    finally:
+        conns.close()
+        listener.stop()
+
+
+def test_the_first_frame_of_a_connection_is_capped_lower():
+    receiver, sender = SigningKey.generate(), SigningKey.generate()
+    listener, got = listen(receiver, first_frame_max=1024, max_frame=4096)
+    try:
+        conns = direct.Connections(sender)
+        assert conns.send("w2", url(listener), auth.public_hex(receiver), b"a" * 2048)  # sent, then refused
+        assert until(lambda: listener.refused == 1) and got.frames == []
+        conns = direct.Connections(sender)
+        assert conns.send("w2", url(listener), auth.public_hex(receiver), b"b" * 1000)
+        assert conns.send("w2", url(listener), auth.public_hex(receiver), b"c" * 4000)  # proven: up to 4096
+        assert until(lambda: got.frames == [b"b" * 1000, b"c" * 4000])
     finally:
         listener.stop()
 

@@ -164,8 +164,9 @@ def test_hand_overs_go_worker_to_worker_directly_and_stay_exact(r, cluster, cele
 
     ids = ("dp1", "dp2", "dp3")
     metrics = {wid: free_port() for wid in ids}
+    p2p = {wid: f"tcp://127.0.0.1:{free_port()}" for wid in ids}
     for wid in ids:
-        cluster.start_gpu(wid, AZU_PREFILL_CHUNK="8", P2P_PUBLIC_URL=f"tcp://127.0.0.1:{free_port()}",
+        cluster.start_gpu(wid, AZU_PREFILL_CHUNK="8", P2P_PUBLIC_URL=p2p[wid],
                           AZU_METRICS_PORT=str(metrics[wid]))
     try:
         cluster.wait_live(*ids)
@@ -179,10 +180,52 @@ def test_hand_overs_go_worker_to_worker_directly_and_stay_exact(r, cluster, cele
         counts = {wid: handovers(metrics[wid]) for wid in ids}
         assert all(c["direct"] > 0 and c["redis"] == 0 for c in counts.values()), counts
         assert "takes hand-overs directly" in cluster.log("dp2")
+        direct_attacks(r, cluster, jobs_sent[0][0], victim="dp2", victim_url=p2p["dp2"],
+                       before="dp1", metrics_port=metrics["dp2"])
     finally:
         for wid in ids:
             cluster.stop(wid)
             directory.deregister(r, wid)
+
+
+def direct_attacks(r, cluster, job_id: str, *, victim: str, victim_url: str, before: str,
+                   metrics_port: int) -> None:
+    """Attacks on a worker's direct path with a worker's real credentials (an enrolled key): a bundle of the
+    attacker's own for a real job whose route does not name it, and one claiming to come from the hop before.
+    Each closes the connection at the listener; nothing reaches the victim's session (no refusal counted
+    there, its hand-over counters unchanged)."""
+    import torch
+
+    from azu.network import auth, direct
+    from azu.network.wire import StepBundle, pack_tensor
+
+    key = auth.load_worker_key(cluster.enroll("evil"))
+    raw = r.hgetall(keys.job(job_id))
+    step = StepPayload(job_id=job_id, step=1, hop=1, pos=61, x=pack_tensor(torch.zeros(1, 64)),
+                       grant=raw[b"grant"], grant_sig=raw[b"grant_sig"])
+    refused_before = refused_payloads(metrics_port)
+    counts_before = handovers(metrics_port)
+    victim_key = r.get(keys.identity(victim)).decode()
+    for sender in ("evil", before):  # its own name, then the hop before's
+        unsigned = StepBundle(sender=sender, steps=(step.pack(),))
+        blob = StepBundle(sender, unsigned.steps, auth.sign(key, auth.STEPS, unsigned.signed_part())).pack()
+        conns = direct.Connections(key)
+        assert conns.send(victim, victim_url, victim_key, blob)  # the hello passes: it proves nothing
+        sock = conns._conns[victim].sock
+        sock.settimeout(10)
+        assert sock.recv(1) == b"", f"the listener kept a connection that sent {sender}'s forged bundle"
+        conns.close()
+    assert "that its grant does not name" in cluster.log(victim)
+    assert refused_payloads(metrics_port) == refused_before  # the session never saw them
+    assert handovers(metrics_port) == counts_before
+
+
+def refused_payloads(port: int) -> float:
+    import requests
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("azu_worker_refused_payloads_total{"))
 
 
 def test_eight_concurrent_jobs_all_correct(r, cluster, celery_dispatch, two_workers, reference) -> None:
