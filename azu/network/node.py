@@ -803,17 +803,11 @@ class WorkerNode:
             self._control_asked = time.monotonic()
             inbox.look_at_control(pipe, control_queue(self.worker_id), self.worker_id)
         bundles = jobs.bundles(nexts, sender=self.worker_id, key=self.key) if nexts else {}
-        routes = self._direct_routes(nexts)
+        went_direct = self._send_direct(bundles, nexts)
+        rest = {w: b for w, b in bundles.items() if w not in went_direct}  # through Redis
 
         def send() -> None:  # on the outbox's thread: this thread goes on with its next batch
             try:
-                rest = bundles
-                if routes:  # straight to the next worker; through Redis what could not go that way
-                    assert self.connections is not None
-                    rest = {w: b for w, b in bundles.items()
-                            if w not in routes or not self.connections.send(w, *routes[w], b)}
-                if routes:
-                    self.metrics.handovers.labels("direct").inc(len(bundles) - len(rest))
                 if rest:
                     self.metrics.handovers.labels("redis").inc(len(rest))
                     answers = inbox.deliver(pipe, rest, dispatch=self.dispatch)
@@ -831,22 +825,26 @@ class WorkerNode:
                 waiting = answers[at]  # an error counts as a waiting message: the session ends, as if asked
                 self._control_seen = (time.monotonic(), not isinstance(waiting, int) or waiting > 0)
 
-        # A hand-over going directly leaves only reports for Redis: off the next step's path, so they may
+        # With every hand-over gone directly, Redis gets only reports: off the next step's path, so they may
         # go on the outbox's thread even with nothing else to run meanwhile.
-        self.outbox.submit(send, overlap=self._more_to_run or bool(routes))
+        self.outbox.submit(send, overlap=self._more_to_run or bool(went_direct and not rest))
 
-    def _direct_routes(self, nexts: list[StepPayload]) -> dict[str, tuple[str, str]]:
-        """Next worker -> (its direct-path address, its key), as the core's grant names them, for those that
-        have one (and are not being backed off after a failure)."""
-        if self.connections is None:
-            return {}
-        out: dict[str, tuple[str, str]] = {}
+    def _send_direct(self, bundles: dict[str, bytes], nexts: list[StepPayload]) -> set[str]:
+        """Send the bundles whose next worker has a direct-path address in the core's grant straight there,
+        now, on this thread (not behind the outbox's Redis round trips: between distant hosts each is a whole
+        round trip, and many micro-batches would queue behind them). Returns the workers they reached."""
+        if self.connections is None or not bundles:
+            return set()
+        routes: dict[str, tuple[str, str]] = {}
         for s in nexts:
             worker_id = s.here.worker_id
             url = s.g.direct_of(s.hop)
-            if url and worker_id not in out and worker_id != self.worker_id:
-                out[worker_id] = (url, s.g.public_keys[s.hop])
-        return out
+            if url and worker_id not in routes and worker_id != self.worker_id:
+                routes[worker_id] = (url, s.g.public_keys[s.hop])
+        sent = {w for w, route in routes.items() if self.connections.send(w, *route, bundles[w])}
+        if sent:
+            self.metrics.handovers.labels("direct").inc(len(sent))
+        return sent
 
     def _send_on(self, ran: list[_Ran]) -> None:
         nexts: list[StepPayload] = []
