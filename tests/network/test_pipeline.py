@@ -188,6 +188,44 @@ def test_hand_overs_go_worker_to_worker_directly_and_stay_exact(r, cluster, cele
             directory.deregister(r, wid)
 
 
+def test_a_direct_path_cut_mid_answer_falls_back_to_redis_and_stays_exact(r, cluster, celery_dispatch, shard,
+                                                                           reference) -> None:
+    """Each worker's P2P address is a relay (20 ms each way); mid-answer both relays cut every connection and
+    refuse new ones, as a broken link would look. The answer goes on through Redis (a frame lost in the cut
+    is replayed after the step timeout) and is transformers' greedy one."""
+    from azu.cli.up import free_port
+    from tests.support.hosts import DelayRelay
+
+    ids = ("dc1", "dc2")
+    listen = {wid: free_port() for wid in ids}
+    metrics = {wid: free_port() for wid in ids}
+    relays = {wid: DelayRelay(listen_host="127.0.0.1", upstream=("127.0.0.1", listen[wid]), delay_s=0.02)
+              for wid in ids}
+    for wid in ids:
+        cluster.start_gpu(wid, P2P_PUBLIC_URL=f"tcp://127.0.0.1:{relays[wid].port}",
+                          AZU_P2P_LISTEN=f"127.0.0.1:{listen[wid]}", AZU_METRICS_PORT=str(metrics[wid]))
+    try:
+        cluster.wait_live(*ids)
+        model_id = shard("tiny-direct-cut")
+        load_layout(cluster, celery_dispatch, model_id, {"dc1": (0, 2), "dc2": (2, 4)})
+        prompt, n = PROMPTS[0], 40
+        job_id = submit(r, celery_dispatch, model_id, prompt, n)
+        wait_for(lambda: r.xlen(keys.events(job_id)) >= 5, what="five tokens", interval=0.005)
+        before = {wid: handovers(metrics[wid]) for wid in ids}
+        for relay in relays.values():
+            relay.drop(refuse=True)
+        tokens, events = collect(r, job_id)
+        assert events[-1].kind == "done" and tokens == reference(prompt, n)
+        after = {wid: handovers(metrics[wid]) for wid in ids}
+        assert all(before[w]["direct"] > 0 for w in ids), before
+        assert all(after[w]["redis"] > before[w]["redis"] for w in ids), after
+    finally:
+        for wid in ids:
+            cluster.stop(wid)
+            directory.deregister(r, wid)
+            relays[wid].close()
+
+
 def direct_attacks(r, cluster, job_id: str, *, victim: str, victim_url: str, before: str,
                    metrics_port: int) -> None:
     """Attacks on a worker's direct path with a worker's real credentials (an enrolled key): a bundle of the
