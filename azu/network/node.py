@@ -128,7 +128,9 @@ class WorkerNode:
         self.prefill_chunk = prefill_chunk  # prompt positions a stage runs per turn (azu.network.batching)
         self.cpu_kernels = cpu_kernels  # the linears' kernel on a CPU (azu.engine.kernels)
         self.decode_graphs = decode_graphs  # one-token steps as CUDA graph replays (azu.engine.graphs)
-        self._unsent_commits: list[bytes] = []  # signed commit reports, sent with the next hand-over
+        # Signed reports (tokens, commitments) not sent yet: the next send to Redis takes them all.
+        self._unsent_commits: list[bytes] = []
+        self._reports_queued = False  # a send that will take them is on the outbox already
         self._commits_lock = threading.Lock()  # the outbox's thread gives back those of a failed send
         self._control_seen = (-math.inf, False)  # (when, whether) a control message was last seen waiting
         self._control_asked = -math.inf  # when a hand-over last took the question along
@@ -788,25 +790,40 @@ class WorkerNode:
         if len(finished) - prefill:
             self.metrics.steps.labels("decode").inc(len(finished) - prefill)
 
-    def _hand_over(self, nexts: list[StepPayload], *, pipe: Any = None) -> None:
-        """Send steps on, in one bundle per next worker signed by this worker (after ``pipe``'s writes and
-        the commitments not sent yet: one round trip for all)."""
-        pipe = pipe if pipe is not None else self.r.pipeline(transaction=False)
-        reports = len(pipe)  # the caller's writes (token reports) come first
-        carried = self._take_unsent_commits()
-        if carried:
-            pipe.rpush(self.reports_key, *carried)
-        # About once a second, the session's look at the control queue rides along (_control_waiting).
-        look = time.monotonic() - self._control_asked > self.session_s / 2
-        at = len(pipe)
-        if look:
-            self._control_asked = time.monotonic()
-            inbox.look_at_control(pipe, control_queue(self.worker_id), self.worker_id)
+    def _hand_over(self, nexts: list[StepPayload], *, reports: list[bytes] | None = None) -> None:
+        """Send steps on, in one bundle per next worker signed by this worker: straight to the workers with a
+        direct path (now), the rest through Redis in one round trip with ``reports`` and every other report
+        not sent yet (commitments), on the outbox.
+
+        Reports wait in one queue (``_unsent_commits``) and each send takes all that wait when it runs, so
+        while one round trip is out the next carries everything that came meanwhile: between distant hosts,
+        a round trip per hand-over would fall behind a worker that hands over more often than that (16
+        streams at 50 ms: the tokens reached the core seconds late). Taken in order, put back in front if a
+        send fails: a job's token reports stay in order."""
+        if reports:
+            with self._commits_lock:
+                self._unsent_commits += reports
         bundles = jobs.bundles(nexts, sender=self.worker_id, key=self.key) if nexts else {}
         went_direct = self._send_direct(bundles, nexts)
         rest = {w: b for w, b in bundles.items() if w not in went_direct}  # through Redis
+        if not rest:
+            if self._reports_queued:
+                return  # the send queued before this one has not taken the reports yet: it takes these too
+            self._reports_queued = True
 
         def send() -> None:  # on the outbox's thread: this thread goes on with its next batch
+            if not rest:
+                self._reports_queued = False  # before taking: reports queued from now on need another send
+            carried = self._take_unsent_commits()
+            pipe = self.r.pipeline(transaction=False)
+            if carried:
+                pipe.rpush(self.reports_key, *carried)
+            # About once a second, the session's look at the control queue rides along (_control_waiting).
+            look = time.monotonic() - self._control_asked > self.session_s / 2
+            at = len(pipe)
+            if look:
+                self._control_asked = time.monotonic()
+                inbox.look_at_control(pipe, control_queue(self.worker_id), self.worker_id)
             try:
                 if rest:
                     self.metrics.handovers.labels("redis").inc(len(rest))
@@ -816,18 +833,16 @@ class WorkerNode:
             except Exception:
                 self._return_commits(carried)  # sent again with the next hand-over or flush
                 raise
-            failed = [a for a in answers[:reports] if isinstance(a, Exception)]
-            if failed:
-                log.warning("worker %s: reports not written: %s", self.worker_id, failed[0])
-            if carried and isinstance(answers[reports], Exception):
+            if carried and isinstance(answers[0], Exception):
+                log.warning("worker %s: reports not written (sent again): %s", self.worker_id, answers[0])
                 self._return_commits(carried)
             if look:
                 waiting = answers[at]  # an error counts as a waiting message: the session ends, as if asked
                 self._control_seen = (time.monotonic(), not isinstance(waiting, int) or waiting > 0)
 
-        # With every hand-over gone directly, Redis gets only reports: off the next step's path, so they may
-        # go on the outbox's thread even with nothing else to run meanwhile.
-        self.outbox.submit(send, overlap=self._more_to_run or bool(went_direct and not rest))
+        # With no hand-over for Redis (all went directly), it gets only reports: off the next step's path, so
+        # they may go on the outbox's thread even with nothing else to run meanwhile.
+        self.outbox.submit(send, overlap=self._more_to_run or not rest)
 
     def _send_direct(self, bundles: dict[str, bytes], nexts: list[StepPayload]) -> set[str]:
         """Send the bundles whose next worker has a direct-path address in the core's grant straight there,
@@ -908,7 +923,6 @@ class WorkerNode:
 
         if not ran:
             return
-        pipe = self.r.pipeline(transaction=False)
         reports: list[bytes] = []
         nexts: list[StepPayload] = []
         logits: list[tuple[StepPayload, torch.Tensor]] = []  # committed to after the hand-over
@@ -933,8 +947,7 @@ class WorkerNode:
                 ended.append((s.job_id, s.g.epoch))
                 continue
             nexts.append(replace(s, step=s.step + 1, hop=0, pos=g.prompt_len + s.step, x=[token]))
-        pipe.rpush(self.reports_key, *reports)
-        self._hand_over(nexts, pipe=pipe)
+        self._hand_over(nexts, reports=reports)
         self._send_commits(logits)
         for job_id, epoch in ended:  # after the commitments: the end sends the last (final) chunk
             self._end_local(job_id, epoch)

@@ -76,3 +76,45 @@ def test_commitments_of_a_failed_hand_over_go_out_with_the_next_flush(r: redis.R
     node._flush_commits([b"final"])
     assert r.lrange(reports, 0, -1) == [b"chunk-0", b"chunk-1", b"final"]
     r.delete(reports)
+
+
+def test_reports_queued_behind_a_slow_round_trip_go_out_together_in_order(r: redis.Redis) -> None:
+    """A far Redis (every round trip 50 ms) and hand-overs that all went directly: the reports of 40 of them
+    do not take 40 round trips one after the other; each send takes all that wait, in order."""
+    from azu.network.node import WorkerNode
+
+    reports = "azu:test:outbox-coalesce"
+    r.delete(reports)
+    own = redis.Redis(connection_pool=redis.ConnectionPool(**r.connection_pool.connection_kwargs))
+    node = WorkerNode(own, worker_id="ob2", dispatch=None, linger_s=0, reports_key=reports,  # type: ignore[arg-type]
+                      background_sends=True)
+    node.outbox.send_s = 1.0  # measured far: sends go to the outbox's thread
+    node._control_asked = time.monotonic() + 3600  # no control-queue look in these pipes
+    pipes = 0
+    real_pipeline = own.pipeline  # this node's own client: the slow round trips stay in this test
+
+    def slow_pipeline(*args, **kwargs):
+        nonlocal pipes
+        pipes += 1
+        pipe = real_pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def slow_execute(*a, **k):
+            time.sleep(0.05)
+            return execute(*a, **k)
+
+        pipe.execute = slow_execute
+        return pipe
+
+    own.pipeline = slow_pipeline  # type: ignore[method-assign]
+    started = time.monotonic()
+    for i in range(40):
+        node._hand_over([], reports=[b"token-%d" % i])
+        time.sleep(0.005)  # a hand-over every 5 ms: ten per round trip
+    node.outbox.drain()
+    node._flush_commits()
+    assert r.lrange(reports, 0, -1) == [b"token-%d" % i for i in range(40)]
+    assert pipes <= 8, pipes
+    assert time.monotonic() - started < 1.0  # 40 round trips one after the other: 2 s
+    r.delete(reports)
+    own.close()
