@@ -123,8 +123,10 @@ def build_parser(w: WorkerSettings) -> argparse.ArgumentParser:
     p.add_argument("--registry-url", default=None,
                    help="fetch layer files from this registry instead (default: the one enrollment answers)")
     p.add_argument("--p2p-url", default=w.p2p_url,
-                   help="this worker's externally reachable URL, reported in its heartbeats; env "
-                   "P2P_PUBLIC_URL (default: none)")
+                   help="where other workers reach this one directly, tcp://host:port (reported in its "
+                   "heartbeats; the hop before then sends its hand-overs there, encrypted to this worker's "
+                   "key, instead of through Redis); it listens on that port, or on AZU_P2P_LISTEN; env "
+                   "P2P_PUBLIC_URL (default: none: everything through Redis)")
     p.add_argument("--wallet", default=w.wallet,
                    help="the payout address this worker's earnings go to; env AZU_WALLET_ADDRESS (default: "
                    "none, earnings wait in the ledger)")
