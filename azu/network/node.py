@@ -128,7 +128,8 @@ class WorkerNode:
         self.prefill_chunk = prefill_chunk  # prompt positions a stage runs per turn (azu.network.batching)
         self.cpu_kernels = cpu_kernels  # the linears' kernel on a CPU (azu.engine.kernels)
         self.decode_graphs = decode_graphs  # one-token steps as CUDA graph replays (azu.engine.graphs)
-        # Signed reports (tokens, commitments) not sent yet: the next send to Redis takes them all.
+        # Signed reports not sent yet, tokens and commitments: the next send to Redis takes them all.
+        self._unsent_tokens: list[bytes] = []
         self._unsent_commits: list[bytes] = []
         self._reports_queued = False  # a send that will take them is on the outbox already
         self._commits_lock = threading.Lock()  # the outbox's thread gives back those of a failed send
@@ -795,14 +796,14 @@ class WorkerNode:
         direct path (now), the rest through Redis in one round trip with ``reports`` and every other report
         not sent yet (commitments), on the outbox.
 
-        Reports wait in one queue (``_unsent_commits``) and each send takes all that wait when it runs, so
+        Reports wait in two queues (tokens, commitments) and each send takes all that wait when it runs, so
         while one round trip is out the next carries everything that came meanwhile: between distant hosts,
         a round trip per hand-over would fall behind a worker that hands over more often than that (16
         streams at 50 ms: the tokens reached the core seconds late). Taken in order, put back in front if a
         send fails: a job's token reports stay in order."""
         if reports:
             with self._commits_lock:
-                self._unsent_commits += reports
+                self._unsent_tokens += reports
         bundles = jobs.bundles(nexts, sender=self.worker_id, key=self.key) if nexts else {}
         went_direct = self._send_direct(bundles, nexts)
         rest = {w: b for w, b in bundles.items() if w not in went_direct}  # through Redis
@@ -815,9 +816,10 @@ class WorkerNode:
             if not rest:
                 self._reports_queued = False  # before taking: reports queued from now on need another send
             carried = self._take_unsent_commits()
+            out = [*carried[0], *carried[1]]
             pipe = self.r.pipeline(transaction=False)
-            if carried:
-                pipe.rpush(self.reports_key, *carried)
+            if out:
+                pipe.rpush(self.reports_key, *out)
             # About once a second, the session's look at the control queue rides along (_control_waiting).
             look = time.monotonic() - self._control_asked > self.session_s / 2
             at = len(pipe)
@@ -833,7 +835,7 @@ class WorkerNode:
             except Exception:
                 self._return_commits(carried)  # sent again with the next hand-over or flush
                 raise
-            if carried and isinstance(answers[0], Exception):
+            if out and isinstance(answers[0], Exception):
                 log.warning("worker %s: reports not written (sent again): %s", self.worker_id, answers[0])
                 self._return_commits(carried)
             if look:
@@ -889,17 +891,22 @@ class WorkerNode:
             with self._commits_lock:
                 self._unsent_commits += made
 
-    def _take_unsent_commits(self) -> list[bytes]:
+    def _take_unsent_commits(self) -> tuple[list[bytes], list[bytes]]:
+        """The reports not sent yet: (token reports, commitments). They go in that order (the collector
+        handles reports as they come, and a token behind a few commitments reaches the user later)."""
         with self._commits_lock:
-            out, self._unsent_commits = self._unsent_commits, []
+            out = self._unsent_tokens, self._unsent_commits
+            self._unsent_tokens, self._unsent_commits = [], []
         return out
 
-    def _return_commits(self, carried: list[bytes]) -> None:
-        """Commitments whose hand-over failed go first in the next one (the collector keeps the first copy
-        of a chunk, so one that did arrive after all is harmless): a lost chunk would make the verifier find
-        a live, honest worker that did not commit."""
+    def _return_commits(self, carried: tuple[list[bytes], list[bytes]]) -> None:
+        """Reports whose send failed go first in the next one, each kind in its order (the collector keeps
+        the first copy of a commitment chunk and publishes a step once, so one that did arrive after all is
+        harmless): a lost chunk would make the verifier find a live, honest worker that did not commit."""
+        tokens, commits = carried
         with self._commits_lock:
-            self._unsent_commits = [*carried, *self._unsent_commits]
+            self._unsent_tokens = [*tokens, *self._unsent_tokens]
+            self._unsent_commits = [*commits, *self._unsent_commits]
 
     def _flush_commits(self, final: list[bytes] | None = None) -> None:
         """Push the commitments not sent yet (then ``final``), after every hand-over submitted (they may
@@ -909,7 +916,8 @@ class WorkerNode:
             self.outbox.drain()
         except Exception as exc:
             log.warning("worker %s: an earlier hand-over failed: %s", self.worker_id, exc)
-        out = [*self._take_unsent_commits(), *(final or [])]
+        tokens, commits = self._take_unsent_commits()
+        out = [*tokens, *commits, *(final or [])]
         if out:
             self.r.rpush(self.reports_key, *out)
 

@@ -80,7 +80,8 @@ def test_commitments_of_a_failed_hand_over_go_out_with_the_next_flush(r: redis.R
 
 def test_reports_queued_behind_a_slow_round_trip_go_out_together_in_order(r: redis.Redis) -> None:
     """A far Redis (every round trip 50 ms) and hand-overs that all went directly: the reports of 40 of them
-    do not take 40 round trips one after the other; each send takes all that wait, in order."""
+    do not take 40 round trips one after the other; each send takes all that wait, tokens in order and
+    ahead of commitments (the collector publishes a token only once it reaches it)."""
     from azu.network.node import WorkerNode
 
     reports = "azu:test:outbox-coalesce"
@@ -107,13 +108,16 @@ def test_reports_queued_behind_a_slow_round_trip_go_out_together_in_order(r: red
         return pipe
 
     own.pipeline = slow_pipeline  # type: ignore[method-assign]
+    node._unsent_commits = [b"chunk-0"]  # a commitment from before: tokens go ahead of it
     started = time.monotonic()
     for i in range(40):
         node._hand_over([], reports=[b"token-%d" % i])
         time.sleep(0.005)  # a hand-over every 5 ms: ten per round trip
     node.outbox.drain()
     node._flush_commits()
-    assert r.lrange(reports, 0, -1) == [b"token-%d" % i for i in range(40)]
+    sent = r.lrange(reports, 0, -1)
+    assert [v for v in sent if v.startswith(b"token")] == [b"token-%d" % i for i in range(40)]
+    assert sent.index(b"token-0") < sent.index(b"chunk-0") and len(sent) == 41
     assert pipes <= 8, pipes
     assert time.monotonic() - started < 1.0  # 40 round trips one after the other: 2 s
     r.delete(reports)
