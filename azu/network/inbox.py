@@ -220,7 +220,13 @@ class _BlockingPop:
         pipe = self.r.pipeline()  # BLPOP took the first: the rest in one go, as pop_all does
         pipe.lrange(self.key, 0, BATCH_MAX - 2)
         pipe.ltrim(self.key, BATCH_MAX - 1, -1)
-        return [got[1], *pipe.execute()[0]]
+        try:
+            rest = pipe.execute()[0]
+        except redis.RedisError:
+            with contextlib.suppress(redis.RedisError):  # the first back at the head, for the next pop
+                self.r.lpush(self.key, got[1])
+            raise
+        return [got[1], *rest]
 
     def close(self) -> None:
         if self.conn is not None:

@@ -132,6 +132,9 @@ class WorkerNode:
         self._unsent_tokens: list[bytes] = []
         self._unsent_commits: list[bytes] = []
         self._reports_queued = False  # a send that will take them is on the outbox already
+        # Hand-overs to each worker still queued for Redis on the outbox: none goes directly to that worker
+        # meanwhile (it would overtake them: a prompt's later part before its earlier ones is dropped).
+        self._queued_for_redis: dict[str, int] = {}
         self._commits_lock = threading.Lock()  # the outbox's thread gives back those of a failed send
         self._control_seen = (-math.inf, False)  # (when, whether) a control message was last seen waiting
         self._control_asked = -math.inf  # when a hand-over last took the question along
@@ -811,8 +814,30 @@ class WorkerNode:
             if self._reports_queued:
                 return  # the send queued before this one has not taken the reports yet: it takes these too
             self._reports_queued = True
+        with self._commits_lock:
+            for w in rest:
+                self._queued_for_redis[w] = self._queued_for_redis.get(w, 0) + 1
+
+        def sent_to_redis() -> None:
+            with self._commits_lock:
+                for w in rest:
+                    left = self._queued_for_redis.get(w, 1) - 1
+                    if left > 0:
+                        self._queued_for_redis[w] = left
+                    else:
+                        self._queued_for_redis.pop(w, None)
+
+        started = False
 
         def send() -> None:  # on the outbox's thread: this thread goes on with its next batch
+            nonlocal started
+            started = True
+            try:
+                deliver()
+            finally:
+                sent_to_redis()
+
+        def deliver() -> None:
             if not rest:
                 self._reports_queued = False  # before taking: reports queued from now on need another send
             carried = self._take_unsent_commits()
@@ -844,7 +869,13 @@ class WorkerNode:
 
         # With no hand-over for Redis (all went directly), it gets only reports: off the next step's path, so
         # they may go on the outbox's thread even with nothing else to run meanwhile.
-        self.outbox.submit(send, overlap=self._more_to_run or not rest)
+        try:
+            self.outbox.submit(send, overlap=self._more_to_run or not rest)
+        except BaseException:
+            if not started:  # never ran nor queued: the next hand-over must send the reports
+                self._reports_queued = False
+                sent_to_redis()
+            raise
 
     def _send_direct(self, bundles: dict[str, bytes], nexts: list[StepPayload]) -> set[str]:
         """Send the bundles whose next worker has a direct-path address in the core's grant straight there,
@@ -853,10 +884,12 @@ class WorkerNode:
         if self.connections is None or not bundles:
             return set()
         routes: dict[str, tuple[str, str]] = {}
+        with self._commits_lock:
+            behind = set(self._queued_for_redis)  # hand-overs to them still wait for Redis: keep the order
         for s in nexts:
             worker_id = s.here.worker_id
             url = s.g.direct_of(s.hop)
-            if url and worker_id not in routes and worker_id != self.worker_id:
+            if url and worker_id not in routes and worker_id != self.worker_id and worker_id not in behind:
                 routes[worker_id] = (url, s.g.public_keys[s.hop])
         sent = {w for w, route in routes.items() if self.connections.send(w, *route, bundles[w])}
         if sent:
@@ -919,7 +952,11 @@ class WorkerNode:
         tokens, commits = self._take_unsent_commits()
         out = [*tokens, *commits, *(final or [])]
         if out:
-            self.r.rpush(self.reports_key, *out)
+            try:
+                self.r.rpush(self.reports_key, *out)
+            except Exception:
+                self._return_commits((tokens, [*commits, *(final or [])]))  # the next send takes them
+                raise
 
     def _finish_steps(self, ran: list[_Ran]) -> None:
         """Last stage: sample, tell the core each token (a signed report), and send the next step to hop 0

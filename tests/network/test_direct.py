@@ -287,3 +287,33 @@ def test_the_first_frame_of_a_connection_is_capped_lower():
                                            ("127.0.0.1:9", ("127.0.0.1", 9))])
 def test_p2p_addresses(text, expected):
     assert direct.parse_address(text) == expected
+
+
+def test_no_hand_over_goes_directly_past_one_still_queued_for_redis(r):
+    """A worker whose earlier hand-over to B still waits on the outbox for Redis (after a failed direct send,
+    say) sends the next one through Redis too: directly, it would overtake the earlier one (a prompt's later
+    part before its earlier ones is dropped). Once those went out, the direct path is used again."""
+    from azu.engine.span import Span
+    from azu.network.node import WorkerNode
+    from azu.network.wire import Hop, JobGrant, Sampling, StepPayload
+
+    receiver = SigningKey.generate()
+    listener, got = listen(receiver)
+    node = WorkerNode(r, worker_id="wa", dispatch=None, linger_s=0, background_sends=True)  # type: ignore[arg-type]
+    try:
+        grant = JobGrant(job_id="j", model_id="m", manifest_sha256="",
+                         route=(Hop("wa", Span(0, 2, True, False)), Hop("wb", Span(2, 4, False, True))),
+                         public_keys=(node.public_key, auth.public_hex(receiver)),
+                         sampling=Sampling(max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=1, stop=(),
+                                           stop_ids=(), prompt_len=3),
+                         epoch=0, expires_at=1e10, direct=("", url(listener))).pack()
+        step = StepPayload(job_id="j", step=0, hop=1, pos=0, x=b"x", grant=grant, grant_sig=b"s" * 64)
+        node._queued_for_redis["wb"] = 1  # an earlier hand-over to wb waits for Redis
+        assert node._send_direct({"wb": b"bundle"}, [step]) == set()
+        assert listener.frames == 0
+        node._queued_for_redis.clear()  # it went out
+        assert node._send_direct({"wb": b"bundle"}, [step]) == {"wb"}
+        assert until(lambda: got.frames == [b"bundle"])
+    finally:
+        node.connections.close()
+        listener.stop()

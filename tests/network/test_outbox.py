@@ -122,3 +122,20 @@ def test_reports_queued_behind_a_slow_round_trip_go_out_together_in_order(r: red
     assert time.monotonic() - started < 1.0  # 40 round trips one after the other: 2 s
     r.delete(reports)
     own.close()
+
+
+def test_a_failed_flush_keeps_the_reports_for_the_next_send(r: redis.Redis) -> None:
+    from azu.network.node import WorkerNode
+
+    reports = "azu:test:outbox-flush"
+    r.delete(reports)
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)  # nothing listens there
+    node = WorkerNode(dead, worker_id="ob3", dispatch=None, linger_s=0, reports_key=reports)  # type: ignore[arg-type]
+    node._unsent_tokens, node._unsent_commits = [b"token-7"], [b"chunk-0"]
+    with pytest.raises(redis.ConnectionError):
+        node._flush_commits([b"final"])
+    assert (node._unsent_tokens, node._unsent_commits) == ([b"token-7"], [b"chunk-0", b"final"])
+    node.r = r
+    node._flush_commits()
+    assert r.lrange(reports, 0, -1) == [b"token-7", b"chunk-0", b"final"]
+    r.delete(reports)
