@@ -110,11 +110,22 @@ def pop_all(r: redis.Redis, key: str, timeout_s: float, *, has_blmpop: bool | No
     first: Any = r.blpop([key], timeout=timeout_s)
     if not first:
         return [], False
+    return with_the_rest(r, key, first[1], count), False
+
+
+def with_the_rest(r: redis.Redis, key: str, first: bytes, count: int = BATCH_MAX) -> list[bytes]:
+    """``first`` (a BLPOP just took it from ``key``) and up to ``count - 1`` more, taken in one go. If that
+    read fails, ``first`` goes back to the head of the list for the next pop."""
     pipe = r.pipeline()
     pipe.lrange(key, 0, count - 2)
     pipe.ltrim(key, count - 1, -1)
-    rest = pipe.execute()[0]
-    return [first[1], *rest], False
+    try:
+        rest = pipe.execute()[0]
+    except redis.RedisError:
+        with contextlib.suppress(redis.RedisError):
+            r.lpush(key, first)
+        raise
+    return [first, *rest]
 
 
 class LocalFrames:
@@ -217,16 +228,7 @@ class _BlockingPop:
         if self._blmpop:
             self.has_blmpop = True
             return list(got[1])
-        pipe = self.r.pipeline()  # BLPOP took the first: the rest in one go, as pop_all does
-        pipe.lrange(self.key, 0, BATCH_MAX - 2)
-        pipe.ltrim(self.key, BATCH_MAX - 1, -1)
-        try:
-            rest = pipe.execute()[0]
-        except redis.RedisError:
-            with contextlib.suppress(redis.RedisError):  # the first back at the head, for the next pop
-                self.r.lpush(self.key, got[1])
-            raise
-        return [got[1], *rest]
+        return with_the_rest(self.r, self.key, got[1])
 
     def close(self) -> None:
         if self.conn is not None:
@@ -265,7 +267,7 @@ class Inbox:
 
     def wait(self, timeout_s: float) -> list[bytes]:
         """Wait up to ``timeout_s`` for payloads; return all that are queued (at most ``BATCH_MAX``)."""
-        if self.local is None or self._pop is None:
+        if self._pop is None:
             got, self._has_blmpop = pop_all(self.r, self.pending, timeout_s, has_blmpop=self._has_blmpop)
             return got
         deadline = time.monotonic() + timeout_s
@@ -280,7 +282,7 @@ class Inbox:
     def settle(self) -> list[bytes]:
         """Before ``release``: wait for the outstanding pop's answer (or a direct frame, which comes first)
         and return what either brought."""
-        if self._pop is None or self.local is None:
+        if self._pop is None or self.local is None:  # both or neither
             return []
         while self._pop.outstanding and not len(self.local):
             self._wait_either(1.0)

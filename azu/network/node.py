@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -134,7 +134,7 @@ class WorkerNode:
         self._reports_queued = False  # a send that will take them is on the outbox already
         # Hand-overs to each worker still queued for Redis on the outbox: none goes directly to that worker
         # meanwhile (it would overtake them: a prompt's later part before its earlier ones is dropped).
-        self._queued_for_redis: dict[str, int] = {}
+        self._queued_for_redis: Counter[str] = Counter()
         self._commits_lock = threading.Lock()  # the outbox's thread gives back those of a failed send
         self._control_seen = (-math.inf, False)  # (when, whether) a control message was last seen waiting
         self._control_asked = -math.inf  # when a hand-over last took the question along
@@ -287,7 +287,7 @@ class WorkerNode:
                 self._awake = False
 
     def _wake_for_frames(self) -> None:
-        """From the heartbeat: frames queued with no session running or coming start one."""
+        """Frames queued with no session running or coming start one (the heartbeat, a failed session)."""
         if self.frames is None:
             return
         with self._wake_lock:
@@ -362,21 +362,15 @@ class WorkerNode:
         try:
             return self._session(blobs)
         except BaseException:
-            if self.frames is not None:
-                self._after_failed_session()
+            # Frames that came meanwhile must still start a session: none may be coming after this one.
+            with self._wake_lock:
+                self._awake = False
+            self._wake_for_frames()
             raise
         finally:
             self._held = None
             with self.lock:
                 self._flush_commits()
-
-    def _after_failed_session(self) -> None:
-        """A session that raised: frames that came meanwhile must still start one (none may be coming)."""
-        assert self.frames is not None
-        with self._wake_lock:
-            self._awake = bool(len(self.frames))
-        if self._awake:
-            self._wake_self()
 
     def _session(self, blobs: list[bytes] | None) -> int:
         queue = self._held = batching.StepQueue(chunk=self.prefill_chunk)
@@ -815,17 +809,11 @@ class WorkerNode:
                 return  # the send queued before this one has not taken the reports yet: it takes these too
             self._reports_queued = True
         with self._commits_lock:
-            for w in rest:
-                self._queued_for_redis[w] = self._queued_for_redis.get(w, 0) + 1
+            self._queued_for_redis.update(rest.keys())
 
         def sent_to_redis() -> None:
             with self._commits_lock:
-                for w in rest:
-                    left = self._queued_for_redis.get(w, 1) - 1
-                    if left > 0:
-                        self._queued_for_redis[w] = left
-                    else:
-                        self._queued_for_redis.pop(w, None)
+                self._queued_for_redis -= Counter(rest.keys())  # keeps only the counts still above zero
 
         started = False
 
