@@ -44,6 +44,9 @@ if WORKER_PROFILE:
         "unacked_mutex_key": f"unacked_mutex:{_worker_id}",
     })
     worker_enable_remote_control = False
+    # Only what the core's dispatcher sends (msgpack, read within limits: workers/): kombu's JSON decoder has
+    # none, and another worker's login may write this worker's queue.
+    accept_content = ["msgpack"]
 task_default_queue = dispatch.CORE_QUEUE
 task_create_missing_queues = True
 

@@ -11,9 +11,12 @@ import contextvars
 import logging
 from typing import Any
 
+import msgpack
 from celery import Celery, Task
+from kombu.serialization import register
 
 from azu.network.dispatch import set_dispatcher
+from azu.network.wire import unpack_task_body
 
 _running_task = contextvars.ContextVar("azu_running_task", default="-")
 
@@ -41,6 +44,11 @@ def _bind_task_id(make_record: Any) -> Any:
 
 
 logging.setLogRecordFactory(_bind_task_id(logging.getLogRecordFactory()))
+
+# Celery's msgpack, read within limits: kombu's own decoder would build an object per byte of a message
+# another worker's login put on this worker's queue (azu.network.wire.Limits). Written as kombu writes it.
+register("msgpack", lambda body: msgpack.packb(body, use_bin_type=True), unpack_task_body,
+         content_type="application/x-msgpack", content_encoding="binary")
 
 app = Celery("workers", task_cls=AzuTask,
              include=["workers.payouts", "workers.stage", "workers.scheduler", "workers.registry"])

@@ -53,6 +53,7 @@ from azu.verification.commitment import CHUNK, TOP_K, shape_of
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024
+MAX_TOKEN_REPORT = 4096  # bytes: a token report names a worker, a job (<= 128 characters) and three numbers
 LEASE_S = 10
 LEASE_RENEW_S = 1.0  # the loop renews its lease this often (a pop waits wait_s at most before it renews)
 # Take the lease if free, or renew it if this collector holds it: 1 if held now, else 0 (one round trip).
@@ -124,18 +125,27 @@ class Collector:
 
     # --- the batch ---------------------------------------------------------------------------------
     def process(self, blobs: Sequence[bytes]) -> int:
-        """Handle ``blobs`` (packed reports) in order. Returns how many were accepted."""
-        accepted: list[Report] = []
+        """Handle ``blobs`` (packed reports) in order. Returns how many were accepted.
+
+        One pass: each report is parsed, checked and handled before the next is read, and only token
+        reports are kept until the batch's tokens are published together (a batch of a thousand large
+        reports, each parsed and kept until the end, would hold them all at once)."""
+        accepted = 0
+        tokens: list[Report] = []
         for blob in blobs:
             try:
-                accepted.append(self.verify(blob))
+                rep = self.verify(blob)
             except AzuError as exc:
                 log.warning("report refused: %s", exc.message)
                 self.tally.add(metrics.CORE_REPORTS, kind="unverified", outcome="refused")
-        tokens: list[Report] = []
-        for rep in accepted:
+                continue
+            if rep.kind == "token" and len(blob) > MAX_TOKEN_REPORT:
+                log.warning("token report from %s refused: %d bytes", rep.worker_id, len(blob))
+                self.tally.add(metrics.CORE_REPORTS, kind="token", outcome="refused")
+                continue
+            accepted += 1
             if rep.kind == "token":
-                tokens.append(rep)
+                tokens.append(rep)  # small (above): a batch keeps at most BATCH_MAX of them
                 continue
             if tokens:  # keep the order: tokens before a later report (a job_failed after them, say)
                 self._tokens(tokens)
@@ -153,7 +163,7 @@ class Collector:
         if tokens:
             self._tokens(tokens)
         self.tally.flush(self.r)
-        return len(accepted)
+        return accepted
 
     # --- tokens ------------------------------------------------------------------------------------
     def _tokens(self, reports: list[Report]) -> None:

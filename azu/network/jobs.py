@@ -39,6 +39,7 @@ from azu.errors import AzuError, Conflict, InvalidRequest, NoCapacity
 from azu.network import auth, directory, inbox, keys, placement
 from azu.network.dispatch import Dispatcher, get_dispatcher, send_load, send_settle
 from azu.network.wire import (
+    MAX_IDS,
     EndOrder,
     Hop,
     JobGrant,
@@ -131,6 +132,9 @@ def _validate(req: JobRequest, info: ModelInfo) -> None:
         raise InvalidRequest(f"token ids must be in [0, {info.vocab_size})", param="prompt")
     if not isinstance(req.max_tokens, int) or not 1 <= req.max_tokens <= MAX_TOKENS:
         raise InvalidRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS}]", param="max_tokens")
+    if len(ids) + req.max_tokens > MAX_IDS:  # a re-routed job's replay carries both in one step
+        raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                             f"{MAX_IDS} tokens a step may carry", param="max_tokens")
     if info.context_length and len(ids) + req.max_tokens > info.context_length:
         raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
                              f"model's context of {info.context_length} tokens", param="max_tokens")

@@ -507,7 +507,7 @@ class WorkerNode:
                 if self._core_order("end", bundle.job_id, bundle.epoch, bundle.sig):
                     ends.append(bundle)
                 return []
-            payloads = [StepPayload.unpack(b, grants=self.grants) for b in bundle.steps]
+            payloads = bundle.payloads(grants=self.grants)
             sender_key = self._sender_key(bundle.sender, payloads)
             auth.check(sender_key, auth.STEPS, bundle.signed_part(), bundle.sig,
                        what=f"step bundle from {bundle.sender}")

@@ -192,7 +192,7 @@ class JobGrant:
 
     @classmethod
     def unpack(cls, data: bytes) -> JobGrant:
-        d = _fields(_msgpack(data, "job grant"), cls._KEYS, "job grant")
+        d = _fields(_msgpack(data, "job grant", GRANT), cls._KEYS, "job grant")
         if d["v"] != GRANT_VERSION:
             raise InvalidRequest(f"job grant version {d['v']!r} is not {GRANT_VERSION}")
         hops = d["route"]
@@ -228,13 +228,91 @@ class JobGrant:
         return None
 
 
-def _msgpack(data: Any, what: str) -> Any:
+# --- what a stranger's bytes may cost to read -----------------------------------------------------
+@dataclass(frozen=True)
+class Limits:
+    """How much reading one kind of message may build. MessagePack unbounded turns each byte of a stranger's
+    message into an object: 16 MiB of empty maps is 1.1 GB of Python dicts, so one push of an enrolled
+    worker onto another's inbox, or onto the core's report list, could take the reader's memory. Every
+    reader here parses with the limits of what it expects: the message's size, how many arrays and maps
+    (the outermost counted), how many items in any one array or pairs in any one map; and, where a message
+    may hold a long list (a prompt's token ids), ``Items`` caps the items of all its lists together. What
+    is left is a small factor of the message's own size (docs/security.md)."""
+
+    max_bytes: int
+    containers: int
+    max_array: int
+    max_map: int
+
+
+class Items:
+    """A budget of list items shared by several reads (the step payloads of one bundle)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self, n: int, what: str) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise InvalidRequest(f"{what}: more list items than a message may hold")
+
+
+MAX_MESSAGE = 64 << 20  # a hand-over of a prompt's chunk is less (512 rows x hidden 16384 x 4 bytes: 32 MiB)
+MAX_HOPS = 256  # a route's hops: at least a layer each
+MAX_STEPS = 4096  # step payloads in one bundle (azu.network.inbox.BATCH_MAX)
+MAX_IDS = 1 << 20  # token ids of all the payloads of one bundle (a prompt, or one id a step)
+SMALL_REPORT = 1 << 20  # reports up to this size may have any shape reports have; larger ones are flat
+
+INBOX = Limits(MAX_MESSAGE, containers=2, max_array=MAX_STEPS, max_map=3)  # a bundle or an end order
+PAYLOAD = Limits(MAX_MESSAGE, containers=2, max_array=MAX_IDS, max_map=len(("job", "step", "hop", "pos", "x",
+                                                                               "grant", "gsig")))
+GRANT = Limits(16 << 20, containers=MAX_HOPS + 6, max_array=1024, max_map=16)
+REPORT = Limits(SMALL_REPORT, containers=64, max_array=256, max_map=32)
+# A Celery task's body as the GPU workers' broker login may write it onto another worker's queue: (args,
+# kwargs, embed), where the args of a wake-up are the bundles it carries.
+TASK_BODY = Limits(MAX_MESSAGE, containers=32, max_array=MAX_STEPS, max_map=32)
+# A large report (evidence: the bundles a worker kept; a long prompt's commitment) is a map, its body, and
+# at most one list, of bytes.
+REPORT_BULK = Limits(512 << 20, containers=3, max_array=1 << 18, max_map=16)
+
+
+def _msgpack(data: Any, what: str, limits: Limits, *, ids: Items | None = None) -> Any:
+    """``data`` parsed within ``limits``; InvalidRequest (nothing more built) as soon as it exceeds them.
+    ``ids``: the message's lists hold token ids only, counted against this budget as they are read."""
     if not isinstance(data, bytes):
         raise InvalidRequest(f"{what} must be bytes")
+    if len(data) > limits.max_bytes:
+        raise InvalidRequest(f"{what} of {len(data)} bytes is larger than {limits.max_bytes}")
+    built = 0
+
+    def container(value: Any) -> Any:  # called as each array or map is complete, inner ones first
+        nonlocal built
+        built += 1
+        if built > limits.containers:
+            raise ValueError(f"more than {limits.containers} arrays and maps")
+        return value
+
+    def array(value: list[Any]) -> list[Any]:
+        if ids is not None:
+            ids.take(len(value), what)
+            if not all(type(v) is int for v in value):  # exactly int: a bool is not a token id
+                raise ValueError("a list that is not of token ids")
+        return container(value)
+
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, list_hook=array, object_hook=container,
+                               max_array_len=limits.max_array, max_map_len=limits.max_map, max_ext_len=0,
+                               max_str_len=limits.max_bytes, max_bin_len=limits.max_bytes)
+    except InvalidRequest:
+        raise
     except Exception as exc:
-        raise InvalidRequest(f"{what} is not valid msgpack: {exc}") from exc
+        raise InvalidRequest(f"{what} is not valid msgpack within its limits: {exc}") from exc
+
+
+def unpack_task_body(data: bytes) -> Any:
+    """A Celery message body in MessagePack, read within ``TASK_BODY`` (workers/ registers it as Celery's
+    msgpack decoder: anyone with a worker's login can put a message on another worker's queue)."""
+    return _msgpack(data, "task body", TASK_BODY)
 
 
 def _bytes(value: Any, what: str) -> bytes:
@@ -307,11 +385,14 @@ class StepPayload:
                               "x": self.x, "grant": self.grant, "gsig": self.grant_sig}, use_bin_type=True)
 
     @classmethod
-    def unpack(cls, data: bytes, *, grants: dict[bytes, JobGrant] | None = None) -> StepPayload:
+    def unpack(cls, data: bytes, *, grants: dict[bytes, JobGrant] | None = None,
+               ids: Items | None = None) -> StepPayload:
         """The payload in ``data``; InvalidRequest if it is not exactly a well-typed step payload.
 
-        ``grants``: parsed grants by their bytes, reused (the signature is checked elsewhere, once)."""
-        d = _fields(_msgpack(data, "step payload"), cls._KEYS, "step payload")
+        ``grants``: parsed grants by their bytes, reused (the signature is checked elsewhere, once). ``ids``:
+        the budget of token ids this payload's bundle has left (``bundle_payloads``)."""
+        d = _fields(_msgpack(data, "step payload", PAYLOAD, ids=ids or Items(MAX_IDS)), cls._KEYS,
+                    "step payload")
         x = d["x"]
         if not isinstance(x, bytes):
             x = _ids(x, "x")
@@ -351,7 +432,12 @@ class StepBundle:
 
     @classmethod
     def unpack(cls, data: bytes) -> StepBundle:
-        return cls._from(_msgpack(data, "step bundle"))
+        return cls._from(_msgpack(data, "step bundle", INBOX))
+
+    def payloads(self, *, grants: dict[bytes, JobGrant] | None = None) -> list[StepPayload]:
+        """The bundle's step payloads, parsed with one budget of token ids for all of them."""
+        ids = Items(MAX_IDS)
+        return [StepPayload.unpack(b, grants=grants, ids=ids) for b in self.steps]
 
     @classmethod
     def _from(cls, raw: Any) -> StepBundle:
@@ -385,7 +471,8 @@ class Report:
 
     @classmethod
     def unpack(cls, data: bytes) -> Report:
-        d = _fields(_msgpack(data, "report"), ("w", "k", "b", "sig"), "report")
+        limits = REPORT if isinstance(data, bytes) and len(data) <= SMALL_REPORT else REPORT_BULK
+        d = _fields(_msgpack(data, "report", limits), ("w", "k", "b", "sig"), "report")
         kind = d["k"]
         if kind not in REPORT_KINDS:
             raise InvalidRequest(f"unknown report kind {kind!r}")
@@ -424,7 +511,7 @@ class EndOrder:
 
 def unpack_inbox(data: bytes) -> StepBundle | EndOrder:
     """What a worker found in its inbox: a step bundle (from a worker or the core) or an end order."""
-    raw = _msgpack(data, "inbox message")
+    raw = _msgpack(data, "inbox message", INBOX)
     if isinstance(raw, Mapping) and "end" in raw:
         return EndOrder._from(raw)
     return StepBundle._from(raw)

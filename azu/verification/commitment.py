@@ -64,7 +64,9 @@ class RowCommitment:
 
 def _fields(data: Any) -> tuple[int, int, bytes, bytes]:
     try:
-        d = msgpack.unpackb(data, raw=False)
+        # One map of four fields (a stranger's bytes: nothing else is built, azu.network.wire.Limits).
+        d = msgpack.unpackb(data, raw=False, max_map_len=4, max_array_len=0, max_ext_len=0,
+                            object_hook=_one_map())
         n, k, i, v = d["n"], d["k"], d["i"], d["v"]
         if not (isinstance(n, int) and isinstance(k, int) and n >= 0 and 0 < k <= 1024
                 and isinstance(i, bytes) and isinstance(v, bytes) and len(i) == len(v) == 4 * n * k):
@@ -72,6 +74,19 @@ def _fields(data: Any) -> tuple[int, int, bytes, bytes]:
         return n, k, i, v
     except Exception as exc:  # a stranger's bytes
         raise InvalidRequest(f"malformed commitment: {exc}") from exc
+
+
+def _one_map() -> Any:
+    seen = 0
+
+    def hook(value: Any) -> Any:
+        nonlocal seen
+        seen += 1
+        if seen > 1:
+            raise ValueError("a map inside the commitment")
+        return value
+
+    return hook
 
 
 def shape_of(data: bytes) -> tuple[int, int]:

@@ -263,3 +263,79 @@ def test_self_signed_expired_and_tampered_grants_are_refused(r, cluster, celery_
         assert r.xlen(keys.events(job_id)) == 0 and not r.exists(keys.job(job_id))
         assert jobs.bill_ended_job(r, job_id, billing=Ledger()) == "unknown"  # no ledger row can come of it
     assert directory.get_worker(r, "w1").cached_jobs == 0
+
+
+# --- (7) a message that would take the reader's memory ----------------------------------------------------
+def _peak_mb(pid: int) -> float:
+    """The process's peak resident memory since ``_reset_peak`` (VmHWM), in MB."""
+    status = open(f"/proc/{pid}/status").read()  # noqa: SIM115 - procfs, read at once
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+
+
+def _reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # the peak starts again from the current size
+
+
+def test_messages_of_a_million_objects_cost_their_readers_little(r, cluster, celery_dispatch, model,
+                                                                   reference) -> None:
+    """With w3's key and the writes its broker login has (another worker's inbox and Celery queue, the
+    report list), the attacker pushes 16 MiB messages whose every byte is an object: read without limits,
+    each would cost its reader 1.1 GB. Each is refused at the reader's limits, costing about the copies of
+    its bytes on the way in; the victim worker and the core's collector stay up, and the next job through
+    the victim is still transformers' greedy answer."""
+    import base64
+
+    n = 16 << 20
+    objects = b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n  # an array of 16 Mi empty maps
+    sig = b"\xa3sig\xc4\x40" + b"s" * 64
+    victim, core = cluster.procs["w2"].pid, cluster.procs["core"].pid
+    envelope = {"body": base64.b64encode(objects).decode(), "content-encoding": "binary",
+                "content-type": "application/x-msgpack",
+                "headers": {"lang": "py", "task": dispatch.FORWARD, "id": uuid.uuid4().hex, "origin": "w3",
+                            "root_id": None, "parent_id": None, "group": None, "argsrepr": "",
+                            "kwargsrepr": "", "retries": 0},
+                "properties": {"delivery_tag": uuid.uuid4().hex, "body_encoding": "base64", "priority": 0,
+                               "delivery_info": {"exchange": "", "routing_key": "gpu.w2"}}}
+
+    def inbox_bomb(blob: bytes) -> Any:  # what a hand-over writes, with a wake-up if w2 is idle
+        refused = refusals(r, "w2")
+        inbox.deliver(r.pipeline(transaction=False), {"w2": blob}, dispatch=celery_dispatch)
+        return lambda: wait_for(lambda: refusals(r, "w2") > refused, what="w2 to refuse the bundle")
+
+    def report_bomb(blob: bytes) -> Any:  # the core's report list: the collector pops and reads each
+        r.rpush(keys.REPORTS, blob)
+        return lambda: synced(cluster)
+
+    def task_bomb() -> Any:  # kombu's Redis envelope of a wake-up task, as a worker's login may LPUSH it
+        seen = cluster.log("w2").lower().count("decode")
+        r.lpush("gpu.w2", json.dumps(envelope))
+        return lambda: wait_for(lambda: cluster.log("w2").lower().count("decode") > seen,
+                                what="w2 to refuse the task's body")
+
+    attacks = {
+        "a bundle's steps": (victim, lambda: inbox_bomb(b"\x83\xa4from\xa2w3\xa5steps" + objects + sig)),
+        "a step of a bundle": (victim,
+                               lambda: inbox_bomb(b"\x83\xa4from\xa2w3\xa5steps\x91" + objects + sig)),
+        "a report": (core, lambda: report_bomb(objects)),
+        "a token report's body": (core, lambda: report_bomb(b"\x84\xa1w\xa2w3\xa1k\xa5token\xa1b" + objects
+                                                            + sig)),
+        "a Celery task's body": (victim, task_bomb),
+    }
+    grown = {}
+    for what, (pid, attack) in attacks.items():
+        _reset_peak(pid)
+        base = _peak_mb(pid)
+        attack()()
+        grown[what] = round(_peak_mb(pid) - base)
+    assert cluster.procs["w2"].poll() is None and cluster.procs["core"].poll() is None
+    # Unbounded, each one: over 1100 MB. What is left is the message's copies on its way in: about two of
+    # its 16 MiB for azu's readers; for a Celery message, kombu's copies of its 22 MiB JSON envelope (the
+    # text, decoded, the base64 body, its bytes; kombu reads the envelope itself, without limits:
+    # docs/security.md).
+    celery = grown.pop("a Celery task's body")
+    assert all(mb < 64 for mb in grown.values()) and celery < 320, (sorted(grown.items()), celery)
+    # Still serving, and still exact.
+    job_id = submit(r, celery_dispatch, model, PROMPT, 6)
+    tokens, events = collect(r, job_id)
+    assert events[-1].kind == "done" and tokens == reference(PROMPT, 6)

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from typing import Any
 
 import msgpack
 import pytest
@@ -90,6 +91,85 @@ def test_malformed_grants_are_refused(change: dict) -> None:
     good = msgpack.unpackb(GRANT.pack(), raw=False)
     with pytest.raises(InvalidRequest):
         protocol.JobGrant.unpack(msgpack.packb(good | change, use_bin_type=True))
+
+
+# --- what reading a stranger's bytes may cost ------------------------------------------------------------
+_N = 16 << 20  # bytes of each bomb: unbounded, msgpack builds 70x that (1.1 GB: an object per byte)
+
+
+def _bombs() -> dict[str, bytes]:
+    """Messages whose every byte is an object, in the shapes each reader expects around them."""
+    def arr(n: int) -> bytes:
+        return b"\xdd" + n.to_bytes(4, "big")
+
+    def bundle(steps: bytes) -> bytes:  # {"from": "w", "steps": <steps>, "sig": b"s"}
+        return b"\x83\xa4from\xa1w\xa5steps" + steps + b"\xa3sig\xc4\x01s"
+
+    return {
+        "empty maps": arr(_N) + b"\x80" * _N,
+        "empty arrays": arr(_N) + b"\x90" * _N,
+        "a map of many keys": b"\xdf" + (_N // 4).to_bytes(4, "big") + b"\xcd\x01\x00\xc0" * (_N // 4),
+        "steps of empty maps": bundle(arr(_N) + b"\x80" * _N),
+        "steps of one array each": bundle(arr(4096) + (b"\xdd" + (1000).to_bytes(4, "big") + b"\x90" * 1000)
+                                          * 4096),
+        "short strings": arr(_N // 3) + b"\xa2ab" * (_N // 3),
+        "short strings, as many as a prompt's ids": arr(protocol.MAX_IDS) + b"\xa2ab" * protocol.MAX_IDS,
+    }
+
+
+def _readers() -> dict[str, Any]:
+    from azu.verification.commitment import shape_of
+
+    return {"inbox message": protocol.unpack_inbox, "step payload": StepPayload.unpack,
+            "job grant": protocol.JobGrant.unpack, "report": protocol.Report.unpack,
+            "small report": lambda b: protocol.Report.unpack(b[:protocol.SMALL_REPORT]),
+            "task body": protocol.unpack_task_body, "commitment": shape_of}
+
+
+@pytest.mark.parametrize("reader", sorted(_readers()))
+@pytest.mark.parametrize("bomb", sorted(_bombs()))
+def test_a_strangers_message_costs_its_reader_little(reader: str, bomb: str) -> None:
+    import tracemalloc
+
+    blob = _bombs()[bomb]
+    read = _readers()[reader]
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequest):
+            read(blob)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Unbounded, each of these would cost about 1.1 GB; a reader now stops at its limits (the most: a list as
+    # long as a prompt may be, of strings where ids belong, 60 MB until the list is complete and refused).
+    assert peak < 80 << 20, f"{reader} built {peak >> 20} MB for a {len(blob) >> 20} MiB message of {bomb}"
+
+
+def test_token_ids_of_one_bundle_share_one_budget() -> None:
+    """A bundle of payloads that each hold a long prompt: the ids of all of them count together."""
+    grant = GRANT.pack()
+    ids = list(range(1000, 1000 + protocol.MAX_IDS * 3 // 4))
+    long = StepPayload(job_id="j", step=0, hop=0, pos=0, x=ids, grant=grant, grant_sig=b"s" * 64).pack()
+    assert len(StepPayload.unpack(long).x) == protocol.MAX_IDS * 3 // 4  # one such prompt is fine
+    bundle = protocol.StepBundle(sender="a", steps=(long,) * 2, sig=b"s" * 64)
+    with pytest.raises(InvalidRequest, match="more list items"):
+        bundle.payloads()
+    with pytest.raises(InvalidRequest):  # a list of ids holds ids only
+        StepPayload.unpack(msgpack.packb(msgpack.unpackb(long, raw=False) | {"x": [1, [2]]},
+                                         use_bin_type=True))
+
+
+def test_large_reports_of_the_shapes_workers_send_still_read() -> None:
+    evidence = protocol.Report("w", "evidence", {"job_id": "j", "epoch": 0, "bundles": [b"b" * 4096] * 2000},
+                               b"s" * 64).pack()
+    assert len(evidence) > protocol.SMALL_REPORT
+    assert len(protocol.Report.unpack(evidence).body["bundles"]) == 2000
+    stages = [["m", 0, 2, True, False]] * 40
+    heartbeat = protocol.Report("w", "heartbeat", {"stages": stages, "device": "cpu"}, b"s" * 64).pack()
+    assert len(protocol.Report.unpack(heartbeat).body["stages"]) == 40
+    with pytest.raises(InvalidRequest):  # a large report holds one list of bytes at most
+        protocol.Report.unpack(protocol.Report("w", "heartbeat", {"stages": [["m", 0, 2]] * 4, "pad": b"p" * (
+            2 << 20)}, b"s" * 64).pack())
 
 
 def test_signatures_bind_their_bytes_and_kind() -> None:
@@ -374,6 +454,10 @@ def test_bad_requests_are_refused(r, inline) -> None:
                    max_tokens=4) | kw
         with pytest.raises(InvalidRequest):
             jobs.submit_job(r, jobs.JobRequest(**req), dispatch=net)
+    with pytest.raises(InvalidRequest, match="a step may carry"):  # more than a worker reads of one step
+        long = jobs.JobRequest(job_id="x0", user_id="u", model_id=model_id, prompt_ids=[1] * 50_000,
+                               max_tokens=jobs.MAX_TOKENS)
+        jobs.submit_job(r, long, dispatch=net)
     with pytest.raises(NotFound):
         jobs.submit_job(r, jobs.JobRequest(job_id="x1", user_id="u", model_id="no-such-model", prompt_ids=[1],
                                            max_tokens=1), dispatch=net)
