@@ -701,13 +701,18 @@ class WorkerNode:
             for rows in batches:
                 if not rows:
                     continue
-                ran = self._forward(stage_id, stage, rows, queue)
+                finished = [r.item.step for r in rows if r.last]  # before the forward moves the rows on
+                ran, seconds = self._forward(stage_id, stage, rows, queue)
                 # More to run while this batch travels: what is queued, or other jobs' steps due soon.
                 self._more_to_run = bool(queue) or self._jobs_due(now) > len(ran)
                 if stage_id[1].head:
                     self._finish_steps(ran)
                 else:
                     self._send_on(ran)
+                # The metrics once the batch is on its way: right after a forward, whose weights have pushed
+                # this process's own data out of the CPU's caches, each line of Python costs several times
+                # its usual time, and the next hop waits for what runs before the hand-over.
+                self._observe_forward(seconds, len(rows), finished)
                 done += len(ran)
         return done
 
@@ -730,10 +735,10 @@ class WorkerNode:
         self.report("job_failed", {"job_id": job_id, "reason": reason[:2000]})
 
     def _forward(self, stage_id: StageId, stage: Stage, rows: list[batching.Row],
-                 queue: batching.StepQueue) -> list[_Ran]:
+                 queue: batching.StepQueue) -> tuple[list[_Ran], float]:
         """Run ``rows`` as one batch (job by job if the batch fails before it touched a cache) and return
         the steps they finished: a prompt's output once its last chunk has run (hidden states of all its
-        positions, or the logits of its last one at the head)."""
+        positions, or the logits of its last one at the head); and the seconds the batch took."""
         started = time.perf_counter()
         outs: list[Any] = []
         try:
@@ -756,7 +761,7 @@ class WorkerNode:
                         outs.append(stage.forward(job_id, r.x))
                     except Exception as single:
                         outs.append(single)
-        self._observe_forward(started, rows)
+        seconds = time.perf_counter() - started
         ran: list[_Ran] = []
         for r, out in zip(rows, outs, strict=True):
             item = r.item
@@ -776,12 +781,11 @@ class WorkerNode:
                 ran.append(_Ran(replace(item.step, pos=first_pos), out, replay=False))
             elif last:
                 ran.append(_Ran(item.step, out, replay=False))
-        return ran
+        return ran, seconds
 
-    def _observe_forward(self, started: float, rows: list[batching.Row]) -> None:
-        self.metrics.step_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(rows))
-        finished = [r.item.step for r in rows if r.last]
+    def _observe_forward(self, seconds: float, rows: int, finished: list[StepPayload]) -> None:
+        self.metrics.step_seconds.observe(seconds)
+        self.metrics.batch_size.observe(rows)
         prefill = sum(1 for s in finished if s.step == s.g.start)
         if prefill:
             self.metrics.steps.labels("prefill").inc(prefill)
@@ -841,8 +845,8 @@ class WorkerNode:
                 inbox.look_at_control(pipe, control_queue(self.worker_id), self.worker_id)
             try:
                 if rest:
-                    self.metrics.handovers.labels("redis").inc(len(rest))
                     answers = inbox.deliver(pipe, rest, dispatch=self.dispatch)
+                    self.metrics.handovers.labels("redis").inc(len(rest))  # after: off the step's path
                 else:
                     answers = pipe.execute(raise_on_error=False) if len(pipe) else []
             except Exception:

@@ -10,6 +10,7 @@ step payload, in grants, in the job's record) and has to be parsed from a strang
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -42,11 +43,17 @@ def pack_tensor(t: torch.Tensor) -> bytes:
 
         return save({"x": t})
     size = t.numel() * t.element_size()
-    header = json.dumps({"x": {"dtype": code, "shape": list(t.shape), "data_offsets": [0, size]}},
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if size else b""
+    return b"".join((_header(code, tuple(t.shape), size), data))
+
+
+@functools.lru_cache(maxsize=256)
+def _header(code: str, shape: tuple[int, ...], size: int) -> bytes:
+    """The length-prefixed safetensors header of one tensor ``x`` (a decode step's is the same every step)."""
+    header = json.dumps({"x": {"dtype": code, "shape": list(shape), "data_offsets": [0, size]}},
                         separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if size else b""
-    return b"".join((len(header).to_bytes(8, "little"), header, data))
+    return len(header).to_bytes(8, "little") + header
 
 
 def unpack_tensor(data: bytes) -> torch.Tensor:
