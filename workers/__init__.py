@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 from celery import Celery, Task
+from kombu import compression
 from kombu.serialization import register
 
 from azu.network.dispatch import set_dispatcher
@@ -49,6 +50,16 @@ logging.setLogRecordFactory(_bind_task_id(logging.getLogRecordFactory()))
 # another worker's login put on this worker's queue (azu.network.wire.Limits). Written as kombu writes it.
 register("msgpack", lambda body: msgpack.packb(body, use_bin_type=True), unpack_task_body,
          content_type="application/x-msgpack", content_encoding="binary")
+
+
+def _refuse_compressed(body: bytes) -> bytes:
+    raise ValueError("a compressed message: azu sends none (its size unpacked is the sender's to choose)")
+
+
+# kombu unpacks a message its ``compression`` header names before anything reads it: 785 bytes of bzip2 are
+# 1 GiB. azu compresses nothing, so every compression kombu knows is refused here (encoders kept as they are).
+for _kind in compression.encoders():
+    compression.register(compression.get_encoder(_kind)[0], _refuse_compressed, _kind)
 
 app = Celery("workers", task_cls=AzuTask,
              include=["workers.payouts", "workers.stage", "workers.scheduler", "workers.registry"])

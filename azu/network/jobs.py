@@ -25,7 +25,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,6 +40,9 @@ from azu.network import auth, directory, inbox, keys, placement
 from azu.network.dispatch import Dispatcher, get_dispatcher, send_load, send_settle
 from azu.network.wire import (
     MAX_IDS,
+    MAX_MESSAGE,
+    MAX_STEPS,
+    MAX_STOP_IDS,
     EndOrder,
     Hop,
     JobGrant,
@@ -151,6 +154,8 @@ def _validate(req: JobRequest, info: ModelInfo) -> None:
         raise InvalidRequest(f"stop must be a list of at most {MAX_STOP_STRINGS} strings", param="stop")
     if req.stop_token_ids is not None and not all(isinstance(t, int) for t in req.stop_token_ids):
         raise InvalidRequest("stop_token_ids must be token ids", param="stop_token_ids")
+    if req.stop_token_ids is not None and len(req.stop_token_ids) > MAX_STOP_IDS:  # they travel in the grant
+        raise InvalidRequest(f"at most {MAX_STOP_IDS} stop_token_ids", param="stop_token_ids")
 
 
 # --- submitting and starting --------------------------------------------------------------------
@@ -432,6 +437,22 @@ def start_job(r: redis.Redis, job_id: str, route: list[Hop], *, dispatch: Dispat
     pipe.hset(keys.job(job_id), mapping={"status": "running", "route": route_json, "grant": grant,
                                          "grant_sig": grant_sig, "epoch": "0", "updated": str(time.time())})
     send_steps(r, [first], dispatch=dispatch, pipe=pipe)
+
+
+def parts(steps: Sequence[StepPayload]) -> Iterator[Sequence[StepPayload]]:
+    """``steps`` in runs that each make bundles a receiver reads (``wire.INBOX``: at most ``MAX_STEPS`` steps
+    and ``MAX_MESSAGE`` bytes, here counted with room to spare): a micro-batch of thousands of jobs, or of
+    large hidden states, goes in several bundles."""
+    start, size = 0, 0
+    for i, step in enumerate(steps):
+        x = step.x
+        n = (len(x) if isinstance(x, bytes) else 9 * len(x)) + len(step.grant) + len(step.job_id) + 128
+        if i > start and (i - start >= MAX_STEPS or size + n > MAX_MESSAGE // 2):
+            yield steps[start:i]
+            start, size = i, 0
+        size += n
+    if start < len(steps):
+        yield steps[start:]
 
 
 def bundles(steps: Sequence[StepPayload], *, sender: str, key: Any) -> dict[str, bytes]:

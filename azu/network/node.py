@@ -110,7 +110,7 @@ class WorkerNode:
         self.core_key = core_public_key or auth.core_public_key()
         self.reports_key = reports_key  # where reports go (tests keep in-process nodes apart)
         self.grant_cache = auth.GrantCache()
-        self.grants: dict[bytes, JobGrant] = {}  # parsed grants by their bytes (bounded in _admit_bundle)
+        self.grants: dict[bytes, JobGrant] = {}  # verified grants by their bytes (bounded in _admit_bundle)
         self.worker_id = worker_id
         self.dispatch = dispatch
         self.device = device
@@ -519,6 +519,7 @@ class WorkerNode:
         for p in payloads:
             try:
                 self.grant_cache.check(self.core_key, p.grant, p.grant_sig)  # once per grant
+                self.grants[p.grant] = p.g  # parsed once: only now that its signature is checked
                 self._admit(p, bundle.sender, sender_key, now)
                 out.append(p)
             except AzuError as exc:
@@ -792,6 +793,14 @@ class WorkerNode:
         if len(finished) - prefill:
             self.metrics.steps.labels("decode").inc(len(finished) - prefill)
 
+    def _hand_over_parts(self, nexts: list[StepPayload], *, reports: list[bytes] | None = None) -> None:
+        """``_hand_over`` of ``nexts`` in as many bundles as a receiver may read (``jobs.parts``: one, unless
+        thousands of steps or large states), ``reports`` with the last."""
+        *before, last = list(jobs.parts(nexts)) or [[]]
+        for part in before:
+            self._hand_over(list(part))
+        self._hand_over(list(last), reports=reports)
+
     def _hand_over(self, nexts: list[StepPayload], *, reports: list[bytes] | None = None) -> None:
         """Send steps on, in one bundle per next worker signed by this worker: straight to the workers with a
         direct path (now), the rest through Redis in one round trip with ``reports`` and every other report
@@ -903,7 +912,7 @@ class WorkerNode:
             else:
                 state.last_out[r.step.hop] = (r.step.step, [nxt])
             nexts.append(nxt)
-        self._hand_over(nexts)
+        self._hand_over_parts(nexts)
         # Commitments after the hand-over: off the step's critical path (the next hop is already working).
         self._send_commits([(r.step, r.out) for r in ran if not r.replay])
 
@@ -984,7 +993,7 @@ class WorkerNode:
                 ended.append((s.job_id, s.g.epoch))
                 continue
             nexts.append(replace(s, step=s.step + 1, hop=0, pos=g.prompt_len + s.step, x=[token]))
-        self._hand_over(nexts, reports=reports)
+        self._hand_over_parts(nexts, reports=reports)
         self._send_commits(logits)
         for job_id, epoch in ended:  # after the commitments: the end sends the last (final) chunk
             self._end_local(job_id, epoch)

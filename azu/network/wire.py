@@ -11,6 +11,7 @@ step payload, in grants, in the job's record) and has to be parsed from a strang
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 from collections.abc import Mapping
@@ -238,18 +239,19 @@ class JobGrant:
 # --- what a stranger's bytes may cost to read -----------------------------------------------------
 @dataclass(frozen=True)
 class Limits:
-    """How much reading one kind of message may build. MessagePack unbounded turns each byte of a stranger's
-    message into an object: 16 MiB of empty maps is 1.1 GB of Python dicts, so one push of an enrolled
-    worker onto another's inbox, or onto the core's report list, could take the reader's memory. Every
-    reader here parses with the limits of what it expects: the message's size, how many arrays and maps
-    (the outermost counted), how many items in any one array or pairs in any one map; and, where a message
-    may hold a long list (a prompt's token ids), ``Items`` caps the items of all its lists together. What
-    is left is a small factor of the message's own size (docs/security.md)."""
+    """How much reading one kind of message may build. MessagePack read without limits turns each byte of a
+    stranger's message into an object: 16 MiB of empty maps is 1.1 GB of Python dicts, so one push of an
+    enrolled worker onto another's inbox, or onto the core's report list, could take the reader's memory.
+    Every reader here first walks the message's headers without building anything (``_scan``) and refuses
+    it past its kind's limits: its size, how many objects it holds, how deeply arrays and maps nest (arrays
+    left open count as they are read: a hook that runs when a container is complete never sees them). Only
+    then is it parsed; where a message may hold long lists (a prompt's token ids), ``Items`` caps the items
+    of all the lists of one bundle together. What is left is about the message's own size
+    (docs/security.md)."""
 
     max_bytes: int
-    containers: int
-    max_array: int
-    max_map: int
+    objects: int  # values of every kind, containers and map keys included
+    depth: int  # arrays and maps inside one another, the outermost counted
 
 
 class Items:
@@ -264,52 +266,85 @@ class Items:
             raise InvalidRequest(f"{what}: more list items than a message may hold")
 
 
-MAX_MESSAGE = 64 << 20  # a hand-over of a prompt's chunk is less (512 rows x hidden 16384 x 4 bytes: 32 MiB)
+MAX_MESSAGE = 64 << 20  # one bundle (senders split larger hand-overs: azu.network.jobs.bundles)
 MAX_HOPS = 256  # a route's hops: at least a layer each
 MAX_STEPS = 4096  # step payloads in one bundle (azu.network.inbox.BATCH_MAX)
 MAX_IDS = 1 << 20  # token ids of all the payloads of one bundle (a prompt, or one id a step)
-SMALL_REPORT = 1 << 20  # reports up to this size may have any shape reports have; larger ones are flat
+MAX_STOP_IDS = 1024  # stop token ids of one job (they travel in its grant)
 
-INBOX = Limits(MAX_MESSAGE, containers=2, max_array=MAX_STEPS, max_map=3)  # a bundle or an end order
-PAYLOAD = Limits(MAX_MESSAGE, containers=2, max_array=MAX_IDS, max_map=len(("job", "step", "hop", "pos", "x",
-                                                                               "grant", "gsig")))
-GRANT = Limits(16 << 20, containers=MAX_HOPS + 6, max_array=1024, max_map=16)
-REPORT = Limits(SMALL_REPORT, containers=64, max_array=256, max_map=32)
-# A Celery task's body as the GPU workers' broker login may write it onto another worker's queue: (args,
-# kwargs, embed), where the args of a wake-up are the bundles it carries.
-TASK_BODY = Limits(MAX_MESSAGE, containers=32, max_array=MAX_STEPS, max_map=32)
-# A large report (evidence: the bundles a worker kept; a long prompt's commitment) is a map, its body, and
-# at most one list, of bytes.
-REPORT_BULK = Limits(512 << 20, containers=3, max_array=1 << 18, max_map=16)
+INBOX = Limits(MAX_MESSAGE, objects=2 * 3 + MAX_STEPS + 1, depth=2)  # a bundle or an end order
+PAYLOAD = Limits(MAX_MESSAGE, objects=2 * 7 + MAX_IDS + 1, depth=2)  # the list: token ids
+GRANT = Limits(16 << 20, objects=MAX_HOPS * 8 + MAX_STOP_IDS + 256, depth=3)  # grant, route, hop
+# Reports of every kind: a heartbeat's stages, an evidence report's kept bundles (a job's whole answer),
+# a commitment.
+REPORT = Limits(512 << 20, objects=1 << 18, depth=4)
+# A Celery task's body as another worker's broker login may write it onto a worker's queue: (args, kwargs,
+# embed), where the args of a wake-up are the bundles it carries.
+TASK_BODY = Limits(MAX_MESSAGE, objects=MAX_STEPS + 256, depth=4)
+
+_ARRAY = frozenset((*range(0x90, 0xA0), 0xDC, 0xDD))  # MessagePack's array headers
+_MAP = frozenset((*range(0x80, 0x90), 0xDE, 0xDF))  # and map headers
+
+
+_INT = frozenset((*range(0x00, 0x80), *range(0xCC, 0xD4), *range(0xE0, 0x100)))  # and integers
+
+
+def _scan(data: bytes, limits: Limits, *, arrays_of_ints: bool = False) -> None:
+    """Walk ``data``'s headers, building nothing (msgpack's ``skip`` for everything but arrays and maps),
+    and raise ValueError once it holds more objects, or nests deeper, than ``limits`` allow, or is not one
+    whole message. ``arrays_of_ints``: an array may hold integers only."""
+    # Read from a stream, a chunk at a time: fed whole, the walker would hold a copy of the message.
+    walker = msgpack.Unpacker(io.BytesIO(data), max_buffer_size=max(1, len(data)), max_ext_len=0)
+    left = [1]  # values still to read at each open level: the message itself, one value
+    in_array = [False]  # whether that level is an array
+    seen = 0
+    while left:
+        if not left[-1]:
+            left.pop()
+            in_array.pop()
+            continue
+        left[-1] -= 1
+        seen += 1
+        if seen > limits.objects:
+            raise ValueError(f"more than {limits.objects} values")
+        head = data[walker.tell()]
+        if arrays_of_ints and in_array[-1] and head not in _INT:
+            raise ValueError("an array of something else than integers")
+        if head in _ARRAY:
+            n, array = walker.read_array_header(), True
+        elif head in _MAP:
+            n, array = 2 * walker.read_map_header(), False
+        else:
+            walker.skip()
+            continue
+        if n:
+            if len(left) > limits.depth:
+                raise ValueError(f"arrays and maps nested more than {limits.depth} deep")
+            left.append(n)
+            in_array.append(array)
+    if walker.tell() != len(data):
+        raise ValueError("bytes after the message")
 
 
 def _msgpack(data: Any, what: str, limits: Limits, *, ids: Items | None = None) -> Any:
-    """``data`` parsed within ``limits``; InvalidRequest (nothing more built) as soon as it exceeds them.
-    ``ids``: the message's lists hold token ids only, counted against this budget as they are read."""
+    """``data`` parsed within ``limits``; InvalidRequest, with nothing built, if it exceeds them. ``ids``:
+    the message's lists hold token ids only, counted against this budget."""
     if not isinstance(data, bytes):
         raise InvalidRequest(f"{what} must be bytes")
     if len(data) > limits.max_bytes:
         raise InvalidRequest(f"{what} of {len(data)} bytes is larger than {limits.max_bytes}")
-    built = 0
 
-    def container(value: Any) -> Any:  # called as each array or map is complete, inner ones first
-        nonlocal built
-        built += 1
-        if built > limits.containers:
-            raise ValueError(f"more than {limits.containers} arrays and maps")
+    def token_ids(value: list[Any]) -> list[Any]:
+        assert ids is not None
+        ids.take(len(value), what)
+        if not all(type(v) is int for v in value):  # exactly int: a bool is not a token id
+            raise ValueError("a list that is not of token ids")
         return value
 
-    def array(value: list[Any]) -> list[Any]:
-        if ids is not None:
-            ids.take(len(value), what)
-            if not all(type(v) is int for v in value):  # exactly int: a bool is not a token id
-                raise ValueError("a list that is not of token ids")
-        return container(value)
-
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, list_hook=array, object_hook=container,
-                               max_array_len=limits.max_array, max_map_len=limits.max_map, max_ext_len=0,
-                               max_str_len=limits.max_bytes, max_bin_len=limits.max_bytes)
+        _scan(data, limits, arrays_of_ints=ids is not None)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, max_ext_len=0,
+                               **({"list_hook": token_ids} if ids is not None else {}))
     except InvalidRequest:
         raise
     except Exception as exc:
@@ -392,12 +427,14 @@ class StepPayload:
                               "x": self.x, "grant": self.grant, "gsig": self.grant_sig}, use_bin_type=True)
 
     @classmethod
-    def unpack(cls, data: bytes, *, grants: dict[bytes, JobGrant] | None = None,
-               ids: Items | None = None) -> StepPayload:
+    def unpack(cls, data: bytes, *, grants: Mapping[bytes, JobGrant] | None = None,
+               fresh: dict[bytes, JobGrant] | None = None, ids: Items | None = None) -> StepPayload:
         """The payload in ``data``; InvalidRequest if it is not exactly a well-typed step payload.
 
-        ``grants``: parsed grants by their bytes, reused (the signature is checked elsewhere, once). ``ids``:
-        the budget of token ids this payload's bundle has left (``bundle_payloads``)."""
+        ``grants``: grants already parsed and verified, by their bytes (the reader adds a grant there once
+        its signature is checked, never before: a stranger's unsigned grants must not stay). ``fresh``: the
+        grants parsed meanwhile (a bundle's payloads often share one). ``ids``: the budget of token ids this
+        payload's bundle has left (``StepBundle.payloads``)."""
         d = _fields(_msgpack(data, "step payload", PAYLOAD, ids=ids or Items(MAX_IDS)), cls._KEYS,
                     "step payload")
         x = d["x"]
@@ -408,9 +445,11 @@ class StepPayload:
         grant = _bytes(d["grant"], "grant")
         info = grants.get(grant) if grants is not None else None
         if info is None:
+            info = fresh.get(grant) if fresh is not None else None
+        if info is None:
             info = JobGrant.unpack(grant)
-            if grants is not None:
-                grants[grant] = info
+            if fresh is not None:
+                fresh[grant] = info
         hop = _int(d["hop"], "hop")
         if hop >= len(info.route):
             raise InvalidRequest(f"malformed step payload: hop {hop} is not on the route")
@@ -441,10 +480,11 @@ class StepBundle:
     def unpack(cls, data: bytes) -> StepBundle:
         return cls._from(_msgpack(data, "step bundle", INBOX))
 
-    def payloads(self, *, grants: dict[bytes, JobGrant] | None = None) -> list[StepPayload]:
-        """The bundle's step payloads, parsed with one budget of token ids for all of them."""
-        ids = Items(MAX_IDS)
-        return [StepPayload.unpack(b, grants=grants, ids=ids) for b in self.steps]
+    def payloads(self, *, grants: Mapping[bytes, JobGrant] | None = None) -> list[StepPayload]:
+        """The bundle's step payloads, parsed with one budget of token ids for all of them (``grants``: as
+        ``StepPayload.unpack``'s)."""
+        ids, fresh = Items(MAX_IDS), dict[bytes, JobGrant]()
+        return [StepPayload.unpack(b, grants=grants, fresh=fresh, ids=ids) for b in self.steps]
 
     @classmethod
     def _from(cls, raw: Any) -> StepBundle:
@@ -478,8 +518,7 @@ class Report:
 
     @classmethod
     def unpack(cls, data: bytes) -> Report:
-        limits = REPORT if isinstance(data, bytes) and len(data) <= SMALL_REPORT else REPORT_BULK
-        d = _fields(_msgpack(data, "report", limits), ("w", "k", "b", "sig"), "report")
+        d = _fields(_msgpack(data, "report", REPORT), ("w", "k", "b", "sig"), "report")
         kind = d["k"]
         if kind not in REPORT_KINDS:
             raise InvalidRequest(f"unknown report kind {kind!r}")
