@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = 8
+_SHOWN.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``value`` as an error message quotes it: cut short. What a stranger sent may be megabytes, and a
+    message that quoted it whole would copy it several times over (repr, the message, the log line)."""
+    return _SHOWN.repr(value)
+
 
 class AzuError(Exception):
     """Base of every error azu raises on purpose. `status` is the HTTP status the API answers with."""

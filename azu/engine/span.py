@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from azu.errors import InvalidRequest
+from azu.errors import InvalidRequest, shown
 
 
 @dataclass(frozen=True, order=True)
@@ -44,8 +44,8 @@ class Span:
         try:
             first, last, embeddings, head = value
         except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"malformed span {value!r}") from exc
+            raise InvalidRequest(f"malformed span {shown(value)}") from exc
         if not (isinstance(first, int) and isinstance(last, int) and isinstance(embeddings, bool)
                 and isinstance(head, bool)) or isinstance(first, bool) or isinstance(last, bool):
-            raise InvalidRequest(f"malformed span {value!r}")
+            raise InvalidRequest(f"malformed span {shown(value)}")
         return cls(first, last, embeddings, head)

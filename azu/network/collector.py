@@ -42,7 +42,7 @@ import redis
 from azu import metrics
 from azu.config import Settings, get_settings
 from azu.engine.span import Span
-from azu.errors import AzuError, Forbidden, InvalidRequest
+from azu.errors import AzuError, Forbidden, InvalidRequest, shown
 from azu.network import auth, directory, jobs, keys, watchdog
 from azu.network.dispatch import Dispatcher, get_dispatcher, send_settle, worker_queue
 from azu.network.inbox import pop_all
@@ -53,6 +53,7 @@ from azu.verification.commitment import CHUNK, TOP_K, shape_of
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024
+MAX_FIELD = 256  # characters of a heartbeat's text fields (device, P2P address, wallet)
 MAX_TOKEN_REPORT = 4096  # bytes: a token report names a worker, a job (<= 128 characters) and three numbers
 LEASE_S = 10
 LEASE_RENEW_S = 1.0  # the loop renews its lease this often (a pop waits wait_s at most before it renews)
@@ -136,7 +137,7 @@ class Collector:
             try:
                 rep = self.verify(blob)
             except AzuError as exc:
-                log.warning("report refused: %s", exc.message)
+                log.warning("report refused: %s", exc.message[:500])  # it may quote what a stranger sent
                 self.tally.add(metrics.CORE_REPORTS, kind="unverified", outcome="refused")
                 continue
             if rep.kind == "token" and len(blob) > MAX_TOKEN_REPORT:
@@ -155,7 +156,7 @@ class Collector:
                 self._HANDLERS[rep.kind](self, rep)
             except AzuError as exc:
                 outcome = "refused"
-                log.warning("%s report from %s refused: %s", rep.kind, rep.worker_id, exc.message)
+                log.warning("%s report from %s refused: %s", rep.kind, rep.worker_id[:64], exc.message[:500])
             except Exception:
                 outcome = "error"
                 log.exception("%s report from %s failed", rep.kind, rep.worker_id)
@@ -281,16 +282,20 @@ class Collector:
         stages: list[tuple[str, Span]] = []
         for s in b.get("stages") or []:
             if not isinstance(s, list) or not s or not isinstance(s[0], str):
-                raise InvalidRequest(f"malformed held stage {s!r}")
+                raise InvalidRequest(f"malformed held stage {shown(s)}")
             span = Span.from_list(list(s[1:]))
             if jobs.span_key(s[0], span) in ordered:
                 stages.append((s[0], span))
             else:
                 log.warning("worker %s claims %s %s, never ordered: ignored", rep.worker_id, s[0], span)
+        # What the record keeps of the worker's own words, cut short: every job's submit reads every record,
+        # and the P2P address travels in the grant of every job routed through the worker.
         info = directory.WorkerInfo(
-            worker_id=rep.worker_id, queue=worker_queue(rep.worker_id), device=_text(b.get("device")) or "?",
+            worker_id=rep.worker_id, queue=worker_queue(rep.worker_id),
+            device=_text(b.get("device"))[:MAX_FIELD] or "?",
             total_memory=_count(b.get("total_memory")), free_memory=_count(b.get("free_memory")),
-            p2p_url=_opt(b.get("p2p_url")), wallet=_opt(b.get("wallet")), stages=sorted(stages),
+            p2p_url=_short(_opt(b.get("p2p_url")), "p2p_url"), wallet=_short(_opt(b.get("wallet")), "wallet"),
+            stages=sorted(stages),
             cached_jobs=_count(b.get("cached_jobs")), started_at=float(_count(b.get("started_at"))))
         directory.register(self.r, info)
 
@@ -372,7 +377,7 @@ class Collector:
     def _pong(self, rep: Report) -> None:
         key = _text(rep.body.get("key"))
         if not key.startswith(keys.PING_PREFIX):
-            raise Forbidden(f"pong key {key!r} is not a health-check key")
+            raise Forbidden(f"pong key {shown(key)} is not a health-check key")
         self.r.set(key, _text(rep.body.get("value")), ex=3600)
 
     _HANDLERS: dict[str, Callable[[Collector, Report], None]] = {
@@ -388,6 +393,13 @@ def _text(value: Any) -> str:
 
 def _opt(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _short(value: str | None, what: str) -> str | None:
+    """A value the worker names for itself (an address, a wallet), refused past ``MAX_FIELD`` characters."""
+    if value is not None and len(value) > MAX_FIELD:
+        raise InvalidRequest(f"heartbeat {what} of more than {MAX_FIELD} characters")
+    return value
 
 
 def _count(value: Any) -> int:

@@ -54,7 +54,7 @@ from nacl.public import Box, PrivateKey
 from nacl.secret import SecretBox
 from nacl.signing import SigningKey, VerifyKey
 
-from azu.errors import AzuError, InvalidRequest
+from azu.errors import AzuError, InvalidRequest, shown
 from azu.network import auth
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def parse_address(url: str) -> tuple[str, int]:
     except ValueError:
         port = None
     if not parts.hostname or port is None:
-        raise InvalidRequest(f"a P2P address must be host:port (as in tcp://10.0.0.5:8003), got {url!r}")
+        raise InvalidRequest(f"a P2P address must be host:port (as in tcp://10.0.0.5:8003), got {shown(url)}")
     return parts.hostname, port
 
 

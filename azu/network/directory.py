@@ -23,7 +23,7 @@ import redis
 
 from azu.config import get_settings
 from azu.engine.span import Span
-from azu.errors import InvalidRequest
+from azu.errors import InvalidRequest, shown
 from azu.network import keys
 
 
@@ -55,7 +55,7 @@ class WorkerInfo:
         stages = []
         for s in d.get("stages", []):
             if not isinstance(s, list) or not s or not isinstance(s[0], str):
-                raise InvalidRequest(f"malformed held stage {s!r} in a worker record")
+                raise InvalidRequest(f"malformed held stage {shown(s)} in a worker record")
             stages.append((s[0], Span.from_list(s[1:])))
         d["stages"] = stages
         return cls(**d)

@@ -62,6 +62,7 @@ MAX_TOKENS = 1_000_000
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 1_000_000
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 4096  # each (they travel in the job's grant, which workers read within limits)
 MAX_SEED = 2**63 - 1
 
 
@@ -150,8 +151,9 @@ def _validate(req: JobRequest, info: ModelInfo) -> None:
     if req.seed is not None and (not isinstance(req.seed, int) or not 0 <= req.seed <= MAX_SEED):
         raise InvalidRequest("seed must be a non-negative 63-bit integer", param="seed")
     if (not isinstance(req.stop, list) or len(req.stop) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) for s in req.stop)):
-        raise InvalidRequest(f"stop must be a list of at most {MAX_STOP_STRINGS} strings", param="stop")
+            or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in req.stop)):
+        raise InvalidRequest(f"stop must be a list of at most {MAX_STOP_STRINGS} strings of at most "
+                             f"{MAX_STOP_CHARS} characters", param="stop")
     if req.stop_token_ids is not None and not all(isinstance(t, int) for t in req.stop_token_ids):
         raise InvalidRequest("stop_token_ids must be token ids", param="stop_token_ids")
     if req.stop_token_ids is not None and len(req.stop_token_ids) > MAX_STOP_IDS:  # they travel in the grant

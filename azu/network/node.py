@@ -38,7 +38,9 @@ from azu.network import auth, batching, direct, directory, inbox, jobs, keys, lo
 from azu.network.dispatch import Dispatcher, control_queue, send_forward, worker_queue
 from azu.network.inbox import Inbox
 from azu.network.wire import (
+    MAX_IDS,
     EndOrder,
+    Items,
     JobGrant,
     Report,
     StepBundle,
@@ -258,8 +260,11 @@ class WorkerNode:
         bundle = unpack_inbox(blob)
         if not isinstance(bundle, StepBundle) or bundle.sender == auth.CORE:
             return False
-        first = StepPayload.unpack(bundle.steps[0])  # no shared cache: its grant is not checked yet
-        self._direct_grant_cache.check(self.core_key, first.grant, first.grant_sig)
+
+        def check(grant: bytes, signature: bytes) -> None:  # before the grant is parsed; this thread's cache
+            self._direct_grant_cache.check(self.core_key, grant, signature)
+
+        first = StepPayload.unpack(bundle.steps[0], check=check)
         return (first.here.worker_id == self.worker_id and first.g.key_of(bundle.sender) == sender_key
                 and first.g.expires_at > time.time())
 
@@ -507,7 +512,8 @@ class WorkerNode:
                 if self._core_order("end", bundle.job_id, bundle.epoch, bundle.sig):
                     ends.append(bundle)
                 return []
-            payloads = bundle.payloads(grants=self.grants)
+            parsed = self._payloads(bundle)
+            payloads = [p for p in parsed if isinstance(p, StepPayload)]
             sender_key = self._sender_key(bundle.sender, payloads)
             auth.check(sender_key, auth.STEPS, bundle.signed_part(), bundle.sig,
                        what=f"step bundle from {bundle.sender}")
@@ -516,10 +522,12 @@ class WorkerNode:
             return []
         out = []
         now = time.time()
-        for p in payloads:
+        for p in parsed:
+            if not isinstance(p, StepPayload):  # its grant is not the core's
+                self._refuse(p.message, why=f"payload_{p.code}")
+                continue
             try:
-                self.grant_cache.check(self.core_key, p.grant, p.grant_sig)  # once per grant
-                self.grants[p.grant] = p.g  # parsed once: only now that its signature is checked
+                self.grants[p.grant] = p.g  # kept only now that its signature is checked (_payloads)
                 self._admit(p, bundle.sender, sender_key, now)
                 out.append(p)
             except AzuError as exc:
@@ -530,20 +538,32 @@ class WorkerNode:
             self.evidence.add(blob, kept)
         return out
 
+    def _payloads(self, bundle: StepBundle) -> list[StepPayload | Forbidden]:
+        """The bundle's payloads, each grant's signature checked before the grant is parsed (once per grant:
+        ``grants`` holds those checked); a payload whose grant the core did not sign is its refusal, a
+        malformed one refuses the bundle (InvalidRequest)."""
+        ids, fresh = Items(MAX_IDS), dict[bytes, JobGrant]()
+        out: list[StepPayload | Forbidden] = []
+        for packed in bundle.steps:
+            try:
+                out.append(StepPayload.unpack(packed, grants=self.grants, fresh=fresh, ids=ids,
+                                              check=self._check_grant))
+            except Forbidden as exc:
+                out.append(exc)
+        return out
+
+    def _check_grant(self, grant: bytes, signature: bytes) -> None:
+        self.grant_cache.check(self.core_key, grant, signature)
+
     def _sender_key(self, sender: str, payloads: list[StepPayload]) -> str:
         """The key a bundle's sender must have signed with: the core's, or the one a core-signed grant of
         one of its payloads names for the sender."""
         if sender == auth.CORE:
             return self.core_key
-        for p in payloads:
+        for p in payloads:  # their grants' signatures are checked (_payloads)
             key = p.g.key_of(sender)
-            if key is None:
-                continue
-            try:
-                self.grant_cache.check(self.core_key, p.grant, p.grant_sig)
-            except AzuError:
-                continue
-            return key
+            if key is not None:
+                return key
         raise Forbidden(f"sender {sender} is not on the route of a job the core granted")
 
     def _admit(self, p: StepPayload, sender: str, sender_key: str, now: float) -> None:

@@ -14,14 +14,14 @@ import functools
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from azu.engine.span import Span
-from azu.errors import InvalidRequest
+from azu.errors import InvalidRequest, shown
 from azu.network.dispatch import worker_queue
 
 if TYPE_CHECKING:
@@ -69,13 +69,14 @@ def unpack_tensor(data: bytes) -> torch.Tensor:
 # --- checking what a stranger sent --------------------------------------------------------------
 def _int(value: Any, what: str, *, low: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise InvalidRequest(f"malformed step payload: {what} must be an integer >= {low}, got {value!r}")
+        raise InvalidRequest(f"malformed step payload: {what} must be an integer >= {low}, "
+                             f"got {shown(value)}")
     return value
 
 
 def _float(value: Any, what: str) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidRequest(f"malformed step payload: {what} must be a finite number, got {value!r}")
+        raise InvalidRequest(f"malformed step payload: {what} must be a finite number, got {shown(value)}")
     return float(value)
 
 
@@ -118,7 +119,7 @@ class Hop:
     @classmethod
     def from_list(cls, value: Any) -> Hop:
         if not isinstance(value, list | tuple) or len(value) != 5 or not isinstance(value[0], str):
-            raise InvalidRequest(f"malformed route hop {value!r}")
+            raise InvalidRequest(f"malformed route hop {shown(value)}")
         return cls(value[0], Span.from_list(list(value[1:])))
 
 
@@ -202,14 +203,14 @@ class JobGrant:
     def unpack(cls, data: bytes) -> JobGrant:
         d = _fields(_msgpack(data, "job grant", GRANT), cls._KEYS, "job grant")
         if d["v"] != GRANT_VERSION:
-            raise InvalidRequest(f"job grant version {d['v']!r} is not {GRANT_VERSION}")
+            raise InvalidRequest(f"job grant version {shown(d['v'])} is not {GRANT_VERSION}")
         hops = d["route"]
         if not isinstance(hops, list | tuple) or not hops:
             raise InvalidRequest("malformed job grant: route must be a non-empty list of hops")
         route, pubs = [], []
         for h in hops:
             if not isinstance(h, list | tuple) or len(h) != 6 or not isinstance(h[5], str):
-                raise InvalidRequest(f"malformed job grant hop {h!r}")
+                raise InvalidRequest(f"malformed job grant hop {shown(h)}")
             route.append(Hop.from_list(list(h[:5])))
             pubs.append(h[5])
         manifest = d["manifest"]
@@ -252,6 +253,7 @@ class Limits:
     max_bytes: int
     objects: int  # values of every kind, containers and map keys included
     depth: int  # arrays and maps inside one another, the outermost counted
+    max_str: int  # bytes of any one string (text is short in every message; bytes may be long)
 
 
 class Items:
@@ -272,21 +274,23 @@ MAX_STEPS = 4096  # step payloads in one bundle (azu.network.inbox.BATCH_MAX)
 MAX_IDS = 1 << 20  # token ids of all the payloads of one bundle (a prompt, or one id a step)
 MAX_STOP_IDS = 1024  # stop token ids of one job (they travel in its grant)
 
-INBOX = Limits(MAX_MESSAGE, objects=2 * 3 + MAX_STEPS + 1, depth=2)  # a bundle or an end order
-PAYLOAD = Limits(MAX_MESSAGE, objects=2 * 7 + MAX_IDS + 1, depth=2)  # the list: token ids
-GRANT = Limits(16 << 20, objects=MAX_HOPS * 8 + MAX_STOP_IDS + 256, depth=3)  # grant, route, hop
+INBOX = Limits(MAX_MESSAGE, objects=2 * 3 + MAX_STEPS + 1, depth=2, max_str=1024)  # a bundle or an end order
+PAYLOAD = Limits(MAX_MESSAGE, objects=2 * 7 + MAX_IDS + 1, depth=2, max_str=1024)  # the list: token ids
+# Grant, route, hop; its longest strings: the stop strings (jobs.MAX_STOP_CHARS characters).
+GRANT = Limits(16 << 20, objects=MAX_HOPS * 8 + MAX_STOP_IDS + 256, depth=3, max_str=64 << 10)
 # Reports of every kind: a heartbeat's stages, an evidence report's kept bundles (a job's whole answer),
 # a commitment.
-REPORT = Limits(512 << 20, objects=1 << 18, depth=4)
+REPORT = Limits(512 << 20, objects=1 << 18, depth=4, max_str=64 << 10)
 # A Celery task's body as another worker's broker login may write it onto a worker's queue: (args, kwargs,
 # embed), where the args of a wake-up are the bundles it carries.
-TASK_BODY = Limits(MAX_MESSAGE, objects=MAX_STEPS + 256, depth=4)
+TASK_BODY = Limits(MAX_MESSAGE, objects=MAX_STEPS + 256, depth=4, max_str=64 << 10)
 
 _ARRAY = frozenset((*range(0x90, 0xA0), 0xDC, 0xDD))  # MessagePack's array headers
 _MAP = frozenset((*range(0x80, 0x90), 0xDE, 0xDF))  # and map headers
 
 
 _INT = frozenset((*range(0x00, 0x80), *range(0xCC, 0xD4), *range(0xE0, 0x100)))  # and integers
+_STR_LENGTH = {0xD9: 1, 0xDA: 2, 0xDB: 4}  # a string's header: the bytes of its length after it
 
 
 def _scan(data: bytes, limits: Limits, *, arrays_of_ints: bool = False) -> None:
@@ -294,7 +298,8 @@ def _scan(data: bytes, limits: Limits, *, arrays_of_ints: bool = False) -> None:
     and raise ValueError once it holds more objects, or nests deeper, than ``limits`` allow, or is not one
     whole message. ``arrays_of_ints``: an array may hold integers only."""
     # Read from a stream, a chunk at a time: fed whole, the walker would hold a copy of the message.
-    walker = msgpack.Unpacker(io.BytesIO(data), max_buffer_size=max(1, len(data)), max_ext_len=0)
+    walker = msgpack.Unpacker(io.BytesIO(data), max_buffer_size=max(1, len(data)), max_ext_len=0,
+                              max_str_len=limits.max_str)
     left = [1]  # values still to read at each open level: the message itself, one value
     in_array = [False]  # whether that level is an array
     seen = 0
@@ -315,6 +320,10 @@ def _scan(data: bytes, limits: Limits, *, arrays_of_ints: bool = False) -> None:
         elif head in _MAP:
             n, array = 2 * walker.read_map_header(), False
         else:
+            at = walker.tell()
+            width = _STR_LENGTH.get(head)
+            if width and int.from_bytes(data[at + 1:at + 1 + width], "big") > limits.max_str:
+                raise ValueError(f"a string of more than {limits.max_str} bytes")  # before skip reads it
             walker.skip()
             continue
         if n:
@@ -343,8 +352,9 @@ def _msgpack(data: Any, what: str, limits: Limits, *, ids: Items | None = None) 
 
     try:
         _scan(data, limits, arrays_of_ints=ids is not None)
+        hooks: dict[str, Any] = {"list_hook": token_ids} if ids is not None else {}
         return msgpack.unpackb(data, raw=False, strict_map_key=False, max_ext_len=0,
-                               **({"list_hook": token_ids} if ids is not None else {}))
+                               max_str_len=limits.max_str, **hooks)
     except InvalidRequest:
         raise
     except Exception as exc:
@@ -428,13 +438,16 @@ class StepPayload:
 
     @classmethod
     def unpack(cls, data: bytes, *, grants: Mapping[bytes, JobGrant] | None = None,
-               fresh: dict[bytes, JobGrant] | None = None, ids: Items | None = None) -> StepPayload:
+               fresh: dict[bytes, JobGrant] | None = None, ids: Items | None = None,
+               check: Callable[[bytes, bytes], None] | None = None) -> StepPayload:
         """The payload in ``data``; InvalidRequest if it is not exactly a well-typed step payload.
 
         ``grants``: grants already parsed and verified, by their bytes (the reader adds a grant there once
         its signature is checked, never before: a stranger's unsigned grants must not stay). ``fresh``: the
         grants parsed meanwhile (a bundle's payloads often share one). ``ids``: the budget of token ids this
-        payload's bundle has left (``StepBundle.payloads``)."""
+        payload's bundle has left (``StepBundle.payloads``). ``check(grant, signature)``: raises unless the
+        core signed the grant; called before a grant not in ``grants`` is parsed (a stranger's grants cost
+        a signature check each, not a parse)."""
         d = _fields(_msgpack(data, "step payload", PAYLOAD, ids=ids or Items(MAX_IDS)), cls._KEYS,
                     "step payload")
         x = d["x"]
@@ -442,11 +455,13 @@ class StepPayload:
             x = _ids(x, "x")
             if not x:
                 raise InvalidRequest("malformed step payload: x holds no token ids")
-        grant = _bytes(d["grant"], "grant")
+        grant, grant_sig = _bytes(d["grant"], "grant"), _bytes(d["gsig"], "gsig")
         info = grants.get(grant) if grants is not None else None
         if info is None:
             info = fresh.get(grant) if fresh is not None else None
         if info is None:
+            if check is not None:
+                check(grant, grant_sig)
             info = JobGrant.unpack(grant)
             if fresh is not None:
                 fresh[grant] = info
@@ -454,7 +469,7 @@ class StepPayload:
         if hop >= len(info.route):
             raise InvalidRequest(f"malformed step payload: hop {hop} is not on the route")
         return cls(job_id=_str(d["job"], "job"), step=_int(d["step"], "step"), hop=hop,
-                   pos=_int(d["pos"], "pos"), x=x, grant=grant, grant_sig=_bytes(d["gsig"], "gsig"),
+                   pos=_int(d["pos"], "pos"), x=x, grant=grant, grant_sig=grant_sig,
                    grant_info=info)
 
 
@@ -521,7 +536,7 @@ class Report:
         d = _fields(_msgpack(data, "report", REPORT), ("w", "k", "b", "sig"), "report")
         kind = d["k"]
         if kind not in REPORT_KINDS:
-            raise InvalidRequest(f"unknown report kind {kind!r}")
+            raise InvalidRequest(f"unknown report kind {shown(kind)}")
         if not isinstance(d["b"], Mapping):
             raise InvalidRequest("malformed report: body must be a map")
         return cls(worker_id=_str(d["w"], "worker"), kind=kind, body=dict(d["b"]),

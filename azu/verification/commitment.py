@@ -65,7 +65,7 @@ class RowCommitment:
 def _fields(data: Any) -> tuple[int, int, bytes, bytes]:
     try:
         # One map of four fields (a stranger's bytes: nothing else is built, azu.network.wire.Limits).
-        d = msgpack.unpackb(data, raw=False, max_map_len=4, max_array_len=0, max_ext_len=0,
+        d = msgpack.unpackb(data, raw=False, max_map_len=4, max_array_len=0, max_ext_len=0, max_str_len=64,
                             object_hook=_one_map())
         n, k, i, v = d["n"], d["k"], d["i"], d["v"]
         if not (isinstance(n, int) and isinstance(k, int) and n >= 0 and 0 < k <= 1024

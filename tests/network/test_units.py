@@ -113,6 +113,7 @@ def _bombs() -> dict[str, bytes]:
         "steps of one array each": bundle(arr(4096) + (b"\xdd" + (1000).to_bytes(4, "big") + b"\x90" * 1000)
                                           * 4096),
         "short strings": arr(_N // 3) + b"\xa2ab" * (_N // 3),
+        "a long string": b"\xdb" + _N.to_bytes(4, "big") + b"a" * (_N - 4) + "😀".encode(),
         # Arrays left open, each full of uncached ints: a hook that runs when a container is complete never
         # sees them (the attacker's review of the first limits: 673 MB for 16 MiB).
         "open arrays": (arr(1 << 20) + b"\xe0" * ((1 << 20) - 1)) * 16,
@@ -264,6 +265,37 @@ def test_directory_record_keeps_held_spans(r) -> None:
     directory.deregister(r, "dir-c")
 
 
+def test_a_heartbeat_names_no_address_or_wallet_longer_than_a_field(r) -> None:
+    """The directory record is read at every submit and the P2P address travels in every grant through the
+    worker (the attacker's review: a 29 MB record cost each submit 134 MB)."""
+    from nacl.signing import SigningKey
+
+    from azu.network.collector import MAX_FIELD, Collector
+
+    key = SigningKey.generate()
+    r.set(keys.identity("dir-long"), auth.public_hex(key))
+    collector = Collector(r)
+
+    def heartbeat(**fields: str) -> bytes:
+        body = {"device": "cpu", "total_memory": 1, "free_memory": 1, "stages": [], "cached_jobs": 0,
+                "started_at": 1, **fields}
+        unsigned = protocol.Report("dir-long", "heartbeat", body)
+        return protocol.Report("dir-long", "heartbeat", body,
+                               auth.sign(key, auth.REPORT, unsigned.signed_part())).pack()
+
+    try:
+        for field in ("p2p_url", "wallet"):
+            collector.process([heartbeat(**{field: "x" * (MAX_FIELD + 1)})])
+            assert directory.get_worker(r, "dir-long") is None
+        collector.process([heartbeat(p2p_url="tcp://10.0.0.5:8003", device="d" * 10_000)])
+        record = directory.get_worker(r, "dir-long")
+        assert record is not None and record.p2p_url == "tcp://10.0.0.5:8003"
+        assert len(record.device) == MAX_FIELD
+    finally:
+        directory.deregister(r, "dir-long")
+        r.delete(keys.identity("dir-long"))
+
+
 def test_heartbeat_ttl_is_read_when_asked(r, monkeypatch) -> None:
     directory.register(r, _worker("dir-ttl", 10), now=time.time() - 30)
     assert "dir-ttl" not in {w.worker_id for w in directory.live_workers(r)}  # default TTL: 15 s
@@ -399,23 +431,28 @@ def test_replayed_step_is_answered_not_rerun(r, inline, reference) -> None:
     assert all(not s.jobs for node in net.nodes.values() for s in node.stages.values())
 
 
-def test_a_worker_keeps_only_grants_whose_signature_it_checked(r, inline) -> None:
-    """A bundle of payloads with unsigned grants (the attacker's review: 4096 distinct well-formed grants a
-    bundle stayed in the worker's cache, 537 MB after two) leaves nothing behind; a real job's grant is kept
-    once checked."""
+def test_a_worker_keeps_only_grants_whose_signature_it_checked(r, inline, monkeypatch) -> None:
+    """A bundle of payloads with unsigned grants (the attacker's reviews: 4096 distinct well-formed grants a
+    bundle stayed in the worker's cache, 537 MB after two; parsed before any check, 400 MB and 10 s a
+    bundle) is refused without a grant parsed or kept; a real job's grant is kept once checked."""
     from nacl.signing import SigningKey
 
     net, model_id = inline
     node = net.nodes["i1"]
     node.grants.clear()
+    parsed = []
+    real_unpack = protocol.JobGrant.unpack
+    monkeypatch.setattr(protocol.JobGrant, "unpack",
+                        classmethod(lambda cls, data: parsed.append(data) or real_unpack(data)))
     forged = [replace(GRANT, job_id=f"forged-{i}").pack() for i in range(64)]
     steps = [StepPayload(job_id=f"forged-{i}", step=0, hop=0, pos=0, x=[1, 2], grant=g, grant_sig=b"s" * 64)
              for i, g in enumerate(forged)]
     stranger = SigningKey.generate()
     for sender, key in (("core", stranger), ("i2", stranger)):
         bundle = jobs.bundles(steps, sender=sender, key=key)["a"]
+        parsed.clear()  # the sender's own
         assert node._admit_bundle(bundle, []) == []
-    assert node.grants == {}
+    assert node.grants == {} and parsed == []
     job_id = _submit(r, net, model_id, [1, 2, 3], 2)
     net.run()
     assert jobs.get_job(r, job_id).status == "done"
