@@ -243,12 +243,12 @@ class Limits:
     """How much reading one kind of message may build. MessagePack read without limits turns each byte of a
     stranger's message into an object: 16 MiB of empty maps is 1.1 GB of Python dicts, so one push of an
     enrolled worker onto another's inbox, or onto the core's report list, could take the reader's memory.
-    Every reader here first walks the message's headers without building anything (``_scan``) and refuses
-    it past its kind's limits: its size, how many objects it holds, how deeply arrays and maps nest (arrays
-    left open count as they are read: a hook that runs when a container is complete never sees them). Only
-    then is it parsed; where a message may hold long lists (a prompt's token ids), ``Items`` caps the items
-    of all the lists of one bundle together. What is left is about the message's own size
-    (docs/security.md)."""
+    Every reader here refuses a message past its kind's limits: its size and the length of any string; and,
+    walking a message of more than ``SCAN_FROM`` bytes through its headers without building anything
+    (``_scan``), how many values it holds and how deeply arrays and maps nest (arrays left open count as
+    they are read: a hook that runs when a container is complete never sees them). Only then is it parsed;
+    where a message may hold long lists (a prompt's token ids), ``Items`` caps the items of all the lists of
+    one bundle together. What is left is about the message's own size (docs/security.md)."""
 
     max_bytes: int
     objects: int  # values of every kind, containers and map keys included
@@ -284,6 +284,11 @@ REPORT = Limits(512 << 20, objects=1 << 18, depth=4, max_str=64 << 10)
 # A Celery task's body as another worker's broker login may write it onto a worker's queue: (args, kwargs,
 # embed), where the args of a wake-up are the bundles it carries.
 TASK_BODY = Limits(MAX_MESSAGE, objects=MAX_STEPS + 256, depth=4, max_str=64 << 10)
+
+# Smaller messages are parsed without the walk: each value takes at least one byte, so one of these can
+# build at most a few MB whatever it holds, and the walk would cost every hand-over of a decode step (a
+# few KB) tens of microseconds, right after a forward, when every line of Python runs cold.
+SCAN_FROM = 64 << 10
 
 _ARRAY = frozenset((*range(0x90, 0xA0), 0xDC, 0xDD))  # MessagePack's array headers
 _MAP = frozenset((*range(0x80, 0x90), 0xDE, 0xDF))  # and map headers
@@ -351,7 +356,8 @@ def _msgpack(data: Any, what: str, limits: Limits, *, ids: Items | None = None) 
         return value
 
     try:
-        _scan(data, limits, arrays_of_ints=ids is not None)
+        if len(data) > SCAN_FROM:
+            _scan(data, limits, arrays_of_ints=ids is not None)
         hooks: dict[str, Any] = {"list_hook": token_ids} if ids is not None else {}
         return msgpack.unpackb(data, raw=False, strict_map_key=False, max_ext_len=0,
                                max_str_len=limits.max_str, **hooks)
