@@ -38,9 +38,7 @@ from azu.network import auth, batching, direct, directory, inbox, jobs, keys, lo
 from azu.network.dispatch import Dispatcher, control_queue, send_forward, worker_queue
 from azu.network.inbox import Inbox
 from azu.network.wire import (
-    MAX_IDS,
     EndOrder,
-    Items,
     JobGrant,
     Report,
     StepBundle,
@@ -512,7 +510,8 @@ class WorkerNode:
                 if self._core_order("end", bundle.job_id, bundle.epoch, bundle.sig):
                     ends.append(bundle)
                 return []
-            parsed = self._payloads(bundle)
+            # Each grant's signature checked before it is parsed (once: ``grants`` holds those checked).
+            parsed = bundle.payloads(grants=self.grants, check=self._check_grant)
             payloads = [p for p in parsed if isinstance(p, StepPayload)]
             sender_key = self._sender_key(bundle.sender, payloads)
             auth.check(sender_key, auth.STEPS, bundle.signed_part(), bundle.sig,
@@ -527,7 +526,7 @@ class WorkerNode:
                 self._refuse(p.message, why=f"payload_{p.code}")
                 continue
             try:
-                self.grants[p.grant] = p.g  # kept only now that its signature is checked (_payloads)
+                self.grants[p.grant] = p.g  # kept only now that its signature is checked
                 self._admit(p, bundle.sender, sender_key, now)
                 out.append(p)
             except AzuError as exc:
@@ -538,20 +537,6 @@ class WorkerNode:
             self.evidence.add(blob, kept)
         return out
 
-    def _payloads(self, bundle: StepBundle) -> list[StepPayload | Forbidden]:
-        """The bundle's payloads, each grant's signature checked before the grant is parsed (once per grant:
-        ``grants`` holds those checked); a payload whose grant the core did not sign is its refusal, a
-        malformed one refuses the bundle (InvalidRequest)."""
-        ids, fresh = Items(MAX_IDS), dict[bytes, JobGrant]()
-        out: list[StepPayload | Forbidden] = []
-        for packed in bundle.steps:
-            try:
-                out.append(StepPayload.unpack(packed, grants=self.grants, fresh=fresh, ids=ids,
-                                              check=self._check_grant))
-            except Forbidden as exc:
-                out.append(exc)
-        return out
-
     def _check_grant(self, grant: bytes, signature: bytes) -> None:
         self.grant_cache.check(self.core_key, grant, signature)
 
@@ -560,7 +545,7 @@ class WorkerNode:
         one of its payloads names for the sender."""
         if sender == auth.CORE:
             return self.core_key
-        for p in payloads:  # their grants' signatures are checked (_payloads)
+        for p in payloads:  # their grants' signatures are checked (StepBundle.payloads)
             key = p.g.key_of(sender)
             if key is not None:
                 return key

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from azu.engine.span import Span
-from azu.errors import InvalidRequest, shown
+from azu.errors import Forbidden, InvalidRequest, shown
 from azu.network.dispatch import worker_queue
 
 if TYPE_CHECKING:
@@ -501,11 +501,19 @@ class StepBundle:
     def unpack(cls, data: bytes) -> StepBundle:
         return cls._from(_msgpack(data, "step bundle", INBOX))
 
-    def payloads(self, *, grants: Mapping[bytes, JobGrant] | None = None) -> list[StepPayload]:
-        """The bundle's step payloads, parsed with one budget of token ids for all of them (``grants``: as
-        ``StepPayload.unpack``'s)."""
+    def payloads(self, *, grants: Mapping[bytes, JobGrant] | None = None,
+                 check: Callable[[bytes, bytes], None] | None = None) -> list[StepPayload | Forbidden]:
+        """The bundle's step payloads, parsed with one budget of token ids for all of them, each grant parsed
+        once (``grants``, ``check``: as ``StepPayload.unpack``'s). A payload whose grant ``check`` refused
+        is that refusal in its place (the other payloads stand); a malformed one raises for the bundle."""
         ids, fresh = Items(MAX_IDS), dict[bytes, JobGrant]()
-        return [StepPayload.unpack(b, grants=grants, fresh=fresh, ids=ids) for b in self.steps]
+        out: list[StepPayload | Forbidden] = []
+        for packed in self.steps:
+            try:
+                out.append(StepPayload.unpack(packed, grants=grants, fresh=fresh, ids=ids, check=check))
+            except Forbidden as exc:
+                out.append(exc)
+        return out
 
     @classmethod
     def _from(cls, raw: Any) -> StepBundle:
