@@ -292,8 +292,6 @@ SCAN_FROM = 64 << 10
 
 _ARRAY = frozenset((*range(0x90, 0xA0), 0xDC, 0xDD))  # MessagePack's array headers
 _MAP = frozenset((*range(0x80, 0x90), 0xDE, 0xDF))  # and map headers
-
-
 _INT = frozenset((*range(0x00, 0x80), *range(0xCC, 0xD4), *range(0xE0, 0x100)))  # and integers
 _STR_LENGTH = {0xD9: 1, 0xDA: 2, 0xDB: 4}  # a string's header: the bytes of its length after it
 
@@ -317,7 +315,8 @@ def _scan(data: bytes, limits: Limits, *, arrays_of_ints: bool = False) -> None:
         seen += 1
         if seen > limits.objects:
             raise ValueError(f"more than {limits.objects} values")
-        head = data[walker.tell()]
+        at = walker.tell()
+        head = data[at]
         if arrays_of_ints and in_array[-1] and head not in _INT:
             raise ValueError("an array of something else than integers")
         if head in _ARRAY:
@@ -325,7 +324,6 @@ def _scan(data: bytes, limits: Limits, *, arrays_of_ints: bool = False) -> None:
         elif head in _MAP:
             n, array = 2 * walker.read_map_header(), False
         else:
-            at = walker.tell()
             width = _STR_LENGTH.get(head)
             if width and int.from_bytes(data[at + 1:at + 1 + width], "big") > limits.max_str:
                 raise ValueError(f"a string of more than {limits.max_str} bytes")  # before skip reads it
