@@ -76,5 +76,8 @@ def snapshot(r: redis.Redis, names: list[str]) -> dict[str, Any]:
 
 
 def nopermission(exc: BaseException) -> bool:
+    """Whether Redis refused for lack of permission. Inside a script Redis 7.0 words it "The user executing
+    the script can't run this command" (or "can't access ... keys", "can't publish"); 7.2 and later NOPERM."""
     text = f"{type(exc).__name__} {exc}"
-    return "NOPERM" in text or "NoPermission" in text or "no permissions" in text.lower()
+    return ("NOPERM" in text or "NoPermission" in text or "no permissions" in text.lower()
+            or "the user executing the script can't" in text.lower())
