@@ -43,6 +43,30 @@ def test_tensor_roundtrip_is_exact_and_pickle_free() -> None:
         protocol.unpack_tensor(b"\x80\x04not safetensors")
 
 
+@pytest.mark.parametrize("t", [torch.randn(1, 512), torch.randn(3, 5, 7).bfloat16(), torch.randn(2).half(),
+                               torch.arange(6), torch.arange(4, dtype=torch.int32), torch.zeros(0, 4),
+                               torch.tensor(3.0)], ids=lambda t: f"{t.dtype}-{list(t.shape)}")
+def test_a_tensor_as_pack_tensor_writes_it_reads_back_exactly_writable(t: torch.Tensor) -> None:
+    back = protocol.unpack_tensor(protocol.pack_tensor(t))
+    assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+    back.add_(1)  # its own memory (a stage may work on it in place), not the message's bytes
+
+
+def test_other_safetensors_bytes_read_through_safetensors_and_bad_ones_are_refused() -> None:
+    """Bytes not exactly as pack_tensor writes them go through ``safetensors.torch.load``: any valid file
+    with a tensor ``x`` reads; a length or offsets that do not match the data are refused, not trusted."""
+    from safetensors.torch import save
+
+    t = torch.randn(2, 3)
+    with_metadata = save({"x": t}, metadata={"who": "a stranger"})
+    assert torch.equal(protocol.unpack_tensor(with_metadata), t)
+    good = protocol.pack_tensor(t)
+    for bad in (good[:-4], good + b"\0" * 4, good[:8] + good[8:].replace(b"[0,24]", b"[0,20]"),
+                good[:8] + good[8:].replace(b'"F32"', b'"I64"')):
+        with pytest.raises(InvalidRequest):
+            protocol.unpack_tensor(bad)
+
+
 SAMPLING = Sampling(max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=1, stop=("\n",), stop_ids=(2,),
                     prompt_len=3)
 ROUTE = (Hop("a", Span(0, 2, True, False)), Hop("b", Span(2, 4, False, True)))
