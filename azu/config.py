@@ -83,7 +83,7 @@ class WorkerSettings:
     p2p_listen: str | None = None  # AZU_P2P_LISTEN: host:port to listen on (default 0.0.0.0:<that port>)
     max_cached_tokens: int = 32768  # AZU_MAX_CACHED_TOKENS: KV-cache bound per stage
     kv_idle_s: float = 600.0  # AZU_KV_IDLE_S: free a job's caches after this long untouched
-    linger_s: float = 0.05  # AZU_LINGER_S: how long an idle worker waits on its inbox
+    linger_s: float = 10.0  # AZU_LINGER_S: how long an idle worker's session waits on its inbox for more
     session_s: float = 2.0  # AZU_SESSION_S: how often a forward task looks for a waiting control message
     prefill_chunk: int = 128  # AZU_PREFILL_CHUNK: prompt positions a stage runs per turn
     cpu_kernels: str = "auto"  # AZU_CPU_KERNELS: auto (measured), packed, plain or torch (azu.engine.kernels)
@@ -302,7 +302,7 @@ class Settings:
                 p2p_url=_text(env, "P2P_PUBLIC_URL"), p2p_listen=_text(env, "AZU_P2P_LISTEN"),
                 max_cached_tokens=_int(env, "AZU_MAX_CACHED_TOKENS", 32768) or 32768,
                 kv_idle_s=_float(env, "AZU_KV_IDLE_S", 600.0),
-                linger_s=_float(env, "AZU_LINGER_S", 0.05),
+                linger_s=_float(env, "AZU_LINGER_S", 10.0),
                 session_s=_float(env, "AZU_SESSION_S", 2.0),
                 prefill_chunk=max(1, _int(env, "AZU_PREFILL_CHUNK", 128) or 128),
                 cpu_kernels=_choice(env, "AZU_CPU_KERNELS", CPU_KERNELS, "auto"),

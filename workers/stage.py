@@ -12,16 +12,24 @@ On ``ctl.<worker_id>`` (the core's orders; only core processes may write it):
 - ``evidence``: send the core the signed bundles kept for a job it re-computes (azu.verification).
 
 The node starts with the worker process (``worker_ready``) when ``AZU_WORKER_ID`` is set and reports its
-heartbeat from a thread until ``worker_shutdown``.
+heartbeat from a thread until ``worker_shutdown``. A ``forward`` session can last long (it lingers when idle,
+``AZU_LINGER_S``, and runs on while jobs keep coming): Celery's warm shutdown waits for it, so
+``worker_shutting_down`` tells the node to end it; and a solo worker's own Celery heartbeat stops while a task
+runs (its event loop is the task's thread), so ``_BusyHeart`` sends it meanwhile, for every task (Flower shows
+a worker silent for two heartbeats as offline).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import redis
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown, worker_shutting_down
+from celery.utils.sysinfo import load_average
+from celery.worker import state as celery_state
 
 from azu import metrics
 from azu.config import get_settings
@@ -36,6 +44,54 @@ log = logging.getLogger(__name__)
 _node: WorkerNode | None = None
 
 
+class _BusyHeart:
+    """Celery's ``worker-heartbeat`` for this worker while it runs a task, from a thread of its own (with
+    its own broker connection), at the interval Celery's heart uses; Celery's heart sends the rest."""
+
+    def __init__(self, hostname: str, interval: float) -> None:
+        self.hostname = hostname
+        self.interval = interval
+        self._busy = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="azu-busy-heart", daemon=True)
+        self._thread.start()
+
+    def busy(self, running: bool) -> None:
+        (self._busy.set if running else self._busy.clear)()
+
+    def _run(self) -> None:
+        dispatcher = None
+        while True:
+            self._busy.wait()  # a task runs (Celery's heart sent its last heartbeat before it began)
+            time.sleep(self.interval)
+            if not self._busy.is_set():
+                continue
+            try:
+                if dispatcher is None:
+                    dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=self.hostname,
+                                                       groups=["worker"])
+                dispatcher.send("worker-heartbeat", freq=self.interval, active=1,
+                                processed=celery_state.all_total_count[0], loadavg=load_average(),
+                                **celery_state.SOFTWARE_INFO)
+            except Exception as exc:  # Flower misses a heartbeat; the worker works on
+                log.warning("worker heartbeat for Flower not sent: %s", exc)
+                dispatcher = None
+
+
+_heart: _BusyHeart | None = None
+
+
+@task_prerun.connect
+def _task_starts(**_: Any) -> None:
+    if _heart is not None:  # a session, a load (minutes for a large model), any task
+        _heart.busy(True)
+
+
+@task_postrun.connect
+def _task_ends(**_: Any) -> None:
+    if _heart is not None:
+        _heart.busy(False)
+
+
 def node() -> WorkerNode:
     global _node
     if _node is None:  # a task arrived before worker_ready (or in an eager test): start the node now
@@ -46,11 +102,15 @@ def node() -> WorkerNode:
 
 
 @worker_ready.connect
-def _start(**_: Any) -> None:
+def _start(sender: Any = None, **_: Any) -> None:
+    global _heart
     if not get_settings().worker.worker_id:
         return  # a core/registry worker: no layers, no heartbeat
 
     n = node()
+    heart = getattr(sender, "heart", None)  # the consumer's; None with --without-heartbeat
+    if heart is not None:
+        _heart = _BusyHeart(sender.hostname, heart.interval)
     n.start_heartbeat()
     settings = get_settings().metrics
     if settings.port:
@@ -60,6 +120,14 @@ def _start(**_: Any) -> None:
             log.error("worker metrics: cannot listen on %s:%s (%s)", settings.host, settings.port, exc)
     log.info("worker %s ready on queues %s (%s), public key %s", n.worker_id,
              dispatch.worker_queues(n.worker_id), n.info().device, n.public_key)
+
+
+@worker_shutting_down.connect
+def _shutting_down(**_: Any) -> None:
+    """Warm shutdown: Celery waits for the running task; a session ends once it has nothing to run. (In the
+    signal handler: it only sets an event.)"""
+    if _node is not None:
+        _node.end_sessions()
 
 
 @worker_shutdown.connect

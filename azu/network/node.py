@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ENDED_MEMORY = 100_000  # ended job ids remembered (a few MB at most)
+WAIT_SLICE_S = 0.5  # an idle session's longest wait on its inbox: how soon it sees it should end
 
 StageId = tuple[str, Span]  # (model id, span): what a held stage is known by here and in the directory
 
@@ -96,7 +97,7 @@ class WorkerNode:
                  dtype: str | None = None, cache_dir: str | Path = ".azu/cache",
                  registry_url: str = "http://127.0.0.1:8002", p2p_url: str | None = None,
                  wallet: str | None = None, memory_limit: int | None = None,
-                 max_cached_tokens: int = 32768, kv_idle_s: float = 600.0, linger_s: float = 0.05,
+                 max_cached_tokens: int = 32768, kv_idle_s: float = 600.0, linger_s: float = 10.0,
                  session_s: float = 2.0, heartbeat_s: float = 3.0, key: SigningKey | None = None,
                  core_public_key: str | None = None, reports_key: str = keys.REPORTS,
                  evidence_bytes: int = 256 << 20, evidence_s: float = 1800.0, prefill_chunk: int = 128,
@@ -167,6 +168,7 @@ class WorkerNode:
         # Stage calls come from the task thread; the heartbeat thread only sweeps idle caches under it.
         self.lock = threading.RLock()
         self._stop = threading.Event()
+        self._ending = threading.Event()  # the worker is shutting down: an idle session ends (end_sessions)
         self._thread: threading.Thread | None = None
         self.metrics = metrics.worker_metrics()
         metrics.watch_node(self)
@@ -299,8 +301,14 @@ class WorkerNode:
             self._awake = True
         self._wake_self()
 
+    def end_sessions(self) -> None:
+        """The worker is shutting down (Celery waits for the running task): a session running ends once it
+        has nothing to run, instead of lingering. Any thread; the session sees it within ``WAIT_SLICE_S``."""
+        self._ending.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._ending.set()
         if self.listener is not None:
             self.listener.stop()
         if self._thread:
@@ -393,6 +401,7 @@ class WorkerNode:
             deadline = time.monotonic() + self.session_s
             return False
 
+        idle_since = time.monotonic()  # when this session last had something to run
         while True:
             ending = past_deadline_with_control()
             if queue.runnable():
@@ -400,9 +409,15 @@ class WorkerNode:
                 # that is ending takes nothing new: what is held is finished first.
                 more = [] if ending else self.inbox.take()
                 done += self._process(more, queue)
+                idle_since = time.monotonic()
                 continue
+            now = time.monotonic()
             due_in = self._step_due_in(time.time())
-            wait_s = min(max(self.linger_s, due_in), deadline - time.monotonic()) if self.linger_s > 0 else 0
+            # Idle, it lingers (``linger_s``): the next job's first step then finds this worker awake, taken
+            # from its list at once instead of after a Celery message and a new session (bench/ttft_idle.py).
+            # In slices, so a worker told to stop (``end_sessions``) ends its session soon.
+            linger_left = min(self.linger_s - (now - idle_since), WAIT_SLICE_S)
+            wait_s = min(max(linger_left, due_in), deadline - now) if self.linger_s > 0 else 0
             more = self.inbox.wait(wait_s) if wait_s > 0 else self.inbox.take()
             ending = past_deadline_with_control()  # the wait ends at the deadline at the latest
             if more:
@@ -411,6 +426,7 @@ class WorkerNode:
                     send_forward(self.worker_id, more, dispatch=self.dispatch)
                     return done
                 done += self._process(more, queue)
+                idle_since = time.monotonic()
                 continue
             if self._step_due_in(time.time()) > 0:
                 if not ending:
@@ -420,12 +436,25 @@ class WorkerNode:
                 self.inbox.keep_awake()
                 send_forward(self.worker_id, [], dispatch=self.dispatch)
                 return done
+            if not ending and self._lingering(idle_since):
+                continue
             more = self.inbox.settle()
             if more:
                 done += self._process(more, queue)
                 continue
             if self._release():
                 return done
+
+    def _lingering(self, idle_since: float) -> bool:
+        """Whether a session with nothing to run or due waits on (for ``linger_s`` since ``idle_since``): not
+        when the worker is stopping, nor when a control message waits. Idle, it looks at its control queue
+        every wait slice (one round trip, which also keeps the wake key): a load order or a ping is not held
+        up by a lingering session."""
+        if self.linger_s <= 0 or self._ending.is_set() or time.monotonic() - idle_since >= self.linger_s:
+            return False
+        waiting = self.inbox.control_waiting(control_queue(self.worker_id))
+        self._control_seen = (time.monotonic(), waiting)
+        return not waiting
 
     def _release(self) -> bool:
         """Stop taking (``Inbox.release``) unless something came meanwhile, through Redis or directly: a frame

@@ -7,7 +7,10 @@ The attacks of issue "Open network" (a worker minting, forging or writing facts)
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -383,3 +386,39 @@ def test_dead_worker_gets_no_new_routes(r, cluster, celery_dispatch, shard) -> N
     assert any(span.first == 2 and span.head and queue != "gpu.w4" for queue, span in orders), orders
     jobs.cancel_job(r, job_id, dispatch=rec)
     assert jobs.get_job(r, job_id).finish_reason == "cancelled"
+
+
+def test_an_idle_worker_lingers_shows_in_flower_and_stops_at_once(r, cluster, celery_dispatch, shard,
+                                                                   reference) -> None:
+    """After a job a worker's session lingers on its inbox (AZU_LINGER_S): the next job finds it awake (the
+    core sends no Celery message) and is exact; meanwhile Celery's heartbeat goes on (a solo worker's own
+    stops while a task runs, and Flower would show it offline); SIGTERM ends the session at once, not when
+    the linger is over."""
+    from workers import app
+
+    model_id = shard("tiny-linger")
+    cluster.start_gpu("w9", heartbeat=True, AZU_LINGER_S="60")
+    cluster.wait_live("w9")
+    load_layout(cluster, celery_dispatch, model_id, {"w9": (0, 4)})
+    first = submit(r, celery_dispatch, model_id, PROMPTS[1], 4)
+    assert collect(r, first)[0] == reference(PROMPTS[1], 4)
+    assert r.exists(keys.wake("w9"))  # lingering
+    beats: list[float] = []
+    with app.connection_for_read() as conn:
+        def on(event: dict[str, Any]) -> None:
+            if event.get("hostname") == "w9@test" and event["type"] == "worker-heartbeat":
+                beats.append(time.monotonic())
+
+        receiver = app.events.Receiver(conn, handlers={"*": on})
+        # capture ends on should_stop (events keep coming) or after 5.5 s without one (TimeoutError)
+        threading.Timer(5.5, lambda: setattr(receiver, "should_stop", True)).start()
+        with contextlib.suppress(TimeoutError):
+            receiver.capture(limit=None, timeout=5.5, wakeup=False)
+    assert len(beats) >= 2 and max(b - a for a, b in itertools.pairwise(beats)) < 3.5, beats
+    rec = Recording(celery_dispatch)
+    second = submit(r, rec, model_id, PROMPTS[2], 4)
+    assert collect(r, second)[0] == reference(PROMPTS[2], 4)
+    assert rec.count(dispatch.FORWARD) == 0  # found awake: no wake-up message
+    started = time.monotonic()
+    cluster.stop("w9")  # SIGTERM: Celery's warm shutdown waits for the session
+    assert time.monotonic() - started < 5.0

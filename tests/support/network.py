@@ -99,15 +99,18 @@ class Cluster:
         self.r.set(keys.identity(worker_id), auth.public_hex(auth.load_worker_key(path)))
         return path
 
-    def start_gpu(self, worker_id: str, *, via_cli: bool = False, **extra: str) -> None:
-        """``via_cli``: through ``azu-worker`` (azu.cli.worker.main), which execs the same Celery worker."""
+    def start_gpu(self, worker_id: str, *, via_cli: bool = False, heartbeat: bool = False,
+                  **extra: str) -> None:
+        """``via_cli``: through ``azu-worker`` (azu.cli.worker.main), which execs the same Celery worker;
+        ``heartbeat``: with Celery's worker heartbeat (what Flower shows), as ``celery worker`` has it."""
         if via_cli:
             argv = [sys.executable, "-c", "import sys; from azu.cli.worker import main; sys.exit(main())",
                     "--worker-id", worker_id, "--device", "cpu", "--loglevel", "INFO"]
         else:
             argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q",
                     f"gpu.{worker_id},ctl.{worker_id}", "--pool", "solo", "-n", f"{worker_id}@test",
-                    "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+                    "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+                    *([] if heartbeat else ["--without-heartbeat"])]
         key_file = self.enroll(worker_id)
         self._spawn(worker_id, argv, self.env(AZU_WORKER_ID=worker_id, AZU_WORKER_KEY_FILE=str(key_file),
                                               AZU_CACHE_DIR=str(self.base / f"cache-{worker_id}"), **extra))

@@ -1,0 +1,71 @@
+"""An idle worker's session, against the real Redis: it lingers on its inbox (``linger_s``), taking what comes
+in the same session (no Celery message wakes it), then lets go of its wake key; it ends at once when the
+worker is stopping or a control message waits. The same on worker processes: tests/network/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from azu.network import keys
+from azu.network.dispatch import control_queue
+from azu.network.inbox import WAKE_TTL_S
+from azu.network.node import WAIT_SLICE_S, WorkerNode
+from tests.support.network import Recording
+
+pytestmark = [pytest.mark.network]
+
+
+def _node(r: redis.Redis, worker_id: str, linger_s: float) -> tuple[WorkerNode, Recording]:
+    r.delete(keys.pending(worker_id), keys.wake(worker_id), control_queue(worker_id))
+    sent = Recording(None)
+    node = WorkerNode(r, worker_id=worker_id, dispatch=sent, linger_s=linger_s, session_s=0.3)
+    r.set(keys.wake(worker_id), "1", ex=WAKE_TTL_S)  # as a sender sets it before the message that wakes
+    return node, sent
+
+
+def _session(node: WorkerNode) -> tuple[threading.Thread, list[float]]:
+    took: list[float] = []
+
+    def run() -> None:
+        started = time.monotonic()
+        node.process_pending([])
+        took.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, took
+
+
+def test_an_idle_session_lingers_then_lets_go_of_its_wake_key(r: redis.Redis) -> None:
+    node, sent = _node(r, "s-linger", linger_s=1.5)
+    thread, took = _session(node)
+    time.sleep(1.0)
+    assert thread.is_alive() and r.exists(keys.wake("s-linger"))  # awake: senders need not wake it
+    # A stranger's bytes on the list while it lingers are taken in this session (and refused there).
+    r.rpush(keys.pending("s-linger"), b"not a bundle")
+    thread.join(timeout=10)
+    assert not thread.is_alive() and 1.5 <= took[0] < 1.5 + 1.0 + 2 * WAIT_SLICE_S
+    assert r.llen(keys.pending("s-linger")) == 0 and not r.exists(keys.wake("s-linger"))
+    assert sent.sent == []  # it never woke itself by message
+
+
+@pytest.mark.parametrize("how", ["stopping", "control message"])
+def test_a_lingering_session_ends_soon_when_stopping_or_a_control_message_waits(r: redis.Redis,
+                                                                                how: str) -> None:
+    node, _ = _node(r, f"s-end-{how[0]}", linger_s=60.0)
+    thread, took = _session(node)
+    time.sleep(0.5)
+    assert thread.is_alive()
+    if how == "stopping":
+        node.end_sessions()  # Celery's warm shutdown (workers/stage.py)
+    else:
+        r.rpush(control_queue(node.worker_id), b"a load order, say")
+    thread.join(timeout=10)
+    assert not thread.is_alive() and took[0] < 0.5 + 2 * WAIT_SLICE_S + 0.5
+    assert not r.exists(keys.wake(node.worker_id))
+    r.delete(control_queue(node.worker_id))
