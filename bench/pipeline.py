@@ -128,14 +128,19 @@ class Bench:
                        AZU_DTYPE=self.args.dtype,
                        AZU_CPU_KERNELS=self.args.kernels, AZU_DECODE_GRAPHS=self.args.graphs,
                        PYTHONPATH=pythonpath(), AZU_HEARTBEAT_S="1")
+            if self.args.direct:  # hand-overs worker to worker over TCP (azu.network.direct), not Redis
+                from azu.cli.up import free_port
+
+                env["P2P_PUBLIC_URL"] = f"tcp://127.0.0.1:{free_port()}"
             env.pop("AUTH_SECRET_KEY")  # a worker holds the core's public key only
             log = open(self.tmp / f"{wid}.log", "wb")  # noqa: SIM115 - lives as long as the process
             level = "INFO" if self.args.worker_logs else "WARNING"
             argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", f"gpu.{wid},ctl.{wid}",
                     "--pool", "solo", "-n", f"{wid}@bench", "--loglevel", level, "--without-gossip",
                     "--without-mingle", "--without-heartbeat"]
+            nice = functools.partial(os.nice, self.args.workers_nice) if self.args.workers_nice else None
             self.procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+                                               start_new_session=True, preexec_fn=nice))
             self.pids[f"worker {wid}"] = self.procs[-1].pid
         wait_until(lambda: set(ids) <= {w.worker_id for w in directory.live_workers(self.r)}, 120, "workers")
 
@@ -454,6 +459,11 @@ def main() -> int:
     p.add_argument("--rows", default="p1,p2,p3,petals", help="which rows to run (p1, p2, p3, petals)")
     p.add_argument("--worker-logs", action="store_true",
                    help="workers log at INFO; their lines on kernels, graphs and failures printed at the end")
+    p.add_argument("--direct", action="store_true",
+                   help="workers hand over to each other over TCP (P2P_PUBLIC_URL on 127.0.0.1), not Redis")
+    p.add_argument("--workers-nice", type=int, default=0,
+                   help="the workers' niceness (negative: they go before the collector, Redis and this "
+                        "process on the CPUs; needs root): what sharing the cores with the core costs")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -473,19 +483,22 @@ def main() -> int:
         petals_at = bench.load_split(petals, ["a", "b"])
         qwen_at = bench.load_split(qwen, ["a", "b"]) if qwen else ""
         rows = set(args.rows.split(","))
+        how = (", direct path" if args.direct else "") + (f", workers at nice {args.workers_nice}"
+                                                          if args.workers_nice else "")
         if qwen and qwen_src and "p1" in rows:
-            bench.ratio_row(f"P1 Qwen2.5-0.5B shape, 2 workers ({qwen_at}) vs generate", qwen, qwen_src,
+            bench.ratio_row(f"P1 Qwen2.5-0.5B shape, 2 workers ({qwen_at}{how}) vs generate", qwen, qwen_src,
                             PROMPT, args.tokens, "decode >= 0.97x")
         if "p2" in rows:
             bench.hop_row(tiny, tiny_src, steps=1000)
         counts = [int(k) for k in args.streams.split(",")]
         if qwen and "p3" in rows:
-            bench.streams_row(f"P3 Qwen2.5-0.5B shape, 2 workers ({qwen_at})", qwen, args.tokens, counts, 16)
+            bench.streams_row(f"P3 Qwen2.5-0.5B shape, 2 workers ({qwen_at}{how})", qwen, args.tokens, counts,
+                              16)
         if "p3" in rows:
-            bench.streams_row(f"P3 Llama 512x8, 2 workers ({petals_at})", petals, 32, counts, 16)
+            bench.streams_row(f"P3 Llama 512x8, 2 workers ({petals_at}{how})", petals, 32, counts, 16)
         if "petals" in rows:
-            bench.ratio_row(f"Petals model (Llama 512x8, vocab 32000, {args.dtype}; {petals_at})", petals,
-                            petals_src, PROMPT, 64, "decode >= 0.95x, TTFT <= 1.1x")
+            bench.ratio_row(f"Petals model (Llama 512x8, vocab 32000, {args.dtype}; {petals_at}{how})",
+                            petals, petals_src, PROMPT, 64, "decode >= 0.95x, TTFT <= 1.1x")
     finally:
         bench.stop()
     return report(bench, args)
