@@ -21,13 +21,21 @@ a worker silent for two heartbeats as offline).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from typing import Any
 
 import redis
-from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    heartbeat_sent,
+    task_postrun,
+    task_prerun,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from celery.utils.sysinfo import load_average
 from celery.worker import state as celery_state
 
@@ -46,35 +54,48 @@ _node: WorkerNode | None = None
 
 class _BusyHeart:
     """Celery's ``worker-heartbeat`` for this worker while it runs a task, from a thread of its own (with
-    its own broker connection), at the interval Celery's heart uses; Celery's heart sends the rest."""
+    its own broker connection), an interval after the last one Celery's heart or this sent; Celery's heart
+    sends the rest (``heartbeat_sent`` tells this when)."""
 
     def __init__(self, hostname: str, interval: float) -> None:
         self.hostname = hostname
         self.interval = interval
+        self.last_beat = time.monotonic()
         self._busy = threading.Event()
+        self._lock = threading.Lock()  # a beat is not sent after the task ended (and Celery said offline)
         self._thread = threading.Thread(target=self._run, name="azu-busy-heart", daemon=True)
         self._thread.start()
 
     def busy(self, running: bool) -> None:
-        (self._busy.set if running else self._busy.clear)()
+        with self._lock:
+            (self._busy.set if running else self._busy.clear)()
+
+    def beat_sent(self) -> None:
+        self.last_beat = time.monotonic()
 
     def _run(self) -> None:
         dispatcher = None
         while True:
-            self._busy.wait()  # a task runs (Celery's heart sent its last heartbeat before it began)
-            time.sleep(self.interval)
-            if not self._busy.is_set():
-                continue
-            try:
-                if dispatcher is None:
-                    dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=self.hostname,
-                                                       groups=["worker"])
-                dispatcher.send("worker-heartbeat", freq=self.interval, active=1,
-                                processed=celery_state.all_total_count[0], loadavg=load_average(),
-                                **celery_state.SOFTWARE_INFO)
-            except Exception as exc:  # Flower misses a heartbeat; the worker works on
-                log.warning("worker heartbeat for Flower not sent: %s", exc)
-                dispatcher = None
+            self._busy.wait()  # a task runs
+            time.sleep(max(0.0, self.last_beat + self.interval - time.monotonic()))
+            with self._lock:
+                if not self._busy.is_set() or time.monotonic() - self.last_beat < self.interval:
+                    continue  # the task ended, or Celery's heart beat meanwhile (between two tasks)
+                try:
+                    if dispatcher is None:  # errors raised, not buffered for a later send
+                        dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=self.hostname,
+                                                           groups=["worker"], buffer_while_offline=False)
+                    dispatcher.send("worker-heartbeat", freq=self.interval, active=1,
+                                    processed=celery_state.all_total_count[0], loadavg=load_average(),
+                                    **celery_state.SOFTWARE_INFO)
+                except Exception as exc:  # Flower misses a heartbeat; the worker works on
+                    log.warning("worker heartbeat for Flower not sent: %s", exc)
+                    if dispatcher is not None:
+                        with contextlib.suppress(Exception):
+                            dispatcher.close()
+                            dispatcher.connection.release()
+                    dispatcher = None
+                self.last_beat = time.monotonic()
 
 
 _heart: _BusyHeart | None = None
@@ -90,6 +111,12 @@ def _task_starts(**_: Any) -> None:
 def _task_ends(**_: Any) -> None:
     if _heart is not None:
         _heart.busy(False)
+
+
+@heartbeat_sent.connect
+def _celery_beat(**_: Any) -> None:
+    if _heart is not None:
+        _heart.beat_sent()
 
 
 def node() -> WorkerNode:

@@ -98,6 +98,8 @@ def pop_all(r: redis.Redis, key: str, timeout_s: float, *, has_blmpop: bool | No
             count: int = BATCH_MAX) -> tuple[list[bytes], bool]:
     """Wait up to ``timeout_s`` for ``key``'s first item; return all queued (at most ``count``) and whether
     the server has BLMPOP (found out by trying it once: ``INFO`` is not for workers)."""
+    # Redis before 7.0.8 reads a timeout under 1 ms as 0, which blocks for ever (redis/redis#11688).
+    timeout_s = max(timeout_s, 0.01)
     if has_blmpop is not False:
         try:
             # BLMPOP (Redis 7) answers at once with all that is queued (up to the count), or waits for one.

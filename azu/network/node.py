@@ -402,11 +402,13 @@ class WorkerNode:
             return False
 
         idle_since = time.monotonic()  # when this session last had something to run
+        flushed_for = None  # the idle_since whose quiet the held reports went out in
         while True:
-            ending = past_deadline_with_control()
+            # Ending: a control message waits past the deadline, or the worker is stopping (end_sessions):
+            # what is held is finished, nothing new is taken, what comes goes back to the list by message.
+            ending = past_deadline_with_control() or self._ending.is_set()
             if queue.runnable():
-                # Work in hand: take what arrived meanwhile without waiting, then the next round. A session
-                # that is ending takes nothing new: what is held is finished first.
+                # Work in hand: take what arrived meanwhile without waiting, then the next round.
                 more = [] if ending else self.inbox.take()
                 done += self._process(more, queue)
                 idle_since = time.monotonic()
@@ -417,9 +419,9 @@ class WorkerNode:
             # from its list at once instead of after a Celery message and a new session (bench/ttft_idle.py).
             # In slices, so a worker told to stop (``end_sessions``) ends its session soon.
             linger_left = min(self.linger_s - (now - idle_since), WAIT_SLICE_S)
-            wait_s = min(max(linger_left, due_in), deadline - now) if self.linger_s > 0 else 0
+            wait_s = min(max(linger_left, due_in), deadline - now) if self.linger_s > 0 and not ending else 0
             more = self.inbox.wait(wait_s) if wait_s > 0 else self.inbox.take()
-            ending = past_deadline_with_control()  # the wait ends at the deadline at the latest
+            ending = past_deadline_with_control() or self._ending.is_set()  # the wait ends at the deadline
             if more:
                 if ending:  # the wake key stays set: senders keep using the list
                     self.inbox.keep_awake()
@@ -431,19 +433,33 @@ class WorkerNode:
             if self._step_due_in(time.time()) > 0:
                 if not ending:
                     continue  # a job's next step is still due: wait on
-                # A control message waits and a step is due: wake this worker again by message (after the
-                # control message); the wake key stays set, so senders keep using the list meanwhile.
+                # A control message waits (or the worker stops) and a step is due: wake this worker again by
+                # message (after the control message); the wake key stays set, so senders keep using the list.
                 self.inbox.keep_awake()
                 send_forward(self.worker_id, [], dispatch=self.dispatch)
                 return done
             if not ending and self._lingering(idle_since):
+                if flushed_for != idle_since:  # turning idle: a job's last commitments go out now
+                    self._flush_when_idle()
+                    flushed_for = idle_since
                 continue
             more = self.inbox.settle()
             if more:
                 done += self._process(more, queue)
+                idle_since = time.monotonic()
                 continue
             if self._release():
                 return done
+
+    def _flush_when_idle(self) -> None:
+        """Send the reports held (a job's final commitments wait for the next hand-over or the session's end)
+        as the session turns idle, not when its linger is over: the verifier waits for them. A failed send
+        gives them back for the next one."""
+        with self.lock:
+            try:
+                self._flush_commits()
+            except Exception as exc:
+                log.warning("worker %s: reports not sent yet (sent again later): %s", self.worker_id, exc)
 
     def _lingering(self, idle_since: float) -> bool:
         """Whether a session with nothing to run or due waits on (for ``linger_s`` since ``idle_since``): not

@@ -392,8 +392,8 @@ def test_an_idle_worker_lingers_shows_in_flower_and_stops_at_once(r, cluster, ce
                                                                    reference) -> None:
     """After a job a worker's session lingers on its inbox (AZU_LINGER_S): the next job finds it awake (the
     core sends no Celery message) and is exact; meanwhile Celery's heartbeat goes on (a solo worker's own
-    stops while a task runs, and Flower would show it offline); SIGTERM ends the session at once, not when
-    the linger is over."""
+    stops while a task runs, and Flower would show it offline); a ping is answered at once; SIGTERM ends the
+    session at once, not when the linger is over, and lets go of the wake key."""
     from workers import app
 
     model_id = shard("tiny-linger")
@@ -419,6 +419,14 @@ def test_an_idle_worker_lingers_shows_in_flower_and_stops_at_once(r, cluster, ce
     second = submit(r, rec, model_id, PROMPTS[2], 4)
     assert collect(r, second)[0] == reference(PROMPTS[2], 4)
     assert rec.count(dispatch.FORWARD) == 0  # found awake: no wake-up message
+    assert r.exists(keys.wake("w9"))  # lingering again
+    asked = time.monotonic()
+    dispatch.send_ping("w9", "azu:ping:lingering", "1", dispatch=celery_dispatch)
+    wait_for(lambda: r.get("azu:ping:lingering"), timeout=10, what="the lingering worker's pong")
+    assert time.monotonic() - asked < 3.0  # a control message ends the linger within a slice
+    third = submit(r, celery_dispatch, model_id, PROMPTS[3], 4)  # woken by Celery again
+    assert collect(r, third)[0] == reference(PROMPTS[3], 4)
     started = time.monotonic()
     cluster.stop("w9")  # SIGTERM: Celery's warm shutdown waits for the session
     assert time.monotonic() - started < 5.0
+    assert not r.exists(keys.wake("w9"))  # the session ended by its release, not by an error

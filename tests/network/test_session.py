@@ -21,9 +21,10 @@ pytestmark = [pytest.mark.network]
 
 
 def _node(r: redis.Redis, worker_id: str, linger_s: float) -> tuple[WorkerNode, Recording]:
-    r.delete(keys.pending(worker_id), keys.wake(worker_id), control_queue(worker_id))
+    r.delete(keys.pending(worker_id), keys.wake(worker_id), control_queue(worker_id), f"azu:test:{worker_id}")
     sent = Recording(None)
-    node = WorkerNode(r, worker_id=worker_id, dispatch=sent, linger_s=linger_s, session_s=0.3)
+    node = WorkerNode(r, worker_id=worker_id, dispatch=sent, linger_s=linger_s, session_s=0.3,
+                      reports_key=f"azu:test:{worker_id}")
     r.set(keys.wake(worker_id), "1", ex=WAKE_TTL_S)  # as a sender sets it before the message that wakes
     return node, sent
 
@@ -69,3 +70,43 @@ def test_a_lingering_session_ends_soon_when_stopping_or_a_control_message_waits(
     assert not thread.is_alive() and took[0] < 0.5 + 2 * WAIT_SLICE_S + 0.5
     assert not r.exists(keys.wake(node.worker_id))
     r.delete(control_queue(node.worker_id))
+
+
+def test_a_stopping_session_ends_though_steps_keep_coming(r: redis.Redis) -> None:
+    """Told to stop, a session takes nothing new: what comes goes back to its list by a message to itself
+    (the wake key kept), and Celery's warm shutdown is not held up by a steady trickle."""
+    node, sent = _node(r, "s-trickle", linger_s=60.0)
+    thread, took = _session(node)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.1):
+            r.rpush(keys.pending("s-trickle"), b"not a bundle")
+
+    feeder = threading.Thread(target=trickle)
+    feeder.start()
+    try:
+        time.sleep(0.5)
+        node.end_sessions()
+        thread.join(timeout=10)
+    finally:
+        stop.set()
+        feeder.join()
+    assert not thread.is_alive() and took[0] < 0.5 + 2 * WAIT_SLICE_S + 0.5
+    left = r.llen(keys.pending("s-trickle")) + sum(len(kw.get("payloads") or []) for _, _, kw in sent.sent)
+    assert left == 0 or r.exists(keys.wake("s-trickle")) or sent.sent  # nothing stranded without a reader
+    r.delete(keys.pending("s-trickle"), keys.wake("s-trickle"))
+
+
+def test_an_idle_session_sends_the_reports_it_holds_as_it_turns_idle(r: redis.Redis) -> None:
+    """A job's last commitments wait for the next hand-over or the session's end: they go out as the session
+    turns idle, not 10 s later when its linger is over (the verifier waits for them)."""
+    node, _ = _node(r, "s-flush", linger_s=30.0)
+    node._unsent_commits = [b"the last chunk of a job's commitments"]
+    thread, _ = _session(node)
+    time.sleep(1.0)
+    assert thread.is_alive()
+    assert r.lrange("azu:test:s-flush", 0, -1) == [b"the last chunk of a job's commitments"]
+    node.end_sessions()
+    thread.join(timeout=10)
+    r.delete("azu:test:s-flush")

@@ -771,6 +771,19 @@ def any_redis(request, r, tmp_path):
         server.shutdown()
 
 
+def test_a_wait_shorter_than_a_millisecond_does_not_block_for_ever(any_redis) -> None:
+    """Redis before 7.0.8 (azu up's embedded 6.2 too) reads a blocking pop's timeout under 1 ms as 0: for
+    ever. A session's wait can be that short (the rest of a slice or deadline)."""
+    from azu.network.inbox import pop_all
+
+    got: list[Any] = []
+    waiting = threading.Thread(target=lambda: got.append(pop_all(any_redis, "azu:test:short-wait", 0.0004,
+                                                                 has_blmpop=None)), daemon=True)
+    waiting.start()
+    waiting.join(timeout=2)
+    assert not waiting.is_alive() and got[0][0] == []
+
+
 def test_an_inbox_with_direct_frames_waits_on_both_and_loses_nothing(any_redis) -> None:
     """A frame ends a wait at once; the blocking pop it interrupted stays outstanding, and what it then
     takes comes with a later take, wait or settle; settle waits for its answer before the release."""
