@@ -3,6 +3,7 @@ their ports and stops every child on SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,7 +51,10 @@ def test_core_serves_api_and_registry_then_stops_on_sigterm(tmp_path, redis_url,
         # The registry process serves only the registry: no job routes there.
         assert requests.post(f"{registry}/submit", json={}, timeout=10).status_code == 404
         children = psutil.Process(core.pid).children(recursive=True)
-        cmdlines = [" ".join(c.cmdline()) for c in children]
+        cmdlines = []
+        for child in children:  # one may exit between the listing and its reading (a short-lived helper)
+            with contextlib.suppress(psutil.NoSuchProcess):  # ZombieProcess included
+                cmdlines.append(" ".join(child.cmdline()))
         # The beat is a process of its own next to the scheduler's worker, not the worker's child.
         assert any("-Q core" in c for c in cmdlines) and not any("--beat" in c for c in cmdlines)
         assert sum(" workers beat " in c for c in cmdlines) == 1
