@@ -20,23 +20,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
 
 from pipeline import PETALS, PROMPT, Bench
-
-
-class Counting:
-    """The bench's dispatcher, counting the core's wake-up messages (``forward`` tasks)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.forwards = 0
-
-    def send_task(self, name: str, **kwargs: Any) -> None:
-        from azu.network.dispatch import FORWARD
-
-        self.forwards += name == FORWARD
-        self.inner.send_task(name, **kwargs)
 
 
 def main() -> int:
@@ -62,7 +47,10 @@ def main() -> int:
         bench.start_workers(["a", "b"])
         cut = bench.load_split(model_id, ["a", "b"])
         once = bench.generate_side(src, PROMPT, 4)
-        counting = bench.dispatch = Counting(bench.dispatch)
+        from azu.network.dispatch import FORWARD
+        from tests.support.network import Recording
+
+        sent = bench.dispatch = Recording(bench.dispatch)  # counts the core's wake-up messages
         bench.run_jobs(model_id, [PROMPT], 4)  # warm-up
         for i in range(args.jobs):
             kind = list(pauses)[i % 2]
@@ -70,9 +58,9 @@ def main() -> int:
             time.sleep(pauses[kind] / 2)
             generate[kind].append(once()[0])  # in the middle of the pause: this process, not the workers
             time.sleep(max(0.0, idle_from + pauses[kind] - time.monotonic()))
-            before = counting.forwards
+            before = sent.count(FORWARD)
             ttft[kind].append(bench.pipeline_once(model_id, PROMPT, 4)[0])
-            wakes[kind].append(counting.forwards - before)
+            wakes[kind].append(sent.count(FORWARD) - before)
             print(f"job {i + 1}/{args.jobs}: {kind}, TTFT {ttft[kind][-1] * 1000:.1f} ms", file=sys.stderr)
     finally:
         bench.stop()

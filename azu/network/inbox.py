@@ -47,6 +47,9 @@ WAKE_TTL_S = 30  # a worker that died holding its wake key is woken again after 
 PENDING_TTL_S = 3600
 BATCH_MAX = 4096  # payloads taken from the list at once
 TAKE_POP_S = 0.05  # the server-side timeout of a pop a take leaves outstanding (settle waits for it at most)
+# The shortest blocking pop: Redis before 7.0.8 (azu up's 6.2 too) reads a timeout under 1 ms as 0, which
+# blocks for ever (redis/redis#11688), and 0 itself means for ever on every version.
+MIN_BLOCK_S = 0.01
 
 # Take every payload left for the worker (and keep its wake key alive while it works).
 _TAKE = """
@@ -98,8 +101,7 @@ def pop_all(r: redis.Redis, key: str, timeout_s: float, *, has_blmpop: bool | No
             count: int = BATCH_MAX) -> tuple[list[bytes], bool]:
     """Wait up to ``timeout_s`` for ``key``'s first item; return all queued (at most ``count``) and whether
     the server has BLMPOP (found out by trying it once: ``INFO`` is not for workers)."""
-    # Redis before 7.0.8 reads a timeout under 1 ms as 0, which blocks for ever (redis/redis#11688).
-    timeout_s = max(timeout_s, 0.01)
+    timeout_s = max(timeout_s, MIN_BLOCK_S)
     if has_blmpop is not False:
         try:
             # BLMPOP (Redis 7) answers at once with all that is queued (up to the count), or waits for one.
@@ -198,7 +200,7 @@ class _BlockingPop:
             return
         if self.conn is None:
             self.conn = self.r.connection_pool.make_connection()
-        timeout = max(0.01, round(timeout_s, 3))  # 0 would block for ever
+        timeout = max(MIN_BLOCK_S, round(timeout_s, 3))
         self._blmpop = self.has_blmpop is not False
         if self._blmpop:
             self.conn.send_command("BLMPOP", timeout, 1, self.key, "LEFT", "COUNT", BATCH_MAX)

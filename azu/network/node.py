@@ -468,9 +468,7 @@ class WorkerNode:
         up by a lingering session."""
         if self.linger_s <= 0 or self._ending.is_set() or time.monotonic() - idle_since >= self.linger_s:
             return False
-        waiting = self.inbox.control_waiting(control_queue(self.worker_id))
-        self._control_seen = (time.monotonic(), waiting)
-        return not waiting
+        return not self._control_waiting(fresh=True)
 
     def _release(self) -> bool:
         """Stop taking (``Inbox.release``) unless something came meanwhile, through Redis or directly: a frame
@@ -483,16 +481,16 @@ class WorkerNode:
             self._awake = False
             return True
 
-    def _control_waiting(self) -> bool:
+    def _control_waiting(self, *, fresh: bool = False) -> bool:
         """Whether a load order, evidence order or ping waits on this worker's control queue (its Celery
         list), or that cannot be told: then the session ends, and the message gets its turn. Otherwise the
         session goes on, and the wake key is kept (senders keep using the list).
 
         A hand-over of the last session brought the answer (``_hand_over`` takes the question along every
         half session): a worker in the middle of a job does not pay a round trip of its own for it, which
-        between distant hosts is a step's delay."""
+        between distant hosts is a step's delay. ``fresh``: asked now (an idle session, every slice)."""
         seen_at, waiting = self._control_seen
-        if time.monotonic() - seen_at <= self.session_s:
+        if not fresh and time.monotonic() - seen_at <= self.session_s:
             return waiting
         waiting = self.inbox.control_waiting(control_queue(self.worker_id))
         self._control_seen = (time.monotonic(), waiting)
