@@ -28,6 +28,14 @@ Tokens/s = (N - 1) / (T(N tokens) - T(1 token)), each time the best of ``--repea
 
 Many streams: ``--streams`` answers of N tokens requested at once (threads); aggregate = all completion tokens
 / the wall time of the slowest, compared with the same measure for one answer (target: >= 10x at 50 ms).
+
+Time to first token after idle (``--idle-pairs K``, with ``--linger L``: every process's ``AZU_LINGER_S``):
+K pairs of one-token answers, each after a pause of L - 1 to L - 0.5 s (the workers still wait on their
+inboxes) and L + 0.5 to L + 1 s (their sessions have ended: the job wakes each worker with a Celery message),
+at random within those, alternating; the
+medians per kind (bench/ttft_idle.py is the same on one host, against ``generate``). Between hosts a woken
+hop pays more crossings than an awake one: the sender's ``SET NX`` on the wake key before its Celery message,
+the consumer's delivery, and the new session's first take from its list.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -57,6 +67,7 @@ from tests.support.hosts import (
 MESSAGES = [{"role": "user", "content": "Once upon a time"}]
 CROSSINGS_PER_STEP = {"redis": 4, "direct": 2}  # 2 workers: A -> Redis -> B, B -> Redis -> A; or A -> B -> A
 P2P_PORT = 8003  # each worker namespace has its own ports
+IDLE_MARGIN_S = 0.5  # --idle-pairs: pauses this far inside and past the linger
 
 
 def answer_time(api_url: str, tokens: int) -> tuple[float, int]:
@@ -89,6 +100,26 @@ def aggregate_rate(api_url: str, tokens: int, streams: int) -> float:
     return sum(got) / (time.monotonic() - start)
 
 
+def idle_first_tokens(api_url: str, pairs: int, linger_s: float) -> dict[str, float]:
+    """Time of a one-token answer (median, mean, max) after a pause just inside the workers' linger (awake)
+    and just past it (woken by Celery), ``pairs`` of each, alternating (the machine's speed drifts over
+    minutes)."""
+    pauses = {"awake": linger_s - 2 * IDLE_MARGIN_S, "woken": linger_s + IDLE_MARGIN_S}
+    times: dict[str, list[float]] = {kind: [] for kind in pauses}
+    jitter = random.Random(0)
+    for i in range(2 * pairs):
+        kind = list(pauses)[i % 2]
+        # Plus up to a margin more, at random: an idle worker waits in slices (azu.network.node.WAIT_SLICE_S),
+        # and pauses of a whole number of them would land every job at the same point of a slice.
+        time.sleep(pauses[kind] + jitter.uniform(0, IDLE_MARGIN_S))
+        times[kind].append(answer_time(api_url, 1)[0])
+    out = {}
+    for kind, v in times.items():
+        out.update({f"ttft_{kind}_ms": 1000 * statistics.median(v),
+                    f"ttft_{kind}_mean_ms": 1000 * statistics.mean(v), f"ttft_{kind}_max_ms": 1000 * max(v)})
+    return out
+
+
 def direct_addresses(hosts: Hosts, stack: contextlib.ExitStack,
                      delay_ms: float) -> tuple[list[dict[str, str]], list[DelayRelay]]:
     """Each worker's P2P settings: it listens on its own namespace's port; the others reach it through a
@@ -106,7 +137,7 @@ def direct_addresses(hosts: Hosts, stack: contextlib.ExitStack,
 
 
 def measure(hosts: Hosts, registry: Path, root: Path, delay_ms: float, path: str, tokens: int, repeat: int,
-            env: dict[str, str], streams: int) -> dict:
+            env: dict[str, str], streams: int, idle_pairs: int = 0, linger_s: float = 0.0) -> dict:
     with contextlib.ExitStack() as stack:
         public_redis = public_api = None
         relays: list[DelayRelay] = []
@@ -136,6 +167,8 @@ def measure(hosts: Hosts, registry: Path, root: Path, delay_ms: float, path: str
             many = max(aggregate_rate(net.api_url, tokens, streams) for _ in range(repeat))
             row.update(one_stream_tokens_per_s=one, streams=streams, streams_tokens_per_s=many,
                        streams_ratio=many / one)
+        if idle_pairs:
+            row.update(idle_first_tokens(net.api_url, idle_pairs, linger_s))
     return row
 
 
@@ -149,12 +182,21 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=16, help="concurrent answers for the aggregate (1: skip)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting for every process (e.g. AZU_LINGER_S=0.5); repeatable")
+    p.add_argument("--idle-pairs", type=int, default=0,
+                   help="pairs of one-token answers after an idle pause inside / past the linger (0: skip)")
+    p.add_argument("--linger", type=float, default=3.0,
+                   help="with --idle-pairs: every process's AZU_LINGER_S, seconds (pauses: this -1 to "
+                        "-0.5 s, +0.5 to +1 s)")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()
+    if a.idle_pairs and a.linger <= 2 * IDLE_MARGIN_S:
+        p.error(f"--linger must be above {2 * IDLE_MARGIN_S:g} s")
     why = hosts_unavailable()
     if why:
         sys.exit(why)
     env = dict(item.split("=", 1) for item in a.env)
+    if a.idle_pairs:
+        env["AZU_LINGER_S"] = str(a.linger)
     delays = [float(d) for d in a.delays.split(",")]
     paths = [p.strip() for p in a.paths.split(",") if p.strip()]
     if not paths or any(p not in CROSSINGS_PER_STEP for p in paths):
@@ -174,7 +216,7 @@ def main() -> int:
             for path in paths:
                 with Hosts(2) as hosts:  # fresh hosts each time: nothing carried over between runs
                     rows.append(measure(hosts, root / "registry", root, delay, path, a.tokens, a.repeat, env,
-                                        a.streams))
+                                        a.streams, a.idle_pairs, a.linger))
                 print(f"  {delay:g} ms, {path}: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
 
     t0 = {row["path"]: 1 / row["tokens_per_s"] for row in rows if row["delay_ms"] == 0}
@@ -197,6 +239,17 @@ def main() -> int:
               f"{row['ms_per_token']:>9.1f} {bound:>12.1f} {row['ratio']:>6.2f} "
               f"{row['relay_late_ms']:>8.2f} ms "
               f"{row['ratio_measured_crossings']:>7.2f} {vs} {many}")
+    if a.idle_pairs:
+        print(f"\ntime to first token (one-token answers through the API, medians of {a.idle_pairs}), "
+              f"AZU_LINGER_S={a.linger:g}:")
+        print(f"{'round trip':>11} {'path':>7} {'awake':>9} {'woken':>9} {'woken - awake':>14} "
+              f"{'awake/woken':>12} {'awake mean, max':>16} {'woken mean, max':>16}")
+        for row in rows:
+            awake, woken = row["ttft_awake_ms"], row["ttft_woken_ms"]
+            print(f"{2 * row['delay_ms']:>8g} ms {row['path']:>7} {awake:>6.1f} ms {woken:>6.1f} ms "
+                  f"{woken - awake:>11.1f} ms {awake / woken:>11.2f}x "
+                  f"{row['ttft_awake_mean_ms']:>7.1f}, {row['ttft_awake_max_ms']:>5.0f} ms "
+                  f"{row['ttft_woken_mean_ms']:>7.1f}, {row['ttft_woken_max_ms']:>5.0f} ms")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
     return 0

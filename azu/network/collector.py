@@ -436,7 +436,7 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
                     stop_event.wait(1.0)  # another collector holds the lease
                     continue
                 held_until = time.monotonic() + LEASE_RENEW_S
-            got, has_blmpop = pop_all(r, key, wait_s, has_blmpop=has_blmpop, count=BATCH_MAX)
+            got, has_blmpop, _ = pop_all(r, key, wait_s, has_blmpop=has_blmpop, count=BATCH_MAX)
             if got:
                 collector.process(got)
             if key == keys.REPORTS and time.monotonic() - checked >= check_every:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import select
@@ -98,23 +99,46 @@ def look_at_control(pipe: redis.client.Pipeline, control_queue: str, worker_id: 
 
 
 def pop_all(r: redis.Redis, key: str, timeout_s: float, *, has_blmpop: bool | None,
-            count: int = BATCH_MAX) -> tuple[list[bytes], bool]:
-    """Wait up to ``timeout_s`` for ``key``'s first item; return all queued (at most ``count``) and whether
-    the server has BLMPOP (found out by trying it once: ``INFO`` is not for workers)."""
+            count: int = BATCH_MAX, control: tuple[str, str] | None = None,
+            ) -> tuple[list[bytes], bool, bool | None]:
+    """Wait up to ``timeout_s`` for ``key``'s first item; return all queued (at most ``count``), whether the
+    server has BLMPOP (found out by trying it once: ``INFO`` is not for workers), and, with ``control``
+    (``(control queue, worker id)``), whether a message waits on that Celery list, else None.
+
+    The look at the control queue (``look_at_control``) rides in the same round trip, queued behind the
+    pop: Redis runs it when the pop returns, so it is as fresh as a look of its own after the wait, without
+    the round trip between the two during which no pop waits on the list (between distant hosts a step that
+    came then waited for it: bench/latency.py ``--idle-pairs``)."""
     timeout_s = max(timeout_s, MIN_BLOCK_S)
     if has_blmpop is not False:
-        try:
-            # BLMPOP (Redis 7) answers at once with all that is queued (up to the count), or waits for one.
-            got: Any = r.blmpop(timeout_s, 1, key, direction="LEFT", count=count)
-            return (list(got[1]) if got else []), True
-        except redis.ResponseError as exc:
-            if "unknown command" not in str(exc).lower():
-                raise
+        # BLMPOP (Redis 7) answers at once with all that is queued (up to the count), or waits for one.
+        got, waiting = _pop_then_look(r, control, "BLMPOP", timeout_s, 1, key, "LEFT", "COUNT", count)
+        if not isinstance(got, redis.ResponseError):
+            return (list(got[1]) if got else []), True, waiting
+        if "unknown command" not in str(got).lower():
+            raise got
     # Older servers: BLPOP waits for the first, then take the rest in one go.
-    first: Any = r.blpop([key], timeout=timeout_s)
+    first, waiting = _pop_then_look(r, control, "BLPOP", key, timeout_s)
+    if isinstance(first, Exception):
+        raise first
     if not first:
-        return [], False
-    return with_the_rest(r, key, first[1], count), False
+        return [], False, waiting
+    return with_the_rest(r, key, first[1], count), False, waiting
+
+
+def _pop_then_look(r: redis.Redis, control: tuple[str, str] | None, *pop: Any) -> tuple[Any, bool | None]:
+    """The pop's answer (an error as a value), and with ``control`` the control queue's look behind it."""
+    if control is None:
+        try:
+            return r.execute_command(*pop), None
+        except redis.ResponseError as exc:
+            return exc, None
+    pipe = r.pipeline(transaction=False)
+    pipe.execute_command(*pop)
+    look_at_control(pipe, control[0], control[1])
+    got, waiting, _ = pipe.execute(raise_on_error=False)
+    # A look Redis could not answer says "cannot be told": the caller ends its session, as on a failed look.
+    return got, (waiting > 0 if isinstance(waiting, int) else True)
 
 
 def with_the_rest(r: redis.Redis, key: str, first: bytes, count: int = BATCH_MAX) -> list[bytes]:
@@ -185,7 +209,8 @@ class LocalFrames:
 
 class _BlockingPop:
     """A BLMPOP (BLPOP before Redis 7) on a connection of its own, which may be left outstanding while the
-    worker does something else, and whose answer is read when it comes."""
+    worker does something else, and whose answer is read when it comes; optionally with a look at the
+    control queue behind it (``pop_all``)."""
 
     def __init__(self, r: redis.Redis, key: str) -> None:
         self.r = r
@@ -194,18 +219,22 @@ class _BlockingPop:
         self.outstanding = False
         self.has_blmpop: bool | None = None
         self._blmpop = True  # which the outstanding one is
+        self._looks = 0  # answers behind the pop's: a look at the control queue (2) or none (0)
+        self.control_waiting: bool | None = None  # what the last look behind a pop found
 
-    def start(self, timeout_s: float) -> None:
+    def start(self, timeout_s: float, control: tuple[str, str] | None = None) -> None:
         if self.outstanding:
             return
         if self.conn is None:
             self.conn = self.r.connection_pool.make_connection()
         timeout = max(MIN_BLOCK_S, round(timeout_s, 3))
         self._blmpop = self.has_blmpop is not False
-        if self._blmpop:
-            self.conn.send_command("BLMPOP", timeout, 1, self.key, "LEFT", "COUNT", BATCH_MAX)
-        else:
-            self.conn.send_command("BLPOP", self.key, timeout)
+        commands: list[tuple[Any, ...]] = [("BLMPOP", timeout, 1, self.key, "LEFT", "COUNT", BATCH_MAX)
+                                           if self._blmpop else ("BLPOP", self.key, timeout)]
+        if control is not None:
+            commands += [("LLEN", control[0]), ("EXPIRE", keys.wake(control[1]), WAKE_TTL_S)]
+        self._looks = len(commands) - 1
+        self.conn.send_packed_command(self.conn.pack_commands(commands))
         self.outstanding = True
 
     def fileno(self) -> int:
@@ -218,21 +247,32 @@ class _BlockingPop:
         """The outstanding pop's answer (waits for it)."""
         self.outstanding = False
         try:
-            got: Any = self.conn.read_response()
-        except redis.ResponseError as exc:
-            if self._blmpop and "unknown command" in str(exc).lower():
-                self.has_blmpop = False
-                return []
-            raise
+            got: Any = self._answer()
+            if self._looks:
+                waiting = self._answer()
+                self._answer()
+                self.control_waiting = waiting > 0 if isinstance(waiting, int) else True
         except Exception:
             self.conn.disconnect()  # what it had popped is lost with it: the watchdog replays those steps
             raise
+        if isinstance(got, redis.ResponseError):
+            if self._blmpop and "unknown command" in str(got).lower():
+                self.has_blmpop = False
+                return []
+            raise got
         if not got:
             return []
         if self._blmpop:
             self.has_blmpop = True
             return list(got[1])
         return with_the_rest(self.r, self.key, got[1])
+
+    def _answer(self) -> Any:
+        """The next answer on the connection, an error reply as a value (the answers behind it still come)."""
+        try:
+            return self.conn.read_response()
+        except redis.ResponseError as exc:
+            return exc
 
     def close(self) -> None:
         if self.conn is not None:
@@ -251,6 +291,8 @@ class Inbox:
         self.local = local
         self._pop = _BlockingPop(r, self.pending) if local is not None else None
         self._has_blmpop: bool | None = None  # BLMPOP needs Redis >= 7; found out on first use
+        # (when, whether) a wait last found a message on the worker's control queue (``wait``'s ``control``).
+        self.control_seen: tuple[float, bool] = (-math.inf, False)
 
     def clear(self) -> None:
         """Forget what was left for an earlier process with this worker id (it held the caches they need)."""
@@ -269,18 +311,34 @@ class Inbox:
             return got
         return list(self.r.eval(_TAKE, 2, self.pending, self.wake, WAKE_TTL_S))  # type: ignore[arg-type]
 
-    def wait(self, timeout_s: float) -> list[bytes]:
-        """Wait up to ``timeout_s`` for payloads; return all that are queued (at most ``BATCH_MAX``)."""
+    def wait(self, timeout_s: float, *, control: str | None = None) -> list[bytes]:
+        """Wait up to ``timeout_s`` for payloads; return all that are queued (at most ``BATCH_MAX``).
+
+        ``control``: the worker's control queue, looked at in the same round trip when the wait ends (and
+        the wake key kept): ``control_seen`` has the answer. An idle session waits in slices and looks at its
+        control queue after each: a look of its own would be a second round trip a slice, during which no pop
+        waits on the list."""
+        look = (control, self.worker_id) if control is not None else None
         if self._pop is None:
-            got, self._has_blmpop = pop_all(self.r, self.pending, timeout_s, has_blmpop=self._has_blmpop)
+            got, self._has_blmpop, waiting = pop_all(self.r, self.pending, timeout_s,
+                                                     has_blmpop=self._has_blmpop, control=look)
+            if waiting is not None:
+                self.control_seen = (time.monotonic(), waiting)
             return got
         deadline = time.monotonic() + timeout_s
         while True:  # an empty answer of a pop left from an earlier wait does not end this one
             got = self._local_and_popped()
             left = deadline - time.monotonic()
-            if got or left <= 0:
+            if got:
                 return got
-            self._pop.start(left)
+            if left <= 0:
+                if look is not None and self._pop.outstanding:
+                    # Its server-side timeout was this wait's: its answer, the look behind it, is due now
+                    # (a frame that comes first ends this too).
+                    self._wait_either(1.0)
+                    return self._local_and_popped()
+                return got
+            self._pop.start(left, look)
             self._wait_either(left)
 
     def settle(self) -> list[bytes]:
@@ -291,7 +349,7 @@ class Inbox:
         while self._pop.outstanding and not len(self.local):
             self._wait_either(1.0)
             if self._pop.answered():
-                return self._pop.read() + self.local.take()
+                return self._read_pop() + self.local.take()
         return self._local_and_popped()
 
     def _wait_either(self, timeout_s: float) -> None:
@@ -303,8 +361,16 @@ class Inbox:
         poll.poll(max(0, int(timeout_s * 1000)))
 
     def _local_and_popped(self) -> list[bytes]:
-        got = self._pop.read() if self._pop is not None and self._pop.answered() else []
+        got = self._read_pop() if self._pop is not None and self._pop.answered() else []
         return got + self.local.take() if self.local is not None else got
+
+    def _read_pop(self) -> list[bytes]:
+        assert self._pop is not None
+        got = self._pop.read()
+        if self._pop.control_waiting is not None:
+            self.control_seen = (time.monotonic(), self._pop.control_waiting)
+            self._pop.control_waiting = None
+        return got
 
     def close(self) -> None:
         if self._pop is not None:

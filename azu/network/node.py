@@ -420,7 +420,9 @@ class WorkerNode:
             # In slices, so a worker told to stop (``end_sessions``) ends its session soon.
             linger_left = min(self.linger_s - (now - idle_since), WAIT_SLICE_S)
             wait_s = min(max(linger_left, due_in), deadline - now) if self.linger_s > 0 and not ending else 0
-            more = self.inbox.wait(wait_s) if wait_s > 0 else self.inbox.take()
+            # Lingering (no step due), the wait brings the look at the control queue along (``_lingering``).
+            look = control_queue(self.worker_id) if due_in <= 0 else None
+            more = self.inbox.wait(wait_s, control=look) if wait_s > 0 else self.inbox.take()
             ending = past_deadline_with_control() or self._ending.is_set()  # the wait ends at the deadline
             if more:
                 if ending:  # the wake key stays set: senders keep using the list
@@ -464,11 +466,12 @@ class WorkerNode:
     def _lingering(self, idle_since: float) -> bool:
         """Whether a session with nothing to run or due waits on (for ``linger_s`` since ``idle_since``): not
         when the worker is stopping, nor when a control message waits. Idle, it looks at its control queue
-        every wait slice (one round trip, which also keeps the wake key): a load order or a ping is not held
-        up by a lingering session."""
+        every wait slice, in the wait's own round trip (``Inbox.wait``; a look of its own when the wait
+        brought none), which also keeps the wake key: a load order or a ping is not held up by a lingering
+        session."""
         if self.linger_s <= 0 or self._ending.is_set() or time.monotonic() - idle_since >= self.linger_s:
             return False
-        return not self._control_waiting(fresh=True)
+        return not self._control_waiting(within=WAIT_SLICE_S)
 
     def _release(self) -> bool:
         """Stop taking (``Inbox.release``) unless something came meanwhile, through Redis or directly: a frame
@@ -481,16 +484,17 @@ class WorkerNode:
             self._awake = False
             return True
 
-    def _control_waiting(self, *, fresh: bool = False) -> bool:
+    def _control_waiting(self, *, within: float | None = None) -> bool:
         """Whether a load order, evidence order or ping waits on this worker's control queue (its Celery
         list), or that cannot be told: then the session ends, and the message gets its turn. Otherwise the
         session goes on, and the wake key is kept (senders keep using the list).
 
         A hand-over of the last session brought the answer (``_hand_over`` takes the question along every
         half session): a worker in the middle of a job does not pay a round trip of its own for it, which
-        between distant hosts is a step's delay. ``fresh``: asked now (an idle session, every slice)."""
-        seen_at, waiting = self._control_seen
-        if not fresh and time.monotonic() - seen_at <= self.session_s:
+        between distant hosts is a step's delay; nor does an idle session, whose waits bring it. ``within``:
+        an answer at most this old (default: ``session_s``)."""
+        seen_at, waiting = max(self._control_seen, self.inbox.control_seen)  # the latest answer
+        if time.monotonic() - seen_at <= (self.session_s if within is None else within):
             return waiting
         waiting = self.inbox.control_waiting(control_queue(self.worker_id))
         self._control_seen = (time.monotonic(), waiting)

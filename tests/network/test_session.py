@@ -55,6 +55,33 @@ def test_an_idle_session_lingers_then_lets_go_of_its_wake_key(r: redis.Redis) ->
     assert sent.sent == []  # it never woke itself by message
 
 
+def test_a_lingering_session_makes_one_round_trip_a_slice(r: redis.Redis, monkeypatch) -> None:
+    """Idle, a session's wait and its look at the control queue go out together: a look of its own was a
+    second round trip each slice, during which no pop waited on the list, and between distant hosts a step
+    that came then waited for it (bench/latency.py ``--idle-pairs``)."""
+    node, _ = _node(r, "s-trips", linger_s=60.0)
+    sends: list[bytes] = []
+    real = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "s-trips-session":
+            sends.append(b"".join(command) if isinstance(command, list) else command)
+        return real(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    thread = threading.Thread(target=node.process_pending, args=([],), name="s-trips-session")
+    thread.start()
+    time.sleep(4 * WAIT_SLICE_S)
+    node.end_sessions()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    idle = sends[:-1]  # the last: its release
+    assert len(idle) >= 3
+    # Every round trip a pop, the look behind it (a look of its own, before: a second round trip a slice).
+    assert all(b"BLMPOP" in s and b"LLEN" in s and b"EXPIRE" in s for s in idle), idle
+    assert b"LLEN" in sends[-1]  # the release (its script)
+
+
 @pytest.mark.parametrize("how", ["stopping", "control message"])
 def test_a_lingering_session_ends_soon_when_stopping_or_a_control_message_waits(r: redis.Redis,
                                                                                 how: str) -> None:

@@ -784,6 +784,40 @@ def test_a_wait_shorter_than_a_millisecond_does_not_block_for_ever(any_redis) ->
     assert not waiting.is_alive() and got[0][0] == []
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["redis", "direct"])
+def test_an_idle_wait_looks_at_the_control_queue_as_it_ends(any_redis, direct: bool) -> None:
+    """An idle session's wait brings the look at its control queue along, in the same round trip: Redis runs
+    it as the pop returns, so a control message that came during the wait is seen, and the wake key is kept.
+    On both Redis versions, with and without a direct path (its pop on a connection of its own)."""
+    from azu.network import keys
+    from azu.network.inbox import WAKE_TTL_S, LocalFrames
+
+    rr = any_redis
+    box = Inbox(rr, "inbox-look", LocalFrames() if direct else None)
+    box.clear()
+    control = "ctl.inbox-look"
+    rr.delete(control)
+    rr.set(keys.wake("inbox-look"), "1", ex=5)
+    try:
+        assert box.wait(0.05, control=control) == []
+        at, waiting = box.control_seen
+        assert waiting is False and time.monotonic() - at < 1 and rr.ttl(keys.wake("inbox-look")) > 5
+        threading.Timer(0.1, rr.rpush, args=(control, b"a load order")).start()  # during the next wait
+        assert box.wait(0.4, control=control) == []
+        assert box.control_seen[1] is True and rr.ttl(keys.wake("inbox-look")) > WAKE_TTL_S - 5
+        # What comes ends the wait at once, with the look behind it; a wait without ``control`` looks not.
+        seen = box.control_seen
+        threading.Timer(0.05, rr.rpush, args=(keys.pending("inbox-look"), b"p1")).start()
+        assert box.wait(5.0, control=control) == [b"p1"] and box.control_seen[1] is True
+        assert box.control_seen[0] > seen[0]
+        rr.delete(control)
+        seen = box.control_seen
+        assert box.wait(0.05) == [] and box.control_seen == seen
+    finally:
+        box.close()
+        rr.delete(control)
+
+
 def test_an_inbox_with_direct_frames_waits_on_both_and_loses_nothing(any_redis) -> None:
     """A frame ends a wait at once; the blocking pop it interrupted stays outstanding, and what it then
     takes comes with a later take, wait or settle; settle waits for its answer before the release."""
