@@ -219,7 +219,7 @@ class _BlockingPop:
         self.outstanding = False
         self.has_blmpop: bool | None = None
         self._blmpop = True  # which the outstanding one is
-        self._looks = 0  # answers behind the pop's: a look at the control queue (2) or none (0)
+        self.looks = 0  # answers behind the pop's: a look at the control queue (2) or none (0)
         self.control_waiting: bool | None = None  # what the last look behind a pop found
 
     def start(self, timeout_s: float, control: tuple[str, str] | None = None) -> None:
@@ -233,7 +233,7 @@ class _BlockingPop:
                                            if self._blmpop else ("BLPOP", self.key, timeout)]
         if control is not None:
             commands += [("LLEN", control[0]), ("EXPIRE", keys.wake(control[1]), WAKE_TTL_S)]
-        self._looks = len(commands) - 1
+        self.looks = len(commands) - 1
         self.conn.send_packed_command(self.conn.pack_commands(commands))
         self.outstanding = True
 
@@ -248,7 +248,7 @@ class _BlockingPop:
         self.outstanding = False
         try:
             got: Any = self._answer()
-            if self._looks:
+            if self.looks:
                 waiting = self._answer()
                 self._answer()
                 self.control_waiting = waiting > 0 if isinstance(waiting, int) else True
@@ -332,9 +332,10 @@ class Inbox:
             if got:
                 return got
             if left <= 0:
-                if look is not None and self._pop.outstanding:
-                    # Its server-side timeout was this wait's: its answer, the look behind it, is due now
-                    # (a frame that comes first ends this too).
+                if look is not None and self._pop.outstanding and self._pop.looks:
+                    # Started by this wait, with its timeout: its answer, the look behind it, is due now (a
+                    # frame that comes first ends this too). A pop left from before carries no look: the
+                    # session then looks on its own.
                     self._wait_either(1.0)
                     return self._local_and_popped()
                 return got
