@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import socket
 import threading
 import time
 import uuid
@@ -196,14 +197,20 @@ def test_a_direct_path_cut_mid_answer_falls_back_to_redis_and_stays_exact(r, clu
     """Each worker's P2P address is a relay (20 ms each way); mid-answer both relays cut every connection and
     refuse new ones, as a broken link would look. The answer goes on through Redis (a frame lost in the cut
     is replayed after the step timeout) and is transformers' greedy one."""
-    from azu.cli.up import free_port
     from tests.support.hosts import DelayRelay
 
     ids = ("dc1", "dc2")
-    listen = {wid: free_port() for wid in ids}
-    metrics = {wid: free_port() for wid in ids}
-    relays = {wid: DelayRelay(listen_host="127.0.0.1", upstream=("127.0.0.1", listen[wid]), delay_s=0.02)
-              for wid in ids}
+    with contextlib.ExitStack() as held:
+        # The ports stay bound until the relays have theirs: a relay's own port 0 could otherwise be one of
+        # them (then a worker's metrics were the relay's, and a GET reached a P2P listener, which hung up).
+        sockets = [held.enter_context(socket.socket()) for _ in range(2 * len(ids))]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        ports = iter(sock.getsockname()[1] for sock in sockets)
+        listen = {wid: next(ports) for wid in ids}
+        metrics = {wid: next(ports) for wid in ids}
+        relays = {wid: DelayRelay(listen_host="127.0.0.1", upstream=("127.0.0.1", listen[wid]), delay_s=0.02)
+                  for wid in ids}
     for wid in ids:
         cluster.start_gpu(wid, P2P_PUBLIC_URL=f"tcp://127.0.0.1:{relays[wid].port}",
                           AZU_P2P_LISTEN=f"127.0.0.1:{listen[wid]}", AZU_METRICS_PORT=str(metrics[wid]))
