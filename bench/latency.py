@@ -32,8 +32,8 @@ Many streams: ``--streams`` answers of N tokens requested at once (threads); agg
 Time to first token after idle (``--idle-pairs K``, with ``--linger L``: every process's ``AZU_LINGER_S``):
 K pairs of one-token answers, each after a pause of L - 1 to L - 0.5 s (the workers still wait on their
 inboxes) and L + 0.5 to L + 1 s (their sessions have ended: the job wakes each worker with a Celery message),
-at random within those, alternating; the
-medians per kind (bench/ttft_idle.py is the same on one host, against ``generate``). Between hosts a woken
+at random within those, alternating; the median, mean and worst per kind (bench/ttft_idle.py is the same on
+one host, against ``generate``). Between hosts a woken
 hop pays more crossings than an awake one: the sender's ``SET NX`` on the wake key before its Celery message,
 the consumer's delivery, and the new session's first take from its list.
 """

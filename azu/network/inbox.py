@@ -94,8 +94,19 @@ def deliver(pipe: redis.client.Pipeline, bundles: Mapping[str, bytes], *, dispat
 def look_at_control(pipe: redis.client.Pipeline, control_queue: str, worker_id: str) -> None:
     """Queue on ``pipe``: the length of the worker's control queue (the first answer), and another
     ``WAKE_TTL_S`` for its wake key (the worker is still taking)."""
-    pipe.llen(control_queue)
-    pipe.expire(keys.wake(worker_id), WAKE_TTL_S)
+    for command in _look_commands(control_queue, worker_id):
+        pipe.execute_command(*command)
+
+
+def _look_commands(control_queue: str, worker_id: str) -> list[tuple[Any, ...]]:
+    """``look_at_control``'s commands, for a pipeline or a connection of their own (``_BlockingPop``)."""
+    return [("LLEN", control_queue), ("EXPIRE", keys.wake(worker_id), WAKE_TTL_S)]
+
+
+def control_found(answer: Any) -> bool:
+    """Whether the answer to a look's ``LLEN`` says a control message waits; an error says it cannot be
+    told, which counts as waiting (the session ends, and the message gets its turn)."""
+    return answer > 0 if isinstance(answer, int) else True
 
 
 def pop_all(r: redis.Redis, key: str, timeout_s: float, *, has_blmpop: bool | None,
@@ -137,8 +148,7 @@ def _pop_then_look(r: redis.Redis, control: tuple[str, str] | None, *pop: Any) -
     pipe.execute_command(*pop)
     look_at_control(pipe, control[0], control[1])
     got, waiting, _ = pipe.execute(raise_on_error=False)
-    # A look Redis could not answer says "cannot be told": the caller ends its session, as on a failed look.
-    return got, (waiting > 0 if isinstance(waiting, int) else True)
+    return got, control_found(waiting)
 
 
 def with_the_rest(r: redis.Redis, key: str, first: bytes, count: int = BATCH_MAX) -> list[bytes]:
@@ -232,7 +242,7 @@ class _BlockingPop:
         commands: list[tuple[Any, ...]] = [("BLMPOP", timeout, 1, self.key, "LEFT", "COUNT", BATCH_MAX)
                                            if self._blmpop else ("BLPOP", self.key, timeout)]
         if control is not None:
-            commands += [("LLEN", control[0]), ("EXPIRE", keys.wake(control[1]), WAKE_TTL_S)]
+            commands += _look_commands(*control)
         self.looks = len(commands) - 1
         self.conn.send_packed_command(self.conn.pack_commands(commands))
         self.outstanding = True
@@ -251,7 +261,7 @@ class _BlockingPop:
             if self.looks:
                 waiting = self._answer()
                 self._answer()
-                self.control_waiting = waiting > 0 if isinstance(waiting, int) else True
+                self.control_waiting = control_found(waiting)
         except Exception:
             self.conn.disconnect()  # what it had popped is lost with it: the watchdog replays those steps
             raise

@@ -917,8 +917,7 @@ class WorkerNode:
                 log.warning("worker %s: reports not written (sent again): %s", self.worker_id, answers[0])
                 self._return_commits(carried)
             if look:
-                waiting = answers[at]  # an error counts as a waiting message: the session ends, as if asked
-                self._control_seen = (time.monotonic(), not isinstance(waiting, int) or waiting > 0)
+                self._control_seen = (time.monotonic(), inbox.control_found(answers[at]))
 
         # With no hand-over for Redis (all went directly), it gets only reports: off the next step's path, so
         # they may go on the outbox's thread even with nothing else to run meanwhile.
