@@ -221,7 +221,7 @@ def _peak_mb() -> float:
 
 def _stage_weights_mb(stage) -> tuple[float, set[str]]:
     """Bytes of the distinct tensors a stage holds (what it loaded, in the dtype it holds them), dtypes."""
-    from azu.engine.kernels import PackedLinear
+    from azu.engine.kernels import BlockedLinear
 
     seen: dict[int, int] = {}
     dtypes = set()
@@ -232,7 +232,7 @@ def _stage_weights_mb(stage) -> tuple[float, set[str]]:
         dtypes.add(str(tensor.dtype).removeprefix("torch."))
     packed = 0
     for module in stage.model.modules():
-        if isinstance(module, PackedLinear):  # weights repacked for oneDNN: not parameters any more
+        if isinstance(module, BlockedLinear):  # weights packed or transposed: not parameters any more
             for tensor in [*module.blocks, *(b for b in module.biases if b is not None)]:
                 packed += tensor.numel() * tensor.element_size()
                 dtypes.add(str(tensor.dtype).removeprefix("torch."))

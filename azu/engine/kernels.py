@@ -76,7 +76,10 @@ from azu.engine.heap import release_freed_memory
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "packed", "plain", "torch")
+KERNELS = ("auto", "packed", "transposed", "plain", "torch")
+# A stage's float32 weights are held in one of these layouts: as loaded (``(out, in)``, what ``F.linear``
+# reads), packed into oneDNN's blocked layout, or transposed (``(in, out)``, for ``torch.mm(x, w)``).
+LAYOUTS = ("loaded", "packed", "transposed")
 
 # The row count oneDNN picks its blocked layout for: a layout picked for 16 rows was the fastest or within
 # noise of it for every product from 1 to 2048 rows on both machines above.
@@ -112,16 +115,19 @@ def bucket(rows: int) -> int:
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """How a stage's float32 linears run on this CPU: the layout, and per row count the kernel."""
+    """How a stage's float32 linears run on this CPU: the layout (one of ``LAYOUTS``), and per row count the
+    kernel."""
 
-    packed: bool
+    layout: str
     onednn_rows: frozenset[int]  # on the loaded layout, the row buckets oneDNN runs (MKL runs the others)
     pad_to: dict[int, int]  # on the packed layout, rows (1-3) -> the rows run, zero rows added
 
     def describe(self) -> str:
-        if self.packed:
+        if self.layout == "packed":
             pads = ", ".join(f"{r}->{p}" for r, p in sorted(self.pad_to.items()) if p != r)
             return f"packed for oneDNN (rows padded: {pads or 'none'})"
+        if self.layout == "transposed":
+            return "transposed (in x out), MKL"
         on = sorted(self.onednn_rows)
         return f"as loaded; oneDNN for {on} rows, MKL for the rest" if on else "as loaded; MKL"
 
@@ -149,8 +155,8 @@ def layer_shapes(config: Mapping[str, Any], hidden: int) -> LayerShapes:
 
 def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
     """Milliseconds per layer's products on this CPU (one product per weight of ``shapes``), the best of
-    several rounds, for ``mkl``, ``onednn`` (weight as it is) and ``packed`` at each of ``ROW_BUCKETS`` (and
-    1-4 rows, for the padding).
+    several rounds, for ``mkl``, ``onednn`` (weight as it is), ``transposed`` (MKL on the weight held
+    ``(in, out)``) and ``packed`` at each of ``ROW_BUCKETS`` (and 1-4 rows, for the padding).
 
     Each round runs the products over ``working_bytes`` of different weights in turn, as a stage's forward
     runs its layers (a stage passes its own size): a single weight that stays in the cache made packing look
@@ -186,36 +192,51 @@ def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
 
     with torch.inference_mode():
         time_kernels({"mkl": lambda x, w: F.linear(x, w), "onednn": lambda x, w: _product(x, w, None)})
-        for i, (w, inp) in enumerate(weights):  # one copy at a time: about one set of weights is held
-            weights[i] = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_FOR_ROWS), inp)
+        # One copy at a time, each replacing the last: about one set of weights is held.
+        for i, (w, inp) in enumerate(weights):
+            weights[i] = (w.t().contiguous(), inp)
+        time_kernels({"transposed": lambda x, w: torch.mm(x, w)})
+        for i, (w, inp) in enumerate(weights):
+            weights[i] = (torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), PACK_FOR_ROWS), inp)
         time_kernels({"packed": lambda x, w: _product(x, w, None)})
     return times
 
 
 def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
-    """The plan ``times`` (from ``measure``) call for; ``layout`` ``"packed"`` or ``"plain"`` forces it."""
+    """The plan ``times`` (from ``measure``) call for; ``layout`` (``"packed"``, ``"transposed"`` or
+    ``"plain"``: as loaded) forces the layout."""
     pad_to = {r: min(range(r, PAD_UP_TO + 1), key=lambda p: times["packed", p]) for r in range(1, PAD_UP_TO)}
     # PyTorch's linear (MKL) is what ``generate`` runs: another kernel takes a row count only where it is
     # clearly faster, not where a noisy measurement put it a hair ahead.
     onednn_rows = frozenset(b for b in ROW_BUCKETS if times["onednn", b] < CLEARLY_FASTER * times["mkl", b])
 
-    def packed_ms(rows: int) -> float:
-        return times["packed", pad_to.get(rows, rows)]
-
-    def plain_ms(rows: int) -> float:
+    def ms(layout: str, rows: int) -> float:
+        if layout == "packed":
+            return times["packed", pad_to.get(rows, rows)]
+        if layout == "transposed":
+            return times["transposed", rows]
         return times["onednn" if rows in onednn_rows else "mkl", rows]
 
+    def beats(new: str, old: str) -> bool:
+        """One user's decode step first, then batches. ``new`` is taken where it runs a single row clearly
+        faster and costs the micro-batches (4-16 rows, on average) less than it saves the single row; or
+        where it runs a single row no slower and the micro-batches clearly faster. The second bar is "not
+        slower", not "clearly faster": where two layouts tie for one row, whichever a noisy measurement
+        names costs one user nothing, and the batches gain (on the AMD EPYC with AVX-512 a 10% bar split
+        the two workers of one pipeline between the layouts from run to run, and P3 with them)."""
+        one = ms(new, 1) / ms(old, 1)
+        batches = [ms(new, r) / ms(old, r) for r in JUDGED_ROWS if r > 1]
+        batch = sum(batches) / len(batches)
+        return (one < CLEARLY_FASTER and batch - 1 <= 1 - one) or (one <= 1 and batch < CLEARLY_FASTER)
+
     if layout == "auto":
-        # One user's decode step first: packing is chosen only where a single row is not slower for it, and
-        # then only if it makes micro-batches (4-16 rows) clearly faster on average. The single row's bar is
-        # "not slower", not "clearly faster": where the two tie, whichever a noisy measurement names costs one
-        # user nothing, and packing gains the batches (on the AMD EPYC with AVX-512 a 10% bar split the two
-        # workers of one pipeline between the layouts from run to run, and P3 with them).
-        batches = [packed_ms(r) / plain_ms(r) for r in JUDGED_ROWS if r > 1]
-        packed = packed_ms(1) <= plain_ms(1) and sum(batches) / len(batches) < CLEARLY_FASTER
+        chosen = "loaded"
+        for candidate in ("transposed", "packed"):
+            if beats(candidate, chosen):
+                chosen = candidate
     else:
-        packed = layout == "packed"
-    return KernelPlan(packed=packed, onednn_rows=onednn_rows, pad_to=pad_to)
+        chosen = {"plain": "loaded"}.get(layout, layout)
+    return KernelPlan(layout=chosen, onednn_rows=onednn_rows, pad_to=pad_to)
 
 
 @functools.cache
@@ -232,54 +253,96 @@ def measured_plan(layout: str, shapes: LayerShapes, weight_bytes: int) -> Kernel
     low, high = MEASURE_BYTES
     times = _measured(shapes, min(max(weight_bytes, low), high))
     plan = plan_from(times, layout)
-    log.info("CPU linears: %s (ms per layer's products %s, rows 1/8/16: MKL %s, oneDNN %s, packed %s)",
-             plan.describe(), " ".join(f"{o}x{i}" for o, i in shapes),
-             *("/".join(f"{times[k, r]:.2f}" for r in (1, 8, 16)) for k in ("mkl", "onednn", "packed")))
+    log.info("CPU linears: %s (ms per layer's products %s, rows 1/8/16: MKL %s, oneDNN %s, transposed %s, "
+             "packed %s)", plan.describe(), " ".join(f"{o}x{i}" for o, i in shapes),
+             *("/".join(f"{times[k, r]:.2f}" for r in (1, 8, 16))
+               for k in ("mkl", "onednn", "transposed", "packed")))
     return plan
 
 
-class PackedLinear(nn.Module):
-    """A linear layer whose weight is held in oneDNN's blocked layout, in blocks of output rows.
+class BlockedLinear(nn.Module):
+    """A linear layer whose weight is held in another layout than as loaded, in blocks of output rows (each
+    block's original pages were given back as it was copied: ``apply_plan``).
 
-    It has no ``weight`` parameter any more (the original's memory was given back): code that would read it
-    fails loudly instead of reading freed pages.
-    """
+    It has no ``weight`` parameter any more: code that would read it fails loudly instead of reading freed
+    pages."""
 
     def __init__(self, blocks: list[torch.Tensor], biases: list[torch.Tensor | None], in_features: int,
-                 out_features: int, pad_to: dict[int, int] | None = None) -> None:
+                 out_features: int) -> None:
         super().__init__()
-        self.blocks = blocks  # oneDNN tensors: not parameters (no state dict, no autograd)
+        self.blocks = blocks  # not parameters (no state dict, no autograd)
         self.biases = biases
         self.in_features = in_features
         self.out_features = out_features
-        self.pad_to = pad_to or {}
+
+    @staticmethod
+    def convert(rows: torch.Tensor) -> torch.Tensor:
+        """A block of the weight as loaded (``(out, in)`` rows), in this layout."""
+        raise NotImplementedError
+
+    def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x``'s products with one block (``x`` two-dimensional)."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        run = self.pad_to.get(rows, rows)
-        if run > rows:
-            # Zero rows, where this CPU runs more rows faster (measured: KernelPlan); each real row's result
-            # does not depend on the other rows.
-            padded = x.new_zeros(run, self.in_features)
-            padded[:rows] = x.reshape(rows, self.in_features)
-            return self._products(padded)[:rows].reshape(*x.shape[:-1], self.out_features)
-        return self._products(x)
+        return self._products(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
 
     def _products(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.blocks) == 1:
-            return _product(x, self.blocks[0], self.biases[0])
+            return self._block(x, self.blocks[0], self.biases[0])
         # Into one output, block by block: not the blocks' outputs and their concatenation at once (a
         # verifier's 2048-position prefill through a Qwen head would hold 1.2 GB of logits twice).
-        out = x.new_empty(*x.shape[:-1], self.out_features)
+        out = x.new_empty(x.shape[0], self.out_features)
         first = 0
         for w, b in zip(self.blocks, self.biases, strict=True):
-            part = _product(x, w, b)
-            out[..., first:first + part.shape[-1]] = part
+            part = self._block(x, w, b)
+            out[:, first:first + part.shape[-1]] = part
             first += part.shape[-1]
         return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={len(self.blocks)}"
+
+
+class PackedLinear(BlockedLinear):
+    """A linear layer whose weight is held in oneDNN's blocked layout (``_reorder_linear_weight``)."""
+
+    def __init__(self, blocks: list[torch.Tensor], biases: list[torch.Tensor | None], in_features: int,
+                 out_features: int, pad_to: dict[int, int] | None = None) -> None:
+        super().__init__(blocks, biases, in_features, out_features)
+        self.pad_to = pad_to or {}
+
+    @staticmethod
+    def convert(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(rows.contiguous(), PACK_FOR_ROWS)
+
+    def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _product(x, block, bias)
+
+    def _products(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        run = self.pad_to.get(rows, rows)
+        if run > rows:
+            # Zero rows, where this CPU runs more rows faster (measured: KernelPlan); each real row's result
+            # does not depend on the other rows.
+            padded = x.new_zeros(run, self.in_features)
+            padded[:rows] = x
+            return super()._products(padded)[:rows]
+        return super()._products(x)
+
+
+class TransposedLinear(BlockedLinear):
+    """A linear layer whose weight is held transposed, ``(in, out)``, and run as ``x @ w``: for few rows some
+    CPUs' MKL runs that faster than ``F.linear``'s ``x @ w.T`` on the weight as loaded (AMD EPYC with AVX2,
+    2026-12-02, one row: a Qwen layer's linears 3.2 ms against 3.9-4.0, its 151936-word head 23 ms against
+    33-40)."""
+
+    @staticmethod
+    def convert(rows: torch.Tensor) -> torch.Tensor:
+        return rows.t().contiguous()
+
+    def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.mm(x, block) if bias is None else torch.addmm(bias, x, block)
 
 
 class DispatchLinear(nn.Linear):
@@ -335,13 +398,14 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tensor], object]) -> int:
     """Run ``model``'s plain float32 ``nn.Linear`` modules whose weight is loaded as ``plan`` says; how many
-    were packed. On the packed layout, ``release(t)`` is called with each block of original weight rows once
-    its packed copy exists; it may hand those rows' pages back to the OS.
+    were converted to the plan's layout (packed or transposed: ``BlockedLinear``). Each weight is copied in
+    blocks of rows; ``release(t)`` is called with each block of original weight rows once its copy exists;
+    it may hand those rows' pages back to the OS.
 
     A weight another tensor of the model shares memory with (a head tied to the embeddings on one stage), or
-    a linear module the model holds in two places, is not packed: its pages are still read. It runs as
+    a linear module the model holds in two places, is not converted: its pages are still read. It runs as
     loaded (``DispatchLinear``). A strided weight (a view into a fused tensor) stays on torch's linear:
-    packing would keep two copies, since only whole tensors' pages can be given back.
+    converting would keep two copies, since only whole tensors' pages can be given back.
     """
     slots: dict[int, int] = {}  # how many (parent, name) places hold each module
     for _, module in model.named_modules(remove_duplicate=False):
@@ -360,7 +424,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tens
         start, end = ranges[id(weight)]
         return any(s < end and start < e for key, (s, e) in ranges.items() if key != id(weight))
 
-    packed = 0
+    converted = 0
     for parent in list(model.modules()):
         for name, module in list(parent.named_children()):
             if type(module) is not nn.Linear:
@@ -369,20 +433,22 @@ def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tens
             if (weight.is_meta or weight.dtype != torch.float32 or not weight.numel()
                     or not weight.is_contiguous()):
                 continue
-            if not plan.packed or slots[id(module)] > 1 or shared(weight):
+            if plan.layout == "loaded" or slots[id(module)] > 1 or shared(weight):
                 module.__class__ = DispatchLinear
                 module.onednn_rows = plan.onednn_rows  # type: ignore[assignment]
                 continue
+            kind = PackedLinear if plan.layout == "packed" else TransposedLinear
             rows = max(1, BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
             blocks: list[torch.Tensor] = []
             biases: list[torch.Tensor | None] = []
             with torch.inference_mode():
                 for first in range(0, weight.shape[0], rows):
                     part = weight[first:first + rows]
-                    blocks.append(torch.ops.mkldnn._reorder_linear_weight(part.contiguous(), PACK_FOR_ROWS))
+                    blocks.append(kind.convert(part))
                     biases.append(None if bias is None else bias[first:first + rows].clone())
                     release(part)
             setattr(parent, name, PackedLinear(blocks, biases, module.in_features, module.out_features,
-                                               plan.pad_to))
-            packed += 1
-    return packed
+                                               plan.pad_to) if kind is PackedLinear
+                    else TransposedLinear(blocks, biases, module.in_features, module.out_features))
+            converted += 1
+    return converted

@@ -215,9 +215,9 @@ class Stage:
         graphs: str = "auto",
     ) -> Stage:
         """The stage holding ``span`` from a shard folder. ``kernels`` picks the linears' kernel on a CPU
-        (azu.engine.kernels): ``"auto"`` measures this CPU and picks for float32, ``"packed"`` and ``"plain"``
-        force the weights' layout, ``"torch"`` is PyTorch's own linear. ``graphs``: whether one-token steps
-        replay CUDA graphs (``DECODE_GRAPHS``, azu.engine.graphs)."""
+        (azu.engine.kernels): ``"auto"`` measures this CPU and picks for float32; ``"packed"``,
+        ``"transposed"`` and ``"plain"`` force the weights' layout; ``"torch"`` is PyTorch's own linear.
+        ``graphs``: whether one-token steps replay CUDA graphs (``DECODE_GRAPHS``, azu.engine.graphs)."""
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -289,10 +289,10 @@ class Stage:
             if not span.head:
                 _neutralise(base, attr, how, torch_dtype, torch_device)
         if plan is not None:
-            # After the cut: a tied head is packed only where no embedding on this stage still reads it.
+            # After the cut: a tied head is converted only where no embedding on this stage still reads it.
             apply_plan(model, plan, files.release)
         del files
-        release_freed_memory()  # load scratch: dtype-conversion copies, and those packing replaced
+        release_freed_memory()  # load scratch: dtype-conversion copies, and those a layout replaced
         # Buffers (rotary inv_freq, ALiBi helpers) were built real on the CPU; move them along.
         for module in model.modules():
             for name, buf in list(module._buffers.items()):

@@ -1,6 +1,6 @@
 """The linears' kernel on a CPU (azu.engine.kernels): measured per machine for float32 stages (packed for
-oneDNN, or as loaded with MKL or oneDNN per row count), PyTorch's own on request; every choice gives
-transformers' greedy tokens for every family."""
+oneDNN, transposed for MKL, or as loaded with MKL or oneDNN per row count), PyTorch's own on request; every
+choice gives transformers' greedy tokens for every family."""
 
 from __future__ import annotations
 
@@ -21,41 +21,44 @@ from tests.support.engine import NEW_TOKENS
 pytestmark = pytest.mark.skipif(not kernels.onednn_works(), reason="this PyTorch has no oneDNN linear")
 
 
-PACKED = kernels.KernelPlan(packed=True, onednn_rows=frozenset(kernels.ROW_BUCKETS),
+PACKED = kernels.KernelPlan(layout="packed", onednn_rows=frozenset(kernels.ROW_BUCKETS),
                             pad_to={1: 4, 2: 4, 3: 3})
-PLAIN = kernels.KernelPlan(packed=False, onednn_rows=frozenset({4, 8, 16, 128}), pad_to={})
+TRANSPOSED = kernels.KernelPlan(layout="transposed", onednn_rows=frozenset(kernels.ROW_BUCKETS), pad_to={})
+PLAIN = kernels.KernelPlan(layout="loaded", onednn_rows=frozenset({4, 8, 16, 128}), pad_to={})
 
 
 def _linears(stage: Stage) -> list[type]:
     return [type(m) for m in stage.model.modules()
-            if isinstance(m, kernels.PackedLinear) or (isinstance(m, nn.Linear) and not m.weight.is_meta)]
+            if isinstance(m, kernels.BlockedLinear) or (isinstance(m, nn.Linear) and not m.weight.is_meta)]
 
 
 def test_a_float32_cpu_stage_runs_its_linears_as_the_plan_says(built) -> None:
     b = built("llama")
     span = Span(0, 2, embeddings=True)
     packed = Stage.load(b.shards, span, kernels="packed")
+    transposed = Stage.load(b.shards, span, kernels="transposed")
     as_loaded = Stage.load(b.shards, span, kernels="plain")
     plain = Stage.load(b.shards, span, kernels="torch")
     assert _linears(packed) and set(_linears(packed)) == {kernels.PackedLinear}
+    assert set(_linears(transposed)) == {kernels.TransposedLinear}
     assert set(_linears(as_loaded)) == {kernels.DispatchLinear}
-    assert len(_linears(packed)) == len(_linears(plain)) == len(_linears(as_loaded))
+    assert len({len(_linears(s)) for s in (packed, transposed, as_loaded, plain)}) == 1
     assert set(_linears(plain)) == {nn.Linear}
     # A stage this small stays in the cache: auto leaves it on torch's linear without measuring.
     assert set(_linears(Stage.load(b.shards, span))) == {nn.Linear}
     # Modules of layers this stage does not hold stay on meta and are left alone.
     assert all(type(m) is nn.Linear for m in packed.model.modules()
                if isinstance(m, nn.Linear) and m.weight.is_meta)
-    # The packed module gives the plain one's products, up to float rounding, for every row count (1-3
-    # padded as measured); no weight is left to read.
+    # The packed and transposed modules give the plain one's products, up to float rounding, for every row
+    # count (1-3 padded as measured); no weight is left to read.
     module = next(m for m in packed.model.modules() if type(m) is kernels.PackedLinear)
     name = next(n for n, m in packed.model.named_modules() if m is module)
     original = plain.model.get_submodule(name)
     for shape in ((1, 1), (1, 2), (3, 1), (3, 5)):
         x = torch.randn(*shape, original.in_features)
-        torch.testing.assert_close(module(x), original(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(as_loaded.model.get_submodule(name)(x), original(x), rtol=1e-5, atol=1e-5)
-    assert not hasattr(module, "weight")
+        for stage in (packed, transposed, as_loaded):
+            torch.testing.assert_close(stage.model.get_submodule(name)(x), original(x), rtol=1e-5, atol=1e-5)
+    assert not hasattr(module, "weight") and not hasattr(transposed.model.get_submodule(name), "weight")
     assert Stage.load(b.shards, span, dtype="bfloat16").model is not None
     assert kernels.plan_for("packed", torch.device("cpu"), torch.bfloat16, 1 << 40, ((64, 64),)) is None
     assert kernels.plan_for("packed", torch.device("cuda"), torch.float32, 1 << 40, ((64, 64),)) is None
@@ -63,9 +66,12 @@ def test_a_float32_cpu_stage_runs_its_linears_as_the_plan_says(built) -> None:
         kernels.plan_for("fast", torch.device("cpu"), torch.float32, 0, ((64, 64),))
 
 
-def _times(mkl: list[float], onednn: list[float], packed: list[float]) -> kernels.Timings:
+def _times(mkl: list[float], onednn: list[float], packed: list[float],
+           transposed: list[float] | None = None) -> kernels.Timings:
+    """Figures per row bucket; MKL on the transposed weight as fast as on the loaded one unless given."""
     rows = kernels.ROW_BUCKETS
-    return {(name, r): ms for name, figures in (("mkl", mkl), ("onednn", onednn), ("packed", packed))
+    return {(name, r): ms for name, figures in (("mkl", mkl), ("onednn", onednn), ("packed", packed),
+                                                ("transposed", transposed or mkl))
             for r, ms in zip(rows, figures, strict=True)}
 
 
@@ -74,28 +80,54 @@ def test_the_plan_puts_one_users_decode_first_then_batches() -> None:
     avx2 = _times(mkl=[1.45, 1.6, 1.8, 2.0, 2.93, 3.82, 20], onednn=[0.81, 1.2, 1.4, 1.6, 2.14, 2.94, 16],
                   packed=[0.56, 0.7, 0.8, 0.75, 0.90, 1.60, 15])
     plan = kernels.plan_from(avx2)
-    assert plan.packed and plan.pad_to == {1: 1, 2: 2, 3: 4} and plan.onednn_rows == set(kernels.ROW_BUCKETS)
+    assert plan.layout == "packed" and plan.pad_to == {1: 1, 2: 2, 3: 4}
+    assert plan.onednn_rows == set(kernels.ROW_BUCKETS)
     # Like the AVX-512 machine: MKL wins 1-3 rows, oneDNN as loaded ties packed from 4 rows up; at 128 rows
     # all three are within noise, so MKL (what generate runs) keeps it.
     avx512 = _times(mkl=[1.07, 1.10, 1.23, 2.22, 2.79, 2.61, 8.3],
                     onednn=[1.12, 1.6, 1.68, 1.64, 1.72, 2.24, 8.2],
                     packed=[1.19, 1.34, 1.59, 1.51, 1.70, 2.14, 8.1])
     plan = kernels.plan_from(avx512)
-    assert not plan.packed and plan.onednn_rows == {4, 8, 16}
+    assert plan.layout == "loaded" and plan.onednn_rows == {4, 8, 16}
     # Like the AMD EPYC with AVX-512: one row padded to four ties oneDNN as loaded (a measurement puts it
     # 10% ahead or 30%), batches run in two thirds of the time: packed, whichever way the tie falls.
     zen4 = _times(mkl=[0.90, 1.77, 2.39, 1.41, 1.66, 2.20, 9.4],
                   onednn=[0.72, 1.03, 1.10, 1.16, 1.39, 1.84, 8.3],
                   packed=[0.79, 0.94, 0.65, 0.66, 0.85, 1.17, 7.5])
     plan = kernels.plan_from(zen4)
-    assert plan.packed and plan.pad_to == {1: 3, 2: 3, 3: 3}
+    assert plan.layout == "packed" and plan.pad_to == {1: 3, 2: 3, 3: 3}
     zen4[("packed", 3)] = zen4[("packed", 4)] = 0.71  # one row a hair faster packed: still packed
-    assert kernels.plan_from(zen4).packed
+    assert kernels.plan_from(zen4).layout == "packed"
     # Packing that wins batches but costs one user's step is not chosen; forced, it is.
     costly = dict(avx2)
     costly.update({("packed", r): 0.85 for r in (1, 2, 3, 4)})
-    assert not kernels.plan_from(costly).packed and kernels.plan_from(costly, "packed").packed
-    assert not kernels.plan_from(avx2, "plain").packed
+    assert kernels.plan_from(costly).layout == "loaded"
+    assert kernels.plan_from(costly, "packed").layout == "packed"
+    assert kernels.plan_from(avx2, "plain").layout == "loaded"
+    assert kernels.plan_from(avx512, "transposed").layout == "transposed"
+
+
+def test_a_layout_that_runs_one_row_clearly_faster_is_taken_unless_batches_lose_more() -> None:
+    # Like the AMD EPYC with AVX2 of 2026-12-02: MKL on the transposed weight runs one row 18% faster than
+    # anything on the weight as loaded and batches 5-10% slower; packed runs batches a little faster but one
+    # row 30% slower. One user first: transposed.
+    zen2 = _times(mkl=[3.94, 7.16, 7.5, 8.95, 10.46, 14.08, 59.9],
+                  onednn=[3.72, 6.30, 6.6, 7.08, 8.78, 11.74, 52.5],
+                  packed=[4.90, 5.64, 5.9, 6.85, 8.03, 10.64, 51.5],
+                  transposed=[3.22, 5.64, 6.4, 7.86, 9.23, 12.31, 54.7])
+    assert kernels.plan_from(zen2).layout == "transposed"
+    # Batches that lose more than the single row gains: the loaded layout stays.
+    costly = dict(zen2)
+    costly.update({("transposed", r): 1.3 * zen2["onednn", r] for r in (4, 8, 16)})
+    assert kernels.plan_from(costly).layout == "loaded"
+    # One row only a hair faster transposed, batches no faster: not worth a copy of every weight.
+    close = dict(zen2)
+    close["transposed", 1] = 3.60
+    assert kernels.plan_from(close).layout == "loaded"
+    # Packed, one row no slower than transposed and batches clearly faster, beats it.
+    packed = dict(zen2)
+    packed.update({("packed", r): ms for r, ms in ((1, 3.2), (2, 3.3), (3, 3.4), (4, 4), (8, 5), (16, 7))})
+    assert kernels.plan_from(packed).layout == "packed"
 
 
 def test_a_plain_linear_runs_each_row_count_on_the_kernel_the_plan_names(monkeypatch) -> None:
@@ -117,24 +149,29 @@ def test_measuring_gives_every_kernel_and_row_count() -> None:
                                    "intermediate_size": 96}, 64)
     assert shapes == ((64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96))
     times = kernels.measure(shapes, working_bytes=1 << 20)
-    assert {(k, r) for k in ("mkl", "onednn", "packed") for r in kernels.ROW_BUCKETS} <= set(times)
+    kinds = ("mkl", "onednn", "transposed", "packed")
+    assert {(k, r) for k in kinds for r in kernels.ROW_BUCKETS} <= set(times)
     assert all(ms > 0 for ms in times.values())
     assert isinstance(kernels.plan_from(times), kernels.KernelPlan)
 
 
-def test_a_weight_packed_in_blocks_gives_the_same_products_and_frees_the_originals_pages(monkeypatch) -> None:
+@pytest.mark.parametrize("plan", [PACKED, TRANSPOSED], ids=["packed", "transposed"])
+def test_a_weight_converted_in_blocks_gives_the_same_products_and_frees_the_originals_pages(
+        monkeypatch, plan: kernels.KernelPlan) -> None:
     monkeypatch.setattr(kernels, "BLOCK_BYTES", 64 * 1024)  # 1000 rows of 64 floats: 4 blocks of 256
     model = nn.Sequential(nn.Linear(64, 1000), nn.Linear(1000, 8, bias=False))
     reference = copy.deepcopy(model)
     released: list[torch.Tensor] = []
-    assert kernels.apply_plan(model, PACKED, released.append) == 2
+    assert kernels.apply_plan(model, plan, released.append) == 2
     assert len(model[0].blocks) == 4 and len(model[1].blocks) == 1
+    assert {type(m) for m in model} == {kernels.PackedLinear if plan is PACKED else kernels.TransposedLinear}
     assert [int(t.shape[0]) for t in released] == [256, 256, 256, 232, 8]
     for x in (torch.randn(2, 7, 64), torch.randn(1, 64), torch.randn(3, 64)):  # 1 row padded to 4, 3 not
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
 
 
-def test_a_weight_something_else_reads_is_not_packed_nor_released() -> None:
+@pytest.mark.parametrize("plan", [PACKED, TRANSPOSED], ids=["packed", "transposed"])
+def test_a_weight_something_else_reads_is_not_converted_nor_released(plan: kernels.KernelPlan) -> None:
     embed, head = nn.Embedding(50, 16), nn.Linear(16, 50, bias=False)
     head.weight = embed.weight  # tied, as a stage holding both ends of a tied model has them
     view = nn.Linear(16, 4)
@@ -146,7 +183,7 @@ def test_a_weight_something_else_reads_is_not_packed_nor_released() -> None:
                            "b": nn.Sequential(twice), "strided": strided})
     reference = copy.deepcopy(model)
     released: list[torch.Tensor] = []
-    assert kernels.apply_plan(model, PACKED, released.append) == 0 and not released
+    assert kernels.apply_plan(model, plan, released.append) == 0 and not released
     # Read in place (on the weight as it is, or torch's linear for the strided one): same products.
     assert {type(model[k]) for k in ("head", "view", "a")} == {kernels.DispatchLinear}
     assert model["b"][0] is model["a"] and type(model["strided"]) is nn.Linear
@@ -159,7 +196,7 @@ def test_a_weight_something_else_reads_is_not_packed_nor_released() -> None:
 def test_every_kernel_choice_gives_generates_greedy_tokens(built, family: str) -> None:
     b = built(family)
     expected = b.reference()
-    for choice in ("packed", "plain", "torch"):
+    for choice in ("packed", "transposed", "plain", "torch"):
         pipe = LocalPipeline(b.shards, 2, kernels=choice)
         assert pipe.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == expected, choice
 
@@ -168,6 +205,7 @@ def test_the_kernel_setting_is_checked() -> None:
     assert Settings.from_env({}).worker.cpu_kernels == "auto"
     assert Settings.from_env({"AZU_CPU_KERNELS": "TORCH"}).worker.cpu_kernels == "torch"
     assert Settings.from_env({"AZU_CPU_KERNELS": "plain"}).worker.cpu_kernels == "plain"
+    assert Settings.from_env({"AZU_CPU_KERNELS": "transposed"}).worker.cpu_kernels == "transposed"
     assert CPU_KERNELS == kernels.KERNELS
     with pytest.raises(SettingsError, match="AZU_CPU_KERNELS"):
         Settings.from_env({"AZU_CPU_KERNELS": "cuda"})
