@@ -37,7 +37,9 @@ def _stage(folder: str, first: int, last: int, *, device: str, dtype: str, embed
     from azu.engine.span import Span
     from azu.engine.stage import Stage
 
-    return Stage.load(folder, Span(first, last, embeddings=embeddings, head=head), device=device, dtype=dtype)
+    # The workers' kernel choice (PipePair sets it for both processes): the pair runs what they run.
+    return Stage.load(folder, Span(first, last, embeddings=embeddings, head=head), device=device, dtype=dtype,
+                      kernels=os.environ.get("AZU_CPU_KERNELS", "auto"))
 
 
 def _child(folder: str, first: int, last: int, device: str, dtype: str, rounds: int, steps: int,
@@ -68,13 +70,15 @@ class PipePair:
     (``round``), each a greedy answer to the same prompt. ``close`` when done (the child ends after its last
     round)."""
 
-    def __init__(self, folder: Path, cut: int, n: int, *, device: str, dtype: str, rounds: int) -> None:
+    def __init__(self, folder: Path, cut: int, n: int, *, device: str, dtype: str, rounds: int,
+                 kernels: str = "auto") -> None:
         import torch
 
         from azu.registry.manifest import Manifest
 
         last = Manifest.load(folder).num_layers
         torch.set_num_threads(1)
+        os.environ["AZU_CPU_KERNELS"] = kernels  # this process's stage and the child's
         self.n, self.device = n, device
         self.stage = _stage(str(folder), 0, cut, device=device, dtype=dtype, embeddings=True, head=False)
         to_child, self._to_child = os.pipe()

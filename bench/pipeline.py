@@ -304,7 +304,7 @@ class Bench:
             from azu.registry import status as models
 
             pair = PipePair(models.shard_dir(model_id), self.cuts[model_id], n, device=self.args.device,
-                            dtype=self.args.dtype, rounds=self.args.rounds + 1)
+                            dtype=self.args.dtype, rounds=self.args.rounds + 1, kernels=self.args.kernels)
             sides["two bare processes over a pipe"] = functools.partial(pair.round, prompt)
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
         try:

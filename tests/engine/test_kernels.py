@@ -4,7 +4,10 @@ choice gives transformers' greedy tokens for every family."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -209,3 +212,19 @@ def test_the_kernel_setting_is_checked() -> None:
     assert CPU_KERNELS == kernels.KERNELS
     with pytest.raises(SettingsError, match="AZU_CPU_KERNELS"):
         Settings.from_env({"AZU_CPU_KERNELS": "cuda"})
+
+
+def test_worker_processes_of_one_host_measure_one_at_a_time() -> None:
+    # A second process's measurement waits while this one holds the host's lock, then runs.
+    script = ("from azu.engine import kernels\n"
+              "print('ready', flush=True)\n"
+              "kernels._measured(((64, 64),), 1 << 20)\n"
+              "print('measured', flush=True)\n")
+    with kernels.one_measurement_at_a_time():
+        other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert other.stdout is not None and other.stdout.readline().strip() == "ready"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            other.wait(timeout=3)  # unlocked, its measurement takes well under a second
+        assert other.poll() is None, "measured while another process held the lock"
+    out, _ = other.communicate(timeout=120)
+    assert other.returncode == 0 and out.strip() == "measured"
