@@ -28,22 +28,23 @@ row, oneDNN on the weight as it is ties the packed layout from 4 rows up, and pa
 20%; on the AMD AVX-512 machine one row padded to four runs packed in 0.60-0.66 ms, within 10% of oneDNN's
 0.72 in some measurements and 30% under it in others, and packed batches take two thirds of the time.
 A choice fixed from either machine costs the other up to 30% of its decode speed at b=1, so a stage does not
-fix it: ``measure()`` times the three
-kernels once per process, on as many bytes of weights shaped like the model's layers as the stage holds (16
-to 384 MB), for 1-4, 8, 16 and 128 rows (about two seconds before a large stage loads), and ``KernelPlan``
-takes from that. The weights are a layer's linears in turn (``layer_shapes``: attention projections and a
-gated MLP), not the MLP's shape alone: oneDNN's fixed cost per call weighs on a layer's small projections,
-and on the Intel Xeon with AVX-512 of 2026-12-01 the MLP shape alone called packing a tie for one row (0.28
-ms a product either way) on Petals' test model (512 wide), whose one-process decode packing made 15% slower
-(52-56 tok/s against 62-64, alternating runs); the layer's shapes show it (a layer's products 1.0-1.07 ms
-packed, 0.87-0.90 MKL).
+fix it: ``measure()`` times the kernels once per process (the processes of a host one at a time), on as many
+bytes of weights shaped like the model's layers as the stage holds (16 to 384 MB), for 1-4, 8, 16 and 128 rows
+(two to five seconds before a large stage loads), and ``KernelPlan`` takes from that. The weights are a
+layer's linears in turn (``layer_shapes``: attention projections and a gated MLP), not the MLP's shape alone:
+oneDNN's fixed cost per call weighs on a layer's small projections, and on the Intel Xeon with AVX-512 of
+2026-12-01 the MLP shape alone called packing a tie for one row (0.28 ms a product either way) on Petals' test
+model (512 wide), whose one-process decode packing made 15% slower (52-56 tok/s against 62-64, alternating
+runs); the layer's shapes show it (a layer's products 1.0-1.07 ms packed, 0.87-0.90 MKL).
 
 - per row count, the kernel on the weight as loaded: MKL (what ``generate`` runs), or oneDNN where it is
   clearly faster (10%) for that many rows;
-- the layout: packed or as loaded. One user's decode step comes first: the plan packs only where a packed
-  single row is not slower than the loaded layout's, and then only if packed micro-batches (4, 8, 16 rows)
-  are clearly faster on average. Packing copies every weight (in blocks, the original pages handed back as
-  it goes) and costs load time, so the batches must gain;
+- the layout: as loaded, packed, or transposed (``(in, out)``, run as ``x @ w`` on MKL: on the AMD EPYC
+  with AVX2 (Zen 2) of 2026-12-02 one row ran so 15-20% faster than any kernel on the weight as loaded, the
+  Qwen head 30%). One user's decode step comes first: another layout is taken where it runs a single row
+  clearly faster and costs the micro-batches (4, 8, 16 rows) less than it saves that row, or where it runs
+  a single row no slower and the micro-batches clearly faster on average. Either copies every weight (in
+  blocks, the original pages handed back as it goes) and costs load time, so the copy must gain;
 - on the packed layout, how many zero rows to add to 1-3 rows (oneDNN runs 1 or 2 rows on a slower kernel
   on some CPUs).
 
@@ -54,8 +55,9 @@ The results are the same up to float rounding (relative difference ~1e-7 per pro
 GEMM implementations), so greedy tokens stay those of ``transformers`` and the verifier's tolerance covers
 a worker and a verifier that use different kernels.
 
-``AZU_CPU_KERNELS``: ``auto`` measures and chooses for float32 CPU stages; ``packed`` and ``plain`` force the
-layout (the per-row choices are still measured); ``torch`` keeps PyTorch's own linear everywhere.
+``AZU_CPU_KERNELS``: ``auto`` measures and chooses for float32 CPU stages; ``packed``, ``transposed`` and
+``plain`` force the layout (the per-row choices are still measured); ``torch`` keeps PyTorch's own linear
+everywhere.
 Every worker logs the plan it chose and the figures it chose from.
 """
 
