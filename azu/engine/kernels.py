@@ -108,8 +108,11 @@ MEASURE_BYTES = (16 << 20, 384 << 20)
 MEASURE_ABOVE_BYTES = 64 << 20
 # Rows of a weight packed (and its original pages freed) at a time: at most this many bytes each.
 BLOCK_BYTES = 32 << 20
-# Held by the process measuring (``one_measurement_at_a_time``): one at a time on a host.
-MEASURE_LOCK = os.path.join(tempfile.gettempdir(), "azu-cpu-kernels.lock")
+# Held by the process measuring (``one_measurement_at_a_time``), in the temp directory: one at a time on a
+# host. A process waits at most this long for it (a measurement takes seconds; a holder that hangs or is
+# stopped must not hold every other worker's load), then measures unlocked.
+MEASURE_LOCK_NAME = "azu-cpu-kernels.lock"
+MEASURE_LOCK_WAIT_S = 60.0
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -238,9 +241,12 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
         return (one < CLEARLY_FASTER and batch - 1 <= 1 - one) or (one <= 1 and batch < CLEARLY_FASTER)
 
     if layout == "auto":
+        # Each candidate must beat the loaded layout itself (not only one that beat it: a chain could end on
+        # a layout the loaded one beats); of two that do, one that beats the other, else the faster row.
         chosen = "loaded"
-        for candidate in ("transposed", "packed"):
-            if beats(candidate, chosen):
+        for candidate in (c for c in ("transposed", "packed") if beats(c, "loaded")):
+            if (chosen == "loaded" or beats(candidate, chosen)
+                    or (not beats(chosen, candidate) and ms(candidate, 1) < ms(chosen, 1))):
                 chosen = candidate
     else:
         chosen = {"plain": "loaded"}.get(layout, layout)
@@ -255,18 +261,40 @@ def one_measurement_at_a_time() -> Iterator[None]:
     with the other's: on the AMD EPYC with AVX2 of 2026-12-02 the transposed layout's one row, 15-20% faster
     measured alone, measured a tie, and both workers of a pipeline chose the loaded layout (P1 0.87x the
     plan measured alone). One user's steps, the plan's first concern, run stage after stage, not at once.
-    Where the lock file cannot be opened (another user's), the measurement runs unlocked."""
+    Where the lock cannot be had (no temp directory, another user's file, a file system without locks) or
+    is not had within ``MEASURE_LOCK_WAIT_S``, the measurement runs unlocked."""
+    fd = _take_measure_lock()
     try:
-        fd = os.open(MEASURE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        log.info("measuring without the host's lock (%s: %s)", MEASURE_LOCK, exc)
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # and with it the lock
+        if fd is not None:
+            os.close(fd)  # and with it the lock
+
+
+def _take_measure_lock() -> int | None:
+    """A descriptor holding the host's measurement lock, or ``None`` (logged) where it cannot be had."""
+    try:
+        path = os.path.join(tempfile.gettempdir(), MEASURE_LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        log.info("measuring without the host's lock (%s)", exc)
+        return None
+    deadline = time.monotonic() + MEASURE_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                log.warning("another process has held %s for %.0f s; measuring without it", path,
+                            MEASURE_LOCK_WAIT_S)
+                break
+            time.sleep(0.05)
+        except OSError as exc:
+            log.info("measuring without the host's lock (%s)", exc)
+            break
+    os.close(fd)
+    return None
 
 
 @functools.cache
@@ -438,16 +466,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tens
     loaded (``DispatchLinear``). A strided weight (a view into a fused tensor) stays on torch's linear:
     converting would keep two copies, since only whole tensors' pages can be given back.
     """
-    slots: dict[int, int] = {}  # how many (parent, name) places hold each module
-    for _, module in model.named_modules(remove_duplicate=False):
-        slots[id(module)] = slots.get(id(module), 0) + 1
-    owners: dict[int, int] = {}  # how many module slots hold each tensor (2 or more: tied)
-    ranges: dict[int, tuple[int, int]] = {}
-    for module in model.modules():
-        for t in [*module._parameters.values(), *module._buffers.values()]:
-            if t is not None and not t.is_meta and t.numel():
-                owners[id(t)] = owners.get(id(t), 0) + 1
-                ranges[id(t)] = _byte_range(t)
+    slots, owners, ranges = _census(model)
 
     def shared(weight: torch.Tensor) -> bool:
         if owners.get(id(weight), 0) > 1:
@@ -455,31 +474,59 @@ def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tens
         start, end = ranges[id(weight)]
         return any(s < end and start < e for key, (s, e) in ranges.items() if key != id(weight))
 
+    # Places, not modules: a list of the modules themselves would keep every original weight alive until the
+    # last is converted (two copies of a stage at the peak, where its weights are not views of the file
+    # buffers whose pages ``release`` gives back: a float32 stage cast from bfloat16 files).
+    places = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+              if type(child) is nn.Linear]
     converted = 0
-    for parent in list(model.modules()):
-        for name, module in list(parent.named_children()):
-            if type(module) is not nn.Linear:
-                continue
-            weight, bias = module.weight, module.bias
-            if (weight.is_meta or weight.dtype != torch.float32 or not weight.numel()
-                    or not weight.is_contiguous()):
-                continue
-            if plan.layout == "loaded" or slots[id(module)] > 1 or shared(weight):
-                module.__class__ = DispatchLinear
-                module.onednn_rows = plan.onednn_rows  # type: ignore[assignment]
-                continue
-            kind = PackedLinear if plan.layout == "packed" else TransposedLinear
-            rows = max(1, BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
-            blocks: list[torch.Tensor] = []
-            biases: list[torch.Tensor | None] = []
-            with torch.inference_mode():
-                for first in range(0, weight.shape[0], rows):
-                    part = weight[first:first + rows]
-                    blocks.append(kind.convert(part))
-                    biases.append(None if bias is None else bias[first:first + rows].clone())
-                    release(part)
-            setattr(parent, name, PackedLinear(blocks, biases, module.in_features, module.out_features,
-                                               plan.pad_to) if kind is PackedLinear
-                    else TransposedLinear(blocks, biases, module.in_features, module.out_features))
-            converted += 1
+    for parent, name in places:
+        module = getattr(parent, name)
+        weight = module.weight
+        if (weight.is_meta or weight.dtype != torch.float32 or not weight.numel()
+                or not weight.is_contiguous()):
+            continue
+        if plan.layout == "loaded" or slots[id(module)] > 1 or shared(weight):
+            module.__class__ = DispatchLinear
+            module.onednn_rows = plan.onednn_rows
+            continue
+        del weight
+        setattr(parent, name, _blocked(module, plan, release))
+        del module  # the original's last reference: its weight goes before the next one is copied
+        converted += 1
     return converted
+
+
+def _census(model: nn.Module) -> tuple[dict[int, int], dict[int, int], dict[int, tuple[int, int]]]:
+    """By ``id``: how many (parent, name) places hold each module; how many module slots hold each tensor
+    (2 or more: tied); the bytes each tensor can touch. Ids only: no module or tensor is kept alive."""
+    slots: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        slots[id(module)] = slots.get(id(module), 0) + 1
+    owners: dict[int, int] = {}
+    ranges: dict[int, tuple[int, int]] = {}
+    for module in model.modules():
+        for t in [*module._parameters.values(), *module._buffers.values()]:
+            if t is not None and not t.is_meta and t.numel():
+                owners[id(t)] = owners.get(id(t), 0) + 1
+                ranges[id(t)] = _byte_range(t)
+    return slots, owners, ranges
+
+
+def _blocked(module: nn.Linear, plan: KernelPlan, release: Callable[[torch.Tensor], object]) -> BlockedLinear:
+    """``module``'s weight in ``plan``'s layout, copied in blocks of rows of at most ``BLOCK_BYTES``; each
+    block of original rows goes to ``release`` once its copy exists."""
+    weight, bias = module.weight, module.bias
+    kind = PackedLinear if plan.layout == "packed" else TransposedLinear
+    rows = max(1, BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
+    blocks: list[torch.Tensor] = []
+    biases: list[torch.Tensor | None] = []
+    with torch.inference_mode():
+        for first in range(0, weight.shape[0], rows):
+            part = weight[first:first + rows]
+            blocks.append(kind.convert(part))
+            biases.append(None if bias is None else bias[first:first + rows].clone())
+            release(part)
+    if kind is PackedLinear:
+        return PackedLinear(blocks, biases, module.in_features, module.out_features, plan.pad_to)
+    return TransposedLinear(blocks, biases, module.in_features, module.out_features)

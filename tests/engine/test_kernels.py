@@ -8,6 +8,8 @@ import contextlib
 import copy
 import subprocess
 import sys
+import time
+import weakref
 
 import pytest
 import torch
@@ -133,6 +135,21 @@ def test_a_layout_that_runs_one_row_clearly_faster_is_taken_unless_batches_lose_
     assert kernels.plan_from(packed).layout == "packed"
 
 
+def test_the_plan_takes_no_layout_the_loaded_one_beats_and_puts_one_row_first_between_two() -> None:
+    loaded = [1.0, 1.5, 1.8, 2.0, 3.0, 4.0, 20.0]
+    # Packed beats transposed (a row 12% faster, batches 11% slower) but not the loaded layout (a row 25%
+    # faster, batches 28% slower): a chain loaded -> transposed -> packed would end on it.
+    chain = _times(mkl=loaded, onednn=[9.0] * 7,
+                   transposed=[0.85, 1.5, 1.8, 2.3, 3.45, 4.6, 20.0],
+                   packed=[0.75, 1.5, 1.8, 2.56, 3.84, 5.12, 20.0])
+    assert kernels.plan_from(chain).layout == "transposed"
+    # Both beat the loaded layout and neither the other: the faster single row (one user first).
+    both = _times(mkl=loaded, onednn=[9.0] * 7,
+                  transposed=[0.85, 1.5, 1.8, 2.28, 3.42, 4.56, 20.0],
+                  packed=[0.92, 1.0, 1.0, 1.3, 1.95, 2.6, 20.0])
+    assert kernels.plan_from(both).layout == "transposed"
+
+
 def test_a_plain_linear_runs_each_row_count_on_the_kernel_the_plan_names(monkeypatch) -> None:
     calls: list[int] = []
     product = kernels._product
@@ -171,6 +188,20 @@ def test_a_weight_converted_in_blocks_gives_the_same_products_and_frees_the_orig
     assert [int(t.shape[0]) for t in released] == [256, 256, 256, 232, 8]
     for x in (torch.randn(2, 7, 64), torch.randn(1, 64), torch.randn(3, 64)):  # 1 row padded to 4, 3 not
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("plan", [PACKED, TRANSPOSED], ids=["packed", "transposed"])
+def test_each_original_weight_is_freed_before_the_next_is_copied(plan: kernels.KernelPlan) -> None:
+    # Weights that are not views of the file buffers (cast from another dtype) are freed by no ``release``:
+    # only by their last reference going. Kept until the end, a stage would hold two copies at its peak.
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Sequential(nn.Linear(96, 32), nn.Linear(32, 8)))
+    originals = [weakref.ref(m.weight) for m in (model[0], model[2][0], model[2][1])]
+    alive_at_release: list[list[bool]] = []
+    assert kernels.apply_plan(model, plan, lambda _rows: alive_at_release.append(
+        [ref() is not None for ref in originals])) == 3
+    # At each weight's (one block's) release: the weights converted before it are gone.
+    assert alive_at_release == [[True, True, True], [False, True, True], [False, False, True]]
+    assert all(ref() is None for ref in originals)
 
 
 @pytest.mark.parametrize("plan", [PACKED, TRANSPOSED], ids=["packed", "transposed"])
@@ -228,3 +259,15 @@ def test_worker_processes_of_one_host_measure_one_at_a_time() -> None:
         assert other.poll() is None, "measured while another process held the lock"
     out, _ = other.communicate(timeout=120)
     assert other.returncode == 0 and out.strip() == "measured"
+
+
+def test_a_lock_held_too_long_or_not_to_be_had_lets_the_measurement_run(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "MEASURE_LOCK_WAIT_S", 0.3)
+    with kernels.one_measurement_at_a_time():
+        start = time.monotonic()
+        with kernels.one_measurement_at_a_time():  # another holder (here: this process's other open file)
+            assert 0.3 <= time.monotonic() - start < 5
+    # No usable temp directory: unlocked, not an error at import or at load.
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: "/nonexistent-azu-dir")
+    with kernels.one_measurement_at_a_time():
+        pass
