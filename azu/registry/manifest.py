@@ -13,6 +13,7 @@ import json
 import math
 import mmap
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -266,17 +267,20 @@ class LoadedFiles:
     A stage that copies a weight into another layout (``azu.engine.kernels.apply_plan``) calls
     :meth:`release` with the original once the copy exists: the pages wholly inside it go back to the OS
     (``MADV_DONTNEED`` on the anonymous mapping; they would read as zeros, so the caller must hold no other
-    reader of them). The mappings themselves go when their last tensor does.
+    reader of them). The mappings themselves go when their last tensor does: this object holds them weakly,
+    so a file whose tensors were all cast to another dtype (a float32 stage from bfloat16 files) is unmapped
+    as soon as its tensors are dropped, not when the whole stage has loaded (a float32 stage from bfloat16
+    files peaked at 1.56x its weights so, every file's bytes held to the end).
     """
 
     def __init__(self) -> None:
-        self._buffers: list[tuple[int, mmap.mmap]] = []
+        self._buffers: list[tuple[int, weakref.ref[mmap.mmap]]] = []
 
     def load(self, directory: str | os.PathLike[str], entry: FileEntry) -> dict[str, torch.Tensor]:
         buf, tensors = _load_verified(directory, entry)
         if isinstance(buf, mmap.mmap):
             anchor = ctypes.c_char.from_buffer(buf)  # only to read the mapping's address
-            self._buffers.append((ctypes.addressof(anchor), buf))
+            self._buffers.append((ctypes.addressof(anchor), weakref.ref(buf)))
             del anchor
         return tensors
 
@@ -285,8 +289,9 @@ class LoadedFiles:
         how many bytes went back."""
         start = tensor.data_ptr()
         end = start + tensor.numel() * tensor.element_size()
-        for base, buf in self._buffers:
-            if base <= start and end <= base + len(buf):
+        for base, ref in self._buffers:
+            buf = ref()
+            if buf is not None and base <= start and end <= base + len(buf):
                 first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE
                 last = (end - base) // mmap.PAGESIZE * mmap.PAGESIZE
                 if last > first:

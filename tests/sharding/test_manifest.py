@@ -72,6 +72,31 @@ def test_a_loaded_files_pages_can_be_given_back_tensor_by_tensor(tmp_path):
     assert files.release(torch.ones(4)) == 0  # not from a loaded file: nothing to give back
 
 
+def _mapped(address: int) -> bool:
+    """Whether this process has a mapping holding ``address`` (/proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(a, 16) for a in line.split()[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
+def test_a_loaded_file_is_unmapped_once_its_tensors_are_dropped(tmp_path):
+    # A float32 stage from bfloat16 files keeps only cast copies: each file's bytes must go as soon as its
+    # tensors do, not when the whole stage has loaded (every file's bytes were held to the end before).
+    big = torch.arange(400_000.0)  # 1.6 MB: an anonymous mapping of its own
+    entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"a.big": big})
+    files = LoadedFiles()
+    tensors = files.load(tmp_path, entry)
+    address = tensors["a.big"].data_ptr()
+    kept = tensors["a.big"].to(torch.float64)  # a cast copy, as a stage in another dtype keeps
+    assert _mapped(address)
+    del tensors
+    assert not _mapped(address) and files.release(kept) == 0
+    assert torch.equal(kept, big.to(torch.float64))
+
+
 def test_tampered_file_is_refused_naming_it(shard_dir):
     m = Manifest.load(shard_dir)
     path = shard_dir / "layer_00000.safetensors"
