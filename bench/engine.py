@@ -240,10 +240,10 @@ def _stage_weights_mb(stage) -> tuple[float, set[str]]:
 
 
 def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int, steps: int,
-                    end: str = "first") -> dict:
+                    end: str = "first", kernels: str = "auto") -> dict:
     """Fresh process: a stage of embeddings + half the layers (``end="last"``: the other half and the head,
     loaded only); peak RSS at load, then (jobs > 0) RSS after ``jobs`` jobs (``prompt``-token prefills,
-    ``steps`` batched decode steps) have ended.
+    ``steps`` batched decode steps) have ended. ``kernels``: the stage's ``AZU_CPU_KERNELS``.
 
     The baseline is the RSS after imports, the family's modeling code included (``Stage.load`` imports it
     lazily: ~90 MB of Python modules any worker process carries, whatever it holds); it is reported, not
@@ -265,7 +265,7 @@ def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int
     importlib.import_module(f"transformers.models.{manifest.model_type}.modeling_{manifest.model_type}")
     base = _rss_mb()
     span = Span(0, half, embeddings=True) if end == "first" else Span(half, manifest.num_layers, head=True)
-    stage = Stage.load(shards, span, device=device, dtype=dtype)
+    stage = Stage.load(shards, span, device=device, dtype=dtype, kernels=kernels)
     load_peak = _peak_mb() - base
     weights, dtypes = _stage_weights_mb(stage)
     out = {
@@ -434,20 +434,21 @@ def main() -> int:
     ]
     if dtype == "float32" and args.device == "cpu":
         # A float32 stage from bfloat16 files: its weights are cast copies, not views of the file buffers
-        # whose pages a stage hands back as it converts them (azu.engine.kernels.apply_plan), so only each
-        # replaced weight's last reference going frees it.
+        # whose pages a stage hands back as it converts them (azu.engine.kernels.apply_plan): on the loaded
+        # layout and on one that copies every weight (transposed).
         _, shards16 = prepare("bfloat16")
-        sc = run_child("stage_rss", str(shards16), args.device, "float32", "0", "0", "0", "last")
-        rows.append(
-            (
-                f"stage (other half of the layers + head) from bfloat16 files, peak RSS MB at load "
-                f"({'/'.join(sc['dtypes'])})",
-                f"{sc['weights_mb']:.0f} (weights)",
-                f"{sc['load_peak_mb']:.0f}",
-                f"{sc['load_peak_mb'] / sc['weights_mb']:.3f}x",
-                "<= 1.15x",
+        for kernels in ("plain", "transposed"):
+            sc = run_child("stage_rss", str(shards16), args.device, "float32", "0", "0", "0", "last", kernels)
+            rows.append(
+                (
+                    f"stage (other half of the layers + head) from bfloat16 files, peak RSS MB at load "
+                    f"({'/'.join(sc['dtypes'])}, AZU_CPU_KERNELS={kernels})",
+                    f"{sc['weights_mb']:.0f} (weights)",
+                    f"{sc['load_peak_mb']:.0f}",
+                    f"{sc['load_peak_mb'] / sc['weights_mb']:.3f}x",
+                    "<= 1.15x",
+                )
             )
-        )
     if not args.memory_only:
         wh = run_child("whole_rss", str(src), str(shards), args.device, dtype)
         rows.append(
