@@ -205,10 +205,10 @@ def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
         time_kernels({"mkl": lambda x, w: F.linear(x, w), "onednn": lambda x, w: _product(x, w, None)})
         # One copy at a time, each replacing the last: about one set of weights is held.
         for i, (w, inp) in enumerate(weights):
-            weights[i] = (w.t().contiguous(), inp)
+            weights[i] = (TransposedLinear.convert(w), inp)
         time_kernels({"transposed": lambda x, w: torch.mm(x, w)})
         for i, (w, inp) in enumerate(weights):
-            weights[i] = (torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), PACK_FOR_ROWS), inp)
+            weights[i] = (PackedLinear.convert(w.t()), inp)  # back to (out, in) rows, then packed
         time_kernels({"packed": lambda x, w: _product(x, w, None)})
     return times
 
