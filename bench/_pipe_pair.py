@@ -33,16 +33,16 @@ def _read(fd: int, n: int) -> bytes:
     return bytes(out)
 
 
-def _stage(folder: str, first: int, last: int, *, device: str, dtype: str, embeddings: bool, head: bool):
+def _stage(folder: str, first: int, last: int, *, device: str, dtype: str, kernels: str, embeddings: bool,
+           head: bool):
     from azu.engine.span import Span
     from azu.engine.stage import Stage
 
-    # The workers' kernel choice (PipePair sets it for both processes): the pair runs what they run.
     return Stage.load(folder, Span(first, last, embeddings=embeddings, head=head), device=device, dtype=dtype,
-                      kernels=os.environ.get("AZU_CPU_KERNELS", "auto"))
+                      kernels=kernels)
 
 
-def _child(folder: str, first: int, last: int, device: str, dtype: str, rounds: int, steps: int,
+def _child(folder: str, first: int, last: int, device: str, dtype: str, kernels: str, rounds: int, steps: int,
            read_fd: int, write_fd: int) -> None:
     """The last stage: hidden states in (length-prefixed float bytes), a greedy token id out, per step."""
     import torch
@@ -50,7 +50,8 @@ def _child(folder: str, first: int, last: int, device: str, dtype: str, rounds: 
     from azu.engine.sampling import SamplingParams, sample
 
     torch.set_num_threads(1)
-    stage = _stage(folder, first, last, device=device, dtype=dtype, embeddings=False, head=True)
+    stage = _stage(folder, first, last, device=device, dtype=dtype, kernels=kernels, embeddings=False,
+                   head=True)
     os.write(write_fd, b"R")  # loaded
     for _ in range(rounds):
         stage.end_job("j")
@@ -78,14 +79,16 @@ class PipePair:
 
         last = Manifest.load(folder).num_layers
         torch.set_num_threads(1)
-        os.environ["AZU_CPU_KERNELS"] = kernels  # this process's stage and the child's
         self.n, self.device = n, device
-        self.stage = _stage(str(folder), 0, cut, device=device, dtype=dtype, embeddings=True, head=False)
+        # ``kernels``: the workers' AZU_CPU_KERNELS, in both processes: the pair runs what they run.
+        self.stage = _stage(str(folder), 0, cut, device=device, dtype=dtype, kernels=kernels, embeddings=True,
+                            head=False)
         to_child, self._to_child = os.pipe()
         self._from_child, from_child = os.pipe()
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath())
         self.child = subprocess.Popen([sys.executable, __file__, "child", str(folder), str(cut), str(last),
-                                       device, dtype, str(rounds), str(n), str(to_child), str(from_child)],
+                                       device, dtype, kernels, str(rounds), str(n), str(to_child),
+                                       str(from_child)],
                                       pass_fds=(to_child, from_child), env=env)
         os.close(to_child)
         os.close(from_child)
@@ -118,6 +121,6 @@ class PipePair:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:  # on PYTHONPATH: the repository (pythonpath())
-    folder_, first_, last_, device_, dtype_, rounds_, steps_, read_, write_ = sys.argv[2:11]
-    _child(folder_, int(first_), int(last_), device_, dtype_, int(rounds_), int(steps_), int(read_),
+    folder_, first_, last_, device_, dtype_, kernels_, rounds_, steps_, read_, write_ = sys.argv[2:12]
+    _child(folder_, int(first_), int(last_), device_, dtype_, kernels_, int(rounds_), int(steps_), int(read_),
            int(write_))
