@@ -315,6 +315,12 @@ def run_child(kind: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def memory_row(label: str, weights_mb: float, measured_mb: float, target: str) -> tuple[str, ...]:
+    """A memory row of the table: the weights' MB, the MB measured, their ratio."""
+    return (label, f"{weights_mb:.0f} (weights)", f"{measured_mb:.0f}", f"{measured_mb / weights_mb:.3f}x",
+            target)
+
+
 def timing_rows(t: dict) -> list[tuple[str, ...]]:
     return [
         (
@@ -407,30 +413,19 @@ def main() -> int:
     st = run_child("stage_rss", str(shards), args.device, dtype, "0", "0", "0")
     sj = run_child("stage_rss", str(shards), args.device, dtype, "16", str(args.job_prompt), "32")
     sh = run_child("stage_rss", str(shards), args.device, dtype, "0", "0", "0", "last")
+
+    def at_most(r: dict) -> str:  # the target, and a stage that kept another dtype than the one asked for
+        return "<= 1.15x" + ("" if r["dtypes"] == [dtype] else f" (NOT {dtype})")
+
     rows += [
-        (
-            f"stage (embeddings + half the layers) peak RSS MB at load ({'/'.join(st['dtypes'])}; "
-            f"imports {st['imports_mb']:.0f} MB not counted)",
-            f"{st['weights_mb']:.0f} (weights)",
-            f"{st['load_peak_mb']:.0f}",
-            f"{st['load_peak_mb'] / st['weights_mb']:.3f}x",
-            "<= 1.15x" + ("" if st["dtypes"] == [dtype] else f" (NOT {dtype})"),
-        ),
-        (
-            f"stage (other half of the layers + head) peak RSS MB at load ({'/'.join(sh['dtypes'])})",
-            f"{sh['weights_mb']:.0f} (weights)",
-            f"{sh['load_peak_mb']:.0f}",
-            f"{sh['load_peak_mb'] / sh['weights_mb']:.3f}x",
-            "<= 1.15x" + ("" if sh["dtypes"] == [dtype] else f" (NOT {dtype})"),
-        ),
-        (
-            f"first stage, RSS MB after 16 jobs ({args.job_prompt}-token prompts, 32 batched steps) "
-            f"ended (peak {sj['jobs_peak_mb']:.0f} with their caches)",
-            f"{sj['weights_mb']:.0f} (weights)",
-            f"{sj['freed_rss_mb']:.0f}",
-            f"{sj['freed_rss_mb'] / sj['weights_mb']:.3f}x",
-            "<= 1.15x",
-        ),
+        memory_row(f"stage (embeddings + half the layers) peak RSS MB at load ({'/'.join(st['dtypes'])}; "
+                   f"imports {st['imports_mb']:.0f} MB not counted)", st["weights_mb"], st["load_peak_mb"],
+                   at_most(st)),
+        memory_row(f"stage (other half of the layers + head) peak RSS MB at load ({'/'.join(sh['dtypes'])})",
+                   sh["weights_mb"], sh["load_peak_mb"], at_most(sh)),
+        memory_row(f"first stage, RSS MB after 16 jobs ({args.job_prompt}-token prompts, 32 batched steps) "
+                   f"ended (peak {sj['jobs_peak_mb']:.0f} with their caches)", sj["weights_mb"],
+                   sj["freed_rss_mb"], "<= 1.15x"),
     ]
     if dtype == "float32" and args.device == "cpu":
         # A float32 stage from bfloat16 files: its weights are cast copies, not views of the file buffers
@@ -439,27 +434,12 @@ def main() -> int:
         _, shards16 = prepare("bfloat16")
         for kernels in ("plain", "transposed"):
             sc = run_child("stage_rss", str(shards16), args.device, "float32", "0", "0", "0", "last", kernels)
-            rows.append(
-                (
-                    f"stage (other half of the layers + head) from bfloat16 files, peak RSS MB at load "
-                    f"({'/'.join(sc['dtypes'])}, AZU_CPU_KERNELS={kernels})",
-                    f"{sc['weights_mb']:.0f} (weights)",
-                    f"{sc['load_peak_mb']:.0f}",
-                    f"{sc['load_peak_mb'] / sc['weights_mb']:.3f}x",
-                    "<= 1.15x",
-                )
-            )
+            label = (f"stage (other half of the layers + head) from bfloat16 files, peak RSS MB at load "
+                     f"({'/'.join(sc['dtypes'])}, AZU_CPU_KERNELS={kernels})")
+            rows.append(memory_row(label, sc["weights_mb"], sc["load_peak_mb"], "<= 1.15x"))
     if not args.memory_only:
         wh = run_child("whole_rss", str(src), str(shards), args.device, dtype)
-        rows.append(
-            (
-                "whole model (transformers) peak RSS MB",
-                f"{wh['weights_mb']:.0f} (weights)",
-                f"{wh['peak_mb']:.0f}",
-                f"{wh['peak_mb'] / wh['weights_mb']:.3f}x",
-                "",
-            )
-        )
+        rows.append(memory_row("whole model (transformers) peak RSS MB", wh["weights_mb"], wh["peak_mb"], ""))
     if not args.skip_shard and not args.memory_only:
         shard_bench = Path(__file__).with_name("shard.py")
         if shard_bench.exists():
