@@ -266,9 +266,13 @@ class Stage:
             device_map={"": torch_device},
         )
         files = LoadedFiles()
+        # On a CPU, narrower files (bfloat16 for a float32 stage) are cast here, block by block, each block of
+        # the file given back as it is cast (LoadedFiles): transformers would hold a file and its whole cast
+        # copy at once, and the copy as a heap block whose pages a layout's copy cannot give back.
+        widen_to = torch_dtype if torch_device.type == "cpu" else None
         with _quiet_transformers():
             for entry in entries:
-                state = files.load(manifest.directory or shard_dir, entry)
+                state = files.load(manifest.directory or shard_dir, entry, widen_to=widen_to)
                 convert_and_load_state_dict_in_model(model, state, load_config)
                 del state
         _check_materialised(model, span, family)

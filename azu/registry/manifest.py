@@ -268,25 +268,71 @@ class LoadedFiles:
     :meth:`release` with the original once the copy exists: the pages wholly inside it go back to the OS
     (``MADV_DONTNEED`` on the anonymous mapping; they would read as zeros, so the caller must hold no other
     reader of them). The mappings themselves go when their last tensor does: this object holds them weakly,
-    so a file whose tensors were all cast to another dtype (a float32 stage from bfloat16 files) is unmapped
-    as soon as its tensors are dropped, not when the whole stage has loaded (a float32 stage from bfloat16
-    files peaked at 1.56x its weights so, every file's bytes held to the end).
+    so a file whose tensors were all replaced is unmapped as soon as they are dropped, not when the whole
+    stage has loaded (a float32 stage from bfloat16 files peaked at 1.56x its weights so, every file's bytes
+    held to the end).
+
+    ``load(..., widen_to=torch.float32)`` casts a file's narrower floating tensors (bfloat16, float16) itself,
+    block by block into one anonymous mapping of its own, giving back each block of the file's bytes as it is
+    cast: the file and its cast copy are never both held whole (a 545 MB float32 head from a 272 MB bfloat16
+    file peaked at both), and the cast copies are pages ``release`` can give back in turn, so a stage that
+    then copies them into another layout holds one copy too (it held the float32 original and its copy: a
+    float32 stage from bfloat16 files, transposed, peaked at 1.63x its weights).
     """
+
+    # Elements cast at a time by ``load(widen_to=...)``: 16 MB of bfloat16 at once.
+    WIDEN_BLOCK = 8 << 20
 
     def __init__(self) -> None:
         self._buffers: list[tuple[int, weakref.ref[mmap.mmap]]] = []
 
-    def load(self, directory: str | os.PathLike[str], entry: FileEntry) -> dict[str, torch.Tensor]:
+    def load(self, directory: str | os.PathLike[str], entry: FileEntry, *,
+             widen_to: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """``entry``'s tensors, views of its verified bytes; with ``widen_to``, its floating tensors of a
+        narrower dtype come cast to ``widen_to`` (the same values: a widening cast is exact)."""
         buf, tensors = _load_verified(directory, entry)
         if isinstance(buf, mmap.mmap):
-            anchor = ctypes.c_char.from_buffer(buf)  # only to read the mapping's address
-            self._buffers.append((ctypes.addressof(anchor), weakref.ref(buf)))
-            del anchor
-        return tensors
+            self._track(buf)
+        del buf  # the tensors hold the mapping from here: it goes with the last of them
+        return self._widened(tensors, widen_to) if widen_to is not None else tensors
+
+    def _track(self, buf: mmap.mmap) -> None:
+        anchor = ctypes.c_char.from_buffer(buf)  # only to read the mapping's address
+        self._buffers.append((ctypes.addressof(anchor), weakref.ref(buf)))
+        del anchor
+
+    def _widened(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        import torch
+
+        size = torch.empty((), dtype=dtype).element_size()
+        narrow = [k for k, t in tensors.items()
+                  if t.is_floating_point() and t.element_size() < size and t.numel() and t.is_contiguous()]
+        if not narrow:
+            return tensors
+        # Each cast tensor starts on a page of its own, so ``release`` can give all of its pages back.
+        offsets, total = {}, 0
+        for key in narrow:
+            offsets[key] = total
+            total += -(-tensors[key].numel() * size // mmap.PAGESIZE) * mmap.PAGESIZE
+        wide = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE)  # private: see read_verified_bytes
+        self._track(wide)
+        out = dict(tensors)
+        for key in narrow:
+            source = out.pop(key)
+            target = torch.frombuffer(wide, dtype=dtype, count=source.numel(), offset=offsets[key])
+            flat = source.view(-1)
+            for first in range(0, flat.numel(), self.WIDEN_BLOCK):
+                block = flat[first:first + self.WIDEN_BLOCK]
+                target[first:first + block.numel()].copy_(block)
+                self.release(block)  # nothing else reads the file's copy: it is no longer in ``out``
+            out[key] = target.view(source.shape)
+            del source, flat, block
+        del wide  # held by the cast tensors from here, weakly by this object
+        return out
 
     def release(self, tensor: torch.Tensor) -> int:
-        """Give back the pages wholly inside the contiguous ``tensor``, if a loaded file's buffer holds it;
-        how many bytes went back."""
+        """Give back the pages wholly inside the contiguous ``tensor``, if a loaded file's buffer (or a cast
+        copy's) holds it; how many bytes went back."""
         start = tensor.data_ptr()
         end = start + tensor.numel() * tensor.element_size()
         for base, ref in self._buffers:

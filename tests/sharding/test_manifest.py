@@ -97,6 +97,41 @@ def test_a_loaded_file_is_unmapped_once_its_tensors_are_dropped(tmp_path):
     assert torch.equal(kept, big.to(torch.float64))
 
 
+def test_narrower_tensors_are_widened_block_by_block_into_pages_that_can_be_given_back(tmp_path, monkeypatch):
+    # A float32 stage from bfloat16 files (most hub models on a CPU worker). The cast copies must be pages
+    # ``release`` can give back (a layout's copy of a heap-allocated cast held two copies of the weight), and
+    # the file's bytes go as they are cast (the file and its whole cast copy were held at once).
+    monkeypatch.setattr(LoadedFiles, "WIDEN_BLOCK", 4096)  # several blocks in one tensor
+    big = torch.linspace(-3, 3, 100_000).to(torch.bfloat16)  # 200 kB in the file, 400 kB widened
+    half, ids = torch.arange(7.0).to(torch.float16), torch.arange(5)
+    entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0,
+                   {"a.big": big, "b.half": half, "c.ids": ids, "d.wide": torch.ones(3)})
+    files = LoadedFiles()
+    tensors = files.load(tmp_path, entry, widen_to=torch.float32)
+    assert {k: t.dtype for k, t in tensors.items()} == {
+        "a.big": torch.float32, "b.half": torch.float32, "c.ids": torch.int64, "d.wide": torch.float32}
+    assert torch.equal(tensors["a.big"], big.float()) and torch.equal(tensors["b.half"], half.float())
+    assert torch.equal(tensors["c.ids"], ids) and torch.equal(tensors["d.wide"], torch.ones(3))
+    # Each cast tensor starts on a page of its own: all of its whole pages can be given back.
+    assert tensors["a.big"].data_ptr() % mmap.PAGESIZE == 0
+    assert files.release(tensors["a.big"]) == big.numel() * 4 // mmap.PAGESIZE * mmap.PAGESIZE
+    # Not cast where the file is as wide already, or where the stage's dtype is narrower.
+    same = files.load(tmp_path, entry, widen_to=torch.float16)
+    assert same["a.big"].dtype == torch.bfloat16 and same["b.half"].dtype == torch.float16
+
+
+def test_widening_gives_back_the_files_bytes_as_it_casts(tmp_path):
+    big = torch.linspace(-3, 3, 400_000).to(torch.bfloat16)  # 800 kB: an anonymous mapping of its own
+    entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"a.big": big})
+    files, given_back = LoadedFiles(), []
+    release = files.release
+    files.release = lambda t: given_back.append((t.dtype, release(t))) or given_back[-1][1]  # type: ignore
+    wide = files.load(tmp_path, entry, widen_to=torch.float32)
+    assert torch.equal(wide["a.big"], big.float())
+    assert [d for d, _ in given_back] == [torch.bfloat16]  # one block here: WIDEN_BLOCK elements
+    assert given_back[0][1] >= big.numel() * 2 - 2 * mmap.PAGESIZE  # the file's bytes, while casting
+
+
 def test_tampered_file_is_refused_naming_it(shard_dir):
     m = Manifest.load(shard_dir)
     path = shard_dir / "layer_00000.safetensors"
