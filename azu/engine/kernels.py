@@ -41,10 +41,12 @@ runs); the layer's shapes show it (a layer's products 1.0-1.07 ms packed, 0.87-0
   clearly faster (10%) for that many rows;
 - the layout: as loaded, packed, or transposed (``(in, out)``, run as ``x @ w`` on MKL: on the AMD EPYC
   with AVX2 (Zen 2) of 2026-12-02 one row ran so 15-20% faster than any kernel on the weight as loaded, the
-  Qwen head 30%). One user's decode step comes first: another layout is taken where it runs a single row
-  clearly faster and costs the micro-batches (4, 8, 16 rows) less than it saves that row, or where it runs
-  a single row no slower and the micro-batches clearly faster on average. Either copies every weight (in
-  blocks, the original pages handed back as it goes) and costs load time, so the copy must gain;
+  Qwen head 30%). One user's decode step comes first: the layout that runs a single row fastest, where it
+  is clearly faster than the weights as loaded (it copies every weight, in blocks, the original pages handed
+  back as it goes, and costs load time, so the copy must gain). Micro-batches (4, 8, 16 rows) get the
+  layout that runs them fastest where that is clearly faster: the only layout if it runs a single row no
+  slower, else the stage moves its weights to it while batches of several jobs last and back after
+  (``LayoutSwitch``);
 - on the packed layout, how many zero rows to add to 1-3 rows (oneDNN runs 1 or 2 rows on a slower kernel
   on some CPUs).
 
@@ -95,8 +97,8 @@ PACK_FOR_ROWS = 16
 ROW_BUCKETS = (1, 2, 3, 4, 8, 16, 128)
 # Up to how many rows a product of 1-3 rows may be padded with zero rows.
 PAD_UP_TO = 4
-# The row counts a layout is judged on: one decode row, micro-batches.
-JUDGED_ROWS = (1, 4, 8, 16)
+# The row counts a layout is judged on for micro-batches (one decode row is judged alone).
+BATCH_ROWS = (4, 8, 16)
 # Another kernel than PyTorch's, or the packed layout, is taken where it runs in at most this share of the
 # time: run to run, the same product's best time moves by a few percent.
 CLEARLY_FASTER = 0.9
@@ -108,6 +110,14 @@ MEASURE_BYTES = (16 << 20, 384 << 20)
 MEASURE_ABOVE_BYTES = 64 << 20
 # Rows of a weight packed (and its original pages freed) at a time: at most this many bytes each.
 BLOCK_BYTES = 32 << 20
+# A stage whose plan has a batch layout (``LayoutSwitch``) moves to it after this many steps in a row of at
+# least ``SWITCH_JOBS`` jobs each, and back after ``SWITCH_BACK_AFTER_STEPS`` steps in a row of fewer; each
+# step then converts about ``SWITCH_BYTES_PER_STEP`` of weights (a linear is converted whole), so no one step
+# stalls for the whole stage's copy (a Qwen-shaped stage's 1.2 GB: about a second).
+SWITCH_JOBS = 4
+SWITCH_AFTER_STEPS = 8
+SWITCH_BACK_AFTER_STEPS = 16
+SWITCH_BYTES_PER_STEP = 64 << 20
 # Held by the process measuring (``one_measurement_at_a_time``), in the temp directory: one at a time on a
 # host. A process waits at most this long for it (a measurement takes seconds; a holder that hangs or is
 # stopped must not hold every other worker's load), then measures unlocked.
@@ -132,12 +142,21 @@ class KernelPlan:
     layout: str
     onednn_rows: frozenset[int]  # on the loaded layout, the row buckets oneDNN runs (MKL runs the others)
     pad_to: dict[int, int]  # on the packed layout, rows (1-3) -> the rows run, zero rows added
+    # The layout the stage moves its weights to while it runs batches of several jobs step after step, and
+    # back from once it does not (``LayoutSwitch``); ``None``: one layout serves both.
+    batch_layout: str | None = None
 
     def describe(self) -> str:
-        if self.layout == "packed":
+        text = self._describe(self.layout)
+        if self.batch_layout is not None:
+            text += f"; under batches of {SWITCH_JOBS}+ jobs: {self._describe(self.batch_layout)}"
+        return text
+
+    def _describe(self, layout: str) -> str:
+        if layout == "packed":
             pads = ", ".join(f"{r}->{p}" for r, p in sorted(self.pad_to.items()) if p != r)
             return f"packed for oneDNN (rows padded: {pads or 'none'})"
-        if self.layout == "transposed":
+        if layout == "transposed":
             return "transposed (in x out), MKL"
         on = sorted(self.onednn_rows)
         return f"as loaded; oneDNN for {on} rows, MKL for the rest" if on else "as loaded; MKL"
@@ -228,29 +247,28 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
             return times["transposed", rows]
         return times["onednn" if rows in onednn_rows else "mkl", rows]
 
-    def beats(new: str, old: str) -> bool:
-        """One user's decode step first, then batches. ``new`` is taken where it runs a single row clearly
-        faster and costs the micro-batches (4-16 rows, on average) less than it saves the single row; or
-        where it runs a single row no slower and the micro-batches clearly faster. The second bar is "not
-        slower", not "clearly faster": where two layouts tie for one row, whichever a noisy measurement
-        names costs one user nothing, and the batches gain (on the AMD EPYC with AVX-512 a 10% bar split
-        the two workers of one pipeline between the layouts from run to run, and P3 with them)."""
-        one = ms(new, 1) / ms(old, 1)
-        batches = [ms(new, r) / ms(old, r) for r in JUDGED_ROWS if r > 1]
-        batch = sum(batches) / len(batches)
-        return (one < CLEARLY_FASTER and batch - 1 <= 1 - one) or (one <= 1 and batch < CLEARLY_FASTER)
+    def batches(layout: str) -> float:
+        """The micro-batches (4-16 rows) on ``layout``, on average, as a share of the loaded layout's time."""
+        return sum(ms(layout, r) / ms("loaded", r) for r in BATCH_ROWS) / len(BATCH_ROWS)
 
+    batch_layout: str | None = None
     if layout == "auto":
-        # Each candidate must beat the loaded layout itself (not only one that beat it: a chain could end on
-        # a layout the loaded one beats); of two that do, one that beats the other, else the faster row.
-        chosen = "loaded"
-        for candidate in (c for c in ("transposed", "packed") if beats(c, "loaded")):
-            if (chosen == "loaded" or beats(candidate, chosen)
-                    or (not beats(chosen, candidate) and ms(candidate, 1) < ms(chosen, 1))):
-                chosen = candidate
+        # One user's decode step first: the layout that runs a single row fastest, where it is clearly faster
+        # than the weights as loaded (any other copies every weight: it must gain). Batches of several jobs
+        # get the layout that runs them fastest, where that is clearly faster than the first: alone, if it
+        # runs one row no slower, else the stage moves to it while batches last (``LayoutSwitch``), so
+        # neither a single user nor a full stage pays for the other's layout.
+        fastest = min(LAYOUTS, key=lambda c: ms(c, 1))
+        chosen = fastest if ms(fastest, 1) < CLEARLY_FASTER * ms("loaded", 1) else "loaded"
+        for_batches = min(LAYOUTS, key=batches)
+        if batches(for_batches) < CLEARLY_FASTER * batches(chosen):
+            if ms(for_batches, 1) <= ms(chosen, 1):
+                chosen = for_batches
+            else:
+                batch_layout = for_batches
     else:
         chosen = {"plain": "loaded"}.get(layout, layout)
-    return KernelPlan(layout=chosen, onednn_rows=onednn_rows, pad_to=pad_to)
+    return KernelPlan(layout=chosen, onednn_rows=onednn_rows, pad_to=pad_to, batch_layout=batch_layout)
 
 
 @contextlib.contextmanager
@@ -334,9 +352,18 @@ class BlockedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
 
+    # Whether ``convert`` copies (the block's original rows can then be given back) or keeps a view.
+    copies = True
+
     @staticmethod
     def convert(rows: torch.Tensor) -> torch.Tensor:
         """A block of the weight as loaded (``(out, in)`` rows), in this layout."""
+        raise NotImplementedError
+
+    @staticmethod
+    def rows_of(block: torch.Tensor) -> torch.Tensor:
+        """One of this layout's blocks as the weight as loaded (``(out, in)`` rows; a view where it can be):
+        ``convert``'s inverse, exact."""
         raise NotImplementedError
 
     def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -375,6 +402,10 @@ class PackedLinear(BlockedLinear):
     def convert(rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(rows.contiguous(), PACK_FOR_ROWS)
 
+    @staticmethod
+    def rows_of(block: torch.Tensor) -> torch.Tensor:
+        return block.to_dense()
+
     def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _product(x, block, bias)
 
@@ -400,8 +431,184 @@ class TransposedLinear(BlockedLinear):
     def convert(rows: torch.Tensor) -> torch.Tensor:
         return rows.t().contiguous()
 
+    @staticmethod
+    def rows_of(block: torch.Tensor) -> torch.Tensor:
+        return block.t()
+
     def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.mm(x, block) if bias is None else torch.addmm(bias, x, block)
+
+
+class RowsLinear(BlockedLinear):
+    """The weight as loaded (``(out, in)`` rows), in blocks that are views of it, so that a ``LayoutSwitch``
+    can move it to another layout and back block by block; each product runs on MKL or oneDNN as
+    ``DispatchLinear`` does."""
+
+    copies = False
+
+    def __init__(self, blocks: list[torch.Tensor], biases: list[torch.Tensor | None], in_features: int,
+                 out_features: int, onednn_rows: frozenset[int]) -> None:
+        super().__init__(blocks, biases, in_features, out_features)
+        self.onednn_rows = onednn_rows
+
+    @staticmethod
+    def convert(rows: torch.Tensor) -> torch.Tensor:
+        return rows.contiguous()  # a view where the rows are contiguous already (a block of a loaded weight)
+
+    @staticmethod
+    def rows_of(block: torch.Tensor) -> torch.Tensor:
+        return block
+
+    def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if bucket(x.shape[0]) in self.onednn_rows:
+            return _product(x, block, bias)
+        return F.linear(x, block, bias)
+
+
+# The blocked module holding each layout.
+LAYOUT_MODULES: dict[str, type[BlockedLinear]] = {
+    "loaded": RowsLinear, "packed": PackedLinear, "transposed": TransposedLinear}
+
+
+def _layout_of(module: BlockedLinear) -> str:
+    return next(name for name, kind in LAYOUT_MODULES.items() if type(module) is kind)
+
+
+def _assembled(layout: str, blocks: list[torch.Tensor], biases: list[torch.Tensor | None], in_features: int,
+               out_features: int, plan: KernelPlan) -> BlockedLinear:
+    if layout == "packed":
+        return PackedLinear(blocks, biases, in_features, out_features, plan.pad_to)
+    if layout == "transposed":
+        return TransposedLinear(blocks, biases, in_features, out_features)
+    return RowsLinear(blocks, biases, in_features, out_features, plan.onednn_rows)
+
+
+class MovingLinear(nn.Module):
+    """A linear part-way from one layout to another (``LayoutSwitch``): its first output rows' blocks in one
+    layout (``first``), the others in the other (``rest``). Blocks move one at a time at the boundary, so the
+    rows keep their order whichever way they go."""
+
+    def __init__(self, first: BlockedLinear, rest: BlockedLinear) -> None:
+        super().__init__()
+        self.first, self.rest = first, rest
+        self.in_features = first.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.first.out_features + self.rest.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        out[:, :self.first.out_features] = self.first._products(flat)
+        out[:, self.first.out_features:] = self.rest._products(flat)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _block_rows(kind: type[BlockedLinear], block: torch.Tensor) -> int:
+    """How many of the weight's output rows ``block`` (in ``kind``'s layout) holds."""
+    return int(block.shape[1] if kind is TransposedLinear else block.shape[0])
+
+
+class LayoutSwitch:
+    """Moves a stage's blocked linears between its plan's layout, for one user's steps, and its batch layout,
+    for batches of several jobs, as the load comes and goes (``KernelPlan.batch_layout``).
+
+    On some CPUs no layout is best at both: on the Intel Xeon with AVX-512 and AMX of 2026-12-02, a Qwen
+    layer's products for one row took 3.6-3.9 ms transposed, 4.0-4.2 as loaded, 4.6-4.8 packed; for eight rows
+    5.8-6.1 packed, 7.2-7.6 as loaded (oneDNN), 8.9-9.4 transposed. The stage calls :meth:`after_step` with
+    each step's job count: after ``SWITCH_AFTER_STEPS`` steps in a row of ``SWITCH_JOBS`` jobs or more the
+    weights move to the batch layout, after ``SWITCH_BACK_AFTER_STEPS`` of fewer they move back (a prompt's
+    chunks are one job: a long prompt does not move them), and a worker with nothing to run moves them back
+    too (:meth:`move_when_idle`), so the next user finds them ready. A move goes block by block (at most
+    ``BLOCK_BYTES``; each old block dropped, or given to ``release``, as its new one exists: one block more
+    than the weights at the peak), about ``SWITCH_BYTES_PER_STEP`` a step, so no step stalls for the whole
+    stage. A linear part-way runs each block on the layout it is in (``MovingLinear``): the products agree up
+    to float rounding, and ``rows_of`` gives the loaded rows back bit for bit, so moves never drift.
+    """
+
+    def __init__(self, model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tensor], object]) -> None:
+        assert plan.batch_layout is not None
+        self.plan = plan
+        self.release = release
+        self.layout = plan.layout  # where the weights are going (or are)
+        self.switches = 0
+        self._places = [(parent, name) for parent in model.modules()
+                        for name, child in parent.named_children() if isinstance(child, BlockedLinear)]
+        self._todo: list[tuple[nn.Module, str]] = []
+        self._run = 0  # steps in a row that asked for the other layout
+
+    @property
+    def settled(self) -> bool:
+        """Whether every weight is in ``layout``."""
+        return not self._todo
+
+    def after_step(self, jobs: int) -> None:
+        """Count a step of ``jobs`` jobs' rows, and move the next blocks if a move is under way."""
+        heavy = jobs >= SWITCH_JOBS
+        wanted = self.plan.batch_layout if heavy else self.plan.layout
+        if wanted == self.layout:
+            self._run = 0
+        else:
+            self._run += 1
+            if self._run >= (SWITCH_AFTER_STEPS if heavy else SWITCH_BACK_AFTER_STEPS):
+                assert wanted is not None
+                self._head_for(wanted, f"{jobs} jobs a step")
+        if self._todo:
+            self._move(SWITCH_BYTES_PER_STEP)
+
+    def move_when_idle(self) -> bool:
+        """With nothing to run: move the next blocks back to the plan's layout (one user's), if they are not
+        there; whether blocks are still to move."""
+        if self.layout != self.plan.layout:
+            self._head_for(self.plan.layout, "idle")
+        if self._todo:
+            self._move(SWITCH_BYTES_PER_STEP)
+        return bool(self._todo)
+
+    def _head_for(self, layout: str, why: str) -> None:
+        self.layout, self._run, self.switches = layout, 0, self.switches + 1
+        self._todo = list(self._places)
+        log.info("CPU linears (%s): moving the weights to %s", why, self.plan._describe(layout))
+
+    def _move(self, budget: int) -> None:
+        while self._todo and budget > 0:
+            parent, name = self._todo[0]
+            budget -= self._move_block(parent, name)
+            module = getattr(parent, name)
+            if not isinstance(module, MovingLinear) and _layout_of(module) == self.layout:
+                self._todo.pop(0)
+        if not self._todo:
+            release_freed_memory()  # the old layout's blocks, freed as the new ones were made
+
+    def _move_block(self, parent: nn.Module, name: str) -> int:
+        """Move one block of ``parent.name`` to ``layout``: the bytes moved, 0 if it is all there."""
+        module = getattr(parent, name)
+        if isinstance(module, MovingLinear):
+            first, rest = module.first, module.rest
+        elif _layout_of(module) == self.layout:
+            return 0
+        else:
+            first, rest = _assembled(self.layout, [], [], module.in_features, 0, self.plan), module
+        # The blocks at the boundary move: the first of ``rest`` to the end of ``first``, or back.
+        if _layout_of(first) == self.layout:
+            source, target, take, put = rest, first, 0, len(first.blocks)
+        else:
+            source, target, take, put = first, rest, len(first.blocks) - 1, 0
+        old, new = type(source), type(target)
+        block, bias = source.blocks.pop(take), source.biases.pop(take)
+        with torch.inference_mode():
+            target.blocks.insert(put, new.convert(old.rows_of(block)))
+        target.biases.insert(put, bias)
+        rows = _block_rows(old, block)
+        source.out_features -= rows
+        target.out_features += rows
+        if not old.copies:
+            self.release(block)  # a view of the loaded file: its pages can go back
+        del block
+        whole = target if not source.blocks else None
+        setattr(parent, name, whole if whole is not None else MovingLinear(first, rest))
+        return rows * module.in_features * 4
 
 
 class DispatchLinear(nn.Linear):
@@ -457,7 +664,8 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tensor], object]) -> int:
     """Run ``model``'s plain float32 ``nn.Linear`` modules whose weight is loaded as ``plan`` says; how many
-    were converted to the plan's layout (packed or transposed: ``BlockedLinear``). Each weight is copied in
+    were converted to the plan's layout (packed or transposed, or as loaded in blocks where the plan has a
+    batch layout to move to: ``BlockedLinear``). Each weight is copied in
     blocks of rows; ``release(t)`` is called with each block of original weight rows once its copy exists;
     it may hand those rows' pages back to the OS.
 
@@ -486,7 +694,8 @@ def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tens
         if (weight.is_meta or weight.dtype != torch.float32 or not weight.numel()
                 or not weight.is_contiguous()):
             continue
-        if plan.layout == "loaded" or slots[id(module)] > 1 or shared(weight):
+        as_is = plan.layout == "loaded" and plan.batch_layout is None  # nothing to copy, now or later
+        if as_is or slots[id(module)] > 1 or shared(weight):
             module.__class__ = DispatchLinear
             module.onednn_rows = plan.onednn_rows
             continue
@@ -517,7 +726,7 @@ def _blocked(module: nn.Linear, plan: KernelPlan, release: Callable[[torch.Tenso
     """``module``'s weight in ``plan``'s layout, copied in blocks of rows of at most ``BLOCK_BYTES``; each
     block of original rows goes to ``release`` once its copy exists."""
     weight, bias = module.weight, module.bias
-    kind = PackedLinear if plan.layout == "packed" else TransposedLinear
+    kind = LAYOUT_MODULES[plan.layout]
     rows = max(1, BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
     blocks: list[torch.Tensor] = []
     biases: list[torch.Tensor | None] = []
@@ -526,7 +735,6 @@ def _blocked(module: nn.Linear, plan: KernelPlan, release: Callable[[torch.Tenso
             part = weight[first:first + rows]
             blocks.append(kind.convert(part))
             biases.append(None if bias is None else bias[first:first + rows].clone())
-            release(part)
-    if kind is PackedLinear:
-        return PackedLinear(blocks, biases, module.in_features, module.out_features, plan.pad_to)
-    return TransposedLinear(blocks, biases, module.in_features, module.out_features)
+            if kind.copies:
+                release(part)
+    return _assembled(plan.layout, blocks, biases, module.in_features, module.out_features, plan)

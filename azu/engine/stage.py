@@ -46,7 +46,7 @@ from azu.engine.graphs import (
     room_for,
 )
 from azu.engine.heap import release_freed_memory
-from azu.engine.kernels import apply_plan, layer_shapes, plan_for
+from azu.engine.kernels import LayoutSwitch, apply_plan, layer_shapes, plan_for
 from azu.engine.kvcache import GROW_MIN, BatchRows, GrowingLayer, Past, RowsLayer, StageCache
 from azu.engine.naming import classify_tensor
 from azu.engine.span import Span
@@ -198,6 +198,9 @@ class Stage:
         self._batch_graphs = True  # off once batch decode graphs' recordings failed (not for memory)
         self._batch_graph_failures = 0
         self._no_new_graphs_until = 0.0  # monotonic time: no new room or recording before it (out of memory)
+        # On a CPU whose best layout for one user's steps is not the best for batches: moves the weights
+        # between the two with the load (azu.engine.kernels). Set by :meth:`load`.
+        self.layouts: LayoutSwitch | None = None
         self._graph_pool: Any = None  # the stage's graphs share one memory pool and one recording stream
         self._graph_stream: Any = None
 
@@ -292,9 +295,13 @@ class Stage:
         for attr, how in family.last_stage.items():
             if not span.head:
                 _neutralise(base, attr, how, torch_dtype, torch_device)
+        layouts = None
         if plan is not None:
             # After the cut: a tied head is converted only where no embedding on this stage still reads it.
             apply_plan(model, plan, files.release)
+            if plan.batch_layout is not None:
+                # It gives back the loaded rows' pages as they move (the file buffers, held weakly).
+                layouts = LayoutSwitch(model, plan, files.release)
         del files
         release_freed_memory()  # load scratch: dtype-conversion copies, and those a layout replaced
         # Buffers (rotary inv_freq, ALiBi helpers) were built real on the CPU; move them along.
@@ -312,6 +319,7 @@ class Stage:
             max_cached_tokens=max_cached_tokens,
             graphs=graphs,
         )
+        stage.layouts = layouts
         if torch_device.type == "cuda":
             stage.warm_graphs()
         return stage
@@ -371,6 +379,14 @@ class Stage:
             # takes 60-600 ms, and while jobs run glibc reuses the freed memory anyway).
             release_freed_memory()
 
+    def move_layouts_when_idle(self) -> bool:
+        """With nothing to run: move the next of the weights' blocks back to one user's layout, if a run of
+        batches moved them (``layouts``); whether more are left to move."""
+        if self.layouts is None:
+            return False
+        with self._lock:
+            return self.layouts.move_when_idle()
+
     # -- compute -------------------------------------------------------------------------------
     def forward(self, job_id: str, x: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
         """Run ``x`` (token ids ``[n]`` on the first stage, hidden ``[n, hidden]`` elsewhere) for one job.
@@ -393,6 +409,8 @@ class Stage:
                 raise
             job.length += n
             job.last_used = time.monotonic()
+            if self.layouts is not None:
+                self.layouts.after_step(1)
         return out
 
     def forward_batch(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
@@ -446,6 +464,8 @@ class Stage:
             for job, x in zip(jobs, inputs, strict=True):
                 job.length += int(x.shape[0])
                 job.last_used = now
+            if self.layouts is not None:
+                self.layouts.after_step(len(jobs))
         return cast(list[torch.Tensor], outs)  # every row is in one part
 
     @functools.cached_property
