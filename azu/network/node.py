@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 _ENDED_MEMORY = 100_000  # ended job ids remembered (a few MB at most)
 WAIT_SLICE_S = 0.5  # an idle session's longest wait on its inbox: how soon it sees it should end
+IDLE_MOVE_WAIT_S = 0.01  # its wait between two idle moves of a stage's weights (``_move_layouts_when_idle``)
 
 StageId = tuple[str, Span]  # (model id, span): what a held stage is known by here and in the directory
 
@@ -403,6 +404,7 @@ class WorkerNode:
 
         idle_since = time.monotonic()  # when this session last had something to run
         flushed_for = None  # the idle_since whose quiet the held reports went out in
+        moving = False  # idle, a stage still moves its weights back to one user's layout (short waits)
         while True:
             # Ending: a control message waits past the deadline, or the worker is stopping (end_sessions):
             # what is held is finished, nothing new is taken, what comes goes back to the list by message.
@@ -420,9 +422,12 @@ class WorkerNode:
             # In slices, so a worker told to stop (``end_sessions``) ends its session soon.
             linger_left = min(self.linger_s - (now - idle_since), WAIT_SLICE_S)
             wait_s = min(max(linger_left, due_in), deadline - now) if self.linger_s > 0 and not ending else 0
+            if moving:
+                wait_s = min(wait_s, IDLE_MOVE_WAIT_S)
             # Lingering (no step due), the wait brings the look at the control queue along (``_lingering``).
             look = control_queue(self.worker_id) if due_in <= 0 else None
             more = self.inbox.wait(wait_s, control=look) if wait_s > 0 else self.inbox.take()
+            moving = False  # a short wait is for the wait right after an idle move only
             ending = past_deadline_with_control() or self._ending.is_set()  # the wait ends at the deadline
             if more:
                 if ending:  # the wake key stays set: senders keep using the list
@@ -444,6 +449,7 @@ class WorkerNode:
                 if flushed_for != idle_since:  # turning idle: a job's last commitments go out now
                     self._flush_when_idle()
                     flushed_for = idle_since
+                moving = self._move_layouts_when_idle()
                 continue
             more = self.inbox.settle()
             if more:
@@ -452,6 +458,15 @@ class WorkerNode:
                 continue
             if self._release():
                 return done
+
+    def _move_layouts_when_idle(self) -> bool:
+        """Idle: each stage whose weights moved to its batch layout moves the next blocks back to one user's
+        (azu.engine.kernels.LayoutSwitch), so the next lone user finds them there; whether any has more to
+        move. A step's worth of blocks at a time (tens of ms here): a job that comes meanwhile waits at most
+        that long."""
+        with self.lock:
+            stages = list(self.stages.values())
+        return any([stage.move_layouts_when_idle() for stage in stages])
 
     def _flush_when_idle(self) -> None:
         """Send the reports held (a job's final commitments wait for the next hand-over or the session's end)

@@ -5,6 +5,7 @@ worker is stopping or a control message waits. The same on worker processes: tes
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -137,3 +138,47 @@ def test_an_idle_session_sends_the_reports_it_holds_as_it_turns_idle(r: redis.Re
     node.end_sessions()
     thread.join(timeout=10)
     r.delete("azu:test:s-flush")
+
+
+def test_an_idle_session_moves_its_stages_weights_back_to_one_users_layout(r: redis.Redis,
+                                                                          monkeypatch) -> None:
+    """A run of batches moved a stage's weights to its batch layout (azu.engine.kernels.LayoutSwitch); idle,
+    the session moves them back, a step's worth at a time with short waits between, so the next lone user
+    finds one user's layout. A real LayoutSwitch on real blocked linears; the stage around it is only the
+    method the session calls (a whole Stage adds nothing here)."""
+    import torch
+    from torch import nn
+
+    from azu.engine import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 64 * 1024)
+    monkeypatch.setattr(kernels, "SWITCH_BYTES_PER_STEP", 1)  # a block a move: 4 + 1 moves
+    model = nn.Sequential(nn.Linear(64, 1000), nn.Linear(1000, 8))
+    reference = copy.deepcopy(model)
+    plan = kernels.KernelPlan(layout="loaded", onednn_rows=frozenset(), pad_to={}, batch_layout="transposed")
+    kernels.apply_plan(model, plan, lambda _rows: None)
+    switch = kernels.LayoutSwitch(model, plan, lambda _rows: None)
+    for _ in range(kernels.SWITCH_AFTER_STEPS + 8):
+        switch.after_step(8)
+    assert switch.layout == "transposed" and switch.settled
+
+    moves: list[float] = []
+
+    class Held:
+        def move_layouts_when_idle(self) -> bool:
+            moves.append(time.monotonic())
+            return switch.move_when_idle()
+
+    node, _ = _node(r, "s-moves", linger_s=3.0)
+    node.stages[("m", None)] = Held()  # type: ignore[index]
+    thread, _took = _session(node)
+    time.sleep(2 * WAIT_SLICE_S + 0.5)
+    assert thread.is_alive() and switch.layout == "loaded" and switch.settled  # still lingering: moved back
+    assert {type(m) for m in model} == {kernels.RowsLinear}
+    # The moves after the first came 10 ms apart, not a wait slice apart.
+    assert len(moves) >= 5 and moves[4] - moves[0] < WAIT_SLICE_S
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
+    node.end_sessions()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
