@@ -564,6 +564,10 @@ class LayoutSwitch:
             self._head_for(self.plan.layout, "idle")
         if self._todo:
             self._move(SWITCH_BYTES_PER_STEP)
+            if not self._todo:
+                # The other layout's blocks, freed as the new ones were made. Only idle: a trim walks the
+                # whole heap (tens to hundreds of ms), and between steps glibc reuses the blocks anyway.
+                release_freed_memory()
         return bool(self._todo)
 
     def _head_for(self, layout: str, why: str) -> None:
@@ -578,8 +582,6 @@ class LayoutSwitch:
             module = getattr(parent, name)
             if not isinstance(module, MovingLinear) and _layout_of(module) == self.layout:
                 self._todo.pop(0)
-        if not self._todo:
-            release_freed_memory()  # the old layout's blocks, freed as the new ones were made
 
     def _move_block(self, parent: nn.Module, name: str) -> int:
         """Move one block of ``parent.name`` to ``layout``: the bytes moved, 0 if it is all there."""
