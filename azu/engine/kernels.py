@@ -66,6 +66,7 @@ Every worker logs the plan it chose and the figures it chose from.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import logging
@@ -548,6 +549,8 @@ class LayoutSwitch:
 
     def after_step(self, jobs: int) -> None:
         """Count a step of ``jobs`` jobs' rows, and move the next blocks if a move is under way."""
+        if self.plan.batch_layout is None:  # a move failed: no more moves
+            return
         heavy = jobs >= SWITCH_JOBS
         wanted = self.plan.batch_layout if heavy else self.plan.layout
         if wanted == self.layout:
@@ -584,7 +587,16 @@ class LayoutSwitch:
         moved = 0
         while self._todo and budget > 0:
             parent, name = self._todo[0]
-            step = self._move_block(parent, name)
+            try:
+                step = self._move_block(parent, name)
+            except (RuntimeError, MemoryError) as exc:
+                # Out of memory for one more block, most likely. Every linear is whole where it stands (a
+                # block moves only once its copy exists) and runs as it is; this stage moves no more.
+                log.warning("CPU linears: moving the weights to %s failed (%s); they stay as they are",
+                            self.layout, exc)
+                self._todo, self.plan = [], dataclasses.replace(self.plan, batch_layout=None)
+                self.layout = self.plan.layout
+                return
             budget -= step
             moved += step
             module = getattr(parent, name)
@@ -611,10 +623,12 @@ class LayoutSwitch:
         else:
             source, target, take, put = first, rest, len(first.blocks) - 1, 0
         old, new = type(source), type(target)
-        block, bias = source.blocks.pop(take), source.biases.pop(take)
+        block = source.blocks[take]
         with torch.inference_mode():
-            target.blocks.insert(put, new.convert(old.rows_of(block)))
-        target.biases.insert(put, bias)
+            converted = new.convert(old.rows_of(block))  # first: if it fails, nothing has changed
+        source.blocks.pop(take)
+        target.blocks.insert(put, converted)
+        target.biases.insert(put, source.biases.pop(take))
         rows = _block_rows(old, block)
         source.out_features -= rows
         target.out_features += rows

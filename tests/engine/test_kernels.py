@@ -317,6 +317,31 @@ def test_a_linear_moves_block_by_block_and_can_turn_back_half_way(monkeypatch) -
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
 
 
+def test_a_move_that_runs_out_of_memory_leaves_every_linear_whole_and_moves_no_more(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 64 * 1024)  # 4 blocks
+    monkeypatch.setattr(kernels, "SWITCH_BYTES_PER_STEP", 1)  # one block a step
+    model = nn.Sequential(nn.Linear(64, 1000))
+    reference = copy.deepcopy(model)
+    kernels.apply_plan(model, SWITCHING, lambda _rows: None)
+    switch = kernels.LayoutSwitch(model, SWITCHING, lambda _rows: None)
+    for _ in range(kernels.SWITCH_AFTER_STEPS + 1):
+        switch.after_step(8)
+    assert isinstance(model[0], kernels.MovingLinear)  # two blocks moved
+
+    def no_memory(_rows: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(kernels.PackedLinear, "convert", staticmethod(no_memory))
+    x = torch.randn(3, 64)
+    for jobs in [8] * 20 + [1] * 20:
+        switch.after_step(jobs)  # the failure is logged, not raised into a step
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
+    assert not switch.move_when_idle() and switch.plan.batch_layout is None
+    moving = model[0]
+    assert isinstance(moving, kernels.MovingLinear)
+    assert len(moving.first.blocks) + len(moving.rest.blocks) == 4  # none lost
+
+
 def test_a_stage_that_switches_layouts_mid_answer_keeps_each_jobs_greedy_tokens(built, monkeypatch) -> None:
     from tests.support.engine import decode_together
 
