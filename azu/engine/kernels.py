@@ -44,9 +44,9 @@ runs); the layer's shapes show it (a layer's products 1.0-1.07 ms packed, 0.87-0
   Qwen head 30%). One user's decode step comes first: the layout that runs a single row fastest, where it
   is clearly faster than the weights as loaded (it copies every weight, in blocks, the original pages handed
   back as it goes, and costs load time, so the copy must gain). Micro-batches (4, 8, 16 rows) get the
-  layout that runs them fastest where that is clearly faster: the only layout if it runs a single row no
-  slower, else the stage moves its weights to it while batches of several jobs last and back after
-  (``LayoutSwitch``);
+  layout that runs them fastest where that is clearly faster: the stage moves its weights to it while
+  batches of several jobs last and back after (``LayoutSwitch``) where the first runs a single row clearly
+  faster than it, else it is the only layout;
 - on the packed layout, how many zero rows to add to 1-3 rows (oneDNN runs 1 or 2 rows on a slower kernel
   on some CPUs).
 
@@ -256,17 +256,20 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
     if layout == "auto":
         # One user's decode step first: the layout that runs a single row fastest, where it is clearly faster
         # than the weights as loaded (any other copies every weight: it must gain). Batches of several jobs
-        # get the layout that runs them fastest, where that is clearly faster than the first: alone, if it
-        # runs one row no slower, else the stage moves to it while batches last (``LayoutSwitch``), so
-        # neither a single user nor a full stage pays for the other's layout.
+        # get the layout that runs them fastest, where that is clearly faster than the first: the stage moves
+        # to it while batches last (``LayoutSwitch``), so neither a single user nor a full stage pays for the
+        # other's layout, where the first runs one row clearly faster; else it is the only layout.
         fastest = min(LAYOUTS, key=lambda c: ms(c, 1))
         chosen = fastest if ms(fastest, 1) < CLEARLY_FASTER * ms("loaded", 1) else "loaded"
         for_batches = min(LAYOUTS, key=batches)
         if batches(for_batches) < CLEARLY_FASTER * batches(chosen):
-            if ms(for_batches, 1) <= ms(chosen, 1):
-                chosen = for_batches
-            else:
+            # Moving between two layouts costs a second of conversion each way on a large stage: only for a
+            # single row clearly faster on the first. Within that, one layout for both (a noisy tie must not
+            # decide between the two, nor split the workers of one pipeline).
+            if ms(chosen, 1) < CLEARLY_FASTER * ms(for_batches, 1):
                 batch_layout = for_batches
+            else:
+                chosen = for_batches
     else:
         chosen = {"plain": "loaded"}.get(layout, layout)
     return KernelPlan(layout=chosen, onednn_rows=onednn_rows, pad_to=pad_to, batch_layout=batch_layout)
@@ -541,6 +544,7 @@ class LayoutSwitch:
         self._todo: list[tuple[nn.Module, str]] = []
         self._run = 0  # steps in a row that asked for the other layout
         self._moved: list[Any] = [0, 0.0, 0]
+        self.finished_idle = False
 
     @property
     def settled(self) -> bool:
@@ -565,15 +569,14 @@ class LayoutSwitch:
 
     def move_when_idle(self) -> bool:
         """With nothing to run: move the next blocks back to the plan's layout (one user's), if they are not
-        there; whether blocks are still to move."""
+        there; whether blocks are still to move. ``finished_idle`` says whether this call ended a move: the
+        caller may then trim the heap (``release_freed_memory``: the other layout's blocks were freed as the
+        new ones were made), outside any lock (a trim walks the whole heap, tens to hundreds of ms)."""
         if self.layout != self.plan.layout:
             self._head_for(self.plan.layout, "idle")
         if self._todo:
             self._move(SWITCH_BYTES_PER_STEP)
-            if not self._todo:
-                # The other layout's blocks, freed as the new ones were made. Only idle: a trim walks the
-                # whole heap (tens to hundreds of ms), and between steps glibc reuses the blocks anyway.
-                release_freed_memory()
+            self.finished_idle = not self._todo
         return bool(self._todo)
 
     def _head_for(self, layout: str, why: str) -> None:
@@ -589,7 +592,7 @@ class LayoutSwitch:
             parent, name = self._todo[0]
             try:
                 step = self._move_block(parent, name)
-            except (RuntimeError, MemoryError) as exc:
+            except Exception as exc:  # a move must never fail the step it follows
                 # Out of memory for one more block, most likely. Every linear is whole where it stands (a
                 # block moves only once its copy exists) and runs as it is; this stage moves no more.
                 log.warning("CPU linears: moving the weights to %s failed (%s); they stay as they are",
@@ -632,11 +635,9 @@ class LayoutSwitch:
         rows = _block_rows(old, block)
         source.out_features -= rows
         target.out_features += rows
+        setattr(parent, name, target if not source.blocks else MovingLinear(first, rest))
         if not old.copies:
-            self.release(block)  # a view of the loaded file: its pages can go back
-        del block
-        whole = target if not source.blocks else None
-        setattr(parent, name, whole if whole is not None else MovingLinear(first, rest))
+            self.release(block)  # a view of the loaded file, read by nothing now: its pages can go back
         return rows * module.in_features * 4
 
 

@@ -385,7 +385,11 @@ class Stage:
         if self.layouts is None:
             return False
         with self._lock:
-            return self.layouts.move_when_idle()
+            more = self.layouts.move_when_idle()
+            finished = self.layouts.finished_idle
+        if finished:
+            release_freed_memory()  # the other layout's blocks; outside the lock: a step may come meanwhile
+        return more
 
     # -- compute -------------------------------------------------------------------------------
     def forward(self, job_id: str, x: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
@@ -409,7 +413,7 @@ class Stage:
                 raise
             job.length += n
             job.last_used = time.monotonic()
-            if self.layouts is not None:
+            if self.layouts is not None and n == 1:  # a prompt's chunk counts neither way
                 self.layouts.after_step(1)
         return out
 
@@ -440,9 +444,11 @@ class Stage:
                         self._jobs.pop(job_id, None)
                 raise
             outs: list[torch.Tensor | None] = [None] * len(jobs)
+            decode_rows = 0  # the most one-token rows one product ran (parts run apart)
             try:
                 sizes = [int(x.shape[0]) for x in inputs]
                 for part in batch_parts([job.length for job in jobs], sizes):
+                    decode_rows = max(decode_rows, sum(1 for b in part if sizes[b] == 1))
                     those, their_sizes = [jobs[b] for b in part], [sizes[b] for b in part]
                     ran: list[torch.Tensor] | None = None
                     if len(part) > 1 and self._batch_graph_wanted(those, their_sizes):
@@ -464,8 +470,8 @@ class Stage:
             for job, x in zip(jobs, inputs, strict=True):
                 job.length += int(x.shape[0])
                 job.last_used = now
-            if self.layouts is not None:
-                self.layouts.after_step(len(jobs))
+            if self.layouts is not None and decode_rows:  # prompts' chunks alone count neither way
+                self.layouts.after_step(decode_rows)
         return cast(list[torch.Tensor], outs)  # every row is in one part
 
     @functools.cached_property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import json
 import math
 import mmap
@@ -366,6 +367,7 @@ def _parse_safetensors(buf: bytearray | mmap.mmap, name: str) -> dict[str, torch
         raise IntegrityFailure(f"{name}: unreadable safetensors header", param=name) from None
     base = 8 + header_len
     out: dict[str, torch.Tensor] = {}
+    spans: list[tuple[int, int, str]] = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -374,6 +376,7 @@ def _parse_safetensors(buf: bytearray | mmap.mmap, name: str) -> dict[str, torch
         if dtype is None or not 0 <= start <= stop <= len(buf) - base:
             raise IntegrityFailure(f"{name}: tensor {key} has an unsupported dtype or bad offsets",
                                    param=name)
+        spans.append((start, stop, key))
         shape = info["shape"]
         itemsize = torch.empty((), dtype=dtype).element_size()
         count = (stop - start) // itemsize
@@ -387,5 +390,12 @@ def _parse_safetensors(buf: bytearray | mmap.mmap, name: str) -> dict[str, torch
             out[key] = torch.frombuffer(chunk, dtype=dtype, count=count).reshape(shape)
         else:
             out[key] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start).reshape(shape)
+    # Two tensors on the same bytes: a stage gives a tensor's pages back once it has copied it (a cast,
+    # another layout), and the other would then read zeros. The format forbids it; safetensors' reader
+    # refuses it.
+    spans.sort()
+    for (_, stop, first), (start, _, second) in itertools.pairwise(spans):
+        if start < stop:
+            raise IntegrityFailure(f"{name}: tensors {first} and {second} share bytes", param=name)
     return out
 

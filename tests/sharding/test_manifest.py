@@ -132,6 +132,23 @@ def test_widening_gives_back_the_files_bytes_as_it_casts(tmp_path):
     assert given_back[0][1] >= big.numel() * 2 - 2 * mmap.PAGESIZE  # the file's bytes, while casting
 
 
+def test_a_file_whose_tensors_share_bytes_is_refused(tmp_path):
+    # A crafted header can put two tensors on the same bytes (safetensors' own reader refuses it). A stage
+    # gives a tensor's pages back once it has cast or copied it: the other would then read zeros, silently.
+    import json
+    import struct
+
+    data = bytes(range(16))
+    header = json.dumps({"a.w": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]},
+                         "b.w": {"dtype": "BF16", "shape": [4], "data_offsets": [8, 16]}}).encode()
+    path = tmp_path / "layer_00000.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    entry = FileEntry(name=path.name, kind="layer", layer=0, sha256=sha256_file(path),
+                      size=path.stat().st_size, tensors=("a.w", "b.w"))
+    with pytest.raises(IntegrityFailure, match=r"a\.w and b\.w share bytes"):
+        LoadedFiles().load(tmp_path, entry, widen_to=torch.float32)
+
+
 def test_tampered_file_is_refused_naming_it(shard_dir):
     m = Manifest.load(shard_dir)
     path = shard_dir / "layer_00000.safetensors"
