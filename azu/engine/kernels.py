@@ -119,6 +119,9 @@ SWITCH_JOBS = 4
 SWITCH_AFTER_STEPS = 8
 SWITCH_BACK_AFTER_STEPS = 16
 SWITCH_BYTES_PER_STEP = 64 << 20
+# An idle worker moves the weights back to one user's layout once the stage has run no step for this long:
+# bursts of batches a second or two apart do not move them back and forth (a second of conversion each way).
+SWITCH_BACK_IDLE_S = 2.0
 # Held by the process measuring (``one_measurement_at_a_time``), in the temp directory: one at a time on a
 # host. A process waits at most this long for it (a measurement takes seconds; a holder that hangs or is
 # stopped must not hold every other worker's load), then measures unlocked.
@@ -523,14 +526,15 @@ class LayoutSwitch:
     On some CPUs no layout is best at both: on the Intel Xeon with AVX-512 and AMX of 2026-12-02, a Qwen
     layer's products for one row took 3.6-3.9 ms transposed, 4.0-4.2 as loaded, 4.6-4.8 packed; for eight rows
     5.8-6.1 packed, 7.2-7.6 as loaded (oneDNN), 8.9-9.4 transposed. The stage calls :meth:`after_step` with
-    each step's job count: after ``SWITCH_AFTER_STEPS`` steps in a row of ``SWITCH_JOBS`` jobs or more the
-    weights move to the batch layout, after ``SWITCH_BACK_AFTER_STEPS`` of fewer they move back (a prompt's
-    chunks are one job: a long prompt does not move them), and a worker with nothing to run moves them back
-    too (:meth:`move_when_idle`), so the next user finds them ready. A move goes block by block (at most
-    ``BLOCK_BYTES``; each old block dropped, or given to ``release``, as its new one exists: one block more
-    than the weights at the peak), about ``SWITCH_BYTES_PER_STEP`` a step, so no step stalls for the whole
-    stage. A linear part-way runs each block on the layout it is in (``MovingLinear``): the products agree up
-    to float rounding, and ``rows_of`` gives the loaded rows back bit for bit, so moves never drift.
+    each step's count of one-token rows (a prompt's chunks count neither way: a long prompt does not move
+    them): after ``SWITCH_AFTER_STEPS`` steps in a row of ``SWITCH_JOBS`` or more the weights move to the
+    batch layout, after ``SWITCH_BACK_AFTER_STEPS`` of fewer they move back, and a worker with nothing to run
+    moves them back too once no step has come for ``SWITCH_BACK_IDLE_S`` (:meth:`move_when_idle`), so the next
+    lone user finds them ready. A move goes block by block (at most ``BLOCK_BYTES``; each old block dropped,
+    or given to ``release``, as its new one exists: one block more than the weights at the peak), about
+    ``SWITCH_BYTES_PER_STEP`` a step, so no step stalls for the whole stage. A linear part-way runs each block
+    on the layout it is in (``MovingLinear``): the products agree up to float rounding, and ``rows_of`` gives
+    the loaded rows back bit for bit, so moves never drift.
     """
 
     def __init__(self, model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tensor], object]) -> None:
@@ -545,6 +549,7 @@ class LayoutSwitch:
         self._run = 0  # steps in a row that asked for the other layout
         self._moved: list[Any] = [0, 0.0, 0]
         self.finished_idle = False
+        self._last_step = 0.0  # monotonic time of the last step counted
 
     @property
     def settled(self) -> bool:
@@ -553,6 +558,7 @@ class LayoutSwitch:
 
     def after_step(self, jobs: int) -> None:
         """Count a step of ``jobs`` jobs' rows, and move the next blocks if a move is under way."""
+        self._last_step = time.monotonic()
         if self.plan.batch_layout is None:  # a move failed: no more moves
             return
         heavy = jobs >= SWITCH_JOBS
@@ -572,6 +578,9 @@ class LayoutSwitch:
         there; whether blocks are still to move. ``finished_idle`` says whether this call ended a move: the
         caller may then trim the heap (``release_freed_memory``: the other layout's blocks were freed as the
         new ones were made), outside any lock (a trim walks the whole heap, tens to hundreds of ms)."""
+        self.finished_idle = False
+        if time.monotonic() - self._last_step < SWITCH_BACK_IDLE_S:
+            return False  # not yet: the session's next idle wait comes back here
         if self.layout != self.plan.layout:
             self._head_for(self.plan.layout, "idle")
         if self._todo:

@@ -320,7 +320,10 @@ def test_a_linear_moves_block_by_block_and_can_turn_back_half_way(monkeypatch) -
     assert [step(1) for _ in range(3)] == [(2, 2), (1, 3), (0, 4)]  # turned back: the last moved first
     assert [step(8) for _ in range(5)] == [(1, 3), (2, 2), (3, 1), (4, 0), (4, 0)]
     assert isinstance(model[0], kernels.PackedLinear) and switch.settled
-    # With nothing to run, the worker moves them back to one user's layout, a step's worth at a time.
+    # With nothing to run, the worker moves them back to one user's layout, a step's worth at a time, once no
+    # step has come for SWITCH_BACK_IDLE_S (not between bursts a moment apart).
+    assert not switch.move_when_idle() and isinstance(model[0], kernels.PackedLinear)
+    monkeypatch.setattr(kernels, "SWITCH_BACK_IDLE_S", 0.0)
     assert [switch.move_when_idle() for _ in range(5)] == [True, True, True, False, False]
     assert isinstance(model[0], kernels.RowsLinear) and switch.layout == "loaded"
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)

@@ -153,6 +153,7 @@ def test_an_idle_session_moves_its_stages_weights_back_to_one_users_layout(r: re
 
     monkeypatch.setattr(kernels, "BLOCK_BYTES", 64 * 1024)
     monkeypatch.setattr(kernels, "SWITCH_BYTES_PER_STEP", 1)  # a block a move: 4 + 1 moves
+    monkeypatch.setattr(kernels, "SWITCH_BACK_IDLE_S", 0.3)  # idle this long since the last step first
     model = nn.Sequential(nn.Linear(64, 1000), nn.Linear(1000, 8))
     reference = copy.deepcopy(model)
     plan = kernels.KernelPlan(layout="loaded", onednn_rows=frozenset(), pad_to={}, batch_layout="transposed")
