@@ -80,6 +80,25 @@ def _times(mkl: list[float], onednn: list[float], packed: list[float],
             for r, ms in zip(rows, figures, strict=True)}
 
 
+# Like the AMD EPYC with AVX2 (Zen 2) of 2026-12-02: MKL on the transposed weight runs one row 18% faster
+# than anything on the weight as loaded and batches 5-10% slower; packed runs batches a little faster but one
+# row 30% slower.
+ZEN2 = _times(
+    mkl=[3.94, 7.16, 7.5, 8.95, 10.46, 14.08, 59.9], onednn=[3.72, 6.30, 6.6, 7.08, 8.78, 11.74, 52.5],
+    packed=[4.90, 5.64, 5.9, 6.85, 8.03, 10.64, 51.5], transposed=[3.22, 5.64, 6.4, 7.86, 9.23, 12.31, 54.7])
+# Like the Intel Xeon with AVX-512 and AMX of 2026-12-02 (bench/kernels.py): MKL as loaded runs one row about
+# as fast as anything, packed runs 4-16 rows in 60-75% of oneDNN's time and one row 19% slower.
+AMX = _times(
+    mkl=[3.99, 4.31, 6.0, 7.70, 10.13, 10.42, 30.04], onednn=[4.57, 5.93, 6.2, 6.46, 7.52, 8.63, 28.86],
+    packed=[4.76, 4.92, 4.9, 4.83, 5.94, 7.72, 28.66], transposed=[3.88, 6.01, 6.5, 7.37, 9.44, 10.99, 26.35])
+
+
+def _chosen(times: kernels.Timings) -> tuple[str, str | None]:
+    """The plan's layout and batch layout for ``times``."""
+    plan = kernels.plan_from(times)
+    return plan.layout, plan.batch_layout
+
+
 def test_the_plan_puts_one_users_decode_first_then_batches() -> None:
     # Like the AVX2 machine: oneDNN beats MKL, packed wins every row count, three rows faster run as four.
     avx2 = _times(mkl=[1.45, 1.6, 1.8, 2.0, 2.93, 3.82, 20], onednn=[0.81, 1.2, 1.4, 1.6, 2.14, 2.94, 16],
@@ -108,66 +127,50 @@ def test_the_plan_puts_one_users_decode_first_then_batches() -> None:
     # Forced, it is the only layout.
     costly = dict(avx2)
     costly.update({("packed", r): 0.85 for r in (1, 2, 3, 4)})
-    assert (kernels.plan_from(costly).layout, kernels.plan_from(costly).batch_layout) == ("packed", None)
+    assert _chosen(costly) == ("packed", None)
     costly.update({("packed", r): 0.95 for r in (1, 2, 3, 4)})
-    assert (kernels.plan_from(costly).layout, kernels.plan_from(costly).batch_layout) == ("loaded", "packed")
+    assert _chosen(costly) == ("loaded", "packed")
     assert kernels.plan_from(costly, "packed").layout == "packed"
     assert kernels.plan_from(avx2, "plain").layout == "loaded"
     assert kernels.plan_from(avx512, "transposed").layout == "transposed"
 
 
 def test_one_row_takes_the_layout_that_runs_it_clearly_fastest_and_batches_theirs() -> None:
-    # Like the AMD EPYC with AVX2 of 2026-12-02: MKL on the transposed weight runs one row 18% faster than
-    # anything on the weight as loaded and batches 5-10% slower; packed runs batches a little faster but one
-    # row 30% slower. One user on transposed; batches on packed, moved to while they last.
-    zen2 = _times(mkl=[3.94, 7.16, 7.5, 8.95, 10.46, 14.08, 59.9],
-                  onednn=[3.72, 6.30, 6.6, 7.08, 8.78, 11.74, 52.5],
-                  packed=[4.90, 5.64, 5.9, 6.85, 8.03, 10.64, 51.5],
-                  transposed=[3.22, 5.64, 6.4, 7.86, 9.23, 12.31, 54.7])
-    plan = kernels.plan_from(zen2)
-    assert (plan.layout, plan.batch_layout) == ("transposed", "packed")
+    # One user on transposed; batches on packed, moved to while they last.
+    zen2 = dict(ZEN2)
+    assert _chosen(zen2) == ("transposed", "packed")
     # Batches that lose a lot on transposed do not cost one user the faster row: they move to packed.
     costly = dict(zen2)
     costly.update({("transposed", r): 1.3 * zen2["onednn", r] for r in (4, 8, 16)})
-    plan = kernels.plan_from(costly)
-    assert (plan.layout, plan.batch_layout) == ("transposed", "packed")
+    assert _chosen(costly) == ("transposed", "packed")
     # One row only a hair faster transposed (not worth a copy of every weight), and batches no more than a
     # hair faster packed: the loaded layout for all.
     close = dict(zen2)
     close["transposed", 1] = 3.60
-    plan = kernels.plan_from(close)
-    assert (plan.layout, plan.batch_layout) == ("loaded", None)
+    assert _chosen(close) == ("loaded", None)
     # Packed, one row no slower than transposed and batches clearly faster: one layout for both.
     packed = dict(zen2)
     packed.update({("packed", r): ms for r, ms in ((1, 3.2), (2, 3.3), (3, 3.4), (4, 4), (8, 5), (16, 7))})
-    plan = kernels.plan_from(packed)
-    assert (plan.layout, plan.batch_layout) == ("packed", None)
+    assert _chosen(packed) == ("packed", None)
     # Forced, a layout stays put.
     assert kernels.plan_from(zen2, "transposed").batch_layout is None
     assert kernels.plan_from(zen2, "plain").layout == "loaded"
 
 
 def test_the_weights_as_loaded_may_serve_one_user_and_another_layout_batches() -> None:
-    # Like the Intel Xeon with AVX-512 and AMX of 2026-12-02 (bench/kernels.py): MKL as loaded runs one row
-    # about as fast as anything, packed runs 4-16 rows in 60-75% of oneDNN's time and one row 19% slower.
-    amx = _times(mkl=[3.99, 4.31, 6.0, 7.70, 10.13, 10.42, 30.04],
-                 onednn=[4.57, 5.93, 6.2, 6.46, 7.52, 8.63, 28.86],
-                 packed=[4.76, 4.92, 4.9, 4.83, 5.94, 7.72, 28.66],
-                 transposed=[3.88, 6.01, 6.5, 7.37, 9.44, 10.99, 26.35])
-    plan = kernels.plan_from(amx)
-    assert (plan.layout, plan.batch_layout) == ("loaded", "packed")
-    assert plan.describe() == ("as loaded; oneDNN for [4, 8, 16] rows, MKL for the rest; under batches of 4+ "
-                               "jobs: packed for oneDNN (rows padded: 2->4, 3->4)")
+    amx = dict(AMX)
+    assert _chosen(amx) == ("loaded", "packed")
+    assert kernels.plan_from(amx).describe() == (
+        "as loaded; oneDNN for [4, 8, 16] rows, MKL for the rest; under batches of 4+ jobs: packed for "
+        "oneDNN (rows padded: 2->4, 3->4)")
     # The same CPU as its workers measured it (one row: MKL 4.07 ms, transposed 3.61): transposed, packed.
     amx["mkl", 1], amx["transposed", 1] = 4.07, 3.61
-    plan = kernels.plan_from(amx)
-    assert (plan.layout, plan.batch_layout) == ("transposed", "packed")
+    assert _chosen(amx) == ("transposed", "packed")
     # A tie for one row does not decide between one layout and moves (a hair either way: the same plan).
     for packed_row in (3.99, 4.00, 4.01):
         tie = dict(amx)
         tie.update({("mkl", 1): 4.0, ("transposed", 1): 4.2, ("packed", 1): packed_row})
-        plan = kernels.plan_from(tie)
-        assert (plan.layout, plan.batch_layout) == ("packed", None), packed_row
+        assert _chosen(tie) == ("packed", None), packed_row
 
 
 def test_a_plain_linear_runs_each_row_count_on_the_kernel_the_plan_names(monkeypatch) -> None:
