@@ -112,8 +112,8 @@ MEASURE_ABOVE_BYTES = 64 << 20
 # Rows of a weight packed (and its original pages freed) at a time: at most this many bytes each.
 BLOCK_BYTES = 32 << 20
 # A stage whose plan has a batch layout (``LayoutSwitch``) moves to it after this many steps in a row of at
-# least ``SWITCH_JOBS`` jobs each, and back after ``SWITCH_BACK_AFTER_STEPS`` steps in a row of fewer; each
-# step then converts about ``SWITCH_BYTES_PER_STEP`` of weights (a linear is converted whole), so no one step
+# least ``SWITCH_JOBS`` one-token rows each, and back after ``SWITCH_BACK_AFTER_STEPS`` steps in a row of
+# fewer; each step then converts about ``SWITCH_BYTES_PER_STEP`` of weights, block by block, so no one step
 # stalls for the whole stage's copy (a Qwen-shaped stage's 1.2 GB: about a second).
 SWITCH_JOBS = 4
 SWITCH_AFTER_STEPS = 8
@@ -136,6 +136,15 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 def bucket(rows: int) -> int:
     """The measured row count a product of ``rows`` rows follows."""
     return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
+
+
+def _dispatched(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
+                onednn_rows: frozenset[int]) -> torch.Tensor:
+    """``x``'s products with a weight as loaded (``rows`` rows of them), on oneDNN where the plan names it for
+    that many rows (``KernelPlan.onednn_rows``), else on MKL (``F.linear``)."""
+    if bucket(rows) in onednn_rows:
+        return _product(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -373,6 +382,11 @@ class BlockedLinear(nn.Module):
         ``convert``'s inverse, exact."""
         raise NotImplementedError
 
+    @staticmethod
+    def out_rows(block: torch.Tensor) -> int:
+        """How many of the weight's output rows one of this layout's blocks holds."""
+        return int(block.shape[0])
+
     def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x``'s products with one block (``x`` two-dimensional)."""
         raise NotImplementedError
@@ -444,6 +458,10 @@ class TransposedLinear(BlockedLinear):
     def rows_of(block: torch.Tensor) -> torch.Tensor:
         return block.t()
 
+    @staticmethod
+    def out_rows(block: torch.Tensor) -> int:
+        return int(block.shape[1])
+
     def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.mm(x, block) if bias is None else torch.addmm(bias, x, block)
 
@@ -469,9 +487,7 @@ class RowsLinear(BlockedLinear):
         return block
 
     def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if bucket(x.shape[0]) in self.onednn_rows:
-            return _product(x, block, bias)
-        return F.linear(x, block, bias)
+        return _dispatched(x, block, bias, x.shape[0], self.onednn_rows)
 
 
 # The blocked module holding each layout.
@@ -514,11 +530,6 @@ class MovingLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def _block_rows(kind: type[BlockedLinear], block: torch.Tensor) -> int:
-    """How many of the weight's output rows ``block`` (in ``kind``'s layout) holds."""
-    return int(block.shape[1] if kind is TransposedLinear else block.shape[0])
-
-
 class LayoutSwitch:
     """Moves a stage's blocked linears between its plan's layout, for one user's steps, and its batch layout,
     for batches of several jobs, as the load comes and goes (``KernelPlan.batch_layout``).
@@ -543,11 +554,11 @@ class LayoutSwitch:
         self.release = release
         self.layout = plan.layout  # where the weights are going (or are)
         self.switches = 0
-        self._places = [(parent, name) for parent in model.modules()
-                        for name, child in parent.named_children() if isinstance(child, BlockedLinear)]
+        self._places = _places(model, lambda child: isinstance(child, BlockedLinear))
         self._todo: list[tuple[nn.Module, str]] = []
         self._run = 0  # steps in a row that asked for the other layout
-        self._moved: list[Any] = [0, 0.0, 0]
+        # This move's bytes, seconds converting and turns (steps or idle moves), for its log line.
+        self._moved_bytes, self._moved_s, self._turns = 0, 0.0, 0
         self.finished_idle = False
         self._last_step = 0.0  # monotonic time of the last step counted
 
@@ -591,12 +602,12 @@ class LayoutSwitch:
     def _head_for(self, layout: str, why: str) -> None:
         self.layout, self._run, self.switches = layout, 0, self.switches + 1
         self._todo = list(self._places)
-        self._moved = [0, 0.0, 0]  # this move's bytes, seconds converting, turns (steps or idle moves)
+        self._moved_bytes, self._moved_s, self._turns = 0, 0.0, 0
         log.info("CPU linears (%s): moving the weights to %s", why, self.plan._describe(layout))
 
     def _move(self, budget: int) -> None:
         started = time.perf_counter()
-        moved = 0
+        self._turns += 1
         while self._todo and budget > 0:
             parent, name = self._todo[0]
             try:
@@ -610,15 +621,14 @@ class LayoutSwitch:
                 self.layout = self.plan.layout
                 return
             budget -= step
-            moved += step
+            self._moved_bytes += step
             module = getattr(parent, name)
             if not isinstance(module, MovingLinear) and _layout_of(module) == self.layout:
                 self._todo.pop(0)
-        self._moved = [self._moved[0] + moved, self._moved[1] + time.perf_counter() - started,
-                       self._moved[2] + 1]
+        self._moved_s += time.perf_counter() - started
         if not self._todo:
             log.info("CPU linears: the weights are %s: %.0f MB moved in %.2f s of conversion over %d turns",
-                     self.layout, self._moved[0] / 2**20, self._moved[1], self._moved[2])
+                     self.layout, self._moved_bytes / 2**20, self._moved_s, self._turns)
 
     def _move_block(self, parent: nn.Module, name: str) -> int:
         """Move one block of ``parent.name`` to ``layout``: the bytes moved, 0 if it is all there."""
@@ -641,7 +651,7 @@ class LayoutSwitch:
         source.blocks.pop(take)
         target.blocks.insert(put, converted)
         target.biases.insert(put, source.biases.pop(take))
-        rows = _block_rows(old, block)
+        rows = old.out_rows(block)
         source.out_features -= rows
         target.out_features += rows
         setattr(parent, name, target if not source.blocks else MovingLinear(first, rest))
@@ -658,9 +668,7 @@ class DispatchLinear(nn.Linear):
     onednn_rows: frozenset[int] = frozenset(ROW_BUCKETS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bucket(x.numel() // self.in_features) in self.onednn_rows:
-            return _product(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return _dispatched(x, self.weight, self.bias, x.numel() // self.in_features, self.onednn_rows)
 
 
 @functools.cache
@@ -724,10 +732,8 @@ def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tens
     # Places, not modules: a list of the modules themselves would keep every original weight alive until the
     # last is converted (two copies of a stage at the peak, where its weights are not views of the file
     # buffers whose pages ``release`` gives back: a float32 stage cast from bfloat16 files).
-    places = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-              if type(child) is nn.Linear]
     converted = 0
-    for parent, name in places:
+    for parent, name in _places(model, lambda child: type(child) is nn.Linear):
         module = getattr(parent, name)
         weight = module.weight
         if (weight.is_meta or weight.dtype != torch.float32 or not weight.numel()
@@ -743,6 +749,13 @@ def apply_plan(model: nn.Module, plan: KernelPlan, release: Callable[[torch.Tens
         del module  # the original's last reference: its weight goes before the next one is copied
         converted += 1
     return converted
+
+
+def _places(model: nn.Module, wanted: Callable[[nn.Module], bool]) -> list[tuple[nn.Module, str]]:
+    """The (parent, name) places of ``model``'s modules that are ``wanted``: places, not the modules, so a
+    caller that replaces them keeps no replaced module alive."""
+    return [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+            if wanted(child)]
 
 
 def _census(model: nn.Module) -> tuple[dict[int, int], dict[int, int], dict[int, tuple[int, int]]]:

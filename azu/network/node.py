@@ -466,7 +466,7 @@ class WorkerNode:
         that long."""
         with self.lock:
             stages = list(self.stages.values())
-        return any([stage.move_layouts_when_idle() for stage in stages])
+        return any([stage.move_layouts_when_idle() for stage in stages])  # a list: every stage moves
 
     def _flush_when_idle(self) -> None:
         """Send the reports held (a job's final commitments wait for the next hand-over or the session's end)
