@@ -396,11 +396,16 @@ class Bench:
                 out[who] = times.user + times.system
         return out
 
-    def streams_row(self, label: str, model_id: str, n: int, counts: list[int], target: int) -> None:
+    def streams_row(self, label: str, model_id: str, n: int, counts: list[int], target: int, *,
+                    bound: bool = False) -> None:
         """Aggregate tokens/s (all tokens / time from submit to the last token) and median TTFT for each
-        number of concurrent streams in ``counts`` (the first is the one the others are compared with)."""
+        number of concurrent streams in ``counts`` (the first is the one the others are compared with);
+        ``bound``: also what the machine allows ``target`` streams (bench/_stream_bound.py; on a CPU)."""
+        def prompts_for(k: int) -> list[list[int]]:
+            return [[1, *[(7 * i + 3 * j) % 300 + 3 for j in range(15)]] for i in range(k)]
+
         def agg(k: int) -> tuple[float, float]:
-            prompts = [[1, *[(7 * i + 3 * j) % 300 + 3 for j in range(15)]] for i in range(k)]
+            prompts = prompts_for(k)
             best_rate, best_ttft = 0.0, float("inf")
             for _ in range(self.args.repeat):
                 res = self.run_jobs(model_id, prompts, n)
@@ -414,7 +419,22 @@ class Bench:
         one = measured[0][1]
         parts = [f"{k}: {rate:.1f} tok/s, TTFT {ttft * 1000:.0f} ms" for k, rate, ttft in measured]
         ratios = ", ".join(f"{k}: {rate / one:.2f}x" for k, rate, _ in measured[1:])
-        self.add_row({"row": label, "pipeline": "; ".join(parts), "single process": "-",
+        allows = "-"
+        cpu = self.args.device == "cpu"
+        if bound and cpu and counts[0] == 1 and target in counts and model_id in self.cuts:
+            # What this CPU allows that many streams, on the same stages without messaging or prompts.
+            import _stream_bound
+
+            from azu.registry import status as models
+            from azu.registry.manifest import Manifest
+
+            folder = models.shard_dir(model_id)
+            got = _stream_bound.measure(folder, self.cuts[model_id], Manifest.load(folder).num_layers,
+                                        prompts_for(target), kernels=self.args.kernels)
+            allows = got.describe()
+            rate = next(rate for k, rate, _ in measured if k == target)
+            ratios += f" ({rate / one / got.ratio:.0%} of the bound)"
+        self.add_row({"row": label, "pipeline": "; ".join(parts), "single process": allows,
                           "result": ratios,
                           "target": f"{target} streams >= 8x one, median TTFT <= 1.5 s"})
 
@@ -493,7 +513,7 @@ def main() -> int:
         counts = [int(k) for k in args.streams.split(",")]
         if qwen and "p3" in rows:
             bench.streams_row(f"P3 Qwen2.5-0.5B shape, 2 workers ({qwen_at}{how})", qwen, args.tokens, counts,
-                              16)
+                              16, bound=True)
         if "p3" in rows:
             bench.streams_row(f"P3 Llama 512x8, 2 workers ({petals_at}{how})", petals, 32, counts, 16)
         if "petals" in rows:
