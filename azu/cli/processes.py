@@ -101,6 +101,7 @@ RESTART_POLICY = (f"a child that exits is started again after {RESTART_FIRST_S:g
                   f"{RESTART_MAX_S:g} s (back to {RESTART_FIRST_S:g} s once it stayed up {STABLE_S:g} s); "
                   f"one that crashes {GIVE_UP_CRASHES} times within {GIVE_UP_WINDOW_S:g} s is given up on: "
                   "a worker is left down (the others keep serving), any other process stops everything")
+LAST_STOP_GRACE_S = 2.0   # what the services stopped last (Redis) get at least to exit on their own
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, the terminal closed
 
 
@@ -115,6 +116,9 @@ class Child:
     cwd: str | None = None
     log: Path | None = None  # stdout and stderr appended here, reopened at every start
     essential: bool = True   # given up on: stop everything (False: leave it down, the rest serves)
+    # A service the others talk to (Redis, the dev chain): stopped once they have exited, so a worker
+    # finishing its session or a task being acknowledged still finds it (no "connection lost" at Ctrl-C).
+    stops_last: bool = False
     started_at: float = field(default_factory=time.monotonic)
     crashes: list[float] = field(default_factory=list)
     delay: float = RESTART_FIRST_S
@@ -148,12 +152,13 @@ class ProcessGroup:
 
     def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
               stdout=None, stderr=None, cwd: str | None = None, log: Path | None = None,
-              essential: bool = True) -> Child:
-        """Start ``argv``; with ``log``, its stdout and stderr go to that file (appended)."""
+              essential: bool = True, stops_last: bool = False) -> Child:
+        """Start ``argv``; with ``log``, its stdout and stderr go to that file (appended); ``stops_last``:
+        a service the others use, stopped after them."""
         self.spawning = True
         try:
             child = Child(name, list(argv), self._spawn(list(argv), env, cwd, log, stdout, stderr), env=env,
-                          cwd=cwd, log=log, essential=essential)
+                          cwd=cwd, log=log, essential=essential, stops_last=stops_last)
             self.children.append(child)
         finally:
             self.spawning = False
@@ -213,7 +218,8 @@ class ProcessGroup:
         return None
 
     def stop(self, *, timeout: float = 15.0) -> None:
-        """SIGTERM every child's group (newest first), wait up to ``timeout``, then SIGKILL what is left.
+        """SIGTERM every child's group (newest first; the ``stops_last`` ones once the others have exited),
+        wait up to ``timeout`` in all, then SIGKILL what is left.
 
         A second SIGINT/SIGTERM/SIGHUP meanwhile cuts the wait short (straight to SIGKILL); none of them
         interrupts the stopping itself, so nothing is left running."""
@@ -224,13 +230,17 @@ class ProcessGroup:
 
         old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
         try:
-            for child in reversed(self.children):
-                _signal_group(child.proc, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while not self._hurry and time.monotonic() < deadline:
-                if all(c.proc.poll() is not None for c in self.children):
-                    break
-                time.sleep(0.05)  # polling the children's exit against the deadline
+            first = [c for c in self.children if not c.stops_last]
+            for wave in (first, [c for c in self.children if c.stops_last]):
+                if wave is not first:  # the services get their own short grace even after a stuck child
+                    deadline = max(deadline, time.monotonic() + LAST_STOP_GRACE_S)
+                for child in reversed(wave):
+                    _signal_group(child.proc, signal.SIGTERM)
+                while not self._hurry and time.monotonic() < deadline:
+                    if all(c.proc.poll() is not None for c in wave):
+                        break
+                    time.sleep(0.05)  # polling the children's exit against the deadline
             for child in self.children:
                 if child.proc.poll() is None:
                     log.warning("%s did not stop in time; killing it", child.name)

@@ -397,10 +397,10 @@ class LocalNetwork:
 
     # --- helpers ----------------------------------------------------------------------------------------
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None, *,
-               essential: bool = True) -> None:
+               essential: bool = True, stops_last: bool = False) -> None:
         # Supervised: started again with the same command line, environment and log if it exits.
         self.group.start(name, argv, env=env or self.env, cwd=str(Path.cwd()), log=self.logs / f"{name}.log",
-                         essential=essential)
+                         essential=essential, stops_last=stops_last)
 
     def _children_alive(self) -> None:
         dead = self.group.first_exited()
@@ -461,7 +461,7 @@ class LocalNetwork:
             out.write(f"bind 127.0.0.1\nport {port}\nsave \"\"\nappendonly yes\nappendfsync everysec\n"
                       f"dir {data}\nprotected-mode yes\nrequirepass {password}\n")
         with _step("starting redis") as info:
-            self._start("redis", [binary, str(conf)])
+            self._start("redis", [binary, str(conf)], stops_last=True)
             client = redis.Redis(port=port, password=password, socket_connect_timeout=1)
 
             def ping() -> bool:
@@ -480,7 +480,13 @@ class LocalNetwork:
             return
         self.database_url = get_settings().database_url or ""
         if not self.database_url:
-            import pgserver
+            import warnings
+
+            with warnings.catch_warnings():
+                # Its lock file goes under the user's runtime dir; without XDG_RUNTIME_DIR (root in a
+                # container) platformdirs falls back to /tmp/runtime-<uid> and warns about it, harmlessly.
+                warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+                import pgserver
 
             stale = prune_pg_handles(self.root / "pgdata")
             if stale:
@@ -529,7 +535,7 @@ class LocalNetwork:
         with _step("starting the dev chain") as info:
             self._start("devchain", [sys.executable, "-m", "azu.payments.devchain", "--port", str(port),
                                      "--workers", str(self.n_workers), "--info-file", str(info_file)],
-                        env=dict(os.environ))
+                        env=dict(os.environ), stops_last=True)
 
             def read() -> dict[str, Any] | None:
                 try:
@@ -779,6 +785,10 @@ def _run_locked(args: argparse.Namespace, root: Path) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="azu up: %(message)s")  # the supervisor's lines
+    # The embedded PostgreSQL's and the migrations' INFO lines (initdb's whole output, every pg_ctl command
+    # line, alembic's plugins) would bury the steps above in the terminal; their warnings still show.
+    for chatty in ("pgserver", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
     net = LocalNetwork(root=root, host=args.host, port=args.port, workers=args.workers,
                        timeout=args.startup_timeout, copies=args.copies)

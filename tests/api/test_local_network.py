@@ -49,6 +49,10 @@ def test_azu_up_serves_and_ctrl_c_stops_everything(tmp_path):
         output = log.read_text()
         for step in ("starting redis... ok", "starting the API... ok", "answering a sample prompt... ok"):
             assert step in output
+        # Its own steps, not the embedded PostgreSQL's or the migrations' internals (initdb's whole output,
+        # each pg_ctl command line, alembic's plugins).
+        assert "Running commandline" not in output and "setup plugin" not in output
+        assert "XDG_RUNTIME_DIR" not in output
         assert info["api_key"] in output and info["base_url"] in output
         assert info["base_url"] == f"http://127.0.0.1:{port}"
         assert len(info["workers"]) == 2
@@ -87,6 +91,10 @@ def test_azu_up_serves_and_ctrl_c_stops_everything(tmp_path):
 
     assert up.returncode == 0, log.read_text()[-3000:]
     assert "stopped" in log.read_text()
+    # Stopped in order, Redis after the rest: no worker lost its broker on the way out.
+    for worker_log in (tmp_path / ".azu" / "logs").glob("worker-*.log"):
+        text = worker_log.read_text(errors="replace")
+        assert "Couldn't ack" not in text and "ConnectionError" not in text, text[-3000:]
 
     def alive() -> list[str]:
         out = []

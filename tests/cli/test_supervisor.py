@@ -161,6 +161,61 @@ def test_a_stop_signal_stops_every_child_and_grandchild(tmp_path, sig):
     wait_for(lambda: not alive(), timeout=10, what="every child to exit", interval=0.05)
 
 
+ON_SIGTERM = """
+import signal, sys, time
+marks, name, linger_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+def stop(*_):
+    got = time.time()
+    time.sleep(linger_s)
+    with open(marks, "a") as f:
+        f.write(f"{name} {got} {time.time()}\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(600)
+"""
+IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                   "print('ready', flush=True); time.sleep(600)")
+
+
+def _ready(child) -> None:
+    assert child.proc.stdout is not None and child.proc.stdout.readline().strip() == b"ready"
+
+
+def test_services_the_others_use_are_stopped_after_them(tmp_path):
+    # Told to stop, each child takes linger_s (a worker finishing its session), then writes when it got the
+    # signal and when it exits.
+    marks = tmp_path / "marks"
+    group = ProcessGroup()
+
+    def start(name: str, linger_s: float, **kw):
+        return group.start(name, [sys.executable, "-c", ON_SIGTERM, str(marks), name, str(linger_s)],
+                           stdout=subprocess.PIPE, **kw)
+
+    for child in (start("redis", 0.0, stops_last=True), start("worker", 0.5), start("api", 0.2)):
+        _ready(child)  # its SIGTERM handler is in place
+    group.stop(timeout=10)
+    lines = [line.split() for line in marks.read_text().splitlines()]
+    got = {name: (float(told), float(exited)) for name, told, exited in lines}
+    assert set(got) == {"redis", "worker", "api"}
+    # The worker and the API were told at once; Redis only once both had exited.
+    assert abs(got["worker"][0] - got["api"][0]) < 0.3
+    assert got["redis"][0] >= max(got["worker"][1], got["api"][1])
+    assert all(c.proc.poll() == 0 for c in group.children)
+
+
+def test_a_stuck_child_does_not_keep_the_services_up_past_the_deadline(tmp_path):
+    group = ProcessGroup()
+    stuck = group.start("stuck", [sys.executable, "-c", IGNORES_SIGTERM], stdout=subprocess.PIPE)
+    service = group.start("redis", SLEEP, stops_last=True)
+    _ready(stuck)
+    t = time.monotonic()
+    group.stop(timeout=1.0)
+    assert time.monotonic() - t < 8
+    assert stuck.proc.poll() == -signal.SIGKILL
+    assert service.proc.poll() == -signal.SIGTERM  # still told first, with its own grace
+
+
 def test_the_state_dir_lock_is_held_by_one_process_and_dropped_when_it_dies(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c",
                                "import time; from pathlib import Path; from azu.cli.up import lock_state_dir;"

@@ -100,4 +100,6 @@ def test_cut_link_mid_answer_ends_with_an_error_event(hosts, registry_dir, token
         assert errors[-1]["error"]["message"], errors[-1]
         print("error event after the cut:", errors[-1], "after", len(events) - 1, "chunks")
     finally:
-        net.stop()
+        # The cut worker cannot finish a warm shutdown (its broker is out of reach): killed after a short
+        # wait instead of the whole default one.
+        net.stop(timeout=3)

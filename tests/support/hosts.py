@@ -407,8 +407,8 @@ class HostNetwork:
             out.append(f"--- {f.name}\n" + "\n".join(tail))
         return "\n".join(out)
 
-    def stop(self) -> None:
-        self.group.stop()
+    def stop(self, *, timeout: float = 15.0) -> None:
+        self.group.stop(timeout=timeout)
 
 
 def start_host_network(hosts: Hosts, *, registry_dir: Path, root: Path, public_api: str | None = None,
@@ -450,7 +450,7 @@ def start_host_network(hosts: Hosts, *, registry_dir: Path, root: Path, public_a
     def start(name: str, namespace: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
         with open(logs / f"{name}.log", "ab") as log:
             group.start(name, netns_argv(namespace, argv), env=dict(env, **(extra or {})), stdout=log,
-                        stderr=subprocess.STDOUT, cwd=str(REPO))
+                        stderr=subprocess.STDOUT, cwd=str(REPO), stops_last=name == "redis")
 
     n = len(hosts.workers)
     budget = split_budget(Path(registry_dir) / MODEL_ID, n)
