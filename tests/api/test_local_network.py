@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +20,23 @@ import psutil
 import pytest
 import requests
 
-from azu.cli.up import free_port
+from azu.cli.up import DEMO_MODEL_ID, free_port
 from tests.support import REPO, wait_for
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory) -> Path:
+    """The demo model azu up builds, built once for the tests that need not watch it being built (the first
+    test does, from nothing): copied into their state dirs, azu up takes it as built earlier."""
+    from azu.cli.demo import build_demo_model  # what `azu demo-model` runs, in this process (torch is here)
+
+    return build_demo_model(tmp_path_factory.mktemp("demo") / DEMO_MODEL_ID)
+
+
+def _seed_demo_model(tmp_path: Path, demo_model: Path) -> None:
+    shutil.copytree(demo_model, tmp_path / ".azu" / "models" / DEMO_MODEL_ID)
 
 
 def test_azu_up_serves_and_ctrl_c_stops_everything(tmp_path):
@@ -189,9 +203,10 @@ def _chat(info: dict[str, Any], timeout: float = 120) -> requests.Response:
                                "max_tokens": 6, "temperature": 0})
 
 
-def test_azu_up_restarts_what_dies_and_sighup_stops_everything(tmp_path):
+def test_azu_up_restarts_what_dies_and_sighup_stops_everything(tmp_path, demo_model):
     port = free_port()
     log = tmp_path / "up.log"
+    _seed_demo_model(tmp_path, demo_model)
     up = _start_up(tmp_path, port, log)
     info_path = tmp_path / ".azu" / "local.json"
     everything: list[psutil.Process] = []
@@ -204,6 +219,7 @@ def test_azu_up_restarts_what_dies_and_sighup_stops_everything(tmp_path):
         wait_for(ready, timeout=300, what="azu up to write .azu/local.json", interval=0.25)
         info = json.loads(info_path.read_text())
         first_info = info_path.read_bytes()
+        assert "(built earlier)" in log.read_text()  # the demo model in the state dir was taken as it was
 
         # A second azu up on the same port (and state dir) refuses, touching nothing of the first's.
         second = subprocess.run([sys.executable, "-m", "azu.cli", "up", "--port", str(port)], cwd=tmp_path,
@@ -263,9 +279,10 @@ def test_azu_up_restarts_what_dies_and_sighup_stops_everything(tmp_path):
     assert not info_path.exists()
 
 
-def test_ctrl_c_while_starting_the_registry_stops_everything(tmp_path):
+def test_ctrl_c_while_starting_the_registry_stops_everything(tmp_path, demo_model):
     port = free_port()
     log = tmp_path / "up.log"
+    _seed_demo_model(tmp_path, demo_model)
     up = _start_up(tmp_path, port, log)
     try:
         wait_for(lambda: up.poll() is not None or "starting the registry" in log.read_text(), timeout=300,
