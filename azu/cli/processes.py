@@ -231,16 +231,10 @@ class ProcessGroup:
         old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
         try:
             deadline = time.monotonic() + timeout
-            first = [c for c in self.children if not c.stops_last]
-            for wave in (first, [c for c in self.children if c.stops_last]):
-                if wave is not first:  # the services get their own short grace even after a stuck child
-                    deadline = max(deadline, time.monotonic() + LAST_STOP_GRACE_S)
-                for child in reversed(wave):
-                    _signal_group(child.proc, signal.SIGTERM)
-                while not self._hurry and time.monotonic() < deadline:
-                    if all(c.proc.poll() is not None for c in wave):
-                        break
-                    time.sleep(0.05)  # polling the children's exit against the deadline
+            self._terminate([c for c in self.children if not c.stops_last], deadline)
+            # The services get their own short grace even after a stuck child used up the deadline.
+            self._terminate([c for c in self.children if c.stops_last],
+                            max(deadline, time.monotonic() + LAST_STOP_GRACE_S))
             for child in self.children:
                 if child.proc.poll() is None:
                     log.warning("%s did not stop in time; killing it", child.name)
@@ -252,6 +246,16 @@ class ProcessGroup:
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+
+    def _terminate(self, children: list[Child], deadline: float) -> None:
+        """SIGTERM ``children``' groups (newest first) and wait until they have exited, the ``deadline``
+        passes or a second stop signal hurries the stop."""
+        for child in reversed(children):
+            _signal_group(child.proc, signal.SIGTERM)
+        while not self._hurry and time.monotonic() < deadline:
+            if all(c.proc.poll() is not None for c in children):
+                break
+            time.sleep(0.05)  # polling the children's exit against the deadline
 
     def run_until_signal(self, *, on_tick: Callable[[], object] | None = None, tick_s: float = 5.0) -> int:
         """Supervise until SIGINT/SIGTERM/SIGHUP (0) or until an essential child is given up on (1); then
