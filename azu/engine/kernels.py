@@ -275,10 +275,15 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
         chosen = fastest if ms(fastest, 1) < CLEARLY_FASTER * ms("loaded", 1) else "loaded"
         for_batches = min(LAYOUTS, key=batches)
         if batches(for_batches) < CLEARLY_FASTER * batches(chosen):
-            # Moving between two layouts costs a second of conversion each way on a large stage: only for a
-            # single row clearly faster on the first. Within that, one layout for both (a noisy tie must not
-            # decide between the two, nor split the workers of one pipeline).
-            if ms(chosen, 1) < CLEARLY_FASTER * ms(for_batches, 1):
+            # Moving between two layouts costs a second of conversion each way on a large stage: only where
+            # another layout runs a single row clearly faster than the batches' one. Within that, one layout
+            # for both (a noisy tie must not decide between the two, nor split the workers of one pipeline).
+            # Any other layout, not only the chosen one: on an Intel Xeon with AMX (2026-12-02) a worker
+            # measured one row at 4.37 ms as loaded, 4.00 transposed, 4.8 packed; as loaded was not quite
+            # clearly faster than packed, nor transposed than as loaded, so one user ran packed and P1 fell to
+            # 0.82x `generate`. Transposed is clearly faster than packed: the moves are worth it, and one user
+            # runs on the chosen layout (as loaded there).
+            if min(ms(c, 1) for c in LAYOUTS if c != for_batches) < CLEARLY_FASTER * ms(for_batches, 1):
                 batch_layout = for_batches
             else:
                 chosen = for_batches

@@ -173,6 +173,23 @@ def test_the_weights_as_loaded_may_serve_one_user_and_another_layout_batches() -
         assert _chosen(tie) == ("packed", None), packed_row
 
 
+def test_batches_move_where_any_other_layout_runs_one_row_clearly_faster() -> None:
+    # Like the Intel Xeon with AMX of 2026-12-02 as its first Qwen worker measured it at load (1, 8, 16 rows
+    # from its log; 2-4 and 128 rows from bench/kernels.py there, packed 4 rows as the log's padding implies):
+    # as loaded runs one row a hair under 10% faster than packed, transposed 8% faster than as loaded, and
+    # neither is clearly faster by itself; transposed is clearly faster than packed, so batches move to packed
+    # and one user stays on the weights as loaded (one layout, packed, cost P1 a fifth of its speed).
+    xeon = _times(mkl=[4.37, 4.48, 6.5, 8.03, 11.38, 11.50, 30.14],
+                  onednn=[5.22, 6.04, 6.3, 6.47, 7.53, 10.58, 28.73],
+                  packed=[4.87, 5.16, 5.0, 4.80, 5.75, 7.27, 27.29],
+                  transposed=[4.00, 6.01, 6.9, 7.43, 10.17, 11.19, 25.90])
+    assert kernels.plan_from(xeon).pad_to[1] == 4
+    assert _chosen(xeon) == ("loaded", "packed")
+    # No layout clearly faster than packed for one row: packed for both, no moves.
+    xeon["transposed", 1] = 4.40
+    assert _chosen(xeon) == ("packed", None)
+
+
 def test_a_plain_linear_runs_each_row_count_on_the_kernel_the_plan_names(monkeypatch) -> None:
     calls: list[int] = []
     product = kernels._product
