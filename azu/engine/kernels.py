@@ -270,14 +270,14 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
         # than the weights as loaded (any other copies every weight: it must gain). Batches of several jobs
         # get the layout that runs them fastest, where that is clearly faster than the first: the stage moves
         # to it while batches last (``LayoutSwitch``), so neither a single user nor a full stage pays for the
-        # other's layout, where the first runs one row clearly faster; else it is the only layout.
+        # other's layout, where another layout runs one row clearly faster than it; else it is the only one.
         fastest = min(LAYOUTS, key=lambda c: ms(c, 1))
         chosen = fastest if ms(fastest, 1) < CLEARLY_FASTER * ms("loaded", 1) else "loaded"
         for_batches = min(LAYOUTS, key=batches)
         if batches(for_batches) < CLEARLY_FASTER * batches(chosen):
             # Moving between two layouts costs a second of conversion each way on a large stage: only where
-            # another layout runs a single row clearly faster than the batches' one. Within that, one layout
-            # for both (a noisy tie must not decide between the two, nor split the workers of one pipeline).
+            # another layout runs a single row clearly faster than the batches' one; else one layout for both
+            # (a noisy tie must not decide between the two, nor split the workers of one pipeline).
             # Any other layout, not only the chosen one: on an Intel Xeon with AMX (2026-12-02) a worker
             # measured one row at 4.37 ms as loaded, 4.00 transposed, 4.8 packed; as loaded was not quite
             # clearly faster than packed, nor transposed than as loaded, so one user ran packed and P1 fell to
