@@ -250,7 +250,9 @@ class Bench:
                 head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
             # Measured as a worker measures, on this process's working set: the whole model's weights.
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            shapes = kernels.layer_shapes(model.config.to_dict(), model.config.hidden_size)
+            shapes = kernels.stage_shapes(
+                kernels.layer_shapes(model.config.to_dict(), model.config.hidden_size),
+                model.config.num_hidden_layers, (model.config.vocab_size, model.config.hidden_size))
             plan = kernels.measured_plan(self.args.kernels, shapes, weight_bytes)
             self.plans[model.config.hidden_size] = plan.describe()
             kernels.apply_plan(model, plan, release=lambda _rows: None)

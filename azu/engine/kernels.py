@@ -196,6 +196,26 @@ def layer_shapes(config: Mapping[str, Any], hidden: int) -> LayerShapes:
             (hidden, inner))
 
 
+def stage_shapes(layer: LayerShapes, layers: int, head: tuple[int, int] | None = None) -> LayerShapes:
+    """What one of a stage's ``layers`` layers stands for when measuring (``measure``): its linears
+    (``layer_shapes``) and, for a stage whose head runs on the plan (``head``: ``(vocab, hidden)``, not
+    tied to embeddings on the same stage), that layer's share of the head, in the blocks ``apply_plan`` cuts
+    it into.
+
+    A Qwen-shaped model's head is 544 MB, more than half of a last stage of seven layers, and it takes the
+    kernels otherwise than a layer: on the AMD EPYC with AVX-512 of 2026-12-03 one row of it ran 32 ms
+    transposed against 37 packed, where a layer's linears ran 3.4 ms transposed against 3.3 packed. Measured
+    on the layers alone, that stage's one-user layout came down to noise between the two, and where it fell
+    to transposed the stage moved 1 GB to the packed layout at the start of every burst of users."""
+    if head is None:
+        return layer
+    vocab, hidden = head
+    share = -(-vocab // max(1, layers))  # rows of the head per layer, rounded up
+    block_rows = max(1, BLOCK_BYTES // (hidden * 4))
+    full, rest = divmod(share, block_rows)
+    return (*layer, *((block_rows, hidden),) * full, *(((rest, hidden),) if rest else ()))
+
+
 def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
     """Milliseconds per layer's products on this CPU (one product per weight of ``shapes``), the best of
     several rounds, for ``mkl``, ``onednn`` (weight as it is), ``transposed`` (MKL on the weight held

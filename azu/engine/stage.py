@@ -46,7 +46,7 @@ from azu.engine.graphs import (
     room_for,
 )
 from azu.engine.heap import release_freed_memory
-from azu.engine.kernels import LayoutSwitch, apply_plan, layer_shapes, plan_for
+from azu.engine.kernels import LayoutSwitch, apply_plan, layer_shapes, plan_for, stage_shapes
 from azu.engine.kvcache import GROW_MIN, BatchRows, GrowingLayer, Past, RowsLayer, StageCache
 from azu.engine.naming import classify_tensor
 from azu.engine.span import Span
@@ -240,8 +240,11 @@ class Stage:
         # Measured (once per process) before the weights are read: the measurement's own weights come and go
         # before the stage's arrive, so they add nothing to its peak.
         entries = manifest.files_for(span.first, span.last, embeddings=span.embeddings, head=span.head)
-        plan = plan_for(kernels, torch_device, torch_dtype, sum(e.size for e in entries),
-                        layer_shapes(manifest.config, manifest.hidden_size))
+        # The head runs on the plan unless it is tied to embeddings this stage holds (``apply_plan``).
+        head_on_plan = span.head and not (manifest.tied_head and span.embeddings)
+        shapes = stage_shapes(layer_shapes(manifest.config, manifest.hidden_size), span.last - span.first,
+                              (manifest.vocab_size, manifest.hidden_size) if head_on_plan else None)
+        plan = plan_for(kernels, torch_device, torch_dtype, sum(e.size for e in entries), shapes)
         config = _build_config(manifest)
         with _params_on_meta():
             try:

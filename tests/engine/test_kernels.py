@@ -215,6 +215,41 @@ def test_measuring_gives_every_kernel_and_row_count() -> None:
     assert isinstance(kernels.plan_from(times), kernels.KernelPlan)
 
 
+def test_a_stages_measured_layer_carries_its_share_of_the_head_in_the_blocks_it_is_cut_into() -> None:
+    layer = kernels.layer_shapes({"num_attention_heads": 14, "num_key_value_heads": 2,
+                                  "intermediate_size": 4864}, 896)
+    assert kernels.stage_shapes(layer, 7) == layer  # no head on the plan: the layer's linears alone
+    shapes = kernels.stage_shapes(layer, 7, (151936, 896))
+    block_rows = kernels.BLOCK_BYTES // (896 * 4)
+    assert shapes[:7] == layer
+    assert shapes[7:] == ((block_rows, 896), (block_rows, 896), (21706 - 2 * block_rows, 896))  # 151936 / 7
+    assert kernels.stage_shapes(layer, 24, (151936, 896))[7:] == ((6331, 896),)
+    assert kernels.stage_shapes(layer, 0, (100, 896))[7:] == ((100, 896),)  # a stage of the head alone
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # a head of its own; one tied to the embeddings
+def test_a_stage_measures_its_kernels_on_the_head_it_runs_on_them(built, monkeypatch, family: str) -> None:
+    from azu.registry.manifest import Manifest
+
+    b = built(family)
+    manifest = Manifest.load(b.shards)
+    layer = kernels.layer_shapes(manifest.config, manifest.hidden_size)
+    measured: list[kernels.LayerShapes] = []
+
+    def plan_for(_kernels, _device, _dtype, _weight_bytes, shapes):
+        measured.append(shapes)
+        return None  # torch's linear: only what would be measured matters here
+
+    monkeypatch.setattr("azu.engine.stage.plan_for", plan_for)
+    n, head = manifest.num_layers, (manifest.vocab_size, manifest.hidden_size)
+    Stage.load(b.shards, Span(0, 1, embeddings=True), device="cpu", dtype="float32")
+    Stage.load(b.shards, Span(1, n, head=True), device="cpu", dtype="float32")
+    Stage.load(b.shards, Span(0, n, embeddings=True, head=True), device="cpu", dtype="float32")
+    # A head tied to the embeddings on the same stage stays as loaded: not measured.
+    whole = layer if manifest.tied_head else kernels.stage_shapes(layer, n, head)
+    assert measured == [layer, kernels.stage_shapes(layer, n - 1, head), whole]
+
+
 @pytest.mark.parametrize("plan", [PACKED, TRANSPOSED], ids=["packed", "transposed"])
 def test_a_weight_converted_in_blocks_gives_the_same_products_and_frees_the_originals_pages(
         monkeypatch, plan: kernels.KernelPlan) -> None:
