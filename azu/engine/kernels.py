@@ -204,9 +204,9 @@ def stage_shapes(layer: LayerShapes, layers: int, head: tuple[int, int] | None =
 
     A Qwen-shaped model's head is 544 MB, more than half of a last stage of seven layers, and it takes the
     kernels otherwise than a layer: on the AMD EPYC with AVX-512 of 2026-12-03 one row of it ran 32 ms
-    transposed against 37 packed, where a layer's linears ran 3.4 ms transposed against 3.3 packed. Measured
-    on the layers alone, that stage's one-user layout came down to noise between the two, and where it fell
-    to transposed the stage moved 1 GB to the packed layout at the start of every burst of users."""
+    transposed against 37 packed, where a layer's linears ran 3.4 ms transposed against 3.3 packed: measured
+    on the layers alone, the stage's plan was made for a stage it is not. (On that machine the whole stage is
+    near the plan's 10% bar either way: its one-user layout still differs from run to run.)"""
     if head is None:
         return layer
     vocab, hidden = head
