@@ -13,8 +13,9 @@ linears in turn over as many bytes of weights as ``--megabytes``, one thread, th
 
 each also as a ratio to MKL as loaded; then the plan ``auto`` takes from these figures (``KernelPlan``).
 With ``--head``, one product of the model's head (vocab x hidden, in the 32 MB blocks a stage holds it in),
-the same ways. ``--rounds`` measures that many times and prints the spread (the figures move by a few
-percent from run to run; on a machine shared with other work, more).
+the same ways; with ``--last-stage N``, each layer's products with its share of the head, as a last stage of N
+layers measures them (``kernels.stage_shapes``). ``--rounds`` measures that many times and prints the spread
+(the figures move by a few percent from run to run; on a machine shared with other work, more).
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def main() -> int:
     p.add_argument("--megabytes", type=int, default=384, help="bytes of weights the products run over")
     p.add_argument("--rounds", type=int, default=3, help="measurements, each its own best of three")
     p.add_argument("--head", action="store_true", help="also one product of the model's head")
+    p.add_argument("--last-stage", type=int, metavar="LAYERS",
+                   help="measure as a last stage of LAYERS layers and the head measures (each layer with its "
+                        "share of the head: kernels.stage_shapes)")
     args = p.parse_args()
     torch.set_num_threads(1)  # as a worker runs (OMP_NUM_THREADS=1 in bench/pipeline.py)
     if not kernels.onednn_works():
@@ -95,14 +99,18 @@ def main() -> int:
         return 1
     config, hidden, vocab = MODELS[args.model]
     shapes = kernels.layer_shapes(config, hidden)
+    what = "layer's products"
+    if args.last_stage:
+        shapes = kernels.stage_shapes(shapes, args.last_stage, (vocab, hidden))
+        what = f"layer's products and its share of the head (a last stage of {args.last_stage} layers)"
     runs = []
     for i in range(args.rounds):
         print(f"[bench] measuring, round {i + 1} of {args.rounds}...", file=sys.stderr, flush=True)
         runs.append(kernels.measure(shapes, args.megabytes << 20))
     print(f"CPU linears, {args.model} shape ({' '.join(f'{o}x{i}' for o, i in shapes)}), one thread, "
-          f"{args.megabytes} MB of weights, ms per layer's products (median of {args.rounds} runs, spread), "
+          f"{args.megabytes} MB of weights, ms per {what} (median of {args.rounds} runs, spread), "
           "and the ratio to MKL as loaded:")
-    print(table("one layer's products", runs, ROWS))
+    print(table(f"one {what}", runs, ROWS))
     plans = [kernels.plan_from(run).describe() for run in runs]
     print(f"\nplan (auto) from each run: {'; '.join(plans)}")
     if args.head:
