@@ -196,6 +196,12 @@ def layer_shapes(config: Mapping[str, Any], hidden: int) -> LayerShapes:
             (hidden, inner))
 
 
+def block_rows(in_features: int, element_size: int = 4) -> int:
+    """How many rows of a weight ``in_features`` wide one block holds (at most ``BLOCK_BYTES``, at least one
+    row): how ``apply_plan`` cuts a weight, and how ``stage_shapes`` measures a head."""
+    return max(1, BLOCK_BYTES // max(1, in_features * element_size))
+
+
 def stage_shapes(layer: LayerShapes, layers: int, head: tuple[int, int] | None = None) -> LayerShapes:
     """What one of a stage's ``layers`` layers stands for when measuring (``measure``): its linears
     (``layer_shapes``) and, for a stage whose head runs on the plan (``head``: ``(vocab, hidden)``, not
@@ -211,9 +217,9 @@ def stage_shapes(layer: LayerShapes, layers: int, head: tuple[int, int] | None =
         return layer
     vocab, hidden = head
     share = -(-vocab // max(1, layers))  # rows of the head per layer, rounded up
-    block_rows = max(1, BLOCK_BYTES // (hidden * 4))
-    full, rest = divmod(share, block_rows)
-    return (*layer, *((block_rows, hidden),) * full, *(((rest, hidden),) if rest else ()))
+    rows = block_rows(hidden)  # float32, as ``measure`` runs them
+    full, rest = divmod(share, rows)
+    return (*layer, *((rows, hidden),) * full, *(((rest, hidden),) if rest else ()))
 
 
 def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
@@ -804,7 +810,7 @@ def _blocked(module: nn.Linear, plan: KernelPlan, release: Callable[[torch.Tenso
     block of original rows goes to ``release`` once its copy exists."""
     weight, bias = module.weight, module.bias
     kind = LAYOUT_MODULES[plan.layout]
-    rows = max(1, BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
+    rows = block_rows(weight.shape[1], weight.element_size())
     blocks: list[torch.Tensor] = []
     biases: list[torch.Tensor | None] = []
     with torch.inference_mode():
