@@ -88,6 +88,7 @@ class WorkerSettings:
     prefill_chunk: int = 128  # AZU_PREFILL_CHUNK: prompt positions a stage runs per turn
     cpu_kernels: str = "auto"  # AZU_CPU_KERNELS: auto, packed, transposed, plain, torch (azu.engine.kernels)
     decode_graphs: str = "auto"  # AZU_DECODE_GRAPHS: one-token steps as CUDA graph replays (auto, on, off)
+    step_trace: str | None = None  # AZU_STEP_TRACE: a folder for its steps' times (azu.network.steptrace)
     heartbeat_s: float = 3.0  # AZU_HEARTBEAT_S
     key_file: str | None = None  # AZU_WORKER_KEY_FILE: the worker's Ed25519 key (made on first start, 0600)
     core_url: str | None = None  # AZU_CORE_URL: the core's API, where azu-worker enrolls
@@ -307,6 +308,7 @@ class Settings:
                 prefill_chunk=max(1, _int(env, "AZU_PREFILL_CHUNK", 128) or 128),
                 cpu_kernels=_choice(env, "AZU_CPU_KERNELS", CPU_KERNELS, "auto"),
                 decode_graphs=_choice(env, "AZU_DECODE_GRAPHS", DECODE_GRAPHS, "auto"),
+                step_trace=_text(env, "AZU_STEP_TRACE"),
                 heartbeat_s=_float(env, "AZU_HEARTBEAT_S", 3.0),
                 key_file=_text(env, "AZU_WORKER_KEY_FILE"),
                 core_url=_text(env, "AZU_CORE_URL"),
@@ -341,7 +343,8 @@ VARIABLES = (
     "AZU_WORKER_ID", "AZU_DEVICE", "AZU_DTYPE", "AZU_WALLET_ADDRESS", "AZU_MEMORY_BYTES",
     "P2P_PUBLIC_URL", "AZU_P2P_LISTEN",
     "AZU_MAX_CACHED_TOKENS", "AZU_KV_IDLE_S", "AZU_LINGER_S", "AZU_SESSION_S",
-    "AZU_PREFILL_CHUNK", "AZU_CPU_KERNELS", "AZU_DECODE_GRAPHS", "AZU_HEARTBEAT_S", "AZU_WORKER_KEY_FILE",
+    "AZU_PREFILL_CHUNK", "AZU_CPU_KERNELS", "AZU_DECODE_GRAPHS", "AZU_STEP_TRACE",
+    "AZU_HEARTBEAT_S", "AZU_WORKER_KEY_FILE",
     "AZU_CORE_PUBLIC_KEY",
     "PAYMENT_PROVIDER",
     "HYPERLIQUID_RPC_URL", "HYPERLIQUID_ADDRESS",

@@ -12,6 +12,8 @@ One run, one table:
       (client-observed time between tokens - the same stages' compute time in one process) / 2. Also the
       CPU time per step of each process on the way (workers, collector, Redis, the client): on a machine
       shared with other work it varies far less than the step's time, so it shows what a change saves.
+      With ``--trace``, where a step's time goes: the workers note each point a step passes
+      (azu.network.steptrace) and a second table gives the median of each leg, worker to worker.
 - P3  aggregate tokens/s with 1, 4, 16 and 64 concurrent streams (micro-batches of decode steps, so both
       workers are busy at once, and prompts chunked between them: azu.network.batching), median time to
       first token.
@@ -100,6 +102,7 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
         self.plans: dict[int, str] = {}  # the CPU linears plan the same-kernels baseline ran, per model width
         self.cuts: dict[str, int] = {}  # model id -> the layer where its second worker's span starts
+        self.hop_legs: list[Any] = []  # with --trace: the legs of a P2 step (azu.network.steptrace)
 
     # -- setup ------------------------------------------------------------------------------------------
     def model(self, name: str, family: str, config: dict[str, Any], *, big: bool = False) -> tuple[str, Path]:
@@ -128,6 +131,8 @@ class Bench:
                        AZU_DTYPE=self.args.dtype,
                        AZU_CPU_KERNELS=self.args.kernels, AZU_DECODE_GRAPHS=self.args.graphs,
                        PYTHONPATH=pythonpath(), AZU_HEARTBEAT_S="1")
+            if self.args.trace:
+                env["AZU_STEP_TRACE"] = str(self.tmp / "trace")
             if self.args.direct:  # hand-overs worker to worker over TCP (azu.network.direct), not Redis
                 from azu.cli.up import free_port
 
@@ -364,8 +369,12 @@ class Bench:
         compute = statistics.median(times[1:])
         self.run_jobs(model_id, [prompt], 4)
         cpu_before = self.cpu_seconds()
+        since = time.monotonic_ns()
         (res,) = self.run_jobs(model_id, [prompt], steps + 1)
+        until = time.monotonic_ns()
         cpu = {who: (s - cpu_before[who]) / steps * 1000 for who, s in self.cpu_seconds().items()}
+        if self.args.trace:
+            self.hop_legs = self.traced_legs(since, until)
         arr = res["arrivals"]
         gaps = sorted(b2 - b1 for b1, b2 in itertools.pairwise(arr))
         per_hop = [(g - compute) / 2 for g in gaps]
@@ -377,6 +386,21 @@ class Bench:
                           "single process": f"compute {compute * 1000:.2f} ms/step",
                           "result": f"p50 {p50 * 1000:.2f} ms/hop, p99 {p99 * 1000:.2f} ms/hop",
                           "target": "p50 <= 1 ms/hop"})
+
+    def traced_legs(self, since: int, until: int) -> list[Any]:
+        """The legs of a step through the two workers between the two monotonic times, from their step
+        traces (``--trace``): each worker writes its marks as its session turns idle, just after the job."""
+        from azu.network import steptrace
+
+        folder = self.tmp / "trace"
+        counts: list[int] = []
+
+        def settled() -> bool:  # both workers' marks written, and no more coming
+            counts.append(len(steptrace.read(folder, since_ns=since, until_ns=until)))
+            return len(list(folder.glob("*.trace"))) >= 2 and len(counts) > 2 and counts[-1] == counts[-3]
+
+        wait_until(settled, 30, "the workers' step traces", interval=0.25)
+        return steptrace.step_path(steptrace.read(folder, since_ns=since, until_ns=until), "a taken")
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) so far of each process a step passes through: the workers, the core's
@@ -481,6 +505,9 @@ def main() -> int:
     p.add_argument("--rows", default="p1,p2,p3,petals", help="which rows to run (p1, p2, p3, petals)")
     p.add_argument("--worker-logs", action="store_true",
                    help="workers log at INFO; their lines on kernels, graphs and failures printed at the end")
+    p.add_argument("--trace", action="store_true",
+                   help="workers note when each step passes each point of a hop (AZU_STEP_TRACE); the P2 row "
+                        "prints where a step's time goes, leg by leg")
     p.add_argument("--direct", action="store_true",
                    help="workers hand over to each other over TCP (P2P_PUBLIC_URL on 127.0.0.1), not Redis")
     p.add_argument("--workers-nice", type=int, default=0,
@@ -529,6 +556,16 @@ def main() -> int:
 def report(bench: Bench, args: argparse.Namespace) -> int:
     """Print the table (and the CPU kernel plans the baselines ran); write ``--json``."""
     print(bench.table())
+    if bench.hop_legs:
+        total = sum(leg.median_ms for leg in bench.hop_legs)
+        print("\nWhere a P2 step's time goes (--trace; workers a and b, medians; a leg's time is what "
+              "passed, whichever process ran meanwhile):\n")
+        print("| from | to | ms (median) | share of the step | how often the next mark |")
+        print("|---|---|---|---|---|")
+        for leg in bench.hop_legs:
+            print(f"| {leg.start} | {leg.end} | {leg.median_ms:.3f} | {leg.median_ms / total:.0%} | "
+                  f"{leg.share:.0%} |")
+        print(f"| | sum | {total:.2f} | | |")
     for hidden, plan in bench.plans.items():
         print(f"CPU linears of a model {hidden} wide (AZU_CPU_KERNELS={args.kernels}, as measured by the "
               f"baseline's process; each worker measures its own): {plan}")

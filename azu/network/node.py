@@ -34,7 +34,7 @@ from azu import metrics
 from azu.config import Settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Forbidden, InvalidRequest
-from azu.network import auth, batching, direct, directory, inbox, jobs, keys, loading
+from azu.network import auth, batching, direct, directory, inbox, jobs, keys, loading, steptrace
 from azu.network.dispatch import Dispatcher, control_queue, send_forward, worker_queue
 from azu.network.inbox import Inbox
 from azu.network.wire import (
@@ -103,7 +103,8 @@ class WorkerNode:
                  core_public_key: str | None = None, reports_key: str = keys.REPORTS,
                  evidence_bytes: int = 256 << 20, evidence_s: float = 1800.0, prefill_chunk: int = 128,
                  cpu_kernels: str = "auto", decode_graphs: str = "auto",
-                 background_sends: bool = False, p2p_listen: str | None = None) -> None:
+                 background_sends: bool = False, p2p_listen: str | None = None,
+                 step_trace: str | Path | None = None) -> None:
         from nacl.signing import SigningKey
 
         self.r = r
@@ -173,6 +174,7 @@ class WorkerNode:
         self._thread: threading.Thread | None = None
         self.metrics = metrics.worker_metrics()
         metrics.watch_node(self)
+        self.trace = steptrace.StepTrace.in_folder(step_trace, worker_id)  # off unless AZU_STEP_TRACE
 
     @classmethod
     def from_settings(cls, settings: Settings, r: redis.Redis, dispatch: Dispatcher) -> WorkerNode:
@@ -190,7 +192,8 @@ class WorkerNode:
                    evidence_bytes=settings.verify.evidence_bytes, evidence_s=settings.verify.evidence_s,
                    prefill_chunk=w.prefill_chunk, cpu_kernels=w.cpu_kernels, decode_graphs=w.decode_graphs,
                    background_sends=True,
-                   p2p_listen=w.p2p_listen or (_listen_on(w.p2p_url) if w.p2p_url else None))
+                   p2p_listen=w.p2p_listen or (_listen_on(w.p2p_url) if w.p2p_url else None),
+                   step_trace=w.step_trace)
 
     # --- directory -------------------------------------------------------------------------------
     def info(self) -> directory.WorkerInfo:
@@ -321,6 +324,7 @@ class WorkerNode:
         if self.connections is not None:
             self.connections.close()
         self.inbox.close()
+        self.trace.flush()
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, *, model_id: str, span: Span, manifest_sha256: str | None = None) -> None:
@@ -477,6 +481,7 @@ class WorkerNode:
                 self._flush_commits()
             except Exception as exc:
                 log.warning("worker %s: reports not sent yet (sent again later): %s", self.worker_id, exc)
+        self.trace.flush()
 
     def _lingering(self, idle_since: float) -> bool:
         """Whether a session with nothing to run or due waits on (for ``linger_s`` since ``idle_since``): not
@@ -539,9 +544,13 @@ class WorkerNode:
             queue = batching.StepQueue(chunk=self.prefill_chunk)
         groups: dict[StageId, list[StepPayload]] = defaultdict(list)
         ends: list[EndOrder] = []
-        for blob in blobs:
-            for step in self._admit_bundle(blob, ends):
-                groups[(step.model_id, step.here.span)].append(step)
+        blobs = list(blobs)
+        if blobs:
+            self.trace.mark("taken")
+            for blob in blobs:
+                for step in self._admit_bundle(blob, ends):
+                    groups[(step.model_id, step.here.span)].append(step)
+            self.trace.mark("admitted")
         done = 0
         with self.lock:
             for order in ends:  # before the steps: a re-routed job's new epoch may come in the same take
@@ -549,6 +558,8 @@ class WorkerNode:
                     queue.drop_job(order.job_id)  # rows of the ended job still queued in this session
             for stage_id, steps in groups.items():
                 done += self._run_group(stage_id, steps, queue)
+            if groups:
+                self.trace.mark("queued")
             done += self._run_round(queue)
             while whole and queue.runnable():
                 done += self._run_round(queue)
@@ -578,6 +589,7 @@ class WorkerNode:
             sender_key = self._sender_key(bundle.sender, payloads)
             auth.check(sender_key, auth.STEPS, bundle.signed_part(), bundle.sig,
                        what=f"step bundle from {bundle.sender}")
+            self.trace.mark("verified")
         except AzuError as exc:
             self._refuse(exc.message, why=f"bundle_{exc.code}")
             return []
@@ -807,6 +819,7 @@ class WorkerNode:
         """Run ``rows`` as one batch (job by job if the batch fails before it touched a cache) and return
         the steps they finished: a prompt's output once its last chunk has run (hidden states of all its
         positions, or the logits of its last one at the head); and the seconds the batch took."""
+        self.trace.mark("forward")
         started = time.perf_counter()
         outs: list[Any] = []
         try:
@@ -830,6 +843,7 @@ class WorkerNode:
                     except Exception as single:
                         outs.append(single)
         seconds = time.perf_counter() - started
+        self.trace.mark("forwarded")
         ran: list[_Ran] = []
         for r, out in zip(rows, outs, strict=True):
             item = r.item
@@ -878,6 +892,7 @@ class WorkerNode:
         a round trip per hand-over would fall behind a worker that hands over more often than that (16
         streams at 50 ms: the tokens reached the core seconds late). Taken in order, put back in front if a
         send fails: a job's token reports stay in order."""
+        self.trace.mark("handing")
         if reports:
             with self._commits_lock:
                 self._unsent_tokens += reports
@@ -936,8 +951,10 @@ class WorkerNode:
 
         # With no hand-over for Redis (all went directly), it gets only reports: off the next step's path, so
         # they may go on the outbox's thread even with nothing else to run meanwhile.
+        self.trace.mark("sending")
         try:
             self.outbox.submit(send, overlap=self._more_to_run or not rest)
+            self.trace.mark("sent")
         except BaseException:
             if not started:  # never ran nor queued: the next hand-over must send the reports
                 self._reports_queued = False
