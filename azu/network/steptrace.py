@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ POINTS = (
     "sending",  # the bundles signed (and sent, where they go by the direct path): on to the outbox
     "sent",  # the outbox has sent it (in place) or queued it (on its thread)
 )
+
+log = logging.getLogger(__name__)
 
 FLUSH_AT = 1 << 16  # marks held before a write even without an idle moment (a long busy session)
 
@@ -55,12 +58,19 @@ class StepTrace:
             self.flush()
 
     def flush(self) -> None:
+        """Append the marks held to the file. A trace must never fail a worker: if it cannot be written, it
+        says so once and stops noting."""
         if not self._marks or self.path is None:
             return
         marks, self._marks = self._marks, []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="ascii") as f:
-            f.writelines(f"{point} {ns}\n" for point, ns in marks)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="ascii") as f:
+                f.writelines(f"{point} {ns}\n" for point, ns in marks)
+        except OSError as exc:
+            log.warning("step trace %s cannot be written (%s): tracing stops; check AZU_STEP_TRACE",
+                        self.path, exc)
+            self._marks = None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,17 @@ def test_marks_are_written_at_flush_and_read_back_merged(tmp_path: Path) -> None
     assert [m.label for m in steptrace.read(tmp_path, until_ns=marks[0].ns)] == ["a taken"]
 
 
+def test_a_trace_that_cannot_be_written_stops_without_failing(tmp_path: Path, caplog) -> None:
+    (tmp_path / "not-a-folder").write_text("")
+    trace = steptrace.StepTrace.in_folder(tmp_path / "not-a-folder", "w")
+    trace.mark("taken")
+    trace.flush()  # logs, does not raise: a step's session calls it
+    assert "cannot be written" in caplog.text
+    trace.mark("sent")
+    trace.flush()
+    assert trace._marks is None  # no longer noting
+
+
 def test_step_path_follows_the_ring_and_its_legs_add_up() -> None:
     def mark(ns: int, label: str) -> steptrace.Mark:
         worker, point = label.split()
