@@ -393,14 +393,16 @@ class Bench:
         from azu.network import steptrace
 
         folder = self.tmp / "trace"
+        marks: list[steptrace.Mark] = []
         counts: list[int] = []
 
         def settled() -> bool:  # both workers' marks written, and no more coming
-            counts.append(len(steptrace.read(folder, since_ns=since, until_ns=until)))
+            marks[:] = steptrace.read(folder, since_ns=since, until_ns=until)
+            counts.append(len(marks))
             return len(list(folder.glob("*.trace"))) >= 2 and len(counts) > 2 and counts[-1] == counts[-3]
 
         wait_until(settled, 30, "the workers' step traces", interval=0.25)
-        return steptrace.step_path(steptrace.read(folder, since_ns=since, until_ns=until), "a taken")
+        return steptrace.step_path(marks, "a taken")
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) so far of each process a step passes through: the workers, the core's

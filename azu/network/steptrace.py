@@ -2,7 +2,8 @@
 
 With ``AZU_STEP_TRACE=<folder>`` a worker notes the monotonic time at each point of ``POINTS`` on the thread
 that runs its steps, and writes them to ``<folder>/<worker id>.trace`` as text lines ``<point> <ns>``, each
-time the session turns idle and when the worker stops (never on a step's path). Nothing but point names and
+time the session turns idle and when the worker stops (not on a step's path, unless a session stays busy for
+``FLUSH_AT`` marks). Nothing but point names and
 times: no job ids, no payloads. Off (the default), a mark costs one test.
 
 ``CLOCK_MONOTONIC`` is one clock for every process of a machine, so the traces of workers on one machine
@@ -121,7 +122,5 @@ def step_path(marks: list[Mark], start: str) -> list[Leg]:
         seen.add(here)
         nxt, count = following[here].most_common(1)[0]
         legs.append(Leg(here, nxt, statistics.median(gaps[here, nxt]), count / sum(following[here].values())))
-        here = nxt
-        if here == start:
-            break
+        here = nxt  # back at ``start``, or at a mark seen before: the loop ends (``seen``)
     return legs
