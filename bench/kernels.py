@@ -10,6 +10,7 @@ linears in turn over as many bytes of weights as ``--megabytes``, one thread, th
 - oneDNN on the weight as loaded;
 - oneDNN on the weight packed into its blocked layout (1-3 rows as they are: the plan may pad them);
 - MKL on the weight held transposed (``x @ w``);
+- numpy's BLAS (OpenBLAS in PyPI's wheels) on that transposed weight, where it runs here;
 
 each also as a ratio to MKL as loaded; then the plan ``auto`` takes from these figures (``KernelPlan``).
 With ``--head``, one product of the model's head (vocab x hidden, in the 32 MB blocks a stage holds it in),
@@ -37,7 +38,7 @@ MODELS = {
 }
 ROWS = (1, 2, 4, 8, 16, 128)
 KINDS = (("mkl", "MKL as loaded"), ("onednn", "oneDNN as loaded"), ("packed", "oneDNN packed"),
-         ("transposed", "MKL transposed"))
+         ("transposed", "MKL transposed"), ("blas", "numpy BLAS transposed"))
 
 
 def head_times(vocab: int, hidden: int, rows: tuple[int, ...]) -> dict[tuple[str, int], float]:
@@ -54,6 +55,8 @@ def head_times(vocab: int, hidden: int, rows: tuple[int, ...]) -> dict[tuple[str
         }
         transposed = [kernels.TransposedLinear.convert(b) for b in blocks]
         ways["transposed"] = lambda x: [torch.mm(x, b) for b in transposed]
+        if kernels.blas_works():
+            ways["blas"] = lambda x: [kernels._blas_product(x, b) for b in transposed]
         packed = [kernels.PackedLinear.convert(b) for b in blocks]
         ways["packed"] = lambda x: [kernels._product(x, b, None) for b in packed]
         for r in rows:
@@ -69,12 +72,13 @@ def head_times(vocab: int, hidden: int, rows: tuple[int, ...]) -> dict[tuple[str
 
 def table(title: str, runs: list[dict[tuple[str, int], float]], rows: tuple[int, ...]) -> str:
     """Rows x kinds: the median over the runs (and the spread), and the ratio to MKL as loaded."""
-    lines = [f"\n{title}\n", "| rows | " + " | ".join(name for _, name in KINDS) + " |",
-             "|---|" + "---|" * len(KINDS)]
+    kinds = [(kind, name) for kind, name in KINDS if all((kind, r) in run for run in runs for r in rows)]
+    lines = [f"\n{title}\n", "| rows | " + " | ".join(name for _, name in kinds) + " |",
+             "|---|" + "---|" * len(kinds)]
     for r in rows:
         cells = []
         base = statistics.median(run["mkl", r] for run in runs)
-        for kind, _ in KINDS:
+        for kind, _ in kinds:
             figures = [run[kind, r] for run in runs]
             mid = statistics.median(figures)
             spread = f" ({min(figures):.2f}-{max(figures):.2f})" if len(figures) > 1 else ""

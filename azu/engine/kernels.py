@@ -48,7 +48,13 @@ runs); the layer's shapes show it (a layer's products 1.0-1.07 ms packed, 0.87-0
   batches of several jobs last and back after (``LayoutSwitch``) where the first runs a single row clearly
   faster than it, else it is the only layout;
 - on the packed layout, how many zero rows to add to 1-3 rows (oneDNN runs 1 or 2 rows on a slower kernel
-  on some CPUs).
+  on some CPUs);
+- on the transposed layout, per row count, MKL or numpy's BLAS (OpenBLAS in PyPI's numpy wheels) where it is
+  clearly faster, on the same blocks. On the AMD EPYC with AVX2 (Zen 3) of 2026-12-03, OpenBLAS ran a Qwen
+  layer's products for 16 rows in 11.5 ms against 13.9 packed and 16.0 on MKL transposed, 4-8 rows as fast as
+  packed, and the head's 8 rows in 75 ms against 90 packed: the transposed layout then serves one user and
+  batches alike, without moving the weights between layouts. Its threads are held to PyTorch's
+  (``blas_works``).
 
 ``auto`` does not measure for a stage whose weights are under 64 MB: they stay in the cache, where every
 kernel is fast; it runs PyTorch's linear.
@@ -70,6 +76,7 @@ import dataclasses
 import fcntl
 import functools
 import logging
+import math
 import os
 import tempfile
 import time
@@ -133,6 +140,14 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _blas_product(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """``x @ block`` on numpy's BLAS (OpenBLAS in PyPI's numpy wheels), ``block`` a transposed layout's
+    ``(in, out)`` block: both arrays are views of the tensors' memory, and so is the result."""
+    import numpy as np
+
+    return torch.from_numpy(np.matmul(x.detach().contiguous().numpy(), block.numpy()))
+
+
 def bucket(rows: int) -> int:
     """The measured row count a product of ``rows`` rows follows."""
     return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
@@ -158,6 +173,8 @@ class KernelPlan:
     # The layout the stage moves its weights to while it runs batches of several jobs step after step, and
     # back from once it does not (``LayoutSwitch``); ``None``: one layout serves both.
     batch_layout: str | None = None
+    # On the transposed layout, the row buckets numpy's BLAS runs (MKL runs the others).
+    blas_rows: frozenset[int] = frozenset()
 
     def describe(self) -> str:
         text = self._describe(self.layout)
@@ -170,6 +187,9 @@ class KernelPlan:
             pads = ", ".join(f"{r}->{p}" for r, p in sorted(self.pad_to.items()) if p != r)
             return f"packed for oneDNN (rows padded: {pads or 'none'})"
         if layout == "transposed":
+            if self.blas_rows:
+                blas = sorted(self.blas_rows)
+                return f"transposed (in x out); numpy's BLAS for {blas} rows, MKL for the rest"
             return "transposed (in x out), MKL"
         on = sorted(self.onednn_rows)
         return f"as loaded; oneDNN for {on} rows, MKL for the rest" if on else "as loaded; MKL"
@@ -225,7 +245,8 @@ def stage_shapes(layer: LayerShapes, layers: int, head: tuple[int, int] | None =
 def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
     """Milliseconds per layer's products on this CPU (one product per weight of ``shapes``), the best of
     several rounds, for ``mkl``, ``onednn`` (weight as it is), ``transposed`` (MKL on the weight held
-    ``(in, out)``) and ``packed`` at each of ``ROW_BUCKETS`` (and 1-4 rows, for the padding).
+    ``(in, out)``), ``blas`` (numpy's BLAS on that weight, where ``blas_works``) and ``packed`` at each of
+    ``ROW_BUCKETS`` (and 1-4 rows, for the padding).
 
     Each round runs the products over ``working_bytes`` of different weights in turn, as a stage's forward
     runs its layers (a stage passes its own size): a single weight that stays in the cache made packing look
@@ -264,7 +285,11 @@ def measure(shapes: LayerShapes, working_bytes: int) -> Timings:
         # One copy at a time, each replacing the last: about one set of weights is held.
         for i, (w, inp) in enumerate(weights):
             weights[i] = (TransposedLinear.convert(w), inp)
-        time_kernels({"transposed": lambda x, w: torch.mm(x, w)})
+        on_transposed: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {
+            "transposed": lambda x, w: torch.mm(x, w)}
+        if blas_works():
+            on_transposed["blas"] = _blas_product
+        time_kernels(on_transposed)
         for i, (w, inp) in enumerate(weights):
             weights[i] = (PackedLinear.convert(w.t()), inp)  # back to (out, in) rows, then packed
         time_kernels({"packed": lambda x, w: _product(x, w, None)})
@@ -278,12 +303,14 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
     # PyTorch's linear (MKL) is what ``generate`` runs: another kernel takes a row count only where it is
     # clearly faster, not where a noisy measurement put it a hair ahead.
     onednn_rows = frozenset(b for b in ROW_BUCKETS if times["onednn", b] < CLEARLY_FASTER * times["mkl", b])
+    blas_rows = frozenset(b for b in ROW_BUCKETS
+                          if times.get(("blas", b), math.inf) < CLEARLY_FASTER * times["transposed", b])
 
     def ms(layout: str, rows: int) -> float:
         if layout == "packed":
             return times["packed", pad_to.get(rows, rows)]
         if layout == "transposed":
-            return times["transposed", rows]
+            return times["blas" if rows in blas_rows else "transposed", rows]
         return times["onednn" if rows in onednn_rows else "mkl", rows]
 
     def batches(layout: str) -> float:
@@ -315,7 +342,8 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
                 chosen = for_batches
     else:
         chosen = {"plain": "loaded"}.get(layout, layout)
-    return KernelPlan(layout=chosen, onednn_rows=onednn_rows, pad_to=pad_to, batch_layout=batch_layout)
+    return KernelPlan(layout=chosen, onednn_rows=onednn_rows, pad_to=pad_to, batch_layout=batch_layout,
+                      blas_rows=blas_rows)
 
 
 @contextlib.contextmanager
@@ -378,9 +406,10 @@ def measured_plan(layout: str, shapes: LayerShapes, weight_bytes: int) -> Kernel
     times = _measured(shapes, min(max(weight_bytes, low), high))
     plan = plan_from(times, layout)
     log.info("CPU linears: %s (ms per layer's products %s, rows 1/8/16: MKL %s, oneDNN %s, transposed %s, "
-             "packed %s)", plan.describe(), " ".join(f"{o}x{i}" for o, i in shapes),
-             *("/".join(f"{times[k, r]:.2f}" for r in (1, 8, 16))
-               for k in ("mkl", "onednn", "transposed", "packed")))
+             "transposed on numpy's BLAS %s, packed %s)", plan.describe(),
+             " ".join(f"{o}x{i}" for o, i in shapes),
+             *("/".join(f"{times[k, r]:.2f}" if (k, r) in times else "-" for r in (1, 8, 16))
+               for k in ("mkl", "onednn", "transposed", "blas", "packed")))
     return plan
 
 
@@ -479,7 +508,13 @@ class TransposedLinear(BlockedLinear):
     """A linear layer whose weight is held transposed, ``(in, out)``, and run as ``x @ w``: for few rows some
     CPUs' MKL runs that faster than ``F.linear``'s ``x @ w.T`` on the weight as loaded (AMD EPYC with AVX2,
     2026-12-02, one row: a Qwen layer's linears 3.2 ms against 3.9-4.0, its 151936-word head 23 ms against
-    33-40)."""
+    33-40). The row counts the plan names (``KernelPlan.blas_rows``) run on numpy's BLAS instead, the same
+    blocks read in place."""
+
+    def __init__(self, blocks: list[torch.Tensor], biases: list[torch.Tensor | None], in_features: int,
+                 out_features: int, blas_rows: frozenset[int] = frozenset()) -> None:
+        super().__init__(blocks, biases, in_features, out_features)
+        self.blas_rows = blas_rows
 
     @staticmethod
     def convert(rows: torch.Tensor) -> torch.Tensor:
@@ -494,6 +529,9 @@ class TransposedLinear(BlockedLinear):
         return int(block.shape[1])
 
     def _block(self, x: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.blas_rows and bucket(x.shape[0]) in self.blas_rows:
+            out = _blas_product(x, block)
+            return out if bias is None else out.add_(bias)
         return torch.mm(x, block) if bias is None else torch.addmm(bias, x, block)
 
 
@@ -535,7 +573,7 @@ def _assembled(layout: str, blocks: list[torch.Tensor], biases: list[torch.Tenso
     if layout == "packed":
         return PackedLinear(blocks, biases, in_features, out_features, plan.pad_to)
     if layout == "transposed":
-        return TransposedLinear(blocks, biases, in_features, out_features)
+        return TransposedLinear(blocks, biases, in_features, out_features, plan.blas_rows)
     return RowsLinear(blocks, biases, in_features, out_features, plan.onednn_rows)
 
 
@@ -716,6 +754,27 @@ def onednn_works() -> bool:
         log.info("oneDNN linear unavailable (%s); using torch's", exc)
         return False
     return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
+
+
+@functools.cache
+def blas_works() -> bool:
+    """Whether numpy's BLAS can run a transposed layout's products: its threads held to PyTorch's count (a
+    worker that runs one thread must not have a BLAS spread over every core, spinning beside the other
+    workers), and its result ``F.linear``'s."""
+    try:
+        import numpy  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return False
+    try:
+        ThreadpoolController().limit(limits=torch.get_num_threads(), user_api="blas")
+        gen = torch.Generator().manual_seed(0)
+        x, w = torch.randn(3, 64, generator=gen), torch.randn(96, 64, generator=gen)
+        got = _blas_product(x, TransposedLinear.convert(w))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        log.info("numpy's BLAS unavailable for CPU linears (%s)", exc)
+        return False
+    return bool(torch.allclose(got, F.linear(x, w), rtol=1e-4, atol=1e-4))
 
 
 def plan_for(kernels: str, device: torch.device, dtype: torch.dtype, weight_bytes: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import subprocess
 import sys
 import time
@@ -30,6 +31,8 @@ PACKED = kernels.KernelPlan(layout="packed", onednn_rows=frozenset(kernels.ROW_B
                             pad_to={1: 4, 2: 4, 3: 3})
 TRANSPOSED = kernels.KernelPlan(layout="transposed", onednn_rows=frozenset(kernels.ROW_BUCKETS), pad_to={})
 PLAIN = kernels.KernelPlan(layout="loaded", onednn_rows=frozenset({4, 8, 16, 128}), pad_to={})
+TRANSPOSED_BLAS = kernels.KernelPlan(layout="transposed", onednn_rows=frozenset(), pad_to={},
+                                     blas_rows=frozenset({4, 8, 16, 128}))
 
 
 def _linears(stage: Stage) -> list[type]:
@@ -190,6 +193,55 @@ def test_batches_move_where_any_other_layout_runs_one_row_clearly_faster() -> No
     assert _chosen(xeon) == ("packed", None)
 
 
+# Like the AMD EPYC of family 25, model 1 (Zen 3) with AVX2 of 2026-12-03 (bench/kernels.py, medians of
+# three; 3 rows, which it does not print, between 2 and 4): numpy's BLAS (OpenBLAS) on the transposed weight
+# runs 2-128 rows as fast as packed or faster (16 rows 17%), one row no slower than anything; MKL on the same
+# transposed weight runs batches no faster than as loaded.
+ZEN3 = {**_times(mkl=[4.73, 10.26, 12.0, 13.84, 14.35, 20.53, 65.00],
+                 onednn=[4.92, 10.09, 11.0, 11.59, 12.17, 15.44, 55.26],
+                 packed=[7.09, 7.97, 8.3, 8.61, 9.58, 13.88, 53.90],
+                 transposed=[4.64, 9.55, 10.6, 11.74, 16.57, 16.01, 54.84]),
+        **{("blas", r): ms for r, ms in zip(kernels.ROW_BUCKETS, [4.47, 8.54, 8.6, 8.76, 9.58, 11.49, 48.76],
+                                             strict=True)}}
+
+
+def test_numpy_blas_takes_the_transposed_layouts_row_counts_it_runs_clearly_faster() -> None:
+    plan = kernels.plan_from(ZEN3)
+    assert plan.blas_rows == {2, 3, 4, 8, 16, 128}  # one row: 4.47 against 4.64, not clearly faster
+    # One layout for one user and batches alike: as fast as packed for batches, no moves between layouts.
+    assert (plan.layout, plan.batch_layout) == ("transposed", None)
+    assert plan.describe() == ("transposed (in x out); numpy's BLAS for [2, 3, 4, 8, 16, 128] rows, MKL for "
+                               "the rest")
+    # Without its figures (a numpy whose BLAS does not run here), the same machine as before: no BLAS rows,
+    # and the batches on packed.
+    without = {key: ms for key, ms in ZEN3.items() if key[0] != "blas"}
+    assert kernels.plan_from(without).blas_rows == frozenset()
+    assert _chosen(without) == ("loaded", "packed")
+    assert kernels.plan_from(ZEN2).blas_rows == frozenset()  # the older figures carry none
+
+
+def test_a_transposed_linear_runs_the_plans_row_counts_on_numpy_blas(monkeypatch) -> None:
+    calls: list[int] = []
+    product = kernels._blas_product
+    monkeypatch.setattr(kernels, "_blas_product", lambda x, w: calls.append(x.shape[0]) or product(x, w))
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16, bias=False))
+    reference = copy.deepcopy(model)
+    assert kernels.apply_plan(model, TRANSPOSED_BLAS, lambda _t: None) == 2
+    for rows in (1, 3, 4, 7, 200):  # 1-3 rows on MKL; 4 and up on numpy's BLAS (7 -> 8, 200 -> 128's)
+        x = torch.randn(rows, 32)
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert calls == [4, 4, 7, 7, 200, 200]  # both linears, bias or none
+
+
+def test_numpy_blas_runs_on_as_many_threads_as_pytorch() -> None:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not kernels.blas_works():
+        pytest.skip("numpy's BLAS does not run here")
+    blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert blas and all(lib["num_threads"] == torch.get_num_threads() for lib in blas)
+
+
 def test_a_plain_linear_runs_each_row_count_on_the_kernel_the_plan_names(monkeypatch) -> None:
     calls: list[int] = []
     product = kernels._product
@@ -209,7 +261,7 @@ def test_measuring_gives_every_kernel_and_row_count() -> None:
                                    "intermediate_size": 96}, 64)
     assert shapes == ((64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96))
     times = kernels.measure(shapes, working_bytes=1 << 20)
-    kinds = ("mkl", "onednn", "transposed", "packed")
+    kinds = ("mkl", "onednn", "transposed", "packed", *(("blas",) if kernels.blas_works() else ()))
     assert {(k, r) for k in kinds for r in kernels.ROW_BUCKETS} <= set(times)
     assert all(ms > 0 for ms in times.values())
     assert isinstance(kernels.plan_from(times), kernels.KernelPlan)
@@ -250,7 +302,8 @@ def test_a_stage_measures_its_kernels_on_the_head_it_runs_on_them(built, monkeyp
     assert measured == [layer, kernels.stage_shapes(layer, n - 1, head), whole]
 
 
-@pytest.mark.parametrize("plan", [PACKED, TRANSPOSED], ids=["packed", "transposed"])
+@pytest.mark.parametrize("plan", [PACKED, TRANSPOSED, TRANSPOSED_BLAS],
+                         ids=["packed", "transposed", "transposed-blas"])
 def test_a_weight_converted_in_blocks_gives_the_same_products_and_frees_the_originals_pages(
         monkeypatch, plan: kernels.KernelPlan) -> None:
     monkeypatch.setattr(kernels, "BLOCK_BYTES", 64 * 1024)  # 1000 rows of 64 floats: 4 blocks of 256
@@ -260,6 +313,8 @@ def test_a_weight_converted_in_blocks_gives_the_same_products_and_frees_the_orig
     assert kernels.apply_plan(model, plan, released.append) == 2
     assert len(model[0].blocks) == 4 and len(model[1].blocks) == 1
     assert {type(m) for m in model} == {kernels.PackedLinear if plan is PACKED else kernels.TransposedLinear}
+    if plan is TRANSPOSED_BLAS:
+        assert model[0].blas_rows == plan.blas_rows
     assert [int(t.shape[0]) for t in released] == [256, 256, 256, 232, 8]
     for x in (torch.randn(2, 7, 64), torch.randn(1, 64), torch.randn(3, 64)):  # 1 row padded to 4, 3 not
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
@@ -457,6 +512,19 @@ def test_every_kernel_choice_gives_generates_greedy_tokens(built, family: str) -
     for choice in ("packed", "transposed", "plain", "torch"):
         pipe = LocalPipeline(b.shards, 2, kernels=choice)
         assert pipe.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == expected, choice
+
+
+@pytest.mark.parametrize("family", sorted(demo.FAMILIES))
+def test_numpy_blas_on_every_row_count_gives_generates_greedy_tokens(built, monkeypatch, family: str) -> None:
+    if not kernels.blas_works():
+        pytest.skip("numpy's BLAS does not run here")
+    everywhere = dataclasses.replace(TRANSPOSED_BLAS, blas_rows=frozenset(kernels.ROW_BUCKETS))
+    monkeypatch.setattr(kernels, "measured_plan", lambda *_args: everywhere)
+    b = built(family)
+    pipe = LocalPipeline(b.shards, 2, kernels="transposed")
+    assert any(isinstance(m, kernels.TransposedLinear) and m.blas_rows for stage in pipe.stages
+               for m in stage.model.modules())
+    assert pipe.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == b.reference()
 
 
 def test_the_kernel_setting_is_checked() -> None:
