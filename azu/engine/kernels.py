@@ -142,7 +142,8 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def _blas_product(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """``x @ block`` on numpy's BLAS (OpenBLAS in PyPI's numpy wheels), ``block`` a transposed layout's
-    ``(in, out)`` block: both arrays are views of the tensors' memory, and so is the result."""
+    ``(in, out)`` block: the arrays numpy reads are views of the tensors' memory, and the tensor returned is
+    a view of the array numpy wrote (nothing is copied either way)."""
     import numpy as np
 
     return torch.from_numpy(np.matmul(x.detach().contiguous().numpy(), block.numpy()))
