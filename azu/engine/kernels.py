@@ -767,12 +767,21 @@ def blas_works() -> bool:
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return False
+    threads = torch.get_num_threads()
     try:
-        ThreadpoolController().limit(limits=torch.get_num_threads(), user_api="blas")
+        controller = ThreadpoolController()
+        controller.limit(limits=threads, user_api="blas")
+        # A threadpoolctl that does not know numpy's BLAS (before 3.5: PyPI's numpy 2 carries OpenBLAS as
+        # scipy_openblas) limits nothing and says nothing: the limit must be seen to hold.
+        held = [lib["num_threads"] for lib in controller.info() if lib["user_api"] == "blas"]
+        if not held or any(n != threads for n in held):
+            log.info("numpy's BLAS left out of the CPU linears: its threads (%s) are not held to PyTorch's "
+                     "(%d)", held or "not found", threads)
+            return False
         gen = torch.Generator().manual_seed(0)
         x, w = torch.randn(3, 64, generator=gen), torch.randn(96, 64, generator=gen)
         got = _blas_product(x, TransposedLinear.convert(w))
-    except (RuntimeError, TypeError, ValueError) as exc:
+    except (AttributeError, OSError, RuntimeError, TypeError, ValueError) as exc:
         log.info("numpy's BLAS unavailable for CPU linears (%s)", exc)
         return False
     return bool(torch.allclose(got, F.linear(x, w), rtol=1e-4, atol=1e-4))

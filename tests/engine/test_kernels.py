@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
+import os
 import subprocess
 import sys
 import time
@@ -235,11 +237,20 @@ def test_a_transposed_linear_runs_the_plans_row_counts_on_numpy_blas(monkeypatch
 
 
 def test_numpy_blas_runs_on_as_many_threads_as_pytorch() -> None:
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    if not kernels.blas_works():
-        pytest.skip("numpy's BLAS does not run here")
-    blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    assert blas and all(lib["num_threads"] == torch.get_num_threads() for lib in blas)
+    # In a process of its own whose BLAS starts with two threads (the tests' OMP_NUM_THREADS=1 would give it
+    # one from the start, and the check could not fail) and PyTorch runs one.
+    code = ("import json, torch, threadpoolctl\n"
+            "torch.set_num_threads(1)\n"
+            "from azu.engine import kernels\n"
+            "works = kernels.blas_works()\n"
+            "blas = [i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']\n"
+            "print(json.dumps({'works': works, 'threads': blas}))")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    got = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    timeout=120, check=True).stdout)
+    if not got["threads"]:
+        pytest.skip("threadpoolctl finds no BLAS of numpy's here")
+    assert got == {"works": True, "threads": [1]}  # held to PyTorch's one thread, and then taken
 
 
 def test_a_plain_linear_runs_each_row_count_on_the_kernel_the_plan_names(monkeypatch) -> None:
