@@ -84,6 +84,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,8 +145,6 @@ def _blas_product(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """``x @ block`` on numpy's BLAS (OpenBLAS in PyPI's numpy wheels), ``block`` a transposed layout's
     ``(in, out)`` block: the arrays numpy reads are views of the tensors' memory, and the tensor returned is
     a view of the array numpy wrote (nothing is copied either way)."""
-    import numpy as np
-
     return torch.from_numpy(np.matmul(x.detach().contiguous().numpy(), block.numpy()))
 
 
@@ -763,7 +762,6 @@ def blas_works() -> bool:
     worker that runs one thread must not have a BLAS spread over every core, spinning beside the other
     workers), and its result ``F.linear``'s."""
     try:
-        import numpy  # noqa: F401
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return False
