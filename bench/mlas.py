@@ -11,8 +11,9 @@ azu does not run MLAS. This measures what it would give, so the decision rests o
   (what a stage on an AVX2 CPU took in the twenty-sixth session), and MLAS on its own packed copy of the
   weight (an ONNX ``MatMul`` whose weight is a constant: ONNX Runtime packs it once, at session start).
   With ``--head``, one product of the 151936 x 896 head, in the 32 MB blocks a stage holds it in.
-- **Memory**: the RSS the MLAS sessions added, per byte of their weights. The weight reaches the session as
-  an in-memory "external data file", so ONNX Runtime allocates it itself and frees it once packed.
+- **Memory**: the RSS the MLAS sessions added, per byte of their weights, and what one session holds beside
+  its weight. The weight reaches the session as an in-memory "external data file", so ONNX Runtime
+  allocates it itself and frees it once packed.
 - **The 16-stream bound** (``--bound``): ``bench/_stream_bound.py`` on a Qwen-shaped model's two stages in
   this process, in ``--pairs`` alternating pairs: the stages as planned, and the same stages with every
   product of 2-32 rows that the plan runs on numpy's BLAS run on MLAS instead (one packed copy per block,
@@ -88,6 +89,18 @@ def trim_heap() -> None:
 
     gc.collect()
     release_freed_memory()
+
+
+def session_overhead(sessions: int = 50) -> float:
+    """Bytes of RSS a session holds beside its weight's (a stage would hold one per block of each linear)."""
+    weight = np.zeros((HIDDEN, 128), np.float32)
+    trim_heap()
+    before = rss_bytes()
+    held = [mlas_session(weight) for _ in range(sessions)]
+    trim_heap()
+    grown = rss_bytes() - before
+    del held
+    return grown / sessions - weight.nbytes
 
 
 def product_times(weights: list[torch.Tensor], rows: tuple[int, ...], rounds: int
@@ -229,6 +242,8 @@ def main() -> int:
     times, per_byte = layer_times(args.rounds)
     print(table("one Qwen-shaped layer's products", times, ROWS))
     print(f"\nRSS the MLAS sessions added: {per_byte:.2f} bytes per byte of their weights")
+    print(f"RSS of one session beside its weight (50 sessions of a 896 x 128 weight): "
+          f"{session_overhead() / 2**20:.2f} MB")
     if args.head:
         gen = torch.Generator().manual_seed(2)
         head = torch.empty(VOCAB, HIDDEN).uniform_(-0.05, 0.05, generator=gen)
