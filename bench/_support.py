@@ -20,6 +20,11 @@ QWEN = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_k
             max_position_embeddings=4096)
 
 
+def stream_prompts(streams: int) -> list[list[int]]:
+    """P3's prompts (bench/pipeline.py): 16 tokens each, a different one per stream."""
+    return [[1, *[(7 * i + 3 * j) % 300 + 3 for j in range(15)]] for i in range(streams)]
+
+
 def pythonpath() -> str:
     """PYTHONPATH for a bench's child processes: the repository first, then what the caller had
     (bench/gpu.sh's carried packages on a GPU machine)."""

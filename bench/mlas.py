@@ -11,9 +11,11 @@ azu does not run MLAS. This measures what it would give, so the decision rests o
   (what a stage on an AVX2 CPU took in the twenty-sixth session), and MLAS on its own packed copy of the
   weight (an ONNX ``MatMul`` whose weight is a constant: ONNX Runtime packs it once, at session start).
   With ``--head``, one product of the 151936 x 896 head, in the 32 MB blocks a stage holds it in.
-- **Memory**: the RSS the MLAS sessions added, per byte of their weights, and what one session holds beside
-  its weight. The weight reaches the session as an in-memory "external data file", so ONNX Runtime
-  allocates it itself and frees it once packed.
+- **Memory**, each figure in a fresh process (in one that has freed sessions before, new ones reuse those
+  pages and the RSS hardly grows) after one session made and dropped (``warm_up``): the RSS a layer's and the
+  head's MLAS sessions add, per byte of their weights; what one session holds beside its weight; and what a
+  process's first session costs once. The weight reaches the session as an in-memory "external data file",
+  so ONNX Runtime allocates it itself and frees it once packed.
 - **The 16-stream bound** (``--bound``): ``bench/_stream_bound.py`` on a Qwen-shaped model's two stages in
   this process, in ``--pairs`` alternating pairs: the stages as planned, and the same stages with every
   product of 2-32 rows that the plan runs on numpy's BLAS run on MLAS instead (one packed copy per block,
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,10 +94,21 @@ def trim_heap() -> None:
     release_freed_memory()
 
 
+def warm_up() -> float:
+    """One session made and dropped before a memory figure: ONNX Runtime's one-time state in a process is not
+    a session's (counted in, it made one session of 50 look 0.26 MB heavier than its weight, not 0.07; with
+    the libraries' load too, 0.87). The MB of RSS that first session left (the libraries loaded before)."""
+    trim_heap()
+    before = rss_bytes()
+    mlas_session(np.zeros((8, 8), np.float32))
+    trim_heap()
+    return (rss_bytes() - before) / 2**20
+
+
 def session_overhead(sessions: int = 50) -> float:
     """Bytes of RSS a session holds beside its weight's (a stage would hold one per block of each linear)."""
     weight = np.zeros((HIDDEN, 128), np.float32)
-    trim_heap()
+    warm_up()
     before = rss_bytes()
     held = [mlas_session(weight) for _ in range(sessions)]
     trim_heap()
@@ -103,18 +117,51 @@ def session_overhead(sessions: int = 50) -> float:
     return grown / sessions - weight.nbytes
 
 
-def product_times(weights: list[torch.Tensor], rows: tuple[int, ...], rounds: int
-                  ) -> tuple[dict[tuple[str, int], list[float]], float]:
-    """ms of the products with ``weights`` (``(out, in)`` each, all of one input width, in 32 MB row blocks)
-    per kind and rows, one figure per round; and the RSS the MLAS sessions added per byte of weight."""
-    blocks = [w[i:i + kernels.block_rows(w.shape[1])] for w in weights
-              for i in range(0, w.shape[0], kernels.block_rows(w.shape[1]))]
-    transposed = [kernels.TransposedLinear.convert(b) for b in blocks]
-    trim_heap()
+def transposed_blocks(weight: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``weight`` (``(out, in)``) in the 32 MB row blocks a stage holds it in, as loaded and transposed."""
+    per = kernels.block_rows(weight.shape[1])
+    blocks = [weight[i:i + per] for i in range(0, weight.shape[0], per)]
+    return blocks, [kernels.TransposedLinear.convert(b) for b in blocks]
+
+
+def sessions_rss(weights: list[torch.Tensor]) -> float:
+    """The RSS the MLAS sessions of ``weights`` add, per byte of the weights (run in a fresh process)."""
+    transposed = [t for w in weights for t in transposed_blocks(w)[1]]
+    warm_up()
     before = rss_bytes()
     sessions = [mlas_session(t.numpy()) for t in transposed]
     trim_heap()
-    per_byte = (rss_bytes() - before) / sum(b.numel() * 4 for b in blocks)
+    grown = rss_bytes() - before
+    del sessions
+    return grown / sum(t.numel() * 4 for t in transposed)
+
+
+def random_weights(shapes: list[tuple[int, int]], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.empty(out_f, in_f).uniform_(-0.05, 0.05, generator=gen) for out_f, in_f in shapes]
+
+
+def fresh(figure: str) -> float:
+    """A memory figure (``MEMORY``), measured in a fresh process."""
+    done = subprocess.run([sys.executable, __file__, "--memory", figure], capture_output=True, text=True,
+                          check=True)
+    return float(done.stdout.split()[-1])
+
+
+MEMORY: dict[str, Callable[[], float]] = {
+    "layer": lambda: sessions_rss(random_weights(list(kernels.layer_shapes(QWEN_LAYER, HIDDEN)), 1)),
+    "head": lambda: sessions_rss(random_weights([(VOCAB, HIDDEN)], 2)),
+    "session": lambda: session_overhead() / 2**20,
+    "first": warm_up,
+}
+
+
+def product_times(weight: torch.Tensor, rows: tuple[int, ...], rounds: int
+                  ) -> dict[tuple[str, int], list[float]]:
+    """ms of the products with ``weight`` (``(out, in)``, in 32 MB row blocks) per kind and rows, one figure
+    per round."""
+    blocks, transposed = transposed_blocks(weight)
+    sessions = [mlas_session(t.numpy()) for t in transposed]
     ways: dict[str, Callable[[torch.Tensor], object]] = {
         "mkl": lambda x: [F.linear(x, b) for b in blocks],
         "mlas": lambda x: [mlas_product(s, x) for s in sessions],
@@ -125,7 +172,7 @@ def product_times(weights: list[torch.Tensor], rows: tuple[int, ...], rounds: in
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
         for r in rows:
-            x = torch.randn(r, weights[0].shape[1], generator=gen)
+            x = torch.randn(r, weight.shape[1], generator=gen)
             # A kernel is timed only if it computes the same products (up to float rounding).
             want = torch.cat([F.linear(x, b) for b in blocks], dim=1)
             got = torch.cat([mlas_product(s, x) for s in sessions], dim=1)
@@ -141,28 +188,22 @@ def product_times(weights: list[torch.Tensor], rows: tuple[int, ...], rounds: in
                         best[kind] = min(took, best.get(kind, took))
                 for kind, took in best.items():
                     times.setdefault((kind, r), []).append(took)
-    return times, per_byte
+    return times
 
 
-def layer_times(rounds: int) -> tuple[dict[tuple[str, int], list[float]], float]:
+def layer_times(rounds: int) -> dict[tuple[str, int], list[float]]:
     """One Qwen-shaped layer's products, summed over its weights (each measured in turn, so one weight's
     sessions are held at a time)."""
-    gen = torch.Generator().manual_seed(1)
-    shapes = kernels.layer_shapes(QWEN_LAYER, HIDDEN)
     totals: dict[tuple[str, int], list[float]] = {}
-    weighted, size = 0.0, 0
-    for out_f, in_f in shapes:
-        w = torch.empty(out_f, in_f).uniform_(-0.05, 0.05, generator=gen)
-        times, per_byte = product_times([w], ROWS, rounds)
-        weighted += per_byte * w.numel() * 4
-        size += w.numel() * 4
-        for key, figures in times.items():
+    for shape in kernels.layer_shapes(QWEN_LAYER, HIDDEN):
+        (w,) = random_weights([shape], 1)
+        for key, figures in product_times(w, ROWS, rounds).items():
             got = totals.setdefault(key, [0.0] * len(figures))
             for i, f in enumerate(figures):
                 got[i] += f
-        del w, times
+        del w
         trim_heap()
-    return totals, weighted / size
+    return totals
 
 
 def table(title: str, times: dict[tuple[str, int], list[float]], rows: tuple[int, ...]) -> str:
@@ -182,7 +223,7 @@ def bound_pairs(pairs: int) -> list[tuple[str, str]]:
     """The 16-stream bound, as planned and with MLAS for 2-32 rows, in alternating pairs."""
     sys.path.insert(0, str(Path(__file__).parent))
     import _stream_bound
-    from _support import QWEN
+    from _support import QWEN, stream_prompts
 
     from azu.cli import demo
     from azu.registry.sharder import shard_model
@@ -204,7 +245,7 @@ def bound_pairs(pairs: int) -> list[tuple[str, str]]:
         print("[bench] building a Qwen-shaped model...", file=sys.stderr, flush=True)
         src = demo.build_model("qwen2", Path(tmp) / "src", seed=1, **QWEN)
         shard_model(str(src), Path(tmp) / "shards", progress=False)
-        prompts = [[1, *[(7 * i + 3 * j) % 300 + 3 for j in range(15)]] for i in range(16)]
+        prompts = stream_prompts(16)
         kernels._blas_product = product
         try:
             for i in range(pairs):
@@ -229,6 +270,7 @@ def main() -> int:
     p.add_argument("--head", action="store_true", help="also one product of the Qwen shape's head")
     p.add_argument("--bound", action="store_true", help="also the 16-stream bound, as planned and with MLAS")
     p.add_argument("--pairs", type=int, default=2, help="alternating pairs of the bound")
+    p.add_argument("--memory", choices=sorted(MEMORY), help=argparse.SUPPRESS)  # one figure, a fresh process
     args = p.parse_args()
     try:
         import onnx  # noqa: F401
@@ -237,21 +279,24 @@ def main() -> int:
         print("this experiment needs ONNX Runtime and onnx: pip install onnxruntime onnx", file=sys.stderr)
         return 1
     torch.set_num_threads(1)  # as a worker runs (OMP_NUM_THREADS=1 in bench/pipeline.py)
+    if args.memory:
+        print(MEMORY[args.memory]())
+        return 0
     print(f"ONNX Runtime {onnxruntime.__version__}, numpy {np.__version__}, PyTorch {torch.__version__}; "
           "one thread; ms (median of the rounds) and the ratio to MKL as loaded")
-    times, per_byte = layer_times(args.rounds)
-    print(table("one Qwen-shaped layer's products", times, ROWS))
-    print(f"\nRSS the MLAS sessions added: {per_byte:.2f} bytes per byte of their weights")
-    print(f"RSS of one session beside its weight (50 sessions of a 896 x 128 weight): "
-          f"{session_overhead() / 2**20:.2f} MB")
+    print(table("one Qwen-shaped layer's products", layer_times(args.rounds), ROWS))
+    print(f"\nRSS a layer's MLAS sessions add (a fresh process): {fresh('layer'):.2f} bytes per byte of its "
+          "weights; one session beside its weight (50 sessions of a 896 x 128 weight): "
+          f"{fresh('session'):.2f} MB; a process's first session, once: {fresh('first'):.1f} MB (each figure "
+          "after a first session made and dropped but this one)")
     if args.head:
-        gen = torch.Generator().manual_seed(2)
-        head = torch.empty(VOCAB, HIDDEN).uniform_(-0.05, 0.05, generator=gen)
-        times, per_byte = product_times([head], ROWS[:5], args.rounds)
-        print(table(f"the head ({VOCAB} x {HIDDEN}), one product", times, ROWS[:5]))
-        print(f"\nRSS the head's MLAS sessions added: {per_byte:.2f} bytes per byte of its weight")
+        (head,) = random_weights([(VOCAB, HIDDEN)], 2)
+        print(table(f"the head ({VOCAB} x {HIDDEN}), one product", product_times(head, ROWS[:5], args.rounds),
+                    ROWS[:5]))
         del head
         trim_heap()
+        print(f"\nRSS the head's MLAS sessions add (a fresh process): {fresh('head'):.2f} bytes per byte "
+              "of its weight")
     if args.bound:
         print("\nthe 16-stream bound (bench/_stream_bound.py, Qwen shape, 17 + 7 layers), alternating "
               "pairs:\n")

@@ -58,7 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _support import QWEN, REPO, pythonpath, synchronize, wait_until
+from _support import QWEN, REPO, pythonpath, stream_prompts, synchronize, wait_until
 
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -435,13 +435,10 @@ class Bench:
         """Aggregate tokens/s (all tokens / time from submit to the last token) and median TTFT for each
         number of concurrent streams in ``counts`` (the first is the one the others are compared with);
         ``bound``: also what the machine allows ``target`` streams (bench/_stream_bound.py; on a CPU)."""
-        def prompts_for(k: int) -> list[list[int]]:
-            return [[1, *[(7 * i + 3 * j) % 300 + 3 for j in range(15)]] for i in range(k)]
-
         every_ttft: dict[int, list[float]] = {}
 
         def agg(k: int) -> tuple[float, float]:
-            prompts = prompts_for(k)
+            prompts = stream_prompts(k)
             best_rate, best_ttft = 0.0, float("inf")
             for _ in range(self.args.repeat):
                 res = self.run_jobs(model_id, prompts, n)
@@ -449,8 +446,9 @@ class Bench:
                 total = sum(len(r["arrivals"]) for r in res)
                 best_rate = max(best_rate, total / (end - res[0]["submit"]))
                 ttfts = sorted(r["arrivals"][0] - r["submit"] for r in res)
-                if statistics.median(ttfts) < best_ttft:
-                    best_ttft, every_ttft[k] = statistics.median(ttfts), ttfts
+                median = statistics.median(ttfts)
+                if median < best_ttft:
+                    best_ttft, every_ttft[k] = median, ttfts
             return best_rate, best_ttft
 
         measured = [(k, *agg(k)) for k in counts]
@@ -473,7 +471,7 @@ class Bench:
 
             folder = models.shard_dir(model_id)
             got = _stream_bound.measure(folder, self.cuts[model_id], Manifest.load(folder).num_layers,
-                                        prompts_for(target), kernels=self.args.kernels)
+                                        stream_prompts(target), kernels=self.args.kernels)
             allows = got.describe()
             rate = next(rate for k, rate, _ in measured if k == target)
             shares[target] = f" ({rate / one / got.ratio:.0%} of the bound)"
