@@ -17,10 +17,10 @@ azu does not run MLAS. This measures what it would give, so the decision rests o
   process's first session costs once. The weight reaches the session as an in-memory "external data file",
   so ONNX Runtime allocates it itself and frees it once packed.
 - **The 16-stream bound** (``--bound``): ``bench/_stream_bound.py`` on a Qwen-shaped model's two stages in
-  this process, in ``--pairs`` alternating pairs: the stages as planned, and the same stages with every
-  product of 2-32 rows that the plan runs on numpy's BLAS run on MLAS instead (one packed copy per block,
-  made on first use and held beside the block: a what-if of the kernels, not of the memory). Where the plan
-  runs no row count on numpy's BLAS (another layout wins on this CPU), the two are the same code.
+  this process, in ``--pairs`` alternating pairs: the stages as planned (``AZU_CPU_KERNELS=auto``: whatever
+  layouts this CPU's figures call for, moves under batches included), and the same stages held transposed
+  with every product of 2-32 rows on MLAS (one packed copy per block, made on first use and held beside the
+  block: a what-if of the kernels, not of the memory), the other row counts as the plan runs them there.
 
 Why azu does not take it (see docs/architecture.md): MLAS's packed copy cannot be read back. A stage that
 moves its weights to the batches' layout under load must move them back to one user's layout (on the AVX2
@@ -50,7 +50,7 @@ from azu.engine import kernels
 HIDDEN, VOCAB = 896, 151936
 QWEN_LAYER = {"num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864}
 ROWS = (1, 2, 4, 8, 16, 32, 128)
-MLAS_ROWS = (2, 32)  # --bound: the row counts MLAS takes over from numpy's BLAS, inclusive
+MLAS_ROWS = (2, 32)  # --bound: the row counts MLAS runs on the transposed layout, inclusive
 
 
 def mlas_session(weight: np.ndarray) -> Any:
@@ -226,19 +226,30 @@ def bound_pairs(pairs: int) -> list[tuple[str, str]]:
     from _support import QWEN, stream_prompts
 
     from azu.cli import demo
+    from azu.engine import stage
     from azu.registry.sharder import shard_model
 
-    numpy_blas = kernels._blas_product
-    packed: dict[tuple[int, tuple[int, ...]], Any] = {}
-    use_mlas = [False]
+    transposed_block = kernels.TransposedLinear._block
+    plan_for = stage.plan_for
+    plans: list[str] = []  # the stages' plans in this measurement, as their workers would log them
 
-    def product(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        if not use_mlas[0] or not MLAS_ROWS[0] <= x.shape[0] <= MLAS_ROWS[1]:
-            return numpy_blas(x, block)
+    def planned(*args: Any, **kwargs: Any) -> kernels.KernelPlan | None:
+        plan = plan_for(*args, **kwargs)
+        plans.append(plan.describe() if plan is not None else "PyTorch's linear")
+        return plan
+    packed: dict[tuple[int, tuple[int, ...]], Any] = {}
+    on_mlas = [0]  # products MLAS ran in this measurement
+
+    def block_product(self: kernels.TransposedLinear, x: torch.Tensor, block: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        if not MLAS_ROWS[0] <= x.shape[0] <= MLAS_ROWS[1]:
+            return transposed_block(self, x, block, bias)
         key = (block.data_ptr(), tuple(block.shape))
         if key not in packed:
             packed[key] = mlas_session(block.numpy())
-        return mlas_product(packed[key], x)
+        on_mlas[0] += 1
+        out = mlas_product(packed[key], x)
+        return out if bias is None else out.add_(bias)
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,21 +257,28 @@ def bound_pairs(pairs: int) -> list[tuple[str, str]]:
         src = demo.build_model("qwen2", Path(tmp) / "src", seed=1, **QWEN)
         shard_model(str(src), Path(tmp) / "shards", progress=False)
         prompts = stream_prompts(16)
-        kernels._blas_product = product
-        try:
-            for i in range(pairs):
-                pair = []
-                for mlas in (False, True):
-                    print(f"[bench] bound, pair {i + 1} of {pairs}, {'MLAS' if mlas else 'as planned'}...",
-                          file=sys.stderr, flush=True)
-                    use_mlas[0] = mlas
-                    packed.clear()
-                    pair.append(_stream_bound.measure(Path(tmp) / "shards", 17, 24, prompts,
-                                                      kernels="auto").describe())
-                    trim_heap()
-                out.append((pair[0], pair[1]))
-        finally:
-            kernels._blas_product = numpy_blas
+        for i in range(pairs):
+            pair = []
+            for mlas in (False, True):
+                print(f"[bench] bound, pair {i + 1} of {pairs}, {'MLAS' if mlas else 'as planned'}...",
+                      file=sys.stderr, flush=True)
+                packed.clear()
+                on_mlas[0] = 0
+                plans.clear()
+                # MLAS: the stages held transposed (one user's rows as the plan runs them there), every
+                # product of 2-32 rows on MLAS, whatever layout the plan would move the batches to.
+                kernels.TransposedLinear._block = block_product if mlas else transposed_block  # type: ignore[method-assign]
+                stage.plan_for = planned  # type: ignore[assignment]
+                try:
+                    got = _stream_bound.measure(Path(tmp) / "shards", 17, 24, prompts,
+                                                kernels="transposed" if mlas else "auto").describe()
+                finally:
+                    kernels.TransposedLinear._block = transposed_block  # type: ignore[method-assign]
+                    stage.plan_for = plan_for
+                pair.append(got + (f" ({on_mlas[0]} products on MLAS)" if mlas else
+                                   f" (plans: {' / '.join(plans)})"))
+                trim_heap()
+            out.append((pair[0], pair[1]))
     return out
 
 
