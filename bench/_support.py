@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 from azu.waiting import wait_until as _wait_until
 
@@ -23,6 +24,22 @@ QWEN = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_k
 def stream_prompts(streams: int) -> list[list[int]]:
     """P3's prompts (bench/pipeline.py): 16 tokens each, a different one per stream."""
     return [[1, *[(7 * i + 3 * j) % 300 + 3 for j in range(15)]] for i in range(streams)]
+
+
+def rss_mb() -> float:
+    """This process's resident memory, in MB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def row_blocks(weight: Any) -> list[Any]:
+    """``weight`` (a tensor, ``(out, in)``) in the row blocks of at most 32 MB a float32 stage holds it in
+    (``azu.engine.kernels.block_rows``), views of it."""
+    from azu.engine.kernels import block_rows
+
+    per = block_rows(weight.shape[1])
+    return [weight[i:i + per] for i in range(0, weight.shape[0], per)]
 
 
 def pythonpath() -> str:

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from _support import synchronize
+from _support import rss_mb, synchronize
 
 QWEN05B = dict(
     vocab_size=151936,
@@ -201,12 +201,6 @@ def child_timings(src: str, shards: str, device: str, dtype: str, new_tokens: in
 
 
 # -- children: memory -----------------------------------------------------------------------------------
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
 def _peak_mb() -> float:
     """This process's peak RSS (VmHWM). Not ``getrusage``'s ru_maxrss: Linux carries the forking parent's
     high-water mark through fork and exec into it, so a child forked from a parent that had just built a
@@ -261,9 +255,9 @@ def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int
 
     manifest = Manifest.load(shards)
     half = manifest.num_layers // 2
-    start = _rss_mb()
+    start = rss_mb()
     importlib.import_module(f"transformers.models.{manifest.model_type}.modeling_{manifest.model_type}")
-    base = _rss_mb()
+    base = rss_mb()
     span = Span(0, half, embeddings=True) if end == "first" else Span(half, manifest.num_layers, head=True)
     stage = Stage.load(shards, span, device=device, dtype=dtype, kernels=kernels)
     load_peak = _peak_mb() - base
@@ -273,7 +267,7 @@ def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int
         "dtypes": sorted(dtypes),
         "imports_mb": base - start,
         "load_peak_mb": load_peak,
-        "load_rss_mb": _rss_mb() - base,
+        "load_rss_mb": rss_mb() - base,
     }
     if jobs:
         gen = torch.Generator().manual_seed(0)
@@ -282,17 +276,17 @@ def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int
             stage.forward(name, torch.randint(100, 1000, (prompt,), generator=gen))
         for _ in range(steps):
             stage.forward_batch([(n, torch.randint(100, 1000, (1,), generator=gen)) for n in names])
-        out["jobs_rss_mb"] = _rss_mb() - base
+        out["jobs_rss_mb"] = rss_mb() - base
         out["jobs_peak_mb"] = _peak_mb() - base
         for name in names:
             stage.end_job(name)
-        out["freed_rss_mb"] = _rss_mb() - base
+        out["freed_rss_mb"] = rss_mb() - base
         # A stage whose plan has a batch layout moved its weights to it during the batched steps: idle, a
         # worker moves them back (azu.engine.kernels.LayoutSwitch), as here.
         out["moves"] = stage.layouts.switches if stage.layouts is not None else 0
         while stage.move_layouts_when_idle():
             pass
-        out["moved_back_rss_mb"] = _rss_mb() - base
+        out["moved_back_rss_mb"] = rss_mb() - base
         out["moves_back"] = (stage.layouts.switches if stage.layouts is not None else 0) - out["moves"]
     return out
 
@@ -308,7 +302,7 @@ def child_whole_rss(src: str, shards: str, device: str, dtype: str) -> dict:
     src_elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(manifest.torch_dtype or "float32", 4)
     # the head file of a tied model is a clone of the embeddings: count the weights once
     total = sum(f.size for f in manifest.files if not (manifest.tied_head and f.kind == "head"))
-    base = _rss_mb()
+    base = rss_mb()
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).to(device)
     model(torch.arange(100, 132, device=device)[None])
     return {"weights_mb": total * elem / src_elem / 2**20, "peak_mb": _peak_mb() - base}

@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _support import row_blocks
 
 from azu.engine import kernels
 
@@ -45,8 +46,7 @@ def head_times(vocab: int, hidden: int, rows: tuple[int, ...]) -> dict[tuple[str
     """Milliseconds of one product of a ``vocab x hidden`` head, in 32 MB row blocks, per kind and rows."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.empty(vocab, hidden).uniform_(-0.05, 0.05, generator=gen)
-    per = kernels.block_rows(hidden)
-    blocks = [weight[i:i + per] for i in range(0, vocab, per)]
+    blocks = row_blocks(weight)
     times: dict[tuple[str, int], float] = {}
     with torch.inference_mode():
         ways = {

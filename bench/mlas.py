@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _support import QWEN, row_blocks, rss_mb, stream_prompts
 
 from azu.engine import kernels
 
@@ -82,11 +83,6 @@ def mlas_product(session: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {"x": x.detach().contiguous().numpy()})[0])
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def trim_heap() -> None:
     from azu.engine.heap import release_freed_memory
 
@@ -99,28 +95,27 @@ def warm_up() -> float:
     a session's (counted in, it made one session of 50 look 0.26 MB heavier than its weight, not 0.07; with
     the libraries' load too, 0.87). The MB of RSS that first session left (the libraries loaded before)."""
     trim_heap()
-    before = rss_bytes()
+    before = rss_mb()
     mlas_session(np.zeros((8, 8), np.float32))
     trim_heap()
-    return (rss_bytes() - before) / 2**20
+    return rss_mb() - before
 
 
 def session_overhead(sessions: int = 50) -> float:
     """Bytes of RSS a session holds beside its weight's (a stage would hold one per block of each linear)."""
     weight = np.zeros((HIDDEN, 128), np.float32)
     warm_up()
-    before = rss_bytes()
+    before = rss_mb()
     held = [mlas_session(weight) for _ in range(sessions)]
     trim_heap()
-    grown = rss_bytes() - before
+    grown = (rss_mb() - before) * 2**20
     del held
     return grown / sessions - weight.nbytes
 
 
 def transposed_blocks(weight: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``weight`` (``(out, in)``) in the 32 MB row blocks a stage holds it in, as loaded and transposed."""
-    per = kernels.block_rows(weight.shape[1])
-    blocks = [weight[i:i + per] for i in range(0, weight.shape[0], per)]
+    blocks = row_blocks(weight)
     return blocks, [kernels.TransposedLinear.convert(b) for b in blocks]
 
 
@@ -128,10 +123,10 @@ def sessions_rss(weights: list[torch.Tensor]) -> float:
     """The RSS the MLAS sessions of ``weights`` add, per byte of the weights (run in a fresh process)."""
     transposed = [t for w in weights for t in transposed_blocks(w)[1]]
     warm_up()
-    before = rss_bytes()
+    before = rss_mb()
     sessions = [mlas_session(t.numpy()) for t in transposed]
     trim_heap()
-    grown = rss_bytes() - before
+    grown = (rss_mb() - before) * 2**20
     del sessions
     return grown / sum(t.numel() * 4 for t in transposed)
 
@@ -221,9 +216,7 @@ def table(title: str, times: dict[tuple[str, int], list[float]], rows: tuple[int
 
 def bound_pairs(pairs: int) -> list[tuple[str, str]]:
     """The 16-stream bound, as planned and with MLAS for 2-32 rows, in alternating pairs."""
-    sys.path.insert(0, str(Path(__file__).parent))
     import _stream_bound
-    from _support import QWEN, stream_prompts
 
     from azu.cli import demo
     from azu.engine import stage
@@ -237,6 +230,7 @@ def bound_pairs(pairs: int) -> list[tuple[str, str]]:
         plan = plan_for(*args, **kwargs)
         plans.append(plan.describe() if plan is not None else "PyTorch's linear")
         return plan
+
     packed: dict[tuple[int, tuple[int, ...]], Any] = {}
     on_mlas = [0]  # products MLAS ran in this measurement
 
