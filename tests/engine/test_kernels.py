@@ -91,7 +91,7 @@ def _times(mkl: list[float], onednn: list[float], packed: list[float],
 ZEN2 = _times(
     mkl=[3.94, 7.16, 7.5, 8.95, 10.46, 14.08, 59.9], onednn=[3.72, 6.30, 6.6, 7.08, 8.78, 11.74, 52.5],
     packed=[4.90, 5.64, 5.9, 6.85, 8.03, 10.64, 51.5], transposed=[3.22, 5.64, 6.4, 7.86, 9.23, 12.31, 54.7])
-# Like the Intel Xeon with AVX-512 and AMX of 2026-12-02 (bench/kernels.py): MKL as loaded runs one row about
+# Like the Intel Xeon with AVX-512 and AMX of 2026-12-02 (bench/linears.py): MKL as loaded runs one row about
 # as fast as anything, packed runs 4-16 rows in 60-75% of oneDNN's time and one row 19% slower.
 AMX = _times(
     mkl=[3.99, 4.31, 6.0, 7.70, 10.13, 10.42, 30.04], onednn=[4.57, 5.93, 6.2, 6.46, 7.52, 8.63, 28.86],
@@ -180,7 +180,7 @@ def test_the_weights_as_loaded_may_serve_one_user_and_another_layout_batches() -
 
 def test_batches_move_where_any_other_layout_runs_one_row_clearly_faster() -> None:
     # Like the Intel Xeon with AMX of 2026-12-02 as its first Qwen worker measured it at load (1, 8, 16 rows
-    # from its log; 2-4 and 128 rows from bench/kernels.py there, packed 4 rows as the log's padding implies):
+    # from its log; 2-4 and 128 rows from bench/linears.py there, packed 4 rows as the log's padding implies):
     # as loaded runs one row a hair under 10% faster than packed, transposed 8% faster than as loaded, and
     # neither is clearly faster by itself; transposed is clearly faster than packed, so batches move to packed
     # and one user stays on the weights as loaded (one layout, packed, cost P1 a fifth of its speed).
@@ -195,7 +195,7 @@ def test_batches_move_where_any_other_layout_runs_one_row_clearly_faster() -> No
     assert _chosen(xeon) == ("packed", None)
 
 
-# Like the AMD EPYC of family 25, model 1 (Zen 3) with AVX2 of 2026-12-03 (bench/kernels.py, medians of
+# Like the AMD EPYC of family 25, model 1 (Zen 3) with AVX2 of 2026-12-03 (bench/linears.py, medians of
 # three; 3 rows, which it does not print, between 2 and 4): numpy's BLAS (OpenBLAS) on the transposed weight
 # runs 2-128 rows as fast as packed or faster (16 rows 17%), one row no slower than anything; MKL on the same
 # transposed weight runs batches no faster than as loaded.

@@ -1,6 +1,6 @@
 """The CPU linears' kernels and layouts on this machine, side by side, and the plan a stage would take.
 
-    python bench/kernels.py [--model qwen|petals] [--megabytes 384] [--rounds 3]
+    python bench/linears.py [--model qwen|petals] [--megabytes 384] [--rounds 3]
 
 One run, one table: the milliseconds of one layer's products (``azu.engine.kernels.measure``: a layer's
 linears in turn over as many bytes of weights as ``--megabytes``, one thread, the best of its rounds) for
