@@ -15,7 +15,9 @@ linears in turn over as many bytes of weights as ``--megabytes``, one thread, th
 each also as a ratio to MKL as loaded; then the plan ``auto`` takes from these figures (``KernelPlan``).
 With ``--head``, one product of the model's head (vocab x hidden, in the 32 MB blocks a stage holds it in),
 the same ways; with ``--last-stage N``, each layer's products with its share of the head, as a last stage of N
-layers measures them (``kernels.stage_shapes``). ``--rounds`` measures that many times and prints the spread
+layers measures them (``kernels.stage_shapes``). With ``--moves``, what moving the weights between two
+layouts costs (``LayoutSwitch``: each block converted as ``_move_block`` converts it), in ms per layer and
+MB/s. ``--rounds`` measures that many times and prints the spread
 (the figures move by a few percent from run to run; on a machine shared with other work, more).
 """
 
@@ -70,6 +72,49 @@ def head_times(vocab: int, hidden: int, rows: tuple[int, ...]) -> dict[tuple[str
     return times
 
 
+# The moves a LayoutSwitch makes: to the batch layout (packed on the CPUs seen so far) and back.
+MOVES = (("loaded", "packed"), ("packed", "loaded"), ("transposed", "packed"), ("packed", "transposed"))
+
+
+def move_times(shapes: list[tuple[int, int]], megabytes: int) -> dict[tuple[str, str], float]:
+    """Milliseconds to move one layer's weights (``shapes``, in the 32 MB blocks a stage holds) from one
+    layout to another, the best of three moves over ``megabytes`` of weights (a layer's worth each, in
+    turn, as a move walks the stage). Every layout's blocks are made before the timing starts; the copies
+    each move makes are new memory, as in a stage."""
+    gen = torch.Generator().manual_seed(0)
+    layer_bytes = sum(o * i * 4 for o, i in shapes)
+    layers = max(1, (megabytes << 20) // layer_bytes)
+    loaded = [[block for o, i in shapes
+               for block in row_blocks(torch.empty(o, i).uniform_(-0.05, 0.05, generator=gen))]
+              for _ in range(layers)]
+    held = {"loaded": loaded}
+    with torch.inference_mode():
+        for layout in ("transposed", "packed"):
+            held[layout] = [[kernels.LAYOUT_MODULES[layout].convert(b) for b in layer] for layer in loaded]
+        times: dict[tuple[str, str], float] = {}
+        for source, target in MOVES:
+            old, new = kernels.LAYOUT_MODULES[source], kernels.LAYOUT_MODULES[target]
+            for _ in range(3):
+                start = time.perf_counter()
+                for layer in held[source]:
+                    for block in layer:
+                        new.convert(old.rows_of(block))
+                took = (time.perf_counter() - start) * 1e3 / layers
+                times[source, target] = min(took, times.get((source, target), took))
+    return times
+
+
+def moves_table(runs: list[dict[tuple[str, str], float]], layer_mb: float) -> str:
+    lines = ["\nmoving a layer's weights between layouts (ms per layer: median of the runs, spread; MB/s)\n",
+             "| move | ms per layer | MB/s |", "|---|---|---|"]
+    for move in MOVES:
+        figures = [run[move] for run in runs]
+        mid = statistics.median(figures)
+        spread = f" ({min(figures):.1f}-{max(figures):.1f})" if len(figures) > 1 else ""
+        lines.append(f"| {move[0]} -> {move[1]} | {mid:.1f}{spread} | {layer_mb / mid * 1e3:.0f} |")
+    return "\n".join(lines)
+
+
 def table(title: str, runs: list[dict[tuple[str, int], float]], rows: tuple[int, ...]) -> str:
     """Rows x kinds: the median over the runs (and the spread), and the ratio to MKL as loaded."""
     kinds = [(kind, name) for kind, name in KINDS if all((kind, r) in run for run in runs for r in rows)]
@@ -93,6 +138,8 @@ def main() -> int:
     p.add_argument("--megabytes", type=int, default=384, help="bytes of weights the products run over")
     p.add_argument("--rounds", type=int, default=3, help="measurements, each its own best of three")
     p.add_argument("--head", action="store_true", help="also one product of the model's head")
+    p.add_argument("--moves", action="store_true",
+                   help="also what moving the weights between layouts costs (ms per layer, MB/s)")
     p.add_argument("--last-stage", type=int, metavar="LAYERS",
                    help="measure as a last stage of LAYERS layers and the head measures (each layer with its "
                         "share of the head: kernels.stage_shapes)")
@@ -120,6 +167,9 @@ def main() -> int:
     if args.head:
         heads = [head_times(vocab, hidden, ROWS[:4]) for _ in range(args.rounds)]
         print(table(f"the head ({vocab} x {hidden}), ms per product", heads, ROWS[:4]))
+    if args.moves:
+        moves = [move_times(list(shapes), args.megabytes) for _ in range(args.rounds)]
+        print(moves_table(moves, sum(o * i * 4 for o, i in shapes) / 2**20))
     return 0
 
 
