@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 # AZU_CPU_KERNELS's choices: azu.engine.kernels.KERNELS (not imported here: it would import torch).
-CPU_KERNELS = ("auto", "packed", "transposed", "plain", "torch")
+CPU_KERNELS = ("auto", "packed", "transposed", "mlas", "plain", "torch")
 # AZU_DECODE_GRAPHS: a job's one-token steps as CUDA graph replays (azu.engine.graphs). "auto": on a GPU,
 # where the stage's family allows it; "on": also on a CPU (the same static step, run eagerly: for tests).
 DECODE_GRAPHS = ("auto", "on", "off")
@@ -86,7 +86,8 @@ class WorkerSettings:
     linger_s: float = 10.0  # AZU_LINGER_S: how long an idle worker's session waits on its inbox for more
     session_s: float = 2.0  # AZU_SESSION_S: how often a forward task looks for a waiting control message
     prefill_chunk: int = 128  # AZU_PREFILL_CHUNK: prompt positions a stage runs per turn
-    cpu_kernels: str = "auto"  # AZU_CPU_KERNELS: auto, packed, transposed, plain, torch (azu.engine.kernels)
+    # AZU_CPU_KERNELS: auto, packed, transposed, mlas, plain, torch (azu.engine.kernels)
+    cpu_kernels: str = "auto"
     decode_graphs: str = "auto"  # AZU_DECODE_GRAPHS: one-token steps as CUDA graph replays (auto, on, off)
     step_trace: str | None = None  # AZU_STEP_TRACE: a folder for its steps' times (azu.network.steptrace)
     heartbeat_s: float = 3.0  # AZU_HEARTBEAT_S

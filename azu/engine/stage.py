@@ -272,7 +272,11 @@ class Stage:
             dtype=torch_dtype,
             device_map={"": torch_device},
         )
-        files = LoadedFiles()
+        # A move off a layout that cannot be read back (MLAS's packed weights) reads the rows from the files
+        # again: their bytes are checksummed as they are given back.
+        restorable = plan is not None and plan.batch_layout is not None and "mlas" in (
+            plan.layout, plan.batch_layout)
+        files = LoadedFiles(restorable=restorable)
         # On a CPU, narrower files (bfloat16 for a float32 stage) are cast here, block by block, each block of
         # the file given back as it is cast (LoadedFiles): transformers would hold a file and its whole cast
         # copy at once, and the copy as a heap block whose pages a layout's copy cannot give back.
@@ -302,10 +306,11 @@ class Stage:
         layouts = None
         if plan is not None:
             # After the cut: a tied head is converted only where no embedding on this stage still reads it.
-            apply_plan(model, plan, files.release)
+            apply_plan(model, plan, files.release, files if restorable else None)
             if plan.batch_layout is not None:
-                # It gives back the loaded rows' pages as they move (the file buffers, held weakly).
-                layouts = LayoutSwitch(model, plan, files.release)
+                # It gives back the loaded rows' pages as they move (the file buffers, held weakly), and reads
+                # them again where it must.
+                layouts = LayoutSwitch(model, plan, files.release, files if restorable else None)
         del files
         release_freed_memory()  # load scratch: dtype-conversion copies, and those a layout replaced
         # Buffers (rotary inv_freq, ALiBi helpers) were built real on the CPU; move them along.

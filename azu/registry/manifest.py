@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -262,8 +263,22 @@ def _load_verified(
     return buf, tensors
 
 
+@dataclass
+class _Loaded:
+    """A mapping ``LoadedFiles`` holds weakly, and where its bytes can be read again: a file's verified bytes
+    (byte ``i`` is the file's byte ``i``), or the cast copies of some of a file's tensors (``segments``)."""
+
+    base: int  # the mapping's address
+    size: int
+    buffer: weakref.ref[mmap.mmap]
+    path: Path | None = None  # a file read whole
+    # A cast copy: (first byte in the mapping, bytes, the file, the source's first byte there, its dtype).
+    segments: list[tuple[int, int, Path, int, torch.dtype]] = field(default_factory=list)
+
+
 class LoadedFiles:
-    """Shard files loaded as with ``load_verified``, whose buffers can then be given back page by page.
+    """Shard files loaded as with ``load_verified``, whose buffers can then be given back page by page, and
+    read again.
 
     A stage that copies a weight into another layout (``azu.engine.kernels.apply_plan``) calls
     :meth:`release` with the original once the copy exists: the pages wholly inside it go back to the OS
@@ -279,30 +294,43 @@ class LoadedFiles:
     file peaked at both), and the cast copies are pages ``release`` can give back in turn, so a stage that
     then copies them into another layout holds one copy too (it held the float32 original and its copy: a
     float32 stage from bfloat16 files, transposed, peaked at 1.63x its weights).
+
+    With ``restorable``, what :meth:`release` gives back can be had again (:meth:`restore`): a layout whose
+    copy cannot be read back (ONNX Runtime's packed weights, ``azu.engine.mlas``) gets its rows from the file
+    when the stage moves off it. Each range is checksummed as it is given back (CRC-32, 2.7 GB/s on one core
+    of a Zen 3: the file was verified whole at load; this catches a file changed on disk since, not an
+    attacker, who as the worker's owner could change the process itself), and the bytes read again must match
+    it, or :meth:`restore` refuses them.
     """
 
     # Elements cast at a time by ``load(widen_to=...)``: 16 MB of bfloat16 at once.
     WIDEN_BLOCK = 8 << 20
 
-    def __init__(self) -> None:
-        self._buffers: list[tuple[int, weakref.ref[mmap.mmap]]] = []
+    def __init__(self, *, restorable: bool = False) -> None:
+        self._buffers: list[_Loaded] = []
+        self.restorable = restorable
+        self._checksums: dict[tuple[int, int], int] = {}  # (first, end) address -> CRC-32 of what went back
 
     def load(self, directory: str | os.PathLike[str], entry: FileEntry, *,
              widen_to: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """``entry``'s tensors, views of its verified bytes; with ``widen_to``, its floating tensors of a
         narrower dtype come cast to ``widen_to`` (the same values: a widening cast is exact)."""
         buf, tensors = _load_verified(directory, entry)
+        path = Path(directory) / entry.name
         if isinstance(buf, mmap.mmap):
-            self._track(buf)
+            self._track(buf, path=path)
         del buf  # the tensors hold the mapping from here: it goes with the last of them
-        return self._widened(tensors, widen_to) if widen_to is not None else tensors
+        return self._widened(tensors, widen_to, path) if widen_to is not None else tensors
 
-    def _track(self, buf: mmap.mmap) -> None:
+    def _track(self, buf: mmap.mmap, **source: Any) -> _Loaded:
         anchor = ctypes.c_char.from_buffer(buf)  # only to read the mapping's address
-        self._buffers.append((ctypes.addressof(anchor), weakref.ref(buf)))
+        loaded = _Loaded(ctypes.addressof(anchor), len(buf), weakref.ref(buf), **source)
         del anchor
+        self._buffers.append(loaded)
+        return loaded
 
-    def _widened(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def _widened(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                 path: Path) -> dict[str, torch.Tensor]:
         import torch
 
         size = torch.empty((), dtype=dtype).element_size()
@@ -316,36 +344,127 @@ class LoadedFiles:
             offsets[key] = total
             total += -(-tensors[key].numel() * size // mmap.PAGESIZE) * mmap.PAGESIZE
         wide = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE)  # private: see read_verified_bytes
-        self._track(wide)
+        loaded = self._track(wide)
+        file = self._holding(tensors[narrow[0]].data_ptr(), tensors[narrow[0]].data_ptr())
         out = dict(tensors)
         for key in narrow:
             source = out.pop(key)
+            if file is not None:  # where the file's bytes of it are, to cast them again (``restore``)
+                loaded.segments.append((offsets[key], source.numel() * size, path,
+                                        source.data_ptr() - file.base, source.dtype))
             target = torch.frombuffer(wide, dtype=dtype, count=source.numel(), offset=offsets[key])
             flat = source.view(-1)
             for first in range(0, flat.numel(), self.WIDEN_BLOCK):
                 block = flat[first:first + self.WIDEN_BLOCK]
                 target[first:first + block.numel()].copy_(block)
-                self.release(block)  # nothing else reads the file's copy: it is no longer in ``out``
+                self._give_back(block)  # nothing else reads the file's copy: it is no longer in ``out``
             out[key] = target.view(source.shape)
             del source, flat, block
         del wide  # held by the cast tensors from here, weakly by this object
         return out
 
+    def _holding(self, start: int, end: int) -> _Loaded | None:
+        """The live mapping holding the bytes ``[start, end)``, if one does."""
+        for loaded in self._buffers:
+            if loaded.base <= start and end <= loaded.base + loaded.size and loaded.buffer() is not None:
+                return loaded
+        return None
+
+    @staticmethod
+    def _range(tensor: torch.Tensor) -> tuple[int, int]:
+        start = tensor.data_ptr()
+        return start, start + tensor.numel() * tensor.element_size()
+
     def release(self, tensor: torch.Tensor) -> int:
         """Give back the pages wholly inside the contiguous ``tensor``, if a loaded file's buffer (or a cast
-        copy's) holds it; how many bytes went back."""
-        start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        for base, ref in self._buffers:
-            buf = ref()
-            if buf is not None and base <= start and end <= base + len(buf):
-                first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE
-                last = (end - base) // mmap.PAGESIZE * mmap.PAGESIZE
-                if last > first:
-                    buf.madvise(mmap.MADV_DONTNEED, first, last - first)
-                    return last - first
-                return 0
+        copy's) holds it; how many bytes went back. With ``restorable``, its bytes are checksummed first
+        (once: a range restored and given back again keeps its checksum)."""
+        start, end = self._range(tensor)
+        if self.restorable and (start, end) not in self._checksums and self.can_restore(tensor):
+            self._checksums[start, end] = zlib.crc32(_bytes_of(tensor))
+        return self._give_back(tensor)
+
+    def _give_back(self, tensor: torch.Tensor) -> int:
+        start, end = self._range(tensor)
+        loaded = self._holding(start, end)
+        buf = loaded.buffer() if loaded is not None else None
+        if loaded is None or buf is None:
+            return 0
+        first = -(-(start - loaded.base) // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (end - loaded.base) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            buf.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return last - first
         return 0
+
+    def can_restore(self, tensor: torch.Tensor) -> bool:
+        """Whether :meth:`restore` can give ``tensor``'s bytes back once :meth:`release` has given its pages
+        away: it is contiguous, in a file's bytes or a cast copy of a file's tensor, and this object is
+        ``restorable``."""
+        if not self.restorable or not tensor.is_contiguous():
+            return False
+        start, end = self._range(tensor)
+        loaded = self._holding(start, end)
+        if loaded is None:
+            return False
+        return loaded.path is not None or any(
+            first <= start - loaded.base and end - loaded.base <= first + size
+            for first, size, *_ in loaded.segments)
+
+    def restore(self, tensor: torch.Tensor) -> None:
+        """Make ``tensor``'s bytes the loaded ones again (they were given back by :meth:`release`): read from
+        its file (cast again, for a cast copy) into the same place, and checked against the checksum taken as
+        they went. ``IntegrityFailure`` if they differ (the file changed on disk): the pages are given back
+        again, and the caller must not read ``tensor``. Bytes never given back are left as they are."""
+        import torch
+
+        start, end = self._range(tensor)
+        want = self._checksums.get((start, end))
+        if want is None:
+            if not self.can_restore(tensor):
+                raise ValueError("restore() of bytes LoadedFiles cannot read again")
+            return  # never given back: still there
+        loaded = self._holding(start, end)
+        if loaded is None:
+            raise ValueError("restore() of bytes whose mapping is gone")
+        offset = start - loaded.base
+        if loaded.path is not None:
+            path, where = loaded.path, offset
+            _read_into(path, where, _bytes_of(tensor))
+        else:
+            first, _size, path, source_first, dtype = next(
+                seg for seg in loaded.segments if seg[0] <= offset and end - loaded.base <= seg[0] + seg[1])
+            narrow = torch.empty((), dtype=dtype).element_size()
+            elements = (offset - first) // tensor.element_size()
+            raw = bytearray(tensor.numel() * narrow)
+            _read_into(path, source_first + elements * narrow, memoryview(raw))
+            with torch.no_grad():
+                tensor.view(-1).copy_(torch.frombuffer(raw, dtype=dtype))
+        if zlib.crc32(_bytes_of(tensor)) != want:
+            self._give_back(tensor)
+            raise IntegrityFailure(
+                f"{path.name}: bytes at {offset} changed on disk since the stage loaded them",
+                param=path.name)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of the contiguous CPU ``tensor``, writable, in place."""
+    import torch
+
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy().data
+
+
+def _read_into(path: Path, offset: int, into: memoryview) -> None:
+    """Read ``len(into)`` bytes of the file at ``path`` from ``offset`` into ``into``."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        done = 0
+        while done < len(into):
+            n = f.readinto(into[done:])
+            if not n:
+                raise IntegrityFailure(f"{path.name}: the file is shorter than when it was loaded",
+                                       param=path.name)
+            done += n
 
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",

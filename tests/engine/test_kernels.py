@@ -22,6 +22,7 @@ from azu.cli import demo
 from azu.config import CPU_KERNELS, Settings, SettingsError
 from azu.engine import kernels
 from azu.engine.local import LocalPipeline
+from azu.engine.mlas import mlas_works
 from azu.engine.span import Span
 from azu.engine.stage import Stage
 from tests.support.engine import NEW_TOKENS
@@ -222,6 +223,48 @@ def test_numpy_blas_takes_the_transposed_layouts_row_counts_it_runs_clearly_fast
     assert kernels.plan_from(ZEN2).blas_rows == frozenset()  # the older figures carry none
 
 
+def _rows_figures(**kinds: list[float]) -> kernels.Timings:
+    return {(name, r): ms for name, figures in kinds.items()
+            for r, ms in zip(kernels.ROW_BUCKETS, figures, strict=True)}
+
+
+# The same kind of Zen 3 on 2026-12-03 (twenty-ninth session), as a worker measures (384 MB of Qwen layers;
+# the last stage of 12 layers, its share of the head counted), with ONNX Runtime's MLAS: 2-8 rows in 40-60% of
+# numpy's BLAS's time on the layers, one row no faster than anything.
+ZEN3_LAYERS = _rows_figures(
+    mkl=[4.66, 9.19, 13.75, 11.69, 13.28, 15.92, 66.32],
+    onednn=[4.07, 9.02, 9.09, 10.85, 12.45, 16.70, 63.44],
+    transposed=[4.12, 8.20, 10.97, 12.22, 14.55, 17.89, 75.16],
+    blas=[4.09, 8.65, 12.17, 8.28, 11.51, 13.04, 58.20],
+    packed=[5.29, 6.56, 6.44, 7.23, 9.64, 11.25, 62.42],
+    mlas=[4.66, 5.03, 5.16, 5.04, 7.99, 11.82, 55.27])
+ZEN3_LAST_STAGE = _rows_figures(
+    mkl=[8.80, 17.83, 27.54, 23.86, 26.56, 32.85, 131.19],
+    onednn=[8.43, 17.73, 18.67, 20.00, 21.95, 28.42, 102.24],
+    transposed=[7.90, 12.83, 17.81, 22.10, 27.26, 31.27, 136.18],
+    blas=[7.39, 16.31, 20.10, 11.87, 19.38, 22.37, 98.44],
+    packed=[12.37, 11.33, 11.36, 14.26, 15.95, 23.06, 104.48],
+    mlas=[9.11, 8.31, 10.19, 10.76, 15.54, 19.83, 89.14])
+
+
+def test_mlas_takes_the_batches_where_it_runs_them_clearly_fastest() -> None:
+    # One user as before (as loaded with oneDNN for one row; transposed for the last stage, the head's one row
+    # 20% faster there than on MLAS); batches move to MLAS.
+    assert _chosen(ZEN3_LAYERS) == ("loaded", "mlas")
+    assert _chosen(ZEN3_LAST_STAGE) == ("transposed", "mlas")
+    assert kernels.plan_from(ZEN3_LAYERS).describe().endswith("under batches of 4+ jobs: packed by ONNX "
+                                                               "Runtime's MLAS")
+    # One row within 10% of the fastest on MLAS: one layout for both, no moves.
+    tie = {**ZEN3_LAYERS, ("mlas", 1): 4.2}
+    assert _chosen(tie) == ("mlas", None)
+    # Without its figures (ONNX Runtime not installed, or its products wrong here), never MLAS; forced there,
+    # the plan is auto's.
+    without = {key: ms for key, ms in ZEN3_LAYERS.items() if key[0] != "mlas"}
+    assert "mlas" not in _chosen(without)
+    assert kernels.plan_from(without, "mlas") == kernels.plan_from(without)
+    assert kernels.plan_from(ZEN3_LAYERS, "mlas").layout == "mlas"
+
+
 def test_a_transposed_linear_runs_the_plans_row_counts_on_numpy_blas(monkeypatch) -> None:
     calls: list[int] = []
     product = kernels._blas_product
@@ -272,7 +315,8 @@ def test_measuring_gives_every_kernel_and_row_count() -> None:
                                    "intermediate_size": 96}, 64)
     assert shapes == ((64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96))
     times = kernels.measure(shapes, working_bytes=1 << 20)
-    kinds = ("mkl", "onednn", "transposed", "packed", *(("blas",) if kernels.blas_works() else ()))
+    kinds = ("mkl", "onednn", "transposed", "packed", *(("blas",) if kernels.blas_works() else ()),
+             *(("mlas",) if mlas_works() else ()))
     assert {(k, r) for k in kinds for r in kernels.ROW_BUCKETS} <= set(times)
     assert all(ms > 0 for ms in times.values())
     assert isinstance(kernels.plan_from(times), kernels.KernelPlan)
@@ -484,11 +528,143 @@ def test_a_move_that_fails_leaves_every_linear_whole_and_moves_no_more(monkeypat
     assert len(moving.first.blocks) + len(moving.rest.blocks) == 4  # none lost
 
 
-def test_a_stage_that_switches_layouts_mid_answer_keeps_each_jobs_greedy_tokens(built, monkeypatch) -> None:
+def _linears_on_files(tmp_path, files) -> tuple[nn.Sequential, dict[str, torch.Tensor]]:
+    """Two linears whose weights are views of a shard file's verified bytes, loaded by ``files`` (as a
+    stage's are), and the weights they hold."""
+    from safetensors.torch import save_file
+
+    from azu.registry.download import sha256_file
+    from azu.registry.manifest import FileEntry
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {"a": 0.1 * torch.randn(1000, 64, generator=gen),
+               "b": 0.05 * torch.randn(8, 1000, generator=gen)}
+    path = tmp_path / "layer_00000.safetensors"
+    save_file(weights, str(path))
+    entry = FileEntry(name=path.name, kind="layer", layer=0, sha256=sha256_file(path),
+                      size=path.stat().st_size, tensors=("a", "b"))
+    loaded = files.load(tmp_path, entry)
+    model = nn.Sequential(nn.Linear(64, 1000), nn.Linear(1000, 8, bias=False))
+    for linear, key in zip(model, "ab", strict=True):
+        linear.weight = nn.Parameter(loaded[key], requires_grad=False)
+    return model, weights
+
+
+def _rows(module: nn.Module) -> torch.Tensor:
+    """The weight as loaded that a blocked linear holds, read back from its blocks."""
+    assert isinstance(module, kernels.BlockedLinear) and module.readable
+    return torch.cat([type(module).rows_of(b) for b in module.blocks])
+
+
+@pytest.mark.parametrize("light", ["loaded", "transposed", "packed"])
+def test_a_stage_moves_to_mlas_and_back_reading_its_rows_from_the_files(tmp_path, monkeypatch,
+                                                                       light: str) -> None:
+    from azu.registry.manifest import LoadedFiles
+
+    if not mlas_works():
+        pytest.skip("ONNX Runtime's MLAS does not run here")
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 64 * 1024)  # the first weight in 4 blocks
+    monkeypatch.setattr(kernels, "SWITCH_BYTES_PER_STEP", 1000 * 64 * 4)  # one weight a step
+    files = LoadedFiles(restorable=True)
+    model, weights = _linears_on_files(tmp_path, files)
+    reference = nn.Sequential(nn.Linear(64, 1000), nn.Linear(1000, 8, bias=False))
+    reference[0].weight.data, reference[0].bias.data = weights["a"], model[0].bias.detach().clone()
+    reference[1].weight.data = weights["b"]
+    plan = dataclasses.replace(SWITCHING, layout=light, batch_layout="mlas")
+    restored: list[int] = []
+    restore = files.restore
+    monkeypatch.setattr(files, "restore", lambda t: restored.append(t.shape[0]) or restore(t))
+    kernels.apply_plan(model, plan, files.release, files)
+    switch = kernels.LayoutSwitch(model, plan, files.release, files)
+    one_user, mlas = kernels.LAYOUT_MODULES[light], kernels.MlasLinear
+    x = torch.randn(5, 64)
+    for _ in range(3):
+        for _ in range(kernels.SWITCH_AFTER_STEPS + 2):
+            switch.after_step(8)
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
+        assert [type(m) for m in model] == [mlas, mlas] and switch.layout == "mlas"
+        for _ in range(kernels.SWITCH_BACK_AFTER_STEPS + 2):
+            switch.after_step(1)
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
+        assert [type(m) for m in model] == [one_user, one_user]
+        # Back bit for bit, each block's rows read from the file again (checked against its checksum).
+        assert torch.equal(_rows(model[0]), weights["a"]) and torch.equal(_rows(model[1]), weights["b"])
+    assert switch.switches == 6 and restored == [256, 256, 256, 232, 8] * 3
+
+
+def test_a_linear_whose_rows_cannot_be_read_again_stays_off_mlas(tmp_path, monkeypatch) -> None:
+    from azu.registry.manifest import LoadedFiles
+
+    if not mlas_works():
+        pytest.skip("ONNX Runtime's MLAS does not run here")
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 64 * 1024)
+    files = LoadedFiles(restorable=True)
+    model, weights = _linears_on_files(tmp_path, files)
+    model[1].weight = nn.Parameter(weights["b"].clone(), requires_grad=False)  # the heap's, not a file's
+    plan = dataclasses.replace(SWITCHING, layout="transposed", batch_layout="mlas")
+    kernels.apply_plan(model, plan, files.release, files)
+    switch = kernels.LayoutSwitch(model, plan, files.release, files)
+    for _ in range(kernels.SWITCH_AFTER_STEPS + 4):
+        switch.after_step(8)
+    # It would have no way back: it stays transposed, and the other moves.
+    assert switch.settled and [type(m) for m in model] == [kernels.MlasLinear, kernels.TransposedLinear]
+    # Without files to read from (a stage whose plan has no MLAS), nothing goes to MLAS.
+    files = LoadedFiles(restorable=True)
+    model, _ = _linears_on_files(tmp_path, files)
+    kernels.apply_plan(model, plan, files.release)
+    switch = kernels.LayoutSwitch(model, plan, files.release)
+    for _ in range(kernels.SWITCH_AFTER_STEPS + 4):
+        switch.after_step(8)
+    assert switch.settled and {type(m) for m in model} == {kernels.TransposedLinear}
+
+
+def test_rows_changed_on_disk_stop_the_move_back_and_every_linear_stays_whole(tmp_path, monkeypatch) -> None:
+    from azu.registry.manifest import LoadedFiles
+
+    if not mlas_works():
+        pytest.skip("ONNX Runtime's MLAS does not run here")
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 64 * 1024)
+    monkeypatch.setattr(kernels, "SWITCH_BYTES_PER_STEP", 1)  # one block a step
+    files = LoadedFiles(restorable=True)
+    model, weights = _linears_on_files(tmp_path, files)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for linear, key in zip(reference, "ab", strict=True):
+            linear.weight.copy_(weights[key])
+    plan = dataclasses.replace(SWITCHING, batch_layout="mlas")
+    kernels.apply_plan(model, plan, files.release, files)
+    switch = kernels.LayoutSwitch(model, plan, files.release, files)
+    for _ in range(kernels.SWITCH_AFTER_STEPS + 8):
+        switch.after_step(8)
+    assert switch.settled and {type(m) for m in model} == {kernels.MlasLinear}
+    # The file changes on disk (rewritten in place: a new model in the same folder), then the load goes.
+    path = tmp_path / "layer_00000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    x = torch.randn(3, 64)
+    for _ in range(kernels.SWITCH_BACK_AFTER_STEPS + 10):
+        switch.after_step(1)  # the failure is logged, not raised into a step
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-4)
+    assert switch.plan.batch_layout is None and not switch.move_when_idle()
+    # The blocks read before the changed one came back as loaded; the rest stayed on MLAS; none lost.
+    first = model[0]
+    assert isinstance(first, kernels.MovingLinear) and isinstance(first.first, kernels.RowsLinear)
+    assert len(first.first.blocks) + len(first.rest.blocks) == 4 and 0 < len(first.first.blocks) < 4
+    assert torch.equal(_rows(first.first), weights["a"][:first.first.out_features])
+
+
+@pytest.mark.parametrize("batches", ["packed", "mlas"])
+def test_a_stage_that_switches_layouts_mid_answer_keeps_each_jobs_greedy_tokens(built, monkeypatch,
+                                                                                 batches: str) -> None:
     from tests.support.engine import decode_together
 
+    if batches == "mlas" and not mlas_works():
+        pytest.skip("ONNX Runtime's MLAS does not run here")
     b = built("llama")
-    monkeypatch.setattr("azu.engine.stage.plan_for", lambda *_args: SWITCHING)
+    # To MLAS and back, the rows come from the stage's shard files again (LoadedFiles.restore).
+    plan = dataclasses.replace(SWITCHING, batch_layout=batches)
+    monkeypatch.setattr("azu.engine.stage.plan_for", lambda *_args: plan)
     monkeypatch.setattr(kernels, "SWITCH_AFTER_STEPS", 2)
     monkeypatch.setattr(kernels, "SWITCH_BACK_AFTER_STEPS", 3)
     monkeypatch.setattr(kernels, "SWITCH_BYTES_PER_STEP", 1)  # one linear a step: stages half-way for long
@@ -504,9 +680,11 @@ def test_a_stage_that_switches_layouts_mid_answer_keeps_each_jobs_greedy_tokens(
         token = int(pipe.step(k, nxt[k]).argmax())
         got[k].append(token)
         nxt[k] = torch.tensor([token])
-    for _ in range(NEW_TOKENS // 2):  # together: the stages move to packed
+    for _ in range(NEW_TOKENS // 2):  # together: the stages move to the batch layout
         decode_together(pipe.stages, list(nxt), nxt, got)
-    assert all(stage.layouts.layout == "packed" for stage in pipe.stages)
+    assert all(stage.layouts.layout == batches for stage in pipe.stages)
+    moved = kernels.LAYOUT_MODULES[batches]
+    assert all(any(type(m) is moved for m in stage.model.modules()) for stage in pipe.stages)
     for k in nxt:  # then one at a time: back to the weights as loaded
         while len(got[k]) < NEW_TOKENS:
             token = int(pipe.step(k, nxt[k]).argmax())
@@ -520,7 +698,7 @@ def test_a_stage_that_switches_layouts_mid_answer_keeps_each_jobs_greedy_tokens(
 def test_every_kernel_choice_gives_generates_greedy_tokens(built, family: str) -> None:
     b = built(family)
     expected = b.reference()
-    for choice in ("packed", "transposed", "plain", "torch"):
+    for choice in ("packed", "transposed", "mlas", "plain", "torch"):
         pipe = LocalPipeline(b.shards, 2, kernels=choice)
         assert pipe.generate(b.prompt(), max_tokens=NEW_TOKENS).token_ids == expected, choice
 

@@ -124,8 +124,8 @@ def test_widening_gives_back_the_files_bytes_as_it_casts(tmp_path):
     big = torch.linspace(-3, 3, 400_000).to(torch.bfloat16)  # 800 kB: an anonymous mapping of its own
     entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"a.big": big})
     files, given_back = LoadedFiles(), []
-    release = files.release
-    files.release = lambda t: given_back.append((t.dtype, release(t))) or given_back[-1][1]  # type: ignore
+    give_back = files._give_back  # what release() does, without a checksum (none is kept of a file's bytes)
+    files._give_back = lambda t: given_back.append((t.dtype, give_back(t))) or given_back[-1][1]  # type: ignore
     wide = files.load(tmp_path, entry, widen_to=torch.float32)
     assert torch.equal(wide["a.big"], big.float())
     assert [d for d, _ in given_back] == [torch.bfloat16]  # one block here: WIDEN_BLOCK elements
@@ -175,3 +175,48 @@ def test_missing_manifest_and_bad_format(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "other/9"}')
     with pytest.raises(InvalidRequest, match="format"):
         Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])  # the file's bytes; a cast copy of them
+def test_bytes_given_back_are_read_again_from_the_file_and_checked(tmp_path, stored):
+    # What a stage moving off ONNX Runtime's packed weights needs (azu.engine.kernels.LayoutSwitch): the
+    # rows it gave back, bit for bit, from the file (cast again where the stage widened them).
+    weight = torch.linspace(-2, 2, 300_000).reshape(600, 500)
+    entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"w": weight.to(stored)})
+    files = LoadedFiles(restorable=True)
+    w = files.load(tmp_path, entry, widen_to=torch.float32)["w"]
+    expected = weight.to(stored).float()
+    block, untouched = w[100:400], w[400:]  # rows of it, as a stage's blocks are
+    assert files.can_restore(block) and not files.can_restore(w.t()) and not files.can_restore(torch.ones(3))
+    assert files.release(block) > 0
+    assert not torch.equal(block, expected[100:400])  # given back: the pages read as zeros now
+    files.restore(block)
+    assert torch.equal(block, expected[100:400]) and torch.equal(untouched, expected[400:])
+    files.restore(block)  # restoring bytes that are there reads them again, and they still match
+    assert files.release(block) > 0 and files.release(block) > 0  # again and again: one checksum, kept
+    files.restore(block)
+    assert torch.equal(w, expected)
+    files.restore(w[:50])  # never given back: left as it is
+    # Without ``restorable``, nothing is checksummed and nothing can be read again.
+    plain = LoadedFiles()
+    other = plain.load(tmp_path, entry, widen_to=torch.float32)["w"]
+    assert not plain.can_restore(other[:10])
+
+
+def test_bytes_changed_on_disk_are_refused_and_given_back_again(tmp_path):
+    weight = torch.arange(400_000, dtype=torch.float32).reshape(800, 500)
+    entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"w": weight})
+    files = LoadedFiles(restorable=True)
+    w = files.load(tmp_path, entry)["w"]
+    block = w[200:600]
+    files.release(block)
+    path = tmp_path / entry.name
+    data = bytearray(path.read_bytes())
+    data[-4 * 500 * 300] ^= 1  # one bit of row 500, inside the block
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityFailure, match="changed on disk"):
+        files.restore(block)
+    assert not block[100:300].any()  # the bytes read were given back, not left for a reader
+    path.write_bytes(bytes(data[: len(data) // 2]))  # and a file cut short
+    with pytest.raises(IntegrityFailure, match="shorter"):
+        files.restore(block)
