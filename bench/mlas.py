@@ -1,9 +1,9 @@
 """An experiment: ONNX Runtime's MLAS on prepacked weights against the kernels azu's CPU stages run.
 
-    pip install onnxruntime onnx    # not azu dependencies: this script only
+    pip install -e .    # ONNX Runtime and onnx are azu dependencies
     python bench/mlas.py [--rounds 3] [--head] [--bound] [--pairs 2]
 
-azu does not run MLAS. This measures what it would give, so the decision rests on figures from one run:
+What MLAS gives against the kernels a stage runs otherwise, figures from one run:
 
 - **Products** (always): one Qwen-shaped layer's linears (``kernels.layer_shapes``), one thread, for 1, 2, 4,
   8, 16, 32 and 128 rows, in ms (median of ``--rounds``, each the best of five runs, the kinds interleaved):
@@ -22,10 +22,10 @@ azu does not run MLAS. This measures what it would give, so the decision rests o
   with every product of 2-32 rows on MLAS (one packed copy per block, made on first use and held beside the
   block: a what-if of the kernels, not of the memory), the other row counts as the plan runs them there.
 
-Why azu does not take it (see docs/architecture.md): MLAS's packed copy cannot be read back. A stage that
-moves its weights to the batches' layout under load must move them back to one user's layout (on the AVX2
-machines MLAS ran one row slower than numpy's BLAS) bit for bit, and ONNX Runtime gives no way to read the
-packed weight; keeping the original beside it doubles the stage's memory.
+azu runs MLAS as a layout since the thirtieth session (``azu.engine.mlas``; docs/architecture.md, "ONNX
+Runtime's MLAS as a layout"), a batch layout where it runs batches clearly faster and one row clearly slower:
+a move off it reads the rows from the shard files again, since MLAS's packed copy cannot be read back. This
+script stays as the experiment that led there: the kernels side by side, and the bound with MLAS forced on.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from _support import QWEN, row_blocks, rss_mb, stream_prompts
 
 from azu.engine import kernels
+from azu.engine.mlas import MlasWeight
 
 HIDDEN, VOCAB = 896, 151936
 QWEN_LAYER = {"num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864}
@@ -55,28 +56,10 @@ MLAS_ROWS = (2, 32)  # --bound: the row counts MLAS runs on the transposed layou
 
 
 def mlas_session(weight: np.ndarray) -> Any:
-    """A one-thread ONNX Runtime session computing ``x @ weight`` (``weight`` is ``(in, out)``, float32),
-    the weight packed by ONNX Runtime at session start. It is handed over as an in-memory external data file:
-    ONNX Runtime then allocates the tensor itself and frees it after packing (a weight embedded in the model's
-    bytes was kept beside its packed copy)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    k, n = weight.shape
-    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[k, n], data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(weight.nbytes))):
-        w.external_data.add(key=key, value=value)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.enable_cpu_mem_arena = False
-    options.add_external_initializers_from_files_in_memory(["w.bin"], [weight], [weight.nbytes])
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    """The ONNX Runtime session a stage's MLAS layout holds for the block ``weight`` (``(in, out)``,
+    float32): ``x @ weight``, the weight packed at session start (``azu.engine.mlas.MlasWeight``; ONNX Runtime
+    frees its copy of the weight once packed)."""
+    return MlasWeight(torch.from_numpy(weight).t()).session
 
 
 def mlas_product(session: Any, x: torch.Tensor) -> torch.Tensor:

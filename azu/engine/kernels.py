@@ -54,7 +54,11 @@ runs); the layer's shapes show it (a layer's products 1.0-1.07 ms packed, 0.87-0
   layer's products for 16 rows in 11.5 ms against 13.9 packed and 16.0 on MKL transposed, 4-8 rows as fast as
   packed, and the head's 8 rows in 75 ms against 90 packed: the transposed layout then serves one user and
   batches alike, without moving the weights between layouts. Its threads are held to PyTorch's
-  (``blas_works``).
+  (``blas_works``);
+- MLAS, ONNX Runtime's CPU kernels, on a copy it packs itself (``azu.engine.mlas``), where ONNX Runtime runs:
+  on the AMD EPYC with AVX2 (Zen 3) of 2026-12-03, 2-8 rows of a Qwen layer in 40-60% of numpy's BLAS's time,
+  one row 10-15% slower, so there it is the batch layout. Its copy cannot be read back: a move off it reads
+  the rows from the shard file again (``WeightFiles``, ``LoadedFiles.restore``).
 
 ``auto`` does not measure for a stage whose weights are under 64 MB: they stay in the cache, where every
 kernel is fast; it runs PyTorch's linear.
@@ -63,9 +67,9 @@ The results are the same up to float rounding (relative difference ~1e-7 per pro
 GEMM implementations), so greedy tokens stay those of ``transformers`` and the verifier's tolerance covers
 a worker and a verifier that use different kernels.
 
-``AZU_CPU_KERNELS``: ``auto`` measures and chooses for float32 CPU stages; ``packed``, ``transposed`` and
-``plain`` force the layout (the per-row choices are still measured); ``torch`` keeps PyTorch's own linear
-everywhere.
+``AZU_CPU_KERNELS``: ``auto`` measures and chooses for float32 CPU stages; ``packed``, ``transposed``,
+``mlas`` and ``plain`` force the layout (the per-row choices are still measured); ``torch`` keeps PyTorch's
+own linear everywhere.
 Every worker logs the plan it chose and the figures it chose from.
 """
 
@@ -763,6 +767,12 @@ class LayoutSwitch:
             module = getattr(parent, name)
             if not isinstance(module, MovingLinear) and _layout_of(module) == self.layout:
                 self._todo.pop(0)
+        if not LAYOUT_MODULES[self.layout].readable:
+            # ONNX Runtime copies each weight into a buffer of its own, packs it and frees the copy; glibc
+            # keeps the freed copies in the heap, not reusing them for the next: without a trim a turn, a move
+            # to MLAS held twice the weights moved (33 MB of RSS for a 17 MB block), and on the AMD EPYC of
+            # 2026-12-03 each session then took 150-190 ms to start instead of 35-46 (7 ms a trim).
+            release_freed_memory()
         self._moved_s += time.perf_counter() - started
         if not self._todo:
             log.info("CPU linears: the weights are %s: %.0f MB moved in %.2f s of conversion over %d turns",
