@@ -22,6 +22,7 @@ each run in a fresh subprocess (peak RSS minus the RSS after imports).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -216,6 +217,7 @@ def _peak_mb() -> float:
 def _stage_weights_mb(stage) -> tuple[float, set[str]]:
     """Bytes of the distinct tensors a stage holds (what it loaded, in the dtype it holds them), dtypes."""
     from azu.engine.kernels import BlockedLinear
+    from azu.engine.mlas import MlasWeight
 
     seen: dict[int, int] = {}
     dtypes = set()
@@ -228,6 +230,10 @@ def _stage_weights_mb(stage) -> tuple[float, set[str]]:
     for module in stage.model.modules():
         if isinstance(module, BlockedLinear):  # weights packed or transposed: not parameters any more
             for tensor in [*module.blocks, *(b for b in module.biases if b is not None)]:
+                if isinstance(tensor, MlasWeight):  # packed by ONNX Runtime, in float32
+                    packed += tensor.nbytes
+                    dtypes.add("float32")
+                    continue
                 packed += tensor.numel() * tensor.element_size()
                 dtypes.add(str(tensor.dtype).removeprefix("torch."))
     return (sum(seen.values()) + packed) / 2**20, dtypes
@@ -240,9 +246,11 @@ def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int
     ``steps`` batched decode steps) have ended. ``kernels``: the stage's ``AZU_CPU_KERNELS``.
 
     The baseline is the RSS after imports, the family's modeling code included (``Stage.load`` imports it
-    lazily: ~90 MB of Python modules any worker process carries, whatever it holds); it is reported, not
-    counted. Weights are the bytes of the tensors the stage ends up holding, so a stage that silently
-    kept another dtype than the one asked for (or a second copy) shows up here.
+    lazily: ~90 MB of Python modules any worker process carries, whatever it holds), and ONNX Runtime and
+    onnx where installed (a CPU stage's measurement imports them: 30 MB of modules, counted as the stage's
+    until the thirtieth session); it is reported, not counted. ONNX Runtime's state after its first session
+    (~18 MB) is counted. Weights are the bytes of the tensors the stage ends up holding, so a stage that
+    silently kept another dtype than the one asked for (or a second copy) shows up here.
     """
     import importlib
 
@@ -257,6 +265,9 @@ def child_stage_rss(shards: str, device: str, dtype: str, jobs: int, prompt: int
     half = manifest.num_layers // 2
     start = rss_mb()
     importlib.import_module(f"transformers.models.{manifest.model_type}.modeling_{manifest.model_type}")
+    for module in ("onnxruntime", "onnx"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
     base = rss_mb()
     span = Span(0, half, embeddings=True) if end == "first" else Span(half, manifest.num_layers, head=True)
     stage = Stage.load(shards, span, device=device, dtype=dtype, kernels=kernels)
