@@ -807,7 +807,12 @@ class LayoutSwitch:
                 assert self.files is not None and origin is not None  # checked before it came here
                 self.files.restore(origin)  # read from the file again, checked: a mismatch fails the move
                 rows = origin
-            converted = new.convert(rows)
+            try:
+                converted = new.convert(rows)
+            except BaseException:
+                if not old.readable and origin is not None:
+                    self.release(origin)  # read again for nothing: its pages go back
+                raise
         source.blocks.pop(take)
         source.origins.pop(take)
         target.blocks.insert(put, converted)

@@ -14,8 +14,9 @@ against a digest taken when they were given back (``azu.engine.kernels.LayoutSwi
 The weight reaches ONNX Runtime as an in-memory "external data file": ONNX Runtime copies it into a buffer of
 its own and frees that once packed (a weight embedded in the model's bytes stayed beside its packed copy);
 with the memory arena off, the RSS a session adds is its packed weight (1.00-1.01x the bytes, measured) and
-0.07 MB. Each session runs on as many threads as PyTorch (one in a worker), never spinning: a pool that spins
-would burn the cores the host's other workers run on.
+0.07 MB. Each session runs on one thread: a session with more would hold a thread pool of its own, and a
+stage holds hundreds of sessions (a block each). A stage whose PyTorch runs several threads measures MLAS on
+the one it has, and chooses it only where it is faster so.
 
 The graph is built here from ONNX's protobuf classes; no model file is ever read (nothing to trust).
 """
@@ -84,9 +85,7 @@ def _session(weight: np.ndarray, *, transposed: bool) -> Any:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = options.inter_op_num_threads = 1  # no pool per session (see above)
     options.enable_cpu_mem_arena = False  # a freed session's memory goes back, not to an arena
     # One node: nothing to optimise, and the optimisers took a third of a session's start.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -97,12 +96,18 @@ def _session(weight: np.ndarray, *, transposed: bool) -> Any:
 
 @functools.cache
 def mlas_works() -> bool:
-    """Whether ONNX Runtime is installed and its products give ``F.linear``'s, from either form of a block."""
+    """Whether ONNX Runtime is installed and its products give ``F.linear``'s, from either form of a block,
+    once the rows it was given are gone: a stage gives those pages back (or frees them) as soon as the
+    session exists, so a build that kept reading them instead of its own copy would run on zeros."""
     try:
         gen = torch.Generator().manual_seed(0)
         x, w = torch.randn(3, 64, generator=gen), torch.randn(96, 64, generator=gen)
         want = torch.nn.functional.linear(x, w)
-        got = [MlasWeight(w)(x), MlasWeight(w.t().contiguous().t())(x)]
+        sources = [w.clone(), w.t().contiguous()]
+        blocks = [MlasWeight(sources[0]), MlasWeight(sources[1].t())]
+        for source in sources:
+            source.fill_(float("nan"))
+        got = [block(x) for block in blocks]
     except Exception as exc:  # not installed, or a build that cannot run here: the stage runs without it
         log.info("ONNX Runtime's MLAS unavailable for CPU linears (%s)", exc)
         return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 
 import pytest
 import torch
@@ -220,3 +221,17 @@ def test_bytes_changed_on_disk_are_refused_and_given_back_again(tmp_path):
     path.write_bytes(bytes(data[: len(data) // 2]))  # and a file cut short
     with pytest.raises(IntegrityFailure, match="shorter"):
         files.restore(block)
+
+
+def test_a_file_swapped_on_disk_is_not_followed_when_bytes_are_read_again(tmp_path):
+    weight = torch.arange(300_000, dtype=torch.float32).reshape(600, 500)
+    entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"w": weight})
+    files = LoadedFiles(restorable=True)
+    w = files.load(tmp_path, entry)["w"]
+    block = w[100:500]
+    files.release(block)
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(600, 500)}, str(other))
+    os.replace(other, tmp_path / entry.name)  # a new file under the old name
+    files.restore(block)  # read through the descriptor opened at load: the verified file's bytes
+    assert torch.equal(block, weight[100:500])
