@@ -204,14 +204,19 @@ def test_bytes_given_back_are_read_again_from_the_file_and_checked(tmp_path, sto
     assert not plain.can_restore(other[:10])
 
 
-def test_bytes_changed_on_disk_are_refused_and_given_back_again(tmp_path):
-    weight = torch.arange(400_000, dtype=torch.float32).reshape(800, 500)
+def _a_block_given_back(tmp_path, rows: int, first: int, last: int):
+    """A float32 weight of ``rows`` x 500 loaded from a file, rows ``first:last`` of it given back; (the
+    LoadedFiles, the block, the weight, the file)."""
+    weight = torch.arange(rows * 500, dtype=torch.float32).reshape(rows, 500)
     entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"w": weight})
     files = LoadedFiles(restorable=True)
-    w = files.load(tmp_path, entry)["w"]
-    block = w[200:600]
+    block = files.load(tmp_path, entry)["w"][first:last]
     files.release(block)
-    path = tmp_path / entry.name
+    return files, block, weight, tmp_path / entry.name
+
+
+def test_bytes_changed_on_disk_are_refused_and_given_back_again(tmp_path):
+    files, block, _, path = _a_block_given_back(tmp_path, 800, 200, 600)
     data = bytearray(path.read_bytes())
     data[-4 * 500 * 300] ^= 1  # one bit of row 500, inside the block
     path.write_bytes(bytes(data))
@@ -224,14 +229,9 @@ def test_bytes_changed_on_disk_are_refused_and_given_back_again(tmp_path):
 
 
 def test_a_file_swapped_on_disk_is_not_followed_when_bytes_are_read_again(tmp_path):
-    weight = torch.arange(300_000, dtype=torch.float32).reshape(600, 500)
-    entry = _entry(tmp_path, "layer_00000.safetensors", "layer", 0, {"w": weight})
-    files = LoadedFiles(restorable=True)
-    w = files.load(tmp_path, entry)["w"]
-    block = w[100:500]
-    files.release(block)
+    files, block, weight, path = _a_block_given_back(tmp_path, 600, 100, 500)
     other = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(600, 500)}, str(other))
-    os.replace(other, tmp_path / entry.name)  # a new file under the old name
+    os.replace(other, path)  # a new file under the old name
     files.restore(block)  # read through the descriptor opened at load: the verified file's bytes
     assert torch.equal(block, weight[100:500])
