@@ -182,6 +182,14 @@ class KernelPlan:
     # On the transposed layout, the row buckets numpy's BLAS runs (MKL runs the others).
     blas_rows: frozenset[int] = frozenset()
 
+    @property
+    def rereads_rows(self) -> bool:
+        """Whether the stage moves its weights to or from a layout that cannot be read back (MLAS): a move
+        off it reads the loaded rows from the shard files again (``WeightFiles``), so they must stay
+        readable."""
+        return self.batch_layout is not None and not all(
+            LAYOUT_MODULES[layout].readable for layout in (self.layout, self.batch_layout))
+
     def describe(self) -> str:
         text = self._describe(self.layout)
         if self.batch_layout is not None:

@@ -274,8 +274,7 @@ class Stage:
         )
         # A move off a layout that cannot be read back (MLAS's packed weights) reads the rows from the files
         # again: their bytes are checksummed as they are given back.
-        restorable = plan is not None and plan.batch_layout is not None and "mlas" in (
-            plan.layout, plan.batch_layout)
+        restorable = plan is not None and plan.rereads_rows
         files = LoadedFiles(restorable=restorable)
         # On a CPU, narrower files (bfloat16 for a float32 stage) are cast here, block by block, each block of
         # the file given back as it is cast (LoadedFiles): transformers would hold a file and its whole cast

@@ -251,6 +251,7 @@ def test_mlas_takes_the_batches_where_it_runs_them_clearly_fastest() -> None:
     # One user as before (as loaded with oneDNN for one row; transposed for the last stage, the head's one row
     # 20% faster there than on MLAS); batches move to MLAS.
     assert _chosen(ZEN3_LAYERS) == ("loaded", "mlas")
+    assert kernels.plan_from(ZEN3_LAYERS).rereads_rows and not kernels.plan_from(ZEN3).rereads_rows
     assert _chosen(ZEN3_LAST_STAGE) == ("transposed", "mlas")
     assert kernels.plan_from(ZEN3_LAYERS).describe().endswith("under batches of 4+ jobs: packed by ONNX "
                                                                "Runtime's MLAS")
