@@ -36,9 +36,9 @@ from azu.engine.kernels import SWITCH_BACK_IDLE_S
 from azu.engine.span import Span
 from azu.engine.stage import Stage
 
-# Batch steps each stage runs before the timed ones: a stage's weights move to its batch layout under
-# batches (azu.engine.kernels.LayoutSwitch: after 8 steps, about 64 MB a step; a Qwen half is 1.2 GB).
-WARM_STEPS = 28
+# Batch steps each stage runs before the timed ones, its weights already in its batch layout (moved there
+# first: under a long enough load a worker moves them, azu.engine.kernels.LayoutSwitch).
+WARM_STEPS = 8
 # Timed steps and one-row tokens: at least this many, over at least this long each (a small model's 12
 # tokens take a quarter of a second, too short a window on a machine whose speed moves from moment to moment).
 TIMED_STEPS, TIMED_S = 12, 2.0
@@ -89,6 +89,9 @@ def measure(folder: Path, cut: int, num_layers: int, prompts: list[list[int]], *
         return took
 
     ones = one_row_tokens()
+    for stage in (first, last):  # the steady state under batches: the weights where batches run them
+        if stage.layouts is not None and stage.layouts.plan.batch_layout is not None:
+            stage.layouts.move_all(stage.layouts.plan.batch_layout)
     rows = len(jobs) // 2
     groups = (jobs[:rows], jobs[rows:2 * rows])
     spans: list[list[tuple[float, float]]] = [[], []]
