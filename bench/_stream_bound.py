@@ -90,8 +90,11 @@ def measure(folder: Path, cut: int, num_layers: int, prompts: list[list[int]], *
 
     ones = one_row_tokens()
     for stage in (first, last):  # the steady state under batches: the weights where batches run them
-        if stage.layouts is not None and stage.layouts.plan.batch_layout is not None:
-            stage.layouts.move_all(stage.layouts.plan.batch_layout)
+        switch = stage.layouts
+        if (switch is not None and switch.plan.batch_layout is not None
+                and not switch.move_all(switch.plan.batch_layout)):
+            raise SystemExit("the 16-stream bound: a stage's weights did not all move to its batch layout "
+                             "(the log says why); its steps would time a mixed layout")
     rows = len(jobs) // 2
     groups = (jobs[:rows], jobs[rows:2 * rows])
     spans: list[list[tuple[float, float]]] = [[], []]

@@ -348,21 +348,22 @@ def plan_from(times: Timings, layout: str = "auto") -> KernelPlan:
         # than the weights as loaded (any other copies every weight: it must gain). Batches of several jobs
         # get the layout that runs them fastest, where that is clearly faster than the first: the stage moves
         # to it while batches last (``LayoutSwitch``), so neither a single user nor a full stage pays for the
-        # other's layout, where another layout runs one row faster than it; else it is the only one.
+        # other's layout, where the first runs one row faster than it; else it is the only one.
         fastest = min(layouts, key=lambda c: ms(c, 1))
         chosen = fastest if ms(fastest, 1) < CLEARLY_FASTER * ms("loaded", 1) else "loaded"
         for_batches = min(layouts, key=batches)
         if batches(for_batches) < CLEARLY_FASTER * batches(chosen):
-            # One layout for both only where the batches' one runs a single row as fast as any other: a
-            # single user on a slower layout pays on every step, a burst of batches pays for a move once (a
-            # few seconds of conversion on a large stage). Until 2026-12-03 the batches' layout served one
+            # One layout for both only where the batches' one runs a single row as fast as the one chosen
+            # for it: a single user on a slower layout pays on every step, a burst of batches pays for a move
+            # there and one back (seconds of conversion on a large stage, the way back from MLAS reading the
+            # rows from the files again). Until 2026-12-03 the batches' layout served one
             # user too wherever no other ran a row clearly (10%) faster; on the AMD EPYC with AVX2 (Zen 3) of
             # that day the measurement at load put MLAS's one row 8-25% behind numpy's BLAS on the transposed
             # weight from one run to the next (3.03-3.38 ms against 2.70-2.81), so a worker's stage served one
             # user on MLAS or not by chance, where a Qwen layer's one-row products ran 21% slower on it (4.36
             # ms against 3.59, over 240 MB of layers, medians of 15). On an Intel Xeon with AMX (2026-12-02),
             # one row 4.37 ms as loaded, 4.00 transposed, 4.8 packed: one user as loaded, batches packed.
-            if ms(for_batches, 1) <= min(ms(c, 1) for c in layouts if c != for_batches):
+            if ms(for_batches, 1) <= ms(chosen, 1):
                 chosen = for_batches
             else:
                 batch_layout = for_batches
@@ -747,14 +748,19 @@ class LayoutSwitch:
             self.finished_idle = not self._todo
         return bool(self._todo)
 
-    def move_all(self, layout: str) -> None:
+    def move_all(self, layout: str) -> bool:
         """Move every weight to ``layout`` (one of the plan's two) now, whatever the steps so far: for a
-        measurement of a layout's steady state (bench/_stream_bound.py) and for tests."""
+        measurement of a layout's steady state (bench/_stream_bound.py) and for tests. Whether they all are
+        there: not after a failed move (logged; every linear whole where it stands), nor where a block has
+        no way back from it (``_move_block``: it stays)."""
         assert layout in (self.plan.layout, self.plan.batch_layout)
         if layout != self.layout:
             self._head_for(layout, "asked")
         while self._todo:
             self._move(SWITCH_BYTES_PER_STEP)
+        return self.layout == layout and all(
+            not isinstance(module := getattr(parent, name), MovingLinear) and _layout_of(module) == layout
+            for parent, name in self._places)
 
     def _head_for(self, layout: str, why: str) -> None:
         self.layout, self._run, self.switches = layout, 0, self.switches + 1
