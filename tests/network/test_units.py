@@ -859,7 +859,10 @@ def test_an_inbox_with_direct_frames_waits_on_both_and_loses_nothing(any_redis) 
     try:
         assert box.wait(0.05) == []  # nothing either way: the full timeout
         started = time.monotonic()
-        threading.Timer(0.05, frames.put, args=(b"f1",)).start()
+        # The frame well after the first wait's pop has answered (its 50 ms on the server): on a busy machine
+        # a frame due at the same moment could come after that answer, and the wait would then read it and
+        # leave no pop outstanding.
+        threading.Timer(0.5, frames.put, args=(b"f1",)).start()
         assert box.wait(5.0) == [b"f1"]
         assert time.monotonic() - started < 2.0  # ended by the frame, not the 5 s
         assert box._pop is not None and box._pop.outstanding  # the pop is still waiting, on Redis
