@@ -7,14 +7,19 @@ format (celeryconfig.worker_log_format) prints.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
+import secrets
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
+import redis
 from celery import Celery, Task
 from kombu import compression
 from kombu.serialization import register
+from kombu.transport import redis as kombu_redis
 
 from azu.network.dispatch import set_dispatcher
 from azu.network.wire import unpack_task_body
@@ -60,6 +65,30 @@ def _refuse_compressed(body: bytes) -> bytes:
 # 1 GiB. azu compresses nothing, so every compression kombu knows is refused here (encoders kept as they are).
 for _kind in compression.encoders():
     compression.register(compression.get_encoder(_kind)[0], _refuse_compressed, _kind)
+
+
+
+@contextlib.contextmanager
+def _mutex_without_lua(client: Any, name: str, expire: int) -> Iterator[None]:
+    """kombu's ``Mutex`` (the lock around restoring unacknowledged messages) without Lua: redis-py's lock
+    releases by a script, and a worker's broker login may run none (docs/security.md: one script that loops
+    holds Redis for everyone). Taken with SET NX EX; released under WATCH, only while the token is still
+    ours (it may have expired and been taken by another consumer meanwhile)."""
+    token = secrets.token_hex(16).encode()
+    if not client.set(name, token, nx=True, ex=int(expire)):
+        raise kombu_redis.MutexHeld()
+    try:
+        yield
+    finally:
+        with client.pipeline() as pipe, contextlib.suppress(redis.WatchError):
+            pipe.watch(name)
+            if pipe.get(name) == token:
+                pipe.multi()
+                pipe.delete(name)
+                pipe.execute()
+
+
+kombu_redis.Mutex = _mutex_without_lua  # looked up when restore_visible runs
 
 app = Celery("workers", task_cls=AzuTask,
              include=["workers.payouts", "workers.stage", "workers.scheduler", "workers.registry"])

@@ -84,11 +84,12 @@ def worker_acl(worker_id: str, *, db: int) -> list[str]:
     return [
         "-@all",
         # What a Celery 5.7 consumer of its own queues sends (monitored in notes/broker_isolation.md §1),
-        # plus the inbox's blocking pops.
+        # plus the inbox's blocking pops. No Lua (EVAL, EVALSHA, SCRIPT, FCALL): one script that loops holds
+        # Redis for every client until it is killed. kombu scripts only queues that expire (azu's do not)
+        # and its lock's release, which workers/__init__.py makes a WATCH/MULTI.
         "+ping", "+select", "+brpop", "+blpop", "+blmpop", "+llen", "+lrange", "+ltrim", "+lpush", "+rpush",
         "+sadd", "+smembers", "+srem", "+zadd", "+zrem", "+zrange", "+hset", "+hget", "+hdel", "+set",
-        "+get", "+del", "+expire", "+multi", "+exec", "+discard", "+watch", "+unwatch", "+evalsha", "+eval",
-        "+script|load", "+script|exists", "+publish",
+        "+get", "+del", "+expire", "+multi", "+exec", "+discard", "+watch", "+unwatch", "+publish",
         *(f"~{k}" for k in own_keys),
         # Publish only (no +subscribe/+psubscribe): heartbeats and task events, never read others' events.
         f"&/{db}.celeryev/*",

@@ -6,10 +6,10 @@ while the worker has been woken and has not yet taken all that is pending).
 Sending (``deliver``), with writes only (a worker may not read another worker's keys, and a script that
 declares keys needs read access to them): RPUSH the signed bundle onto ``pending`` and refresh its expiry,
 then ``SET wake NX``; if that SET succeeded the worker was idle, so the sender wakes it with one Celery
-message (the worker then takes its inbox). This is race-free against the taker's release (``_RELEASE``:
-LLEN == 0, then DEL wake, atomically): a push that lands before the release keeps the worker taking, and one
-that lands after it finds ``wake`` cleared and wakes the worker. One Redis round trip for every batch of
-steps, whatever the number of workers it goes to.
+message (the worker then takes its inbox). This is race-free against the taker's release (``release``:
+LLEN == 0, then DEL wake, atomically under WATCH): a push that lands before the release keeps the worker
+taking, and one that lands after it finds ``wake`` cleared and wakes the worker. One Redis round trip for
+every batch of steps, whatever the number of workers it goes to.
 
 Taking (``Inbox``): a woken worker takes everything pending as its next batch, so the decode steps of many
 jobs run together; it releases ``wake`` only when ``pending`` is empty, in one atomic step, so a payload is
@@ -51,20 +51,6 @@ TAKE_POP_S = 0.05  # the server-side timeout of a pop a take leaves outstanding 
 # The shortest blocking pop: Redis before 7.0.8 (azu up's 6.2 too) reads a timeout under 1 ms as 0, which
 # blocks for ever (redis/redis#11688), and 0 itself means for ever on every version.
 MIN_BLOCK_S = 0.01
-
-# Take every payload left for the worker (and keep its wake key alive while it works).
-_TAKE = """
-local v = redis.call('LRANGE', KEYS[1], 0, -1)
-if #v > 0 then redis.call('DEL', KEYS[1]); redis.call('EXPIRE', KEYS[2], ARGV[1]) end
-return v
-"""
-# Stop taking: clear the wake key, but only if nothing is pending, in one atomic step (a sender that
-# then finds the key cleared wakes the worker with a new Celery message).
-_RELEASE = """
-if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]); return 1 end
-return 0
-"""
-
 
 def deliver(pipe: redis.client.Pipeline, bundles: Mapping[str, bytes], *, dispatch: Dispatcher,
             before: int | None = None) -> list[Any]:
@@ -319,7 +305,14 @@ class Inbox:
             got = self._local_and_popped()
             self._pop.start(TAKE_POP_S)
             return got
-        return list(self.r.eval(_TAKE, 2, self.pending, self.wake, WAKE_TTL_S))  # type: ignore[arg-type]
+        # MULTI/EXEC, not a script: a worker's login may not run Lua (one busy loop would stall Redis for
+        # every other client; docs/security.md). Keeps the wake key alive while the worker takes.
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lrange(self.pending, 0, -1)
+        pipe.delete(self.pending)
+        pipe.expire(self.wake, WAKE_TTL_S)
+        got, _, _ = pipe.execute()
+        return list(got)
 
     def wait(self, timeout_s: float, *, control: str | None = None) -> list[bytes]:
         """Wait up to ``timeout_s`` for payloads; return all that are queued (at most ``BATCH_MAX``).
@@ -403,8 +396,20 @@ class Inbox:
         return bool(waiting)
 
     def release(self) -> bool:
-        """Clear the wake key if nothing is pending; False if something arrived meanwhile (take it)."""
-        return bool(self.r.eval(_RELEASE, 2, self.pending, self.wake))
+        """Clear the wake key if nothing is pending; False if something arrived meanwhile (take it). Atomic
+        by WATCH on the pending list: a push between the look and the DEL aborts the DEL, so a sender either
+        lands before (the worker takes it) or finds the wake key cleared (and wakes the worker)."""
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(self.pending)
+                if pipe.llen(self.pending):
+                    return False
+                pipe.multi()
+                pipe.delete(self.wake)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                return False
 
 
 class Outbox:

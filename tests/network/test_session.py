@@ -76,11 +76,12 @@ def test_a_lingering_session_makes_one_round_trip_a_slice(r: redis.Redis, monkey
     node.end_sessions()
     thread.join(timeout=10)
     assert not thread.is_alive()
-    idle = sends[:-1]  # the last: its release
+    # The last three: its release (WATCH the list, look at it, MULTI/DEL the wake key/EXEC).
+    idle, release = sends[:-3], sends[-3:]
     assert len(idle) >= 3
     # Every round trip a pop, the look behind it (a look of its own, before: a second round trip a slice).
     assert all(b"BLMPOP" in s and b"LLEN" in s and b"EXPIRE" in s for s in idle), idle
-    assert b"LLEN" in sends[-1]  # the release (its script)
+    assert [b"WATCH" in release[0], b"LLEN" in release[1], b"EXEC" in release[2]] == [True] * 3, release
 
 
 @pytest.mark.parametrize("how", ["stopping", "control message"])

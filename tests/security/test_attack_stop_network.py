@@ -9,6 +9,7 @@ running, still answers the core's inspect, and still consumes only ``core``; the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -116,3 +117,47 @@ def test_a_worker_cannot_stop_or_steer_the_core(core, core_redis_url, core_worke
     # The attacker's login still works for what is its own (the refusals were not a dead connection).
     own = redis.Redis.from_url(login)
     assert own.lpush(f"gpu.{w1.worker_id}", b"x") == 1
+
+
+def test_a_worker_cannot_stall_redis_with_a_script(core, core_redis_url, monkeypatch):
+    """A worker's login runs no Lua: a script that loops would hold Redis (every inbox, report and Celery
+    message of the network) until someone killed it. Each way in is refused, and the core's Redis answers."""
+    monkeypatch.setenv("AUTH_SECRET_KEY", CORE_SEED)
+    monkeypatch.setenv("AZU_RATE_LIMIT_ACCOUNTS", "off")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    client = make_app({"REDIS_URL": core_redis_url}).test_client()
+    w1 = Stranger(fresh_id("s"))
+    login = w1.enroll(client).get_json()["broker_url"]
+    own = f"azu:pending:{w1.worker_id}"
+    loop = "while true do end"
+    attacker = redis.Redis.from_url(login, socket_timeout=3)
+    attempts = {
+        "EVAL": lambda: attacker.eval(loop, 0),
+        "EVAL on its own key": lambda: attacker.eval(loop, 1, own),
+        "SCRIPT LOAD": lambda: attacker.script_load(loop),
+        "EVALSHA": lambda: attacker.evalsha(core.script_load(loop), 0),
+        "EVAL_RO": lambda: attacker.execute_command("EVAL_RO", loop, 0),
+        "FUNCTION LOAD": lambda: attacker.function_load(
+            "#!lua name=stall\nredis.register_function('stall', function() while true do end end)"),
+        "FCALL": lambda: attacker.fcall("stall", 0),
+    }
+    not_refused = {}
+    try:
+        for what, attempt in attempts.items():
+            try:
+                result = attempt()
+            except redis.ResponseError as exc:
+                if not nopermission(exc):
+                    not_refused[what] = f"{type(exc).__name__}: {exc}"
+                continue
+            except redis.RedisError as exc:  # a timeout: the script ran
+                not_refused[what] = f"{type(exc).__name__}: {exc}"
+                continue
+            not_refused[what] = f"accepted: {result!r}"
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            core.script_kill()  # should the login run one after all, the rest of the suite needs Redis back
+    assert not_refused == {}
+    assert core.ping()
+    # The login still does what it is for: its inbox and reports (the refusals were not a dead connection).
+    assert attacker.rpush(own, b"x") == 1 and attacker.lrange(own, 0, -1) == [b"x"]
