@@ -75,7 +75,7 @@ def network_view(r: redis.Redis, throughput: Throughput) -> dict[str, Any]:
             num_layers = None
         holders = [{"worker_id": w.worker_id, **_span_json(span)}
                    for w in workers for span in w.holds(model_id)]
-        served = bool(num_layers and placement.find_routes(model_id, num_layers, workers))
+        served = bool(num_layers and placement.Routes(model_id, num_layers, workers).exists())
         models.append({"model_id": model_id, "num_layers": num_layers, "served": served, "holders": holders})
     rate = throughput.measure(r, now=now)
     return {

@@ -15,6 +15,7 @@ heartbeat says, until a heartbeat from a process started after the mark (a resta
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from azu.config import get_settings
 from azu.engine.span import Span
 from azu.errors import InvalidRequest, shown
 from azu.network import keys
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,35 +117,72 @@ def deregister(r: redis.Redis, worker_id: str) -> None:
     pipe.execute()
 
 
+@dataclass
+class Snapshot:
+    """The live workers with the public keys they enrolled (``azu:identity:<id>``, written by the core at
+    enrollment), read in the same round trips: what a job's grant names for each hop."""
+
+    workers: list[WorkerInfo]
+    identities: dict[str, str]  # worker id -> public key (hex), for the live workers that have one
+
+    def worker(self, worker_id: str) -> WorkerInfo | None:
+        return next((w for w in self.workers if w.worker_id == worker_id), None)
+
+
 def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None = None) -> list[WorkerInfo]:
     """Workers whose last heartbeat is within ``ttl`` seconds (default: the heartbeat TTL), by worker id."""
+    return snapshot(r, ttl=ttl, now=now).workers
+
+
+# One round trip (a job's submit reads the directory on the way to its first token): the workers heard from
+# since ARGV[1], less the lost (marked since ARGV[2]) and the banned; for each, its record, enrolled identity
+# and the spans the core ordered it. The keys are the workers' own, named by the ids read here (ARGV[3-5]:
+# their prefixes), so they cannot be declared up front: fine on one Redis, as azu runs it (not a cluster).
+_READ = """
+local out = {}
+local skip = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do skip[id] = true end
+for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do skip[id] = true end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
+  if not skip[id] then
+    out[#out + 1] = {id, redis.call('GET', ARGV[3] .. id), redis.call('GET', ARGV[4] .. id),
+                     redis.call('SMEMBERS', ARGV[5] .. id)}
+  end
+end
+return out
+"""
+
+
+def snapshot(r: redis.Redis, *, ttl: float | None = None, now: float | None = None) -> Snapshot:
+    """``live_workers`` with their enrolled identities, all in one round trip (a job's grant then needs no
+    read of its own). Lost workers are left out until they restart; banned ones (failed verification,
+    azu.verification) for good."""
     now = time.time() if now is None else now
-    pipe = r.pipeline(transaction=False)  # one round trip (every job's submit reads the directory)
-    pipe.zrangebyscore(keys.WORKERS, now - _ttl(ttl), "+inf")
-    _read_lost(pipe, now)
-    pipe.hkeys(keys.BANNED)
-    found, lost_ids, banned = pipe.execute()
-    # Lost workers until they restart; banned ones (failed verification, azu.verification) for good.
-    lost = {keys.as_str(w) for w in (*lost_ids, *banned)}
-    ids = [i for i in (keys.as_str(i) for i in found) if i not in lost]
-    if not ids:
-        return []
-    pipe = r.pipeline(transaction=False)
-    pipe.mget([keys.worker(i) for i in ids])
-    for i in ids:
-        pipe.smembers(keys.assigned(i))
-    raws, *ordered = pipe.execute()
+    prefixes = keys.worker(""), keys.identity(""), keys.assigned("")
+    rows: Any = r.eval(_READ, 3, keys.WORKERS, LOST, keys.BANNED,  # type: ignore[arg-type]
+                       now - _ttl(ttl), now - LOST_HOLD_S, *prefixes)
     out = []
-    for raw, spans in zip(raws, ordered, strict=True):
+    known: dict[str, str] = {}
+    for raw_id, raw, public_key, spans in rows:
+        worker_id = keys.as_str(raw_id)
         if not raw:
             continue
-        info = WorkerInfo.from_json(raw)
+        try:  # one record the collector should never have written must not stop every submit
+            info = WorkerInfo.from_json(raw)
+        except (InvalidRequest, ValueError, TypeError, AttributeError) as exc:
+            log.warning("worker %s: unreadable directory record left out (%s)", worker_id, shown(str(exc)))
+            continue
+        if info.worker_id != worker_id:  # keys, marks and orders are the id's: so must its record be
+            log.warning("worker %s: directory record names %s; left out", worker_id, shown(info.worker_id))
+            continue
         # Held only if the core ordered it (a record claiming more is not believed).
         allowed = {keys.as_str(s) for s in spans}
         info.stages = [(m, span) for m, span in info.stages
                        if json.dumps([m, *span.to_list()]) in allowed]
         out.append(info)
-    return sorted(out, key=lambda w: w.worker_id)
+        if public_key:
+            known[worker_id] = keys.as_str(public_key)
+    return Snapshot(sorted(out, key=lambda w: w.worker_id), known)
 
 
 def get_worker(r: redis.Redis, worker_id: str) -> WorkerInfo | None:

@@ -187,9 +187,11 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     info = info if info is not None else model_info(r, req.model_id)
     _validate(req, info)
     dispatch = dispatch or get_dispatcher()
-    workers = directory.live_workers(r)
-    routes = placement.find_routes(req.model_id, info.num_layers, workers)
-    if (not routes and not r.exists(keys.loading(req.model_id))
+    known = directory.snapshot(r)  # the hops' identities with it: the grant reads nothing more
+    workers = known.workers
+    routes = placement.Routes(req.model_id, info.num_layers, workers)
+    servable = routes.exists()
+    if (not servable and not r.exists(keys.loading(req.model_id))
             and not placement.plan_loads(info.shape, workers, max_copies=get_settings().copies)):
         need = placement.needed_bytes(info.shape)
         raise NoCapacity(f"no live worker holds {req.model_id} and the {len(workers)} live worker(s) "
@@ -205,14 +207,14 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
               "gen": json.dumps(sampling.to_dict()), "created": str(now), "updated": str(now), "step": "0"}
     # One round trip (a job's first token waits for this): claim the id, write the job, count the turn.
     turn = int(r.eval(_CREATE, 3, keys.job(req.job_id), keys.ACTIVE_JOBS, keys.turn(req.model_id),  # type: ignore[arg-type]
-                      req.job_id, str(now), keys.JOB_TTL_S, "1" if routes else "0",
+                      req.job_id, str(now), keys.JOB_TTL_S, "1" if servable else "0",
                       *(part for item in fields.items() for part in item)))
     if turn < 0:
         raise Conflict(f"job id {req.job_id} is already in use")
-    if routes:
-        route = placement.choose_route(routes, turn)
+    if servable:
+        route = routes.pick(turn)
         assert route is not None
-        start_job(r, req.job_id, route, dispatch=dispatch, job={**fields, "status": "queued"})
+        start_job(r, req.job_id, route, dispatch=dispatch, job={**fields, "status": "queued"}, known=known)
         return
     r.zadd(keys.waiting(req.model_id), {req.job_id: now})
     orders = ensure_placed(r, req.model_id, dispatch=dispatch)
@@ -315,15 +317,15 @@ def place(r: redis.Redis, model_id: str, *, spares: bool, copies: int | None = N
     with r.lock(keys.start_lock(model_id), timeout=30, blocking_timeout=30):
         now = time.time()
         workers = directory.live_workers(r, now=now)
-        routes = placement.find_routes(model_id, info.num_layers, workers)
-        if routes and not spares:
+        servable = placement.Routes(model_id, info.num_layers, workers).exists()
+        if servable and not spares:
             return []
         pending, failed = orders_in_flight(r, model_id, workers, now=now)
         usable = [replace(w, free_memory=0) if w.worker_id in failed else w for w in workers]
         orders = placement.plan_loads(info.shape, usable, max_copies=copies or settings.copies,
                                       pending=pending)
         r.hset(keys.model(model_id), PLACED, str(settings.copies))
-        if not routes and (orders or pending):
+        if not servable and (orders or pending):
             # What submit and the watchdog read as "the model is being loaded": jobs wait instead of a 503.
             r.set(keys.loading(model_id), json.dumps([o.to_dict() for o in [*pending, *orders]]),
                   ex=int(settings.load_deadline_s))
@@ -387,14 +389,23 @@ GRANT_SLACK_S = 300.0  # a grant outlives the request timeout by this much (queu
 
 
 def make_grant(r: redis.Redis, job_id: str, model_id: str, route: Sequence[Hop], sampling: Sampling, *,
-               epoch: int = 0, start: int = 0, now: float | None = None) -> tuple[bytes, bytes]:
+               epoch: int = 0, start: int = 0, now: float | None = None,
+               known: directory.Snapshot | None = None) -> tuple[bytes, bytes]:
     """The job's grant, signed by the core: (grant bytes, signature). Each hop names its worker's enrolled
-    public key (``azu:identity:<worker>``); NoCapacity if a hop's worker has none."""
+    public key (``azu:identity:<worker>``); NoCapacity if a hop's worker has none. ``known``: the directory
+    as the caller has just read it, with the identities (``directory.snapshot``): no read of its own when it
+    has every hop (a job's first token waits for each round trip)."""
     ids = [h.worker_id for h in route]
-    pipe = r.pipeline(transaction=False)
-    pipe.mget([keys.identity(w) for w in ids])
-    pipe.mget([keys.worker(w) for w in ids])
-    found, records = pipe.execute()
+    holders = [known.worker(w) for w in ids] if known is not None else []
+    if known is not None and all(w in known.identities for w in ids) and all(holders):
+        found: list[Any] = [known.identities[w] for w in ids]
+        urls: list[Any] = [h.p2p_url if h is not None else None for h in holders]
+    else:
+        pipe = r.pipeline(transaction=False)
+        pipe.mget([keys.identity(w) for w in ids])
+        pipe.mget([keys.worker(w) for w in ids])
+        found, records = pipe.execute()
+        urls = [_p2p_url(raw) for raw in records]
     missing = [w for w, k in zip(ids, found, strict=True) if not k]
     if missing:
         raise NoCapacity(f"worker(s) {', '.join(missing)} have no enrolled identity")
@@ -402,31 +413,33 @@ def make_grant(r: redis.Redis, job_id: str, model_id: str, route: Sequence[Hop],
     grant = JobGrant(job_id=job_id, model_id=model_id, manifest_sha256=_manifest_sha256(model_id) or "",
                      route=tuple(route), public_keys=tuple(keys.as_str(k) for k in found), sampling=sampling,
                      epoch=epoch, expires_at=now + get_settings().request_timeout_s + GRANT_SLACK_S,
-                     start=start, direct=_direct_addresses(records)).pack()
+                     start=start, direct=_direct_addresses(urls)).pack()
     return grant, auth.sign(auth.core_signing_key(), auth.GRANT, grant)
 
 
-def _direct_addresses(records: Sequence[Any]) -> tuple[str, ...]:
-    """Each hop's direct-path address from its directory record ("" for none); () when no hop has one."""
-    out = []
-    for raw in records:
-        try:
-            url = json.loads(raw).get("p2p_url") if raw else None
-        except ValueError:
-            url = None
-        out.append(url if isinstance(url, str) else "")
-    return tuple(out) if any(out) else ()
+def _p2p_url(raw: Any) -> Any:
+    """The direct-path address in a worker's directory record (raw JSON), if any."""
+    try:
+        return json.loads(raw).get("p2p_url") if raw else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def _direct_addresses(urls: Sequence[Any]) -> tuple[str, ...]:
+    """Each hop's direct-path address ("" for none, or for anything not text); () when no hop has one."""
+    out = tuple(url if isinstance(url, str) else "" for url in urls)
+    return out if any(out) else ()
 
 
 def start_job(r: redis.Redis, job_id: str, route: list[Hop], *, dispatch: Dispatcher,
-              job: dict[str, str] | None = None) -> None:
+              job: dict[str, str] | None = None, known: directory.Snapshot | None = None) -> None:
     """Grant the job its route and send the prompt (step 0) to the first hop; ``job``: its record, where
-    the caller has just written it (else it is read)."""
+    the caller has just written it (else it is read); ``known``: the directory the route came from."""
     job = job if job is not None else _hash(r, job_id)
     model_id = job["model_id"]
     sampling = Sampling.from_dict(json.loads(job["gen"]))
     try:
-        grant, grant_sig = make_grant(r, job_id, model_id, route, sampling)
+        grant, grant_sig = make_grant(r, job_id, model_id, route, sampling, known=known)
     except AzuError as exc:
         fail_job(r, job_id, exc.message, dispatch=dispatch)
         return
@@ -483,11 +496,6 @@ def send_steps(r: redis.Redis, steps: Sequence[StepPayload], *, dispatch: Dispat
         raise failed[0]
 
 
-def _reuse(route: Sequence[Hop], old: Sequence[Hop]) -> int:
-    """How many of ``old``'s hops ``route`` keeps (same worker, same span): their workers are warm."""
-    return len(set(route) & set(old))
-
-
 def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: Dispatcher | None = None,
                 now: float | None = None) -> bool:
     """Carry a running job on after ``lost`` workers of its route went silent: a new route over live workers
@@ -508,11 +516,12 @@ def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: D
     old, step = job_route(job), int(job.get("step") or 0)
     model_id = job["model_id"]
     info = model_info(r, model_id)
-    routes = placement.find_routes(model_id, info.num_layers, directory.live_workers(r, now=now))
-    routes = [rt for rt in routes if not {h.worker_id for h in rt} & set(lost)]
+    known = directory.snapshot(r, now=now)
+    routes = placement.Routes(model_id, info.num_layers, known.workers, avoid=set(lost))
     _note_loss(r, job_id, job, lost, now=now)
-    if routes:
-        return _replay(r, job_id, _closest(r, model_id, routes, old), lost=lost, dispatch=dispatch, now=now)
+    if routes.exists():
+        return _replay(r, job_id, _closest(r, model_id, routes, old), lost=lost, dispatch=dispatch, now=now,
+                       known=known)
     # No live holder: load the lost layers on workers with room and wait for them. Only what completes a
     # route now (the job waits for it); the spare copies are rebuilt afterwards by keep_placed.
     r.hset(keys.model(model_id), PLACED, str(get_settings().copies))
@@ -553,17 +562,15 @@ def _note_loss(r: redis.Redis, job_id: str, job: dict[str, str], lost: Sequence[
     r.hset(keys.job(job_id), "reroutes", json.dumps(history))
 
 
-def _closest(r: redis.Redis, model_id: str, routes: list[list[Hop]], old: Sequence[Hop]) -> list[Hop]:
+def _closest(r: redis.Redis, model_id: str, routes: placement.Routes, old: Sequence[Hop]) -> list[Hop]:
     """Of the fewest-hop routes, one keeping the most of ``old``'s hops (their workers are warm), in turn."""
-    fewest = len(routes[0])
-    candidates = [rt for rt in routes if len(rt) == fewest]
-    best = max(_reuse(rt, old) for rt in candidates)
-    candidates = [rt for rt in candidates if _reuse(rt, old) == best]
-    return candidates[int(r.incr(keys.turn(model_id))) % len(candidates)]
+    route = routes.pick(int(r.incr(keys.turn(model_id))), keep=old)
+    assert route is not None  # the caller found routes
+    return route
 
 
 def _replay(r: redis.Redis, job_id: str, route: list[Hop], *, lost: Sequence[str] = (),
-            dispatch: Dispatcher, now: float | None = None) -> bool:
+            dispatch: Dispatcher, now: float | None = None, known: directory.Snapshot | None = None) -> bool:
     """Move the job to ``route`` at its next step k: a new grant (epoch + 1, start k), the prompt and the k
     published tokens replayed to hop 0 as one prefill from position 0. Every hop drops its caches of older
     epochs when the new epoch's first step comes, and step k is sampled with the job's seed: the tokens are
@@ -581,7 +588,7 @@ def _replay(r: redis.Redis, job_id: str, route: list[Hop], *, lost: Sequence[str
     sampling = Sampling.from_dict(json.loads(job["gen"]))
     try:
         grant, grant_sig = make_grant(r, job_id, model_id, route, sampling, epoch=epoch + 1, start=step,
-                                      now=now)
+                                      now=now, known=known)
     except AzuError as exc:
         fail_job(r, job_id, exc.message, dispatch=dispatch)
         return False
@@ -617,8 +624,9 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
     started = 0
     with r.lock(keys.start_lock(model_id), timeout=30, blocking_timeout=30):
         info = model_info(r, model_id)
-        routes = placement.find_routes(model_id, info.num_layers, directory.live_workers(r))
-        if not routes:
+        known = directory.snapshot(r)
+        routes = placement.Routes(model_id, info.num_layers, known.workers)
+        if not routes.exists():
             return 0
         r.delete(keys.loading(model_id))
         for raw in r.zrange(keys.waiting(model_id), 0, -1):
@@ -630,11 +638,11 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
                 continue  # cancelled or failed while waiting
             if state[1]:
                 old = route_from_list(json.loads(state[2])) if state[2] else ()
-                _replay(r, job_id, _closest(r, model_id, routes, old), dispatch=dispatch)
+                _replay(r, job_id, _closest(r, model_id, routes, old), dispatch=dispatch, known=known)
             else:
-                route = placement.choose_route(routes, int(r.incr(keys.turn(model_id))))
+                route = routes.pick(int(r.incr(keys.turn(model_id))))
                 assert route is not None
-                start_job(r, job_id, route, dispatch=dispatch)
+                start_job(r, job_id, route, dispatch=dispatch, known=known)
             started += 1
     return started
 

@@ -1,8 +1,9 @@
 """Where layers go and which workers a job runs through. Pure functions on plain data.
 
-- ``find_routes``: complete chains (embeddings -> every layer -> head) over the stages live workers hold,
-  fewest hops first.
-- ``choose_route``: one of the fewest-hop chains, taken in turn, so jobs spread over spare copies.
+- ``Routes``: the complete chains (embeddings -> every layer -> head) over the stages live workers hold,
+  walked rather than listed; ``pick`` takes one of the fewest-hop chains in turn, hop by hop, so jobs spread
+  over spare copies (or, for a re-routed job, one of those that keep most of its old hops).
+- ``find_routes``: the same chains listed, fewest hops first (for a few copies: there are copies ** spans).
 - ``plan_loads``: load orders for what is missing: first what completes one chain (the layers no live
   worker holds, cut into contiguous groups on the workers with the most free memory: fewest hops that fit,
   groups balanced when several are needed), then spare copies up to N (``AZU_COPIES``) while memory
@@ -13,7 +14,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from azu.engine.span import Span
 from azu.network.directory import WorkerInfo
@@ -55,7 +58,8 @@ class LoadOrder:
 
 # --- routing over what workers hold -------------------------------------------------------------
 def _held(model_id: str, workers: list[WorkerInfo]) -> list[tuple[str, Span]]:
-    return [(w.worker_id, span) for w in workers for span in w.holds(model_id)]
+    """Each (worker, span) held, once (a record naming a span twice holds it once)."""
+    return list(dict.fromkeys((w.worker_id, span) for w in workers for span in w.holds(model_id)))
 
 
 def _chains(model_id: str, workers: list[WorkerInfo], *, max_hops: int = 16) -> list[list[Hop]]:
@@ -78,19 +82,81 @@ def _chains(model_id: str, workers: list[WorkerInfo], *, max_hops: int = 16) -> 
     return out
 
 
+def _order(hop: Hop) -> tuple[str, int, int, bool, bool]:
+    """How routes of equal length are ordered, hop by hop (``find_routes``; ``Routes.pick`` goes round the
+    copies that can come next in this order)."""
+    return hop.worker_id, hop.span.first, hop.span.last, hop.span.embeddings, hop.span.head
+
+
 def find_routes(model_id: str, num_layers: int, workers: list[WorkerInfo]) -> list[list[Hop]]:
-    """Complete routes over ``workers`` (only live ones should be passed), fewest hops first."""
+    """Complete routes over ``workers`` (only live ones should be passed), fewest hops first. Every route,
+    listed: c copies of each of h spans make c ** h of them, so the core's own paths use ``Routes``."""
     routes = [c for c in _chains(model_id, workers) if c[-1].span.head and c[-1].span.last == num_layers]
-    return sorted(routes, key=lambda c: (len(c), [h.worker_id for h in c]))
+    return sorted(routes, key=lambda c: (len(c), [_order(h) for h in c]))
 
 
-def choose_route(routes: list[list[Hop]], turn: int) -> list[Hop] | None:
-    """The ``turn``-th of the fewest-hop routes (round robin spreads jobs over copies)."""
-    if not routes:
+_Value = tuple[int, int]  # (hops, -hops kept) of a complete route, or of its rest from a hop: least is best
+
+
+class Routes:
+    """The complete routes over the stages ``workers`` hold, walked over layer boundaries instead of listed:
+    a model held in 500 copies of each half has 250,000 routes, and listing them made one submit take 0.75 s
+    (``bench/submit.py``). Work here is (held stages) x (hops), whatever the number of routes.
+
+    ``pick(turn)`` takes one of the fewest-hop routes; with ``keep`` (a re-routed job's old hops), one of
+    the fewest-hop routes that keep the most of them. Hop by hop it takes the ``turn``-th (round) of the
+    copies that can come next, so consecutive jobs go round the copies of every hop (taking the listing's
+    routes in order had kept 500 jobs in a row on one first hop).
+    ``avoid``: workers no route may use (the ones just lost)."""
+
+    def __init__(self, model_id: str, num_layers: int, workers: list[WorkerInfo], *, max_hops: int = 16,
+                 avoid: frozenset[str] | set[str] = frozenset()) -> None:
+        self.num_layers, self.max_hops = num_layers, max_hops
+        live = [w for w in workers if w.worker_id not in avoid]
+        held = sorted((Hop(worker_id, span) for worker_id, span in _held(model_id, live)), key=_order)
+        self.starts = [h for h in held if h.span.embeddings]
+        self.after: dict[int, list[Hop]] = {}  # layer boundary -> the held stages (no embeddings) from it
+        for h in held:
+            if not h.span.embeddings:
+                self.after.setdefault(h.span.first, []).append(h)
+        self._plain: dict[Any, _Value | None] = {}  # what the walk found with nothing to keep, for next time
+
+    def exists(self) -> bool:
+        return self._best(self.starts, 0, frozenset(), self._plain) is not None
+
+    def pick(self, turn: int, *, keep: Sequence[Hop] = ()) -> list[Hop] | None:
+        kept = frozenset(keep)
+        memo = self._plain if not kept else {}
+        value = self._best(self.starts, 0, kept, memo)
+        route: list[Hop] = []
+        hops, depth = self.starts, 0
+        while value is not None:
+            best = [h for h in hops if self._rest(h, depth, kept, memo) == value]
+            hop = best[turn % len(best)]
+            route.append(hop)
+            if hop.span.head:
+                return route
+            value = (value[0] - 1, value[1] + (hop in kept))
+            hops, depth = self.after.get(hop.span.last, []), depth + 1
         return None
-    fewest = len(routes[0])
-    best = [r for r in routes if len(r) == fewest]
-    return best[turn % len(best)]
+
+    def _rest(self, hop: Hop, depth: int, kept: frozenset[Hop],
+              memo: dict[Any, _Value | None]) -> _Value | None:
+        """The best complete route from ``hop`` on (``hop`` the ``depth``-th of its route), if any."""
+        if hop.span.head:
+            return (1, -(hop in kept)) if hop.span.last == self.num_layers else None
+        if depth + 1 >= self.max_hops:
+            return None
+        rest = self._best(self.after.get(hop.span.last, []), depth + 1, kept, memo)
+        return None if rest is None else (rest[0] + 1, rest[1] - (hop in kept))
+
+    def _best(self, hops: list[Hop], depth: int, kept: frozenset[Hop],
+              memo: dict[Any, _Value | None]) -> _Value | None:
+        key = (hops[0].span.first if hops else -1, hops is self.starts, depth)
+        if key not in memo:
+            found = [v for v in (self._rest(h, depth, kept, memo) for h in hops) if v is not None]
+            memo[key] = min(found, default=None)
+        return memo[key]
 
 
 def longest_prefix(model_id: str, workers: list[WorkerInfo]) -> list[Hop]:
@@ -251,7 +317,7 @@ def plan_loads(shape: ModelShape, workers: list[WorkerInfo], *, max_copies: int 
                 break
             planned += cover
             sim = _with(sim, cover, shape)
-        if target == 1 and not find_routes(shape.model_id, L, sim):
+        if target == 1 and not Routes(shape.model_id, L, sim).exists():
             # The held spans do not line up into a route: plan a complete copy the first way.
             sim = _with(workers, list(pending), shape)
             fallback = _first_copy_from_prefix(shape, sim)

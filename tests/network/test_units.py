@@ -6,18 +6,20 @@ The node tests drive real WorkerNodes and real Stages over real Redis through an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import msgpack
 import pytest
 import torch
+from nacl.signing import SigningKey
 
 from azu.engine.span import Span
 from azu.errors import Conflict, Forbidden, InvalidRequest, NoCapacity, NotFound
@@ -26,7 +28,7 @@ from azu.network import wire as protocol
 from azu.network.directory import WorkerInfo
 from azu.network.inbox import Inbox
 from azu.network.placement import ModelShape
-from azu.network.wire import Hop, Sampling, StepPayload
+from azu.network.wire import Hop, JobGrant, Sampling, StepPayload
 from azu.registry import status as models
 from tests.support import wait_for
 from tests.support.network import InlineNetwork
@@ -333,6 +335,128 @@ def test_a_heartbeat_names_no_address_or_wallet_longer_than_a_field(r) -> None:
         r.delete(keys.identity("dir-long"))
 
 
+def test_the_directory_snapshot_is_the_live_workers_with_their_enrolled_keys(any_redis) -> None:
+    """One round trip on either Redis (azu up's embedded 6.2 too): lost and banned workers left out, spans
+    the core did not order not believed, and each worker's key the one it enrolled (``azu:identity``), not
+    anything its record says."""
+    r, now = any_redis, time.time()
+    span = Span(0, 2, True, False)
+    names = ("snap-a", "snap-b", "snap-lost", "snap-banned", "snap-nokey", "snap-old", "snap-other",
+             "snap-bad")
+    try:
+        _snapshot_checks(r, now, span)
+    finally:
+        for wid in names:
+            directory.deregister(r, wid)
+            r.delete(keys.identity(wid), keys.assigned(wid))
+        r.zrem(directory.LOST, "snap-lost")
+        r.hdel(keys.BANNED, "snap-banned")
+
+
+def _snapshot_checks(r: Any, now: float, span: Span) -> None:
+    for wid in ("snap-a", "snap-b", "snap-lost", "snap-banned", "snap-nokey"):
+        directory.register(r, _worker(wid, 10, ("m", span), ("m2", span)), now=now)
+        r.sadd(keys.assigned(wid), jobs.span_key("m", span))
+        if wid != "snap-nokey":
+            r.set(keys.identity(wid), f"key-of-{wid}")
+    directory.register(r, _worker("snap-old", 10), now=now - 100)
+    r.set(keys.identity("snap-old"), "key-of-snap-old")
+    directory.mark_lost(r, ["snap-lost"], now=now)
+    r.hset(keys.BANNED, "snap-banned", "failed a check")
+    # The record (the collector's copy of the heartbeat) gives the address; the key comes from enrollment.
+    record = json.loads(r.get(keys.worker("snap-b")))
+    r.set(keys.worker("snap-b"), json.dumps({**record, "p2p_url": "tcp://10.0.0.9:1"}))
+    # Records the collector never writes: one under another id's key (it would lend snap-a's address, or
+    # route a banned worker), one that is not a record. Each is left out alone; nothing else changes.
+    odd = {"snap-other": json.dumps({**record, "worker_id": "snap-a"}), "snap-bad": "{not json"}
+    for wid, raw in odd.items():
+        directory.register(r, _worker(wid, 10), now=now)
+        r.set(keys.worker(wid), raw)
+        r.set(keys.identity(wid), f"key-of-{wid}")
+
+    got = directory.snapshot(r, ttl=15, now=now)
+    mine = [w for w in got.workers if w.worker_id.startswith("snap-")]  # the suite's workers may be live too
+    assert [w.worker_id for w in mine] == ["snap-a", "snap-b", "snap-nokey"]
+    assert all(w.stages == [("m", span)] for w in mine)  # m2 was never ordered
+    assert {k: v for k, v in got.identities.items() if k.startswith("snap-")} == {
+        "snap-a": "key-of-snap-a", "snap-b": "key-of-snap-b"}
+    assert got.worker("snap-b").p2p_url == "tcp://10.0.0.9:1" and got.worker("snap-old") is None
+    assert directory.live_workers(r, ttl=15, now=now) == got.workers
+    later = directory.snapshot(r, ttl=15, now=now + 100).workers
+    assert not [w for w in later if w.worker_id.startswith("snap-")]
+
+
+def test_a_grant_from_the_snapshot_is_the_grant_read_afresh(r) -> None:
+    """make_grant with the directory its caller read names the same keys and addresses as one that reads
+    them itself, and a hop whose worker the snapshot does not know (or that has no key) is read again."""
+    now = time.time()
+    span0, span1 = Span(0, 2, True, False), Span(2, 4, False, True)
+    for wid, span, url in (("grant-a", span0, "tcp://10.0.0.1:8003"), ("grant-b", span1, None)):
+        info = _worker(wid, 10, ("gm", span))
+        info.p2p_url = url
+        directory.register(r, info, now=now)
+        r.sadd(keys.assigned(wid), jobs.span_key("gm", span))
+        r.set(keys.identity(wid), auth.public_hex(SigningKey.generate()))
+    route = [Hop("grant-a", span0), Hop("grant-b", span1)]
+    sampling = Sampling(max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=1, stop=(), stop_ids=(),
+                        prompt_len=2)
+    try:
+        known = directory.snapshot(r, now=now)
+        fresh = jobs.make_grant(r, "gj", "gm", route, sampling, now=now)
+        with _round_trips() as sent:  # everything from the snapshot: no read of its own
+            assert jobs.make_grant(r, "gj", "gm", route, sampling, now=now, known=known)[0] == fresh[0]
+        assert sent == []
+        grant = JobGrant.unpack(fresh[0])
+        assert grant.direct == ("tcp://10.0.0.1:8003", "")
+        enrolled = tuple(keys.as_str(r.get(keys.identity(w))) for w in ("grant-a", "grant-b"))
+        assert grant.public_keys == enrolled
+        # A worker enrolled after the snapshot was read: its key is read now.
+        partial = directory.Snapshot(known.workers, {"grant-a": known.identities["grant-a"]})
+        assert jobs.make_grant(r, "gj", "gm", route, sampling, now=now, known=partial)[0] == fresh[0]
+        r.delete(keys.identity("grant-b"))
+        with pytest.raises(NoCapacity, match="grant-b"):
+            jobs.make_grant(r, "gj", "gm", route, sampling, now=now, known=directory.snapshot(r, now=now))
+    finally:
+        for wid in ("grant-a", "grant-b"):
+            directory.deregister(r, wid)
+            r.delete(keys.identity(wid), keys.assigned(wid))
+
+
+@contextlib.contextmanager
+def _round_trips() -> Iterator[list[Any]]:
+    """What this process sends Redis meanwhile, one entry per round trip (a pipeline's commands go as one)."""
+    import redis.connection
+
+    sent: list[Any] = []
+    # Patched where it is defined and put back there (an attribute left on a subclass would hide later
+    # patches of the base: another test counts through AbstractConnection).
+    real = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self: Any, command: Any, *args: Any, **kwargs: Any) -> None:
+        sent.append(command)
+        real(self, command, *args, **kwargs)
+
+    redis.connection.AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        redis.connection.AbstractConnection.send_packed_command = real  # type: ignore[method-assign]
+
+
+def test_a_job_reaches_its_first_hop_in_three_round_trips(r, inline) -> None:
+    """What a job's first token waits for in submit_job, once the API has read the model for the hold: the
+    directory with the hops' keys, the job's record, the hand-over (each a round trip of 0.1-0.2 ms)."""
+    net, model_id = inline
+    info = jobs.model_info(r, model_id)
+    job_id = f"in-{uuid.uuid4().hex[:10]}"
+    with _round_trips() as sent:
+        jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=[1, 2],
+                                           max_tokens=2), dispatch=net, info=info)
+    assert len(sent) == 3
+    net.run()
+    assert jobs.get_job(r, job_id).status == "done"
+
+
 def test_heartbeat_ttl_is_read_when_asked(r, monkeypatch) -> None:
     directory.register(r, _worker("dir-ttl", 10), now=time.time() - 30)
     assert "dir-ttl" not in {w.worker_id for w in directory.live_workers(r)}  # default TTL: 15 s
@@ -401,10 +525,78 @@ def test_routes_take_fewest_hops_and_spread_over_copies() -> None:
          _worker("x", 0, ("other", Span(0, 8, True, True)))]
     routes = placement.find_routes("m", 8, w)
     assert [[h.worker_id for h in rt] for rt in routes] == [["d"], ["e"], ["a", "b"], ["c", "b"]]
-    chosen = {placement.choose_route(routes, turn)[0].worker_id for turn in range(4)}
-    assert chosen == {"d", "e"}  # one-hop copies, taken in turn
+    chosen = [placement.Routes("m", 8, w).pick(turn)[0].worker_id for turn in range(4)]
+    assert chosen == ["d", "e", "d", "e"]  # one-hop copies, taken in turn
     assert placement.find_routes("m", 8, w[:1]) == []
-    assert placement.choose_route([], 0) is None
+    assert placement.Routes("m", 8, w[:1]).pick(0) is None and not placement.Routes("m", 8, w[:1]).exists()
+
+
+def _walk(routes: list[list[Hop]], turn: int) -> list[Hop]:
+    """The listing's way to what ``Routes.pick`` does: hop by hop, the ``turn``-th (round) of the hops that
+    can come next, in ``find_routes``' order."""
+    route: list[Hop] = []
+    while True:
+        nexts = sorted({rt[len(route)] for rt in routes}, key=placement._order)
+        hop = nexts[turn % len(nexts)]
+        route.append(hop)
+        routes = [rt for rt in routes if rt[len(route) - 1] == hop]
+        if hop.span.head:
+            return route
+
+
+def test_walked_routes_pick_what_the_listed_routes_would() -> None:
+    """``Routes.pick`` walks layer boundaries instead of listing every route; on random directories (copies,
+    cuts that do not line up, workers holding several spans, lost workers avoided, a limit on hops) it picks,
+    turn by turn, what the listing gives: of the fewest-hop routes (for a re-routed job, those of them keeping
+    the most of its old hops), hop by hop the turn-th of the copies that can come next."""
+    import random
+
+    rng = random.Random(7)
+    for case in range(400):
+        layers = rng.randint(2, 9)
+        cuts = [0, *sorted(rng.sample(range(1, layers), rng.randint(0, min(3, layers - 1)))), layers]
+        workers = []
+        for i in range(rng.randint(1, 7)):
+            stages = []
+            for _ in range(rng.randint(1, 2)):
+                a = rng.randrange(len(cuts) - 1)
+                b = rng.randint(a + 1, len(cuts) - 1)
+                first, last = cuts[a], cuts[b]
+                if rng.random() < 0.15 and last < layers:  # a span that ends off the cuts: a dead end
+                    last += 1
+                head = last == layers if rng.random() < 0.9 else last != layers  # some heads end early
+                stages.append(("m", Span(first, last, first == 0 and rng.random() < 0.9, head)))
+            workers.append(_worker(f"w{i}", 0, *stages))
+        lost = {w.worker_id for w in workers if rng.random() < 0.2}
+        live = [w for w in workers if w.worker_id not in lost]
+        max_hops = rng.choice([1, 2, 3, 16])
+        listed = [rt for rt in placement.find_routes("m", layers, live) if len(rt) <= max_hops]
+        walked = placement.Routes("m", layers, workers, avoid=lost, max_hops=max_hops)
+        assert walked.exists() == bool(listed), case
+        old = rng.choice(listed) if listed and rng.random() < 0.7 else []
+        fewest = [rt for rt in listed if len(rt) == len(listed[0])]
+        most = max((len(set(rt) & set(old)) for rt in fewest), default=0)
+        closest = [rt for rt in fewest if len(set(rt) & set(old)) == most]
+        for turn in range(12):
+            assert walked.pick(turn) == (_walk(fewest, turn) if listed else None), case
+            assert walked.pick(turn, keep=old) == (_walk(closest, turn) if listed else None), case
+
+
+def test_routes_over_many_copies_are_walked_not_listed() -> None:
+    """500 copies of each half of a model make 250,000 routes: picking one stays quick, and consecutive jobs
+    go round the copies of every hop (the listing's order kept 500 jobs in a row on one first hop)."""
+    half = [Span(0, 12, True, False), Span(12, 24, False, True)]
+    workers = [_worker(f"c{i:04d}", 0, ("m", half[i % 2])) for i in range(1000)]
+    routes = placement.Routes("m", 24, workers)
+    started = time.perf_counter()
+    picked = [routes.pick(turn) for turn in range(2000)]
+    assert time.perf_counter() - started < 5  # listing them took 0.75 s for each
+    assert all(len(rt) == 2 and rt[0].span == half[0] and rt[1].span == half[1] for rt in picked)
+    # Any 500 jobs in a row: each copy of either half in one of them.
+    for start in (0, 250, 1500):
+        assert len({rt[0].worker_id for rt in picked[start:start + 500]}) == 500
+        assert len({rt[1].worker_id for rt in picked[start:start + 500]}) == 500
+    assert routes.pick(250_000) == routes.pick(0)
 
 
 # --- models -----------------------------------------------------------------------------------------------
@@ -598,7 +790,8 @@ def test_bad_requests_are_refused(r, inline) -> None:
 def test_no_capacity_when_nothing_can_hold_the_model(r, shard, monkeypatch) -> None:
     model_id = shard("tiny-nocap")
     # The only live worker has 10 bytes free (the directory is replaced for this check).
-    monkeypatch.setattr(directory, "live_workers", lambda *_a, **_k: [_worker("tiny", 10)])
+    small = directory.Snapshot([_worker("tiny", 10)], {})
+    monkeypatch.setattr(directory, "snapshot", lambda *_a, **_k: small)
     with pytest.raises(NoCapacity, match="cannot load it"):
         jobs.submit_job(r, jobs.JobRequest(job_id="nocap", user_id="u", model_id=model_id, prompt_ids=[1],
                                            max_tokens=1), dispatch=InlineNetwork(r))
@@ -690,6 +883,28 @@ def test_inbox_takes_everything_queued_with_and_without_blmpop(r, blmpop: bool) 
     assert not box.release() and r.exists(box.wake)  # something is pending: the wake key stays
     assert box.take() == [b"d"]
     assert box.release() and not r.exists(box.wake)
+
+
+def test_a_push_between_the_release_look_and_its_write_keeps_the_worker_awake(any_redis, monkeypatch) -> None:
+    """The release is WATCH / LLEN / MULTI DEL EXEC (a worker's login runs no Lua): a push that lands after
+    the look found the list empty aborts the DEL, so the wake key stays and the worker takes it; on azu up's
+    Redis 6.2 as on 7."""
+    import redis.client
+
+    box = Inbox(any_redis, "inbox-race")
+    box.clear()
+    any_redis.set(box.wake, "1")
+    real_multi = redis.client.Pipeline.multi
+
+    def push_then_multi(pipe: Any) -> None:  # another sender's hand-over, between the look and the write
+        redis.Redis(connection_pool=any_redis.connection_pool).rpush(box.pending, b"late")
+        real_multi(pipe)
+
+    monkeypatch.setattr(redis.client.Pipeline, "multi", push_then_multi)
+    assert not box.release() and any_redis.exists(box.wake)
+    monkeypatch.undo()
+    assert box.take() == [b"late"]
+    assert box.release() and not any_redis.exists(box.wake)
 
 
 def test_a_hand_over_redis_refuses_is_logged_and_the_others_still_go(r, caplog) -> None:
