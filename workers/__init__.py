@@ -67,7 +67,6 @@ for _kind in compression.encoders():
     compression.register(compression.get_encoder(_kind)[0], _refuse_compressed, _kind)
 
 
-
 @contextlib.contextmanager
 def _mutex_without_lua(client: Any, name: str, expire: int) -> Iterator[None]:
     """kombu's ``Mutex`` (the lock around restoring unacknowledged messages) without Lua: redis-py's lock

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,13 +81,10 @@ def mark_lost(r: redis.Redis, worker_ids: list[str] | set[str], *, now: float | 
 
 
 def lost_workers(r: redis.Redis, *, now: float | None = None) -> set[str]:
-    found: list[Any] = _read_lost(r, time.time() if now is None else now)
+    """The workers whose lost mark stands."""
+    now = time.time() if now is None else now
+    found: list[Any] = r.zrangebyscore(LOST, now - LOST_HOLD_S, "+inf")  # type: ignore[assignment]
     return {keys.as_str(w) for w in found}
-
-
-def _read_lost(reader: Any, now: float) -> Any:
-    """Ask ``reader`` (a client, or a pipeline to answer later) for the workers whose lost mark stands."""
-    return reader.zrangebyscore(LOST, now - LOST_HOLD_S, "+inf")
 
 
 def _ttl(ttl: float | None) -> float:
@@ -127,6 +125,14 @@ class Snapshot:
 
     def worker(self, worker_id: str) -> WorkerInfo | None:
         return next((w for w in self.workers if w.worker_id == worker_id), None)
+
+    def keys_and_addresses(self, worker_ids: Sequence[str]) -> tuple[list[str], list[Any]] | None:
+        """Each worker's enrolled key and direct-path address (as its record has it), or None unless this
+        snapshot has both for every one of them."""
+        by_id = {w.worker_id: w for w in self.workers}
+        if not all(w in by_id and w in self.identities for w in worker_ids):
+            return None
+        return [self.identities[w] for w in worker_ids], [by_id[w].p2p_url for w in worker_ids]
 
 
 def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None = None) -> list[WorkerInfo]:

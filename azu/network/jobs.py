@@ -396,10 +396,11 @@ def make_grant(r: redis.Redis, job_id: str, model_id: str, route: Sequence[Hop],
     as the caller has just read it, with the identities (``directory.snapshot``): no read of its own when it
     has every hop (a job's first token waits for each round trip)."""
     ids = [h.worker_id for h in route]
-    holders = [known.worker(w) for w in ids] if known is not None else []
-    if known is not None and all(w in known.identities for w in ids) and all(holders):
-        found: list[Any] = [known.identities[w] for w in ids]
-        urls: list[Any] = [h.p2p_url if h is not None else None for h in holders]
+    from_snapshot = known.keys_and_addresses(ids) if known is not None else None
+    found: list[Any]
+    urls: list[Any]
+    if from_snapshot is not None:
+        found, urls = from_snapshot
     else:
         pipe = r.pipeline(transaction=False)
         pipe.mget([keys.identity(w) for w in ids])
