@@ -10,6 +10,9 @@ just stops the heartbeats.
 A worker the core found silent on a running job's route (azu.network.watchdog.recover_lost) is marked
 *lost* (``azu:lost``, a sorted set: worker id -> when) and is not live from that moment, whatever its last
 heartbeat says, until a heartbeat from a process started after the mark (a restart) or ``LOST_HOLD_S``.
+
+Each model has an index of its holders (``azu:model:<id>:holders``), written with the records: a job's
+submit reads those workers only (``snapshot(model_id=...)``), however many others are live.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class WorkerInfo:
         return cls(**d)
 
 
+HOLDERS_KEEP_S = 3600.0  # a model index's entries not refreshed this long go (any heartbeat TTL is shorter)
 LOST = keys.LOST_WORKERS  # core-owned: workers marked lost (see the module docstring)
 LOST_HOLD_S = 600.0  # a lost mark not cleared by a restart lapses after this long
 
@@ -100,6 +104,12 @@ def register(r: redis.Redis, info: WorkerInfo, *, now: float | None = None) -> N
     pipe = r.pipeline()
     pipe.set(keys.worker(info.worker_id), info.to_json())
     pipe.zadd(keys.WORKERS, {info.worker_id: now})
+    # Each held model's index, with the record (a job's submit reads only that model's holders, so a crowd
+    # of workers holding nothing does not slow it). A span dropped since just stops being refreshed.
+    for model_id in sorted({m for m, _span in info.stages}):
+        pipe.zadd(keys.holders(model_id), {info.worker_id: now})
+        pipe.zremrangebyscore(keys.holders(model_id), "-inf", now - HOLDERS_KEEP_S)
+        pipe.expire(keys.holders(model_id), keys.JOB_TTL_S)
     # A new process under that id is not lost any more: one started after the mark, or one other than the
     # process the record showed (a supervisor may have started it before the core found the old one silent).
     if marked is not None and (info.started_at > marked or (
@@ -140,17 +150,19 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
     return snapshot(r, ttl=ttl, now=now).workers
 
 
-# One round trip (a job's submit reads the directory on the way to its first token): the workers heard from
-# since ARGV[1], less the lost (marked since ARGV[2]) and the banned; for each, its record, enrolled identity
-# and the spans the core ordered it. The keys are the workers' own, named by the ids read here (ARGV[3-5]:
-# their prefixes), so they cannot be declared up front: fine on one Redis, as azu runs it (not a cluster).
+# One round trip (a job's submit reads the directory on the way to its first token). KEYS[1]: whom to read,
+# scored by last heartbeat: every worker (azu:workers), or one model's holders (its index, written with the
+# records in the same transaction, so a holder heard from since ARGV[1] there is so in azu:workers too); less
+# the lost (marked since ARGV[2]: a short list, the marks lapse) and the banned (a list that only grows:
+# checked one by one, so the read costs what KEYS[1] holds). For each: its record, enrolled identity and the
+# spans the core ordered it. The keys are the workers' own, named by the ids read here (ARGV[3-5]: their
+# prefixes), so they cannot be declared up front: fine on one Redis, as azu runs it (not a cluster).
 _READ = """
 local out = {}
-local skip = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do skip[id] = true end
-for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do skip[id] = true end
+local lost = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do lost[id] = true end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
-  if not skip[id] then
+  if not lost[id] and redis.call('HEXISTS', KEYS[3], id) == 0 then
     out[#out + 1] = {id, redis.call('GET', ARGV[3] .. id), redis.call('GET', ARGV[4] .. id),
                      redis.call('SMEMBERS', ARGV[5] .. id)}
   end
@@ -159,13 +171,19 @@ return out
 """
 
 
-def snapshot(r: redis.Redis, *, ttl: float | None = None, now: float | None = None) -> Snapshot:
+def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None = None,
+             now: float | None = None) -> Snapshot:
     """``live_workers`` with their enrolled identities, all in one round trip (a job's grant then needs no
     read of its own). Lost workers are left out until they restart; banned ones (failed verification,
-    azu.verification) for good."""
+    azu.verification) for good.
+
+    ``model_id``: only the live workers holding a span of that model (what its routes and grants need), read
+    from the model's index: the read costs what the model's holders are, however many other workers there
+    are."""
     now = time.time() if now is None else now
     prefixes = keys.worker(""), keys.identity(""), keys.assigned("")
-    rows: Any = r.eval(_READ, 3, keys.WORKERS, LOST, keys.BANNED,  # type: ignore[arg-type]
+    among = keys.WORKERS if model_id is None else keys.holders(model_id)
+    rows: Any = r.eval(_READ, 3, among, LOST, keys.BANNED,  # type: ignore[arg-type]
                        now - _ttl(ttl), now - LOST_HOLD_S, *prefixes)
     out = []
     known: dict[str, str] = {}
@@ -185,6 +203,8 @@ def snapshot(r: redis.Redis, *, ttl: float | None = None, now: float | None = No
         allowed = {keys.as_str(s) for s in spans}
         info.stages = [(m, span) for m, span in info.stages
                        if json.dumps([m, *span.to_list()]) in allowed]
+        if model_id is not None and not info.holds(model_id):
+            continue  # dropped it since (its index entry lapses with the heartbeat TTL)
         out.append(info)
         if public_key:
             known[worker_id] = keys.as_str(public_key)

@@ -187,15 +187,16 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     info = info if info is not None else model_info(r, req.model_id)
     _validate(req, info)
     dispatch = dispatch or get_dispatcher()
-    known = directory.snapshot(r)  # the hops' identities with it: the grant reads nothing more
-    workers = known.workers
-    routes = placement.Routes(req.model_id, info.num_layers, workers)
+    # The model's live holders with their identities: the grant reads nothing more.
+    known = directory.snapshot(r, model_id=req.model_id)
+    routes = placement.Routes(req.model_id, info.num_layers, known.workers)
     servable = routes.exists()
-    if (not servable and not r.exists(keys.loading(req.model_id))
-            and not placement.plan_loads(info.shape, workers, max_copies=get_settings().copies)):
-        need = placement.needed_bytes(info.shape)
-        raise NoCapacity(f"no live worker holds {req.model_id} and the {len(workers)} live worker(s) "
-                         f"cannot load it (it needs about {need} bytes)", param="model")
+    if not servable and not r.exists(keys.loading(req.model_id)):
+        workers = directory.live_workers(r)  # could the others load it? (every live worker: rare, so read)
+        if not placement.plan_loads(info.shape, workers, max_copies=get_settings().copies):
+            need = placement.needed_bytes(info.shape)
+            raise NoCapacity(f"no live worker holds {req.model_id} and the {len(workers)} live worker(s) "
+                             f"cannot load it (it needs about {need} bytes)", param="model")
     sampling = Sampling(
         max_tokens=req.max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
         top_k=int(req.top_k), seed=req.seed if req.seed is not None else secrets.randbits(62),
@@ -517,7 +518,7 @@ def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: D
     old, step = job_route(job), int(job.get("step") or 0)
     model_id = job["model_id"]
     info = model_info(r, model_id)
-    known = directory.snapshot(r, now=now)
+    known = directory.snapshot(r, model_id=model_id, now=now)
     routes = placement.Routes(model_id, info.num_layers, known.workers, avoid=set(lost))
     _note_loss(r, job_id, job, lost, now=now)
     if routes.exists():
@@ -625,7 +626,7 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
     started = 0
     with r.lock(keys.start_lock(model_id), timeout=30, blocking_timeout=30):
         info = model_info(r, model_id)
-        known = directory.snapshot(r)
+        known = directory.snapshot(r, model_id=model_id)
         routes = placement.Routes(model_id, info.num_layers, known.workers)
         if not routes.exists():
             return 0

@@ -31,6 +31,8 @@ closes every hold whose job ended, was forgotten or is stuck). A job's keys expi
 ``azu:model:<id>:waiting``      zset of jobs waiting for the model's layers to be loaded
 ``azu:model:<id>:loading``      load orders in flight (JSON), with the load deadline as TTL
 ``azu:model:<id>:orders``       hash ``<worker> <span>`` -> when ordered (``failed:<when>``: not again soon)
+``azu:model:<id>:holders``      zset worker -> last heartbeat holding an ordered span of the model (the
+                                collector writes it with the record: submit reads only these workers)
 ``azu:acl:logins``              hash worker -> SHA-256 of its broker password (to re-create lost ACL users)
 ``azu:model:<id>:turn``         counter: round robin over a model's equally short routes
 ``azu:model:<id>:startlock``    lock while waiting jobs are started
@@ -161,6 +163,11 @@ def loading(model_id: str) -> str:
 def orders(model_id: str) -> str:
     """hash: ``<worker> <span>`` -> when the core ordered that load (or ``failed:<when>``)."""
     return f"azu:model:{model_id}:orders"
+
+
+def holders(model_id: str) -> str:
+    """zset: worker id -> the last heartbeat in which it held a span of the model the core ordered it."""
+    return f"azu:model:{model_id}:holders"
 
 
 def turn(model_id: str) -> str:

@@ -25,7 +25,7 @@ from azu.network.wire import StepPayload, end_order_part
 from azu.registry import status as models
 from tests.network.test_pipeline import PROMPTS, load_layout, submit
 from tests.support import wait_for
-from tests.support.network import Cluster, InlineNetwork
+from tests.support.network import Cluster, InlineNetwork, heartbeat
 
 pytestmark = [pytest.mark.network]
 
@@ -116,15 +116,13 @@ def test_lost_only_when_the_job_and_a_worker_are_both_silent(r, inline3) -> None
     net.step()
     now = time.time() + 5  # the job has been silent for 5 s ...
     route = jobs.job_route(jobs._hash(r, job_id))
-    for w in INLINE:  # ... but every worker heartbeats: a slow job, left alone
-        r.zadd(keys.WORKERS, {w: now})
+    heartbeat(r, INLINE, now)  # ... but every worker heartbeats: a slow job, left alone
     net.queue.clear()
     assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == []
     # Silent for 3 step timeouts with every worker there: the step was lost (not a worker): the same route
     # replays the job under a new epoch, and no worker is marked lost.
     now += 30
-    for w in INLINE:
-        r.zadd(keys.WORKERS, {w: now})
+    heartbeat(r, INLINE, now)
     assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == [job_id]
     job = jobs._hash(r, job_id)
     assert job["epoch"] == "1" and jobs.job_route(job) == route
@@ -132,9 +130,8 @@ def test_lost_only_when_the_job_and_a_worker_are_both_silent(r, inline3) -> None
     assert not directory.lost_workers(r, now=now) & set(INLINE)
     net.queue.clear()
     now += 10
-    for w in INLINE:
-        r.zadd(keys.WORKERS, {w: now})
-    r.zadd(keys.WORKERS, {route[1].worker_id: now - 10})  # now one of them has gone quiet too
+    heartbeat(r, INLINE, now)
+    heartbeat(r, [route[1].worker_id], now - 10)  # now one of them has gone quiet too
     assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == [job_id]
     assert directory.lost_workers(r, now=now) & set(INLINE) == {route[1].worker_id}
     assert route[1].worker_id not in {w.worker_id for w in directory.live_workers(r, now=now)}
@@ -142,22 +139,19 @@ def test_lost_only_when_the_job_and_a_worker_are_both_silent(r, inline3) -> None
     jobs.cancel_job(r, job_id, dispatch=net)
     net.run()
     r.zrem(directory.LOST, *INLINE)
-    for w in INLINE:
-        r.zadd(keys.WORKERS, {w: time.time()})
+    heartbeat(r, INLINE, time.time())
 
 
 def replayed_after_silence(r: redis.Redis, net: InlineNetwork, job_id: str, expected: list[int]) -> None:
     """Nothing comes of ``job_id`` for 3.5 step timeouts while every worker heartbeats: the watchdog replays
     it on its route, and it ends with ``expected``."""
     now = time.time() + 7
-    for w in INLINE:
-        r.zadd(keys.WORKERS, {w: now})
+    heartbeat(r, INLINE, now)
     assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == [job_id]
     net.run()
     view = jobs.get_job(r, job_id)
     assert view.status == "done" and view.token_ids == expected
-    for w in INLINE:
-        r.zadd(keys.WORKERS, {w: time.time()})
+    heartbeat(r, INLINE, time.time())
 
 
 def test_a_lost_step_is_replayed_on_the_same_route(r, inline3) -> None:

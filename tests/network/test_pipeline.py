@@ -25,7 +25,7 @@ from azu.network import directory, dispatch, jobs, keys
 from azu.network.wire import StepPayload
 from azu.registry import status as models
 from tests.support import wait_for
-from tests.support.network import Cluster, Recording
+from tests.support.network import Cluster, Recording, heartbeat
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -382,7 +382,7 @@ def test_dead_worker_gets_no_new_routes(r, cluster, celery_dispatch, shard) -> N
     routes = jobs.placement.find_routes(model_id, info.num_layers, directory.live_workers(r))
     assert [[h.worker_id for h in route] for route in routes] == [["w3", "w4"]]
     cluster.kill("w4")  # SIGKILL: no goodbye, the heartbeats just stop
-    r.zadd(keys.WORKERS, {"w4": time.time() - 2 * get_settings().heartbeat_ttl_s})  # as if long ago
+    heartbeat(r, ["w4"], time.time() - 2 * get_settings().heartbeat_ttl_s)  # as if long ago
     assert "w4" not in {w.worker_id for w in directory.live_workers(r)}
     rec = Recording(None)  # record what the job would send, send nothing
     job_id = submit(r, rec, model_id, PROMPTS[3], 3)

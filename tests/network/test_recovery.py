@@ -29,7 +29,7 @@ from azu.network.directory import WorkerInfo
 from azu.network.node import WorkerNode
 from azu.network.placement import ModelShape
 from azu.registry import status as models
-from tests.support.network import InlineNetwork, Recording
+from tests.support.network import InlineNetwork, Recording, heartbeat
 
 pytestmark = [pytest.mark.network]
 
@@ -285,8 +285,7 @@ def test_a_worker_restarted_within_the_step_timeout_is_lost_to_its_jobs(r, loadi
     fresh.heartbeat()
     net.collect()
     now = time.time() + 30  # the job has been silent for 30 s, every worker heartbeats
-    for w in ("l1", "l2", "l3"):
-        r.zadd(keys.WORKERS, {w: now})
+    heartbeat(r, ("l1", "l2", "l3"), now)
     assert watchdog.recover_lost(r, now=now, timeout_s=2.0, dispatch=net) == [job_id]
     assert victim not in directory.lost_workers(r, now=now)
     net.run()

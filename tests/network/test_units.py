@@ -386,6 +386,55 @@ def _snapshot_checks(r: Any, now: float, span: Span) -> None:
     assert not [w for w in later if w.worker_id.startswith("snap-")]
 
 
+def test_a_models_snapshot_reads_only_its_holders(any_redis) -> None:
+    """submit's read for one model (``snapshot(model_id=...)``, from the model's index the heartbeats keep):
+    the same workers as the whole directory's holders of it, whoever else is live, and Redis reads the
+    records of those holders only, not of a crowd of workers that hold nothing (each one enrolled costs a
+    heartbeat, nothing more), on Redis 7 and azu up's 6.2."""
+    r, now = any_redis, time.time()
+    span = Span(0, 2, True, False)
+
+    def holder(wid: str, *, at: float = now, ordered: bool = True, model: str = "hm") -> None:
+        directory.register(r, _worker(wid, 10, (model, span)), now=at)
+        if ordered:
+            r.sadd(keys.assigned(wid), jobs.span_key(model, span))
+        r.set(keys.identity(wid), f"key-of-{wid}")
+
+    for wid in ("hold-a", "hold-b", "hold-lost", "hold-banned", "hold-dropped", "hold-gone"):
+        holder(wid)
+    holder("hold-unordered", ordered=False)  # claims the model; the core never ordered it
+    holder("hold-other", model="other-model")
+    holder("hold-old", at=now - 100)  # heartbeat stopped
+    directory.mark_lost(r, ["hold-lost"], now=now)
+    r.hset(keys.BANNED, "hold-banned", "failed a check")
+    directory.register(r, _worker("hold-dropped", 10), now=now)  # its next heartbeat holds nothing
+    directory.deregister(r, "hold-gone")
+    for i in range(300):  # the crowd: live, enrolled, holding nothing
+        directory.register(r, _worker(f"crowd-{i:03d}", 10), now=now)
+        r.set(keys.identity(f"crowd-{i:03d}"), f"key-of-crowd-{i:03d}")
+
+    def gets() -> int:
+        return int(r.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+    before = gets()
+    got = directory.snapshot(r, model_id="hm", ttl=15, now=now)
+    read = gets() - before
+    assert [w.worker_id for w in got.workers] == ["hold-a", "hold-b"]
+    assert got.identities == {"hold-a": "key-of-hold-a", "hold-b": "key-of-hold-b"}
+    whole = directory.snapshot(r, ttl=15, now=now)
+    assert got.workers == [w for w in whole.workers if w.holds("hm")]
+    assert len(whole.workers) == 305  # a, b, unordered, dropped, other and the crowd
+    # Two GETs (record, identity) per index entry still standing (a, b, unordered, dropped: the lost and
+    # banned are passed over before their records): a read of all 300 records would be 600 and more.
+    assert read <= 2 * 4 + 2, read
+    # An entry not refreshed for HOLDERS_KEEP_S goes with the next heartbeat of a holder of the model.
+    holder("hold-ancient", at=now - directory.HOLDERS_KEEP_S - 1)
+    assert r.zscore(keys.holders("hm"), "hold-ancient") is not None
+    holder("hold-a")
+    assert r.zscore(keys.holders("hm"), "hold-ancient") is None
+    assert r.ttl(keys.holders("hm")) > 0
+
+
 def test_a_grant_from_the_snapshot_is_the_grant_read_afresh(r) -> None:
     """make_grant with the directory its caller read names the same keys and addresses as one that reads
     them itself, and a hop whose worker the snapshot does not know (or that has no key) is read again."""

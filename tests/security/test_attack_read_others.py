@@ -30,14 +30,15 @@ def _victim_data(core: redis.Redis, w2: str) -> list[str]:
     core.set(f"azu:worker:{w2}", b'{"worker_id": "w2"}')
     core.zadd("azu:workers", {w2: 1.0})
     core.hset("azu:model:m1", mapping={"state": b"ready"})
+    core.zadd("azu:model:m1:holders", {w2: 1.0})
     core.sadd("azu:models:ready", b"m1")
     core.lpush("core", b"settle")
     core.lpush("registry", b"shard")
     core.rpush("azu:reports", b"someone's report")
     return [f"gpu.{w2}", f"ctl.{w2}", f"azu:pending:{w2}", f"azu:wake:{w2}", f"unacked:{w2}",
             f"unacked_index:{w2}", "unacked", f"_kombu.binding.gpu.{w2}", job, f"{job}:events",
-            f"azu:worker:{w2}", "azu:workers", "azu:model:m1", "azu:models:ready", "core", "registry",
-            "azu:reports", identity.identity_key(w2)]
+            f"azu:worker:{w2}", "azu:workers", "azu:model:m1", "azu:model:m1:holders", "azu:models:ready",
+            "core", "registry", "azu:reports", identity.identity_key(w2)]
 
 
 ATTEMPTS = [
@@ -50,7 +51,7 @@ ATTEMPTS = [
     ("HGETALL", "azu:job:j-victim"), ("HGET", "azu:job:j-victim", "prompt_ids"),
     ("XRANGE", "azu:job:j-victim:events", "-", "+"), ("XREAD", "STREAMS", "azu:job:j-victim:events", "0-0"),
     ("GET", "azu:worker:{w2}"), ("ZRANGE", "azu:workers", 0, -1), ("HGETALL", "azu:model:m1"),
-    ("SMEMBERS", "azu:models:ready"), ("GET", "azu:identity:{w2}"),
+    ("ZRANGE", "azu:model:m1:holders", 0, -1), ("SMEMBERS", "azu:models:ready"), ("GET", "azu:identity:{w2}"),
     ("LRANGE", "core", 0, -1), ("BRPOP", "core", 1), ("LRANGE", "registry", 0, -1),
     ("LRANGE", "azu:reports", 0, -1), ("LPOP", "azu:reports"),
     ("EVAL", "return redis.call('LRANGE', KEYS[1], 0, -1)", 1, "gpu.{w2}"),
@@ -111,7 +112,8 @@ def test_a_worker_reads_nothing_of_others(app, core):
     ("HSET", "azu:job:j-victim", "status", "done"), ("XADD", "azu:job:j-victim:events", "*", "token", "1"),
     ("SET", "azu:worker:{w2}", "{{}}"), ("ZADD", "azu:workers", 9e9, "{w2}"),
     ("SET", "azu:identity:{w2}", "00"),
-    ("HSET", "azu:model:m1", "state", "failed"), ("HDEL", "unacked", "tag0"), ("FLUSHDB",), ("FLUSHALL",),
+    ("HSET", "azu:model:m1", "state", "failed"), ("ZADD", "azu:model:m1:holders", 9e9, "{w2}"),
+    ("HDEL", "unacked", "tag0"), ("FLUSHDB",), ("FLUSHALL",),
     ("SET", "azu:wake:{w2}", "x", "GET"), ("PUBLISH", "/0.celery.pidbox", "x"),
     ("SADD", "_kombu.binding.gpu.{w2}", "x"), ("EVAL", "return 1", 1, "azu:wake:{w2}"),
 ])

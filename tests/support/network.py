@@ -28,6 +28,17 @@ REDIS_URL = os.environ.get("AZU_TEST_NETWORK_REDIS_URL") or f"redis://127.0.0.1:
 SECRET = "7e57" * 16
 
 
+def heartbeat(r: redis.Redis, worker_ids: Any, now: float) -> None:
+    """What each worker's next heartbeat writes, dated ``now`` (later: it looks alive then; earlier: it went
+    quiet back then): its record again, the directory's time and the index of each model it holds."""
+    from azu.network import directory
+
+    for worker_id in worker_ids:
+        info = directory.get_worker(r, worker_id)
+        assert info is not None, f"{worker_id} has no directory record"
+        directory.register(r, info, now=now)
+
+
 class RegistryHandler(http.server.BaseHTTPRequestHandler):
     """GET /models/files/<name>?model_id=<id>: the file from the shard folder (as web/registry.py serves)."""
 
