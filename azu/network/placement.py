@@ -159,12 +159,33 @@ class Routes:
         return memo[key]
 
 
-def longest_prefix(model_id: str, workers: list[WorkerInfo]) -> list[Hop]:
-    """The held chain from the embeddings that reaches furthest (no head), or []."""
-    chains = [c for c in _chains(model_id, workers) if not c[-1].span.head]
-    if not chains:
-        return []
-    return max(chains, key=lambda c: (c[-1].span.last, -len(c)))
+def longest_prefix(model_id: str, workers: list[WorkerInfo], *, max_hops: int = 16) -> list[Hop]:
+    """The held chain from the embeddings that reaches furthest without the head (of those, one with the
+    fewest hops), or []. Walked over layer boundaries, nearest first, not listed: c copies of each of h spans
+    make c ** h chains (a model with no head held, say, and hundreds of copies of the rest)."""
+    starts: list[Hop] = []
+    after: dict[int, list[Hop]] = {}
+    for wid, span in _held(model_id, workers):
+        if span.head:
+            continue
+        if span.embeddings:
+            starts.append(Hop(wid, span))
+        else:
+            after.setdefault(span.first, []).append(Hop(wid, span))
+    reached: dict[int, list[Hop]] = {}  # layer boundary -> a fewest-hop chain ending there
+    frontier = []
+    for hop in starts:
+        if hop.span.last not in reached:
+            reached[hop.span.last] = [hop]
+            frontier.append(hop.span.last)
+    for _ in range(max_hops - 1):
+        nearer, frontier = frontier, []
+        for boundary in nearer:
+            for hop in after.get(boundary, []):
+                if hop.span.last not in reached:
+                    reached[hop.span.last] = [*reached[boundary], hop]
+                    frontier.append(hop.span.last)
+    return reached[max(reached)] if reached else []
 
 
 # --- load orders --------------------------------------------------------------------------------

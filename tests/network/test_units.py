@@ -629,6 +629,14 @@ def test_walked_routes_pick_what_the_listed_routes_would() -> None:
         for turn in range(12):
             assert walked.pick(turn) == (_walk(fewest, turn) if listed else None), case
             assert walked.pick(turn, keep=old) == (_walk(closest, turn) if listed else None), case
+        # The fallback plan's start, walked too: as far as any listed chain without the head, in as few hops.
+        chains = [c for c in placement._chains("m", live, max_hops=max_hops) if not c[-1].span.head]
+        prefix = placement.longest_prefix("m", live, max_hops=max_hops)
+        if not chains:
+            assert prefix == [], case
+            continue
+        assert (prefix[-1].span.last, -len(prefix)) == max((c[-1].span.last, -len(c)) for c in chains), case
+        assert prefix in chains, case
 
 
 def test_routes_over_many_copies_are_walked_not_listed() -> None:
@@ -646,6 +654,13 @@ def test_routes_over_many_copies_are_walked_not_listed() -> None:
         assert len({rt[0].worker_id for rt in picked[start:start + 500]}) == 500
         assert len({rt[1].worker_id for rt in picked[start:start + 500]}) == 500
     assert routes.pick(250_000) == routes.pick(0)
+    # No head held anywhere, 300 copies of each of three spans: 27 million chains for the fallback plan to
+    # start from, walked in a moment.
+    thirds = [Span(0, 8, True, False), Span(8, 16, False, False), Span(16, 23, False, False)]
+    headless = [_worker(f"h{i:04d}", 0, ("m", thirds[i % 3])) for i in range(900)]
+    started = time.perf_counter()
+    assert [h.span for h in placement.longest_prefix("m", headless)] == thirds
+    assert time.perf_counter() - started < 1
 
 
 # --- models -----------------------------------------------------------------------------------------------
