@@ -14,6 +14,9 @@ counted, not sent. Rows:
   follows a pause);
 - ``submit_job`` of the second model, which 2 of the live workers hold: what a crowd of workers that do not
   hold a model (or that enrolled only to heartbeat) costs its jobs;
+- the collector's placement check of the second model (``jobs.keep_placed``, every 2 s on the thread that
+  publishes the tokens), which finds it placed in full: on its holders now, against ``place`` reading the
+  whole directory, as every check did before;
 - the second model's directory read (``directory.snapshot(model_id=...)``: one Lua script over the model's
   holders) against the whole directory's (every live worker's record: what submit read before the model
   index); how long Redis itself ran the first model's read (``INFO commandstats``), which holds every other
@@ -108,7 +111,7 @@ def main() -> int:
     args = p.parse_args()
     import redis
 
-    from azu.network import directory
+    from azu.network import directory, jobs, keys
     from azu.registry.status import ModelInfo
 
     sizes = [int(n) for n in args.sizes.split(",")]
@@ -122,7 +125,9 @@ def main() -> int:
         layer_bytes=(10**7,) * LAYERS, embeddings_bytes=10**8, head_bytes=10**8)
         for model_id in MODELS)
     every, few = infos
-    rows = []
+    for info in infos:  # ready, as the registry marks a sharded model (placement reads it)
+        r.hset(keys.model(info.model_id), mapping={"state": "ready", "info": info.to_json()})
+    rows, checks = [], []
     dispatch = Counted()
     try:
         have = 0
@@ -145,6 +150,16 @@ def main() -> int:
                     t = time.perf_counter()
                     read()
                     out.append(time.perf_counter() - t)
+            # The collector's placement check of the 2-holder model, placed in full (one copy wanted).
+            quick, full = [], []
+            for _ in range(max(5, jobs_n // 4)):
+                t = time.perf_counter()
+                assert jobs._placed_enough(r, few.model_id, 1)  # what keep_placed asks first now
+                quick.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                assert jobs.place(r, few.model_id, spares=True, copies=1, dispatch=dispatch) == []  # before
+                full.append(time.perf_counter() - t)
+            checks.append((n, statistics.median(quick), statistics.median(full)))
             r.config_resetstat()
             for _ in range(10):
                 directory.snapshot(r, model_id=every.model_id)
@@ -167,6 +182,13 @@ def main() -> int:
         print(f"| {n} | {warm_s * 1000:.2f} ms | {trips:g} | {paused_s * 1000:.2f} ms | "
               f"{few_s * 1000:.2f} ms | {holders_s * 1000:.2f} ms | {whole_s * 1000:.2f} ms | "
               f"{holders_s / whole_s:.2f}x | {in_redis / 1000:.2f} ms |")
+    print("\nThe collector's placement check (keep_placed, every 2 s on the thread that publishes tokens) of "
+          "the model 2 workers hold, placed in full:\n")
+    print("| live workers | its holders only (now) | `place`, reading the whole directory (before) "
+          "| now / before |")
+    print("|---|---|---|---|")
+    for n, quick_s, full_s in checks:
+        print(f"| {n} | {quick_s * 1000:.2f} ms | {full_s * 1000:.2f} ms | {quick_s / full_s:.2f}x |")
     return 0
 
 

@@ -68,7 +68,7 @@ class WorkerInfo:
         return cls(**d)
 
 
-HOLDERS_KEEP_S = 3600.0  # a model index's entries not refreshed this long go (any heartbeat TTL is shorter)
+HOLDERS_KEEP_S = 3600.0  # a model index's entries not refreshed this long go (or twice the heartbeat TTL)
 LOST = keys.LOST_WORKERS  # core-owned: workers marked lost (see the module docstring)
 LOST_HOLD_S = 600.0  # a lost mark not cleared by a restart lapses after this long
 
@@ -108,7 +108,7 @@ def register(r: redis.Redis, info: WorkerInfo, *, now: float | None = None) -> N
     # of workers holding nothing does not slow it). A span dropped since just stops being refreshed.
     for model_id in sorted({m for m, _span in info.stages}):
         pipe.zadd(keys.holders(model_id), {info.worker_id: now})
-        pipe.zremrangebyscore(keys.holders(model_id), "-inf", now - HOLDERS_KEEP_S)
+        pipe.zremrangebyscore(keys.holders(model_id), "-inf", now - max(HOLDERS_KEEP_S, 2 * _ttl(None)))
         pipe.expire(keys.holders(model_id), keys.JOB_TTL_S)
     # A new process under that id is not lost any more: one started after the mark, or one other than the
     # process the record showed (a supervisor may have started it before the core found the old one silent).

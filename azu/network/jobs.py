@@ -174,6 +174,28 @@ return 0
 """
 
 
+def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequence[str] = (),
+               now: float | None = None) -> tuple[directory.Snapshot, placement.Routes]:
+    """The routes of ``model_id`` over its live holders, with the snapshot they came from (its identities
+    make the grant).
+
+    The model's index is read first (its holders only: what a job's first token waits for). Where it gives
+    no route, the whole directory is read and routed over: the index is filled by heartbeats, so it may lag
+    the records (a collector of a version before it; a key lost), and placement, which reads the whole
+    directory, would not order loads for a model it sees served. So where there is no route, the snapshot
+    returned is every live worker: which of them could load the model."""
+    known = directory.snapshot(r, model_id=model_id, now=now)
+    routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
+    if routes.exists():
+        return known, routes
+    known = directory.snapshot(r, now=now)
+    routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
+    if routes.exists():
+        log.warning("%s: the holders' index gave no route, the directory does (index behind the records)",
+                    model_id)
+    return known, routes
+
+
 def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None = None,
                info: ModelInfo | None = None) -> None:
     """Route the job (or order the loads it needs), store it and enqueue its first step.
@@ -188,15 +210,13 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     _validate(req, info)
     dispatch = dispatch or get_dispatcher()
     # The model's live holders with their identities: the grant reads nothing more.
-    known = directory.snapshot(r, model_id=req.model_id)
-    routes = placement.Routes(req.model_id, info.num_layers, known.workers)
+    known, routes = routes_for(r, req.model_id, info.num_layers)
     servable = routes.exists()
-    if not servable and not r.exists(keys.loading(req.model_id)):
-        workers = directory.live_workers(r)  # could the others load it? (every live worker: rare, so read)
-        if not placement.plan_loads(info.shape, workers, max_copies=get_settings().copies):
-            need = placement.needed_bytes(info.shape)
-            raise NoCapacity(f"no live worker holds {req.model_id} and the {len(workers)} live worker(s) "
-                             f"cannot load it (it needs about {need} bytes)", param="model")
+    if (not servable and not r.exists(keys.loading(req.model_id))  # then ``known`` is every live worker:
+            and not placement.plan_loads(info.shape, known.workers, max_copies=get_settings().copies)):
+        need = placement.needed_bytes(info.shape)
+        raise NoCapacity(f"no live worker holds {req.model_id} and the {len(known.workers)} live worker(s) "
+                         f"cannot load it (it needs about {need} bytes)", param="model")
     sampling = Sampling(
         max_tokens=req.max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
         top_k=int(req.top_k), seed=req.seed if req.seed is not None else secrets.randbits(62),
@@ -244,11 +264,25 @@ def keep_placed(r: redis.Redis, *, dispatch: Dispatcher | None = None) -> list[p
         # While jobs wait for a route, only that route is planned (again, if an order died with its worker):
         # the spare copies come after, so the jobs resume on the route that keeps their surviving hops.
         waiting = bool(r.zcard(keys.waiting(model_id)))
+        copies = 1 if waiting else get_settings().copies
         try:
-            sent += place(r, model_id, spares=not waiting, copies=1 if waiting else None, dispatch=dispatch)
+            if _placed_enough(r, model_id, copies):
+                continue  # nothing to plan: the whole directory, and the model's lock, are not needed
+            sent += place(r, model_id, spares=not waiting, copies=copies, dispatch=dispatch)
         except AzuError as exc:  # a model being re-sharded, say: the others still get their copies
             log.warning("keeping %s placed: %s", model_id, exc.message)
     return sent
+
+
+def _placed_enough(r: redis.Redis, model_id: str, copies: int) -> bool:
+    """Whether the model's live holders already make a route and hold every layer ``copies`` times: what
+    ``place`` would then plan is nothing, and it reads the whole directory (every live worker's record) to
+    find that out, every ``KEEP_EVERY_S`` on the collector's thread, which publishes the tokens. This reads
+    the model's holders only."""
+    info = model_info(r, model_id)
+    holders = directory.snapshot(r, model_id=model_id).workers
+    return (placement.Routes(model_id, info.num_layers, holders).exists()
+            and placement.fewest_copies(model_id, info.num_layers, holders) >= copies)
 
 
 # Model hash field: the core keeps this model's copies (set on its first placement, or on a loss).
@@ -518,8 +552,7 @@ def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: D
     old, step = job_route(job), int(job.get("step") or 0)
     model_id = job["model_id"]
     info = model_info(r, model_id)
-    known = directory.snapshot(r, model_id=model_id, now=now)
-    routes = placement.Routes(model_id, info.num_layers, known.workers, avoid=set(lost))
+    known, routes = routes_for(r, model_id, info.num_layers, avoid=lost, now=now)
     _note_loss(r, job_id, job, lost, now=now)
     if routes.exists():
         return _replay(r, job_id, _closest(r, model_id, routes, old), lost=lost, dispatch=dispatch, now=now,
@@ -626,8 +659,7 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
     started = 0
     with r.lock(keys.start_lock(model_id), timeout=30, blocking_timeout=30):
         info = model_info(r, model_id)
-        known = directory.snapshot(r, model_id=model_id)
-        routes = placement.Routes(model_id, info.num_layers, known.workers)
+        known, routes = routes_for(r, model_id, info.num_layers)
         if not routes.exists():
             return 0
         r.delete(keys.loading(model_id))

@@ -159,6 +159,15 @@ class Routes:
         return memo[key]
 
 
+def fewest_copies(model_id: str, num_layers: int, workers: list[WorkerInfo]) -> int:
+    """How many times the least held layer of the model is held by ``workers`` (0: some layer by none)."""
+    counts = [0] * num_layers
+    for _wid, span in _held(model_id, workers):
+        for i in range(span.first, min(span.last, num_layers)):
+            counts[i] += 1
+    return min(counts, default=0)
+
+
 def longest_prefix(model_id: str, workers: list[WorkerInfo], *, max_hops: int = 16) -> list[Hop]:
     """The held chain from the embeddings that reaches furthest without the head (of those, one with the
     fewest hops), or []. Walked over layer boundaries, nearest first, not listed: c copies of each of h spans

@@ -147,6 +147,57 @@ def test_keep_placed_touches_only_models_the_core_placed(r, keep_model) -> None:
             if o.model_id == model_id] == [("k2", model_id)]
 
 
+def test_keep_placed_reads_only_the_holders_of_a_model_placed_in_full(r, keep_model, monkeypatch) -> None:
+    """The collector checks the placement every KEEP_EVERY_S on the thread that publishes tokens: a model
+    whose holders make a route with every layer held AZU_COPIES times is passed over on its holders alone
+    (not every live worker's record, nor its lock); one that lost a copy is placed as before."""
+    model_id = keep_model
+    front, tail = Span(0, 2, True, False), Span(2, 4, False, True)
+    r.hset(keys.model(model_id), jobs.PLACED, "1")
+    _beat(r, "k1", 0, (model_id, front), started_at=time.time())
+    _beat(r, "k2", 0, (model_id, tail), started_at=time.time())
+    crowd = [f"kc-{i:03d}" for i in range(200)]
+    for wid in crowd:  # live workers with room, holding nothing
+        directory.register(r, _worker(wid, 10**15))
+    try:
+        _keep_checks(r, model_id, front, tail, monkeypatch)
+    finally:  # the suite's Redis is the session's: later tests must not find these workers live
+        for wid in crowd:
+            directory.deregister(r, wid)
+            r.delete(keys.assigned(wid))
+        r.delete(keys.orders(model_id))
+
+
+def _keep_checks(r: redis.Redis, model_id: str, front: Span, tail: Span, monkeypatch: Any) -> None:
+    placed: list[str] = []
+    real_place = jobs.place
+
+    def place(r_: Any, placed_model: str, **kwargs: Any) -> Any:
+        placed.append(placed_model)
+        return real_place(r_, placed_model, **kwargs)
+
+    monkeypatch.setattr(jobs, "place", place)
+    reads: list[str | None] = []
+    real_snapshot = directory.snapshot
+
+    def snapshot(r_: Any, **kwargs: Any) -> Any:
+        reads.append(kwargs.get("model_id"))
+        return real_snapshot(r_, **kwargs)
+
+    monkeypatch.setattr(directory, "snapshot", snapshot)
+    assert jobs._placed_enough(r, model_id, 1)
+    assert reads == [model_id]  # its holders (test_units: such a read GETs the holders' records only)
+    assert not jobs._placed_enough(r, model_id, 2)  # a second copy is not there
+    rec = Recording(None)
+    reads.clear()
+    assert [o for o in jobs.keep_placed(r, dispatch=rec) if o.model_id == model_id] == []
+    assert model_id not in placed and model_id in reads
+    # k2 restarted empty: the tail is ordered again (to k2: the roomiest, as are the others, and first by id).
+    _beat(r, "k2", 10**15, started_at=time.time() + 1)
+    orders = [o for o in jobs.keep_placed(r, dispatch=rec) if o.model_id == model_id]
+    assert model_id in placed and [(o.worker_id, o.span) for o in orders] == [("k2", tail)]
+
+
 # --- a lost span with no spare copy: the job waits for a load, then carries on --------------------------
 class LoadingNetwork(InlineNetwork):
     """InlineNetwork that also carries out load orders (from the local shard folder) and reports them."""
