@@ -17,6 +17,8 @@ counted, not sent. Rows:
 - the collector's placement check of the second model (``jobs.keep_placed``, every 2 s on the thread that
   publishes the tokens), which finds it placed in full: on its holders now, against ``place`` reading the
   whole directory, as every check did before;
+- the collector's work for one heartbeat of every worker (signed reports, as their nodes send them): in
+  batches as it pops them, against each heartbeat's own round trips (as before);
 - the second model's directory read (``directory.snapshot(model_id=...)``: one Lua script over the model's
   holders) against the whole directory's (every live worker's record: what submit read before the model
   index); how long Redis itself ran the first model's read (``INFO commandstats``), which holds every other
@@ -39,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 LAYERS = 24
 MODELS = ("bench-submit", "bench-few")  # every worker holds half of the first; two of them the second
+SIGNERS: dict[str, Any] = {}  # worker id -> its signing key (its heartbeats are signed)
 
 
 class Counted:
@@ -66,7 +69,46 @@ def add_workers(r: Any, first: int, last: int) -> None:
             worker_id=wid, queue=f"gpu.{wid}", device="cpu", total_memory=10**10, free_memory=10**9,
             stages=[(m, span) for m in held]))
         r.sadd(keys.assigned(wid), *(jobs.span_key(m, span) for m in held))
-        r.set(keys.identity(wid), auth.public_hex(SigningKey.generate()))
+        SIGNERS[wid] = SigningKey.generate()
+        r.set(keys.identity(wid), auth.public_hex(SIGNERS[wid]))
+
+
+def heartbeats(names: list[str]) -> list[bytes]:
+    """A signed heartbeat report of each worker, as its node sends one every AZU_HEARTBEAT_S."""
+    from azu.engine.span import Span
+    from azu.network import auth
+    from azu.network.wire import Report
+
+    half = LAYERS // 2
+    out = []
+    for i, wid in enumerate(names):
+        span = Span(0, half, True, False) if i % 2 == 0 else Span(half, LAYERS, False, True)
+        body = {"device": "cpu", "total_memory": 10**10, "free_memory": 10**9, "cached_jobs": 0,
+                "stages": [[m, *span.to_list()] for m in (MODELS if i < 2 else MODELS[:1])],
+                "started_at": 1, "p2p_url": f"tcp://10.0.{i // 250}.{i % 250}:8003"}
+        sig = auth.sign(SIGNERS[wid], auth.REPORT, Report(wid, "heartbeat", body).signed_part())
+        out.append(Report(wid, "heartbeat", body, sig).pack())
+    return out
+
+
+def heartbeat_round(r: Any, names: list[str]) -> tuple[float, float]:
+    """Seconds the collector takes for one heartbeat of every worker: in batches as it pops them, and each
+    on its own (its own round trips, as every heartbeat made before a batch's were written together)."""
+    from azu.network.collector import BATCH_MAX, Collector
+
+    collector = Collector(r)
+    blobs = heartbeats(names)
+    collector.process(blobs[:BATCH_MAX])  # the identities read once, as in a running collector
+    collector.process(blobs[BATCH_MAX:])
+    t = time.perf_counter()
+    for at in range(0, len(blobs), BATCH_MAX):
+        assert collector.process(blobs[at:at + BATCH_MAX]) == len(blobs[at:at + BATCH_MAX])
+    batched = time.perf_counter() - t
+    t = time.perf_counter()
+    for blob in blobs:  # each heartbeat's round trips of its own, as before: its assigned set, its lost mark,
+        collector._heartbeats([collector.verify(blob)])  # its writes
+    collector.tally.flush(r)
+    return batched, time.perf_counter() - t
 
 
 def submit_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> tuple[float, int]:
@@ -111,6 +153,7 @@ def main() -> int:
     args = p.parse_args()
     import redis
 
+    from azu.config import get_settings
     from azu.network import directory, jobs, keys
     from azu.registry.status import ModelInfo
 
@@ -127,7 +170,7 @@ def main() -> int:
     every, few = infos
     for info in infos:  # ready, as the registry marks a sharded model (placement reads it)
         r.hset(keys.model(info.model_id), mapping={"state": "ready", "info": info.to_json()})
-    rows, checks = [], []
+    rows, checks, beats = [], [], []
     dispatch = Counted()
     try:
         have = 0
@@ -160,6 +203,7 @@ def main() -> int:
                 assert jobs.place(r, few.model_id, spares=True, copies=1, dispatch=dispatch) == []  # before
                 full.append(time.perf_counter() - t)
             checks.append((n, statistics.median(quick), statistics.median(full)))
+            beats.append((n, *min(heartbeat_round(r, names) for _ in range(3))))
             r.config_resetstat()
             for _ in range(10):
                 directory.snapshot(r, model_id=every.model_id)
@@ -189,6 +233,16 @@ def main() -> int:
     print("|---|---|---|---|")
     for n, quick_s, full_s in checks:
         print(f"| {n} | {quick_s * 1000:.2f} ms | {full_s * 1000:.2f} ms | {quick_s / full_s:.2f}x |")
+    every = get_settings().worker.heartbeat_s
+    print(f"\nThe collector's heartbeats: one of every worker (each sends one every {every:g} s), on the "
+          "thread that publishes tokens (best of 3):\n")
+    print("| live workers | in batches, as popped (now) | each on its own (before) | now / before | "
+          "the thread's time taken, now / before |")
+    print("|---|---|---|---|---|")
+    for n, batched_s, alone_s in beats:
+        print(f"| {n} | {batched_s * 1000:.2f} ms ({batched_s / n * 1e6:.0f} us each) | "
+              f"{alone_s * 1000:.2f} ms ({alone_s / n * 1e6:.0f} us each) | {batched_s / alone_s:.2f}x | "
+              f"{batched_s / every:.1%} / {alone_s / every:.1%} |")
     return 0
 
 

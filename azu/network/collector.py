@@ -12,7 +12,8 @@ and the sender's right to say it, then acts:
   inbox, and settlement on ``core``. The last hop hands the next step to hop 0 itself: the collector is not
   on the decode loop.
 - ``heartbeat`` (about the sender only): the directory record, keeping only the spans the core ordered the
-  worker to load (``azu:assigned:<id>``): a claim of spans never ordered is ignored.
+  worker to load (``azu:assigned:<id>``): a claim of spans never ordered is ignored. A batch's heartbeats are
+  written together (three round trips for them all), before any later report of another kind.
 - ``loaded`` / ``load_failed``: start, or fail, the jobs waiting for the model.
 - ``job_failed`` (only from a hop of the job's route): fail the job.
 - ``refused``: count it (``azu:refused:<id>``). ``pong``: write the health-check key (``azu:ping:*``).
@@ -133,6 +134,7 @@ class Collector:
         reports, each parsed and kept until the end, would hold them all at once)."""
         accepted = 0
         tokens: list[Report] = []
+        beats: list[Report] = []
         for blob in blobs:
             try:
                 rep = self.verify(blob)
@@ -148,9 +150,17 @@ class Collector:
             if rep.kind == "token":
                 tokens.append(rep)  # small (above): a batch keeps at most BATCH_MAX of them
                 continue
-            if tokens:  # keep the order: tokens before a later report (a job_failed after them, say)
+            if rep.kind == "heartbeat":  # written together: they touch nothing a token report reads
+                beats.append(rep)
+                continue
+            # Keep the order: tokens and heartbeats before a later report (a job_failed after the tokens, a
+            # "loaded" after the heartbeat that shows the span held).
+            if tokens:
                 self._tokens(tokens)
                 tokens = []
+            if beats:
+                self._heartbeats(beats)
+                beats = []
             outcome = "accepted"
             try:
                 self._HANDLERS[rep.kind](self, rep)
@@ -163,6 +173,8 @@ class Collector:
             self.tally.add(metrics.CORE_REPORTS, kind=rep.kind, outcome=outcome)
         if tokens:
             self._tokens(tokens)
+        if beats:
+            self._heartbeats(beats)
         self.tally.flush(self.r)
         return accepted
 
@@ -276,9 +288,33 @@ class Collector:
         return bool(state.decoder.stopped)
 
     # --- the rest ------------------------------------------------------------------------------------
-    def _heartbeat(self, rep: Report) -> None:
+    def _heartbeats(self, reports: list[Report]) -> None:
+        """The directory records of a batch's heartbeats, written together (azu.network.directory
+        .register_many): three round trips for the batch, not three a heartbeat, so a crowd of workers
+        heartbeating costs the thread that publishes the tokens little."""
+        look = self.r.pipeline(transaction=False)
+        for rep in reports:
+            look.smembers(keys.assigned(rep.worker_id))
+        infos: list[directory.WorkerInfo] = []
+        for rep, ordered in zip(reports, look.execute(), strict=True):
+            try:
+                infos.append(self._record(rep, {keys.as_str(s) for s in ordered}))
+            except AzuError as exc:
+                log.warning("heartbeat from %s refused: %s", rep.worker_id[:64], exc.message[:500])
+                self.tally.add(metrics.CORE_REPORTS, kind="heartbeat", outcome="refused")
+        try:
+            directory.register_many(self.r, infos)
+            outcome = "accepted"
+        except Exception:
+            outcome = "error"
+            log.exception("%d heartbeat(s) failed", len(infos))
+        for _ in infos:
+            self.tally.add(metrics.CORE_REPORTS, kind="heartbeat", outcome=outcome)
+
+    def _record(self, rep: Report, ordered: set[str]) -> directory.WorkerInfo:
+        """The directory record a heartbeat makes: the stages it claims that the core ordered (``ordered``:
+        the worker's ``assigned`` set), the rest of its words cut short."""
         b = rep.body
-        ordered = {keys.as_str(s) for s in self.r.smembers(keys.assigned(rep.worker_id))}  # type: ignore[union-attr]
         stages: list[tuple[str, Span]] = []
         for s in b.get("stages") or []:
             if not isinstance(s, list) or not s or not isinstance(s[0], str):
@@ -288,16 +324,15 @@ class Collector:
                 stages.append((s[0], span))
             else:
                 log.warning("worker %s claims %s %s, never ordered: ignored", rep.worker_id, s[0], span)
-        # What the record keeps of the worker's own words, cut short: every job's submit reads every record,
-        # and the P2P address travels in the grant of every job routed through the worker.
-        info = directory.WorkerInfo(
+        # What the record keeps of the worker's own words, cut short: every job's submit reads its holders'
+        # records, and the P2P address travels in the grant of every job routed through the worker.
+        return directory.WorkerInfo(
             worker_id=rep.worker_id, queue=worker_queue(rep.worker_id),
             device=_text(b.get("device"))[:MAX_FIELD] or "?",
             total_memory=_count(b.get("total_memory")), free_memory=_count(b.get("free_memory")),
             p2p_url=_short(_opt(b.get("p2p_url")), "p2p_url"), wallet=_short(_opt(b.get("wallet")), "wallet"),
             stages=sorted(stages),
             cached_jobs=_count(b.get("cached_jobs")), started_at=float(_count(b.get("started_at"))))
-        directory.register(self.r, info)
 
     def _loaded(self, rep: Report) -> None:
         model_id = _text(rep.body.get("model_id"))
@@ -381,7 +416,7 @@ class Collector:
         self.r.set(key, _text(rep.body.get("value")), ex=3600)
 
     _HANDLERS: dict[str, Callable[[Collector, Report], None]] = {
-        "heartbeat": _heartbeat, "loaded": _loaded, "load_failed": _load_failed, "job_failed": _job_failed,
+        "loaded": _loaded, "load_failed": _load_failed, "job_failed": _job_failed,
         "refused": _refused, "pong": _pong, "commit": _commit, "evidence": _evidence}
 
 

@@ -97,24 +97,41 @@ def _ttl(ttl: float | None) -> float:
 
 def register(r: redis.Redis, info: WorkerInfo, *, now: float | None = None) -> None:
     """Write the worker's record and heartbeat (also what every heartbeat does)."""
+    register_many(r, [info], now=now)
+
+
+def register_many(r: redis.Redis, infos: Sequence[WorkerInfo], *, now: float | None = None) -> None:
+    """``register`` each of ``infos`` (the heartbeats of one batch of reports), in order: two round trips
+    for them all, three if one was marked lost, instead of two or three each."""
+    if not infos:
+        return
     now = time.time() if now is None else now
-    info.heartbeat_at = now
-    marked = r.zscore(LOST, info.worker_id)
-    before = r.get(keys.worker(info.worker_id)) if marked is not None else None
+    look = r.pipeline(transaction=False)
+    for info in infos:
+        look.zscore(LOST, info.worker_id)
+    marks: list[float | None] = look.execute()
+    marked = sorted({info.worker_id for info, mark in zip(infos, marks, strict=True) if mark is not None})
+    records = r.mget([keys.worker(w) for w in marked]) if marked else []
+    before: dict[str, Any] = dict(zip(marked, records, strict=True))
+    keep_from = now - max(HOLDERS_KEEP_S, 2 * _ttl(None))
     pipe = r.pipeline()
-    pipe.set(keys.worker(info.worker_id), info.to_json())
-    pipe.zadd(keys.WORKERS, {info.worker_id: now})
-    # Each held model's index, with the record (a job's submit reads only that model's holders, so a crowd
-    # of workers holding nothing does not slow it). A span dropped since just stops being refreshed.
-    for model_id in sorted({m for m, _span in info.stages}):
-        pipe.zadd(keys.holders(model_id), {info.worker_id: now})
-        pipe.zremrangebyscore(keys.holders(model_id), "-inf", now - max(HOLDERS_KEEP_S, 2 * _ttl(None)))
-        pipe.expire(keys.holders(model_id), keys.JOB_TTL_S)
-    # A new process under that id is not lost any more: one started after the mark, or one other than the
-    # process the record showed (a supervisor may have started it before the core found the old one silent).
-    if marked is not None and (info.started_at > marked or (
-            before and float(json.loads(before).get("started_at") or 0.0) != info.started_at)):
-        pipe.zrem(LOST, info.worker_id)
+    for info, mark in zip(infos, marks, strict=True):
+        info.heartbeat_at = now
+        pipe.set(keys.worker(info.worker_id), info.to_json())
+        pipe.zadd(keys.WORKERS, {info.worker_id: now})
+        # Each held model's index, with the record (a job's submit reads only that model's holders, so a
+        # crowd of workers holding nothing does not slow it). A span dropped since just stops being refreshed.
+        for model_id in sorted({m for m, _span in info.stages}):
+            pipe.zadd(keys.holders(model_id), {info.worker_id: now})
+            pipe.zremrangebyscore(keys.holders(model_id), "-inf", keep_from)
+            pipe.expire(keys.holders(model_id), keys.JOB_TTL_S)
+        # A new process under that id is not lost any more: one started after the mark, or one other than
+        # the process the record showed (a supervisor may have started it before the core found the old one
+        # silent).
+        shown = before.get(info.worker_id)
+        other = shown is not None and float(json.loads(shown).get("started_at") or 0.0) != info.started_at
+        if mark is not None and (info.started_at > mark or other):
+            pipe.zrem(LOST, info.worker_id)
     pipe.execute()
 
 
