@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024
 MAX_FIELD = 256  # characters of a heartbeat's text fields (device, P2P address, wallet)
+MAX_STAGES = 256  # stages a heartbeat may claim (a worker holds a span or two of a model or two)
 MAX_TOKEN_REPORT = 4096  # bytes: a token report names a worker, a job (<= 128 characters) and three numbers
 LEASE_S = 10
 LEASE_RENEW_S = 1.0  # the loop renews its lease this often (a pop waits wait_s at most before it renews)
@@ -90,6 +92,7 @@ class Collector:
         self.decoders: dict[str, _Decoder] = {}
         self.tokenizers: dict[str, Any] = {}
         self.tally = metrics.Tally()  # this batch's report counts, written with its tokens or at its end
+        self.beats: list[directory.WorkerInfo] = []  # this batch's heartbeats, checked, not yet written
 
     @property
     def dispatch(self) -> Dispatcher:
@@ -129,12 +132,12 @@ class Collector:
     def process(self, blobs: Sequence[bytes]) -> int:
         """Handle ``blobs`` (packed reports) in order. Returns how many were accepted.
 
-        One pass: each report is parsed, checked and handled before the next is read, and only token
-        reports are kept until the batch's tokens are published together (a batch of a thousand large
-        reports, each parsed and kept until the end, would hold them all at once)."""
+        One pass: each report is parsed, checked and handled before the next is read. Token reports are kept
+        until the batch's tokens are published together, and heartbeats as the records they make, written
+        together (``_write_heartbeats``): both small (a batch of a thousand large reports, each parsed and
+        kept until the end, would hold them all at once)."""
         accepted = 0
         tokens: list[Report] = []
-        beats: list[Report] = []
         for blob in blobs:
             try:
                 rep = self.verify(blob)
@@ -150,17 +153,14 @@ class Collector:
             if rep.kind == "token":
                 tokens.append(rep)  # small (above): a batch keeps at most BATCH_MAX of them
                 continue
-            if rep.kind == "heartbeat":  # written together: they touch nothing a token report reads
-                beats.append(rep)
-                continue
             # Keep the order: tokens and heartbeats before a later report (a job_failed after the tokens, a
-            # "loaded" after the heartbeat that shows the span held).
-            if tokens:
+            # "loaded" after the heartbeat that shows the span held). A heartbeat touches nothing a token
+            # report reads: the two wait side by side.
+            if tokens and rep.kind != "heartbeat":
                 self._tokens(tokens)
                 tokens = []
-            if beats:
-                self._heartbeats(beats)
-                beats = []
+            if self.beats and rep.kind != "heartbeat":
+                self._write_heartbeats()
             outcome = "accepted"
             try:
                 self._HANDLERS[rep.kind](self, rep)
@@ -173,8 +173,8 @@ class Collector:
             self.tally.add(metrics.CORE_REPORTS, kind=rep.kind, outcome=outcome)
         if tokens:
             self._tokens(tokens)
-        if beats:
-            self._heartbeats(beats)
+        if self.beats:
+            self._write_heartbeats()
         self.tally.flush(self.r)
         return accepted
 
@@ -288,42 +288,44 @@ class Collector:
         return bool(state.decoder.stopped)
 
     # --- the rest ------------------------------------------------------------------------------------
-    def _heartbeats(self, reports: list[Report]) -> None:
-        """The directory records of a batch's heartbeats, written together (azu.network.directory
-        .register_many): three round trips for the batch, not three a heartbeat, so a crowd of workers
-        heartbeating costs the thread that publishes the tokens little."""
+    def _heartbeat(self, rep: Report) -> None:
+        """Check a heartbeat now (a bad one is refused alone) and keep the record it makes for the batch's
+        write."""
+        self.beats.append(self._record(rep))
+
+    def _write_heartbeats(self) -> None:
+        """The directory records of the batch's heartbeats, written together (azu.network.directory
+        .register_many): three round trips for them all, not three each, so a crowd of workers heartbeating
+        costs the thread that publishes the tokens little. Each keeps only the spans the core ordered it."""
+        infos, self.beats = self.beats, []
         look = self.r.pipeline(transaction=False)
-        for rep in reports:
-            look.smembers(keys.assigned(rep.worker_id))
-        infos: list[directory.WorkerInfo] = []
-        for rep, ordered in zip(reports, look.execute(), strict=True):
-            try:
-                infos.append(self._record(rep, {keys.as_str(s) for s in ordered}))
-            except AzuError as exc:
-                log.warning("heartbeat from %s refused: %s", rep.worker_id[:64], exc.message[:500])
-                self.tally.add(metrics.CORE_REPORTS, kind="heartbeat", outcome="refused")
+        for info in infos:
+            look.smembers(keys.assigned(info.worker_id))
+        for info, ordered in zip(infos, look.execute(), strict=True):
+            allowed = {keys.as_str(s) for s in ordered}
+            for m, span in info.stages:
+                if jobs.span_key(m, span) not in allowed:
+                    log.warning("worker %s claims %s %s, never ordered: ignored", info.worker_id, m, span)
+            info.stages = [(m, span) for m, span in info.stages if jobs.span_key(m, span) in allowed]
         try:
             directory.register_many(self.r, infos)
-            outcome = "accepted"
-        except Exception:
-            outcome = "error"
-            log.exception("%d heartbeat(s) failed", len(infos))
-        for _ in infos:
-            self.tally.add(metrics.CORE_REPORTS, kind="heartbeat", outcome=outcome)
+        except redis.ConnectionError:
+            raise
+        except Exception:  # the records are the core's own (checked fields): not one worker's doing
+            log.exception("writing %d heartbeat(s) failed", len(infos))
 
-    def _record(self, rep: Report, ordered: set[str]) -> directory.WorkerInfo:
-        """The directory record a heartbeat makes: the stages it claims that the core ordered (``ordered``:
-        the worker's ``assigned`` set), the rest of its words cut short."""
+    def _record(self, rep: Report) -> directory.WorkerInfo:
+        """The directory record a heartbeat makes, before its spans are checked against the ones the core
+        ordered (``_write_heartbeats``): the worker's own words checked and cut short."""
         b = rep.body
+        claimed = b.get("stages") or []
+        if not isinstance(claimed, list) or len(claimed) > MAX_STAGES:
+            raise InvalidRequest(f"held stages: a list of at most {MAX_STAGES}")
         stages: list[tuple[str, Span]] = []
-        for s in b.get("stages") or []:
-            if not isinstance(s, list) or not s or not isinstance(s[0], str):
+        for s in claimed:
+            if not isinstance(s, list) or not s or not isinstance(s[0], str) or len(s[0]) > MAX_FIELD:
                 raise InvalidRequest(f"malformed held stage {shown(s)}")
-            span = Span.from_list(list(s[1:]))
-            if jobs.span_key(s[0], span) in ordered:
-                stages.append((s[0], span))
-            else:
-                log.warning("worker %s claims %s %s, never ordered: ignored", rep.worker_id, s[0], span)
+            stages.append((s[0], Span.from_list(list(s[1:]))))
         # What the record keeps of the worker's own words, cut short: every job's submit reads its holders'
         # records, and the P2P address travels in the grant of every job routed through the worker.
         return directory.WorkerInfo(
@@ -331,7 +333,7 @@ class Collector:
             device=_text(b.get("device"))[:MAX_FIELD] or "?",
             total_memory=_count(b.get("total_memory")), free_memory=_count(b.get("free_memory")),
             p2p_url=_short(_opt(b.get("p2p_url")), "p2p_url"), wallet=_short(_opt(b.get("wallet")), "wallet"),
-            stages=sorted(stages),
+            stages=sorted(set(stages)),
             cached_jobs=_count(b.get("cached_jobs")), started_at=float(_count(b.get("started_at"))))
 
     def _loaded(self, rep: Report) -> None:
@@ -416,7 +418,7 @@ class Collector:
         self.r.set(key, _text(rep.body.get("value")), ex=3600)
 
     _HANDLERS: dict[str, Callable[[Collector, Report], None]] = {
-        "loaded": _loaded, "load_failed": _load_failed, "job_failed": _job_failed,
+        "heartbeat": _heartbeat, "loaded": _loaded, "load_failed": _load_failed, "job_failed": _job_failed,
         "refused": _refused, "pong": _pong, "commit": _commit, "evidence": _evidence}
 
 
@@ -438,7 +440,10 @@ def _short(value: str | None, what: str) -> str | None:
 
 
 def _count(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
+    """A count a worker reports (bytes, jobs, seconds); 0 for anything else (not a number, negative, inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return 0
+    return int(value)
 
 
 def process_reports(r: redis.Redis, reports: Sequence[bytes], *, dispatch: Dispatcher | None = None,

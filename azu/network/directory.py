@@ -128,8 +128,8 @@ def register_many(r: redis.Redis, infos: Sequence[WorkerInfo], *, now: float | N
         # A new process under that id is not lost any more: one started after the mark, or one other than
         # the process the record showed (a supervisor may have started it before the core found the old one
         # silent).
-        shown = before.get(info.worker_id)
-        other = shown is not None and float(json.loads(shown).get("started_at") or 0.0) != info.started_at
+        was = before.get(info.worker_id)
+        other = was is not None and float(json.loads(was).get("started_at") or 0.0) != info.started_at
         if mark is not None and (info.started_at > mark or other):
             pipe.zrem(LOST, info.worker_id)
     pipe.execute()

@@ -361,7 +361,8 @@ class Verifier:
             worker = job.route[hop].worker_id
             # Committing is every worker's own duty: a worker still alive that did not commit to a job it was
             # paid for fails the check; one that died since (its commitments lost with it) does not.
-            if directory.is_live(self.r, worker):  # heartbeats, not lost (its own score: not every worker's)
+            # Heartbeating, not lost, not banned (a banned worker's silence was judged already).
+            if directory.is_live(self.r, worker) and not self.r.hexists(keys.BANNED, worker):
                 # A worker sends its last chunk with its next hand-over after the job ended, or when its
                 # session ends: give it a while (the job goes back on the queue) before its silence counts.
                 finished = float(self.r.hget(keys.job(job_id), "finished") or 0)

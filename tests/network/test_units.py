@@ -410,6 +410,51 @@ def test_a_batch_of_heartbeats_is_written_in_a_few_round_trips(r) -> None:
         r.zrem(directory.LOST, "beat-03")
 
 
+def test_a_hostile_heartbeat_is_refused_alone(r) -> None:
+    """A batch's heartbeats are written together, so each is checked alone first: an enrolled worker's
+    heartbeat with odd values (inf for a count, stages that are not a list, too many of them, a model id of
+    a megabyte) costs the others in its batch nothing, nor the reports after it."""
+    from azu.network.collector import MAX_STAGES, Collector
+
+    names = ["odd-a", "odd-b", "odd-evil"]
+    signers = {w: SigningKey.generate() for w in names}
+    span = Span(0, 2, True, False)
+    for w, key in signers.items():
+        r.set(keys.identity(w), auth.public_hex(key))
+        r.sadd(keys.assigned(w), jobs.span_key("odd-m", span))
+
+    def report(w: str, kind: str = "heartbeat", **fields: Any) -> bytes:
+        body = fields if kind != "heartbeat" else {
+            "device": "cpu", "total_memory": 10, "free_memory": 5, "cached_jobs": 0, "started_at": 1,
+            "stages": [["odd-m", *span.to_list()]], **fields}
+        signed = auth.sign(signers[w], auth.REPORT, protocol.Report(w, kind, body).signed_part())
+        return protocol.Report(w, kind, body, signed).pack()
+
+    hostile = [{"stages": 5}, {"stages": True}, {"stages": [["odd-m", *span.to_list()]] * (MAX_STAGES + 1)},
+               {"stages": [["m" * 2**20, *span.to_list()]]}]
+    ping = keys.PING_PREFIX + "odd"
+    try:
+        for fields in hostile:
+            directory.deregister(r, "odd-evil")
+            batch = [report("odd-a"), report("odd-evil", **fields), report("odd-b"),
+                     report("odd-a", "pong", key=ping, value="yes")]
+            Collector(r).process(batch)
+            live = directory.snapshot(r, model_id="odd-m").workers
+            assert [w.worker_id for w in live] == ["odd-a", "odd-b"], fields
+            assert r.get(ping) == b"yes"
+            r.delete(ping)
+        # Counts that are not finite are read as 0, the heartbeat kept.
+        Collector(r).process([report("odd-evil", total_memory=float("inf"), started_at=float("inf"),
+                                     free_memory=float("nan")), report("odd-a")])
+        evil = directory.get_worker(r, "odd-evil")
+        assert evil is not None and (evil.total_memory, evil.free_memory, evil.started_at) == (0, 0, 0.0)
+    finally:
+        for w in names:
+            directory.deregister(r, w)
+            r.delete(keys.identity(w), keys.assigned(w))
+        r.delete(keys.holders("odd-m"), ping)
+
+
 def test_the_directory_snapshot_is_the_live_workers_with_their_enrolled_keys(any_redis) -> None:
     """One round trip on either Redis (azu up's embedded 6.2 too): lost and banned workers left out, spans
     the core did not order not believed, and each worker's key the one it enrolled (``azu:identity``), not

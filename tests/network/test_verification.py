@@ -271,6 +271,14 @@ def test_a_live_worker_that_does_not_commit_fails_the_check(r, world) -> None:
     verdict = w.verifier.check(job_id)
     assert (verdict.status, verdict.hop, verdict.worker) == ("failed", 1, w.workers[1])
     assert verdict.evidence == {"missing_commitment": True}
+    # Banned since (it still heartbeats): its silence on a later job is not judged again.
+    later = w.job()
+    r.hset(keys.job(later), "finished", str(float(r.hget(keys.job(later), "finished")) - 3600))
+    r.hset(keys.BANNED, w.workers[1], "banned by the test")
+    try:
+        assert w.verifier.check(later).status == "inconclusive"
+    finally:
+        r.hdel(keys.BANNED, w.workers[1])
 
 
 def test_commitments_out_of_bounds_and_unasked_evidence_are_refused(r, world) -> None:
