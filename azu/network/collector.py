@@ -92,7 +92,8 @@ class Collector:
         self.decoders: dict[str, _Decoder] = {}
         self.tokenizers: dict[str, Any] = {}
         self.tally = metrics.Tally()  # this batch's report counts, written with its tokens or at its end
-        self.beats: list[directory.WorkerInfo] = []  # this batch's heartbeats, checked, not yet written
+        # This batch's heartbeats, checked, not yet written: each worker's last (it overwrites the others).
+        self.beats: dict[str, directory.WorkerInfo] = {}
 
     @property
     def dispatch(self) -> Dispatcher:
@@ -290,14 +291,15 @@ class Collector:
     # --- the rest ------------------------------------------------------------------------------------
     def _heartbeat(self, rep: Report) -> None:
         """Check a heartbeat now (a bad one is refused alone) and keep the record it makes for the batch's
-        write."""
-        self.beats.append(self._record(rep))
+        write, in place of any earlier one of the worker's in the batch (a worker that floods heartbeats costs
+        the write of one)."""
+        self.beats[rep.worker_id] = self._record(rep)
 
     def _write_heartbeats(self) -> None:
         """The directory records of the batch's heartbeats, written together (azu.network.directory
         .register_many): three round trips for them all, not three each, so a crowd of workers heartbeating
         costs the thread that publishes the tokens little. Each keeps only the spans the core ordered it."""
-        infos, self.beats = self.beats, []
+        infos, self.beats = list(self.beats.values()), {}
         look = self.r.pipeline(transaction=False)
         for info in infos:
             look.smembers(keys.assigned(info.worker_id))

@@ -402,6 +402,13 @@ def test_a_batch_of_heartbeats_is_written_in_a_few_round_trips(r) -> None:
         one = directory.get_worker(r, "beat-01")
         assert one is not None and one.stages == [("beat-m", span)] and one.free_memory == 5
         assert "beat-03" not in directory.lost_workers(r)
+        # One worker's flood in a batch: one record written, the last heartbeat's.
+        flood = [beat("beat-01", free_memory=n) for n in range(1, 201)]
+        with _round_trips() as flooded:
+            collector.process(flood)
+        sent = b"".join(b"".join(c) if isinstance(c, list) else c for c in flooded)
+        assert len(flooded) == len(few) and sent.count(b"azu:worker:beat-01") == 1  # its record's SET
+        assert directory.get_worker(r, "beat-01").free_memory == 200
     finally:
         for w in names:
             directory.deregister(r, w)
