@@ -157,11 +157,12 @@ class Collector:
             # Keep the order: tokens and heartbeats before a later report (a job_failed after the tokens, a
             # "loaded" after the heartbeat that shows the span held). A heartbeat touches nothing a token
             # report reads: the two wait side by side.
-            if tokens and rep.kind != "heartbeat":
-                self._tokens(tokens)
-                tokens = []
-            if self.beats and rep.kind != "heartbeat":
-                self._write_heartbeats()
+            if rep.kind != "heartbeat":
+                if tokens:
+                    self._tokens(tokens)
+                    tokens = []
+                if self.beats:
+                    self._write_heartbeats()
             outcome = "accepted"
             try:
                 self._HANDLERS[rep.kind](self, rep)
@@ -305,10 +306,13 @@ class Collector:
             look.smembers(keys.assigned(info.worker_id))
         for info, ordered in zip(infos, look.execute(), strict=True):
             allowed = {keys.as_str(s) for s in ordered}
+            kept = []
             for m, span in info.stages:
-                if jobs.span_key(m, span) not in allowed:
+                if jobs.span_key(m, span) in allowed:
+                    kept.append((m, span))
+                else:
                     log.warning("worker %s claims %s %s, never ordered: ignored", info.worker_id, m, span)
-            info.stages = [(m, span) for m, span in info.stages if jobs.span_key(m, span) in allowed]
+            info.stages = kept
         try:
             directory.register_many(self.r, infos)
         except redis.ConnectionError:
