@@ -422,10 +422,10 @@ def collector_argv(*, loglevel: str | None = None) -> list[str]:
 
 
 def collector_main(argv: Sequence[str] | None = None) -> int:
-    """The collector: reads ``azu:reports`` until SIGTERM/SIGINT (a core process: it holds the core login)."""
+    """The collector: reads the workers' report lists until SIGTERM/SIGINT (a core process: core login)."""
     a = _parser("python -m azu.cli.processes collector",
-                "the collector: checks the workers' signed reports (azu:reports) and writes what they prove; "
-                "a core process (REDIS_URL: the core's login)").parse_args(argv)
+                "the collector: checks the workers' signed reports (azu:reports:from:<id>) and writes "
+                "what they prove; a core process (REDIS_URL: the core's login)").parse_args(argv)
     logging.basicConfig(level=a.loglevel.upper(),
                         format="[%(asctime)s: %(levelname)s/collector] %(message)s")
     from azu.network import collector

@@ -1,9 +1,10 @@
 """The collector: the core loop that turns workers' signed reports into facts.
 
-Workers write none of the facts users and the ledger read. Each worker RPUSHes signed ``Report``s onto
-``azu:reports``; this loop (a core process: ``python -m azu.cli.processes collector``, or a thread of the
-scheduler) pops them, checks each signature against the sender's enrolled identity (``azu:identity:<id>``)
-and the sender's right to say it, then acts:
+Workers write none of the facts users and the ledger read. Each worker RPUSHes signed ``Report``s onto its
+own list, ``azu:reports:from:<id>`` (its login may push nowhere else); this loop (a core process: ``python -m
+azu.cli.processes collector``, or a thread of the scheduler) takes a share of each list that holds reports
+each round (azu.network.reports: a worker's flood delays its own reports), checks each signature against the
+sender's enrolled identity (``azu:identity:<id>``) and the sender's right to say it, then acts:
 
 - ``token`` (only from the job's last hop, as the core-signed route says; only the job's next step): publish
   the event (id ``0-<step+1>``, so a replay is refused by Redis), advance the job, and decide the end itself
@@ -45,16 +46,15 @@ from azu import metrics
 from azu.config import Settings, get_settings
 from azu.engine.span import Span
 from azu.errors import AzuError, Forbidden, InvalidRequest, shown
-from azu.network import auth, directory, jobs, keys, watchdog
+from azu.network import auth, directory, jobs, keys, reports, watchdog
 from azu.network.dispatch import Dispatcher, get_dispatcher, send_settle, worker_queue
-from azu.network.inbox import pop_all
 from azu.network.wire import Report, Sampling
 from azu.verification import selection
 from azu.verification.commitment import CHUNK, TOP_K, shape_of
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX = 1024
+BATCH_MAX = reports.BATCH_MAX  # token reports kept at once before their tokens are published
 MAX_FIELD = 256  # characters of a heartbeat's text fields (device, P2P address, wallet)
 MAX_STAGES = 256  # stages a heartbeat may claim (a worker holds a span or two of a model or two)
 MAX_TOKEN_REPORT = 4096  # bytes: a token report names a worker, a job (<= 128 characters) and three numbers
@@ -67,9 +67,6 @@ if holder == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]); return 1 end
 if not holder then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]); return 1 end
 return 0
 """
-# Enrollment (azu.network.enrollment) writes every worker's identity. Development switch only: with it on,
-# the first signed heartbeat of an unknown worker id names its key, once (SET NX).
-TRUST_FIRST_HEARTBEAT = False
 
 
 @dataclass
@@ -110,38 +107,32 @@ class Collector:
                 key = self.identities[worker_id] = keys.as_str(raw)
         return key
 
-    def verify(self, blob: bytes) -> Report:
-        """The report in ``blob`` if it is well formed and signed by its worker's identity; else raises."""
+    def verify(self, blob: bytes, *, sender: str | None = None) -> Report:
+        """The report in ``blob`` if it is well formed and signed by its worker's identity; else raises.
+        ``sender``: the worker whose own list it came from (Redis let only that worker's login push there)."""
         rep = Report.unpack(blob)
+        if sender is not None and rep.worker_id != sender:
+            raise Forbidden(f"report in {sender}'s list names worker {rep.worker_id[:64]!r}")
         key = self._identity(rep.worker_id)
-        if key is None and TRUST_FIRST_HEARTBEAT and rep.kind == "heartbeat":
-            claimed = rep.body.get("public_key")
-            claimed = claimed if isinstance(claimed, str) else ""
-            auth.check(claimed, auth.REPORT, rep.signed_part(), rep.sig,
-                       what=f"heartbeat of {rep.worker_id}")
-            if self.r.set(keys.identity(rep.worker_id), claimed, nx=True):
-                log.warning("worker %s: identity taken from its first heartbeat (not enrolled)",
-                            rep.worker_id)
-            self.identities.pop(rep.worker_id, None)
-            key = self._identity(rep.worker_id)
         if key is None:
             raise Forbidden(f"report from {rep.worker_id}: no enrolled identity")
         auth.check(key, auth.REPORT, rep.signed_part(), rep.sig, what=f"report from {rep.worker_id}")
         return rep
 
     # --- the batch ---------------------------------------------------------------------------------
-    def process(self, blobs: Sequence[bytes]) -> int:
-        """Handle ``blobs`` (packed reports) in order. Returns how many were accepted.
+    def process(self, blobs: Sequence[bytes], *, senders: Sequence[str] | None = None) -> int:
+        """Handle ``blobs`` (packed reports) in order. Returns how many were accepted. ``senders``: for each,
+        the worker whose own list it was taken from (a report there in another's name is refused).
 
         One pass: each report is parsed, checked and handled before the next is read. Token reports are kept
-        until the batch's tokens are published together, and heartbeats as the records they make, written
-        together (``_write_heartbeats``): both small (a batch of a thousand large reports, each parsed and
-        kept until the end, would hold them all at once)."""
+        until the batch's tokens are published together (BATCH_MAX at most at once), and heartbeats as the
+        records they make, written together (``_write_heartbeats``): both small (a batch of a thousand large
+        reports, each parsed and kept until the end, would hold them all at once)."""
         accepted = 0
         tokens: list[Report] = []
-        for blob in blobs:
+        for i, blob in enumerate(blobs):
             try:
-                rep = self.verify(blob)
+                rep = self.verify(blob, sender=senders[i] if senders is not None else None)
             except AzuError as exc:
                 log.warning("report refused: %s", exc.message[:500])  # it may quote what a stranger sent
                 self.tally.add(metrics.CORE_REPORTS, kind="unverified", outcome="refused")
@@ -152,7 +143,10 @@ class Collector:
                 continue
             accepted += 1
             if rep.kind == "token":
-                tokens.append(rep)  # small (above): a batch keeps at most BATCH_MAX of them
+                tokens.append(rep)  # small (above), and at most BATCH_MAX of them kept
+                if len(tokens) >= BATCH_MAX:
+                    self._tokens(tokens)
+                    tokens = []
                 continue
             # Keep the order: tokens and heartbeats before a later report (a job_failed after the tokens, a
             # "loaded" after the heartbeat that shows the span held). A heartbeat touches nothing a token
@@ -459,33 +453,40 @@ def process_reports(r: redis.Redis, reports: Sequence[bytes], *, dispatch: Dispa
 
 
 def run(settings: Settings | None = None, *, stop_event: threading.Event | None = None,
-        r: redis.Redis | None = None, dispatch: Dispatcher | None = None, key: str = keys.REPORTS,
+        r: redis.Redis | None = None, dispatch: Dispatcher | None = None, base: str = keys.REPORTS,
         wait_s: float = 1.0) -> None:
-    """The loop, until ``stop_event`` is set: hold the lease, pop reports (waiting ``wait_s`` at most)."""
+    """The loop, until ``stop_event`` is set: hold the lease, take reports (waiting ``wait_s`` at most)."""
     settings = settings or get_settings()
     r = r or redis.Redis.from_url(settings.redis_url)
     stop_event = stop_event or threading.Event()
     collector = Collector(r, dispatch=dispatch)
-    lease = keys.COLLECTOR_LOCK if key == keys.REPORTS else f"{keys.COLLECTOR_LOCK}:{key}"
+    lists = reports.ReportLists(r, base)  # base: tests keep their lists (and lease) apart
+    lease = keys.COLLECTOR_LOCK if base == keys.REPORTS else f"{keys.COLLECTOR_LOCK}:{base}"
     me = uuid.uuid4().hex
-    has_blmpop: bool | None = None
     check_every = min(1.0, watchdog.step_timeout_s(settings) / 2)
     checked = time.monotonic()
     held_until = 0.0  # when this loop must next make sure it holds the lease
     while not stop_event.is_set():
         try:
-            # The lease is taken or renewed once a second, not before every pop: tokens that arrive one
+            # The lease is taken or renewed once a second, not before every take: tokens that arrive one
             # after another (one job decoding) would each wait for that round trip. It lasts LEASE_S, far
-            # longer than a second, so no other collector can take it meanwhile.
+            # longer than a second, so no other collector can take it meanwhile. The enrolled workers are
+            # read with it, and the round after looks at each one's list (the sweep: for a hint lost).
+            sweep: list[str] = []
             if time.monotonic() >= held_until:
-                if not r.eval(_HOLD, 1, lease, me, LEASE_S):
+                pipe = r.pipeline(transaction=False)
+                pipe.eval(_HOLD, 1, lease, me, LEASE_S)
+                pipe.smembers(keys.REPORTERS)
+                held, enrolled = pipe.execute()
+                if not held:
                     stop_event.wait(1.0)  # another collector holds the lease
                     continue
                 held_until = time.monotonic() + LEASE_RENEW_S
-            got, has_blmpop, _ = pop_all(r, key, wait_s, has_blmpop=has_blmpop, count=BATCH_MAX)
+                sweep = [keys.as_str(w) for w in enrolled]
+            got, senders = lists.take(None if sweep else wait_s, sweep=sweep)
             if got:
-                collector.process(got)
-            if key == keys.REPORTS and time.monotonic() - checked >= check_every:
+                collector.process(got, senders=senders)
+            if base == keys.REPORTS and time.monotonic() - checked >= check_every:
                 # Between batches, in this thread: the jobs that lost a worker carry on elsewhere.
                 checked = time.monotonic()
                 watchdog.recover_lost(r, dispatch=collector.dispatch)

@@ -15,7 +15,8 @@ What ``w-<id>`` may do (``worker_acl``), and nothing else:
   unacked keys ``unacked:<id>``, ``unacked_index:<id>``, ``unacked_mutex:<id>``, its inbox
   ``azu:pending:<id>`` and ``azu:wake:<id>``;
 - write only: LPUSH any ``gpu.*`` (wake the next hop), RPUSH + EXPIRE ``azu:pending:*``, SET + EXPIRE
-  ``azu:wake:*``, RPUSH ``azu:reports`` (its signed reports to the core);
+  ``azu:wake:*``, RPUSH its own ``azu:reports:from:<id>`` (its signed reports to the core) and
+  ``azu:reports:ready`` (the hint that its list holds some);
 - PUBLISH (not subscribe) ``/<db>.celeryev/*`` (worker heartbeats and task events for Flower).
 
 No job hashes, streams, usage, directory, identities, model status, ``core``/``registry``/``ctl.*`` of
@@ -97,7 +98,8 @@ def worker_acl(worker_id: str, *, db: int) -> list[str]:
         "(+lpush %W~gpu.*)",
         "(+rpush +expire %W~azu:pending:*)",
         "(+set +expire %W~azu:wake:*)",
-        f"(+rpush %W~{keys.REPORTS})",
+        # Its own report list only (a flood of reports delays its own: azu.network.reports), and the hints.
+        f"(+rpush %W~{keys.reports_from(w)} %W~{keys.report_hints()})",
     ]
 
 

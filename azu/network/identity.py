@@ -176,6 +176,7 @@ class RedisIdentityStore:
             current = self.r.get(identity_key(worker_id))
             if current is None or _text(current) != public_key:
                 raise _refuse(worker_id)
+        self.r.sadd(keys.REPORTERS, worker_id)  # its report list is read from now on
         if wallet is not None:
             self.r.set(wallet_key(worker_id), wallet)
         found = self.get(worker_id)
@@ -214,8 +215,18 @@ class SqlIdentityStore:
             return Identity(row.worker_id, row.public_key, row.wallet_address)
 
         identity = run_in_transaction(self.engine, bind)
-        self.r.set(identity_key(worker_id), identity.public_key)
+        publish(self.r, worker_id, identity.public_key)
         return identity
+
+
+def publish(r: redis.Redis, worker_id: str, public_key: str) -> None:
+    """What the core's collector needs of an enrolled worker: its key, and its report list among those read
+    (``azu:reporters``). Enrollment writes it; every enrollment writes it again (a worker enrolls at every
+    start), so a network enrolled before the list existed fills it as its workers restart."""
+    pipe = r.pipeline(transaction=True)
+    pipe.set(identity_key(worker_id), public_key)
+    pipe.sadd(keys.REPORTERS, worker_id)
+    pipe.execute()
 
 
 def _text(value: bytes | str) -> str:

@@ -25,7 +25,12 @@ closes every hold whose job ended, was forgotten or is stuck). A job's keys expi
 ``azu:refused:<worker>``        counter of payloads the worker reported refusing (bad grant, malformed)
 ``azu:identity:<worker>``       the worker's Ed25519 public key (hex), written by the core at enrollment
 ``azu:assigned:<worker>``       spans (JSON [model, first, last, emb, head]) the core ordered it to load
-``azu:reports``                 list of signed worker reports (workers RPUSH, the collector pops)
+``azu:reports:from:<worker>``   list of the worker's signed reports (it RPUSHes its own only; the
+                                collector takes a share of each list in turn: a flood delays its sender)
+``azu:reports:ready``           list of worker ids whose list holds reports (hints: workers RPUSH, the
+                                collector pops)
+``azu:reporters``               set of enrolled worker ids (the collector sweeps their lists), core-written
+``azu:reports``                 retired (the one list every worker pushed to)
 ``azu:collector:lock``          the running collector's lease (one collector acts at a time)
 ``azu:model:<id>``              hash: shard state, progress, reason, source, routing info, ``placed``
 ``azu:model:<id>:waiting``      zset of jobs waiting for the model's layers to be loaded
@@ -67,6 +72,7 @@ LOST_WORKERS = "azu:lost"
 READY_MODELS = "azu:models:ready"
 PING_PREFIX = "azu:ping:"
 REPORTS = "azu:reports"
+REPORTERS = "azu:reporters"
 COLLECTOR_LOCK = "azu:collector:lock"
 
 
@@ -140,6 +146,16 @@ def refused(worker_id: str) -> str:
 def identity(worker_id: str) -> str:
     """The worker's public key (hex): written by the core from its enrollment, never changed."""
     return f"azu:identity:{worker_id}"
+
+
+def reports_from(worker_id: str, base: str = REPORTS) -> str:
+    """The worker's own report list: its login may push there and nowhere else (``base``: tests' lists)."""
+    return f"{base}:from:{worker_id}"
+
+
+def report_hints(base: str = REPORTS) -> str:
+    """list: ids of workers whose report list holds reports (anyone may push one: only a hint)."""
+    return f"{base}:ready"
 
 
 def assigned(worker_id: str) -> str:

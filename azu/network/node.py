@@ -13,7 +13,8 @@ must be the one the stage's cache has reached. A payload already applied (a rede
 stage's last output for that job instead of being run again, so a cache never advances twice.
 
 A worker writes no facts: what the core must know (tokens, loads, failures, refusals, heartbeats) goes as
-signed reports on ``azu:reports`` (azu.network.collector). The last hop hands the next step to hop 0 itself.
+signed reports on its own list, ``azu:reports:from:<id>`` (azu.network.collector). The last hop hands the next
+step to hop 0 itself.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from azu.errors import AzuError, Forbidden, InvalidRequest
 from azu.network import auth, batching, direct, directory, inbox, jobs, keys, loading, steptrace
 from azu.network.dispatch import Dispatcher, control_queue, send_forward, worker_queue
 from azu.network.inbox import Inbox
+from azu.network.reports import push as push_reports
 from azu.network.wire import (
     EndOrder,
     JobGrant,
@@ -100,7 +102,7 @@ class WorkerNode:
                  wallet: str | None = None, memory_limit: int | None = None,
                  max_cached_tokens: int = 32768, kv_idle_s: float = 600.0, linger_s: float = 10.0,
                  session_s: float = 2.0, heartbeat_s: float = 3.0, key: SigningKey | None = None,
-                 core_public_key: str | None = None, reports_key: str = keys.REPORTS,
+                 core_public_key: str | None = None, reports_base: str = keys.REPORTS,
                  evidence_bytes: int = 256 << 20, evidence_s: float = 1800.0, prefill_chunk: int = 128,
                  cpu_kernels: str = "auto", decode_graphs: str = "auto",
                  background_sends: bool = False, p2p_listen: str | None = None,
@@ -111,7 +113,9 @@ class WorkerNode:
         self.key = key or SigningKey.generate()
         self.public_key = auth.public_hex(self.key)
         self.core_key = core_public_key or auth.core_public_key()
-        self.reports_key = reports_key  # where reports go (tests keep in-process nodes apart)
+        # Its reports go to its own list (the only one its login may push to) under this base, and a hint
+        # with them (azu.network.reports); tests keep in-process nodes apart with a base of their own.
+        self.reports_base = reports_base
         self.grant_cache = auth.GrantCache()
         self.grants: dict[bytes, JobGrant] = {}  # verified grants by their bytes (bounded in _admit_bundle)
         self.worker_id = worker_id
@@ -225,7 +229,8 @@ class WorkerNode:
 
     def report(self, kind: str, body: dict[str, Any], *, pipe: Any = None) -> None:
         """Send the core a signed report (in ``pipe`` if given, else now)."""
-        (pipe if pipe is not None else self.r).rpush(self.reports_key, self.signed_report(kind, body))
+        push_reports(pipe if pipe is not None else self.r, self.worker_id, [self.signed_report(kind, body)],
+                     base=self.reports_base)
 
     def start_heartbeat(self, interval: float | None = None) -> None:
         # A new process holds no caches: payloads left for an earlier one with this id are useless (their
@@ -926,8 +931,7 @@ class WorkerNode:
             carried = self._take_unsent_commits()
             out = [*carried[0], *carried[1]]
             pipe = self.r.pipeline(transaction=False)
-            if out:
-                pipe.rpush(self.reports_key, *out)
+            push_reports(pipe, self.worker_id, out, base=self.reports_base)  # first in the pipe (answers[0])
             # About once a second, the session's look at the control queue rides along (_control_waiting).
             look = time.monotonic() - self._control_asked > self.session_s / 2
             at = len(pipe)
@@ -1037,7 +1041,7 @@ class WorkerNode:
         out = [*tokens, *commits, *(final or [])]
         if out:
             try:
-                self.r.rpush(self.reports_key, *out)
+                push_reports(self.r, self.worker_id, out, base=self.reports_base)
             except Exception:
                 self._return_commits((tokens, [*commits, *(final or [])]))  # the next send takes them
                 raise

@@ -570,7 +570,7 @@ REPORT_KINDS = ("token", "heartbeat", "loaded", "load_failed", "job_failed", "re
 
 @dataclass(frozen=True)
 class Report:
-    """What a worker tells the core (``azu:reports``), signed by the worker (``auth.REPORT``)."""
+    """What a worker tells the core (on its own ``azu:reports:from:<id>``), signed by it (``auth.REPORT``)."""
 
     worker_id: str
     kind: str

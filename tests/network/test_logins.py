@@ -83,18 +83,19 @@ def test_worker_logins_come_back_after_a_redis_restart(aof_redis) -> None:
     password = enrollment.grant_broker_access(core, "acl-w1")
     enrollment.grant_broker_access(core, "acl-w2")
     worker = _worker_client(aof_redis, "acl-w1", password)
-    assert worker.ping() and worker.rpush(keys.REPORTS, b"x")
+    assert worker.ping() and worker.rpush(keys.reports_from("acl-w1"), b"x")
+    assert worker.rpush(keys.report_hints(), "acl-w1")
     assert enrollment.restore_broker_logins(core) == []  # nothing lost: nothing to do
     aof_redis.kill()
     aof_redis.start()
     core = aof_redis.core()
     # Redis came back with its keys (AOF) but without the ACL users: the worker's password is refused.
-    assert core.lrange(keys.REPORTS, 0, -1) == [b"x"]
+    assert core.lrange(keys.reports_from("acl-w1"), 0, -1) == [b"x"]
     with pytest.raises(redis.AuthenticationError):
         _worker_client(aof_redis, "acl-w1", password).ping()
     assert sorted(enrollment.restore_broker_logins(core)) == ["acl-w1", "acl-w2"]
     worker = _worker_client(aof_redis, "acl-w1", password)  # the password it already had
-    assert worker.ping() and worker.rpush(keys.REPORTS, b"y")
+    assert worker.ping() and worker.rpush(keys.reports_from("acl-w1"), b"y")
     with pytest.raises(redis.exceptions.NoPermissionError):  # with the same rules as before
         worker.get(keys.job("someone-elses"))
     # The record holds the password's hash only, never the password.

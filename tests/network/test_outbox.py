@@ -10,6 +10,7 @@ import time
 import pytest
 import redis
 
+from azu.network import keys
 from azu.network.inbox import Outbox
 
 pytestmark = [pytest.mark.network]
@@ -64,10 +65,11 @@ def test_commitments_of_a_failed_hand_over_go_out_with_the_next_flush(r: redis.R
     honest worker that did not commit."""
     from azu.network.node import WorkerNode
 
-    reports = "azu:test:outbox-reports"
-    r.delete(reports)
+    base = "azu:test:outbox-reports"
+    reports = keys.reports_from("ob1", base)  # its own list under the test's base
+    r.delete(reports, keys.report_hints(base))
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)  # nothing listens there
-    node = WorkerNode(dead, worker_id="ob1", dispatch=None, linger_s=0, reports_key=reports)  # type: ignore[arg-type]
+    node = WorkerNode(dead, worker_id="ob1", dispatch=None, linger_s=0, reports_base=base)  # type: ignore[arg-type]
     node._unsent_commits = [b"chunk-0", b"chunk-1"]
     with pytest.raises(redis.ConnectionError):
         node._hand_over([])
@@ -75,7 +77,8 @@ def test_commitments_of_a_failed_hand_over_go_out_with_the_next_flush(r: redis.R
     node.r = r
     node._flush_commits([b"final"])
     assert r.lrange(reports, 0, -1) == [b"chunk-0", b"chunk-1", b"final"]
-    r.delete(reports)
+    assert r.lrange(keys.report_hints(base), 0, -1) == [b"ob1"]  # the collector is told where to look
+    r.delete(reports, keys.report_hints(base))
 
 
 def test_reports_queued_behind_a_slow_round_trip_go_out_together_in_order(r: redis.Redis) -> None:
@@ -84,10 +87,11 @@ def test_reports_queued_behind_a_slow_round_trip_go_out_together_in_order(r: red
     ahead of commitments (the collector publishes a token only once it reaches it)."""
     from azu.network.node import WorkerNode
 
-    reports = "azu:test:outbox-coalesce"
-    r.delete(reports)
+    base = "azu:test:outbox-coalesce"
+    reports = keys.reports_from("ob2", base)  # its own list under the test's base
+    r.delete(reports, keys.report_hints(base))
     own = redis.Redis(connection_pool=redis.ConnectionPool(**r.connection_pool.connection_kwargs))
-    node = WorkerNode(own, worker_id="ob2", dispatch=None, linger_s=0, reports_key=reports,  # type: ignore[arg-type]
+    node = WorkerNode(own, worker_id="ob2", dispatch=None, linger_s=0, reports_base=base,  # type: ignore[arg-type]
                       background_sends=True)
     node.outbox.send_s = 1.0  # measured far: sends go to the outbox's thread
     node._control_asked = time.monotonic() + 3600  # no control-queue look in these pipes
@@ -120,17 +124,18 @@ def test_reports_queued_behind_a_slow_round_trip_go_out_together_in_order(r: red
     assert sent.index(b"token-0") < sent.index(b"chunk-0") and len(sent) == 41
     assert pipes <= 8, pipes
     assert time.monotonic() - started < 1.0  # 40 round trips one after the other: 2 s
-    r.delete(reports)
+    r.delete(reports, keys.report_hints(base))
     own.close()
 
 
 def test_a_failed_flush_keeps_the_reports_for_the_next_send(r: redis.Redis) -> None:
     from azu.network.node import WorkerNode
 
-    reports = "azu:test:outbox-flush"
-    r.delete(reports)
+    base = "azu:test:outbox-flush"
+    reports = keys.reports_from("ob3", base)  # its own list under the test's base
+    r.delete(reports, keys.report_hints(base))
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)  # nothing listens there
-    node = WorkerNode(dead, worker_id="ob3", dispatch=None, linger_s=0, reports_key=reports)  # type: ignore[arg-type]
+    node = WorkerNode(dead, worker_id="ob3", dispatch=None, linger_s=0, reports_base=base)  # type: ignore[arg-type]
     node._unsent_tokens, node._unsent_commits = [b"token-7"], [b"chunk-0"]
     with pytest.raises(redis.ConnectionError):
         node._flush_commits([b"final"])
@@ -138,4 +143,4 @@ def test_a_failed_flush_keeps_the_reports_for_the_next_send(r: redis.Redis) -> N
     node.r = r
     node._flush_commits()
     assert r.lrange(reports, 0, -1) == [b"token-7", b"chunk-0", b"final"]
-    r.delete(reports)
+    r.delete(reports, keys.report_hints(base))

@@ -226,7 +226,7 @@ def loading_net(r: redis.Redis, shard: Any, monkeypatch: pytest.MonkeyPatch) -> 
     net.add("l1", folder, model_id, 0, 2, 4)
     net.add("l2", folder, model_id, 2, 4, 4)
     # An empty worker with the most room of any live worker: the lost span's load goes to it.
-    spare = WorkerNode(r, worker_id="l3", dispatch=net, linger_s=0, reports_key=net.REPORTS,
+    spare = WorkerNode(r, worker_id="l3", dispatch=net, linger_s=0, reports_base=net.REPORTS,
                        memory_limit=10**15)
     r.set(keys.identity("l3"), spare.public_key)
     net.nodes["l3"] = spare
@@ -330,7 +330,7 @@ def test_a_worker_restarted_within_the_step_timeout_is_lost_to_its_jobs(r, loadi
     # the old epoch's steps it is handed, holding no cache for them).
     net.queue = collections.deque(m for m in net.queue if m[1].partition(".")[2] != victim)
     time.sleep(1.1)  # the directory keeps a process's start in whole seconds
-    fresh = WorkerNode(r, worker_id=victim, dispatch=net, linger_s=0, reports_key=net.REPORTS, key=old.key)
+    fresh = WorkerNode(r, worker_id=victim, dispatch=net, linger_s=0, reports_base=net.REPORTS, key=old.key)
     fresh.inbox.clear()
     net.nodes[victim] = fresh
     fresh.heartbeat()

@@ -22,10 +22,12 @@ pytestmark = [pytest.mark.network]
 
 
 def _node(r: redis.Redis, worker_id: str, linger_s: float) -> tuple[WorkerNode, Recording]:
-    r.delete(keys.pending(worker_id), keys.wake(worker_id), control_queue(worker_id), f"azu:test:{worker_id}")
+    base = f"azu:test:{worker_id}"
+    r.delete(keys.pending(worker_id), keys.wake(worker_id), control_queue(worker_id),
+             keys.reports_from(worker_id, base), keys.report_hints(base))
     sent = Recording(None)
     node = WorkerNode(r, worker_id=worker_id, dispatch=sent, linger_s=linger_s, session_s=0.3,
-                      reports_key=f"azu:test:{worker_id}")
+                      reports_base=base)
     r.set(keys.wake(worker_id), "1", ex=WAKE_TTL_S)  # as a sender sets it before the message that wakes
     return node, sent
 
@@ -135,10 +137,11 @@ def test_an_idle_session_sends_the_reports_it_holds_as_it_turns_idle(r: redis.Re
     thread, _ = _session(node)
     time.sleep(1.0)
     assert thread.is_alive()
-    assert r.lrange("azu:test:s-flush", 0, -1) == [b"the last chunk of a job's commitments"]
+    assert r.lrange(keys.reports_from("s-flush", "azu:test:s-flush"), 0, -1) == [
+        b"the last chunk of a job's commitments"]
     node.end_sessions()
     thread.join(timeout=10)
-    r.delete("azu:test:s-flush")
+    r.delete(keys.reports_from("s-flush", "azu:test:s-flush"), keys.report_hints("azu:test:s-flush"))
 
 
 def test_an_idle_session_moves_its_stages_weights_back_to_one_users_layout(r: redis.Redis,

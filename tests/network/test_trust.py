@@ -16,7 +16,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from azu.engine.span import Span
-from azu.network import auth, directory, dispatch, inbox, jobs, keys
+from azu.network import auth, directory, dispatch, inbox, jobs, keys, reports
 from azu.network.wire import EndOrder, Hop, JobGrant, Report, Sampling, StepPayload, end_order_part
 from tests.network.test_pipeline import collect, load_layout, submit
 from tests.support import wait_for
@@ -57,11 +57,20 @@ def report(worker_id: str, kind: str, body: dict[str, Any], key: SigningKey | No
     return Report(worker_id, kind, body, sig).pack()
 
 
+def send_reports(r: Any, *blobs: bytes) -> None:
+    """Push each report onto the list of the worker it names, with a hint: the strongest forger, as if it
+    could write there (a worker's login writes only its own list: a report there that names another worker
+    is refused before its signature is read, tests/security/test_attack_stop_network.py)."""
+    for blob in blobs:
+        reports.push(r, Report.unpack(blob).worker_id, [blob])
+
+
 def synced(cluster: Cluster, worker_id: str = "w3") -> None:
-    """Wait until the collector has handled every report pushed before this call (a pong after them)."""
+    """Wait until the collector has handled every report pushed before this call (a pong after them: its
+    hint is behind theirs)."""
     marker = f"{keys.PING_PREFIX}sync-{uuid.uuid4().hex[:8]}"
-    cluster.r.rpush(keys.REPORTS, report(worker_id, "pong", {"key": marker, "value": "1"},
-                                         key_of(cluster, worker_id)))
+    send_reports(cluster.r, report(worker_id, "pong", {"key": marker, "value": "1"},
+                                   key_of(cluster, worker_id)))
     wait_for(lambda: cluster.r.get(marker), what="the collector to reach the sync report")
 
 
@@ -168,9 +177,9 @@ def test_ghost_claiming_every_layer_gets_no_job(r, cluster, shard) -> None:
     body = {"device": "H100", "total_memory": 1 << 40, "free_memory": 0, "stages": everything,
             "cached_jobs": 0, "started_at": time.time(), "public_key": auth.public_hex(ghost)}
     r.set(keys.identity("ghost"), auth.public_hex(ghost))  # enrolled: a worker like any other
-    r.rpush(keys.REPORTS, report("ghost", "heartbeat", body, ghost))
+    send_reports(r, report("ghost", "heartbeat", body, ghost))
     # Not enrolled at all: its heartbeat is not even read.
-    r.rpush(keys.REPORTS, report("ghost3", "heartbeat", body, ghost))
+    send_reports(r, report("ghost3", "heartbeat", body, ghost))
     # A record written straight into the directory, with a fresh heartbeat, claiming the same.
     directory.register(r, directory.WorkerInfo(worker_id="ghost2", queue="gpu.ghost2", device="H100",
                                                total_memory=1 << 40, free_memory=0,
@@ -196,15 +205,14 @@ def test_ghost_claiming_every_layer_gets_no_job(r, cluster, shard) -> None:
 def test_forged_token_reports_change_no_stream(r, cluster, celery_dispatch, model) -> None:
     job_id = running_job(r, model)
     body = {"job_id": job_id, "epoch": 0, "step": 0, "token": 7}
-    r.rpush(keys.REPORTS,
-            report("w1", "token", body, key_of(cluster, "w1")),  # a hop, but not the last
-            report("w2", "token", body, None),  # unsigned
-            report("w2", "token", body, key_of(cluster, "w3")),  # signed by another worker's key
-            report("w2", "token", {**body, "step": 3}, key_of(cluster, "w2")))  # skips ahead
+    send_reports(r, report("w1", "token", body, key_of(cluster, "w1")),  # a hop, but not the last
+                 report("w2", "token", body, None),  # unsigned
+                 report("w2", "token", body, key_of(cluster, "w3")),  # signed by another worker's key
+                 report("w2", "token", {**body, "step": 3}, key_of(cluster, "w2")))  # skips ahead
     synced(cluster)
     assert r.xlen(keys.events(job_id)) == 0 and r.hget(keys.job(job_id), "step") == b"0"
     # The last hop's own report is published (so the refusals above are not a broken collector).
-    r.rpush(keys.REPORTS, report("w2", "token", body, key_of(cluster, "w2")))
+    send_reports(r, report("w2", "token", body, key_of(cluster, "w2")))
     synced(cluster)
     assert r.xlen(keys.events(job_id)) == 1 and r.hget(keys.job(job_id), "step") == b"1"
     jobs.fail_job(r, job_id, "test over", dispatch=celery_dispatch)  # its end orders must wake w1 and w2
@@ -304,8 +312,8 @@ def test_messages_of_a_million_objects_cost_their_readers_little(r, cluster, cel
         inbox.deliver(r.pipeline(transaction=False), {"w2": blob}, dispatch=celery_dispatch)
         return lambda: wait_for(lambda: refusals(r, "w2") > refused, what="w2 to refuse the bundle")
 
-    def report_bomb(blob: bytes) -> Any:  # the core's report list: the collector pops and reads each
-        r.rpush(keys.REPORTS, blob)
+    def report_bomb(blob: bytes) -> Any:  # w3's own report list: the collector pops and reads each
+        reports.push(r, "w3", [blob])
         return lambda: synced(cluster)
 
     def task_bomb(message: dict[str, Any]) -> Any:  # kombu's Redis envelope, as a worker's login may LPUSH it

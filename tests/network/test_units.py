@@ -946,8 +946,9 @@ def test_a_batch_of_token_reports_is_published_in_one_write(r, inline, monkeypat
         m.setattr(net, "collect", lambda: 0)  # the reports wait on their list
         for _ in range(9):
             net.step()
-    blobs = r.lrange(net.REPORTS, 0, -1)
-    r.delete(net.REPORTS)
+    blobs: list[bytes] = []
+    while got := net.lists.take(None)[0]:  # every node's list, as the collector's rounds take them
+        blobs += got
     tokens = [b for b in blobs if protocol.Report.unpack(b).kind == "token"]
     assert len(tokens) >= 3
     def accepted() -> float:
@@ -1203,10 +1204,10 @@ def test_one_collector_holds_the_lease_and_another_takes_over_when_it_stops(r) -
 
     from azu.network import collector
 
-    key = "azu:test:reports"
-    lease = f"{keys.COLLECTOR_LOCK}:{key}"
+    base = "azu:test:reports"
+    lease = f"{keys.COLLECTOR_LOCK}:{base}"
     first, second = threading.Event(), threading.Event()
-    kw = dict(r=r, key=key, wait_s=0.1)
+    kw = dict(r=r, base=base, wait_s=0.1)
     one = threading.Thread(target=collector.run, kwargs={"stop_event": first, **kw}, daemon=True)
     one.start()
     wait_for(lambda: r.get(lease) is not None, timeout=5)
@@ -1264,6 +1265,80 @@ def test_a_wait_shorter_than_a_millisecond_does_not_block_for_ever(any_redis) ->
     waiting.start()
     waiting.join(timeout=2)
     assert not waiting.is_alive() and got[0][0] == []
+
+
+def test_the_collector_takes_a_share_of_each_hinted_list_in_turn(any_redis) -> None:
+    """Each worker's own list, on both Redis versions: a round takes up to a share of every hinted list (a
+    flood waits in its own list, hinted again behind the others), each list in its order, with the list's
+    owner; an idle round waits for the first hint and brings what else waits; a list nobody hinted is read
+    by the sweep; junk hints cost rounds of LLENs, never a report."""
+    from azu.network import reports
+    from azu.network.reports import BATCH_MAX, HINTS_MAX, MIN_SHARE, SHARE, ReportLists
+
+    rr = any_redis
+    base = "azu:test:lists"
+    lists = ReportLists(rr, base)
+    crowd = [f"w{i:02d}" for i in range(20)]
+    own = {w: keys.reports_from(w, base) for w in ("wa", "wb", "wc", *crowd)}
+    rr.delete(keys.report_hints(base), *own.values())
+    try:
+        reports.push(rr, "wa", [f"a{i}".encode() for i in range(SHARE + 50)], base=base)  # the flood
+        reports.push(rr, "wb", [b"b0", b"b1"], base=base)
+        got, senders = lists.take(1.0)
+        assert got == [f"a{i}".encode() for i in range(SHARE)] + [b"b0", b"b1"]
+        assert senders == ["wa"] * SHARE + ["wb"] * 2
+        assert rr.lrange(keys.report_hints(base), 0, -1) == [b"wa"]  # the flood's rest: hinted again
+        reports.push(rr, "wb", [b"b2"], base=base)  # came meanwhile: its hint is behind the flood's
+        got, senders = lists.take(1.0)
+        assert got == [*(f"a{i}".encode() for i in range(SHARE, SHARE + 50)), b"b2"]
+        assert senders == ["wa"] * 50 + ["wb"]
+        assert lists.take(0.05) == ([], []) and rr.llen(keys.report_hints(base)) == 0
+        # Idle: the first hint ends the wait, and the round brings the others waiting by then.
+        both = rr.pipeline(transaction=True)  # pushed at once: the round takes them together
+        reports.push(both, "wb", [b"b3", b"b4"], base=base)
+        reports.push(both, "wa", [b"a-late"], base=base)
+        threading.Timer(0.1, both.execute).start()
+        started = time.monotonic()
+        got, senders = lists.take(5.0)
+        assert time.monotonic() - started < 2
+        assert list(zip(got, senders, strict=True)) == [(b"b3", "wb"), (b"b4", "wb"), (b"a-late", "wa")]
+        # Without its hint (lost on the way) a list waits for the sweep.
+        rr.rpush(own["wc"], b"c0")
+        assert lists.take(0.05) == ([], [])
+        assert lists.take(None, sweep=["wa", "wc"]) == ([b"c0"], ["wc"])
+        # Junk hints ahead of a real one: each round reads HINTS_MAX of them, the real one comes in turn.
+        rr.rpush(keys.report_hints(base), *(f"junk-{i}" for i in range(2 * HINTS_MAX)))
+        reports.push(rr, "wb", [b"b5"], base=base)
+        rounds = [lists.take(None) for _ in range(3)]
+        assert rounds == [([], []), ([], []), ([b"b5"], ["wb"])]
+        # Many lists waiting at once: BATCH_MAX shared among them.
+        for w in crowd:
+            reports.push(rr, w, [f"{w}-{i}".encode() for i in range(100)], base=base)
+        got, senders = lists.take(1.0)
+        assert sorted(set(senders.count(w) for w in crowd)) == [max(MIN_SHARE, BATCH_MAX // len(crowd))]
+    finally:
+        rr.delete(keys.report_hints(base), *own.values())
+
+
+def test_a_report_in_one_workers_list_that_names_another_is_refused(r) -> None:
+    """Its list says who pushed it (the login that may): a report there in another worker's name is refused,
+    however well signed, before anything is written."""
+    from azu.network.collector import Collector
+
+    signer = SigningKey.generate()
+    r.set(keys.identity("named-w"), auth.public_hex(signer))
+    marker = f"{keys.PING_PREFIX}named-{uuid.uuid4().hex[:8]}"
+    unsigned = protocol.Report("named-w", "pong", {"key": marker, "value": "1"})
+    blob = protocol.Report("named-w", "pong", unsigned.body,
+                           auth.sign(signer, auth.REPORT, unsigned.signed_part())).pack()
+    try:
+        collector = Collector(r, dispatch=None)  # type: ignore[arg-type]
+        assert collector.process([blob], senders=["other-w"]) == 0 and r.get(marker) is None
+        assert collector.process([blob], senders=["named-w"]) == 1 and r.get(marker) == b"1"
+        r.delete(marker)
+        assert collector.process([blob]) == 1 and r.get(marker) == b"1"  # read with no list (tests, tools)
+    finally:
+        r.delete(keys.identity("named-w"), marker)
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["redis", "direct"])

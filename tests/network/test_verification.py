@@ -231,18 +231,19 @@ def test_a_commitment_cannot_be_changed_or_made_by_another(r, world) -> None:
     body = dict(Report.unpack(stored).body)
     # The same worker sends another commitment for a chunk it already committed: the first one stays.
     forged = dict(body, data=Report.unpack(r.hget(keys.commits(job_id), "0:1:0")).body["data"])
-    r.rpush(InlineNetwork.REPORTS, hop0.signed_report("commit", forged))
+    hop0.report("commit", forged)
     w.net.collect()
     assert r.hget(keys.commits(job_id), "0:0:0") == stored
     # Hop 1's worker commits for hop 0: refused (it is not hop 0 of the route).
     r.hdel(keys.commits(job_id), "0:0:0")
-    r.rpush(InlineNetwork.REPORTS, hop1.signed_report("commit", body))
+    hop1.report("commit", body)
     w.net.collect()
     assert r.hget(keys.commits(job_id), "0:0:0") is None
     # A signed evidence order is needed to get a worker's kept bundles.
-    before = r.llen(InlineNetwork.REPORTS)
+    own = keys.reports_from(hop1.worker_id, InlineNetwork.REPORTS)
+    before = r.llen(own)
     hop1.send_evidence(job_id=job_id, epoch=0, sig=b"\x00" * 64)
-    got = [Report.unpack(b).kind for b in r.lrange(InlineNetwork.REPORTS, before, -1)]
+    got = [Report.unpack(b).kind for b in r.lrange(own, before, -1)]
     assert got == ["refused"]
     assert auth.EVIDENCE_ORDER != auth.END_ORDER
 
@@ -292,14 +293,13 @@ def test_commitments_out_of_bounds_and_unasked_evidence_are_refused(r, world) ->
     big = RowCommitment(np.zeros((4096, 8), "<i4"), np.zeros((4096, 8), "<f4")).pack()
     one = RowCommitment(np.zeros((1, 8), "<i4"), np.zeros((1, 8), "<f4")).pack()
     for first, data in ((64, big), (3, one), (10_000, one)):
-        r.rpush(InlineNetwork.REPORTS, hop0.signed_report("commit", {
-            "job_id": job_id, "epoch": 0, "hop": 0, "first": first, "data": data, "final": False}))
+        hop0.report("commit", {"job_id": job_id, "epoch": 0, "hop": 0, "first": first, "data": data,
+                               "final": False})
         w.net.collect()
         assert r.hget(keys.commits(job_id), f"0:0:{first}") is None
     # Evidence nobody asked for is not stored.
     hop1 = w.net.nodes[w.workers[1]]
-    r.rpush(InlineNetwork.REPORTS, hop1.signed_report("evidence", {"job_id": job_id, "epoch": 0,
-                                                                   "bundles": [b"x" * 1000]}))
+    hop1.report("evidence", {"job_id": job_id, "epoch": 0, "bundles": [b"x" * 1000]})
     w.net.collect()
     assert not r.exists(keys.evidence(job_id, w.workers[1]))
 

@@ -35,10 +35,14 @@ def _victim_data(core: redis.Redis, w2: str) -> list[str]:
     core.lpush("core", b"settle")
     core.lpush("registry", b"shard")
     core.rpush("azu:reports", b"someone's report")
+    core.rpush(f"azu:reports:from:{w2}", b"w2's signed report")
+    core.rpush("azu:reports:ready", w2)
+    core.sadd("azu:reporters", w2)
     return [f"gpu.{w2}", f"ctl.{w2}", f"azu:pending:{w2}", f"azu:wake:{w2}", f"unacked:{w2}",
             f"unacked_index:{w2}", "unacked", f"_kombu.binding.gpu.{w2}", job, f"{job}:events",
             f"azu:worker:{w2}", "azu:workers", "azu:model:m1", "azu:model:m1:holders", "azu:models:ready",
-            "core", "registry", "azu:reports", identity.identity_key(w2)]
+            "core", "registry", "azu:reports", f"azu:reports:from:{w2}", "azu:reports:ready", "azu:reporters",
+            identity.identity_key(w2)]
 
 
 ATTEMPTS = [
@@ -54,6 +58,9 @@ ATTEMPTS = [
     ("ZRANGE", "azu:model:m1:holders", 0, -1), ("SMEMBERS", "azu:models:ready"), ("GET", "azu:identity:{w2}"),
     ("LRANGE", "core", 0, -1), ("BRPOP", "core", 1), ("LRANGE", "registry", 0, -1),
     ("LRANGE", "azu:reports", 0, -1), ("LPOP", "azu:reports"),
+    ("LRANGE", "azu:reports:from:{w2}", 0, -1), ("LPOP", "azu:reports:from:{w2}"),
+    ("LLEN", "azu:reports:from:{w2}"), ("SMEMBERS", "azu:reporters"), ("LRANGE", "azu:reports:ready", 0, -1),
+    ("LPOP", "azu:reports:ready"), ("BLMOVE", "azu:reports:ready", "azu:reports:ready", "LEFT", "LEFT", 1),
     ("EVAL", "return redis.call('LRANGE', KEYS[1], 0, -1)", 1, "gpu.{w2}"),
     ("EVAL", "return redis.call('HGETALL', 'azu:job:j-victim')", 0),
     ("KEYS", "*"), ("SCAN", 0), ("RANDOMKEY",), ("DUMP", "azu:job:j-victim"), ("TYPE", "azu:job:j-victim"),
@@ -101,7 +108,14 @@ def test_a_worker_reads_nothing_of_others(app, core):
     assert attacker.brpop([f"gpu.{w1.worker_id}"], timeout=1) is not None
     assert attacker.rpush(f"azu:pending:{w1.worker_id}", b"x") == 1
     assert attacker.lrange(f"azu:pending:{w1.worker_id}", 0, -1) == [b"x"]
-    assert attacker.rpush("azu:reports", b"my signed report") >= 1
+    # Its reports go to its own list, which it may push to but not read back (nor trim, nor drain).
+    own_reports = f"azu:reports:from:{w1.worker_id}"
+    assert attacker.rpush(own_reports, b"my signed report") >= 1
+    assert attacker.rpush("azu:reports:ready", w1.worker_id) >= 1  # the hint that goes with them
+    for own in (("LRANGE", own_reports, 0, -1), ("LTRIM", own_reports, 1, 0), ("LPOP", own_reports)):
+        with pytest.raises(redis.ResponseError) as refused:
+            attacker.execute_command(*own)
+        assert nopermission(refused.value)
     assert attacker.publish("/0.celeryev/worker.heartbeat", b"{}") >= 0
 
 
@@ -114,6 +128,12 @@ def test_a_worker_reads_nothing_of_others(app, core):
     ("SET", "azu:identity:{w2}", "00"),
     ("HSET", "azu:model:m1", "state", "failed"), ("ZADD", "azu:model:m1:holders", 9e9, "{w2}"),
     ("HDEL", "unacked", "tag0"), ("FLUSHDB",), ("FLUSHALL",),
+    # Reports go only to its own list: not to the shared one, not into another worker's (where they would
+    # be read as that worker's), and it cannot enroll ids into the collector's reading.
+    ("RPUSH", "azu:reports", "x"), ("RPUSH", "azu:reports:from:{w2}", "x"),
+    ("LPUSH", "azu:reports:from:{w2}", "x"),
+    ("SADD", "azu:reporters", "{w2}-2"), ("DEL", "azu:reports:from:{w2}"), ("DEL", "azu:reports:ready"),
+    ("LTRIM", "azu:reports:ready", 1, 0), ("LPUSH", "azu:reports:ready", "x"),
     ("SET", "azu:wake:{w2}", "x", "GET"), ("PUBLISH", "/0.celery.pidbox", "x"),
     ("SADD", "_kombu.binding.gpu.{w2}", "x"), ("EVAL", "return 1", 1, "azu:wake:{w2}"),
 ])

@@ -22,6 +22,7 @@ def test_enroll_issues_a_working_login_of_its_own(app, core):
     assert body["core_public_key"] == SigningKey(bytes.fromhex(CORE_SEED)).verify_key.encode().hex()
     assert body["broker_url"].startswith(f"redis://w-{s.worker_id}:")
     assert core.get(identity.identity_key(s.worker_id)) == s.public_key.encode()
+    assert core.sismember("azu:reporters", s.worker_id)  # the collector reads its report list from now on
 
     w = redis.Redis.from_url(body["broker_url"])
     assert w.ping()
@@ -90,4 +91,5 @@ def test_a_bad_signature_is_refused_and_consumes_nothing(app, core):
     assert resp.status_code == 401 and resp.get_json()["error"]["param"] == "signature"
     assert core.exists(enrollment.challenge_key(challenge))
     assert not core.exists(identity.identity_key(s.worker_id))
+    assert not core.sismember("azu:reporters", s.worker_id)
     assert core.acl_getuser(f"w-{s.worker_id}") is None

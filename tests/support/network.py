@@ -104,10 +104,10 @@ class Cluster:
 
     def enroll(self, worker_id: str) -> Path:
         """What enrollment does for a worker: its key file, and its public key as its identity."""
-        from azu.network import auth, keys
+        from azu.network import auth, identity
 
         path = self.base / "keys" / f"{worker_id}.key"
-        self.r.set(keys.identity(worker_id), auth.public_hex(auth.load_worker_key(path)))
+        identity.publish(self.r, worker_id, auth.public_hex(auth.load_worker_key(path)))
         return path
 
     def start_gpu(self, worker_id: str, *, via_cli: bool = False, heartbeat: bool = False,
@@ -223,8 +223,10 @@ class InlineNetwork:
 
     def __init__(self, r: redis.Redis) -> None:
         from azu.network.collector import Collector
+        from azu.network.reports import ReportLists
 
         self.r = r
+        self.lists = ReportLists(r, self.REPORTS)
         self.queue: collections.deque[tuple[str, str, list[Any], dict[str, Any]]] = collections.deque()
         self.nodes: dict[str, Any] = {}
         self.sent: list[str] = []
@@ -244,7 +246,7 @@ class InlineNetwork:
 
         # linger_s=0: this queue runs one message at a time in this thread; nobody else could fill the list.
         node = self.nodes.get(worker_id) or WorkerNode(self.r, worker_id=worker_id, dispatch=self, linger_s=0,
-                                                       reports_key=self.REPORTS, **node_options)
+                                                       reports_base=self.REPORTS, **node_options)
         span = Span(first, last, first == 0, last == num_layers)
         self.r.set(keys.identity(worker_id), node.public_key)
         self.r.sadd(keys.assigned(worker_id), jobs.span_key(model_id, span))
@@ -255,11 +257,13 @@ class InlineNetwork:
 
     def collect(self) -> int:
         """Run the collector over what the nodes reported; returns how many reports there were."""
-        got = self.r.lrange(self.REPORTS, 0, -1)
-        self.r.ltrim(self.REPORTS, len(got), -1)
-        if got:
-            self.collector.process(got)
-        return len(got)
+        count = 0
+        while True:
+            got, senders = self.lists.take(None)  # rounds, as the collector's loop takes them
+            if not got:
+                return count
+            self.collector.process(got, senders=senders)
+            count += len(got)
 
     def step(self) -> bool:
         """Deliver one message (then collect the reports); False when nothing is left."""
