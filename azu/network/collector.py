@@ -55,6 +55,8 @@ from azu.verification.commitment import CHUNK, TOP_K, shape_of
 log = logging.getLogger(__name__)
 
 BATCH_MAX = reports.BATCH_MAX  # token reports kept at once before their tokens are published
+RECENT_S = 10.0  # a worker that sent more than heartbeats this recently has its list looked at every round
+RECENT_MAX = 256  # ... the latest this many
 MAX_FIELD = 256  # characters of a heartbeat's text fields (device, P2P address, wallet)
 MAX_STAGES = 256  # stages a heartbeat may claim (a worker holds a span or two of a model or two)
 MAX_TOKEN_REPORT = 4096  # bytes: a token report names a worker, a job (<= 128 characters) and three numbers
@@ -91,6 +93,16 @@ class Collector:
         self.tally = metrics.Tally()  # this batch's report counts, written with its tokens or at its end
         # This batch's heartbeats, checked, not yet written: each worker's last (it overwrites the others).
         self.beats: dict[str, directory.WorkerInfo] = {}
+        # Workers whose reports other than heartbeats were accepted lately (a job's hops), by when: each
+        # round looks at their lists, hint or not (a flood of hints must not hold back a job's tokens).
+        self.recent: dict[str, float] = {}
+
+    def recent_senders(self, now: float | None = None) -> list[str]:
+        """The workers that sent more than heartbeats in the last ``RECENT_S``, latest first (at most
+        ``RECENT_MAX``)."""
+        now = time.monotonic() if now is None else now
+        self.recent = {w: at for w, at in self.recent.items() if now - at < RECENT_S}
+        return sorted(self.recent, key=self.recent.__getitem__, reverse=True)[:RECENT_MAX]
 
     @property
     def dispatch(self) -> Dispatcher:
@@ -142,6 +154,8 @@ class Collector:
                 self.tally.add(metrics.CORE_REPORTS, kind="token", outcome="refused")
                 continue
             accepted += 1
+            if rep.kind != "heartbeat" and senders is not None and senders[i] is not None:
+                self.recent[rep.worker_id] = time.monotonic()
             if rep.kind == "token":
                 tokens.append(rep)  # small (above), and at most BATCH_MAX of them kept
                 if len(tokens) >= BATCH_MAX:
@@ -461,6 +475,7 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
     stop_event = stop_event or threading.Event()
     collector = Collector(r, dispatch=dispatch)
     lists = reports.ReportLists(r, base)  # base: tests keep their lists (and lease) apart
+    sweep = reports.Sweep()
     lease = keys.COLLECTOR_LOCK if base == keys.REPORTS else f"{keys.COLLECTOR_LOCK}:{base}"
     me = uuid.uuid4().hex
     check_every = min(1.0, watchdog.step_timeout_s(settings) / 2)
@@ -471,8 +486,8 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
             # The lease is taken or renewed once a second, not before every take: tokens that arrive one
             # after another (one job decoding) would each wait for that round trip. It lasts LEASE_S, far
             # longer than a second, so no other collector can take it meanwhile. The enrolled workers are
-            # read with it, and the round after looks at each one's list (the sweep: for a hint lost).
-            sweep: list[str] = []
+            # read with it, and the round after looks at the next slice of their lists (for a hint lost).
+            swept: list[str] = []
             if time.monotonic() >= held_until:
                 pipe = r.pipeline(transaction=False)
                 pipe.eval(_HOLD, 1, lease, me, LEASE_S)
@@ -482,8 +497,8 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
                     stop_event.wait(1.0)  # another collector holds the lease
                     continue
                 held_until = time.monotonic() + LEASE_RENEW_S
-                sweep = [keys.as_str(w) for w in enrolled]
-            got, senders = lists.take(None if sweep else wait_s, sweep=sweep)
+                swept = sweep.next(sorted(keys.as_str(w) for w in enrolled))
+            got, senders = lists.take(None if swept else wait_s, also=[*collector.recent_senders(), *swept])
             if got:
                 collector.process(got, senders=senders)
             if base == keys.REPORTS and time.monotonic() - checked >= check_every:

@@ -149,6 +149,7 @@ def grant_broker_access(r: redis.Redis, worker_id: str) -> str:
 def revoke_broker_access(r: redis.Redis, worker_id: str) -> None:
     """Delete ``w-<id>`` and close its connections (an operator's ban; a re-enrollment makes it again)."""
     r.hdel(LOGINS, worker_id)  # first: a restore must not bring it back
+    r.srem(keys.REPORTERS, worker_id)  # its list is no longer swept (it can push to it no more)
     r.execute_command("ACL", "DELUSER", broker_user(worker_id))  # DELUSER also kills its connections
 
 

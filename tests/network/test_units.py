@@ -1269,30 +1269,32 @@ def test_a_wait_shorter_than_a_millisecond_does_not_block_for_ever(any_redis) ->
 
 def test_the_collector_takes_a_share_of_each_hinted_list_in_turn(any_redis) -> None:
     """Each worker's own list, on both Redis versions: a round takes up to a share of every hinted list (a
-    flood waits in its own list, hinted again behind the others), each list in its order, with the list's
-    owner; an idle round waits for the first hint and brings what else waits; a list nobody hinted is read
-    by the sweep; junk hints cost rounds of LLENs, never a report."""
+    flood waits in its own list, hinted again behind the others), small lists first, each list in its order,
+    with the list's owner; an idle round waits for the first hint and brings what else waits; a list nobody
+    hinted is read when the collector names it; junk hints cost LLENs, never a report, and a backlog of them
+    is dropped; a round takes BATCH_MAX at most, the lists it could not serve first next round."""
     from azu.network import reports
     from azu.network.reports import BATCH_MAX, HINTS_MAX, MIN_SHARE, SHARE, ReportLists
 
     rr = any_redis
     base = "azu:test:lists"
+    hints = keys.report_hints(base)
     lists = ReportLists(rr, base)
-    crowd = [f"w{i:02d}" for i in range(20)]
+    crowd = [f"w{i:03d}" for i in range(100)]
     own = {w: keys.reports_from(w, base) for w in ("wa", "wb", "wc", *crowd)}
-    rr.delete(keys.report_hints(base), *own.values())
+    rr.delete(hints, *own.values())
     try:
         reports.push(rr, "wa", [f"a{i}".encode() for i in range(SHARE + 50)], base=base)  # the flood
         reports.push(rr, "wb", [b"b0", b"b1"], base=base)
         got, senders = lists.take(1.0)
-        assert got == [f"a{i}".encode() for i in range(SHARE)] + [b"b0", b"b1"]
-        assert senders == ["wa"] * SHARE + ["wb"] * 2
-        assert rr.lrange(keys.report_hints(base), 0, -1) == [b"wa"]  # the flood's rest: hinted again
+        assert got == [b"b0", b"b1", *(f"a{i}".encode() for i in range(SHARE))]  # the small list first
+        assert senders == ["wb"] * 2 + ["wa"] * SHARE
+        assert rr.lrange(hints, 0, -1) == [b"wa"]  # the flood's rest: hinted again
         reports.push(rr, "wb", [b"b2"], base=base)  # came meanwhile: its hint is behind the flood's
         got, senders = lists.take(1.0)
-        assert got == [*(f"a{i}".encode() for i in range(SHARE, SHARE + 50)), b"b2"]
-        assert senders == ["wa"] * 50 + ["wb"]
-        assert lists.take(0.05) == ([], []) and rr.llen(keys.report_hints(base)) == 0
+        assert got == [b"b2", *(f"a{i}".encode() for i in range(SHARE, SHARE + 50))]
+        assert senders == ["wb"] + ["wa"] * 50
+        assert lists.take(0.05) == ([], []) and rr.llen(hints) == 0
         # Idle: the first hint ends the wait, and the round brings the others waiting by then.
         both = rr.pipeline(transaction=True)  # pushed at once: the round takes them together
         reports.push(both, "wb", [b"b3", b"b4"], base=base)
@@ -1302,22 +1304,65 @@ def test_the_collector_takes_a_share_of_each_hinted_list_in_turn(any_redis) -> N
         got, senders = lists.take(5.0)
         assert time.monotonic() - started < 2
         assert list(zip(got, senders, strict=True)) == [(b"b3", "wb"), (b"b4", "wb"), (b"a-late", "wa")]
-        # Without its hint (lost on the way) a list waits for the sweep.
+        # Without its hint (lost on the way) a list waits until the collector names it.
         rr.rpush(own["wc"], b"c0")
         assert lists.take(0.05) == ([], [])
-        assert lists.take(None, sweep=["wa", "wc"]) == ([b"c0"], ["wc"])
-        # Junk hints ahead of a real one: each round reads HINTS_MAX of them, the real one comes in turn.
-        rr.rpush(keys.report_hints(base), *(f"junk-{i}" for i in range(2 * HINTS_MAX)))
+        assert lists.take(None, also=["wa", "wc"]) == ([b"c0"], ["wc"])
+        # Junk hints ahead of a real one: a round reads HINTS_MAX of them, the real one comes in turn ...
+        rr.rpush(hints, *(f"junk-{i}" for i in range(HINTS_MAX + 100)), "x" * 100)
         reports.push(rr, "wb", [b"b5"], base=base)
-        rounds = [lists.take(None) for _ in range(3)]
-        assert rounds == [([], []), ([], []), ([b"b5"], ["wb"])]
-        # Many lists waiting at once: BATCH_MAX shared among them.
-        for w in crowd:
+        assert [lists.take(None) for _ in range(2)] == [([], []), ([b"b5"], ["wb"])]
+        # ... and a backlog of more than a round reads is dropped: that list is found when named.
+        rr.rpush(hints, *(f"junk-{i}" for i in range(3 * HINTS_MAX)))
+        reports.push(rr, "wb", [b"b6"], base=base)
+        assert lists.take(None) == ([], []) and rr.llen(hints) == 0
+        assert lists.take(None, also=["wb"]) == ([b"b6"], ["wb"])
+        # Many lists at once: BATCH_MAX in all, shared; the lists past BATCH_MAX // MIN_SHARE go first next.
+        for w in crowd[:20]:
             reports.push(rr, w, [f"{w}-{i}".encode() for i in range(100)], base=base)
         got, senders = lists.take(1.0)
-        assert sorted(set(senders.count(w) for w in crowd)) == [max(MIN_SHARE, BATCH_MAX // len(crowd))]
+        assert sorted(set(senders.count(w) for w in crowd[:20])) == [BATCH_MAX // 20]
+        lists.take(None, also=crowd[:20])
+        lists.take(None, also=crowd[:20])  # the crowd's lists emptied
+        rr.delete(hints)
+        assert not any(rr.llen(own[w]) for w in crowd)
+        for w in crowd:
+            reports.push(rr, w, [f"{w}-{i}".encode() for i in range(30)], base=base)
+        got, senders = lists.take(None)
+        served = list(dict.fromkeys(senders))
+        assert len(got) == BATCH_MAX and served == crowd[:BATCH_MAX // MIN_SHARE]
+        got, senders = lists.take(None)  # the ones left out are served first, then the first ones' rest
+        first = BATCH_MAX // MIN_SHARE
+        assert set(senders) == set(crowd[first:] + crowd[:first - (100 - first)])
     finally:
-        rr.delete(keys.report_hints(base), *own.values())
+        rr.delete(hints, *own.values())
+
+
+def test_the_collector_looks_at_its_recent_senders_lists(r) -> None:
+    """A worker whose reports other than heartbeats were accepted in the last RECENT_S is named every round
+    (its list read even if its hint was dropped); a worker that only heartbeats is not; and not for ever."""
+    from azu.network.collector import RECENT_S, Collector
+
+    signer = SigningKey.generate()
+    r.set(keys.identity("recent-w"), auth.public_hex(signer))
+
+    def signed(kind: str, body: dict[str, Any]) -> bytes:
+        unsigned = protocol.Report("recent-w", kind, body)
+        sig = auth.sign(signer, auth.REPORT, unsigned.signed_part())
+        return protocol.Report("recent-w", kind, body, sig).pack()
+
+    marker = f"{keys.PING_PREFIX}recent-{uuid.uuid4().hex[:8]}"
+    try:
+        collector = Collector(r, dispatch=None)  # type: ignore[arg-type]
+        collector.process([signed("heartbeat", {"stages": []})], senders=["recent-w"])
+        assert collector.recent_senders() == []
+        collector.process([signed("pong", {"key": marker, "value": "1"})])  # not from its list: not named
+        assert collector.recent_senders() == []
+        collector.process([signed("pong", {"key": marker, "value": "1"})], senders=["recent-w"])
+        assert collector.recent_senders() == ["recent-w"]
+        assert collector.recent_senders(time.monotonic() + RECENT_S + 1) == []
+    finally:
+        r.delete(keys.identity("recent-w"), marker)
 
 
 def test_a_report_in_one_workers_list_that_names_another_is_refused(r) -> None:
