@@ -55,7 +55,7 @@ from azu.verification.commitment import CHUNK, TOP_K, shape_of
 log = logging.getLogger(__name__)
 
 BATCH_MAX = reports.BATCH_MAX  # token reports kept at once before their tokens are published
-RECENT_S = 10.0  # a worker that sent more than heartbeats this recently has its list looked at every round
+RECENT_S = 10.0  # a last hop whose token was published this recently has its list looked at first each round
 RECENT_MAX = 256  # ... the latest this many
 MAX_FIELD = 256  # characters of a heartbeat's text fields (device, P2P address, wallet)
 MAX_STAGES = 256  # stages a heartbeat may claim (a worker holds a span or two of a model or two)
@@ -93,12 +93,13 @@ class Collector:
         self.tally = metrics.Tally()  # this batch's report counts, written with its tokens or at its end
         # This batch's heartbeats, checked, not yet written: each worker's last (it overwrites the others).
         self.beats: dict[str, directory.WorkerInfo] = {}
-        # Workers whose reports other than heartbeats were accepted lately (a job's hops), by when: each
-        # round looks at their lists, hint or not (a flood of hints must not hold back a job's tokens).
+        # Last hops whose tokens were published lately, by when: each round looks at their lists first, hint
+        # or not (a flood of hints, or of identities, must not hold back a job's tokens). Only the core's
+        # own acceptance puts a worker here: a token is accepted only from a running job's last hop.
         self.recent: dict[str, float] = {}
 
     def recent_senders(self, now: float | None = None) -> list[str]:
-        """The workers that sent more than heartbeats in the last ``RECENT_S``, latest first (at most
+        """The workers whose tokens were published in the last ``RECENT_S``, latest first (at most
         ``RECENT_MAX``)."""
         now = time.monotonic() if now is None else now
         self.recent = {w: at for w, at in self.recent.items() if now - at < RECENT_S}
@@ -154,8 +155,6 @@ class Collector:
                 self.tally.add(metrics.CORE_REPORTS, kind="token", outcome="refused")
                 continue
             accepted += 1
-            if rep.kind != "heartbeat" and senders is not None and senders[i] is not None:
-                self.recent[rep.worker_id] = time.monotonic()
             if rep.kind == "token":
                 tokens.append(rep)  # small (above), and at most BATCH_MAX of them kept
                 if len(tokens) >= BATCH_MAX:
@@ -214,6 +213,7 @@ class Collector:
                 self.tally.add(metrics.CORE_REPORTS, kind="token", outcome="duplicate")
                 continue  # a step already published (a replay): nothing to do
             self.tally.add(metrics.CORE_REPORTS, kind="token", outcome="accepted")
+            self.recent[rep.worker_id] = time.monotonic()
             if step == 0 and job.get("created"):
                 metrics.CORE_TTFT.observe(pipe, max(0.0, float(now) - float(job["created"])))
             sampling = Sampling.from_dict(json.loads(job["gen"]))
@@ -475,7 +475,7 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
     stop_event = stop_event or threading.Event()
     collector = Collector(r, dispatch=dispatch)
     lists = reports.ReportLists(r, base)  # base: tests keep their lists (and lease) apart
-    sweep = reports.Sweep()
+    sweep_at = 0  # SSCAN's cursor over the enrolled workers
     lease = keys.COLLECTOR_LOCK if base == keys.REPORTS else f"{keys.COLLECTOR_LOCK}:{base}"
     me = uuid.uuid4().hex
     check_every = min(1.0, watchdog.step_timeout_s(settings) / 2)
@@ -485,20 +485,20 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
         try:
             # The lease is taken or renewed once a second, not before every take: tokens that arrive one
             # after another (one job decoding) would each wait for that round trip. It lasts LEASE_S, far
-            # longer than a second, so no other collector can take it meanwhile. The enrolled workers are
-            # read with it, and the round after looks at the next slice of their lists (for a hint lost).
+            # longer than a second, so no other collector can take it meanwhile. The next slice of the
+            # enrolled workers is read with it, and the round after looks at their lists (for a hint lost).
             swept: list[str] = []
             if time.monotonic() >= held_until:
                 pipe = r.pipeline(transaction=False)
                 pipe.eval(_HOLD, 1, lease, me, LEASE_S)
-                pipe.smembers(keys.REPORTERS)
-                held, enrolled = pipe.execute()
+                pipe.sscan(keys.REPORTERS, sweep_at, count=reports.SWEEP_MAX)
+                held, (sweep_at, enrolled) = pipe.execute()
                 if not held:
                     stop_event.wait(1.0)  # another collector holds the lease
                     continue
                 held_until = time.monotonic() + LEASE_RENEW_S
-                swept = sweep.next(sorted(keys.as_str(w) for w in enrolled))
-            got, senders = lists.take(None if swept else wait_s, also=[*collector.recent_senders(), *swept])
+                swept = [keys.as_str(w) for w in enrolled]
+            got, senders = lists.take(None if swept else wait_s, first=collector.recent_senders(), also=swept)
             if got:
                 collector.process(got, senders=senders)
             if base == keys.REPORTS and time.monotonic() - checked >= check_every:

@@ -149,7 +149,9 @@ def grant_broker_access(r: redis.Redis, worker_id: str) -> str:
 def revoke_broker_access(r: redis.Redis, worker_id: str) -> None:
     """Delete ``w-<id>`` and close its connections (an operator's ban; a re-enrollment makes it again)."""
     r.hdel(LOGINS, worker_id)  # first: a restore must not bring it back
-    r.srem(keys.REPORTERS, worker_id)  # its list is no longer swept (it can push to it no more)
+    # Its reports not read yet go with it (the collector would still accept them: its identity stays).
+    r.srem(keys.REPORTERS, worker_id)
+    r.unlink(keys.reports_from(worker_id))
     r.execute_command("ACL", "DELUSER", broker_user(worker_id))  # DELUSER also kills its connections
 
 

@@ -9,10 +9,11 @@ reports after its share is hinted again, at the back, behind the hints that came
 
 A hint is only a hint: any worker may push any id, and a hint for an empty list costs the round one LLEN; a
 backlog of more hints than a round reads is dropped (a flood of hints must not queue the others' behind it).
-Lists are also found without their hint: each round looks at the lists of the workers that sent the
-collector anything but a heartbeat in the last seconds (a job's hops: their tokens and commitments), and
-about once a second at the next ``SWEEP_MAX`` enrolled workers' lists (``azu:reporters``, written at
-enrollment; the sweep), for a hint lost (a connection cut between the two pushes, a dropped backlog).
+Lists are also found without their hint: each round looks first at the lists of the workers whose tokens
+the collector published in the last seconds (the last hops of running jobs: a job's next token does not
+wait behind anyone's hints), and about once a second at the next ``SWEEP_MAX`` enrolled workers' lists
+(``azu:reporters``, written at enrollment, read with SSCAN; the sweep), for a hint lost (a connection cut
+between the two pushes, a dropped backlog).
 
 Before this, every worker pushed to one list, ``azu:reports``: a worker that pushed 20,000 signed reports
 (each an Ed25519 check for the collector) held every other worker's tokens behind them for seconds
@@ -32,38 +33,43 @@ BATCH_MAX = 1024  # reports a round takes in all, shared among the lists that wa
 SHARE = 128  # ... from each list at most: a flooder delays the others by a round of this
 MIN_SHARE = 16  # ... and at least: a round serves BATCH_MAX // MIN_SHARE lists (the rest first next round)
 HINTS_MAX = 1024  # hints a round reads; a backlog longer than this is dropped (hints are only hints)
-SWEEP_MAX = 1000  # enrolled workers' lists a sweep looks at (the next ones the sweep after)
+SWEEP_MAX = 1000  # enrolled workers' lists a sweep looks at (SSCAN's count: the next ones the sweep after)
 MIN_BLOCK_S = 0.01  # Redis before 7.0.8 reads a blocking timeout under 1 ms as "for ever"
 
-# KEYS[1]: the hints. ARGV: the lists' base name, BATCH_MAX, SHARE, MIN_SHARE, HINTS_MAX, then the ids to
-# look at besides the hinted ones (the collector's recent senders, a slice of the sweep). Returns id,
-# reports, id, reports... for each list it took from: first the lists that fit in MIN_SHARE (a lone token
-# goes ahead of a flood's share), then the others, each group in hint order.
+# KEYS[1]: the hints. ARGV: the lists' base name, BATCH_MAX, SHARE, MIN_SHARE, HINTS_MAX, the count of the
+# ids that go first, those ids (the last hops that published tokens lately), then the ids to look at after
+# the hinted ones (a slice of the sweep). Returns id, reports, id, reports... for each list it took from:
+# first the lists that fit in MIN_SHARE (a lone token goes ahead of a flood's share), then the others, each
+# group in candidate order.
 #
-# - A hint longer than any worker id (40 characters) names no list a worker could push to: dropped before it
-#   names a key. A hint backlog beyond HINTS_MAX is dropped whole (UNLINK: freed off Redis's thread): a
-#   flood of hints must not queue the others' hints behind it; their lists are found by the collector's
-#   recent senders and the sweep.
-# - A round serves BATCH_MAX // MIN_SHARE lists at most; the lists waiting beyond them are hinted again at
-#   the front (their turn first next round), and a served list with reports left at the back.
+# - A hint longer than 64 characters (worker ids are at most 40) names no list a worker could push to:
+#   dropped before it names a key. When more than HINTS_MAX hints remain after a round's HINTS_MAX, they are
+#   dropped (UNLINK: freed off Redis's thread): a flood of hints must not queue the others' hints behind it;
+#   their lists are found by the first ids and the sweep.
+# - A round serves BATCH_MAX // MIN_SHARE lists at most; up to HINTS_MAX of the lists waiting beyond them
+#   are hinted again at the front (their turn first next round), and a served list with reports left at
+#   the back.
 _TAKE = """
 local base = ARGV[1]
 local batch, share_max, share_min = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local hints_max = tonumber(ARGV[5])
+local hints_max, first = tonumber(ARGV[5]), tonumber(ARGV[6])
 local ids, seen = {}, {}
 local function candidate(id)
   if #id <= 64 and not seen[id] then seen[id] = true; ids[#ids + 1] = id end
 end
+for i = 7, 6 + first do candidate(ARGV[i]) end
 for _, id in ipairs(redis.call('LPOP', KEYS[1], hints_max) or {}) do candidate(id) end
 if redis.call('LLEN', KEYS[1]) > hints_max then redis.call('UNLINK', KEYS[1]) end
-for i = 6, #ARGV do candidate(ARGV[i]) end
+for i = 7 + first, #ARGV do candidate(ARGV[i]) end
 local waiting = {}
 for _, id in ipairs(ids) do
   local n = redis.pcall('LLEN', base .. ':from:' .. id)
   if type(n) == 'number' and n > 0 then waiting[#waiting + 1] = {id, n} end
 end
 local served = math.min(#waiting, math.floor(batch / share_min))
-for i = #waiting, served + 1, -1 do redis.call('LPUSH', KEYS[1], waiting[i][1]) end
+for i = math.min(#waiting, served + hints_max), served + 1, -1 do
+  redis.call('LPUSH', KEYS[1], waiting[i][1])
+end
 local share = math.max(share_min, math.min(share_max, math.floor(batch / math.max(served, 1))))
 local out = {}
 for pass = 1, 2 do
@@ -92,21 +98,6 @@ def push(r: Any, worker_id: str, blobs: Sequence[bytes], *, base: str = keys.REP
         pipe.execute()
 
 
-class Sweep:
-    """The enrolled workers' lists, ``SWEEP_MAX`` at a time: each call names the next slice (one sweep of
-    every list takes len(enrolled) / SWEEP_MAX calls; a Lua script over 100,000 lists would hold Redis)."""
-
-    def __init__(self) -> None:
-        self.at = 0
-
-    def next(self, enrolled: Sequence[str]) -> list[str]:
-        if self.at >= len(enrolled):
-            self.at = 0
-        part = list(enrolled[self.at:self.at + SWEEP_MAX])
-        self.at += SWEEP_MAX
-        return part
-
-
 class ReportLists:
     """The collector's side: rounds over the hinted lists (``base``: tests keep their lists apart)."""
 
@@ -115,13 +106,16 @@ class ReportLists:
         self.base = base
         self.hints = keys.report_hints(base)
 
-    def take(self, wait_s: float | None, *, also: Iterable[str] = ()) -> tuple[list[bytes], list[str]]:
-        """A round: wait up to ``wait_s`` for a hint (None: no wait), then take a share of each hinted list
-        and of each list of a worker in ``also`` (recent senders, a slice of the sweep), in one round trip.
-        Returns the reports and, for each, the worker whose list it came from: the only worker whose login
-        could push it there."""
+    def take(self, wait_s: float | None, *, first: Sequence[str] = (),
+             also: Iterable[str] = ()) -> tuple[list[bytes], list[str]]:
+        """A round: wait up to ``wait_s`` for a hint (None: no wait), then take a share of each list of a
+        worker in ``first`` (the last hops that published tokens lately: before the hinted ones), of each
+        hinted list, and of each list in ``also`` (a slice of the sweep), in one round trip. Returns the
+        reports and, for each, the worker whose list it came from: the only worker whose login could push
+        it there."""
         # EVAL, not a registered script: in a pipeline redis-py would ask SCRIPT EXISTS first, a round trip.
-        args = [_TAKE, 1, self.hints, self.base, BATCH_MAX, SHARE, MIN_SHARE, HINTS_MAX, *also]
+        args = [_TAKE, 1, self.hints, self.base, BATCH_MAX, SHARE, MIN_SHARE, HINTS_MAX, len(first), *first,
+                *also]
         if wait_s is None:
             got = self.r.execute_command("EVAL", *args)
         else:

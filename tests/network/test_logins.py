@@ -106,7 +106,11 @@ def test_worker_logins_come_back_after_a_redis_restart(aof_redis) -> None:
 def test_a_revoked_login_is_not_restored(aof_redis) -> None:
     core = aof_redis.core()
     password = enrollment.grant_broker_access(core, "acl-w3")
+    core.sadd(keys.REPORTERS, "acl-w3")  # enrolled: its list is swept
+    _worker_client(aof_redis, "acl-w3", password).rpush(keys.reports_from("acl-w3"), b"not read yet")
     enrollment.revoke_broker_access(core, "acl-w3")
+    # Its list is no longer swept, and what it left there goes with it (its identity stays: it would count).
+    assert not core.sismember(keys.REPORTERS, "acl-w3") and not core.exists(keys.reports_from("acl-w3"))
     aof_redis.kill()
     aof_redis.start()
     core = aof_redis.core()

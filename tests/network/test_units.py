@@ -1331,38 +1331,57 @@ def test_the_collector_takes_a_share_of_each_hinted_list_in_turn(any_redis) -> N
         got, senders = lists.take(None)
         served = list(dict.fromkeys(senders))
         assert len(got) == BATCH_MAX and served == crowd[:BATCH_MAX // MIN_SHARE]
-        got, senders = lists.take(None)  # the ones left out are served first, then the first ones' rest
-        first = BATCH_MAX // MIN_SHARE
-        assert set(senders) == set(crowd[first:] + crowd[:first - (100 - first)])
+        # A list named first (a last hop whose tokens were published lately) is served ahead of the hinted.
+        rr.rpush(own["wc"], b"c-token")
+        got, senders = lists.take(None, first=["wc"])
+        assert got[0] == b"c-token" and senders[0] == "wc"
+        assert len(set(senders)) == BATCH_MAX // MIN_SHARE and crowd[-1] in senders  # left-out ones' turn
+        taken = len(got) - 1 + BATCH_MAX
+        while got := lists.take(None)[0]:  # the rest, round after round: none left behind
+            taken += len(got)
+        assert taken == 30 * len(crowd) and not any(rr.llen(own[w]) for w in crowd)
     finally:
         rr.delete(hints, *own.values())
 
 
-def test_the_collector_looks_at_its_recent_senders_lists(r) -> None:
-    """A worker whose reports other than heartbeats were accepted in the last RECENT_S is named every round
-    (its list read even if its hint was dropped); a worker that only heartbeats is not; and not for ever."""
-    from azu.network.collector import RECENT_S, Collector
+def test_the_collector_looks_first_at_the_last_hops_it_published(r, inline) -> None:
+    """The last hop whose tokens were published is named first each round for RECENT_S (its list read before
+    any hinted one, even with its hint dropped); a hop that only sent commitments and heartbeats is not."""
+    from azu.network.collector import RECENT_S
 
+    net, model_id = inline
+    job_id = _submit(r, net, model_id, [1, 9, 8], 4)
+    net.run()
+    assert jobs.get_job(r, job_id).status == "done"
+    assert net.collector.recent_senders() == ["i2"]
+    assert net.collector.recent_senders(time.monotonic() + RECENT_S + 1) == []
+
+
+def test_the_sweep_finds_a_list_without_its_hint(r) -> None:
+    """A report whose hint was lost (or dropped with a backlog) is read by the collector's loop all the same:
+    about once a second it looks at the next enrolled workers' lists (SSCAN over azu:reporters)."""
+    from azu.network import collector
+
+    base = "azu:test:sweep"
     signer = SigningKey.generate()
-    r.set(keys.identity("recent-w"), auth.public_hex(signer))
-
-    def signed(kind: str, body: dict[str, Any]) -> bytes:
-        unsigned = protocol.Report("recent-w", kind, body)
-        sig = auth.sign(signer, auth.REPORT, unsigned.signed_part())
-        return protocol.Report("recent-w", kind, body, sig).pack()
-
-    marker = f"{keys.PING_PREFIX}recent-{uuid.uuid4().hex[:8]}"
+    r.set(keys.identity("sweep-w"), auth.public_hex(signer))
+    r.sadd(keys.REPORTERS, "sweep-w")
+    marker = f"{keys.PING_PREFIX}sweep-{uuid.uuid4().hex[:8]}"
+    unsigned = protocol.Report("sweep-w", "pong", {"key": marker, "value": "1"})
+    r.rpush(keys.reports_from("sweep-w", base), protocol.Report(
+        "sweep-w", "pong", unsigned.body, auth.sign(signer, auth.REPORT, unsigned.signed_part())).pack())
+    stop = threading.Event()
+    loop = threading.Thread(target=collector.run, kwargs={"r": r, "base": base, "stop_event": stop,
+                                                          "wait_s": 0.1}, daemon=True)
+    loop.start()
     try:
-        collector = Collector(r, dispatch=None)  # type: ignore[arg-type]
-        collector.process([signed("heartbeat", {"stages": []})], senders=["recent-w"])
-        assert collector.recent_senders() == []
-        collector.process([signed("pong", {"key": marker, "value": "1"})])  # not from its list: not named
-        assert collector.recent_senders() == []
-        collector.process([signed("pong", {"key": marker, "value": "1"})], senders=["recent-w"])
-        assert collector.recent_senders() == ["recent-w"]
-        assert collector.recent_senders(time.monotonic() + RECENT_S + 1) == []
+        wait_for(lambda: r.get(marker), timeout=10, what="the sweep to read the list")
+        assert r.llen(keys.report_hints(base)) == 0 and r.llen(keys.reports_from("sweep-w", base)) == 0
     finally:
-        r.delete(keys.identity("recent-w"), marker)
+        stop.set()
+        loop.join(5)
+        r.srem(keys.REPORTERS, "sweep-w")
+        r.delete(keys.identity("sweep-w"), marker, keys.reports_from("sweep-w", base))
 
 
 def test_a_report_in_one_workers_list_that_names_another_is_refused(r) -> None:

@@ -175,11 +175,11 @@ def _pong(who: Stranger, key: str, value: str, *, named: str | None = None) -> b
 
 def test_a_worker_flooding_its_reports_delays_only_its_own(core, core_redis_url, core_worker, monkeypatch):
     """w1, with its real login, pushes 20,000 validly signed reports (each costs the real collector, in the
-    core Celery worker, an Ed25519 check and a write) and 200,000 junk hints; then w2, which reported a
-    moment ago, and w3, which never did, send one report each. Both are handled while most of the flood
-    still waits: the collector takes a share of each worker's own list per round, looks at a recent sender's
-    list every round, drops a backlog of hints and sweeps the enrolled workers' lists; and w1 can push to no
-    list but its own (on the one list every worker used to push to, each waited for all 20,000)."""
+    core Celery worker, an Ed25519 check and a write) and 200,000 junk hints; then w2 and w3 send one report
+    each. Both are handled while most of the flood still waits: the collector takes a share of each worker's
+    own list per round, drops a backlog of hints (their lists found by the sweep of the enrolled workers'
+    lists, or their hint pushed after the drop); and w1 can push to no list but its own (on the one list
+    every worker used to push to, each waited for all 20,000). A report w1 signs in w2's name is refused."""
     from azu.network import reports
 
     monkeypatch.setenv("AUTH_SECRET_KEY", CORE_SEED)
