@@ -35,12 +35,9 @@ ONE_LIST = "bench:one-list"  # the list every worker pushed to before (azu:repor
 
 
 def pong(signer: Any, worker_id: str, key: str, value: str) -> bytes:
-    from azu.network import auth
-    from azu.network.wire import Report
+    from azu.network import reports
 
-    unsigned = Report(worker_id, "pong", {"key": key, "value": value})
-    sig = auth.sign(signer, auth.REPORT, unsigned.signed_part())
-    return Report(worker_id, "pong", unsigned.body, sig).pack()
+    return reports.sign(signer, worker_id, "pong", {"key": key, "value": value})
 
 
 def wait_key(r: Any, key: str, timeout: float = 120.0) -> float:

