@@ -53,6 +53,13 @@ SPARES = 4  # graphs a stage keeps for the next jobs (each holds its room's keys
 GRAPHED_JOBS = 16
 SPARE_POSITIONS = 4096  # and the positions their rooms hold together, at most (memory no job's bound counts)
 WARMUP_STEPS = 2  # eager runs on the capture stream before the first capture (cuBLAS, allocator)
+# A batch decode graph's rows: a batch's jobs padded up to a few sizes (powers of two up to PAD_STEP, then its
+# multiples; rows_for). On an H200 a stage's first recording of a batch size took 45-100 ms (once 623 ms), a
+# later one of the same size 3-14 ms, and a burst of 64 streams brought batches of 3 to 41 jobs, most of them
+# sizes seen once (bench/gpu.sh, worker logs): padded, a stage records a few sizes, and the first of each
+# when it loads (Stage.warm_graphs, up to WARM_BATCH_ROWS).
+PAD_STEP = 8
+WARM_BATCH_ROWS = (2, 4, 8, 16, 24, 32)
 BATCH_GRAPH_FAILURES = 3  # recordings of batch graphs that may fail (not for memory) before a stage stops
 RETRY_AFTER_OOM_S = 10.0  # after the device ran out of memory for a graph, no new one is tried for this long
 
@@ -64,6 +71,17 @@ def room_for(positions: int, limit: int) -> int:
     while room < positions:
         room *= 2
     return max(positions, min(room, limit))
+
+
+def rows_for(jobs: int) -> int:
+    """The rows of a batch decode graph for ``jobs`` jobs (two or more): the next power of two up to
+    ``PAD_STEP``, then the next multiple of ``PAD_STEP``; the rows after the jobs' are padding (at most 7)."""
+    if jobs <= PAD_STEP:
+        rows = 2
+        while rows < jobs:
+            rows *= 2
+        return rows
+    return -(-jobs // PAD_STEP) * PAD_STEP
 
 
 class StaticLayer(DynamicLayer):
@@ -130,7 +148,9 @@ class DecodeGraph:
         if isinstance(positions, int):
             self.pos.fill_(positions)  # a fill: no copy from the host
             return
-        positions = list(positions)
+        # Pad rows (after the jobs' rows) step at the first row's position: within the room, and one further
+        # each step as the jobs' rows are (no copy from the host).
+        positions = [*positions, *[positions[0]] * (self.rows - len(positions))]
         if self._positions is not None and all(
                 p == q + 1 for p, q in zip(positions, self._positions, strict=True)):
             self.pos.add_(1)  # the rows' next step: no copy from the host (a pageable one waits for the GPU)
@@ -174,15 +194,17 @@ class DecodeGraph:
 
     def step(self, forward: Callable[[DecodeGraph], torch.Tensor], x: torch.Tensor,
              positions: int | Sequence[int]) -> torch.Tensor:
-        """The step of input ``x`` (a row each) at ``positions`` (a row each; an int for one row): the
-        recorded graph replayed (its output cloned), or on a CPU ``forward`` run eagerly."""
-        self.x.copy_(x.view_as(self.x))
+        """The step of input ``x`` (a row each, for the first rows: the others are padding, whose input stays
+        the zeros it was made with) at ``positions`` (a row each; an int for one row): the recorded graph
+        replayed (its output's rows of ``x`` cloned), or on a CPU ``forward`` run eagerly."""
+        used = self.rows if isinstance(positions, int) else len(positions)
+        self.x[:used].copy_(x.view(used, *self.x.shape[1:]))
         self._set_positions(positions)
         if self.graph is None:
-            return forward(self)
+            return forward(self)[:used]
         self.graph.replay()
         assert self.out is not None
-        return self.out.clone()
+        return self.out[:used].clone()
 
 
 def copy_into(graph: DecodeGraph, filled: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int) -> None:

@@ -23,7 +23,7 @@ rows are copied only when a batch's jobs change (a job joins, leaves or runs alo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -142,9 +142,9 @@ class BatchRows:
 
     def make(self, layers: Iterable[int], room: int) -> None:
         """Every layer's buffers now, ``room`` positions a row exactly (a batch decode graph's rooms), from
-        the pasts (every row has one); then the pasts go."""
-        assert self._pasts is not None and all(past is not None for past in self._pasts)
-        first = cast(Past, self._pasts[0])
+        the pasts (rows without one, a graph's padding, stay zeros); then the pasts go."""
+        assert self._pasts is not None
+        first = next(past for past in self._pasts if past is not None)
         for idx in layers:
             k, v = first(idx)
             self.reserve(idx, k[None], v[None], room, grow=False)

@@ -40,10 +40,12 @@ from azu.engine.graphs import (
     RETRY_AFTER_OOM_S,
     SPARE_POSITIONS,
     SPARES,
+    WARM_BATCH_ROWS,
     WARMUP_STEPS,
     DecodeGraph,
     copy_into,
     room_for,
+    rows_for,
 )
 from azu.engine.heap import release_freed_memory
 from azu.engine.kernels import LayoutSwitch, apply_plan, layer_shapes, plan_for, stage_shapes
@@ -561,10 +563,12 @@ class Stage:
         return rows
 
     @staticmethod
-    def _held_rows(jobs: list[_Job]) -> BatchRows | None:
-        """The rows that hold exactly ``jobs`` now, if any."""
+    def _held_rows(jobs: list[_Job], *, padded: bool = False) -> BatchRows | None:
+        """The rows that hold exactly ``jobs`` now, if any; ``padded``: also rows with pad rows after the
+        jobs' (a batch decode graph's, ``rows_for``: an eager batch runs on rows of its jobs alone)."""
         held = jobs[0].rows
-        if held is not None and held.size == len(jobs) and all(job.rows is held for job in jobs):
+        if (held is not None and len(held.members) == len(jobs) and (padded or held.size == len(jobs))
+                and all(job.rows is held for job in jobs)):
             return held
         return None
 
@@ -833,14 +837,28 @@ class Stage:
     # -- batch decode graphs: one replay for the one-token steps of a batch's jobs -----------------
     def _batch_graph_wanted(self, jobs: list[_Job], sizes: list[int]) -> bool:
         """Whether one-token steps of ``jobs`` (two or more) run as a batch decode graph: on a stage that
-        takes graphs, for a batch too large for one replay per job (``replay_rows``), or one whose jobs ran
+        takes graphs, for a batch too large for one replay per job (``replay_rows``), one whose jobs ran
         together last time (in one batch's rows, or as replays): a recording per batch of jobs is paid back
-        by the batch's next steps, and jobs that meet once would each pay for it."""
+        by the batch's next steps, and jobs that meet once would each pay for it; or one whose replays
+        would record two graphs or more (jobs fresh from their prompts, no spares for them): one recording
+        for all of them costs less (on an H200 a burst of 16 streams recorded 8 graphs of a job each, ~9 ms
+        apiece, before its first batch graph)."""
         if not (self._graphs_on and self._batch_graphs and _one_token_steps(jobs, sizes)):
             return False
         together = frozenset(job.serial for job in jobs)
-        return (len(jobs) > self.replay_rows or self._held_rows(jobs) is not None
-                or all(job.batch_key == together for job in jobs))
+        return (len(jobs) > self.replay_rows or self._held_rows(jobs, padded=True) is not None
+                or all(job.batch_key == together for job in jobs)
+                or self._replays_would_record(jobs) > 1)
+
+    def _replays_would_record(self, jobs: list[_Job]) -> int:
+        """About how many graphs replays of ``jobs``' next steps would record: the jobs without a graph that
+        fits the step, less the spares that could serve them (``_graph_for`` takes a spare first)."""
+        lacking = [job.length + 1 for job in jobs if job.graph is None or not job.graph.fits(job.length + 1)]
+        if not lacking:
+            return 0
+        smallest, room = min(lacking), room_for(max(lacking), self.max_positions)
+        spares = sum(1 for g in self._spare_graphs if smallest <= g.room <= room)
+        return max(0, len(lacking) - spares)
 
     @torch.inference_mode()
     def _batch_graph_step(self, jobs: list[_Job], inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -851,7 +869,7 @@ class Stage:
             return None
         order = sorted(range(len(jobs)), key=lambda b: jobs[b].row)
         out = graph.step(self._static_forward, torch.cat([inputs[b] for b in order]),
-                         [jobs[b].length for b in order])
+                         [jobs[b].length for b in order])  # the rows after the jobs' are padding
         outs: list[torch.Tensor] = [out[0]] * len(jobs)
         for b, out_b in zip(order, out.unbind(0), strict=True):
             outs[b] = out_b
@@ -859,28 +877,29 @@ class Stage:
 
     def _rows_graph(self, jobs: list[_Job]) -> DecodeGraph | None:
         """The decode graph of the rows holding exactly ``jobs``, with a free column in every row: the rows'
-        own, or new rows (the jobs' caches copied into rooms of ``room_for`` positions) under a new
-        recording."""
+        own, or new rows under a new recording: the jobs' caches copied into rooms of ``room_for``
+        positions, and pad rows after them up to ``rows_for`` (a stage records a few batch sizes)."""
         owned = range(self.span.first, self.span.last)
         needed = max(job.length for job in jobs) + 1
-        held = self._held_rows(jobs)
+        held = self._held_rows(jobs, padded=True)
         # (Rows whose buffers an eager batch replaced have no graph any more: BatchRows.reserve.)
         if held is not None and held.graph is not None and held.graph.fits(needed):
             return cast(DecodeGraph, held.graph)
         if time.monotonic() < self._no_new_graphs_until:
             return None
         room = room_for(needed, self.max_positions)
-        rows = BatchRows([self._past_of(job) for job in jobs])
+        size = rows_for(len(jobs))
+        rows = BatchRows([*(self._past_of(job) for job in jobs), *[None] * (size - len(jobs))])
         try:
             # Zeroed buffers: the columns after a row's position are masked, and must be finite (0 x NaN).
             rows.make(owned, room)
         except torch.OutOfMemoryError:
-            self._out_of_memory(f"a batch decode graph's rooms ({len(jobs)} rows of {room} positions)")
+            self._out_of_memory(f"a batch decode graph's rooms ({size} rows of {room} positions)")
             return None
         self._join_rows(jobs, rows)
         self._left_for_rows(jobs)
         graph = DecodeGraph({idx: (rows.keys[idx], rows.values[idx]) for idx in owned},
-                            self._graph_input(len(jobs)))
+                            self._graph_input(size))
         rows.graph = graph
         if self._records:
             try:
@@ -929,8 +948,10 @@ class Stage:
     def warm_graphs(self) -> None:
         """Record a first decode graph now, kept as a spare (``load`` does on a GPU, where the stage takes
         graphs): a stage's first recording also warms its recording stream (two eager runs), 150-630 ms
-        measured on an H200, which its first job would wait for otherwise. Runs a throwaway job of two steps
-        (before ``load`` returns no step can reach the stage, so its name meets no real job's)."""
+        measured on an H200, which its first job would wait for otherwise. Then a batch decode graph of each
+        of ``WARM_BATCH_ROWS`` rows, thrown away: the first recording of a batch size costs several times a
+        later one, which the first burst of users would wait for. Runs throwaway jobs (before ``load``
+        returns no step can reach the stage, so their names meet no real job's)."""
         if not self._graphs_on:
             return
         job_id = f"stage-warm-up:{id(self):x}"
@@ -940,8 +961,22 @@ class Stage:
             self._forward_checked(job_id, x)
         except Exception:  # the first job records instead
             log.exception("stage %s: warming decode graphs up failed", self.span)
+            return
         finally:
             self.end_job(job_id, release=False)
+        for rows in WARM_BATCH_ROWS:
+            batch = [(f"{job_id}:{rows}:{n}", x) for n in range(rows)]
+            try:
+                # An eager batch (their first steps), then one-token steps: as a batch decode graph, at the
+                # latest the second time (jobs that ran together), then one replay of it.
+                for _ in range(3):
+                    self.forward_batch(batch)
+            except Exception:  # a burst's first batch records instead
+                log.exception("stage %s: warming batch decode graphs of %d rows up failed", self.span, rows)
+                return
+            finally:
+                for member, _ in batch:
+                    self.end_job(member, release=False)
 
     def _spare(self, graph: DecodeGraph) -> None:
         """Keep ``graph`` for a later job: the newest spares, ``SPARES`` and ``SPARE_POSITIONS`` at most (an

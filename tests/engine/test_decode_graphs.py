@@ -41,6 +41,19 @@ def _spares_are_nobodys(stage: Stage) -> None:
             assert room is None or id(room[0]) not in spare
 
 
+def _count_graphs(monkeypatch) -> list[int]:
+    """The rows of every decode graph the stages make from now on (each one a recording on a GPU)."""
+    made: list[int] = []
+
+    class Counted(graphs.DecodeGraph):
+        def __init__(self, rooms, x) -> None:
+            made.append(int(x.shape[0]))
+            super().__init__(rooms, x)
+
+    monkeypatch.setattr(stage_module, "DecodeGraph", Counted)
+    return made
+
+
 def _small_rooms(monkeypatch, extra: int = 9) -> None:
     """Rooms ``extra`` positions longer than asked: with 9, a 40-token prompt's 24 steps move the job through
     three graphs (rooms of 50, 60 and 70 positions)."""
@@ -63,8 +76,9 @@ def test_static_steps_give_generates_tokens(built, family, monkeypatch) -> None:
 @pytest.mark.parametrize("family", GRAPHED)
 def test_batch_graphs_give_each_jobs_own_tokens(built, family, monkeypatch) -> None:
     """Jobs decoding together as one batch decode graph (forced on the CPU: ``replay_rows`` 0): each gets
-    its own greedy tokens through rows that fill and move to longer rooms, a job leaving the batch for a step
-    alone and coming back, another job's prompt arriving (eager) and the job joining the batch."""
+    its own greedy tokens through rows that fill and move to longer rooms (3 jobs in rows padded to 4), a job
+    leaving the batch for a step alone and coming back, another job's prompt arriving (eager) and the job
+    joining the batch."""
     _small_rooms(monkeypatch, 5)
     b = built(family)
     plain = LocalPipeline(b.shards, 2, graphs="off")
@@ -82,7 +96,9 @@ def test_batch_graphs_give_each_jobs_own_tokens(built, family, monkeypatch) -> N
     def one_batch_graph(stage, keys) -> None:
         if stage._graphs_on:
             rows = stage._jobs[keys[0]].rows
-            assert rows is not None and rows.graph is not None and rows.size == len(keys)
+            # Padded to a batch size a stage records (rows_for): 3 jobs in 4 rows, the last one padding.
+            assert rows is not None and rows.graph is not None and rows.size == graphs.rows_for(len(keys))
+            assert len(rows.members) == len(keys)
             assert all(stage._jobs[k].rows is rows for k in keys)
             seen[id(rows.graph)] = rows.graph
 
@@ -130,7 +146,7 @@ def test_the_static_step_makes_no_host_sync(built, family) -> None:
 
 @pytest.mark.parametrize("family", GRAPHED)
 def test_the_batch_static_step_makes_no_host_sync(built, family) -> None:
-    """The same for a batch decode graph's step (three jobs' rows, at different positions)."""
+    """The same for a batch decode graph's step (three jobs' rows, at different positions, and a pad row)."""
     b = built(family)
     pipe = LocalPipeline(b.shards, 2, graphs="on")
     keys = ["a", "b", "c"]
@@ -144,9 +160,9 @@ def test_the_batch_static_step_makes_no_host_sync(built, family) -> None:
             continue
         jobs = [stage._jobs[k] for k in keys]
         graph = stage._rows_graph(jobs)
-        assert graph is not None and graph.rows == 3 and all(job.rows is jobs[0].rows for job in jobs)
-        graph.x.copy_(torch.cat([xs[k] for k in keys]).view_as(graph.x))
-        graph.pos.copy_(torch.tensor([job.length for job in jobs]))
+        assert graph is not None and graph.rows == 4 and all(job.rows is jobs[0].rows for job in jobs)
+        graph.x[:3].copy_(torch.cat([xs[k] for k in keys]).view_as(graph.x[:3]))
+        graph.pos.copy_(torch.tensor([job.length for job in jobs] + [jobs[0].length]))
         with torch.inference_mode(), _Ops() as ops:
             out = stage._static_forward(graph)
         assert not ops.seen & HOST_SYNCS, f"{family} stage {stage.span}: {sorted(ops.seen & HOST_SYNCS)}"
@@ -211,15 +227,22 @@ def test_jobs_share_spares_and_move_between_graphs_batches_and_eager_steps(built
     assert all(g in spares for g in pipe.stages[0]._spare_graphs)
 
 
-def test_small_batches_run_as_one_replay_per_job_and_a_warm_up_leaves_a_spare(built) -> None:
+def test_small_batches_run_as_one_replay_per_job_and_a_warm_up_leaves_a_spare(built, monkeypatch) -> None:
     """On a GPU a batch of a few one-token steps runs as replays, one per job (``replay_rows``), the first
-    time its jobs meet; from their second batch together, as one batch decode graph. A stage records its
-    first graph when it loads (``warm_graphs``). All forced here on the CPU."""
+    time its jobs meet, where they have graphs or spares (at most one recording); from their second batch
+    together, as one batch decode graph. A stage records its first graph when it loads (``warm_graphs``),
+    then a throwaway batch decode graph of each of ``WARM_BATCH_ROWS`` rows. All forced here on the CPU."""
     b = built("llama")
     plain = LocalPipeline(b.shards, 2, graphs="off")
     pipe = LocalPipeline(b.shards, 2, graphs="on")
+    made = _count_graphs(monkeypatch)
     for stage in pipe.stages:
+        stage.replay_rows = 16  # a GPU's
+        made.clear()
         stage.warm_graphs()
+        # The 1-row warm-up's graph, kept as a spare, then a batch graph of each size (the throwaway jobs'
+        # first steps, an eager batch, put them in rows), thrown away.
+        assert made == [1, *graphs.WARM_BATCH_ROWS]
         assert len(stage._spare_graphs) == 1 and not stage.jobs and stage.cached_tokens == 0
         stage.replay_rows = 2
     prompts = {"a": b.prompt(), "b": b.prompt()[:17], "c": b.prompt()[:9]}
@@ -237,6 +260,63 @@ def test_small_batches_run_as_one_replay_per_job_and_a_warm_up_leaves_a_spare(bu
 
         decode_together(pipe.stages, keys, nxt, got, in_rows_if_batched)
     assert got["a"] == want["a"] and got["b"] == want["b"] and got["c"] == want["c"][:4]
+
+
+def test_fresh_jobs_meet_in_one_batch_graph_not_a_recording_each(built, monkeypatch) -> None:
+    """A GPU's few jobs (up to ``replay_rows``) that meet the first time run as replays only where that
+    records one graph at most (their own graphs, spares); jobs fresh from their prompts, more than the spares,
+    record one batch decode graph for all of them instead of one graph each."""
+    b = built("llama")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    made = _count_graphs(monkeypatch)
+    prompts = {"a": b.prompt(), "b": b.prompt()[:17], "c": b.prompt()[:9], "d": b.prompt()[:12]}
+    want = {k: plain.generate(p, max_tokens=6).token_ids for k, p in prompts.items()}
+    for stage in pipe.stages:
+        stage.replay_rows = 16  # a GPU's
+    nxt = {k: torch.tensor([int(pipe.step(k, torch.tensor(p)).argmax())]) for k, p in prompts.items()}
+    got = {k: [int(x)] for k, x in nxt.items()}
+    assert made == []  # prompts run eagerly
+    keys = ["a", "b", "c"]
+
+    def in_rows(stage: Stage) -> None:
+        assert all(stage._jobs[k].rows is not None and stage._jobs[k].graph is None for k in keys)
+
+    decode_together(pipe.stages, keys, nxt, got, in_rows)
+    assert made == [4, 4]  # one batch graph a stage (3 rows and a pad row), not three graphs of one row each
+    for _ in range(4):
+        decode_together(pipe.stages, keys, nxt, got, in_rows)
+    assert made == [4, 4]  # replayed
+    for k in keys:
+        assert got[k] == want[k][: len(got[k])]
+
+    # With a spare for all but one of them, replays (one recording at most), as before.
+    made.clear()
+    for stage in pipe.stages:
+        for k in keys:
+            stage.end_job(k)  # their batch's rows go; no graph of one row comes of them
+        stage._spare_graphs = stage._spare_graphs[:0]
+    for stage in pipe.stages:
+        stage.warm_graphs = lambda: None  # (nothing here: spares come from jobs' own graphs)
+    lone = {"e": b.prompt()[:10], "f": b.prompt()[:11]}
+    nxt.update({k: torch.tensor([int(pipe.step(k, torch.tensor(p)).argmax())]) for k, p in lone.items()})
+    got.update({k: [int(nxt[k])] for k in lone})
+    for k in ["e", "d"]:  # alone: each records a graph of its own, kept as a spare when it ends
+        decode_together(pipe.stages, [k], nxt, got)
+    assert made == [1, 1, 1, 1]
+    for stage in pipe.stages:
+        stage.end_job("e")
+        assert len(stage._spare_graphs) == 1
+    made.clear()
+    both = ["d", "f"]  # d has its graph, f takes the spare: replays, nothing recorded
+
+    def replays(stage: Stage) -> None:
+        assert all(stage._jobs[k].rows is None and stage._jobs[k].graph is not None for k in both)
+
+    decode_together(pipe.stages, both, nxt, got, replays)
+    assert made == []
+    assert got["d"] == want["d"][: len(got["d"])]
+    assert got["f"] == plain.generate(lone["f"], max_tokens=len(got["f"])).token_ids
 
 
 def test_no_memory_for_a_graph_leaves_the_step_eager_and_the_cache_whole(built, monkeypatch) -> None:
@@ -494,6 +574,37 @@ def test_the_setting_is_checked(built) -> None:
         Stage.load(b.shards, Span(0, 1, embeddings=True), graphs="always")
     # On a CPU "auto" keeps the eager step.
     assert not Stage.load(b.shards, Span(0, 1, embeddings=True))._graphs_on
+
+
+def test_batch_graphs_are_padded_to_a_few_sizes() -> None:
+    assert [graphs.rows_for(n) for n in (2, 3, 4, 5, 8, 9, 16, 17, 41)] == [2, 4, 4, 8, 8, 16, 16, 24, 48]
+    assert all(graphs.rows_for(n) == n for n in graphs.WARM_BATCH_ROWS)  # the sizes warmed are padded sizes
+
+
+def test_a_prompt_chunk_beside_padded_rows_runs_eagerly_on_rows_of_the_jobs_alone(built) -> None:
+    """Jobs in a batch decode graph's padded rows (3 in 4), then a step with another job's prompt chunk
+    beside theirs (an eager batch: it takes rows of its jobs alone, copied out of the padded ones), then all
+    four as a batch graph: every job its own greedy tokens."""
+    b = built("llama")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    prompts = {"a": b.prompt(), "b": b.prompt()[:17], "c": b.prompt()[:9], "d": b.prompt()[:12]}
+    want = {k: plain.generate(p, max_tokens=10).token_ids for k, p in prompts.items()}
+    nxt = {k: torch.tensor([int(pipe.step(k, torch.tensor(prompts[k])).argmax())]) for k in "abc"}
+    got = {k: [int(x)] for k, x in nxt.items()}
+    for _ in range(3):
+        decode_together(pipe.stages, ["a", "b", "c"], nxt, got)
+    for stage in pipe.stages:
+        assert stage._jobs["a"].rows is not None and stage._jobs["a"].rows.size == 4
+    nxt["d"], got["d"] = torch.tensor(prompts["d"]), []
+    decode_together(pipe.stages, ["a", "b", "c", "d"], nxt, got)  # d's prompt beside their one-token steps
+    for _ in range(4):
+        decode_together(pipe.stages, ["a", "b", "c", "d"], nxt, got)
+    for stage in pipe.stages:
+        rows = stage._jobs["d"].rows
+        assert rows is not None and rows.graph is not None and rows.size == 4 and len(rows.members) == 4
+    for k in "abcd":
+        assert got[k] == want[k][: len(got[k])]
 
 
 def test_rooms_are_powers_of_two_within_the_context() -> None:
