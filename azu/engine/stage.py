@@ -888,14 +888,17 @@ class Stage:
         if time.monotonic() < self._no_new_graphs_until:
             return None
         room = room_for(needed, self.max_positions)
-        size = rows_for(len(jobs))
-        rows = BatchRows([*(self._past_of(job) for job in jobs), *[None] * (size - len(jobs))])
-        try:
-            # Zeroed buffers: the columns after a row's position are masked, and must be finite (0 x NaN).
-            rows.make(owned, room)
-        except torch.OutOfMemoryError:
-            self._out_of_memory(f"a batch decode graph's rooms ({size} rows of {room} positions)")
-            return None
+        # Padded first; where the pad rows find no memory, rows of the jobs alone (a size seldom recorded).
+        for size in dict.fromkeys((rows_for(len(jobs)), len(jobs))):
+            rows = BatchRows([*(self._past_of(job) for job in jobs), *[None] * (size - len(jobs))])
+            try:
+                # Zeroed buffers: the columns after a row's position are masked, and must be finite (0 x NaN).
+                rows.make(owned, room)
+                break
+            except torch.OutOfMemoryError:
+                if size == len(jobs):
+                    self._out_of_memory(f"a batch decode graph's rooms ({size} rows of {room} positions)")
+                    return None
         self._join_rows(jobs, rows)
         self._left_for_rows(jobs)
         graph = DecodeGraph({idx: (rows.keys[idx], rows.values[idx]) for idx in owned},
@@ -905,7 +908,8 @@ class Stage:
             try:
                 self._record(graph, [job.length for job in jobs])
             except Exception as exc:
-                # The rows hold the jobs' caches: an eager batch runs on them.
+                # The rows hold the jobs' caches: an eager batch runs on them, or on rows of its jobs alone,
+                # copied out of these (with pad rows: _held_rows).
                 rows.graph = None
                 if isinstance(exc, torch.OutOfMemoryError):
                     self._out_of_memory("recording a batch decode graph")
@@ -965,6 +969,9 @@ class Stage:
         finally:
             self.end_job(job_id, release=False)
         for rows in WARM_BATCH_ROWS:
+            if (not (self._graphs_on and self._batch_graphs) or time.monotonic() < self._no_new_graphs_until
+                    or 3 * rows > self.max_cached_tokens):
+                return  # graphs ended or paused (a failed recording, no memory), or no room for the jobs
             batch = [(f"{job_id}:{rows}:{n}", x) for n in range(rows)]
             try:
                 # An eager batch (their first steps), then one-token steps: as a batch decode graph, at the

@@ -4,12 +4,15 @@ recorded. No GPU here: ``graphs="on"`` runs the same static step eagerly on the 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from azu.engine import graphs
 from azu.engine import stage as stage_module
+from azu.engine.kvcache import BatchRows
 from azu.engine.local import LocalPipeline
 from azu.engine.stage import Stage
 from azu.errors import InvalidRequest
@@ -296,8 +299,6 @@ def test_fresh_jobs_meet_in_one_batch_graph_not_a_recording_each(built, monkeypa
         for k in keys:
             stage.end_job(k)  # their batch's rows go; no graph of one row comes of them
         stage._spare_graphs = stage._spare_graphs[:0]
-    for stage in pipe.stages:
-        stage.warm_graphs = lambda: None  # (nothing here: spares come from jobs' own graphs)
     lone = {"e": b.prompt()[:10], "f": b.prompt()[:11]}
     nxt.update({k: torch.tensor([int(pipe.step(k, torch.tensor(p)).argmax())]) for k, p in lone.items()})
     got.update({k: [int(nxt[k])] for k in lone})
@@ -581,10 +582,10 @@ def test_batch_graphs_are_padded_to_a_few_sizes() -> None:
     assert all(graphs.rows_for(n) == n for n in graphs.WARM_BATCH_ROWS)  # the sizes warmed are padded sizes
 
 
-def test_a_prompt_chunk_beside_padded_rows_runs_eagerly_on_rows_of_the_jobs_alone(built) -> None:
-    """Jobs in a batch decode graph's padded rows (3 in 4), then a step with another job's prompt chunk
-    beside theirs (an eager batch: it takes rows of its jobs alone, copied out of the padded ones), then all
-    four as a batch graph: every job its own greedy tokens."""
+def test_eager_batches_beside_padded_rows_run_on_rows_of_their_jobs_alone(built) -> None:
+    """Jobs in a batch decode graph's padded rows (3 in 4); the same three as an eager batch (rows of their
+    own, copied out of the padded ones); a step with another job's prompt chunk beside theirs (an eager
+    batch); then all four as a batch graph: every job its own greedy tokens."""
     b = built("llama")
     plain = LocalPipeline(b.shards, 2, graphs="off")
     pipe = LocalPipeline(b.shards, 2, graphs="on")
@@ -596,6 +597,12 @@ def test_a_prompt_chunk_beside_padded_rows_runs_eagerly_on_rows_of_the_jobs_alon
         decode_together(pipe.stages, ["a", "b", "c"], nxt, got)
     for stage in pipe.stages:
         assert stage._jobs["a"].rows is not None and stage._jobs["a"].rows.size == 4
+        stage._batch_graphs = False  # the same three as an eager batch: on rows of their own, not the padded
+    decode_together(pipe.stages, ["a", "b", "c"], nxt, got)
+    for stage in pipe.stages:
+        rows = stage._jobs["a"].rows
+        assert rows is not None and rows.graph is None and rows.size == 3
+        stage._batch_graphs = True
     nxt["d"], got["d"] = torch.tensor(prompts["d"]), []
     decode_together(pipe.stages, ["a", "b", "c", "d"], nxt, got)  # d's prompt beside their one-token steps
     for _ in range(4):
@@ -605,6 +612,55 @@ def test_a_prompt_chunk_beside_padded_rows_runs_eagerly_on_rows_of_the_jobs_alon
         assert rows is not None and rows.graph is not None and rows.size == 4 and len(rows.members) == 4
     for k in "abcd":
         assert got[k] == want[k][: len(got[k])]
+
+
+def test_pad_rows_without_memory_leave_rows_of_the_jobs_alone(built, monkeypatch) -> None:
+    """Padded rooms that find no device memory: the batch graph takes rows of its jobs alone (no pause of
+    the stage's graphs); only rooms of that size failing too pause them."""
+    b = built("llama")
+    plain = LocalPipeline(b.shards, 2, graphs="off")
+    pipe = LocalPipeline(b.shards, 2, graphs="on")
+    prompts = {"a": b.prompt(), "b": b.prompt()[:17], "c": b.prompt()[:9]}
+    want = {k: plain.generate(p, max_tokens=6).token_ids for k, p in prompts.items()}
+    nxt = {k: torch.tensor([int(pipe.step(k, torch.tensor(p)).argmax())]) for k, p in prompts.items()}
+    got = {k: [int(x)] for k, x in nxt.items()}
+    make = BatchRows.make
+
+    def no_memory_for_pads(self, layers, room):
+        if self.size > len([p for p in self._pasts if p is not None]):
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return make(self, layers, room)
+
+    monkeypatch.setattr(BatchRows, "make", no_memory_for_pads)
+    for _ in range(4):
+        decode_together(pipe.stages, list(prompts), nxt, got)
+    for stage in pipe.stages:
+        rows = stage._jobs["a"].rows
+        assert rows is not None and rows.graph is not None and rows.size == 3
+        assert stage._no_new_graphs_until == 0
+    for k in prompts:
+        assert got[k] == want[k][: len(got[k])]
+
+
+def test_the_warm_up_stops_where_graphs_end_or_jobs_would_not_fit(built, monkeypatch) -> None:
+    b = built("llama")
+    made = _count_graphs(monkeypatch)
+    stage = LocalPipeline(b.shards, 2, graphs="on").stages[0]
+    stage.max_cached_tokens = 3 * 8  # room for the throwaway jobs of up to 8 rows
+    stage.warm_graphs()
+    assert made == [1, 2, 4, 8] and not stage.jobs
+    made.clear()
+    stage.max_cached_tokens = 32768
+    stage._batch_graphs = False  # (three failed recordings, say)
+    stage._spare_graphs.clear()
+    stage.warm_graphs()
+    assert made == [1] and not stage.jobs
+    made.clear()
+    stage._batch_graphs = True
+    stage._no_new_graphs_until = time.monotonic() + 60  # out of memory a moment ago
+    stage._spare_graphs.clear()
+    stage.warm_graphs()
+    assert made == [] and not stage.jobs
 
 
 def test_rooms_are_powers_of_two_within_the_context() -> None:
