@@ -67,20 +67,21 @@ RETRY_AFTER_OOM_S = 10.0  # after the device ran out of memory for a graph, no n
 def room_for(positions: int, limit: int) -> int:
     """The room a graph for a job of ``positions`` positions gets: the next power of two, at least
     ``MIN_ROOM``, but no more than the model's context (``limit``) if that is enough."""
-    room = MIN_ROOM
-    while room < positions:
-        room *= 2
-    return max(positions, min(room, limit))
+    return max(positions, min(_doubled_to(MIN_ROOM, positions), limit))
+
+
+def _doubled_to(start: int, at_least: int) -> int:
+    """``start`` doubled until it is ``at_least`` or more."""
+    while start < at_least:
+        start *= 2
+    return start
 
 
 def rows_for(jobs: int) -> int:
     """The rows of a batch decode graph for ``jobs`` jobs (two or more): the next power of two up to
     ``PAD_STEP``, then the next multiple of ``PAD_STEP``; the rows after the jobs' are padding (at most 7)."""
     if jobs <= PAD_STEP:
-        rows = 2
-        while rows < jobs:
-            rows *= 2
-        return rows
+        return _doubled_to(2, jobs)
     return -(-jobs // PAD_STEP) * PAD_STEP
 
 
