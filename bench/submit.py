@@ -11,7 +11,8 @@ counted, not sent. Rows:
 
 - ``submit_job`` of the first model (all hold it) with the model's record already read (as the API does for
   the hold): median time and round trips, back to back and after ``--pause`` idle (a first token usually
-  follows a pause);
+  follows a pause); back to back it alternates with submits that read every holder
+  (``directory.SUBMIT_SAMPLE`` = 0), as every submit did before it read a sample of them;
 - ``submit_job`` of the second model, which 2 of the live workers hold: what a crowd of workers that do not
   hold a model (or that enrolled only to heartbeat) costs its jobs;
 - the collector's placement check of the second model (``jobs.keep_placed``, every 2 s on the thread that
@@ -21,8 +22,8 @@ counted, not sent. Rows:
   batches as it pops them, against each heartbeat's own round trips (as before);
 - the second model's directory read (``directory.snapshot(model_id=...)``: one Lua script over the model's
   holders) against the whole directory's (every live worker's record: what submit read before the model
-  index); how long Redis itself ran the first model's read (``INFO commandstats``), which holds every other
-  client meanwhile.
+  index); how long Redis itself ran the first model's read, a sample and every holder (``INFO
+  commandstats``), which holds every other client meanwhile.
 """
 
 from __future__ import annotations
@@ -142,6 +143,16 @@ def submit_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> tuple
     return took, sent
 
 
+def sample_of(directory: Any, sample: int, submit: Any) -> Any:
+    """``submit()`` with submits reading ``sample`` of a model's holders (0: every one)."""
+    kept = directory.SUBMIT_SAMPLE
+    directory.SUBMIT_SAMPLE = sample
+    try:
+        return submit()
+    finally:
+        directory.SUBMIT_SAMPLE = kept
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="2,10,100,1000", help="live workers in the directory, rising")
@@ -179,7 +190,10 @@ def main() -> int:
             names = [f"sub-{i:05d}" for i in range(n)]
             submit = functools.partial(submit_once, r, every, names, dispatch)
             jobs_n = max(20, args.jobs * 2 // n) if n > 10 else args.jobs
-            warm = [submit() for _ in range(jobs_n)]
+            warm, every_holder = [], []
+            for _ in range(jobs_n):  # alternating: a sample of the holders (now) and every holder (before)
+                warm.append(submit())
+                every_holder.append(sample_of(directory, 0, submit))
             paused = []
             for _ in range(max(5, jobs_n // 10)):
                 time.sleep(args.pause)
@@ -203,28 +217,34 @@ def main() -> int:
                 full.append(time.perf_counter() - t)
             checks.append((n, statistics.median(quick), statistics.median(full)))
             beats.append((n, *min(heartbeat_round(r, names) for _ in range(3))))
-            r.config_resetstat()
-            for _ in range(10):
-                directory.snapshot(r, model_id=every.model_id)
-            in_redis = r.info("commandstats").get("cmdstat_eval", {}).get("usec_per_call", 0.0)
-            rows.append((n, statistics.median(t for t, _ in warm), statistics.median(c for _, c in warm),
+            in_redis = []
+            for sample in (directory.SUBMIT_SAMPLE, 0):
+                r.config_resetstat()
+                for _ in range(10):
+                    directory.snapshot(r, model_id=every.model_id, sample=sample)
+                in_redis.append(r.info("commandstats").get("cmdstat_eval", {}).get("usec_per_call", 0.0))
+            rows.append((n, statistics.median(t for t, _ in warm),
+                         statistics.median(t for t, _ in every_holder), statistics.median(c for _, c in warm),
                          statistics.median(t for t, _ in paused),
                          statistics.median(t for t, _ in held_by_two), statistics.median(holders),
-                         statistics.median(whole), in_redis))
+                         statistics.median(whole), *in_redis))
             print(f"[bench] {n} live workers done", file=sys.stderr, flush=True)
             r.delete(*r.keys("azu:pending:*") or ["-"], *r.keys("azu:job:*") or ["-"])
     finally:
         r.flushdb()
     print(f"submit_job with the model read (Redis db {args.redis_db}; workers are directory records; "
           f"{dispatch.sent} Celery wake-ups counted, none sent)\n")
-    print("| live workers | submit, all hold the model | round trips | submit after "
+    print(f"| live workers | submit, all hold the model: a sample of {directory.SUBMIT_SAMPLE} holders read "
+          "(now) | every holder read (before) | now / before | round trips | submit after "
           f"{args.pause:g} s idle | submit, 2 of them hold the model | its directory read: the model's "
-          "holders | the whole directory (before) | holders / whole | Redis running the read (all hold) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, warm_s, trips, paused_s, few_s, holders_s, whole_s, in_redis in rows:
-        print(f"| {n} | {warm_s * 1000:.2f} ms | {trips:g} | {paused_s * 1000:.2f} ms | "
-              f"{few_s * 1000:.2f} ms | {holders_s * 1000:.2f} ms | {whole_s * 1000:.2f} ms | "
-              f"{holders_s / whole_s:.2f}x | {in_redis / 1000:.2f} ms |")
+          "holders | the whole directory | holders / whole | Redis running the read (all hold): a sample / "
+          "every holder |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, warm_s, every_s, trips, paused_s, few_s, holders_s, whole_s, sample_us, every_us in rows:
+        print(f"| {n} | {warm_s * 1000:.2f} ms | {every_s * 1000:.2f} ms | {warm_s / every_s:.2f}x | "
+              f"{trips:g} | {paused_s * 1000:.2f} ms | {few_s * 1000:.2f} ms | {holders_s * 1000:.2f} ms | "
+              f"{whole_s * 1000:.2f} ms | {holders_s / whole_s:.2f}x | {sample_us / 1000:.2f} / "
+              f"{every_us / 1000:.2f} ms |")
     print("\nThe collector's placement check (keep_placed, every 2 s on the thread that publishes tokens) of "
           "the model 2 workers hold, placed in full:\n")
     print("| live workers | its holders only (now) | `place`, reading the whole directory (before) "

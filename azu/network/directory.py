@@ -68,6 +68,12 @@ class WorkerInfo:
         return cls(**d)
 
 
+# A submit reads at most about this many of its model's live holders, drawn at random (``snapshot``'s
+# ``sample``), so its time and Redis's do not grow with the holders: a model 1000 workers held cost every
+# submit 14-36 ms and Redis 3-6 ms of its one thread (``bench/submit.py``). Drawn anew for each job, the
+# samples spread jobs over every holder. A sample that makes no route (a span few hold, say) is followed by a
+# read of every holder (``jobs.routes_for``).
+SUBMIT_SAMPLE = 64
 HOLDERS_KEEP_S = 3600.0  # a model index's entries not refreshed this long go (or twice the heartbeat TTL)
 LOST = keys.LOST_WORKERS  # core-owned: workers marked lost (see the module docstring)
 LOST_HOLD_S = 600.0  # a lost mark not cleared by a restart lapses after this long
@@ -149,6 +155,7 @@ class Snapshot:
 
     workers: list[WorkerInfo]
     identities: dict[str, str]  # worker id -> public key (hex), for the live workers that have one
+    sampled: bool = False  # a random share of the live (``snapshot(sample=...)``), not every one
 
     def worker(self, worker_id: str) -> WorkerInfo | None:
         return next((w for w in self.workers if w.worker_id == worker_id), None)
@@ -174,34 +181,59 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
 # checked one by one, so the read costs what KEYS[1] holds). For each: its record, enrolled identity and the
 # spans the core ordered it. The keys are the workers' own, named by the ids read here (ARGV[3-5]: their
 # prefixes), so they cannot be declared up front: fine on one Redis, as azu runs it (not a cluster).
+# ARGV[6] > 0: where more than that many are live, a sample of about that many of the live, drawn at random
+# (ZRANDMEMBER: distinct members, each subset as likely; Redis 6.2 has it): enough more are drawn to make up
+# for entries whose heartbeat stopped (an index keeps them an hour), and every live one drawn is kept, so
+# which of the drawn are kept does not depend on the order ZRANDMEMBER returns them in. Returns whether it
+# sampled, and the rows.
 _READ = """
 local out = {}
 local lost = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do lost[id] = true end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
+local ids
+local sample = tonumber(ARGV[6])
+local live = sample > 0 and redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf') or 0
+local sampled = 0
+if live > sample then
+  sampled = 1
+  ids = {}
+  local all = redis.call('ZCARD', KEYS[1])
+  local since = tonumber(ARGV[1])
+  local draw = math.min(all, math.ceil(sample * all / live))
+  local drawn = redis.call('ZRANDMEMBER', KEYS[1], draw, 'WITHSCORES')
+  for i = 1, #drawn, 2 do
+    if tonumber(drawn[i + 1]) >= since then ids[#ids + 1] = drawn[i] end
+  end
+else
+  ids = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+end
+for _, id in ipairs(ids) do
   if not lost[id] and redis.call('HEXISTS', KEYS[3], id) == 0 then
     out[#out + 1] = {id, redis.call('GET', ARGV[3] .. id), redis.call('GET', ARGV[4] .. id),
                      redis.call('SMEMBERS', ARGV[5] .. id)}
   end
 end
-return out
+return {sampled, out}
 """
 
 
 def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None = None,
-             now: float | None = None) -> Snapshot:
+             now: float | None = None, sample: int = 0) -> Snapshot:
     """``live_workers`` with their enrolled identities, all in one round trip (a job's grant then needs no
     read of its own). Lost workers are left out until they restart; banned ones (failed verification,
     azu.verification) for good.
 
     ``model_id``: only the live workers holding a span of that model (what its routes and grants need), read
     from the model's index: the read costs what the model's holders are, however many other workers there
-    are."""
+    are.
+
+    ``sample``: where more than that many are live, about that many of them drawn at random (what a submit
+    reads: ``SUBMIT_SAMPLE``); the snapshot says so (``sampled``)."""
     now = time.time() if now is None else now
     prefixes = keys.worker(""), keys.identity(""), keys.assigned("")
     among = keys.WORKERS if model_id is None else keys.holders(model_id)
-    rows: Any = r.eval(_READ, 3, among, LOST, keys.BANNED,  # type: ignore[arg-type]
-                       now - _ttl(ttl), now - LOST_HOLD_S, *prefixes)
+    sampled, rows = r.eval(_READ, 3, among, LOST, keys.BANNED,  # type: ignore[arg-type,misc]
+                           now - _ttl(ttl), now - LOST_HOLD_S, *prefixes, max(0, int(sample)))
     out = []
     known: dict[str, str] = {}
     for raw_id, raw, public_key, spans in rows:
@@ -225,7 +257,7 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
         out.append(info)
         if public_key:
             known[worker_id] = keys.as_str(public_key)
-    return Snapshot(sorted(out, key=lambda w: w.worker_id), known)
+    return Snapshot(sorted(out, key=lambda w: w.worker_id), known, sampled=bool(sampled))
 
 
 def get_worker(r: redis.Redis, worker_id: str) -> WorkerInfo | None:

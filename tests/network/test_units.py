@@ -574,6 +574,114 @@ def _holders_checks(r: Any, *, count_reads: bool) -> None:
     assert r.ttl(keys.holders("hm")) > 0
 
 
+def test_a_submits_read_is_a_random_sample_of_a_crowded_models_live_holders(any_redis, r) -> None:
+    """Where more of a model's holders are live than ``sample``, the read is about that many of them drawn at
+    random (a submit's: its time and Redis's stay those of 64 holders, not of every one), never one whose
+    heartbeat stopped, a lost or a banned one, with their enrolled keys; drawn anew each time, the samples
+    reach every holder (so jobs spread over all of them). At or under ``sample``, every live holder, as
+    before. On Redis 7 and azu up's 6.2 (ZRANDMEMBER came with 6.2)."""
+    shared, r = r, any_redis
+    now, span = time.time(), Span(0, 2, True, True)
+    live = [f"crowd-held-{i:03d}" for i in range(300)]
+    stale = [f"crowd-stale-{i:03d}" for i in range(200)]  # in the index, heartbeat stopped
+    try:
+        directory.register_many(r, [_worker(w, 10, ("crm", span)) for w in stale], now=now - 100)
+        directory.register_many(r, [_worker(w, 10, ("crm", span)) for w in live], now=now)
+        for w in (*live, *stale):
+            r.sadd(keys.assigned(w), jobs.span_key("crm", span))
+            r.set(keys.identity(w), f"key-of-{w}")
+        directory.mark_lost(r, [live[0]], now=now)
+        r.hset(keys.BANNED, live[1], "failed a check")
+        eligible = set(live[2:])
+
+        def gets() -> int:
+            return int(r.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+        reached: set[str] = set()
+        samples = []
+        for _ in range(30):
+            before = gets()
+            got = directory.snapshot(r, model_id="crm", ttl=15, now=now, sample=64)
+            read = gets() - before
+            ids = {w.worker_id for w in got.workers}
+            assert got.sampled and ids <= eligible and 40 <= len(ids) <= 100, len(ids)
+            assert got.identities == {w: f"key-of-{w}" for w in ids}
+            assert read <= 2 * 110 or r is shared, read  # two GETs (record, key) a drawn live holder
+            reached |= ids
+            samples.append(frozenset(ids))
+        assert len(set(samples)) == 30  # drawn anew each time
+        assert len(reached) >= 250, len(reached)  # each is in about a fifth of the samples
+        for sample in (0, 300, 1000):  # as many live (by heartbeat) as that or fewer: every one
+            got = directory.snapshot(r, model_id="crm", ttl=15, now=now, sample=sample)
+            assert not got.sampled and {w.worker_id for w in got.workers} == eligible
+    finally:
+        for w in (*live, *stale):
+            directory.deregister(r, w)
+            r.delete(keys.identity(w), keys.assigned(w))
+        r.delete(keys.holders("crm"))
+        r.zrem(directory.LOST, live[0])
+        r.hdel(keys.BANNED, live[1])
+
+
+def test_a_sample_that_makes_no_route_is_followed_by_every_holder(r, monkeypatch) -> None:
+    """A span few hold is often missing from a sample of the holders (one holder of the head among 400 of
+    the rest: in about 5 samples of 6): the submit then reads every holder, and the job routes."""
+    now = time.time()
+    body, head = Span(0, 2, True, False), Span(2, 3, False, True)
+    crowd = [f"few-body-{i:03d}" for i in range(400)]
+    reads: list[tuple[str | None, bool]] = []  # (the model whose holders were read, or None: every worker)
+    real = directory.snapshot
+
+    def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
+        got = real(*args, **kwargs)
+        reads.append((kwargs.get("model_id"), got.sampled))
+        return got
+
+    monkeypatch.setattr(directory, "snapshot", noted)
+    try:
+        infos = [_worker(w, 10, ("few-m", body)) for w in crowd] + [_worker("few-head", 10, ("few-m", head))]
+        directory.register_many(r, infos, now=now)
+        for info in infos:
+            r.sadd(keys.assigned(info.worker_id), jobs.span_key("few-m", info.stages[0][1]))
+            r.set(keys.identity(info.worker_id), f"key-of-{info.worker_id}")
+        fell_back = 0
+        for _ in range(12):
+            reads.clear()
+            known, routes = jobs.routes_for(r, "few-m", 3, now=now, sample=directory.SUBMIT_SAMPLE)
+            route = routes.pick(0)
+            assert route is not None and route[-1].worker_id == "few-head"
+            assert known.identities[route[0].worker_id] == f"key-of-{route[0].worker_id}"
+            # The sample; every holder where it made no route (not the whole directory).
+            assert reads in ([("few-m", True)], [("few-m", True), ("few-m", False)]), reads
+            fell_back += len(reads) == 2
+        assert fell_back >= 1  # all 12 samples holding the head: about 1 in 10^9
+    finally:
+        for w in (*crowd, "few-head"):
+            directory.deregister(r, w)
+            r.delete(keys.identity(w), keys.assigned(w))
+        r.delete(keys.holders("few-m"))
+
+
+def test_a_submit_reads_a_sample_of_the_holders_and_routes_without_one(r, inline, monkeypatch) -> None:
+    """submit_job reads the sample (``SUBMIT_SAMPLE``); one holder of two halves is no route, so the job's
+    route comes from every holder, and the job runs."""
+    net, model_id = inline
+    monkeypatch.setattr(directory, "SUBMIT_SAMPLE", 1)
+    reads: list[tuple[str | None, bool]] = []  # (the model whose holders were read, or None: every worker)
+    real = directory.snapshot
+
+    def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
+        got = real(*args, **kwargs)
+        reads.append((kwargs.get("model_id"), got.sampled))
+        return got
+
+    monkeypatch.setattr(directory, "snapshot", noted)
+    job_id = net.submit(model_id, prefix="smp")
+    assert reads == [(model_id, True), (model_id, False)]
+    net.run()
+    assert jobs.get_job(r, job_id).status == "done"
+
+
 def test_a_grant_from_the_snapshot_is_the_grant_read_afresh(r) -> None:
     """make_grant with the directory its caller read names the same keys and addresses as one that reads
     them itself, and a hop whose worker the snapshot does not know (or that has no key) is read again."""
