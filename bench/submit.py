@@ -12,7 +12,9 @@ counted, not sent. Rows:
 - ``submit_job`` of the first model (all hold it) with the model's record already read (as the API does for
   the hold): median time and round trips, back to back and after ``--pause`` idle (a first token usually
   follows a pause); back to back it alternates with submits that read every holder
-  (``directory.SUBMIT_SAMPLE`` = 0), as every submit did before it read a sample of them;
+  (``directory.SUBMIT_PER_SPAN`` = 0), as every submit did before it read a window of each span's holders;
+  then again with 20,000 entries of silent workers in the model's indexes (an index keeps a worker that
+  stopped heartbeating for an hour);
 - ``submit_job`` of the second model, which 2 of the live workers hold: what a crowd of workers that do not
   hold a model (or that enrolled only to heartbeat) costs its jobs;
 - the collector's placement check of the second model (``jobs.keep_placed``, every 2 s on the thread that
@@ -22,7 +24,7 @@ counted, not sent. Rows:
   batches as it pops them, against each heartbeat's own round trips (as before);
 - the second model's directory read (``directory.snapshot(model_id=...)``: one Lua script over the model's
   holders) against the whole directory's (every live worker's record: what submit read before the model
-  index); how long Redis itself ran the first model's read, a sample and every holder (``INFO
+  index); how long Redis itself ran the first model's read, windows and every holder (``INFO
   commandstats``), which holds every other client meanwhile.
 """
 
@@ -121,8 +123,11 @@ def submit_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> tuple
     # each heartbeat writes: the directory's time, and that of each model index the worker is in.
     now = time.time()
     r.zadd(keys.WORKERS, dict.fromkeys(names, now))
-    r.zadd(keys.holders(MODELS[0]), dict.fromkeys(names, now))
-    r.zadd(keys.holders(MODELS[1]), dict.fromkeys(names[:2], now))
+    for model_id, holding in ((MODELS[0], names), (MODELS[1], names[:2])):
+        r.zadd(keys.holders(model_id), dict.fromkeys(holding, now))
+        for key, members in span_keys(model_id, holding).items():
+            r.zadd(key, dict.fromkeys(members, now))
+            r.zadd(keys.held_spans(model_id), {key.split(":span:")[1].split(":")[0]: now})
     req = jobs.JobRequest(job_id=f"sub-{uuid.uuid4().hex[:12]}", user_id="u", model_id=info.model_id,
                           prompt_ids=[1, 2, 3], max_tokens=4)
     sent = 0
@@ -143,14 +148,34 @@ def submit_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> tuple
     return took, sent
 
 
-def sample_of(directory: Any, sample: int, submit: Any) -> Any:
-    """``submit()`` with submits reading ``sample`` of a model's holders (0: every one)."""
-    kept = directory.SUBMIT_SAMPLE
-    directory.SUBMIT_SAMPLE = sample
+def reading(directory: Any, per_span: int, submit: Any) -> Any:
+    """``submit()`` with submits reading ``per_span`` holders of each span of a model (0: every holder)."""
+    kept = directory.SUBMIT_PER_SPAN
+    directory.SUBMIT_PER_SPAN = per_span
     try:
         return submit()
     finally:
-        directory.SUBMIT_SAMPLE = kept
+        directory.SUBMIT_PER_SPAN = kept
+
+
+def span_keys(model_id: str, names: list[str]) -> dict[str, list[str]]:
+    """Each span index of ``model_id`` -> the workers of ``names`` in it (even ones hold the first half)."""
+    from azu.network import keys
+
+    half = LAYERS // 2
+    return {keys.span_holders(model_id, keys.span_name(0, half, True, False)): names[0::2],
+            keys.span_holders(model_id, keys.span_name(half, LAYERS, False, True)): names[1::2]}
+
+
+def silent(r: Any, model_id: str, count: int, at: float) -> list[str]:
+    """``count`` entries of workers last heard from ``at`` in the model's indexes, half in each span's."""
+    from azu.network import keys
+
+    gone = [f"gone-{i:05d}" for i in range(count)]
+    r.zadd(keys.holders(model_id), dict.fromkeys(gone, at))
+    for key, members in span_keys(model_id, gone).items():
+        r.zadd(key, dict.fromkeys(members, at))
+    return gone
 
 
 def main() -> int:
@@ -191,9 +216,18 @@ def main() -> int:
             submit = functools.partial(submit_once, r, every, names, dispatch)
             jobs_n = max(20, args.jobs * 2 // n) if n > 10 else args.jobs
             warm, every_holder = [], []
-            for _ in range(jobs_n):  # alternating: a sample of the holders (now) and every holder (before)
+            # Alternating: windows of each span's holders (now), every holder (before).
+            for _ in range(jobs_n):
                 warm.append(submit())
-                every_holder.append(sample_of(directory, 0, submit))
+                every_holder.append(reading(directory, 0, submit))
+            gone = silent(r, every.model_id, 20_000, time.time() - 100)
+            among_silent, every_among_silent = [], []
+            for _ in range(jobs_n):
+                among_silent.append(submit())
+                every_among_silent.append(reading(directory, 0, submit))
+            r.zrem(keys.holders(every.model_id), *gone)
+            for key, members in span_keys(every.model_id, gone).items():
+                r.zrem(key, *members)
             paused = []
             for _ in range(max(5, jobs_n // 10)):
                 time.sleep(args.pause)
@@ -218,13 +252,16 @@ def main() -> int:
             checks.append((n, statistics.median(quick), statistics.median(full)))
             beats.append((n, *min(heartbeat_round(r, names) for _ in range(3))))
             in_redis = []
-            for sample in (directory.SUBMIT_SAMPLE, 0):
+            for per_span in (directory.SUBMIT_PER_SPAN, 0):
                 r.config_resetstat()
                 for _ in range(10):
-                    directory.snapshot(r, model_id=every.model_id, sample=sample)
+                    directory.snapshot(r, model_id=every.model_id, per_span=per_span)
                 in_redis.append(r.info("commandstats").get("cmdstat_eval", {}).get("usec_per_call", 0.0))
             rows.append((n, statistics.median(t for t, _ in warm),
-                         statistics.median(t for t, _ in every_holder), statistics.median(c for _, c in warm),
+                         statistics.median(t for t, _ in every_holder),
+                         statistics.median(t for t, _ in among_silent),
+                         statistics.median(t for t, _ in every_among_silent),
+                         statistics.median(c for _, c in warm),
                          statistics.median(t for t, _ in paused),
                          statistics.median(t for t, _ in held_by_two), statistics.median(holders),
                          statistics.median(whole), *in_redis))
@@ -234,16 +271,19 @@ def main() -> int:
         r.flushdb()
     print(f"submit_job with the model read (Redis db {args.redis_db}; workers are directory records; "
           f"{dispatch.sent} Celery wake-ups counted, none sent)\n")
-    print(f"| live workers | submit, all hold the model: a sample of {directory.SUBMIT_SAMPLE} holders read "
-          "(now) | every holder read (before) | now / before | round trips | submit after "
+    print(f"| live workers | submit, all hold the model: {directory.SUBMIT_PER_SPAN} holders of each span "
+          "read (now) | every holder read (before) | now / before | the same among 20,000 silent workers' "
+          "entries, now / before | round trips | submit after "
           f"{args.pause:g} s idle | submit, 2 of them hold the model | its directory read: the model's "
-          "holders | the whole directory | holders / whole | Redis running the read (all hold): a sample / "
+          "holders | the whole directory | holders / whole | Redis running the read (all hold): windows / "
           "every holder |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n, warm_s, every_s, trips, paused_s, few_s, holders_s, whole_s, sample_us, every_us in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (n, warm_s, every_s, silent_s, every_silent_s, trips, paused_s, few_s, holders_s, whole_s, windows_us,
+         every_us) in rows:
         print(f"| {n} | {warm_s * 1000:.2f} ms | {every_s * 1000:.2f} ms | {warm_s / every_s:.2f}x | "
-              f"{trips:g} | {paused_s * 1000:.2f} ms | {few_s * 1000:.2f} ms | {holders_s * 1000:.2f} ms | "
-              f"{whole_s * 1000:.2f} ms | {holders_s / whole_s:.2f}x | {sample_us / 1000:.2f} / "
+              f"{silent_s * 1000:.2f} / {every_silent_s * 1000:.2f} ms | {trips:g} | "
+              f"{paused_s * 1000:.2f} ms | {few_s * 1000:.2f} ms | {holders_s * 1000:.2f} ms | "
+              f"{whole_s * 1000:.2f} ms | {holders_s / whole_s:.2f}x | {windows_us / 1000:.2f} / "
               f"{every_us / 1000:.2f} ms |")
     print("\nThe collector's placement check (keep_placed, every 2 s on the thread that publishes tokens) of "
           "the model 2 workers hold, placed in full:\n")

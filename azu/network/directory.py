@@ -68,12 +68,19 @@ class WorkerInfo:
         return cls(**d)
 
 
-# A submit reads at most about this many of its model's live holders, drawn at random (``snapshot``'s
-# ``sample``), so its time and Redis's do not grow with the holders: a model 1000 workers held cost every
-# submit 14-36 ms and Redis 3-6 ms of its one thread (``bench/submit.py``). Drawn anew for each job, the
-# samples spread jobs over every holder. A sample that makes no route (a span few hold, say) is followed by a
-# read of every holder (``jobs.routes_for``).
-SUBMIT_SAMPLE = 64
+# A submit reads at most this many live holders of each span its model is held in (``snapshot``'s
+# ``per_span``), so its time and Redis's do not grow with the holders: a model 1000 workers held cost every
+# submit 13-36 ms and Redis 3-6 ms of its one thread (``bench/submit.py``). Every span is read, so the
+# fewest-hop routes of every holder are among the windows' (a span few hold is read whole); the windows
+# move on with the model's turn counter, so consecutive jobs go round every holder. Where the windows make
+# no route (their holders lost or banned since), every holder is read (``jobs.routes_for``).
+SUBMIT_PER_SPAN = 16
+
+
+def span_name(span: Span) -> str:
+    return keys.span_name(span.first, span.last, span.embeddings, span.head)
+
+
 HOLDERS_KEEP_S = 3600.0  # a model index's entries not refreshed this long go (or twice the heartbeat TTL)
 LOST = keys.LOST_WORKERS  # core-owned: workers marked lost (see the module docstring)
 LOST_HOLD_S = 600.0  # a lost mark not cleared by a restart lapses after this long
@@ -121,16 +128,22 @@ def register_many(r: redis.Redis, infos: Sequence[WorkerInfo], *, now: float | N
     before: dict[str, Any] = dict(zip(marked, records, strict=True))
     keep_from = now - max(HOLDERS_KEEP_S, 2 * _ttl(None))
     pipe = r.pipeline()
+    indexes: dict[str, None] = {}  # the index keys written: trimmed once each for the batch, at the end
+    held_spans: dict[str, set[str]] = {}  # model -> the spans held in the batch
     for info, mark in zip(infos, marks, strict=True):
         info.heartbeat_at = now
         pipe.set(keys.worker(info.worker_id), info.to_json())
         pipe.zadd(keys.WORKERS, {info.worker_id: now})
         # Each held model's index, with the record (a job's submit reads only that model's holders, so a
-        # crowd of workers holding nothing does not slow it). A span dropped since just stops being refreshed.
-        for model_id in sorted({m for m, _span in info.stages}):
-            pipe.zadd(keys.holders(model_id), {info.worker_id: now})
-            pipe.zremrangebyscore(keys.holders(model_id), "-inf", keep_from)
-            pipe.expire(keys.holders(model_id), keys.JOB_TTL_S)
+        # crowd of workers holding nothing does not slow it), and each held span's (a submit reads a window
+        # of each span's holders: ``snapshot(per_span=...)``). A span dropped since stops being refreshed.
+        spans = sorted({(m, span_name(span)) for m, span in info.stages})
+        for key in [*(keys.holders(m) for m in sorted({m for m, _name in spans})),
+                    *(keys.span_holders(m, name) for m, name in spans)]:
+            pipe.zadd(key, {info.worker_id: now})
+            indexes[key] = None
+        for m, name in spans:
+            held_spans.setdefault(m, set()).add(name)
         # A new process under that id is not lost any more: one started after the mark, or one other than
         # the process the record showed (a supervisor may have started it before the core found the old one
         # silent).
@@ -138,6 +151,12 @@ def register_many(r: redis.Redis, infos: Sequence[WorkerInfo], *, now: float | N
         other = was is not None and float(json.loads(was).get("started_at") or 0.0) != info.started_at
         if mark is not None and (info.started_at > mark or other):
             pipe.zrem(LOST, info.worker_id)
+    for model_id, names in sorted(held_spans.items()):
+        pipe.zadd(keys.held_spans(model_id), dict.fromkeys(sorted(names), now))
+        indexes[keys.held_spans(model_id)] = None
+    for key in indexes:  # entries of workers not heard from for an hour go; a key no heartbeat writes lapses
+        pipe.zremrangebyscore(key, "-inf", keep_from)
+        pipe.expire(key, keys.JOB_TTL_S)
     pipe.execute()
 
 
@@ -155,7 +174,7 @@ class Snapshot:
 
     workers: list[WorkerInfo]
     identities: dict[str, str]  # worker id -> public key (hex), for the live workers that have one
-    sampled: bool = False  # a random share of the live (``snapshot(sample=...)``), not every one
+    sampled: bool = False  # windows of a model's holders (``snapshot(per_span=...)``), not every one
 
     def worker(self, worker_id: str) -> WorkerInfo | None:
         return next((w for w in self.workers if w.worker_id == worker_id), None)
@@ -181,28 +200,50 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
 # checked one by one, so the read costs what KEYS[1] holds). For each: its record, enrolled identity and the
 # spans the core ordered it. The keys are the workers' own, named by the ids read here (ARGV[3-5]: their
 # prefixes), so they cannot be declared up front: fine on one Redis, as azu runs it (not a cluster).
-# ARGV[6] > 0: where more than that many are live, a sample of about that many of the live, drawn at random
-# (ZRANDMEMBER: distinct members, each subset as likely; Redis 6.2 has it): enough more are drawn to make up
-# for entries whose heartbeat stopped (an index keeps them an hour), and every live one drawn is kept, so
-# which of the drawn are kept does not depend on the order ZRANDMEMBER returns them in. Returns whether it
-# sampled, and the rows.
+# ARGV[6] > 0 (a model's read, ``per_span``): not every holder, but at most that many live holders of each
+# span the model is held in (KEYS[4]: its spans; their holders' keys are ARGV[7] .. span .. ARGV[8]), a
+# window of the span's live holders from the model's turn counter (KEYS[5]) on, wrapping: a span's live
+# holders are its last ranks (ordered by heartbeat), so the window costs O(log N + window) however many
+# entries of silent workers the index still keeps (an hour's). Returns whether it read fewer than every
+# holder (some span held by more than the window, or no span index: a collector of a version before it),
+# and the rows.
 _READ = """
 local out = {}
 local lost = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do lost[id] = true end
 local ids
-local sample = tonumber(ARGV[6])
-local live = sample > 0 and redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf') or 0
+local window = tonumber(ARGV[6])
 local sampled = 0
-if live > sample then
-  sampled = 1
+if window > 0 then
   ids = {}
-  local all = redis.call('ZCARD', KEYS[1])
-  local since = tonumber(ARGV[1])
-  local draw = math.min(all, math.ceil(sample * all / live))
-  local drawn = redis.call('ZRANDMEMBER', KEYS[1], draw, 'WITHSCORES')
-  for i = 1, #drawn, 2 do
-    if tonumber(drawn[i + 1]) >= since then ids[#ids + 1] = drawn[i] end
+  local seen = {}
+  local turn = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
+  local spans = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[1], '+inf')
+  if #spans == 0 then sampled = 1 end
+  for _, span in ipairs(spans) do
+    local key = ARGV[7] .. span .. ARGV[8]
+    local live = redis.call('ZCOUNT', key, ARGV[1], '+inf')
+    local members = {}
+    if live <= window then
+      members = redis.call('ZRANGEBYSCORE', key, ARGV[1], '+inf')
+    else
+      sampled = 1
+      local first = redis.call('ZCARD', key) - live
+      local at = (turn * window) % live
+      local stop = math.min(at + window, live) - 1
+      members = redis.call('ZRANGE', key, first + at, first + stop)
+      if at + window > live then
+        for _, id in ipairs(redis.call('ZRANGE', key, first, first + at + window - live - 1)) do
+          members[#members + 1] = id
+        end
+      end
+    end
+    for _, id in ipairs(members) do
+      if not seen[id] then
+        seen[id] = true
+        ids[#ids + 1] = id
+      end
+    end
   end
 else
   ids = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
@@ -218,7 +259,7 @@ return {sampled, out}
 
 
 def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None = None,
-             now: float | None = None, sample: int = 0) -> Snapshot:
+             now: float | None = None, per_span: int = 0) -> Snapshot:
     """``live_workers`` with their enrolled identities, all in one round trip (a job's grant then needs no
     read of its own). Lost workers are left out until they restart; banned ones (failed verification,
     azu.verification) for good.
@@ -227,13 +268,18 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
     from the model's index: the read costs what the model's holders are, however many other workers there
     are.
 
-    ``sample``: where more than that many are live, about that many of them drawn at random (what a submit
-    reads: ``SUBMIT_SAMPLE``); the snapshot says so (``sampled``)."""
+    ``per_span`` (with ``model_id``): at most that many live holders of each span of the model, a window
+    that moves on with the model's turn counter (what a submit reads: ``SUBMIT_PER_SPAN``); the snapshot
+    says whether that left any holder out (``sampled``)."""
     now = time.time() if now is None else now
     prefixes = keys.worker(""), keys.identity(""), keys.assigned("")
     among = keys.WORKERS if model_id is None else keys.holders(model_id)
-    sampled, rows = r.eval(_READ, 3, among, LOST, keys.BANNED,  # type: ignore[arg-type,misc]
-                           now - _ttl(ttl), now - LOST_HOLD_S, *prefixes, max(0, int(sample)))
+    window = max(0, int(per_span)) if model_id is not None else 0
+    spans, turn, first = ((keys.held_spans(model_id), keys.turn(model_id), keys.span_holders_prefix(model_id))
+                          if model_id is not None else (among, among, ""))
+    sampled, rows = r.eval(_READ, 5, among, LOST, keys.BANNED, spans, turn,  # type: ignore[arg-type,misc]
+                           now - _ttl(ttl), now - LOST_HOLD_S, *prefixes, window, first,
+                           keys.SPAN_HOLDERS_SUFFIX)
     out = []
     known: dict[str, str] = {}
     for raw_id, raw, public_key, spans in rows:

@@ -175,18 +175,18 @@ return 0
 
 
 def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequence[str] = (),
-               now: float | None = None, sample: int = 0) -> tuple[directory.Snapshot, placement.Routes]:
+               now: float | None = None, per_span: int = 0) -> tuple[directory.Snapshot, placement.Routes]:
     """The routes of ``model_id`` over its live holders, with the snapshot they came from (its identities
     make the grant).
 
-    The model's index is read first (its holders only: what a job's first token waits for); with ``sample``,
-    about that many of them drawn at random (a submit: ``directory.SUBMIT_SAMPLE``), and every holder where
-    the sample gives no route. Where the holders give no route, the whole directory is read and routed over:
-    the index is filled by heartbeats, so it may lag the records (a collector of a version before it; a key
-    lost), and placement, which reads the whole directory, would not order loads for a model it sees served.
-    So where there is no route, the snapshot returned is every live worker: which of them could load the
-    model."""
-    known = directory.snapshot(r, model_id=model_id, now=now, sample=sample)
+    The model's index is read first (its holders only: what a job's first token waits for); with
+    ``per_span``, at most that many holders of each span (a submit: ``directory.SUBMIT_PER_SPAN``), and
+    every holder where those give no route. Where the holders give no route, the whole directory is read and
+    routed over: the index is filled by heartbeats, so it may lag the records (a collector of a version
+    before it; a key lost), and placement, which reads the whole directory, would not order loads for a
+    model it sees served. So where there is no route, the snapshot returned is every live worker: which of
+    them could load the model."""
+    known = directory.snapshot(r, model_id=model_id, now=now, per_span=per_span)
     routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
     if routes.exists():
         return known, routes
@@ -216,9 +216,9 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     info = info if info is not None else model_info(r, req.model_id)
     _validate(req, info)
     dispatch = dispatch or get_dispatcher()
-    # The model's live holders (a sample of them, where many hold it) with their identities: the grant reads
-    # nothing more.
-    known, routes = routes_for(r, req.model_id, info.num_layers, sample=directory.SUBMIT_SAMPLE)
+    # The model's live holders (a window of each span's, where many hold it) with their identities: the grant
+    # reads nothing more.
+    known, routes = routes_for(r, req.model_id, info.num_layers, per_span=directory.SUBMIT_PER_SPAN)
     servable = routes.exists()
     if (not servable and not r.exists(keys.loading(req.model_id))  # then ``known`` is every live worker:
             and not placement.plan_loads(info.shape, known.workers, max_copies=get_settings().copies)):

@@ -38,6 +38,9 @@ closes every hold whose job ended, was forgotten or is stuck). A job's keys expi
 ``azu:model:<id>:orders``       hash ``<worker> <span>`` -> when ordered (``failed:<when>``: not again soon)
 ``azu:model:<id>:holders``      zset worker -> last heartbeat holding an ordered span of the model (the
                                 collector writes it with the record: submit reads only these workers)
+``azu:model:<id>:spans``        zset span name -> last heartbeat in which a worker held that span (ordered)
+``azu:model:<id>:span:<s>:holders``  zset worker -> last heartbeat holding span ``<s>`` (``span_name``): a
+                                submit reads a window of each span's (written with the model's index)
 ``azu:acl:logins``              hash worker -> SHA-256 of its broker password (to re-create lost ACL users)
 ``azu:model:<id>:turn``         counter: round robin over a model's equally short routes
 ``azu:model:<id>:startlock``    lock while waiting jobs are started
@@ -184,6 +187,29 @@ def orders(model_id: str) -> str:
 def holders(model_id: str) -> str:
     """zset: worker id -> the last heartbeat in which it held a span of the model the core ordered it."""
     return f"azu:model:{model_id}:holders"
+
+
+def held_spans(model_id: str) -> str:
+    """zset: span name (``span_name``) -> the last heartbeat in which a worker held that span of the model."""
+    return f"azu:model:{model_id}:spans"
+
+
+def span_holders_prefix(model_id: str) -> str:
+    """What the key of one span's holders starts with; ``SPAN_HOLDERS_SUFFIX`` ends it."""
+    return f"azu:model:{model_id}:span:"
+
+
+SPAN_HOLDERS_SUFFIX = ":holders"
+
+
+def span_holders(model_id: str, name: str) -> str:
+    """zset: worker id -> the last heartbeat in which it held the span named ``name`` of the model."""
+    return span_holders_prefix(model_id) + name + SPAN_HOLDERS_SUFFIX
+
+
+def span_name(first: int, last: int, embeddings: bool, head: bool) -> str:
+    """A span as the indexes name it: ``0-12+e``, ``12-24+h``, ``0-24+e+h``."""
+    return f"{first}-{last}{'+e' if embeddings else ''}{'+h' if head else ''}"
 
 
 def turn(model_id: str) -> str:

@@ -574,110 +574,145 @@ def _holders_checks(r: Any, *, count_reads: bool) -> None:
     assert r.ttl(keys.holders("hm")) > 0
 
 
-def test_a_submits_read_is_a_random_sample_of_a_crowded_models_live_holders(any_redis, r) -> None:
-    """Where more of a model's holders are live than ``sample``, the read is about that many of them drawn at
-    random (a submit's: its time and Redis's stay those of 64 holders, not of every one), never one whose
-    heartbeat stopped, a lost or a banned one, with their enrolled keys; drawn anew each time, the samples
-    reach every holder (so jobs spread over all of them). At or under ``sample``, every live holder, as
-    before. On Redis 7 and azu up's 6.2 (ZRANDMEMBER came with 6.2)."""
+def _hold(r: Any, model_id: str, held: list[tuple[str, Span]], *, at: float) -> None:
+    """Workers heard from ``at``, each holding its span of ``model_id`` as ordered, with a key."""
+    directory.register_many(r, [_worker(w, 10, (model_id, span)) for w, span in held], now=at)
+    for w, span in held:
+        r.sadd(keys.assigned(w), jobs.span_key(model_id, span))
+        r.set(keys.identity(w), f"key-of-{w}")
+
+
+def _forget(r: Any, model_id: str, workers: list[str]) -> None:
+    for w in workers:
+        directory.deregister(r, w)
+        r.delete(keys.identity(w), keys.assigned(w))
+    r.delete(keys.holders(model_id), keys.held_spans(model_id), keys.turn(model_id),
+             *r.keys(keys.span_holders_prefix(model_id) + "*"))
+
+
+def _noted_reads(monkeypatch: Any) -> list[tuple[str | None, int, bool]]:
+    """Each directory read from now on: (the model whose holders it read, or None: every worker; its
+    ``per_span``; whether it left holders out)."""
+    reads: list[tuple[str | None, int, bool]] = []
+    real = directory.snapshot
+
+    def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
+        got = real(*args, **kwargs)
+        reads.append((kwargs.get("model_id"), kwargs.get("per_span", 0), got.sampled))
+        return got
+
+    monkeypatch.setattr(directory, "snapshot", noted)
+    return reads
+
+
+def test_a_submits_read_is_a_window_of_each_spans_live_holders(any_redis, r) -> None:
+    """Where more of a span's holders are live than ``per_span``, the read takes that many of them, a window
+    that moves on with the model's turn counter (consecutive jobs go round every holder), whatever the index
+    keeps of silent workers; never a lost or banned one; with their enrolled keys, and two GETs a holder in
+    it (not every holder's). At or under ``per_span``, every live holder, as before. On Redis 7 and azu up's
+    6.2."""
     shared, r = r, any_redis
-    now, span = time.time(), Span(0, 2, True, True)
+    now, whole = time.time(), Span(0, 2, True, True)
     live = [f"crowd-held-{i:03d}" for i in range(300)]
-    stale = [f"crowd-stale-{i:03d}" for i in range(200)]  # in the index, heartbeat stopped
+    stale = [f"crowd-stale-{i:03d}" for i in range(2000)]  # in the index, heartbeat stopped
     try:
-        directory.register_many(r, [_worker(w, 10, ("crm", span)) for w in stale], now=now - 100)
-        directory.register_many(r, [_worker(w, 10, ("crm", span)) for w in live], now=now)
-        for w in (*live, *stale):
-            r.sadd(keys.assigned(w), jobs.span_key("crm", span))
-            r.set(keys.identity(w), f"key-of-{w}")
+        _hold(r, "crm", [(w, whole) for w in stale], at=now - 100)
+        _hold(r, "crm", [(w, whole) for w in live], at=now)
         directory.mark_lost(r, [live[0]], now=now)
         r.hset(keys.BANNED, live[1], "failed a check")
-        eligible = set(live[2:])
 
         def gets() -> int:
             return int(r.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
 
-        reached: set[str] = set()
-        samples = []
-        for _ in range(30):
+        reached: list[str] = []
+        for _ in range(19):  # 19 windows of 16 cover 300 holders
             before = gets()
-            got = directory.snapshot(r, model_id="crm", ttl=15, now=now, sample=64)
+            got = directory.snapshot(r, model_id="crm", ttl=15, now=now, per_span=16)
             read = gets() - before
-            ids = {w.worker_id for w in got.workers}
-            assert got.sampled and ids <= eligible and 40 <= len(ids) <= 100, len(ids)
+            ids = [w.worker_id for w in got.workers]
+            assert got.sampled and 14 <= len(ids) <= 16, ids
             assert got.identities == {w: f"key-of-{w}" for w in ids}
-            assert read <= 2 * 110 or r is shared, read  # two GETs (record, key) a drawn live holder
-            reached |= ids
-            samples.append(frozenset(ids))
-        assert len(set(samples)) == 30  # drawn anew each time
-        assert len(reached) >= 250, len(reached)  # each is in about a fifth of the samples
-        for sample in (0, 300, 1000):  # as many live (by heartbeat) as that or fewer: every one
-            got = directory.snapshot(r, model_id="crm", ttl=15, now=now, sample=sample)
-            assert not got.sampled and {w.worker_id for w in got.workers} == eligible
+            assert read <= 2 * 16 + 1 or r is shared, read  # record and key a holder, the turn counter
+            reached += ids
+            r.incr(keys.turn("crm"))  # as each submit does
+        # Each (the last window wraps round to the first 4 again), none lost, banned or silent.
+        assert set(reached) == set(live[2:]) and len(reached) == 298 + 2
+        for per_span in (0, 300, 1000):  # as many live (by heartbeat) as that or more: every one
+            got = directory.snapshot(r, model_id="crm", ttl=15, now=now, per_span=per_span)
+            assert not got.sampled and [w.worker_id for w in got.workers] == live[2:]
     finally:
-        for w in (*live, *stale):
-            directory.deregister(r, w)
-            r.delete(keys.identity(w), keys.assigned(w))
-        r.delete(keys.holders("crm"))
+        _forget(r, "crm", [*live, *stale])
         r.zrem(directory.LOST, live[0])
         r.hdel(keys.BANNED, live[1])
 
 
-def test_a_sample_that_makes_no_route_is_followed_by_every_holder(r, monkeypatch) -> None:
-    """A span few hold is often missing from a sample of the holders (one holder of the head among 400 of
-    the rest: in about 5 samples of 6): the submit then reads every holder, and the job routes."""
+def test_a_submit_finds_the_fewest_hops_and_a_span_few_hold_in_its_windows(r, monkeypatch) -> None:
+    """Every span is read: one holder of the head among 400 of the rest is in every read, and three workers
+    holding the whole model among 500 copies of each half take every job in one hop, as they did when a
+    submit read every holder; the windows' read is the only one."""
     now = time.time()
     body, head = Span(0, 2, True, False), Span(2, 3, False, True)
-    crowd = [f"few-body-{i:03d}" for i in range(400)]
-    reads: list[tuple[str | None, bool]] = []  # (the model whose holders were read, or None: every worker)
-    real = directory.snapshot
-
-    def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
-        got = real(*args, **kwargs)
-        reads.append((kwargs.get("model_id"), got.sampled))
-        return got
-
-    monkeypatch.setattr(directory, "snapshot", noted)
+    first, second, whole = Span(0, 1, True, False), Span(1, 3, False, True), Span(0, 3, True, True)
+    few = [(f"few-body-{i:03d}", body) for i in range(400)] + [("few-head", head)]
+    halves = [(f"hop-half-{i:03d}", first if i % 2 else second) for i in range(1000)]
+    wholes = [(f"hop-whole-{i}", whole) for i in range(3)]
+    reads = _noted_reads(monkeypatch)
     try:
-        infos = [_worker(w, 10, ("few-m", body)) for w in crowd] + [_worker("few-head", 10, ("few-m", head))]
-        directory.register_many(r, infos, now=now)
-        for info in infos:
-            r.sadd(keys.assigned(info.worker_id), jobs.span_key("few-m", info.stages[0][1]))
-            r.set(keys.identity(info.worker_id), f"key-of-{info.worker_id}")
-        fell_back = 0
-        for _ in range(12):
+        _hold(r, "few-m", few, at=now)
+        _hold(r, "hop-m", [*halves, *wholes], at=now)
+        taken = set()
+        for turn in range(12):
+            r.set(keys.turn("few-m"), turn)
             reads.clear()
-            known, routes = jobs.routes_for(r, "few-m", 3, now=now, sample=directory.SUBMIT_SAMPLE)
-            route = routes.pick(0)
+            known, routes = jobs.routes_for(r, "few-m", 3, now=now, per_span=directory.SUBMIT_PER_SPAN)
+            route = routes.pick(turn)
             assert route is not None and route[-1].worker_id == "few-head"
             assert known.identities[route[0].worker_id] == f"key-of-{route[0].worker_id}"
-            # The sample; every holder where it made no route (not the whole directory).
-            assert reads in ([("few-m", True)], [("few-m", True), ("few-m", False)]), reads
-            fell_back += len(reads) == 2
-        assert fell_back >= 1  # all 12 samples holding the head: about 1 in 10^9
+            assert reads == [("few-m", directory.SUBMIT_PER_SPAN, True)]
+            reads.clear()
+            known, routes = jobs.routes_for(r, "hop-m", 3, now=now, per_span=directory.SUBMIT_PER_SPAN)
+            route = routes.pick(turn)
+            assert route is not None and len(route) == 1 and route[0].worker_id.startswith("hop-whole-")
+            assert reads == [("hop-m", directory.SUBMIT_PER_SPAN, True)] and len(known.workers) <= 3 + 2 * 16
+            taken.add(route[0].worker_id)
+        assert len(taken) == 3  # taken in turn
     finally:
-        for w in (*crowd, "few-head"):
-            directory.deregister(r, w)
-            r.delete(keys.identity(w), keys.assigned(w))
-        r.delete(keys.holders("few-m"))
+        _forget(r, "few-m", [w for w, _ in few])
+        _forget(r, "hop-m", [w for w, _ in (*halves, *wholes)])
 
 
-def test_a_submit_reads_a_sample_of_the_holders_and_routes_without_one(r, inline, monkeypatch) -> None:
-    """submit_job reads the sample (``SUBMIT_SAMPLE``); one holder of two halves is no route, so the job's
-    route comes from every holder, and the job runs."""
+def test_windows_without_a_route_are_followed_by_every_holder(r, monkeypatch) -> None:
+    """The head's window holds only banned workers (heard from first, so first in the window): the submit
+    reads every holder and routes through the others; with no span index (a collector before it), too."""
+    now = time.time()
+    body, head = Span(0, 2, True, False), Span(2, 3, False, True)
+    banned = [(f"win-banned-{i:02d}", head) for i in range(16)]
+    held = [("win-body", body), *banned, ("win-head-a", head), ("win-head-b", head)]
+    reads = _noted_reads(monkeypatch)
+    try:
+        _hold(r, "win-m", held[:17], at=now - 1)
+        _hold(r, "win-m", held[17:], at=now)
+        for w, _ in banned:
+            r.hset(keys.BANNED, w, "failed a check")
+        for drop_span_index in (False, True):
+            if drop_span_index:
+                r.delete(keys.held_spans("win-m"))
+            reads.clear()
+            _known, routes = jobs.routes_for(r, "win-m", 3, now=now, per_span=directory.SUBMIT_PER_SPAN)
+            route = routes.pick(0)
+            assert route is not None and route[-1].worker_id in ("win-head-a", "win-head-b")
+            assert reads == [("win-m", directory.SUBMIT_PER_SPAN, True), ("win-m", 0, False)], reads
+    finally:
+        _forget(r, "win-m", [w for w, _ in held])
+        r.hdel(keys.BANNED, *(w for w, _ in banned))
+
+
+def test_a_submit_reads_windows_of_the_holders(r, inline, monkeypatch) -> None:
+    """submit_job reads the windows (``SUBMIT_PER_SPAN``), and nothing more where they make a route."""
     net, model_id = inline
-    monkeypatch.setattr(directory, "SUBMIT_SAMPLE", 1)
-    reads: list[tuple[str | None, bool]] = []  # (the model whose holders were read, or None: every worker)
-    real = directory.snapshot
-
-    def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
-        got = real(*args, **kwargs)
-        reads.append((kwargs.get("model_id"), got.sampled))
-        return got
-
-    monkeypatch.setattr(directory, "snapshot", noted)
+    reads = _noted_reads(monkeypatch)
     job_id = net.submit(model_id, prefix="smp")
-    assert reads == [(model_id, True), (model_id, False)]
+    assert reads == [(model_id, directory.SUBMIT_PER_SPAN, False)]  # two halves, one holder each: all read
     net.run()
     assert jobs.get_job(r, job_id).status == "done"
 
@@ -758,8 +793,10 @@ def test_a_job_still_routes_when_the_models_index_is_behind(r, inline, caplog) -
     behind the records. A job then routes over the whole directory (what placement sees: it orders no load
     for a model it finds served) instead of waiting or failing, and the next heartbeats fill the index."""
     net, model_id = inline
-    r.delete(keys.holders(model_id))
+    r.delete(keys.holders(model_id), keys.held_spans(model_id),
+             *r.keys(keys.span_holders_prefix(model_id) + "*"))
     assert directory.snapshot(r, model_id=model_id).workers == []
+    assert directory.snapshot(r, model_id=model_id, per_span=directory.SUBMIT_PER_SPAN).workers == []
     job_id = net.submit(model_id, prefix="idx")
     net.run()
     assert jobs.get_job(r, job_id).status == "done"
