@@ -71,9 +71,10 @@ class WorkerInfo:
 # A submit reads at most this many live holders of each span its model is held in (``snapshot``'s
 # ``per_span``), so its time and Redis's do not grow with the holders: a model 1000 workers held cost every
 # submit 13-36 ms and Redis 3-6 ms of its one thread (``bench/submit.py``). Every span is read, so the
-# fewest-hop routes of every holder are among the windows' (a span few hold is read whole); the windows
-# move on with the model's turn counter, so consecutive jobs go round every holder. Where the windows make
-# no route (their holders lost or banned since), every holder is read (``jobs.routes_for``).
+# fewest-hop routes of every holder are among the windows' (a span few hold is read whole); a window serves
+# that many consecutive jobs, each holder of it one, then the next comes, so jobs spread about evenly over
+# every holder (ranks move with heartbeats). Where the windows make no route (their holders lost since),
+# every holder is read (``jobs.routes_for``). A model cut into many spans costs a window each.
 SUBMIT_PER_SPAN = 16
 
 
@@ -115,14 +116,18 @@ def register(r: redis.Redis, info: WorkerInfo, *, now: float | None = None) -> N
 
 def register_many(r: redis.Redis, infos: Sequence[WorkerInfo], *, now: float | None = None) -> None:
     """``register`` each of ``infos`` (the heartbeats of one batch of reports), in order: two round trips
-    for them all, three if one was marked lost, instead of two or three each."""
+    for them all, three if one was marked lost, instead of two or three each. A banned worker's record is
+    written, but it leaves the models' indexes (its entries lapse)."""
     if not infos:
         return
     now = time.time() if now is None else now
     look = r.pipeline(transaction=False)
     for info in infos:
         look.zscore(LOST, info.worker_id)
-    marks: list[float | None] = look.execute()
+        look.hexists(keys.BANNED, info.worker_id)
+    looked = look.execute()
+    marks: list[float | None] = looked[0::2]
+    banned: list[bool] = looked[1::2]
     marked = sorted({info.worker_id for info, mark in zip(infos, marks, strict=True) if mark is not None})
     records = r.mget([keys.worker(w) for w in marked]) if marked else []
     before: dict[str, Any] = dict(zip(marked, records, strict=True))
@@ -130,14 +135,15 @@ def register_many(r: redis.Redis, infos: Sequence[WorkerInfo], *, now: float | N
     pipe = r.pipeline()
     indexes: dict[str, None] = {}  # the index keys written: trimmed once each for the batch, at the end
     held_spans: dict[str, set[str]] = {}  # model -> the spans held in the batch
-    for info, mark in zip(infos, marks, strict=True):
+    for info, mark, is_banned in zip(infos, marks, banned, strict=True):
         info.heartbeat_at = now
         pipe.set(keys.worker(info.worker_id), info.to_json())
         pipe.zadd(keys.WORKERS, {info.worker_id: now})
         # Each held model's index, with the record (a job's submit reads only that model's holders, so a
         # crowd of workers holding nothing does not slow it), and each held span's (a submit reads a window
-        # of each span's holders: ``snapshot(per_span=...)``). A span dropped since stops being refreshed.
-        spans = sorted({(m, span_name(span)) for m, span in info.stages})
+        # of each span's holders: ``snapshot(per_span=...)``). A span dropped since stops being refreshed;
+        # so does a banned worker's every span (it gets no route: it would take a place in the windows).
+        spans = sorted({(m, span_name(span)) for m, span in info.stages}) if not is_banned else []
         for key in [*(keys.holders(m) for m in sorted({m for m, _name in spans})),
                     *(keys.span_holders(m, name) for m, name in spans)]:
             pipe.zadd(key, {info.worker_id: now})
@@ -202,11 +208,13 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
 # prefixes), so they cannot be declared up front: fine on one Redis, as azu runs it (not a cluster).
 # ARGV[6] > 0 (a model's read, ``per_span``): not every holder, but at most that many live holders of each
 # span the model is held in (KEYS[4]: its spans; their holders' keys are ARGV[7] .. span .. ARGV[8]), a
-# window of the span's live holders from the model's turn counter (KEYS[5]) on, wrapping: a span's live
-# holders are its last ranks (ordered by heartbeat), so the window costs O(log N + window) however many
-# entries of silent workers the index still keeps (an hour's). Returns whether it read fewer than every
-# holder (some span held by more than the window, or no span index: a collector of a version before it),
-# and the rows.
+# window of the span's live holders, wrapping: a span's live holders are its last ranks (ordered by
+# heartbeat), so the window costs O(log N + window) however many entries of silent workers the index still
+# keeps (an hour's). The window moves on by its length every ``window`` turns of the model's counter
+# (KEYS[5]), so ``Routes.pick(turn)`` takes each of its holders in turn before the next window comes (a
+# window moved on every turn, with the pick moving within it, had taken 16 of 256 holders for every job).
+# Returns whether it read fewer than every holder (some span held by more than the window, or no span index:
+# a collector of a version before it), and the rows.
 _READ = """
 local out = {}
 local lost = {}
@@ -217,7 +225,7 @@ local sampled = 0
 if window > 0 then
   ids = {}
   local seen = {}
-  local turn = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
+  local turn = math.floor(tonumber(redis.call('GET', KEYS[5]) or '0') or 0)
   local spans = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[1], '+inf')
   if #spans == 0 then sampled = 1 end
   for _, span in ipairs(spans) do
@@ -229,7 +237,7 @@ if window > 0 then
     else
       sampled = 1
       local first = redis.call('ZCARD', key) - live
-      local at = (turn * window) % live
+      local at = (math.floor(turn / window) * window) % live
       local stop = math.min(at + window, live) - 1
       members = redis.call('ZRANGE', key, first + at, first + stop)
       if at + window > live then

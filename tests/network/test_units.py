@@ -607,10 +607,10 @@ def _noted_reads(monkeypatch: Any) -> list[tuple[str | None, int, bool]]:
 
 def test_a_submits_read_is_a_window_of_each_spans_live_holders(any_redis, r) -> None:
     """Where more of a span's holders are live than ``per_span``, the read takes that many of them, a window
-    that moves on with the model's turn counter (consecutive jobs go round every holder), whatever the index
-    keeps of silent workers; never a lost or banned one; with their enrolled keys, and two GETs a holder in
-    it (not every holder's). At or under ``per_span``, every live holder, as before. On Redis 7 and azu up's
-    6.2."""
+    that moves on every ``per_span`` turns of the model's counter (so it reaches every holder), whatever
+    the index keeps of silent workers; never a lost or banned one; with their enrolled keys, and two GETs a
+    holder in it (not every holder's). At or under ``per_span``, every live holder, as before. On Redis 7
+    and azu up's 6.2."""
     shared, r = r, any_redis
     now, whole = time.time(), Span(0, 2, True, True)
     live = [f"crowd-held-{i:03d}" for i in range(300)]
@@ -634,7 +634,7 @@ def test_a_submits_read_is_a_window_of_each_spans_live_holders(any_redis, r) -> 
             assert got.identities == {w: f"key-of-{w}" for w in ids}
             assert read <= 2 * 16 + 1 or r is shared, read  # record and key a holder, the turn counter
             reached += ids
-            r.incr(keys.turn("crm"))  # as each submit does
+            r.incrby(keys.turn("crm"), 16)  # a window serves 16 submits (each counts a turn)
         # Each (the last window wraps round to the first 4 again), none lost, banned or silent.
         assert set(reached) == set(live[2:]) and len(reached) == 298 + 2
         for per_span in (0, 300, 1000):  # as many live (by heartbeat) as that or more: every one
@@ -679,6 +679,45 @@ def test_a_submit_finds_the_fewest_hops_and_a_span_few_hold_in_its_windows(r, mo
     finally:
         _forget(r, "few-m", [w for w, _ in few])
         _forget(r, "hop-m", [w for w, _ in (*halves, *wholes)])
+
+
+def test_consecutive_submits_take_every_holder_in_turn(r) -> None:
+    """Jobs spread evenly over the holders read in windows: 64 holders of each half, heard from in one
+    batch (ranks as their ids), 128 submits in a row: every holder takes two, at either hop. (A window moved
+    on every turn, with ``Routes.pick(turn)`` moving within it, gave 4 or 8 jobs to some and none to most.)"""
+    now = time.time()
+    first, second = Span(0, 1, True, False), Span(1, 3, False, True)
+    held = [(f"turn-a-{i:02d}", first) for i in range(64)] + [(f"turn-b-{i:02d}", second) for i in range(64)]
+    try:
+        _hold(r, "turn-m", held, at=now)
+        jobs_of: dict[str, int] = {}
+        for turn in range(128):
+            r.set(keys.turn("turn-m"), turn)
+            _known, routes = jobs.routes_for(r, "turn-m", 3, now=now, per_span=directory.SUBMIT_PER_SPAN)
+            route = routes.pick(turn + 1)  # submit counts the turn after its read (_CREATE)
+            assert route is not None and len(route) == 2
+            for hop in route:
+                jobs_of[hop.worker_id] = jobs_of.get(hop.worker_id, 0) + 1
+        assert sorted(jobs_of) == sorted(w for w, _ in held) and set(jobs_of.values()) == {2}, jobs_of
+    finally:
+        _forget(r, "turn-m", [w for w, _ in held])
+
+
+def test_a_banned_worker_leaves_the_models_indexes(r) -> None:
+    """A banned worker keeps heartbeating: its record is written, but it leaves the indexes a submit reads
+    (it gets no route; in a span's window it would take a place)."""
+    now, span = time.time(), Span(0, 2, True, True)
+    try:
+        _hold(r, "ban-m", [("ban-w", span), ("ban-ok", span)], at=now - 1)
+        r.hset(keys.BANNED, "ban-w", "failed a check")
+        _hold(r, "ban-m", [("ban-w", span), ("ban-ok", span)], at=now)
+        assert r.zscore(keys.span_holders("ban-m", directory.span_name(span)), "ban-w") == now - 1
+        assert r.zscore(keys.holders("ban-m"), "ban-w") == now - 1  # not refreshed: lapses with the TTL
+        assert directory.get_worker(r, "ban-w").heartbeat_at == now
+        assert r.zscore(keys.span_holders("ban-m", directory.span_name(span)), "ban-ok") == now
+    finally:
+        _forget(r, "ban-m", ["ban-w", "ban-ok"])
+        r.hdel(keys.BANNED, "ban-w")
 
 
 def test_windows_without_a_route_are_followed_by_every_holder(r, monkeypatch) -> None:
