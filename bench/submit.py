@@ -18,8 +18,9 @@ counted, not sent. Rows:
 - ``submit_job`` of the second model, which 2 of the live workers hold: what a crowd of workers that do not
   hold a model (or that enrolled only to heartbeat) costs its jobs;
 - the collector's placement check of the second model (``jobs.keep_placed``, every 2 s on the thread that
-  publishes the tokens), which finds it placed in full: on its holders now, against ``place`` reading the
-  whole directory, as every check did before;
+  publishes the tokens), which finds it placed in full: on its holders, against ``place`` reading the
+  whole directory, as every check did before the model index; and of the first model, on the windows a
+  submit reads (now) against every holder (before);
 - the collector's work for one heartbeat of every worker (signed reports, as their nodes send them): in
   batches as it pops them, against each heartbeat's own round trips (as before);
 - the second model's directory read (``directory.snapshot(model_id=...)``: one Lua script over the model's
@@ -249,7 +250,15 @@ def main() -> int:
                 t = time.perf_counter()
                 assert jobs.place(r, few.model_id, spares=True, copies=1, dispatch=dispatch) == []  # before
                 full.append(time.perf_counter() - t)
-            checks.append((n, statistics.median(quick), statistics.median(full)))
+            # And of the model all of them hold: windows of each span's holders (now), every holder (before).
+            windows, every_read = [], []
+            for _ in range(max(5, jobs_n // 4)):
+                for out, per_span in ((windows, directory.SUBMIT_PER_SPAN), (every_read, 0)):
+                    t = time.perf_counter()
+                    assert reading(directory, per_span, lambda: jobs._placed_enough(r, every.model_id, 1))
+                    out.append(time.perf_counter() - t)
+            checks.append((n, statistics.median(quick), statistics.median(full), statistics.median(windows),
+                           statistics.median(every_read)))
             beats.append((n, *min(heartbeat_round(r, names) for _ in range(3))))
             in_redis = []
             for per_span in (directory.SUBMIT_PER_SPAN, 0):
@@ -286,12 +295,14 @@ def main() -> int:
               f"{whole_s * 1000:.2f} ms | {holders_s / whole_s:.2f}x | {windows_us / 1000:.2f} / "
               f"{every_us / 1000:.2f} ms |")
     print("\nThe collector's placement check (keep_placed, every 2 s on the thread that publishes tokens) of "
-          "the model 2 workers hold, placed in full:\n")
-    print("| live workers | its holders only (now) | `place`, reading the whole directory (before) "
-          "| now / before |")
-    print("|---|---|---|---|")
-    for n, quick_s, full_s in checks:
-        print(f"| {n} | {quick_s * 1000:.2f} ms | {full_s * 1000:.2f} ms | {quick_s / full_s:.2f}x |")
+          "the model 2 workers hold, and of the model all of them hold, placed in full:\n")
+    print("| live workers | 2 hold it: its holders only | `place`, reading the whole directory | holders / "
+          "whole | all hold it: windows of each span's holders (now) | every holder (before) | now / "
+          "before |")
+    print("|---|---|---|---|---|---|---|")
+    for n, quick_s, full_s, windows_s, every_read_s in checks:
+        print(f"| {n} | {quick_s * 1000:.2f} ms | {full_s * 1000:.2f} ms | {quick_s / full_s:.2f}x | "
+              f"{windows_s * 1000:.2f} ms | {every_read_s * 1000:.2f} ms | {windows_s / every_read_s:.2f}x |")
     every = get_settings().worker.heartbeat_s
     print(f"\nThe collector's heartbeats: one of every worker (each sends one every {every:g} s), on the "
           "thread that publishes tokens (best of 3):\n")

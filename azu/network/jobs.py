@@ -286,11 +286,17 @@ def _placed_enough(r: redis.Redis, model_id: str, copies: int) -> bool:
     """Whether the model's live holders already make a route and hold every layer ``copies`` times: what
     ``place`` would then plan is nothing, and it reads the whole directory (every live worker's record) to
     find that out, every ``KEEP_EVERY_S`` on the collector's thread, which publishes the tokens. This reads
-    the model's holders only."""
+    the windows of each span's holders a submit reads (a share of the holders: a route and copies there are
+    so among them all), and every holder only where those fall short."""
     info = model_info(r, model_id)
-    holders = directory.snapshot(r, model_id=model_id).workers
-    return (placement.Routes(model_id, info.num_layers, holders).exists()
-            and placement.fewest_copies(model_id, info.num_layers, holders) >= copies)
+    for per_span in (directory.SUBMIT_PER_SPAN, 0):
+        known = directory.snapshot(r, model_id=model_id, per_span=per_span)
+        if (placement.Routes(model_id, info.num_layers, known.workers).exists()
+                and placement.fewest_copies(model_id, info.num_layers, known.workers) >= copies):
+            return True
+        if not known.sampled:
+            return False  # that was every holder
+    return False
 
 
 # Model hash field: the core keeps this model's copies (set on its first placement, or on a loss).

@@ -703,6 +703,33 @@ def test_consecutive_submits_take_every_holder_in_turn(r) -> None:
         _forget(r, "turn-m", [w for w, _ in held])
 
 
+def test_the_placement_check_reads_the_windows_where_they_hold_the_copies(r, monkeypatch) -> None:
+    """The collector's check of a placed model (``_placed_enough``, every 2 s) reads the windows a submit
+    reads where they already make a route with the copies wanted (they are a share of the holders), and
+    every holder only where they fall short."""
+    half = 50
+    first, second = Span(0, 1, True, False), Span(1, 3, False, True)
+    held = [(f"chk-{i:03d}", first if i % 2 else second) for i in range(2 * half)]
+    model_id = "chk-m"
+    r.hset(keys.model(model_id), mapping={"state": "ready", "info": models.ModelInfo(
+        model_id=model_id, architecture="LlamaForCausalLM", num_layers=3, hidden_size=8, vocab_size=16,
+        torch_dtype="float32", eos_token_ids=(2,), context_length=64, layer_bytes=(10,) * 3,
+        embeddings_bytes=10, head_bytes=10).to_json()})
+    reads = _noted_reads(monkeypatch)
+    try:
+        _hold(r, model_id, held, at=time.time())
+        per_span = directory.SUBMIT_PER_SPAN
+        for copies, enough, read in ((2, True, [(model_id, per_span, True)]),
+                                     (per_span + 1, True, [(model_id, per_span, True), (model_id, 0, False)]),
+                                     (half + 1, False, [(model_id, per_span, True), (model_id, 0, False)])):
+            reads.clear()
+            assert jobs._placed_enough(r, model_id, copies) is enough, copies
+            assert reads == read, (copies, reads)
+    finally:
+        _forget(r, model_id, [w for w, _ in held])
+        r.delete(keys.model(model_id))
+
+
 def test_a_banned_worker_leaves_the_models_indexes(r) -> None:
     """A banned worker keeps heartbeating: its record is written, but it leaves the indexes a submit reads
     (it gets no route; in a span's window it would take a place)."""
