@@ -14,7 +14,9 @@ counted, not sent. Rows:
   follows a pause); back to back it alternates with submits that read every holder
   (``directory.SUBMIT_PER_SPAN`` = 0), as every submit did before it read a window of each span's holders;
   then again with 20,000 entries of silent workers in the model's indexes (an index keeps a worker that
-  stopped heartbeating for an hour);
+  stopped heartbeating for an hour); and of a model being loaded (placed, its orders in flight, nobody
+  holding it yet), alternating with submits that do not look for the loads in flight (before: every live
+  worker's record read three times, placement checked);
 - ``submit_job`` of the second model, which 2 of the live workers hold: what a crowd of workers that do not
   hold a model (or that enrolled only to heartbeat) costs its jobs;
 - the collector's placement check of the second model (``jobs.keep_placed``, every 2 s on the thread that
@@ -45,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 LAYERS = 24
 MODELS = ("bench-submit", "bench-few")  # every worker holds half of the first; two of them the second
+LOADING = "bench-loading"  # nobody holds it: the core's loads of it are in flight
 SIGNERS: dict[str, Any] = {}  # worker id -> its signing key (its heartbeats are signed)
 
 
@@ -159,6 +162,16 @@ def reading(directory: Any, per_span: int, submit: Any) -> Any:
         directory.SUBMIT_PER_SPAN = kept
 
 
+def loads_unseen(jobs: Any, submit: Any) -> Any:
+    """``submit()`` as before submit looked for the core's loads in flight (every live worker read)."""
+    kept = jobs.loading_in_flight
+    jobs.loading_in_flight = lambda r, model_id: False
+    try:
+        return submit()
+    finally:
+        jobs.loading_in_flight = kept
+
+
 def span_keys(model_id: str, names: list[str]) -> dict[str, list[str]]:
     """Each span index of ``model_id`` -> the workers of ``names`` in it (even ones hold the first half)."""
     from azu.network import keys
@@ -202,8 +215,8 @@ def main() -> int:
         model_id=model_id, architecture="LlamaForCausalLM", num_layers=LAYERS, hidden_size=896,
         vocab_size=32000, torch_dtype="float32", eos_token_ids=(2,), context_length=4096,
         layer_bytes=(10**7,) * LAYERS, embeddings_bytes=10**8, head_bytes=10**8)
-        for model_id in MODELS)
-    every, few = infos
+        for model_id in (*MODELS, LOADING))
+    every, few, being_loaded = infos
     for info in infos:  # ready, as the registry marks a sharded model (placement reads it)
         r.hset(keys.model(info.model_id), mapping={"state": "ready", "info": info.to_json()})
     rows, checks, beats = [], [], []
@@ -229,6 +242,15 @@ def main() -> int:
             r.zrem(keys.holders(every.model_id), *gone)
             for key, members in span_keys(every.model_id, gone).items():
                 r.zrem(key, *members)
+            # A model being loaded: placed once (its orders recorded, none sent), then jobs wait for it, now
+            # and as before (as if no load were in flight: every live worker read, placement checked).
+            assert jobs.place(r, LOADING, spares=False, dispatch=dispatch)
+            waiting, waiting_before = [], []
+            wait = functools.partial(submit_once, r, being_loaded, names, dispatch)
+            for _ in range(max(10, jobs_n // 4)):
+                waiting.append(wait())
+                waiting_before.append(loads_unseen(jobs, wait))
+            r.delete(keys.waiting(LOADING), keys.loading(LOADING), keys.orders(LOADING))
             paused = []
             for _ in range(max(5, jobs_n // 10)):
                 time.sleep(args.pause)
@@ -270,6 +292,8 @@ def main() -> int:
                          statistics.median(t for t, _ in every_holder),
                          statistics.median(t for t, _ in among_silent),
                          statistics.median(t for t, _ in every_among_silent),
+                         statistics.median(t for t, _ in waiting),
+                         statistics.median(t for t, _ in waiting_before),
                          statistics.median(c for _, c in warm),
                          statistics.median(t for t, _ in paused),
                          statistics.median(t for t, _ in held_by_two), statistics.median(holders),
@@ -282,15 +306,17 @@ def main() -> int:
           f"{dispatch.sent} Celery wake-ups counted, none sent)\n")
     print(f"| live workers | submit, all hold the model: {directory.SUBMIT_PER_SPAN} holders of each span "
           "read (now) | every holder read (before) | now / before | the same among 20,000 silent workers' "
-          "entries, now / before | round trips | submit after "
+          "entries, now / before | a model being loaded (nobody holds it yet), now / before | round trips | "
+          "submit after "
           f"{args.pause:g} s idle | submit, 2 of them hold the model | its directory read: the model's "
           "holders | the whole directory | holders / whole | Redis running the read (all hold): windows / "
           "every holder |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (n, warm_s, every_s, silent_s, every_silent_s, trips, paused_s, few_s, holders_s, whole_s, windows_us,
-         every_us) in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (n, warm_s, every_s, silent_s, every_silent_s, waiting_s, waiting_before_s, trips, paused_s, few_s,
+         holders_s, whole_s, windows_us, every_us) in rows:
         print(f"| {n} | {warm_s * 1000:.2f} ms | {every_s * 1000:.2f} ms | {warm_s / every_s:.2f}x | "
-              f"{silent_s * 1000:.2f} / {every_silent_s * 1000:.2f} ms | {trips:g} | "
+              f"{silent_s * 1000:.2f} / {every_silent_s * 1000:.2f} ms | "
+              f"{waiting_s * 1000:.2f} / {waiting_before_s * 1000:.2f} ms | {trips:g} | "
               f"{paused_s * 1000:.2f} ms | {few_s * 1000:.2f} ms | {holders_s * 1000:.2f} ms | "
               f"{whole_s * 1000:.2f} ms | {holders_s / whole_s:.2f}x | {windows_us / 1000:.2f} / "
               f"{every_us / 1000:.2f} ms |")

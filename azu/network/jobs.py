@@ -175,17 +175,18 @@ return 0
 
 
 def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequence[str] = (),
-               now: float | None = None, per_span: int = 0) -> tuple[directory.Snapshot, placement.Routes]:
+               now: float | None = None, per_span: int = 0,
+               whole: bool = True) -> tuple[directory.Snapshot, placement.Routes]:
     """The routes of ``model_id`` over its live holders, with the snapshot they came from (its identities
     make the grant).
 
     The model's index is read first (its holders only: what a job's first token waits for); with
     ``per_span``, at most that many holders of each span (a submit: ``directory.SUBMIT_PER_SPAN``), and
     every holder where those give no route. Where the holders give no route, the whole directory is read and
-    routed over: the index is filled by heartbeats, so it may lag the records (a collector of a version
-    before it; a key lost), and placement, which reads the whole directory, would not order loads for a
-    model it sees served. So where there is no route, the snapshot returned is every live worker: which of
-    them could load the model."""
+    routed over (``whole=False``: not): the index is filled by heartbeats, so it may lag the records (a
+    collector of a version before it; a key lost), and placement, which reads the whole directory, would not
+    order loads for a model it sees served. So where there is no route, the snapshot returned is every live
+    worker: which of them could load the model."""
     known = directory.snapshot(r, model_id=model_id, now=now, per_span=per_span)
     routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
     if routes.exists():
@@ -193,14 +194,27 @@ def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequenc
     if known.sampled:
         known = directory.snapshot(r, model_id=model_id, now=now)
         routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
-        if routes.exists():
+        if routes.exists() or not whole:
             return known, routes
+    return whole_routes(r, model_id, num_layers, avoid=avoid, now=now) if whole else (known, routes)
+
+
+def whole_routes(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequence[str] = (),
+                 now: float | None = None) -> tuple[directory.Snapshot, placement.Routes]:
+    """The routes of ``model_id`` over every live worker (``routes_for``'s last resort), with them."""
     known = directory.snapshot(r, now=now)
     routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
     if routes.exists():
         log.warning("%s: the holders' index gave no route, the directory does (index behind the records)",
                     model_id)
     return known, routes
+
+
+def loading_in_flight(r: redis.Redis, model_id: str) -> bool:
+    """Whether the core's load orders for ``model_id`` are in flight (``place`` found no route over the
+    whole directory and ordered them; the key goes when a route starts the waiting jobs, or at the load
+    deadline)."""
+    return bool(r.exists(keys.loading(model_id)))
 
 
 def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None = None,
@@ -218,13 +232,23 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     dispatch = dispatch or get_dispatcher()
     # The model's live holders (a window of each span's, where many hold it) with their identities: the grant
     # reads nothing more.
-    known, routes = routes_for(r, req.model_id, info.num_layers, per_span=directory.SUBMIT_PER_SPAN)
+    known, routes = routes_for(r, req.model_id, info.num_layers, per_span=directory.SUBMIT_PER_SPAN,
+                               whole=False)
     servable = routes.exists()
-    if (not servable and not r.exists(keys.loading(req.model_id))  # then ``known`` is every live worker:
-            and not placement.plan_loads(info.shape, known.workers, max_copies=get_settings().copies)):
-        need = placement.needed_bytes(info.shape)
-        raise NoCapacity(f"no live worker holds {req.model_id} and the {len(known.workers)} live worker(s) "
-                         f"cannot load it (it needs about {need} bytes)", param="model")
+    # Not served: while the core's loads of it are in flight (a model just placed, or placed again after a
+    # loss), the job waits for them, reading nothing more (every job of a model being loaded read the whole
+    # directory three times: here, for placement, for the waiting jobs: ``bench/submit.py``); the collector
+    # starts the waiting jobs when a load is reported, and re-plans an order lost with its worker
+    # (``keep_placed``). Else the whole directory: an index behind the records, or who could load it.
+    loading = not servable and loading_in_flight(r, req.model_id)
+    if not servable and not loading:
+        known, routes = whole_routes(r, req.model_id, info.num_layers)
+        servable = routes.exists()
+        if not servable and not placement.plan_loads(info.shape, known.workers,
+                                                     max_copies=get_settings().copies):
+            need = placement.needed_bytes(info.shape)
+            raise NoCapacity(f"no live worker holds {req.model_id} and the {len(known.workers)} live "
+                             f"worker(s) cannot load it (it needs about {need} bytes)", param="model")
     sampling = Sampling(
         max_tokens=req.max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
         top_k=int(req.top_k), seed=req.seed if req.seed is not None else secrets.randbits(62),
@@ -246,10 +270,11 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
         start_job(r, req.job_id, route, dispatch=dispatch, job={**fields, "status": "queued"}, known=known)
         return
     r.zadd(keys.waiting(req.model_id), {req.job_id: now})
-    orders = ensure_placed(r, req.model_id, dispatch=dispatch)
+    orders = [] if loading else ensure_placed(r, req.model_id, dispatch=dispatch)
     log.info("job %s waits for %s (%d new load order(s))", req.job_id, req.model_id, len(orders))
-    # Loads may have finished between the route check and the waiting list: try once more now.
-    start_waiting_jobs(r, req.model_id, dispatch=dispatch)
+    # Loads may have finished between the route check and the waiting list: try once more now (on the
+    # holders only while loads are in flight: a finished load is in the index with its worker's record).
+    start_waiting_jobs(r, req.model_id, dispatch=dispatch, whole=not loading)
 
 
 def ensure_placed(r: redis.Redis, model_id: str, *,
@@ -659,13 +684,15 @@ def _replay(r: redis.Redis, job_id: str, route: list[Hop], *, lost: Sequence[str
     return True
 
 
-def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | None = None) -> int:
+def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | None = None,
+                       whole: bool = True) -> int:
     """Start the jobs waiting for ``model_id`` if live workers now hold a complete route. Returns how many.
     A job that lost a worker mid-answer and waited for its layers (``resume``) carries on where it was
     (``_replay``), on the route that keeps most of its old hops.
 
     Under a per-model lock: two workers finishing their loads at once must not both miss the route
-    (each seeing only its own part) nor both start the same job.
+    (each seeing only its own part) nor both start the same job. ``whole=False``: on the model's holders
+    only (``routes_for``).
     """
     if not r.zcard(keys.waiting(model_id)):
         return 0
@@ -673,7 +700,7 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
     started = 0
     with r.lock(keys.start_lock(model_id), timeout=30, blocking_timeout=30):
         info = model_info(r, model_id)
-        known, routes = routes_for(r, model_id, info.num_layers)
+        known, routes = routes_for(r, model_id, info.num_layers, whole=whole)
         if not routes.exists():
             return 0
         r.delete(keys.loading(model_id))

@@ -105,6 +105,57 @@ def _beat(r: redis.Redis, wid: str, free: int, *stages: tuple[str, Span], starte
     directory.register(r, info)
 
 
+def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r, keep_model,
+                                                                              monkeypatch) -> None:
+    """The first job of a model no route serves reads the whole directory (who could load it) and places
+    it; while those loads are in flight, the next jobs wait without reading it again or placing anything
+    (each had read every live worker's record three times); the load's report starts them all."""
+    model_id = keep_model
+    front, tail = Span(0, 2, True, False), Span(2, 4, False, True)
+    _beat(r, "k1", 0, (model_id, front), started_at=time.time())
+    _beat(r, "k2", 10**15, started_at=time.time())  # room for the tail
+    reads: list[str | None] = []
+    real_snapshot, real_place = directory.snapshot, jobs.place
+    placed: list[str] = []
+
+    def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
+        reads.append(kwargs.get("model_id"))
+        return real_snapshot(*args, **kwargs)
+
+    def place(*args: Any, **kwargs: Any) -> list[placement.LoadOrder]:
+        placed.append(args[1])
+        return real_place(*args, **kwargs)
+
+    monkeypatch.setattr(directory, "snapshot", noted)
+    monkeypatch.setattr(jobs, "place", place)
+    rec = Recording(None)
+
+    def submit() -> str:
+        job_id = f"load-{uuid.uuid4().hex[:8]}"
+        jobs.submit_job(r, jobs.JobRequest(job_id=job_id, user_id="u", model_id=model_id, prompt_ids=[1, 2],
+                                           max_tokens=2), dispatch=rec)
+        return job_id
+
+    first = submit()
+    assert None in reads and placed == [model_id] and rec.count(dispatch.LOAD) == 1  # k2 ordered the tail
+    assert r.exists(keys.loading(model_id))
+    later = []
+    for _ in range(3):
+        reads.clear(), placed.clear()
+        later.append(submit())
+        assert reads and None not in reads and not placed, (reads, placed)  # the holders only
+    assert rec.count(dispatch.LOAD) == 1
+    assert {keys.as_str(j) for j in r.zrange(keys.waiting(model_id), 0, -1)} == {first, *later}
+    # The tail is loaded (the collector's loaded report starts the waiting jobs).
+    _beat(r, "k2", 10**15, (model_id, tail), started_at=time.time())
+    assert jobs.start_waiting_jobs(r, model_id, dispatch=rec) == 4
+    assert not r.zcard(keys.waiting(model_id)) and not r.exists(keys.loading(model_id))
+    for job_id in (first, *later):
+        r.delete(keys.job(job_id))
+        r.zrem(keys.ACTIVE_JOBS, job_id)
+    r.delete(keys.pending("k1"), keys.pending("k2"))
+
+
 def test_a_worker_that_restarted_empty_is_ordered_its_span_again(r, keep_model) -> None:
     model_id = keep_model
     front, tail = Span(0, 2, True, False), Span(2, 4, False, True)
