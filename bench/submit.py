@@ -163,13 +163,16 @@ def reading(directory: Any, per_span: int, submit: Any) -> Any:
 
 
 def loads_unseen(jobs: Any, submit: Any) -> Any:
-    """``submit()`` as before submit looked for the core's loads in flight (every live worker read)."""
-    kept = jobs.loading_in_flight
-    jobs.loading_in_flight = lambda r, model_id: False
+    """``submit()`` as before submit looked for the core's loads in flight: every live worker read for its
+    route, placement asked, every live worker read for the waiting jobs; whether the workers could load the
+    model not asked (it was not while loads were in flight). Its ``EXISTS`` of the loads (a round trip) is
+    not made: a hair faster than it was."""
+    kept = jobs.loading_in_flight, jobs._could_load
+    jobs.loading_in_flight, jobs._could_load = (lambda r, model_id: False), (lambda info, workers: True)
     try:
         return submit()
     finally:
-        jobs.loading_in_flight = kept
+        jobs.loading_in_flight, jobs._could_load = kept
 
 
 def span_keys(model_id: str, names: list[str]) -> dict[str, list[str]]:

@@ -183,10 +183,11 @@ def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequenc
     The model's index is read first (its holders only: what a job's first token waits for); with
     ``per_span``, at most that many holders of each span (a submit: ``directory.SUBMIT_PER_SPAN``), and
     every holder where those give no route. Where the holders give no route, the whole directory is read and
-    routed over (``whole=False``: not): the index is filled by heartbeats, so it may lag the records (a
-    collector of a version before it; a key lost), and placement, which reads the whole directory, would not
-    order loads for a model it sees served. So where there is no route, the snapshot returned is every live
-    worker: which of them could load the model."""
+    routed over: the index is filled by heartbeats, so it may lag the records (a collector of a version
+    before it; a key lost), and placement, which reads the whole directory, would not order loads for a model
+    it sees served. So where there is no route, the snapshot returned is every live worker: which of them
+    could load the model. ``whole=False``: the holders only (a submit while the core's loads of the model
+    are in flight: ``submit_job``)."""
     known = directory.snapshot(r, model_id=model_id, now=now, per_span=per_span)
     routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
     if routes.exists():
@@ -212,9 +213,14 @@ def whole_routes(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Seque
 
 def loading_in_flight(r: redis.Redis, model_id: str) -> bool:
     """Whether the core's load orders for ``model_id`` are in flight (``place`` found no route over the
-    whole directory and ordered them; the key goes when a route starts the waiting jobs, or at the load
-    deadline)."""
+    whole directory and ordered them; the key goes when ``start_waiting_jobs`` finds a route, when a load
+    fails, or at the load deadline)."""
     return bool(r.exists(keys.loading(model_id)))
+
+
+def _could_load(info: ModelInfo, workers: list[directory.WorkerInfo]) -> bool:
+    """Whether ``workers`` (every live worker) have room to load the model (``placement.plan_loads``)."""
+    return bool(placement.plan_loads(info.shape, workers, max_copies=get_settings().copies))
 
 
 def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None = None,
@@ -244,8 +250,7 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     if not servable and not loading:
         known, routes = whole_routes(r, req.model_id, info.num_layers)
         servable = routes.exists()
-        if not servable and not placement.plan_loads(info.shape, known.workers,
-                                                     max_copies=get_settings().copies):
+        if not servable and not _could_load(info, known.workers):
             need = placement.needed_bytes(info.shape)
             raise NoCapacity(f"no live worker holds {req.model_id} and the {len(known.workers)} live "
                              f"worker(s) cannot load it (it needs about {need} bytes)", param="model")
@@ -694,8 +699,9 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
     (each seeing only its own part) nor both start the same job. ``whole=False``: on the model's holders
     only (``routes_for``).
     """
-    if not r.zcard(keys.waiting(model_id)):
+    if not r.zcard(keys.waiting(model_id)) and not loading_in_flight(r, model_id):
         return 0
+    # (With no job waiting, a route still ends the loads in flight: new jobs do not wait for them.)
     dispatch = dispatch or get_dispatcher()
     started = 0
     with r.lock(keys.start_lock(model_id), timeout=30, blocking_timeout=30):

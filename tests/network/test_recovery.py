@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 import redis
+from nacl.signing import SigningKey
 
 from azu.config import get_settings
 from azu.engine.span import Span
-from azu.network import directory, dispatch, jobs, keys, placement, watchdog
+from azu.network import auth, directory, dispatch, jobs, keys, placement, watchdog
 from azu.network.directory import WorkerInfo
 from azu.network.node import WorkerNode
 from azu.network.placement import ModelShape
@@ -114,6 +115,8 @@ def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r
     front, tail = Span(0, 2, True, False), Span(2, 4, False, True)
     _beat(r, "k1", 0, (model_id, front), started_at=time.time())
     _beat(r, "k2", 10**15, started_at=time.time())  # room for the tail
+    for wid in ("k1", "k2"):  # enrolled: a grant names each hop's key
+        r.set(keys.identity(wid), auth.public_hex(SigningKey.generate()))
     reads: list[str | None] = []
     real_snapshot, real_place = directory.snapshot, jobs.place
     placed: list[str] = []
@@ -136,24 +139,32 @@ def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r
                                            max_tokens=2), dispatch=rec)
         return job_id
 
-    first = submit()
-    assert None in reads and placed == [model_id] and rec.count(dispatch.LOAD) == 1  # k2 ordered the tail
-    assert r.exists(keys.loading(model_id))
-    later = []
-    for _ in range(3):
-        reads.clear(), placed.clear()
-        later.append(submit())
-        assert reads and None not in reads and not placed, (reads, placed)  # the holders only
-    assert rec.count(dispatch.LOAD) == 1
-    assert {keys.as_str(j) for j in r.zrange(keys.waiting(model_id), 0, -1)} == {first, *later}
-    # The tail is loaded (the collector's loaded report starts the waiting jobs).
-    _beat(r, "k2", 10**15, (model_id, tail), started_at=time.time())
-    assert jobs.start_waiting_jobs(r, model_id, dispatch=rec) == 4
-    assert not r.zcard(keys.waiting(model_id)) and not r.exists(keys.loading(model_id))
-    for job_id in (first, *later):
-        r.delete(keys.job(job_id))
-        r.zrem(keys.ACTIVE_JOBS, job_id)
-    r.delete(keys.pending("k1"), keys.pending("k2"))
+    submitted: list[str] = []
+    try:
+        submitted.append(submit())
+        assert None in reads and placed == [model_id] and rec.count(dispatch.LOAD) == 1  # k2: the tail
+        assert r.exists(keys.loading(model_id))
+        for _ in range(3):
+            reads.clear(), placed.clear()
+            submitted.append(submit())
+            assert reads and None not in reads and not placed, (reads, placed)  # the holders only
+        assert rec.count(dispatch.LOAD) == 1
+        assert {keys.as_str(j) for j in r.zrange(keys.waiting(model_id), 0, -1)} == set(submitted)
+        # The tail is loaded (the collector's loaded report starts the waiting jobs).
+        _beat(r, "k2", 10**15, (model_id, tail), started_at=time.time())
+        assert jobs.start_waiting_jobs(r, model_id, dispatch=rec) == 4
+        assert not r.zcard(keys.waiting(model_id)) and not r.exists(keys.loading(model_id))
+        assert {jobs.get_job(r, j).status for j in submitted} == {"running"}
+        assert r.llen(keys.pending("k1")) >= 1  # their first steps handed to k1
+        # A loaded report with no job waiting still ends the loads in flight (else new jobs would wait).
+        r.set(keys.loading(model_id), "[]")
+        assert jobs.start_waiting_jobs(r, model_id, dispatch=rec) == 0
+        assert not r.exists(keys.loading(model_id))
+    finally:
+        r.delete(keys.waiting(model_id), keys.pending("k1"), keys.pending("k2"), keys.wake("k1"),
+                 keys.wake("k2"), keys.identity("k1"), keys.identity("k2"), *(keys.job(j) for j in submitted))
+        if submitted:
+            r.zrem(keys.ACTIVE_JOBS, *submitted)
 
 
 def test_a_worker_that_restarted_empty_is_ordered_its_span_again(r, keep_model) -> None:
