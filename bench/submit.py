@@ -64,13 +64,11 @@ class Counted:
 def add_workers(r: Any, first: int, last: int) -> None:
     from nacl.signing import SigningKey
 
-    from azu.engine.span import Span
     from azu.network import auth, directory, jobs, keys
 
-    half = LAYERS // 2
     for i in range(first, last):  # the workers' names: sub-00000 ...
         wid = f"sub-{i:05d}"
-        span = Span(0, half, True, False) if i % 2 == 0 else Span(half, LAYERS, False, True)
+        span = span_of(i)
         held = MODELS if i < 2 else MODELS[:1]
         directory.register(r, directory.WorkerInfo(
             worker_id=wid, queue=f"gpu.{wid}", device="cpu", total_memory=10**10, free_memory=10**9,
@@ -82,13 +80,11 @@ def add_workers(r: Any, first: int, last: int) -> None:
 
 def heartbeats(names: list[str]) -> list[bytes]:
     """A signed heartbeat report of each worker, as its node sends one every AZU_HEARTBEAT_S."""
-    from azu.engine.span import Span
     from azu.network import reports
 
-    half = LAYERS // 2
     out = []
     for i, wid in enumerate(names):
-        span = Span(0, half, True, False) if i % 2 == 0 else Span(half, LAYERS, False, True)
+        span = span_of(i)
         body = {"device": "cpu", "total_memory": 10**10, "free_memory": 10**9, "cached_jobs": 0,
                 "stages": [[m, *span.to_list()] for m in (MODELS if i < 2 else MODELS[:1])],
                 "started_at": 1, "p2p_url": f"tcp://10.0.{i // 250}.{i % 250}:8003"}
@@ -129,9 +125,9 @@ def submit_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> tuple
     r.zadd(keys.WORKERS, dict.fromkeys(names, now))
     for model_id, holding in ((MODELS[0], names), (MODELS[1], names[:2])):
         r.zadd(keys.holders(model_id), dict.fromkeys(holding, now))
-        for key, members in span_keys(model_id, holding).items():
-            r.zadd(key, dict.fromkeys(members, now))
-            r.zadd(keys.held_spans(model_id), {key.split(":span:")[1].split(":")[0]: now})
+        for name, members in by_span(holding).items():
+            r.zadd(keys.span_holders(model_id, name), dict.fromkeys(members, now))
+            r.zadd(keys.held_spans(model_id), {name: now})
     req = jobs.JobRequest(job_id=f"sub-{uuid.uuid4().hex[:12]}", user_id="u", model_id=info.model_id,
                           prompt_ids=[1, 2, 3], max_tokens=4)
     sent = 0
@@ -175,13 +171,19 @@ def loads_unseen(jobs: Any, submit: Any) -> Any:
         jobs.loading_in_flight, jobs._could_load = kept
 
 
-def span_keys(model_id: str, names: list[str]) -> dict[str, list[str]]:
-    """Each span index of ``model_id`` -> the workers of ``names`` in it (even ones hold the first half)."""
-    from azu.network import keys
+def span_of(i: int) -> Any:
+    """The span the ``i``-th worker holds of each model it holds: even ones the first half, odd the second."""
+    from azu.engine.span import Span
 
     half = LAYERS // 2
-    return {keys.span_holders(model_id, keys.span_name(0, half, True, False)): names[0::2],
-            keys.span_holders(model_id, keys.span_name(half, LAYERS, False, True)): names[1::2]}
+    return Span(0, half, True, False) if i % 2 == 0 else Span(half, LAYERS, False, True)
+
+
+def by_span(names: list[str]) -> dict[str, list[str]]:
+    """Each span's name (as the indexes name it) -> the workers of ``names`` holding it (``span_of``)."""
+    from azu.network import directory
+
+    return {directory.span_name(span_of(k)): names[k::2] for k in (0, 1)}
 
 
 def silent(r: Any, model_id: str, count: int, at: float) -> list[str]:
@@ -190,8 +192,8 @@ def silent(r: Any, model_id: str, count: int, at: float) -> list[str]:
 
     gone = [f"gone-{i:05d}" for i in range(count)]
     r.zadd(keys.holders(model_id), dict.fromkeys(gone, at))
-    for key, members in span_keys(model_id, gone).items():
-        r.zadd(key, dict.fromkeys(members, at))
+    for name, members in by_span(gone).items():
+        r.zadd(keys.span_holders(model_id, name), dict.fromkeys(members, at))
     return gone
 
 
@@ -243,8 +245,8 @@ def main() -> int:
                 among_silent.append(submit())
                 every_among_silent.append(reading(directory, 0, submit))
             r.zrem(keys.holders(every.model_id), *gone)
-            for key, members in span_keys(every.model_id, gone).items():
-                r.zrem(key, *members)
+            for name, members in by_span(gone).items():
+                r.zrem(keys.span_holders(every.model_id, name), *members)
             # A model being loaded: placed once (its orders recorded, none sent), then jobs wait for it, now
             # and as before (as if no load were in flight: every live worker read, placement checked).
             assert jobs.place(r, LOADING, spares=False, dispatch=dispatch)
@@ -276,7 +278,8 @@ def main() -> int:
                 assert jobs.place(r, few.model_id, spares=True, copies=1, dispatch=dispatch) == []  # before
                 full.append(time.perf_counter() - t)
             # And of the model all of them hold: windows of each span's holders (now), every holder (before).
-            windows, every_read = [], []
+            windows: list[float] = []
+            every_read: list[float] = []
             for _ in range(max(5, jobs_n // 4)):
                 for out, per_span in ((windows, directory.SUBMIT_PER_SPAN), (every_read, 0)):
                     t = time.perf_counter()
