@@ -30,7 +30,7 @@ from azu.network.directory import WorkerInfo
 from azu.network.node import WorkerNode
 from azu.network.placement import ModelShape
 from azu.registry import status as models
-from tests.support.network import InlineNetwork, Recording, heartbeat
+from tests.support.network import InlineNetwork, Recording, heartbeat, noted_places, noted_reads
 
 pytestmark = [pytest.mark.network]
 
@@ -117,20 +117,7 @@ def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r
     _beat(r, "k2", 10**15, started_at=time.time())  # room for the tail
     for wid in ("k1", "k2"):  # enrolled: a grant names each hop's key
         r.set(keys.identity(wid), auth.public_hex(SigningKey.generate()))
-    reads: list[str | None] = []
-    real_snapshot, real_place = directory.snapshot, jobs.place
-    placed: list[str] = []
-
-    def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
-        reads.append(kwargs.get("model_id"))
-        return real_snapshot(*args, **kwargs)
-
-    def place(*args: Any, **kwargs: Any) -> list[placement.LoadOrder]:
-        placed.append(args[1])
-        return real_place(*args, **kwargs)
-
-    monkeypatch.setattr(directory, "snapshot", noted)
-    monkeypatch.setattr(jobs, "place", place)
+    reads, placed = noted_reads(monkeypatch), noted_places(monkeypatch)
     rec = Recording(None)
 
     def submit() -> str:
@@ -142,12 +129,14 @@ def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r
     submitted: list[str] = []
     try:
         submitted.append(submit())
-        assert None in reads and placed == [model_id] and rec.count(dispatch.LOAD) == 1  # k2: the tail
+        assert (None, 0, False) in reads and placed == [model_id]  # every worker read; placed
+        assert rec.count(dispatch.LOAD) == 1  # k2: the tail
         assert r.exists(keys.loading(model_id))
         for _ in range(3):
             reads.clear(), placed.clear()
             submitted.append(submit())
-            assert reads and None not in reads and not placed, (reads, placed)  # the holders only
+            # The holders only, no placement.
+            assert reads and all(m == model_id for m, _, _ in reads) and not placed, (reads, placed)
         assert rec.count(dispatch.LOAD) == 1
         assert {keys.as_str(j) for j in r.zrange(keys.waiting(model_id), 0, -1)} == set(submitted)
         # The tail is loaded (the collector's loaded report starts the waiting jobs).
@@ -231,29 +220,14 @@ def test_keep_placed_reads_only_the_holders_of_a_model_placed_in_full(r, keep_mo
 
 
 def _keep_checks(r: redis.Redis, model_id: str, front: Span, tail: Span, monkeypatch: Any) -> None:
-    placed: list[str] = []
-    real_place = jobs.place
-
-    def place(r_: Any, placed_model: str, **kwargs: Any) -> Any:
-        placed.append(placed_model)
-        return real_place(r_, placed_model, **kwargs)
-
-    monkeypatch.setattr(jobs, "place", place)
-    reads: list[str | None] = []
-    real_snapshot = directory.snapshot
-
-    def snapshot(r_: Any, **kwargs: Any) -> Any:
-        reads.append(kwargs.get("model_id"))
-        return real_snapshot(r_, **kwargs)
-
-    monkeypatch.setattr(directory, "snapshot", snapshot)
+    placed, reads = noted_places(monkeypatch), noted_reads(monkeypatch)
     assert jobs._placed_enough(r, model_id, 1)
-    assert reads == [model_id]  # its holders (test_units: such a read GETs the holders' records only)
+    assert [m for m, _, _ in reads] == [model_id]  # its holders (test_units: such a read GETs theirs only)
     assert not jobs._placed_enough(r, model_id, 2)  # a second copy is not there
     rec = Recording(None)
     reads.clear()
     assert [o for o in jobs.keep_placed(r, dispatch=rec) if o.model_id == model_id] == []
-    assert model_id not in placed and model_id in reads
+    assert model_id not in placed and model_id in [m for m, _, _ in reads]
     # k2 restarted empty: the tail is ordered again (to k2: the roomiest, as are the others, and first by id).
     _beat(r, "k2", 10**15, started_at=time.time() + 1)
     orders = [o for o in jobs.keep_placed(r, dispatch=rec) if o.model_id == model_id]

@@ -31,7 +31,7 @@ from azu.network.placement import ModelShape
 from azu.network.wire import Hop, JobGrant, Sampling, StepPayload
 from azu.registry import status as models
 from tests.support import wait_for
-from tests.support.network import InlineNetwork
+from tests.support.network import InlineNetwork, noted_reads
 
 NUM_LAYERS = 4
 
@@ -590,21 +590,6 @@ def _forget(r: Any, model_id: str, workers: list[str]) -> None:
              *r.keys(keys.span_holders_prefix(model_id) + "*"))
 
 
-def _noted_reads(monkeypatch: Any) -> list[tuple[str | None, int, bool]]:
-    """Each directory read from now on: (the model whose holders it read, or None: every worker; its
-    ``per_span``; whether it left holders out)."""
-    reads: list[tuple[str | None, int, bool]] = []
-    real = directory.snapshot
-
-    def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
-        got = real(*args, **kwargs)
-        reads.append((kwargs.get("model_id"), kwargs.get("per_span", 0), got.sampled))
-        return got
-
-    monkeypatch.setattr(directory, "snapshot", noted)
-    return reads
-
-
 def test_a_submits_read_is_a_window_of_each_spans_live_holders(any_redis, r) -> None:
     """Where more of a span's holders are live than ``per_span``, the read takes that many of them, a window
     that moves on every ``per_span`` turns of the model's counter (so it reaches every holder), whatever
@@ -656,7 +641,7 @@ def test_a_submit_finds_the_fewest_hops_and_a_span_few_hold_in_its_windows(r, mo
     few = [(f"few-body-{i:03d}", body) for i in range(400)] + [("few-head", head)]
     halves = [(f"hop-half-{i:03d}", first if i % 2 else second) for i in range(1000)]
     wholes = [(f"hop-whole-{i}", whole) for i in range(3)]
-    reads = _noted_reads(monkeypatch)
+    reads = noted_reads(monkeypatch)
     try:
         _hold(r, "few-m", few, at=now)
         _hold(r, "hop-m", [*halves, *wholes], at=now)
@@ -715,7 +700,7 @@ def test_the_placement_check_reads_the_windows_where_they_hold_the_copies(r, mon
         model_id=model_id, architecture="LlamaForCausalLM", num_layers=3, hidden_size=8, vocab_size=16,
         torch_dtype="float32", eos_token_ids=(2,), context_length=64, layer_bytes=(10,) * 3,
         embeddings_bytes=10, head_bytes=10).to_json()})
-    reads = _noted_reads(monkeypatch)
+    reads = noted_reads(monkeypatch)
     try:
         _hold(r, model_id, held, at=time.time())
         per_span = directory.SUBMIT_PER_SPAN
@@ -754,7 +739,7 @@ def test_windows_without_a_route_are_followed_by_every_holder(r, monkeypatch) ->
     body, head = Span(0, 2, True, False), Span(2, 3, False, True)
     banned = [(f"win-banned-{i:02d}", head) for i in range(16)]
     held = [("win-body", body), *banned, ("win-head-a", head), ("win-head-b", head)]
-    reads = _noted_reads(monkeypatch)
+    reads = noted_reads(monkeypatch)
     try:
         _hold(r, "win-m", held[:17], at=now - 1)
         _hold(r, "win-m", held[17:], at=now)
@@ -776,7 +761,7 @@ def test_windows_without_a_route_are_followed_by_every_holder(r, monkeypatch) ->
 def test_a_submit_reads_windows_of_the_holders(r, inline, monkeypatch) -> None:
     """submit_job reads the windows (``SUBMIT_PER_SPAN``), and nothing more where they make a route."""
     net, model_id = inline
-    reads = _noted_reads(monkeypatch)
+    reads = noted_reads(monkeypatch)
     job_id = net.submit(model_id, prefix="smp")
     assert reads == [(model_id, directory.SUBMIT_PER_SPAN, False)]  # two halves, one holder each: all read
     net.run()

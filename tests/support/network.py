@@ -190,6 +190,38 @@ class Cluster:
             self.stop(name)
 
 
+def noted_reads(monkeypatch: Any) -> list[tuple[str | None, int, bool]]:
+    """Each directory read (``directory.snapshot``) from now on: (the model whose holders it read, or None:
+    every worker; its ``per_span``; whether it left holders out)."""
+    from azu.network import directory
+
+    reads: list[tuple[str | None, int, bool]] = []
+    real = directory.snapshot
+
+    def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
+        got = real(*args, **kwargs)
+        reads.append((kwargs.get("model_id"), kwargs.get("per_span", 0), got.sampled))
+        return got
+
+    monkeypatch.setattr(directory, "snapshot", noted)
+    return reads
+
+
+def noted_places(monkeypatch: Any) -> list[str]:
+    """The model of each ``jobs.place`` call from now on."""
+    from azu.network import jobs
+
+    placed: list[str] = []
+    real = jobs.place
+
+    def place(r: redis.Redis, model_id: str, **kwargs: Any) -> Any:
+        placed.append(model_id)
+        return real(r, model_id, **kwargs)
+
+    monkeypatch.setattr(jobs, "place", place)
+    return placed
+
+
 class Recording:
     """Wraps a dispatcher and remembers what was sent (to count, e.g., shard tasks)."""
 
