@@ -31,6 +31,9 @@ def _victim_data(core: redis.Redis, w2: str) -> list[str]:
     core.zadd("azu:workers", {w2: 1.0})
     core.hset("azu:model:m1", mapping={"state": b"ready"})
     core.zadd("azu:model:m1:holders", {w2: 1.0})
+    core.zadd("azu:model:m1:spans", {"0-2+e+h": 1.0})  # the spans held, and each span's holders: what a
+    core.zadd("azu:model:m1:span:0-2+e+h:holders", {w2: 1.0})  # submit's windows read, from the turn
+    core.set("azu:model:m1:turn", 7)
     core.sadd("azu:models:ready", b"m1")
     core.lpush("core", b"settle")
     core.lpush("registry", b"shard")
@@ -40,7 +43,8 @@ def _victim_data(core: redis.Redis, w2: str) -> list[str]:
     core.sadd("azu:reporters", w2)
     return [f"gpu.{w2}", f"ctl.{w2}", f"azu:pending:{w2}", f"azu:wake:{w2}", f"unacked:{w2}",
             f"unacked_index:{w2}", "unacked", f"_kombu.binding.gpu.{w2}", job, f"{job}:events",
-            f"azu:worker:{w2}", "azu:workers", "azu:model:m1", "azu:model:m1:holders", "azu:models:ready",
+            f"azu:worker:{w2}", "azu:workers", "azu:model:m1", "azu:model:m1:holders", "azu:model:m1:spans",
+            "azu:model:m1:span:0-2+e+h:holders", "azu:model:m1:turn", "azu:models:ready",
             "core", "registry", "azu:reports", f"azu:reports:from:{w2}", "azu:reports:ready", "azu:reporters",
             identity.identity_key(w2)]
 
@@ -56,6 +60,8 @@ ATTEMPTS = [
     ("XRANGE", "azu:job:j-victim:events", "-", "+"), ("XREAD", "STREAMS", "azu:job:j-victim:events", "0-0"),
     ("GET", "azu:worker:{w2}"), ("ZRANGE", "azu:workers", 0, -1), ("HGETALL", "azu:model:m1"),
     ("ZRANGE", "azu:model:m1:holders", 0, -1), ("SMEMBERS", "azu:models:ready"), ("GET", "azu:identity:{w2}"),
+    ("ZRANGE", "azu:model:m1:spans", 0, -1), ("ZRANGE", "azu:model:m1:span:0-2+e+h:holders", 0, -1),
+    ("GET", "azu:model:m1:turn"),
     ("LRANGE", "core", 0, -1), ("BRPOP", "core", 1), ("LRANGE", "registry", 0, -1),
     ("LRANGE", "azu:reports", 0, -1), ("LPOP", "azu:reports"),
     ("LRANGE", "azu:reports:from:{w2}", 0, -1), ("LPOP", "azu:reports:from:{w2}"),
@@ -127,6 +133,11 @@ def test_a_worker_reads_nothing_of_others(app, core):
     ("SET", "azu:worker:{w2}", "{{}}"), ("ZADD", "azu:workers", 9e9, "{w2}"),
     ("SET", "azu:identity:{w2}", "00"),
     ("HSET", "azu:model:m1", "state", "failed"), ("ZADD", "azu:model:m1:holders", 9e9, "{w2}"),
+    # Nor the indexes a submit reads a window of, nor the counter that moves the windows.
+    ("ZADD", "azu:model:m1:spans", 9e9, "0-9+e+h"),
+    ("ZADD", "azu:model:m1:span:0-2+e+h:holders", 9e9, "{w2}-2"),
+    ("ZREM", "azu:model:m1:span:0-2+e+h:holders", "{w2}"), ("INCR", "azu:model:m1:turn"),
+    ("SET", "azu:model:m1:turn", "0"),
     ("HDEL", "unacked", "tag0"), ("FLUSHDB",), ("FLUSHALL",),
     # Reports go only to its own list: not to the shared one, not into another worker's (where they would
     # be read as that worker's), and it cannot enroll ids into the collector's reading.
