@@ -181,6 +181,7 @@ class Snapshot:
     workers: list[WorkerInfo]
     identities: dict[str, str]  # worker id -> public key (hex), for the live workers that have one
     sampled: bool = False  # windows of a model's holders (``snapshot(per_span=...)``), not every one
+    turn: int = 0  # the model's turn counter the windows were read at (they move on every ``per_span``)
 
     def worker(self, worker_id: str) -> WorkerInfo | None:
         return next((w for w in self.workers if w.worker_id == worker_id), None)
@@ -213,8 +214,10 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
 # keeps (an hour's). The window moves on by its length every ``window`` turns of the model's counter
 # (KEYS[5]), so ``Routes.pick(turn)`` takes each of its holders in turn before the next window comes (a
 # window moved on every turn, with the pick moving within it, had taken 16 of 256 holders for every job).
+# ARGV[9..] (with a window): holders read whatever the windows hold, if live (a re-routed job's surviving
+# hops, whose workers hold its caches and are kept where a fewest-hop route allows).
 # Returns whether it read fewer than every holder (some span held by more than the window, or no span index:
-# a collector of a version before it), and the rows.
+# a collector of a version before it), the rows, and the turn the windows were read at.
 _READ = """
 local out = {}
 local lost = {}
@@ -222,10 +225,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do lo
 local ids
 local window = tonumber(ARGV[6])
 local sampled = 0
+local turn = 0
 if window > 0 then
   ids = {}
   local seen = {}
-  local turn = math.floor(tonumber(redis.call('GET', KEYS[5]) or '0') or 0)
+  turn = math.floor(tonumber(redis.call('GET', KEYS[5]) or '0') or 0)
   local spans = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[1], '+inf')
   if #spans == 0 then sampled = 1 end
   for _, span in ipairs(spans) do
@@ -253,6 +257,14 @@ if window > 0 then
       end
     end
   end
+  for i = 9, #ARGV do
+    local id = ARGV[i]
+    local at = redis.call('ZSCORE', KEYS[1], id)
+    if not seen[id] and at and tonumber(at) >= tonumber(ARGV[1]) then
+      seen[id] = true
+      ids[#ids + 1] = id
+    end
+  end
 else
   ids = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
 end
@@ -262,12 +274,12 @@ for _, id in ipairs(ids) do
                      redis.call('SMEMBERS', ARGV[5] .. id)}
   end
 end
-return {sampled, out}
+return {sampled, out, turn}
 """
 
 
 def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None = None,
-             now: float | None = None, per_span: int = 0) -> Snapshot:
+             now: float | None = None, per_span: int = 0, also: Sequence[str] = ()) -> Snapshot:
     """``live_workers`` with their enrolled identities, all in one round trip (a job's grant then needs no
     read of its own). Lost workers are left out until they restart; banned ones (failed verification,
     azu.verification) for good.
@@ -278,16 +290,17 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
 
     ``per_span`` (with ``model_id``): at most that many live holders of each span of the model, a window
     that moves on with the model's turn counter (what a submit reads: ``SUBMIT_PER_SPAN``); the snapshot
-    says whether that left any holder out (``sampled``)."""
+    says whether that left any holder out (``sampled``). ``also`` (with ``per_span``): holders read as well,
+    wherever the windows are, if live (a re-routed job's surviving hops: ``jobs.reroute_job``)."""
     now = time.time() if now is None else now
     prefixes = keys.worker(""), keys.identity(""), keys.assigned("")
     among = keys.WORKERS if model_id is None else keys.holders(model_id)
     window = max(0, int(per_span)) if model_id is not None else 0
     spans, turn, first = ((keys.held_spans(model_id), keys.turn(model_id), keys.span_holders_prefix(model_id))
                           if model_id is not None else (among, among, ""))
-    sampled, rows = r.eval(_READ, 5, among, LOST, keys.BANNED, spans, turn,  # type: ignore[arg-type,misc]
+    sampled, rows, turn_read = r.eval(_READ, 5, among, LOST, keys.BANNED, spans, turn,  # type: ignore[arg-type,misc]
                            now - _ttl(ttl), now - LOST_HOLD_S, *prefixes, window, first,
-                           keys.SPAN_HOLDERS_SUFFIX)
+                           keys.SPAN_HOLDERS_SUFFIX, *(sorted(set(also)) if window else ()))
     out = []
     known: dict[str, str] = {}
     for raw_id, raw, public_key, spans in rows:
@@ -311,7 +324,7 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
         out.append(info)
         if public_key:
             known[worker_id] = keys.as_str(public_key)
-    return Snapshot(sorted(out, key=lambda w: w.worker_id), known, sampled=bool(sampled))
+    return Snapshot(sorted(out, key=lambda w: w.worker_id), known, sampled=bool(sampled), turn=int(turn_read))
 
 
 def get_worker(r: redis.Redis, worker_id: str) -> WorkerInfo | None:

@@ -175,20 +175,21 @@ return 0
 
 
 def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequence[str] = (),
-               now: float | None = None, per_span: int = 0,
+               now: float | None = None, per_span: int = 0, also: Sequence[str] = (),
                whole: bool = True) -> tuple[directory.Snapshot, placement.Routes]:
     """The routes of ``model_id`` over its live holders, with the snapshot they came from (its identities
     make the grant).
 
     The model's index is read first (its holders only: what a job's first token waits for); with
-    ``per_span``, at most that many holders of each span (a submit: ``directory.SUBMIT_PER_SPAN``), and
-    every holder where those give no route. Where the holders give no route, the whole directory is read and
+    ``per_span``, at most that many holders of each span (a submit, a re-route: ``directory.SUBMIT_PER_SPAN``)
+    and ``also`` these if live (a re-routed job's surviving hops), and every holder where those give no
+    route. Where the holders give no route, the whole directory is read and
     routed over: the index is filled by heartbeats, so it may lag the records (a collector of a version
     before it; a key lost), and placement, which reads the whole directory, would not order loads for a model
     it sees served. So where there is no route, the snapshot returned is every live worker: which of them
     could load the model. ``whole=False``: the holders only (a submit while the core's loads of the model
     are in flight: ``submit_job``)."""
-    known = directory.snapshot(r, model_id=model_id, now=now, per_span=per_span)
+    known = directory.snapshot(r, model_id=model_id, now=now, per_span=per_span, also=also)
     routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
     if routes.exists():
         return known, routes
@@ -596,7 +597,11 @@ def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: D
     old, step = job_route(job), int(job.get("step") or 0)
     model_id = job["model_id"]
     info = model_info(r, model_id)
-    known, routes = routes_for(r, model_id, info.num_layers, avoid=lost, now=now)
+    # A window of each span's holders, as a submit reads, and the old route's workers (to keep its warm
+    # hops): a worker lost with many jobs re-routes each of them on the collector's thread, which publishes
+    # every job's tokens (reading every holder cost it 16-20 ms a job at 1000 holders: ``bench/submit.py``).
+    known, routes = routes_for(r, model_id, info.num_layers, avoid=lost, now=now,
+                               per_span=directory.SUBMIT_PER_SPAN, also=[h.worker_id for h in old])
     _note_loss(r, job_id, job, lost, now=now)
     if routes.exists():
         return _replay(r, job_id, _closest(r, model_id, routes, old), lost=lost, dispatch=dispatch, now=now,
@@ -696,8 +701,11 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
     (``_replay``), on the route that keeps most of its old hops.
 
     Under a per-model lock: two workers finishing their loads at once must not both miss the route
-    (each seeing only its own part) nor both start the same job. ``whole=False``: on the model's holders
-    only (``routes_for``).
+    (each seeing only its own part) nor both start the same job. The holders are read as a submit reads
+    them (a window of each span's, every holder where those make no route), again each time the model's
+    turn counter moves the windows on, so many waiting jobs spread over the holders as submits do; a
+    resumed job's read also takes its old route's workers, to keep its warm hops. ``whole=False``: on the
+    model's holders only (``routes_for``).
     """
     if not r.zcard(keys.waiting(model_id)) and not loading_in_flight(r, model_id):
         return 0
@@ -706,23 +714,33 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
     started = 0
     with r.lock(keys.start_lock(model_id), timeout=30, blocking_timeout=30):
         info = model_info(r, model_id)
-        known, routes = routes_for(r, model_id, info.num_layers, whole=whole)
+        per_span = directory.SUBMIT_PER_SPAN
+        known, routes = routes_for(r, model_id, info.num_layers, per_span=per_span, whole=whole)
         if not routes.exists():
             return 0
         r.delete(keys.loading(model_id))
-        for raw in r.zrange(keys.waiting(model_id), 0, -1):
+        queued: list[tuple[Any, float]] = r.zrange(keys.waiting(model_id), 0, -1,  # type: ignore[assignment]
+                                                   withscores=True)
+        for raw, since in queued:
             job_id = keys.as_str(raw)
             if not r.zrem(keys.waiting(model_id), job_id):
                 continue
             state: list[Any] = r.hmget(keys.job(job_id), "status", "resume", "route")  # type: ignore[assignment]
             if keys.as_str(state[0] or b"") != "queued":
                 continue  # cancelled or failed while waiting
+            old = route_from_list(json.loads(state[2])) if state[1] and state[2] else ()
+            turn = int(r.incr(keys.turn(model_id)))
+            if old or (known.sampled and turn // per_span != known.turn // per_span):
+                known, routes = routes_for(r, model_id, info.num_layers, per_span=per_span,
+                                           also=[h.worker_id for h in old], whole=whole)
+                if not routes.exists():  # lost since: it waits on (keep_placed, the watchdog)
+                    r.zadd(keys.waiting(model_id), {job_id: since})
+                    break
+            route = routes.pick(turn, keep=old)  # a resumed job: a fewest-hop route keeping most of its hops
+            assert route is not None
             if state[1]:
-                old = route_from_list(json.loads(state[2])) if state[2] else ()
-                _replay(r, job_id, _closest(r, model_id, routes, old), dispatch=dispatch, known=known)
+                _replay(r, job_id, route, dispatch=dispatch, known=known)
             else:
-                route = routes.pick(int(r.incr(keys.turn(model_id))))
-                assert route is not None
                 start_job(r, job_id, route, dispatch=dispatch, known=known)
             started += 1
     return started

@@ -768,6 +768,138 @@ def test_a_submit_reads_windows_of_the_holders(r, inline, monkeypatch) -> None:
     assert jobs.get_job(r, job_id).status == "done"
 
 
+def test_holders_read_also_are_read_wherever_the_windows_are_if_live(any_redis) -> None:
+    """``snapshot(also=...)``: a re-routed job's surviving hops are read with the windows wherever they rank,
+    but only live holders of the model (not a silent, lost or banned one, nor a worker holding only
+    another model). On Redis 7 and azu up's 6.2."""
+    r, now, whole = any_redis, time.time(), Span(0, 2, True, True)
+    live = [f"also-held-{i:03d}" for i in range(100)]
+    try:
+        _hold(r, "also-m", [("also-silent", whole)], at=now - 100)
+        _hold(r, "also-m", [(w, whole) for w in live], at=now)
+        _hold(r, "also-other", [("also-elsewhere", whole)], at=now)
+        directory.mark_lost(r, [live[80]], now=now)
+        r.hset(keys.BANNED, live[81], "failed a check")
+        asked = [live[50], live[80], live[81], "also-silent", "also-elsewhere", "also-nobody"]
+        got = directory.snapshot(r, model_id="also-m", ttl=15, now=now, per_span=16, also=asked)
+        ids = [w.worker_id for w in got.workers]
+        assert got.sampled and len(ids) == 17 and live[50] in ids, ids  # the window (ranks 0-15) and one
+        assert not set(ids) & {live[80], live[81], "also-silent", "also-elsewhere"}
+        assert got.identities[live[50]] == f"key-of-{live[50]}"
+        in_window = directory.snapshot(r, model_id="also-m", ttl=15, now=now, per_span=16, also=[live[3]])
+        assert [w.worker_id for w in in_window.workers] == live[:16]  # read once
+    finally:
+        _forget(r, "also-m", [*live, "also-silent"])
+        _forget(r, "also-other", ["also-elsewhere"])
+        r.zrem(directory.LOST, live[80])
+        r.hdel(keys.BANNED, live[81])
+
+
+ENROLLED = auth.public_hex(SigningKey.generate())
+
+
+def _many_holders(r: Any, model_id: str, count: int, *, at: float) -> tuple[list[str], list[str]]:
+    """``count`` workers holding each half of a 3-layer model (registered as the core has it), enrolled."""
+    first, second = Span(0, 1, True, False), Span(1, 3, False, True)
+    r.hset(keys.model(model_id), mapping={"state": "ready", "info": models.ModelInfo(
+        model_id=model_id, architecture="LlamaForCausalLM", num_layers=3, hidden_size=8, vocab_size=16,
+        torch_dtype="float32", eos_token_ids=(2,), context_length=64, layer_bytes=(10,) * 3,
+        embeddings_bytes=10, head_bytes=10).to_json()})
+    fronts = [f"{model_id}-front-{i:03d}" for i in range(count)]
+    tails = [f"{model_id}-tail-{i:03d}" for i in range(count)]
+    _hold(r, model_id, [*((w, first) for w in fronts), *((w, second) for w in tails)], at=at)
+    for w in (*fronts, *tails):
+        r.set(keys.identity(w), ENROLLED)
+    return fronts, tails
+
+
+def _job_at(r: Any, model_id: str, job_id: str, route: list[Hop], *, step: int, status: str) -> None:
+    """A job's record as the core keeps it, ``step`` tokens published (on ``route`` if it ran)."""
+    sampling = replace(SAMPLING, stop=(), prompt_len=2)
+    r.hset(keys.job(job_id), mapping={
+        "user_id": "u", "model_id": model_id, "prompt_ids": "[1, 2]", "gen": json.dumps(sampling.to_dict()),
+        "status": status, "route": json.dumps([h.to_list() for h in route]), "epoch": "0", "step": str(step),
+        "created": str(time.time()), "updated": str(time.time())})
+    for t in range(step):
+        r.xadd(keys.events(job_id), {"t": str(5 + t)})
+
+
+def _drop(r: Any, model_id: str, workers: list[str], job_ids: list[str]) -> None:
+    _forget(r, model_id, workers)
+    r.delete(keys.model(model_id), keys.waiting(model_id), *(keys.identity(w) for w in workers),
+             *(keys.pending(w) for w in workers), *(keys.wake(w) for w in workers),
+             *(keys.job(j) for j in job_ids), *(keys.events(j) for j in job_ids))
+
+
+def test_a_reroute_reads_windows_and_keeps_the_surviving_hop(r, monkeypatch) -> None:
+    """A job whose tail was lost, among 200 holders of each half: the re-route reads a window of each span
+    (every holder's record cost the collector's thread 16-20 ms a job at 1000 holders) and the job's old
+    route, so the surviving front, far outside the window, keeps the job (it holds the job's caches); the
+    new tail comes from the window. A job whose every hop is lost takes a route from the windows."""
+    model_id, rec = "rr-m", None
+    fronts, tails = _many_holders(r, model_id, 200, at=time.time())
+    first, second = Span(0, 1, True, False), Span(1, 3, False, True)
+    reads = noted_reads(monkeypatch)
+    from tests.support.network import Recording
+    rec = Recording(None)
+    try:
+        _job_at(r, model_id, "rr-j", [Hop(fronts[150], first), Hop(tails[170], second)], step=3,
+                status="running")
+        directory.mark_lost(r, [tails[170]])
+        assert jobs.reroute_job(r, "rr-j", [tails[170]], dispatch=rec)
+        assert reads == [(model_id, directory.SUBMIT_PER_SPAN, True)], reads  # no read of every holder
+        route = jobs.job_route(jobs._hash(r, "rr-j"))
+        assert route[0] == Hop(fronts[150], first)  # kept, though outside the window
+        assert route[1].worker_id in tails[:16] and route[1].span == second
+        assert r.llen(keys.pending(fronts[150])) == 1  # the replay, handed to the kept front
+        reads.clear()
+        _job_at(r, model_id, "rr-k", [Hop(fronts[120], first), Hop(tails[120], second)], step=2,
+                status="running")
+        directory.mark_lost(r, [fronts[120], tails[120]])
+        assert jobs.reroute_job(r, "rr-k", [fronts[120], tails[120]], dispatch=rec)
+        assert reads == [(model_id, directory.SUBMIT_PER_SPAN, True)], reads
+        route = jobs.job_route(jobs._hash(r, "rr-k"))
+        assert route[0].worker_id in fronts[:16] and route[1].worker_id in tails[:16]
+    finally:
+        r.zrem(directory.LOST, tails[170], fronts[120], tails[120])
+        _drop(r, model_id, [*fronts, *tails], ["rr-j", "rr-k"])
+
+
+def test_waiting_jobs_start_over_the_holders_in_windows_as_submits_do(r, monkeypatch) -> None:
+    """40 jobs waiting for a model 64 workers hold each half of start on 40 holders of each half (the
+    windows read again each time the turn counter moves them on: one read for them all would put them on
+    16), reading windows only; a resumed job among them keeps its surviving front, outside the windows."""
+    from tests.support.network import Recording
+
+    model_id = "wait-m"
+    fronts, tails = _many_holders(r, model_id, 64, at=time.time())
+    first, second = Span(0, 1, True, False), Span(1, 3, False, True)
+    waiting = [f"wait-j-{i:02d}" for i in range(40)]
+    rec = Recording(None)
+    reads = noted_reads(monkeypatch)
+    try:
+        for i, job_id in enumerate(waiting):
+            _job_at(r, model_id, job_id, [], step=0, status="queued")
+            r.zadd(keys.waiting(model_id), {job_id: 1000 + i})
+        # The 21st waits to resume: its tail was lost, its front (rank 60) survives.
+        resumed = waiting[20]
+        _job_at(r, model_id, resumed, [Hop(fronts[60], first), Hop("wait-gone", second)], step=2,
+                status="queued")
+        r.hset(keys.job(resumed), "resume", "1")
+        assert jobs.start_waiting_jobs(r, model_id, dispatch=rec) == 40
+        assert reads and all(read == (model_id, directory.SUBMIT_PER_SPAN, True) for read in reads), reads
+        assert len(reads) <= 4, reads  # one per window the turns cross, one for the resumed job
+        routes = {j: jobs.job_route(jobs._hash(r, j)) for j in waiting}
+        assert {jobs._hash(r, j)["status"] for j in waiting} == {"running"}
+        assert routes[resumed][0] == Hop(fronts[60], first) and routes[resumed][1].worker_id != "wait-gone"
+        # One job a holder, at either hop (the resumed job's front among them).
+        assert len({route[0].worker_id for route in routes.values()}) == 40
+        assert len({route[1].worker_id for route in routes.values()}) == 40
+        assert not r.zcard(keys.waiting(model_id))
+    finally:
+        _drop(r, model_id, [*fronts, *tails], waiting)
+
+
 def test_a_grant_from_the_snapshot_is_the_grant_read_afresh(r) -> None:
     """make_grant with the directory its caller read names the same keys and addresses as one that reads
     them itself, and a hop whose worker the snapshot does not know (or that has no key) is read again."""
