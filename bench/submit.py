@@ -22,7 +22,10 @@ counted, not sent. Rows:
 - the collector's placement check of the second model (``jobs.keep_placed``, every 2 s on the thread that
   publishes the tokens), which finds it placed in full: on its holders, against ``place`` reading the
   whole directory, as every check did before the model index; and of the first model, on the windows a
-  submit reads (now) against every holder (before);
+  submit reads (now) against every holder (before); and the collector's re-route of a job whose last hop
+  was lost (``jobs.reroute_job``, once for each of the lost worker's jobs, on the same thread): windows of
+  each span's holders and the job's old route (now), against every holder (before) (with 2 workers the lost
+  hop's span has no other holder: both order it loaded and the job waits);
 - the collector's work for one heartbeat of every worker (signed reports, as their nodes send them): in
   batches as it pops them, against each heartbeat's own round trips (as before);
 - the second model's directory read (``directory.snapshot(model_id=...)``: one Lua script over the model's
@@ -113,7 +116,8 @@ def heartbeat_round(r: Any, names: list[str]) -> tuple[float, float]:
     return batched, time.perf_counter() - t
 
 
-def submit_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> tuple[float, int]:
+def submit_once(r: Any, info: Any, names: list[str], dispatch: Counted, *,
+                job_id: str | None = None) -> tuple[float, int]:
     """One submit of a 3-token prompt: (seconds, round trips it made)."""
     import redis.connection
 
@@ -128,8 +132,8 @@ def submit_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> tuple
         for name, members in by_span(holding).items():
             r.zadd(keys.span_holders(model_id, name), dict.fromkeys(members, now))
             r.zadd(keys.held_spans(model_id), {name: now})
-    req = jobs.JobRequest(job_id=f"sub-{uuid.uuid4().hex[:12]}", user_id="u", model_id=info.model_id,
-                          prompt_ids=[1, 2, 3], max_tokens=4)
+    req = jobs.JobRequest(job_id=job_id or f"sub-{uuid.uuid4().hex[:12]}", user_id="u",
+                          model_id=info.model_id, prompt_ids=[1, 2, 3], max_tokens=4)
     sent = 0
     real = redis.connection.AbstractConnection.send_packed_command
 
@@ -146,6 +150,19 @@ def submit_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> tuple
         took = time.perf_counter() - t
         redis.connection.AbstractConnection.send_packed_command = real  # type: ignore[method-assign]
     return took, sent
+
+
+def reroute_once(r: Any, info: Any, names: list[str], dispatch: Counted, per_span: int) -> float:
+    """Seconds the collector's re-route of a job just started (``jobs.reroute_job``) takes when its last
+    hop's worker is lost, reading ``per_span`` holders of each span (0: every holder)."""
+    from azu.network import directory, jobs
+
+    job_id = f"sub-{uuid.uuid4().hex[:12]}"
+    submit_once(r, info, names, dispatch, job_id=job_id)
+    lost = jobs.job_route(jobs._hash(r, job_id))[-1].worker_id
+    t = time.perf_counter()
+    assert reading(directory, per_span, lambda: jobs.reroute_job(r, job_id, [lost], dispatch=dispatch))
+    return time.perf_counter() - t
 
 
 def reading(directory: Any, per_span: int, submit: Any) -> Any:
@@ -205,7 +222,11 @@ def main() -> int:
     p.add_argument("--pause", type=float, default=0.3, help="idle seconds before each paused submit")
     p.add_argument("--redis-db", type=int, default=13)
     args = p.parse_args()
+    import logging
+
     import redis
+
+    logging.getLogger("azu.network.jobs").setLevel(logging.ERROR)  # each re-route's line, hundreds of them
 
     from azu.config import get_settings
     from azu.network import directory, jobs, keys
@@ -285,8 +306,16 @@ def main() -> int:
                     t = time.perf_counter()
                     assert reading(directory, per_span, lambda: jobs._placed_enough(r, every.model_id, 1))
                     out.append(time.perf_counter() - t)
+            # The re-route of a running job whose last hop was lost: windows of each span's holders and the
+            # job's old route (now), every holder (before).
+            rerouted: list[float] = []
+            rerouted_before: list[float] = []
+            for _ in range(max(5, jobs_n // 4)):
+                rerouted.append(reroute_once(r, every, names, dispatch, directory.SUBMIT_PER_SPAN))
+                rerouted_before.append(reroute_once(r, every, names, dispatch, 0))
             checks.append((n, statistics.median(quick), statistics.median(full), statistics.median(windows),
-                           statistics.median(every_read)))
+                           statistics.median(every_read), statistics.median(rerouted),
+                           statistics.median(rerouted_before)))
             beats.append((n, *min(heartbeat_round(r, names) for _ in range(3))))
             in_redis = []
             for per_span in (directory.SUBMIT_PER_SPAN, 0):
@@ -327,14 +356,17 @@ def main() -> int:
               f"{whole_s * 1000:.2f} ms | {holders_s / whole_s:.2f}x | {windows_us / 1000:.2f} / "
               f"{every_us / 1000:.2f} ms |")
     print("\nThe collector's placement check (keep_placed, every 2 s on the thread that publishes tokens) of "
-          "the model 2 workers hold, and of the model all of them hold, placed in full:\n")
+          "the model 2 workers hold, and of the model all of them hold, placed in full; and its re-route of "
+          "a job whose last hop was lost (on the same thread, once for each job the lost worker had):\n")
     print("| live workers | 2 hold it: its holders only | `place`, reading the whole directory | holders / "
           "whole | all hold it: windows of each span's holders (now) | every holder (before) | now / "
-          "before |")
-    print("|---|---|---|---|---|---|---|")
-    for n, quick_s, full_s, windows_s, every_read_s in checks:
+          "before | re-route: windows and the old route (now) | every holder (before) | now / before |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, quick_s, full_s, windows_s, every_read_s, reroute_s, reroute_before_s in checks:
         print(f"| {n} | {quick_s * 1000:.2f} ms | {full_s * 1000:.2f} ms | {quick_s / full_s:.2f}x | "
-              f"{windows_s * 1000:.2f} ms | {every_read_s * 1000:.2f} ms | {windows_s / every_read_s:.2f}x |")
+              f"{windows_s * 1000:.2f} ms | {every_read_s * 1000:.2f} ms | {windows_s / every_read_s:.2f}x | "
+              f"{reroute_s * 1000:.2f} ms | {reroute_before_s * 1000:.2f} ms | "
+              f"{reroute_s / reroute_before_s:.2f}x |")
     every = get_settings().worker.heartbeat_s
     print(f"\nThe collector's heartbeats: one of every worker (each sends one every {every:g} s), on the "
           "thread that publishes tokens (best of 3):\n")
