@@ -257,7 +257,7 @@ if window > 0 then
       end
     end
   end
-  for i = 9, #ARGV do
+  for i = (#spans > 0 and 9 or #ARGV + 1), #ARGV do  -- no span index: every holder is read next anyway
     local id = ARGV[i]
     local at = redis.call('ZSCORE', KEYS[1], id)
     if not seen[id] and at and tonumber(at) >= tonumber(ARGV[1]) then
@@ -291,7 +291,8 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
     ``per_span`` (with ``model_id``): at most that many live holders of each span of the model, a window
     that moves on with the model's turn counter (what a submit reads: ``SUBMIT_PER_SPAN``); the snapshot
     says whether that left any holder out (``sampled``). ``also`` (with ``per_span``): holders read as well,
-    wherever the windows are, if live (a re-routed job's surviving hops: ``jobs.reroute_job``)."""
+    wherever the windows are, if live (a re-routed job's surviving hops: ``jobs.reroute_job``); not where
+    the model has no span index, whose read is followed by every holder's."""
     now = time.time() if now is None else now
     prefixes = keys.worker(""), keys.identity(""), keys.assigned("")
     among = keys.WORKERS if model_id is None else keys.holders(model_id)

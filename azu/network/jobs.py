@@ -718,7 +718,6 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
         known, routes = routes_for(r, model_id, info.num_layers, per_span=per_span, whole=whole)
         if not routes.exists():
             return 0
-        r.delete(keys.loading(model_id))
         queued: list[tuple[Any, float]] = r.zrange(keys.waiting(model_id), 0, -1,  # type: ignore[assignment]
                                                    withscores=True)
         for raw, since in queued:
@@ -730,19 +729,29 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
                 continue  # cancelled or failed while waiting
             old = route_from_list(json.loads(state[2])) if state[1] and state[2] else ()
             turn = int(r.incr(keys.turn(model_id)))
-            if old or (known.sampled and turn // per_span != known.turn // per_span):
-                known, routes = routes_for(r, model_id, info.num_layers, per_span=per_span,
-                                           also=[h.worker_id for h in old], whole=whole)
-                if not routes.exists():  # lost since: it waits on (keep_placed, the watchdog)
-                    r.zadd(keys.waiting(model_id), {job_id: since})
-                    break
-            route = routes.pick(turn, keep=old)  # a resumed job: a fewest-hop route keeping most of its hops
+            try:
+                if old:  # its own read, with its old workers: the windows the next jobs take stay as they are
+                    its_known, its_routes = routes_for(r, model_id, info.num_layers, per_span=per_span,
+                                                       also=[h.worker_id for h in old], whole=whole)
+                else:
+                    if known.sampled and turn // per_span != known.turn // per_span:
+                        known, routes = routes_for(r, model_id, info.num_layers, per_span=per_span,
+                                                   whole=whole)
+                    its_known, its_routes = known, routes
+            except BaseException:
+                r.zadd(keys.waiting(model_id), {job_id: since})  # not lost off every list
+                raise
+            if not its_routes.exists():  # lost since: it waits on, and the loads stay in flight
+                r.zadd(keys.waiting(model_id), {job_id: since})
+                return started
+            route = its_routes.pick(turn, keep=old)  # a resumed job: a fewest-hop route keeping most hops
             assert route is not None
             if state[1]:
-                _replay(r, job_id, route, dispatch=dispatch, known=known)
+                _replay(r, job_id, route, dispatch=dispatch, known=its_known)
             else:
-                start_job(r, job_id, route, dispatch=dispatch, known=known)
+                start_job(r, job_id, route, dispatch=dispatch, known=its_known)
             started += 1
+        r.delete(keys.loading(model_id))
     return started
 
 

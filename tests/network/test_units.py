@@ -788,6 +788,11 @@ def test_holders_read_also_are_read_wherever_the_windows_are_if_live(any_redis) 
         assert got.identities[live[50]] == f"key-of-{live[50]}"
         in_window = directory.snapshot(r, model_id="also-m", ttl=15, now=now, per_span=16, also=[live[3]])
         assert [w.worker_id for w in in_window.workers] == live[:16]  # read once
+        # No span index (a collector before it): every holder is read next, so not these alone (they could
+        # make a route by themselves and keep a stalled job on its old one when a shorter one exists).
+        r.delete(keys.held_spans("also-m"))
+        bare = directory.snapshot(r, model_id="also-m", ttl=15, now=now, per_span=16, also=asked)
+        assert bare.sampled and bare.workers == []
     finally:
         _forget(r, "also-m", [*live, "also-silent"])
         _forget(r, "also-other", ["also-elsewhere"])
@@ -868,7 +873,8 @@ def test_a_reroute_reads_windows_and_keeps_the_surviving_hop(r, monkeypatch) -> 
 def test_waiting_jobs_start_over_the_holders_in_windows_as_submits_do(r, monkeypatch) -> None:
     """40 jobs waiting for a model 64 workers hold each half of start on 40 holders of each half (the
     windows read again each time the turn counter moves them on: one read for them all would put them on
-    16), reading windows only; a resumed job among them keeps its surviving front, outside the windows."""
+    16), reading windows only; two resumed jobs among them keep their surviving fronts, outside the windows
+    (one sorting before them, one after: a resumed job's read does not change the next jobs' picks)."""
     from tests.support.network import Recording
 
     model_id = "wait-m"
@@ -881,22 +887,63 @@ def test_waiting_jobs_start_over_the_holders_in_windows_as_submits_do(r, monkeyp
         for i, job_id in enumerate(waiting):
             _job_at(r, model_id, job_id, [], step=0, status="queued")
             r.zadd(keys.waiting(model_id), {job_id: 1000 + i})
-        # The 21st waits to resume: its tail was lost, its front (rank 60) survives.
-        resumed = waiting[20]
-        _job_at(r, model_id, resumed, [Hop(fronts[60], first), Hop("wait-gone", second)], step=2,
-                status="queued")
-        r.hset(keys.job(resumed), "resume", "1")
+        # The 21st and 31st wait to resume: their tails were lost, their fronts survive (ranks 0 and 60; no
+        # new job is given either).
+        resumed = {waiting[20]: fronts[0], waiting[30]: fronts[60]}
+        for job_id, front in resumed.items():
+            _job_at(r, model_id, job_id, [Hop(front, first), Hop("wait-gone", second)], step=2,
+                    status="queued")
+            r.hset(keys.job(job_id), "resume", "1")
         assert jobs.start_waiting_jobs(r, model_id, dispatch=rec) == 40
         assert reads and all(read == (model_id, directory.SUBMIT_PER_SPAN, True) for read in reads), reads
-        assert len(reads) <= 4, reads  # one per window the turns cross, one for the resumed job
+        assert len(reads) <= 5, reads  # one per window the turns cross, one for each resumed job
         routes = {j: jobs.job_route(jobs._hash(r, j)) for j in waiting}
         assert {jobs._hash(r, j)["status"] for j in waiting} == {"running"}
-        assert routes[resumed][0] == Hop(fronts[60], first) and routes[resumed][1].worker_id != "wait-gone"
-        # One job a holder, at either hop (the resumed job's front among them).
+        for job_id, front in resumed.items():
+            assert routes[job_id][0] == Hop(front, first) and routes[job_id][1].worker_id != "wait-gone"
+        # One job a holder, at either hop (the resumed jobs' fronts among them).
         assert len({route[0].worker_id for route in routes.values()}) == 40
         assert len({route[1].worker_id for route in routes.values()}) == 40
         assert not r.zcard(keys.waiting(model_id))
     finally:
+        _drop(r, model_id, [*fronts, *tails], waiting)
+
+
+def test_a_waiting_job_whose_route_is_lost_at_a_re_read_waits_on(r, monkeypatch) -> None:
+    """Every holder is lost while waiting jobs start (found when the windows are read again): the job that
+    read it goes back to the waiting list where it was, those after it stay there, and the loads stay in
+    flight (the watchdog does not give up on them); the next retry starts them all."""
+    from tests.support.network import Recording
+
+    model_id = "lose-m"
+    fronts, tails = _many_holders(r, model_id, 64, at=time.time())
+    waiting = [f"lose-j-{i:02d}" for i in range(20)]
+    real, calls = jobs.routes_for, []
+
+    def losing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # the second window's read: every holder went silent meanwhile
+            directory.mark_lost(r, [*fronts, *tails])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "routes_for", losing)
+    try:
+        for i, job_id in enumerate(waiting):
+            _job_at(r, model_id, job_id, [], step=0, status="queued")
+            r.zadd(keys.waiting(model_id), {job_id: 1000 + i})
+        r.set(keys.loading(model_id), "[]")
+        assert jobs.start_waiting_jobs(r, model_id, dispatch=Recording(None)) == 15  # turns 1-15: a window
+        left = r.zrange(keys.waiting(model_id), 0, -1, withscores=True)
+        assert [(keys.as_str(j), score) for j, score in left] == [(j, 1000 + i) for i, j in
+                                                                  enumerate(waiting) if i >= 15]
+        assert [jobs._hash(r, j)["status"] for j in waiting] == ["running"] * 15 + ["queued"] * 5
+        assert r.exists(keys.loading(model_id))
+        r.zrem(directory.LOST, *fronts, *tails)
+        assert jobs.start_waiting_jobs(r, model_id, dispatch=Recording(None)) == 5
+        assert not r.zcard(keys.waiting(model_id)) and not r.exists(keys.loading(model_id))
+    finally:
+        r.zrem(directory.LOST, *fronts, *tails)
+        r.delete(keys.loading(model_id))
         _drop(r, model_id, [*fronts, *tails], waiting)
 
 
