@@ -31,7 +31,7 @@ from azu.network.placement import ModelShape
 from azu.network.wire import Hop, JobGrant, Sampling, StepPayload
 from azu.registry import status as models
 from tests.support import wait_for
-from tests.support.network import InlineNetwork, noted_reads
+from tests.support.network import InlineNetwork, Recording, noted_reads
 
 NUM_LAYERS = 4
 
@@ -688,6 +688,14 @@ def test_consecutive_submits_take_every_holder_in_turn(r) -> None:
         _forget(r, "turn-m", [w for w, _ in held])
 
 
+def _ready_model(r: Any, model_id: str) -> None:
+    """A 3-layer model registered as the core has it once sharded (placement and re-routes read it)."""
+    r.hset(keys.model(model_id), mapping={"state": "ready", "info": models.ModelInfo(
+        model_id=model_id, architecture="LlamaForCausalLM", num_layers=3, hidden_size=8, vocab_size=16,
+        torch_dtype="float32", eos_token_ids=(2,), context_length=64, layer_bytes=(10,) * 3,
+        embeddings_bytes=10, head_bytes=10).to_json()})
+
+
 def test_the_placement_check_reads_the_windows_where_they_hold_the_copies(r, monkeypatch) -> None:
     """The collector's check of a placed model (``_placed_enough``, every 2 s) reads the windows a submit
     reads where they already make a route with the copies wanted (they are a share of the holders), and
@@ -696,10 +704,7 @@ def test_the_placement_check_reads_the_windows_where_they_hold_the_copies(r, mon
     first, second = Span(0, 1, True, False), Span(1, 3, False, True)
     held = [(f"chk-{i:03d}", first if i % 2 else second) for i in range(2 * half)]
     model_id = "chk-m"
-    r.hset(keys.model(model_id), mapping={"state": "ready", "info": models.ModelInfo(
-        model_id=model_id, architecture="LlamaForCausalLM", num_layers=3, hidden_size=8, vocab_size=16,
-        torch_dtype="float32", eos_token_ids=(2,), context_length=64, layer_bytes=(10,) * 3,
-        embeddings_bytes=10, head_bytes=10).to_json()})
+    _ready_model(r, model_id)
     reads = noted_reads(monkeypatch)
     try:
         _hold(r, model_id, held, at=time.time())
@@ -806,10 +811,7 @@ ENROLLED = auth.public_hex(SigningKey.generate())
 def _many_holders(r: Any, model_id: str, count: int, *, at: float) -> tuple[list[str], list[str]]:
     """``count`` workers holding each half of a 3-layer model (registered as the core has it), enrolled."""
     first, second = Span(0, 1, True, False), Span(1, 3, False, True)
-    r.hset(keys.model(model_id), mapping={"state": "ready", "info": models.ModelInfo(
-        model_id=model_id, architecture="LlamaForCausalLM", num_layers=3, hidden_size=8, vocab_size=16,
-        torch_dtype="float32", eos_token_ids=(2,), context_length=64, layer_bytes=(10,) * 3,
-        embeddings_bytes=10, head_bytes=10).to_json()})
+    _ready_model(r, model_id)
     fronts = [f"{model_id}-front-{i:03d}" for i in range(count)]
     tails = [f"{model_id}-tail-{i:03d}" for i in range(count)]
     _hold(r, model_id, [*((w, first) for w in fronts), *((w, second) for w in tails)], at=at)
@@ -841,11 +843,10 @@ def test_a_reroute_reads_windows_and_keeps_the_surviving_hop(r, monkeypatch) -> 
     (every holder's record cost the collector's thread 16-20 ms a job at 1000 holders) and the job's old
     route, so the surviving front, far outside the window, keeps the job (it holds the job's caches); the
     new tail comes from the window. A job whose every hop is lost takes a route from the windows."""
-    model_id, rec = "rr-m", None
+    model_id = "rr-m"
     fronts, tails = _many_holders(r, model_id, 200, at=time.time())
     first, second = Span(0, 1, True, False), Span(1, 3, False, True)
     reads = noted_reads(monkeypatch)
-    from tests.support.network import Recording
     rec = Recording(None)
     try:
         _job_at(r, model_id, "rr-j", [Hop(fronts[150], first), Hop(tails[170], second)], step=3,
@@ -875,8 +876,6 @@ def test_waiting_jobs_start_over_the_holders_in_windows_as_submits_do(r, monkeyp
     windows read again each time the turn counter moves them on: one read for them all would put them on
     16), reading windows only; two resumed jobs among them keep their surviving fronts, outside the windows
     (one sorting before them, one after: a resumed job's read does not change the next jobs' picks)."""
-    from tests.support.network import Recording
-
     model_id = "wait-m"
     fronts, tails = _many_holders(r, model_id, 64, at=time.time())
     first, second = Span(0, 1, True, False), Span(1, 3, False, True)
@@ -913,8 +912,6 @@ def test_a_waiting_job_whose_route_is_lost_at_a_re_read_waits_on(r, monkeypatch)
     """Every holder is lost while waiting jobs start (found when the windows are read again): the job that
     read it goes back to the waiting list where it was, those after it stay there, and the loads stay in
     flight (the watchdog does not give up on them); the next retry starts them all."""
-    from tests.support.network import Recording
-
     model_id = "lose-m"
     fronts, tails = _many_holders(r, model_id, 64, at=time.time())
     waiting = [f"lose-j-{i:02d}" for i in range(20)]
