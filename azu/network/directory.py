@@ -257,12 +257,14 @@ if window > 0 then
       end
     end
   end
-  for i = (#spans > 0 and 9 or #ARGV + 1), #ARGV do  -- no span index: every holder is read next anyway
-    local id = ARGV[i]
-    local at = redis.call('ZSCORE', KEYS[1], id)
-    if not seen[id] and at and tonumber(at) >= tonumber(ARGV[1]) then
-      seen[id] = true
-      ids[#ids + 1] = id
+  if #spans > 0 then  -- (no span index: every holder is read next anyway)
+    for i = 9, #ARGV do
+      local id = ARGV[i]
+      local at = redis.call('ZSCORE', KEYS[1], id)
+      if not seen[id] and at and tonumber(at) >= tonumber(ARGV[1]) then
+        seen[id] = true
+        ids[#ids + 1] = id
+      end
     end
   end
 else

@@ -730,14 +730,12 @@ def start_waiting_jobs(r: redis.Redis, model_id: str, *, dispatch: Dispatcher | 
             old = route_from_list(json.loads(state[2])) if state[1] and state[2] else ()
             turn = int(r.incr(keys.turn(model_id)))
             try:
-                if old:  # its own read, with its old workers: the windows the next jobs take stay as they are
-                    its_known, its_routes = routes_for(r, model_id, info.num_layers, per_span=per_span,
-                                                       also=[h.worker_id for h in old], whole=whole)
-                else:
-                    if known.sampled and turn // per_span != known.turn // per_span:
-                        known, routes = routes_for(r, model_id, info.num_layers, per_span=per_span,
-                                                   whole=whole)
-                    its_known, its_routes = known, routes
+                if not old and known.sampled and turn // per_span != known.turn // per_span:
+                    known, routes = routes_for(r, model_id, info.num_layers, per_span=per_span, whole=whole)
+                # A resumed job reads with its old workers, alone: the next jobs' windows stay as they are.
+                its_known, its_routes = (routes_for(r, model_id, info.num_layers, per_span=per_span,
+                                                    also=[h.worker_id for h in old], whole=whole)
+                                         if old else (known, routes))
             except BaseException:
                 r.zadd(keys.waiting(model_id), {job_id: since})  # not lost off every list
                 raise
