@@ -12,7 +12,9 @@ A worker the core found silent on a running job's route (azu.network.watchdog.re
 heartbeat says, until a heartbeat from a process started after the mark (a restart) or ``LOST_HOLD_S``.
 
 Each model has an index of its holders (``azu:model:<id>:holders``), written with the records: a job's
-submit reads those workers only (``snapshot(model_id=...)``), however many others are live.
+submit reads those workers only (``snapshot(model_id=...)``), however many others are live. The room each
+worker reports is indexed too (``azu:room``): placement reads a model's holders and the roomiest others
+(``snapshot(roomiest=...)``), not every live worker.
 """
 
 from __future__ import annotations
@@ -78,6 +80,16 @@ class WorkerInfo:
 SUBMIT_PER_SPAN = 16
 
 
+# Placement (a model no live route serves, its spare copies) plans over the model's holders and at most this
+# many of the roomiest other live workers (``snapshot(roomiest=...)``), not over every live worker: the first
+# job of a model nobody held read each live worker's record three times, and a worker lost with its span's
+# only copy did so for each of its jobs on the collector's thread. Placement takes the roomiest first and
+# cuts a copy into as few spans as fit (``placement.plan_loads``), and a route has at most 16 hops: a plan
+# that needs workers past these is one no route could use.
+PLACE_ROOMIEST = 64
+ROOM_SCORE_MAX = 2**53  # a room score is a double: larger claims count as this (exact up to here)
+
+
 def span_name(span: Span) -> str:
     return keys.span_name(span.first, span.last, span.embeddings, span.head)
 
@@ -139,6 +151,12 @@ def register_many(r: redis.Redis, infos: Sequence[WorkerInfo], *, now: float | N
         info.heartbeat_at = now
         pipe.set(keys.worker(info.worker_id), info.to_json())
         pipe.zadd(keys.WORKERS, {info.worker_id: now})
+        # Its room, where placement looks for the roomiest workers (``snapshot(roomiest=...)``); a banned
+        # worker is ordered nothing (an entry silent workers left goes when placement walks past it).
+        if is_banned:
+            pipe.zrem(keys.ROOM, info.worker_id)
+        else:
+            pipe.zadd(keys.ROOM, {info.worker_id: -min(info.free_memory, ROOM_SCORE_MAX)})
         # Each held model's index, with the record (a job's submit reads only that model's holders, so a
         # crowd of workers holding nothing does not slow it), and each held span's (a submit reads a window
         # of each span's holders: ``snapshot(per_span=...)``). A span dropped since stops being refreshed;
@@ -163,12 +181,14 @@ def register_many(r: redis.Redis, infos: Sequence[WorkerInfo], *, now: float | N
     for key in indexes:  # entries of workers not heard from for an hour go; a key no heartbeat writes lapses
         pipe.zremrangebyscore(key, "-inf", keep_from)
         pipe.expire(key, keys.JOB_TTL_S)
+    pipe.expire(keys.ROOM, keys.JOB_TTL_S)
     pipe.execute()
 
 
 def deregister(r: redis.Redis, worker_id: str) -> None:
     pipe = r.pipeline()
     pipe.zrem(keys.WORKERS, worker_id)
+    pipe.zrem(keys.ROOM, worker_id)
     pipe.delete(keys.worker(worker_id))
     pipe.execute()
 
@@ -214,21 +234,40 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
 # keeps (an hour's). The window moves on by its length every ``window`` turns of the model's counter
 # (KEYS[5]), so ``Routes.pick(turn)`` takes each of its holders in turn before the next window comes (a
 # window moved on every turn, with the pick moving within it, had taken 16 of 256 holders for every job).
-# ARGV[9..] (with a window): holders read whatever the windows hold, if live (a re-routed job's surviving
+# ARGV[11..] (with a window): holders read whatever the windows hold, if live (a re-routed job's surviving
 # hops, whose workers hold its caches and are kept where a fewest-hop route allows).
+# ARGV[9] > 0 (a model's read for placement, ``roomiest``): every live holder, and that many of the roomiest
+# other live workers (KEYS[6], scored by minus the bytes each has free: its first ranks are the roomiest, ties
+# by id, as placement ranks them; liveness is KEYS[7]'s), walked from the first rank past the lost, the
+# banned and the silent (at most 8 times that many plus 256 entries: entries of workers
+# silent since ARGV[10] are removed as they are passed, the rest lapse with them); ARGV[11..] are read too,
+# if live, and not counted among the roomiest (the workers of the model's load orders: placement reads
+# whether they are still live, and a worker whose load failed does not take a place among the roomiest).
 # Returns whether it read fewer than every holder (some span held by more than the window, or no span index:
-# a collector of a version before it), the rows, and the turn the windows were read at.
+# a collector of a version before it; for placement: whether the roomiest left any out), the rows, and the
+# turn the windows were read at.
 _READ = """
 local out = {}
 local lost = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do lost[id] = true end
-local ids
+local ids, seen = {}, {}
+local function add(id)
+  if not seen[id] then
+    seen[id] = true
+    ids[#ids + 1] = id
+  end
+end
+local function add_also(index)  -- ARGV[11..], each if live in index
+  for i = 11, #ARGV do
+    local at = redis.call('ZSCORE', index, ARGV[i])
+    if at and tonumber(at) >= tonumber(ARGV[1]) then add(ARGV[i]) end
+  end
+end
 local window = tonumber(ARGV[6])
+local roomiest = tonumber(ARGV[9])
 local sampled = 0
 local turn = 0
 if window > 0 then
-  ids = {}
-  local seen = {}
   turn = math.floor(tonumber(redis.call('GET', KEYS[5]) or '0') or 0)
   local spans = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[1], '+inf')
   if #spans == 0 then sampled = 1 end
@@ -250,25 +289,34 @@ if window > 0 then
         end
       end
     end
-    for _, id in ipairs(members) do
-      if not seen[id] then
-        seen[id] = true
-        ids[#ids + 1] = id
-      end
-    end
+    for _, id in ipairs(members) do add(id) end
   end
-  if #spans > 0 then  -- (no span index: every holder is read next anyway)
-    for i = 9, #ARGV do
-      local id = ARGV[i]
-      local at = redis.call('ZSCORE', KEYS[1], id)
-      if not seen[id] and at and tonumber(at) >= tonumber(ARGV[1]) then
-        seen[id] = true
-        ids[#ids + 1] = id
-      end
-    end
-  end
+  if #spans > 0 then add_also(KEYS[1]) end  -- (no span index: every holder is read next anyway)
 else
-  ids = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do add(id) end
+end
+if roomiest > 0 then
+  local asked = {}
+  for i = 11, #ARGV do asked[ARGV[i]] = true end
+  local taken, at, limit, stale = 0, 0, roomiest * 8 + 256, {}
+  while taken < roomiest and at < limit do
+    local chunk = redis.call('ZRANGE', KEYS[6], at, at + roomiest - 1)
+    at = at + #chunk
+    for _, id in ipairs(chunk) do
+      local beat = tonumber(redis.call('ZSCORE', KEYS[7], id) or '0')
+      if beat < tonumber(ARGV[10]) then
+        stale[#stale + 1] = id
+      elseif taken < roomiest and beat >= tonumber(ARGV[1]) and not seen[id] and not asked[id]
+          and not lost[id] and redis.call('HEXISTS', KEYS[3], id) == 0 then
+        add(id)
+        taken = taken + 1
+      end
+    end
+    if #chunk < roomiest then break end
+  end
+  if taken >= roomiest then sampled = 1 end
+  if #stale > 0 then redis.call('ZREM', KEYS[6], unpack(stale)) end
+  add_also(KEYS[7])
 end
 for _, id in ipairs(ids) do
   if not lost[id] and redis.call('HEXISTS', KEYS[3], id) == 0 then
@@ -281,7 +329,8 @@ return {sampled, out, turn}
 
 
 def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None = None,
-             now: float | None = None, per_span: int = 0, also: Sequence[str] = ()) -> Snapshot:
+             now: float | None = None, per_span: int = 0, roomiest: int = 0,
+             also: Sequence[str] = ()) -> Snapshot:
     """``live_workers`` with their enrolled identities, all in one round trip (a job's grant then needs no
     read of its own). Lost workers are left out until they restart; banned ones (failed verification,
     azu.verification) for good.
@@ -294,16 +343,23 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
     that moves on with the model's turn counter (what a submit reads: ``SUBMIT_PER_SPAN``); the snapshot
     says whether that left any holder out (``sampled``). ``also`` (with ``per_span``): holders read as well,
     wherever the windows are, if live (a re-routed job's surviving hops: ``jobs.reroute_job``); not where
-    the model has no span index, whose read is followed by every holder's."""
+    the model has no span index, whose read is followed by every holder's.
+
+    ``roomiest`` (with ``model_id``, not ``per_span``): every live holder of the model and that many of the
+    roomiest other live workers (by the room their last heartbeat reported): whom placement plans over
+    (``PLACE_ROOMIEST``); ``also`` here: live workers read as well, not counted among the roomiest (the
+    workers of the model's load orders)."""
     now = time.time() if now is None else now
     prefixes = keys.worker(""), keys.identity(""), keys.assigned("")
     among = keys.WORKERS if model_id is None else keys.holders(model_id)
     window = max(0, int(per_span)) if model_id is not None else 0
+    room = max(0, int(roomiest)) if model_id is not None and not window else 0
     spans, turn, first = ((keys.held_spans(model_id), keys.turn(model_id), keys.span_holders_prefix(model_id))
                           if model_id is not None else (among, among, ""))
-    sampled, rows, turn_read = r.eval(_READ, 5, among, LOST, keys.BANNED, spans, turn,  # type: ignore[arg-type,misc]
-                           now - _ttl(ttl), now - LOST_HOLD_S, *prefixes, window, first,
-                           keys.SPAN_HOLDERS_SUFFIX, *(sorted(set(also)) if window else ()))
+    sampled, rows, turn_read = r.eval(  # type: ignore[misc]
+        _READ, 7, among, LOST, keys.BANNED, spans, turn, keys.ROOM, keys.WORKERS,  # type: ignore[arg-type]
+        now - _ttl(ttl), now - LOST_HOLD_S, *prefixes, window, first, keys.SPAN_HOLDERS_SUFFIX, room,
+        now - max(HOLDERS_KEEP_S, 2 * _ttl(None)), *(sorted(set(also)) if window or room else ()))
     out = []
     known: dict[str, str] = {}
     for raw_id, raw, public_key, spans in rows:
@@ -322,7 +378,7 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
         allowed = {keys.as_str(s) for s in spans}
         info.stages = [(m, span) for m, span in info.stages
                        if json.dumps([m, *span.to_list()]) in allowed]
-        if model_id is not None and not info.holds(model_id):
+        if model_id is not None and not room and not info.holds(model_id):
             continue  # dropped it since (its index entry lapses with the heartbeat TTL)
         out.append(info)
         if public_key:

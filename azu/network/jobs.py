@@ -183,12 +183,12 @@ def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequenc
     The model's index is read first (its holders only: what a job's first token waits for); with
     ``per_span``, at most that many holders of each span (a submit, a re-route: ``directory.SUBMIT_PER_SPAN``)
     and ``also`` these if live (a re-routed job's surviving hops), and every holder where those give no
-    route. Where the holders give no route, the whole directory is read and
-    routed over: the index is filled by heartbeats, so it may lag the records (a collector of a version
-    before it; a key lost), and placement, which reads the whole directory, would not order loads for a model
-    it sees served. So where there is no route, the snapshot returned is every live worker: which of them
-    could load the model. ``whole=False``: the holders only (a submit while the core's loads of the model
-    are in flight: ``submit_job``)."""
+    route. Where the holders give no route, placement's workers are read and routed over
+    (``placement_routes``): the index is filled by heartbeats, so it may lag the records (a collector of a
+    version before it; a key lost), and placement, which reads the roomiest workers whether or not the
+    index has them, would not order loads for a model it sees served. So where there is no route, the
+    snapshot returned is placement's: who could load the model. ``whole=False``: the holders only (a submit
+    while the core's loads of the model are in flight: ``submit_job``)."""
     known = directory.snapshot(r, model_id=model_id, now=now, per_span=per_span, also=also)
     routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
     if routes.exists():
@@ -198,29 +198,40 @@ def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequenc
         routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
         if routes.exists() or not whole:
             return known, routes
-    return whole_routes(r, model_id, num_layers, avoid=avoid, now=now) if whole else (known, routes)
+    return placement_routes(r, model_id, num_layers, avoid=avoid, now=now) if whole else (known, routes)
 
 
-def whole_routes(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequence[str] = (),
-                 now: float | None = None) -> tuple[directory.Snapshot, placement.Routes]:
-    """The routes of ``model_id`` over every live worker (``routes_for``'s last resort), with them."""
-    known = directory.snapshot(r, now=now)
+def placement_read(r: redis.Redis, model_id: str, *, also: Sequence[str] = (),
+                   now: float | None = None) -> directory.Snapshot:
+    """Whom placement plans ``model_id``'s loads over: its live holders and the ``directory.PLACE_ROOMIEST``
+    roomiest other live workers (every live worker where that is 0), and ``also`` these if live (the workers
+    of its load orders)."""
+    if directory.PLACE_ROOMIEST <= 0:
+        return directory.snapshot(r, now=now)
+    return directory.snapshot(r, model_id=model_id, now=now, roomiest=directory.PLACE_ROOMIEST, also=also)
+
+
+def placement_routes(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequence[str] = (),
+                     now: float | None = None) -> tuple[directory.Snapshot, placement.Routes]:
+    """The routes of ``model_id`` over placement's workers (``routes_for``'s last resort), with them."""
+    known = placement_read(r, model_id, now=now)
     routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
     if routes.exists():
-        log.warning("%s: the holders' index gave no route, the directory does (index behind the records)",
+        log.warning("%s: the holders' index gave no route, placement's workers do (index behind the records)",
                     model_id)
     return known, routes
 
 
 def loading_in_flight(r: redis.Redis, model_id: str) -> bool:
-    """Whether the core's load orders for ``model_id`` are in flight (``place`` found no route over the
-    whole directory and ordered them; the key goes when ``start_waiting_jobs`` finds a route, when a load
+    """Whether the core's load orders for ``model_id`` are in flight (``place`` found no route over its
+    live holders and ordered them; the key goes when ``start_waiting_jobs`` finds a route, when a load
     fails, or at the load deadline)."""
     return bool(r.exists(keys.loading(model_id)))
 
 
 def _could_load(info: ModelInfo, workers: list[directory.WorkerInfo]) -> bool:
-    """Whether ``workers`` (every live worker) have room to load the model (``placement.plan_loads``)."""
+    """Whether ``workers`` (whom placement plans over: ``placement_read``) have room to load the model
+    (``placement.plan_loads``)."""
     return bool(placement.plan_loads(info.shape, workers, max_copies=get_settings().copies))
 
 
@@ -246,15 +257,18 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     # loss), the job waits for them, reading nothing more (every job of a model being loaded read the whole
     # directory three times: here, for placement, for the waiting jobs: ``bench/submit.py``); the collector
     # starts the waiting jobs when a load is reported, and re-plans an order lost with its worker
-    # (``keep_placed``). Else the whole directory: an index behind the records, or who could load it.
+    # (``keep_placed``). Else placement's workers (its holders and the roomiest others): an index behind
+    # the records, or who could load it.
     loading = not servable and loading_in_flight(r, req.model_id)
     if not servable and not loading:
-        known, routes = whole_routes(r, req.model_id, info.num_layers)
+        known, routes = placement_routes(r, req.model_id, info.num_layers)
         servable = routes.exists()
         if not servable and not _could_load(info, known.workers):
             need = placement.needed_bytes(info.shape)
-            raise NoCapacity(f"no live worker holds {req.model_id} and the {len(known.workers)} live "
-                             f"worker(s) cannot load it (it needs about {need} bytes)", param="model")
+            roomiest = max((w.free_memory for w in known.workers), default=0)
+            raise NoCapacity(f"no live worker holds {req.model_id} and the live workers cannot load it (it "
+                             f"needs about {need} bytes; the roomiest of the {len(known.workers)} read has "
+                             f"{roomiest} free)", param="model")
     sampling = Sampling(
         max_tokens=req.max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
         top_k=int(req.top_k), seed=req.seed if req.seed is not None else secrets.randbits(62),
@@ -278,9 +292,10 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     r.zadd(keys.waiting(req.model_id), {req.job_id: now})
     orders = [] if loading else ensure_placed(r, req.model_id, dispatch=dispatch)
     log.info("job %s waits for %s (%d new load order(s))", req.job_id, req.model_id, len(orders))
-    # Loads may have finished between the route check and the waiting list: try once more now (on the
-    # holders only while loads are in flight: a finished load is in the index with its worker's record).
-    start_waiting_jobs(r, req.model_id, dispatch=dispatch, whole=not loading)
+    # Loads may have finished between the route check and the waiting list: try once more now, on the
+    # holders only (a finished load is in the index with its worker's record; placement's workers were read
+    # above, or are being loaded).
+    start_waiting_jobs(r, req.model_id, dispatch=dispatch, whole=False)
 
 
 def ensure_placed(r: redis.Redis, model_id: str, *,
@@ -306,7 +321,7 @@ def keep_placed(r: redis.Redis, *, dispatch: Dispatcher | None = None) -> list[p
         copies = 1 if waiting else get_settings().copies
         try:
             if _placed_enough(r, model_id, copies):
-                continue  # nothing to plan: the whole directory, and the model's lock, are not needed
+                continue  # nothing to plan: placement's read, and the model's lock, are not needed
             sent += place(r, model_id, spares=not waiting, copies=copies, dispatch=dispatch)
         except AzuError as exc:  # a model being re-sharded, say: the others still get their copies
             log.warning("keeping %s placed: %s", model_id, exc.message)
@@ -315,8 +330,9 @@ def keep_placed(r: redis.Redis, *, dispatch: Dispatcher | None = None) -> list[p
 
 def _placed_enough(r: redis.Redis, model_id: str, copies: int) -> bool:
     """Whether the model's live holders already make a route and hold every layer ``copies`` times: what
-    ``place`` would then plan is nothing, and it reads the whole directory (every live worker's record) to
-    find that out, every ``KEEP_EVERY_S`` on the collector's thread, which publishes the tokens. This reads
+    ``place`` would then plan is nothing, and it reads every holder and the roomiest other workers (it read
+    every live worker's record, before ``placement_read``) to find that out, every ``KEEP_EVERY_S`` on the
+    collector's thread, which publishes the tokens. This reads
     the windows of each span's holders a submit reads (a share of the holders: a route and copies there are
     so among them all), and every holder only where those fall short."""
     info = model_info(r, model_id)
@@ -337,6 +353,11 @@ FAILED_LOAD_BACKOFF_S = 60.0  # a worker whose load of a model failed gets no ne
 
 def _order_field(worker_id: str, span: Span) -> str:
     return json.dumps([worker_id, *span.to_list()])
+
+
+def _ordered_worker(field_raw: Any) -> str:
+    """The worker an ``orders`` field names (``_order_field``)."""
+    return str(json.loads(keys.as_str(field_raw))[0])
 
 
 def orders_in_flight(r: redis.Redis, model_id: str, workers: Sequence[directory.WorkerInfo], *,
@@ -390,13 +411,16 @@ def place(r: redis.Redis, model_id: str, *, spares: bool, copies: int | None = N
     """Plan and send the load orders ``model_id`` misses (azu.network.placement.plan_loads), counting the
     orders in flight as held. ``spares=False``: only if no live route serves it (a first placement, a loss
     with no spare copy); ``spares=True``: also the spare copies. ``copies``: how many copies to plan
-    (default ``AZU_COPIES``). Under the model's lock,
-    so two processes placing it at once do not both order the same span. Returns the orders sent."""
+    (default ``AZU_COPIES``). Planned over ``placement_read``'s workers: the model's live holders, the
+    roomiest others and the workers of its orders. Under the model's lock, so two processes placing it at
+    once do not both order the same span. Returns the orders sent."""
     info = model_info(r, model_id)
     settings = get_settings()
     with r.lock(keys.start_lock(model_id), timeout=30, blocking_timeout=30):
         now = time.time()
-        workers = directory.live_workers(r, now=now)
+        ordered: list[Any] = r.hkeys(keys.orders(model_id))  # type: ignore[assignment]
+        also = sorted({_ordered_worker(f) for f in ordered})  # whether they are still live: orders_in_flight
+        workers = placement_read(r, model_id, also=also, now=now).workers
         servable = placement.Routes(model_id, info.num_layers, workers).exists()
         if servable and not spares:
             return []
@@ -627,7 +651,8 @@ def reroute_job(r: redis.Redis, job_id: str, lost: Sequence[str], *, dispatch: D
     log.warning("job %s: worker(s) %s lost at step %d; waits for %s to be loaded again (%s)", job_id,
                 ", ".join(sorted(lost)), step, model_id, ", ".join(f"{o.worker_id} {o.span}" for o in orders)
                 or "orders in flight")
-    start_waiting_jobs(r, model_id, dispatch=dispatch)  # the loads may already be done
+    # The loads may already be done (on the holders only: placement's workers were read just now).
+    start_waiting_jobs(r, model_id, dispatch=dispatch, whole=False)
     return True
 
 

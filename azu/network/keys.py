@@ -21,6 +21,9 @@ closes every hold whose job ended, was forgotten or is stuck). A job's keys expi
 ``azu:worker:<worker>``         JSON directory record of a worker (what it holds, its memory)
 ``azu:worker:<worker>:errors``  hash: model id -> why the worker could not load it
 ``azu:workers``                 zset worker id -> last heartbeat (unix seconds)
+``azu:room``                    zset worker id -> minus the bytes free for more layers, as its last heartbeat
+                                said (the collector writes it with the record: placement reads the first
+                                ranks, the roomiest)
 ``azu:lost``                    zset worker id -> when the core found it lost (no routes until it restarts)
 ``azu:refused:<worker>``        counter of payloads the worker reported refusing (bad grant, malformed)
 ``azu:identity:<worker>``       the worker's Ed25519 public key (hex), written by the core at enrollment
@@ -71,6 +74,7 @@ from typing import Any
 JOB_TTL_S = 24 * 3600
 ACTIVE_JOBS = "azu:jobs:active"
 WORKERS = "azu:workers"
+ROOM = "azu:room"
 LOST_WORKERS = "azu:lost"
 READY_MODELS = "azu:models:ready"
 PING_PREFIX = "azu:ping:"

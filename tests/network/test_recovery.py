@@ -108,9 +108,10 @@ def _beat(r: redis.Redis, wid: str, free: int, *stages: tuple[str, Span], starte
 
 def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r, keep_model,
                                                                               monkeypatch) -> None:
-    """The first job of a model no route serves reads the whole directory (who could load it) and places
-    it; while those loads are in flight, the next jobs wait without reading it again or placing anything
-    (each had read every live worker's record three times); the load's report starts them all."""
+    """The first job of a model no route serves reads who could load it (its holders and the roomiest
+    others, not every live worker: test_units) and places it; while those loads are in flight, the next
+    jobs wait without reading that again or placing anything (each had read every live worker's record three
+    times); the load's report starts them all."""
     model_id = keep_model
     front, tail = Span(0, 2, True, False), Span(2, 4, False, True)
     _beat(r, "k1", 0, (model_id, front), started_at=time.time())
@@ -129,7 +130,8 @@ def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r
     submitted: list[str] = []
     try:
         submitted.append(submit())
-        assert (None, 0, False) in reads and placed == [model_id]  # every worker read; placed
+        assert (model_id, "roomiest", False) in reads and placed == [model_id]  # who could load it; placed
+        assert all(m == model_id for m, _, _ in reads), reads  # never every live worker
         assert rec.count(dispatch.LOAD) == 1  # k2: the tail
         assert r.exists(keys.loading(model_id))
         for _ in range(3):

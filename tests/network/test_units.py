@@ -871,6 +871,141 @@ def test_a_reroute_reads_windows_and_keeps_the_surviving_hop(r, monkeypatch) -> 
         _drop(r, model_id, [*fronts, *tails], ["rr-j", "rr-k"])
 
 
+ROOMY = 2**51  # more room than any other test's workers report: the roomiest on the suite's shared Redis
+
+
+def test_placements_read_is_every_holder_and_the_roomiest_live_workers(any_redis, r) -> None:
+    """Placement's read (``snapshot(roomiest=...)``, not every live worker's record): every live holder of
+    the model however little room it has; the roomiest other live workers, never a lost, banned or silent
+    one; the workers asked for ``also`` (its load orders') if live, not counted among the roomiest. An entry
+    of a worker silent past HOLDERS_KEEP_S leaves the room index as the read passes it; a banned worker's
+    heartbeat takes it out. On Redis 7 and azu up's 6.2."""
+    r = any_redis
+    now, span = time.time(), Span(0, 2, True, False)
+    roomy = [f"room-w-{i:02d}" for i in range(40)]
+    others = ["room-hold-0", "room-hold-1", "room-lost", "room-banned", "room-silent", "room-stale",
+              "room-ordered", "room-ordered-silent"]
+    try:
+        directory.register_many(r, [_worker(w, 1, ("room-m", span)) for w in others[:2]], now=now)
+        for w in others[:2]:
+            r.sadd(keys.assigned(w), jobs.span_key("room-m", span))
+        directory.register_many(r, [_worker(w, ROOMY + i) for i, w in enumerate(roomy)], now=now)
+        directory.register_many(r, [_worker(w, ROOMY + 100 + i) for i, w in enumerate(others[2:4])], now=now)
+        directory.mark_lost(r, ["room-lost"], now=now)
+        r.hset(keys.BANNED, "room-banned", "failed a check")
+        directory.register(r, _worker("room-silent", ROOMY + 102), now=now - 100)
+        directory.register(r, _worker("room-stale", ROOMY + 103), now=now - directory.HOLDERS_KEEP_S - 10)
+        directory.register(r, _worker("room-ordered", 5), now=now)
+        directory.register(r, _worker("room-ordered-silent", 5), now=now - 100)
+
+        got = directory.snapshot(r, model_id="room-m", ttl=15, now=now, roomiest=8,
+                                 also=["room-ordered", "room-ordered-silent", roomy[39]])
+        # The holders, the order's live worker, roomy[39] (asked for: not counted) and the 8 roomiest after.
+        assert {w.worker_id for w in got.workers} == {
+            "room-hold-0", "room-hold-1", *roomy[31:], "room-ordered"}
+        assert got.sampled
+        assert r.zscore(keys.ROOM, "room-stale") is None  # passed, gone
+        assert r.zscore(keys.ROOM, "room-silent") is not None  # silent within the hour: kept, not read
+        assert got.worker("room-hold-0").holds("room-m") == [span]
+        directory.register(r, _worker("room-banned", ROOMY + 101), now=now)  # its next heartbeat
+        assert r.zscore(keys.ROOM, "room-banned") is None
+        # Submit's reads are unchanged: holders only.
+        assert {w.worker_id for w in directory.snapshot(r, model_id="room-m", ttl=15, now=now).workers} == {
+            "room-hold-0", "room-hold-1"}
+    finally:
+        for w in [*roomy, *others]:
+            directory.deregister(r, w)
+            r.delete(keys.assigned(w))
+        r.delete(keys.holders("room-m"), keys.held_spans("room-m"),
+                 *r.keys(keys.span_holders_prefix("room-m") + "*"))
+        r.zrem(directory.LOST, "room-lost")
+        r.hdel(keys.BANNED, "room-banned")
+
+
+def test_placement_over_the_roomiest_plans_what_every_live_worker_would(any_redis, r) -> None:
+    """Placement plans over the model's holders and the 64 roomiest others: among 300 live workers with many
+    equal rooms (ties broken by id, as placement ranks them), a first placement, spare copies beside held
+    spans and a copy whose held spans do not line up plan exactly the orders a plan over every live worker
+    gives."""
+    import random
+
+    r = any_redis
+    unit = 2**44
+    info = models.ModelInfo(
+        model_id="roomplan-m", architecture="LlamaForCausalLM", num_layers=12, hidden_size=8, vocab_size=16,
+        torch_dtype="float32", eos_token_ids=(2,), context_length=64, layer_bytes=(40 * unit,) * 12,
+        embeddings_bytes=40 * unit, head_bytes=40 * unit)
+    names = [f"roomplan-{i:03d}" for i in range(300)]
+    held = {"": [], "front": [Span(0, 3, True, False)] * 3, "middle": [Span(4, 7, False, False)] * 2}
+    try:
+        for seed, (case, spans) in enumerate([*held.items(), *held.items()]):
+            rng = random.Random(seed)
+            now = time.time()
+            for w in names:
+                r.delete(keys.assigned(w))
+            r.delete(keys.holders(info.model_id))
+            workers = [_worker(w, (100 + 5 * rng.randrange(13)) * unit) for w in names]
+            for w, span in zip(names, spans, strict=False):
+                workers[names.index(w)].stages = [(info.model_id, span)]
+                r.sadd(keys.assigned(w), jobs.span_key(info.model_id, span))
+            directory.register_many(r, workers, now=now)
+            some = directory.snapshot(r, model_id=info.model_id, now=now, roomiest=directory.PLACE_ROOMIEST)
+            every = directory.snapshot(r, now=now)
+            assert len(some.workers) <= len(spans) + directory.PLACE_ROOMIEST < len(every.workers)
+            planned = placement.plan_loads(info.shape, some.workers, max_copies=2)
+            assert planned, case
+            assert planned == placement.plan_loads(info.shape, every.workers, max_copies=2), (case, seed)
+    finally:
+        for w in names:
+            directory.deregister(r, w)
+            r.delete(keys.assigned(w))
+        r.delete(keys.holders(info.model_id), keys.held_spans(info.model_id),
+                 *r.keys(keys.span_holders_prefix(info.model_id) + "*"))
+
+
+def test_a_reroute_with_no_spare_orders_the_roomiest_and_never_reads_every_worker(any_redis, r,
+                                                                                 monkeypatch) -> None:
+    """A job whose tail was lost, with no other holder of the tail, among 200 live workers holding nothing:
+    its re-route, the placement of the lost span and the waiting job's start read the model's holders and
+    the roomiest others, never every live worker's record (each read of them all cost the collector's
+    thread per job of the lost worker, ``bench/submit.py``); the tail is ordered on the roomiest, and the job
+    resumes on its surviving front once that worker holds it. On Redis 7 and azu up's 6.2."""
+    r = any_redis
+    model_id, first, second = "nospare-m", Span(0, 1, True, False), Span(1, 3, False, True)
+    crowd = [f"nospare-c-{i:03d}" for i in range(200)]
+    rec = Recording(None)
+    try:
+        _ready_model(r, model_id)
+        _hold(r, model_id, [("nospare-front", first), ("nospare-tail", second)], at=time.time())
+        directory.register_many(r, [_worker(w, ROOMY + (7 if w == crowd[123] else 0)) for w in crowd])
+        for w in crowd:
+            r.set(keys.identity(w), f"key-of-{w}")
+        _job_at(r, model_id, "nospare-j", [Hop("nospare-front", first), Hop("nospare-tail", second)], step=2,
+                status="running")
+        directory.mark_lost(r, ["nospare-tail"])
+        reads = noted_reads(monkeypatch)
+        assert jobs.reroute_job(r, "nospare-j", ["nospare-tail"], dispatch=rec)
+        assert ("nospare-m", "roomiest", True) in reads and all(m == model_id for m, _, _ in reads), reads
+        assert jobs._hash(r, "nospare-j")["status"] == "queued"
+        assert rec.count(dispatch.LOAD) == 1
+        assert r.sismember(keys.assigned(crowd[123]), jobs.span_key(model_id, second))  # the roomiest
+        # While it loads, the worker reports less room than 200 others: placement still reads it (its
+        # order's worker), finds the order in flight and orders nothing more.
+        directory.register(r, _worker(crowd[123], 0))
+        assert jobs.place(r, model_id, spares=False, copies=1, dispatch=rec) == []
+        assert rec.count(dispatch.LOAD) == 1 and r.hlen(keys.orders(model_id)) == 1
+        # Its load is reported: the job resumes on the surviving front and the new tail.
+        reads.clear()
+        _hold(r, model_id, [(crowd[123], second)], at=time.time())
+        assert jobs.start_waiting_jobs(r, model_id, dispatch=rec) == 1
+        assert all(m == model_id for m, _, _ in reads), reads
+        resumed = jobs.job_route(jobs._hash(r, "nospare-j"))
+        assert resumed == (Hop("nospare-front", first), Hop(crowd[123], second))
+    finally:
+        r.zrem(directory.LOST, "nospare-tail")
+        r.delete(keys.orders(model_id), keys.loading(model_id), *(keys.assigned(w) for w in crowd))
+        _drop(r, model_id, ["nospare-front", "nospare-tail", *crowd], ["nospare-j"])
+
 def test_waiting_jobs_start_over_the_holders_in_windows_as_submits_do(r, monkeypatch) -> None:
     """40 jobs waiting for a model 64 workers hold each half of start on 40 holders of each half (the
     windows read again each time the turn counter moves them on: one read for them all would put them on
@@ -1017,8 +1152,9 @@ def test_a_job_reaches_its_first_hop_in_three_round_trips(r, inline) -> None:
 
 def test_a_job_still_routes_when_the_models_index_is_behind(r, inline, caplog) -> None:
     """The index comes from heartbeats: a core upgraded before its collector, or the key lost, leaves it
-    behind the records. A job then routes over the whole directory (what placement sees: it orders no load
-    for a model it finds served) instead of waiting or failing, and the next heartbeats fill the index."""
+    behind the records. A job then routes over placement's workers, the roomiest live ones (what placement
+    sees: it orders no load for a model it finds served) instead of waiting or failing, and the next
+    heartbeats fill the index."""
     net, model_id = inline
     r.delete(keys.holders(model_id), keys.held_spans(model_id),
              *r.keys(keys.span_holders_prefix(model_id) + "*"))

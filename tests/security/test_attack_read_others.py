@@ -29,6 +29,7 @@ def _victim_data(core: redis.Redis, w2: str) -> list[str]:
     core.xadd(f"{job}:events", {"token": b"42"}, id="0-1")
     core.set(f"azu:worker:{w2}", b'{"worker_id": "w2"}')
     core.zadd("azu:workers", {w2: 1.0})
+    core.zadd("azu:room", {w2: -1.0})  # where placement looks for the roomiest workers
     core.hset("azu:model:m1", mapping={"state": b"ready"})
     core.zadd("azu:model:m1:holders", {w2: 1.0})
     core.zadd("azu:model:m1:spans", {"0-2+e+h": 1.0})  # the spans held, and each span's holders: what a
@@ -43,8 +44,9 @@ def _victim_data(core: redis.Redis, w2: str) -> list[str]:
     core.sadd("azu:reporters", w2)
     return [f"gpu.{w2}", f"ctl.{w2}", f"azu:pending:{w2}", f"azu:wake:{w2}", f"unacked:{w2}",
             f"unacked_index:{w2}", "unacked", f"_kombu.binding.gpu.{w2}", job, f"{job}:events",
-            f"azu:worker:{w2}", "azu:workers", "azu:model:m1", "azu:model:m1:holders", "azu:model:m1:spans",
-            "azu:model:m1:span:0-2+e+h:holders", "azu:model:m1:turn", "azu:models:ready",
+            f"azu:worker:{w2}", "azu:workers", "azu:room", "azu:model:m1", "azu:model:m1:holders",
+            "azu:model:m1:spans", "azu:model:m1:span:0-2+e+h:holders", "azu:model:m1:turn",
+            "azu:models:ready",
             "core", "registry", "azu:reports", f"azu:reports:from:{w2}", "azu:reports:ready", "azu:reporters",
             identity.identity_key(w2)]
 
@@ -58,7 +60,8 @@ ATTEMPTS = [
     ("ZRANGE", "unacked_index:{w2}", 0, -1), ("SMEMBERS", "_kombu.binding.gpu.{w2}"),
     ("HGETALL", "azu:job:j-victim"), ("HGET", "azu:job:j-victim", "prompt_ids"),
     ("XRANGE", "azu:job:j-victim:events", "-", "+"), ("XREAD", "STREAMS", "azu:job:j-victim:events", "0-0"),
-    ("GET", "azu:worker:{w2}"), ("ZRANGE", "azu:workers", 0, -1), ("HGETALL", "azu:model:m1"),
+    ("GET", "azu:worker:{w2}"), ("ZRANGE", "azu:workers", 0, -1), ("ZRANGE", "azu:room", 0, -1),
+    ("HGETALL", "azu:model:m1"),
     ("ZRANGE", "azu:model:m1:holders", 0, -1), ("SMEMBERS", "azu:models:ready"), ("GET", "azu:identity:{w2}"),
     ("ZRANGE", "azu:model:m1:spans", 0, -1), ("ZRANGE", "azu:model:m1:span:0-2+e+h:holders", 0, -1),
     ("GET", "azu:model:m1:turn"),
@@ -131,6 +134,8 @@ def test_a_worker_reads_nothing_of_others(app, core):
     ("DEL", "azu:pending:{w2}"), ("LPUSH", "azu:pending:{w2}", "x"), ("SET", "azu:pending:{w2}", "x"),
     ("HSET", "azu:job:j-victim", "status", "done"), ("XADD", "azu:job:j-victim:events", "*", "token", "1"),
     ("SET", "azu:worker:{w2}", "{{}}"), ("ZADD", "azu:workers", 9e9, "{w2}"),
+    # Nor climb placement's read of the roomiest workers, nor take another off it.
+    ("ZADD", "azu:room", -9e15, "{w2}-2"), ("ZREM", "azu:room", "{w2}"),
     ("SET", "azu:identity:{w2}", "00"),
     ("HSET", "azu:model:m1", "state", "failed"), ("ZADD", "azu:model:m1:holders", 9e9, "{w2}"),
     # Nor the indexes a submit reads a window of, nor the counter that moves the windows.

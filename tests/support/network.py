@@ -190,17 +190,18 @@ class Cluster:
             self.stop(name)
 
 
-def noted_reads(monkeypatch: Any) -> list[tuple[str | None, int, bool]]:
+def noted_reads(monkeypatch: Any) -> list[tuple[str | None, int | str, bool]]:
     """Each directory read (``directory.snapshot``) from now on: (the model whose holders it read, or None:
-    every worker; its ``per_span``; whether it left holders out)."""
+    every worker; its ``per_span``, or "roomiest" for placement's read; whether it left workers out)."""
     from azu.network import directory
 
-    reads: list[tuple[str | None, int, bool]] = []
+    reads: list[tuple[str | None, int | str, bool]] = []
     real = directory.snapshot
 
     def noted(*args: Any, **kwargs: Any) -> directory.Snapshot:
         got = real(*args, **kwargs)
-        reads.append((kwargs.get("model_id"), kwargs.get("per_span", 0), got.sampled))
+        how = "roomiest" if kwargs.get("roomiest") else kwargs.get("per_span", 0)
+        reads.append((kwargs.get("model_id"), how, got.sampled))
         return got
 
     monkeypatch.setattr(directory, "snapshot", noted)
