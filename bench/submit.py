@@ -26,6 +26,11 @@ counted, not sent. Rows:
   was lost (``jobs.reroute_job``, once for each of the lost worker's jobs, on the same thread): windows of
   each span's holders and the job's old route (now), against every holder (before) (with 2 workers the lost
   hop's span has no other holder: both order it loaded and the job waits);
+- placement: the first job of a model nobody holds (submit reads who could load it, plans, orders and
+  records the loads, and the job waits), and the collector's re-route of a job whose lost last hop had the
+  only copy of its span (the second model's: the load planned and ordered, the job waiting for it), with
+  placement reading the model's holders and ``directory.PLACE_ROOMIEST`` roomiest others (now) against
+  every live worker (before);
 - the collector's work for one heartbeat of every worker (signed reports, as their nodes send them): in
   batches as it pops them, against each heartbeat's own round trips (as before);
 - the second model's directory read (``directory.snapshot(model_id=...)``: one Lua script over the model's
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import sys
 import time
@@ -165,6 +171,56 @@ def reroute_once(r: Any, info: Any, names: list[str], dispatch: Counted, per_spa
     return time.perf_counter() - t
 
 
+def first_job_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> float:
+    """Seconds the first job of a model nobody holds takes to submit (its placement read, the loads planned
+    and recorded, the job put on the waiting list); then the model is as before it (nothing ordered)."""
+
+    took, _trips = submit_once(r, info, names, dispatch)
+    unplace(r, info.model_id)
+    return took
+
+
+def reroute_no_spare_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> float:
+    """Seconds the collector's re-route (``jobs.reroute_job``) of a job of ``info``'s model takes when its
+    last hop's worker is lost and no other worker holds that span: the load planned and ordered, the job
+    put back to wait for it; then all as before (the worker not lost, nothing ordered)."""
+    from azu.network import directory, jobs
+
+    job_id = f"sub-{uuid.uuid4().hex[:12]}"
+    submit_once(r, info, names, dispatch, job_id=job_id)
+    lost = jobs.job_route(jobs._hash(r, job_id))[-1].worker_id
+    directory.mark_lost(r, [lost])
+    t = time.perf_counter()
+    try:
+        assert jobs.reroute_job(r, job_id, [lost], dispatch=dispatch)
+        return time.perf_counter() - t
+    finally:
+        r.zrem(directory.LOST, lost)
+        unplace(r, info.model_id)
+
+
+def unplace(r: Any, model_id: str) -> None:
+    """Forget the loads ordered for ``model_id`` and the jobs waiting for it (as if never placed)."""
+    from azu.network import jobs, keys
+
+    for raw in r.hkeys(keys.orders(model_id)):
+        worker_id, *span = json.loads(raw)
+        r.srem(keys.assigned(worker_id), json.dumps([model_id, *span]))
+    r.delete(keys.orders(model_id), keys.loading(model_id), keys.waiting(model_id))
+    r.hdel(keys.model(model_id), jobs.PLACED)
+
+
+def placing(directory: Any, roomiest: int, run: Any) -> Any:
+    """``run()`` with placement reading the holders and ``roomiest`` roomiest others (0: every live worker,
+    as before ``directory.PLACE_ROOMIEST``)."""
+    kept = directory.PLACE_ROOMIEST
+    directory.PLACE_ROOMIEST = roomiest
+    try:
+        return run()
+    finally:
+        directory.PLACE_ROOMIEST = kept
+
+
 def reading(directory: Any, per_span: int, submit: Any) -> Any:
     """``submit()`` with submits reading ``per_span`` holders of each span of a model (0: every holder)."""
     kept = directory.SUBMIT_PER_SPAN
@@ -245,7 +301,7 @@ def main() -> int:
     every, few, being_loaded = infos
     for info in infos:  # ready, as the registry marks a sharded model (placement reads it)
         r.hset(keys.model(info.model_id), mapping={"state": "ready", "info": info.to_json()})
-    rows, checks, beats = [], [], []
+    rows, checks, beats, placements = [], [], [], []
     dispatch = Counted()
     try:
         have = 0
@@ -268,6 +324,18 @@ def main() -> int:
             r.zrem(keys.holders(every.model_id), *gone)
             for name, members in by_span(gone).items():
                 r.zrem(keys.span_holders(every.model_id, name), *members)
+            # The first job of a model nobody holds, and a re-route whose lost span had no other holder:
+            # placement over the holders and the roomiest others (now), over every live worker (before).
+            first_now, first_before, lone_now, lone_before = [], [], [], []
+            first = functools.partial(first_job_once, r, being_loaded, names, dispatch)
+            lone = functools.partial(reroute_no_spare_once, r, few, names, dispatch)
+            for _ in range(max(5, jobs_n // 4)):
+                first_now.append(first())
+                first_before.append(placing(directory, 0, first))
+                lone_now.append(lone())
+                lone_before.append(placing(directory, 0, lone))
+            placements.append((n, *(statistics.median(x) for x in (first_now, first_before, lone_now,
+                                                                    lone_before))))
             # A model being loaded: placed once (its orders recorded, none sent), then jobs wait for it, now
             # and as before (as if no load were in flight: every live worker read, placement checked).
             assert jobs.place(r, LOADING, spares=False, dispatch=dispatch)
@@ -296,7 +364,8 @@ def main() -> int:
                 assert jobs._placed_enough(r, few.model_id, 1)  # what keep_placed asks first now
                 quick.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                assert jobs.place(r, few.model_id, spares=True, copies=1, dispatch=dispatch) == []  # before
+                assert placing(directory, 0, lambda: jobs.place(  # before
+                    r, few.model_id, spares=True, copies=1, dispatch=dispatch)) == []
                 full.append(time.perf_counter() - t)
             # And of the model all of them hold: windows of each span's holders (now), every holder (before).
             windows: list[float] = []
@@ -367,6 +436,18 @@ def main() -> int:
               f"{windows_s * 1000:.2f} ms | {every_read_s * 1000:.2f} ms | {windows_s / every_read_s:.2f}x | "
               f"{reroute_s * 1000:.2f} ms | {reroute_before_s * 1000:.2f} ms | "
               f"{reroute_s / reroute_before_s:.2f}x |")
+    print("\nPlacement: the first job of a model nobody holds (submit: who could load it read, the loads "
+          "planned, ordered and recorded), and the collector's re-route of a job whose lost last hop had the "
+          "only copy of its span (the load planned and ordered, the job waiting for it; once for each job "
+          "the lost worker had, on the thread that publishes tokens): placement reading the model's holders "
+          f"and the {directory.PLACE_ROOMIEST} roomiest others (now), every live worker (before):\n")
+    print("| live workers | first job: now | before | now / before | re-route, no spare: now | before | "
+          "now / before |")
+    print("|---|---|---|---|---|---|---|")
+    for n, first_s, first_before_s, lone_s, lone_before_s in placements:
+        print(f"| {n} | {first_s * 1000:.2f} ms | {first_before_s * 1000:.2f} ms | "
+              f"{first_s / first_before_s:.2f}x | {lone_s * 1000:.2f} ms | {lone_before_s * 1000:.2f} ms | "
+              f"{lone_s / lone_before_s:.2f}x |")
     every = get_settings().worker.heartbeat_s
     print(f"\nThe collector's heartbeats: one of every worker (each sends one every {every:g} s), on the "
           "thread that publishes tokens (best of 3):\n")
