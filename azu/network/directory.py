@@ -84,8 +84,8 @@ SUBMIT_PER_SPAN = 16
 # many of the roomiest other live workers (``snapshot(roomiest=...)``), not over every live worker: the first
 # job of a model nobody held read each live worker's record three times, and a worker lost with its span's
 # only copy did so for each of its jobs on the collector's thread. Placement takes the roomiest first and
-# cuts a copy into as few spans as fit (``placement.plan_loads``), and a route has at most 16 hops: a plan
-# that needs workers past these is one no route could use.
+# cuts a copy into as few spans as fit (``placement.plan_loads``), and a route has at most 16 hops: a copy
+# needs no worker past the roomiest few dozen. Where the room index gives fewer, every live worker is read.
 PLACE_ROOMIEST = 64
 ROOM_SCORE_MAX = 2**53  # a room score is a double: larger claims count as this (exact up to here)
 
@@ -234,18 +234,21 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
 # keeps (an hour's). The window moves on by its length every ``window`` turns of the model's counter
 # (KEYS[5]), so ``Routes.pick(turn)`` takes each of its holders in turn before the next window comes (a
 # window moved on every turn, with the pick moving within it, had taken 16 of 256 holders for every job).
-# ARGV[11..] (with a window): holders read whatever the windows hold, if live (a re-routed job's surviving
+# ARGV[10..] (with a window): holders read whatever the windows hold, if live (a re-routed job's surviving
 # hops, whose workers hold its caches and are kept where a fewest-hop route allows).
 # ARGV[9] > 0 (a model's read for placement, ``roomiest``): every live holder, and that many of the roomiest
 # other live workers (KEYS[6], scored by minus the bytes each has free: its first ranks are the roomiest, ties
 # by id, as placement ranks them; liveness is KEYS[7]'s), walked from the first rank past the lost, the
-# banned and the silent (at most 8 times that many plus 256 entries: entries of workers
-# silent since ARGV[10] are removed as they are passed, the rest lapse with them); ARGV[11..] are read too,
-# if live, and not counted among the roomiest (the workers of the model's load orders: placement reads
-# whether they are still live, and a worker whose load failed does not take a place among the roomiest).
+# banned and the workers ARGV[10..]; an entry of a worker not live is removed as it is passed (its next
+# heartbeat writes it again), so silent workers cost one walk each, not every walk for an hour. ARGV[10..]
+# (the workers of the model's load orders) are read too, if live, not counted among the roomiest: placement
+# reads whether they are still live, and a worker whose load failed takes no place among the roomiest.
+# Where the walk finds fewer than that many (a network that small; more entries passed than 8 times that
+# many and 256 besides the holders; an index not written yet: a collector of a version before it, a lost
+# key), every live worker is read instead, so placement never sees less than the whole directory would give.
 # Returns whether it read fewer than every holder (some span held by more than the window, or no span index:
-# a collector of a version before it; for placement: whether the roomiest left any out), the rows, and the
-# turn the windows were read at.
+# a collector of a version before it; for placement: whether the roomiest left any worker out), the rows,
+# and the turn the windows were read at.
 _READ = """
 local out = {}
 local lost = {}
@@ -257,8 +260,8 @@ local function add(id)
     ids[#ids + 1] = id
   end
 end
-local function add_also(index)  -- ARGV[11..], each if live in index
-  for i = 11, #ARGV do
+local function add_also(index)  -- ARGV[10..], each if live in index
+  for i = 10, #ARGV do
     local at = redis.call('ZSCORE', index, ARGV[i])
     if at and tonumber(at) >= tonumber(ARGV[1]) then add(ARGV[i]) end
   end
@@ -297,26 +300,30 @@ else
 end
 if roomiest > 0 then
   local asked = {}
-  for i = 11, #ARGV do asked[ARGV[i]] = true end
-  local taken, at, limit, stale = 0, 0, roomiest * 8 + 256, {}
+  for i = 10, #ARGV do asked[ARGV[i]] = true end
+  local taken, at, limit, silent = 0, 0, roomiest * 8 + 256 + #ids, {}
   while taken < roomiest and at < limit do
     local chunk = redis.call('ZRANGE', KEYS[6], at, at + roomiest - 1)
     at = at + #chunk
     for _, id in ipairs(chunk) do
       local beat = tonumber(redis.call('ZSCORE', KEYS[7], id) or '0')
-      if beat < tonumber(ARGV[10]) then
-        stale[#stale + 1] = id
-      elseif taken < roomiest and beat >= tonumber(ARGV[1]) and not seen[id] and not asked[id]
-          and not lost[id] and redis.call('HEXISTS', KEYS[3], id) == 0 then
+      if beat < tonumber(ARGV[1]) then
+        silent[#silent + 1] = id
+      elseif taken < roomiest and not seen[id] and not asked[id] and not lost[id]
+          and redis.call('HEXISTS', KEYS[3], id) == 0 then
         add(id)
         taken = taken + 1
       end
     end
     if #chunk < roomiest then break end
   end
-  if taken >= roomiest then sampled = 1 end
-  if #stale > 0 then redis.call('ZREM', KEYS[6], unpack(stale)) end
-  add_also(KEYS[7])
+  if #silent > 0 then redis.call('ZREM', KEYS[6], unpack(silent)) end
+  if taken < roomiest then
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], ARGV[1], '+inf')) do add(id) end
+  else
+    sampled = 1
+    add_also(KEYS[7])
+  end
 end
 for _, id in ipairs(ids) do
   if not lost[id] and redis.call('HEXISTS', KEYS[3], id) == 0 then
@@ -347,8 +354,9 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
 
     ``roomiest`` (with ``model_id``, not ``per_span``): every live holder of the model and that many of the
     roomiest other live workers (by the room their last heartbeat reported): whom placement plans over
-    (``PLACE_ROOMIEST``); ``also`` here: live workers read as well, not counted among the roomiest (the
-    workers of the model's load orders)."""
+    (``PLACE_ROOMIEST``), or every live worker where the room index gives fewer (a small network, an index
+    not written yet); ``also`` here: live workers read as well, not counted among the roomiest (the workers
+    of the model's load orders)."""
     now = time.time() if now is None else now
     prefixes = keys.worker(""), keys.identity(""), keys.assigned("")
     among = keys.WORKERS if model_id is None else keys.holders(model_id)
@@ -359,7 +367,7 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
     sampled, rows, turn_read = r.eval(  # type: ignore[misc]
         _READ, 7, among, LOST, keys.BANNED, spans, turn, keys.ROOM, keys.WORKERS,  # type: ignore[arg-type]
         now - _ttl(ttl), now - LOST_HOLD_S, *prefixes, window, first, keys.SPAN_HOLDERS_SUFFIX, room,
-        now - max(HOLDERS_KEEP_S, 2 * _ttl(None)), *(sorted(set(also)) if window or room else ()))
+        *(sorted(set(also)) if window or room else ()))
     out = []
     known: dict[str, str] = {}
     for raw_id, raw, public_key, spans in rows:

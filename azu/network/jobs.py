@@ -185,9 +185,10 @@ def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequenc
     and ``also`` these if live (a re-routed job's surviving hops), and every holder where those give no
     route. Where the holders give no route, placement's workers are read and routed over
     (``placement_routes``): the index is filled by heartbeats, so it may lag the records (a collector of a
-    version before it; a key lost), and placement, which reads the roomiest workers whether or not the
-    index has them, would not order loads for a model it sees served. So where there is no route, the
-    snapshot returned is placement's: who could load the model. ``whole=False``: the holders only (a submit
+    version before it; a key lost), and placement would not order loads for a model it sees served. A
+    holder the index lacks is among them only if it is among the roomiest, or where the network is small
+    enough to be read whole. So where there is no route, the snapshot returned is placement's: who could
+    load the model. ``whole=False``: the holders only (a submit
     while the core's loads of the model are in flight: ``submit_job``)."""
     known = directory.snapshot(r, model_id=model_id, now=now, per_span=per_span, also=also)
     routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))

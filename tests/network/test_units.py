@@ -878,13 +878,16 @@ def test_placements_read_is_every_holder_and_the_roomiest_live_workers(any_redis
     """Placement's read (``snapshot(roomiest=...)``, not every live worker's record): every live holder of
     the model however little room it has; the roomiest other live workers, never a lost, banned or silent
     one; the workers asked for ``also`` (its load orders') if live, not counted among the roomiest. An entry
-    of a worker silent past HOLDERS_KEEP_S leaves the room index as the read passes it; a banned worker's
-    heartbeat takes it out. On Redis 7 and azu up's 6.2."""
+    of a worker not live leaves the room index as the read passes it (its next heartbeat writes it again);
+    a banned worker's heartbeat takes it out. Where the index gives fewer than asked (a small network, an
+    index not written yet, more silent entries than the walk's bound), every live worker is read. On Redis 7
+    and azu up's 6.2."""
     r = any_redis
     now, span = time.time(), Span(0, 2, True, False)
     roomy = [f"room-w-{i:02d}" for i in range(40)]
-    others = ["room-hold-0", "room-hold-1", "room-lost", "room-banned", "room-silent", "room-stale",
-              "room-ordered", "room-ordered-silent"]
+    dead = [f"room-dead-{i:03d}" for i in range(900)]
+    others = ["room-hold-0", "room-hold-1", "room-lost", "room-banned", "room-silent", "room-ordered",
+              "room-ordered-silent"]
     try:
         directory.register_many(r, [_worker(w, 1, ("room-m", span)) for w in others[:2]], now=now)
         for w in others[:2]:
@@ -894,26 +897,39 @@ def test_placements_read_is_every_holder_and_the_roomiest_live_workers(any_redis
         directory.mark_lost(r, ["room-lost"], now=now)
         r.hset(keys.BANNED, "room-banned", "failed a check")
         directory.register(r, _worker("room-silent", ROOMY + 102), now=now - 100)
-        directory.register(r, _worker("room-stale", ROOMY + 103), now=now - directory.HOLDERS_KEEP_S - 10)
         directory.register(r, _worker("room-ordered", 5), now=now)
         directory.register(r, _worker("room-ordered-silent", 5), now=now - 100)
 
-        got = directory.snapshot(r, model_id="room-m", ttl=15, now=now, roomiest=8,
-                                 also=["room-ordered", "room-ordered-silent", roomy[39]])
+        def read(roomiest: int, *also: str) -> tuple[set[str], bool]:
+            """The workers read, and whether they are the roomiest (else every live one)."""
+            got = directory.snapshot(r, model_id="room-m", ttl=15, now=now, roomiest=roomiest, also=also)
+            return {w.worker_id for w in got.workers}, got.sampled
+
         # The holders, the order's live worker, roomy[39] (asked for: not counted) and the 8 roomiest after.
-        assert {w.worker_id for w in got.workers} == {
-            "room-hold-0", "room-hold-1", *roomy[31:], "room-ordered"}
-        assert got.sampled
-        assert r.zscore(keys.ROOM, "room-stale") is None  # passed, gone
-        assert r.zscore(keys.ROOM, "room-silent") is not None  # silent within the hour: kept, not read
-        assert got.worker("room-hold-0").holds("room-m") == [span]
+        assert read(8, "room-ordered", "room-ordered-silent", roomy[39]) == ({
+            "room-hold-0", "room-hold-1", *roomy[31:], "room-ordered"}, True)
+        assert r.zscore(keys.ROOM, "room-silent") is None  # passed, gone until it heartbeats again
+        assert r.zscore(keys.ROOM, "room-lost") is not None  # live: kept, not read
         directory.register(r, _worker("room-banned", ROOMY + 101), now=now)  # its next heartbeat
         assert r.zscore(keys.ROOM, "room-banned") is None
         # Submit's reads are unchanged: holders only.
         assert {w.worker_id for w in directory.snapshot(r, model_id="room-m", ttl=15, now=now).workers} == {
             "room-hold-0", "room-hold-1"}
+        # Fewer than asked: every live worker (lost and banned still left out), as the whole directory.
+        every = {w.worker_id for w in directory.snapshot(r, ttl=15, now=now).workers}
+        assert read(100) == (every, False) and {"room-ordered", *roomy} <= every
+        r.delete(keys.ROOM)  # an index not written yet
+        assert read(8) == (every, False)
+        # 900 roomier entries of workers gone quiet: the first read passes 328 of them (8 at a time, to its
+        # bound of 8 * 8 + 256 + the 2 holders), removing them, and reads every live worker; the next pass
+        # the rest, then read the roomiest again.
+        directory.register_many(r, [_worker(w, ROOMY + 1000 + i) for i, w in enumerate(dead)], now=now - 100)
+        directory.register_many(r, [_worker(w, ROOMY + i) for i, w in enumerate(roomy)], now=now)
+        assert read(8) == (every, False) and r.zcard(keys.ROOM) == 900 + 40 - 328
+        assert read(8) == (every, False)
+        assert read(8) == ({"room-hold-0", "room-hold-1", *roomy[32:]}, True) and r.zcard(keys.ROOM) == 40
     finally:
-        for w in [*roomy, *others]:
+        for w in [*roomy, *dead, *others]:
             directory.deregister(r, w)
             r.delete(keys.assigned(w))
         r.delete(keys.holders("room-m"), keys.held_spans("room-m"),
@@ -922,45 +938,66 @@ def test_placements_read_is_every_holder_and_the_roomiest_live_workers(any_redis
         r.hdel(keys.BANNED, "room-banned")
 
 
-def test_placement_over_the_roomiest_plans_what_every_live_worker_would(any_redis, r) -> None:
-    """Placement plans over the model's holders and the 64 roomiest others: among 300 live workers with many
-    equal rooms (ties broken by id, as placement ranks them), a first placement, spare copies beside held
-    spans and a copy whose held spans do not line up plan exactly the orders a plan over every live worker
-    gives."""
+def test_placement_over_the_roomiest_plans_what_every_live_worker_would(any_redis, r, monkeypatch) -> None:
+    """``place`` over the model's holders and the 64 roomiest others orders exactly what it orders over every
+    live worker: 300 live workers with many equal rooms (ties broken by id, as placement ranks them), the
+    20 roomiest marked lost and 10 of the next with a failed load of the model (neither takes a place among
+    the 64), three copies of about eight workers each, for a first placement, spares beside held spans and
+    a copy whose held spans do not line up. Over the 16 roomiest the orders differ."""
     import random
 
     r = any_redis
-    unit = 2**44
-    info = models.ModelInfo(
-        model_id="roomplan-m", architecture="LlamaForCausalLM", num_layers=12, hidden_size=8, vocab_size=16,
+    unit = 2**44  # rooms of 64-112 units: more than any other test's workers report
+    model_id = "roomplan-m"
+    r.hset(keys.model(model_id), mapping={"state": "ready", "info": models.ModelInfo(
+        model_id=model_id, architecture="LlamaForCausalLM", num_layers=12, hidden_size=8, vocab_size=16,
         torch_dtype="float32", eos_token_ids=(2,), context_length=64, layer_bytes=(40 * unit,) * 12,
-        embeddings_bytes=40 * unit, head_bytes=40 * unit)
+        embeddings_bytes=40 * unit, head_bytes=40 * unit).to_json()})
     names = [f"roomplan-{i:03d}" for i in range(300)]
-    held = {"": [], "front": [Span(0, 3, True, False)] * 3, "middle": [Span(4, 7, False, False)] * 2}
+    held = {"none": [], "front": [Span(0, 3, True, False)] * 3, "middle": [Span(4, 7, False, False)] * 2}
+    rec = Recording(None)
+
+    def orders(roomiest: int, failed: list[str]) -> list[placement.LoadOrder]:
+        """What ``place`` orders, placement reading ``roomiest`` (0: every live worker); then forgotten."""
+        monkeypatch.setattr(directory, "PLACE_ROOMIEST", roomiest)
+        for w in failed:
+            field = jobs._order_field(w, Span(0, 3, True, False))
+            r.hset(keys.orders(model_id), field, f"failed:{time.time()}")
+        sent = jobs.place(r, model_id, spares=True, copies=3, dispatch=rec)
+        for o in sent:
+            r.srem(keys.assigned(o.worker_id), jobs.span_key(model_id, o.span))
+        r.delete(keys.orders(model_id), keys.loading(model_id))
+        return sent
+
     try:
         for seed, (case, spans) in enumerate([*held.items(), *held.items()]):
             rng = random.Random(seed)
-            now = time.time()
             for w in names:
                 r.delete(keys.assigned(w))
-            r.delete(keys.holders(info.model_id))
-            workers = [_worker(w, (100 + 5 * rng.randrange(13)) * unit) for w in names]
-            for w, span in zip(names, spans, strict=False):
-                workers[names.index(w)].stages = [(info.model_id, span)]
-                r.sadd(keys.assigned(w), jobs.span_key(info.model_id, span))
-            directory.register_many(r, workers, now=now)
-            some = directory.snapshot(r, model_id=info.model_id, now=now, roomiest=directory.PLACE_ROOMIEST)
-            every = directory.snapshot(r, now=now)
-            assert len(some.workers) <= len(spans) + directory.PLACE_ROOMIEST < len(every.workers)
-            planned = placement.plan_loads(info.shape, some.workers, max_copies=2)
-            assert planned, case
-            assert planned == placement.plan_loads(info.shape, every.workers, max_copies=2), (case, seed)
+            r.delete(keys.holders(model_id))
+            r.zrem(directory.LOST, *names)
+            workers = [_worker(w, (64 + 4 * rng.randrange(13)) * unit) for w in names]
+            for w, span in zip(workers, spans, strict=False):
+                w.stages = [(model_id, span)]
+                r.sadd(keys.assigned(w.worker_id), jobs.span_key(model_id, span))
+            directory.register_many(r, workers)
+            ranked = [w.worker_id for w in sorted(workers, key=lambda w: (-w.free_memory, w.worker_id))
+                      if not w.stages]
+            directory.mark_lost(r, ranked[:20])
+            failed = ranked[20:30]
+            planned = orders(directory.PLACE_ROOMIEST, failed)
+            assert len(planned) >= 12, (case, planned)
+            assert not {o.worker_id for o in planned} & set(ranked[:30])
+            assert planned == orders(0, failed), (case, seed)
+            if case == "none":
+                assert orders(16, failed) != planned
     finally:
+        r.zrem(directory.LOST, *names)
         for w in names:
             directory.deregister(r, w)
             r.delete(keys.assigned(w))
-        r.delete(keys.holders(info.model_id), keys.held_spans(info.model_id),
-                 *r.keys(keys.span_holders_prefix(info.model_id) + "*"))
+        r.delete(keys.model(model_id), keys.orders(model_id), keys.loading(model_id), keys.holders(model_id),
+                 keys.held_spans(model_id), *r.keys(keys.span_holders_prefix(model_id) + "*"))
 
 
 def test_a_reroute_with_no_spare_orders_the_roomiest_and_never_reads_every_worker(any_redis, r,
