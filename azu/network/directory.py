@@ -240,12 +240,14 @@ def live_workers(r: redis.Redis, *, ttl: float | None = None, now: float | None 
 # other live workers (KEYS[6], scored by minus the bytes each has free: its first ranks are the roomiest, ties
 # by id, as placement ranks them; liveness is KEYS[7]'s), walked from the first rank past the lost, the
 # banned and the workers ARGV[10..]; an entry of a worker not live is removed as it is passed (its next
-# heartbeat writes it again), so silent workers cost one walk each, not every walk for an hour. ARGV[10..]
+# heartbeat writes it again: so ARGV[1] must be no later than the collector's liveness), so silent workers
+# cost one walk each, not every walk for an hour. ARGV[10..]
 # (the workers of the model's load orders) are read too, if live, not counted among the roomiest: placement
 # reads whether they are still live, and a worker whose load failed takes no place among the roomiest.
 # Where the walk finds fewer than that many (a network that small; more entries passed than 8 times that
-# many and 256 besides the holders; an index not written yet: a collector of a version before it, a lost
-# key), every live worker is read instead, so placement never sees less than the whole directory would give.
+# many and 256 besides the holders and ARGV[10..]; an index not written yet: a collector of a version before
+# it, a lost key), every live worker is read instead, so placement never sees less than the whole directory
+# would give.
 # Returns whether it read fewer than every holder (some span held by more than the window, or no span index:
 # a collector of a version before it; for placement: whether the roomiest left any worker out), the rows,
 # and the turn the windows were read at.
@@ -301,7 +303,7 @@ end
 if roomiest > 0 then
   local asked = {}
   for i = 10, #ARGV do asked[ARGV[i]] = true end
-  local taken, at, limit, silent = 0, 0, roomiest * 8 + 256 + #ids, {}
+  local taken, at, limit, silent = 0, 0, roomiest * 8 + 256 + #ids + (#ARGV - 9), {}
   while taken < roomiest and at < limit do
     local chunk = redis.call('ZRANGE', KEYS[6], at, at + roomiest - 1)
     at = at + #chunk
@@ -317,7 +319,9 @@ if roomiest > 0 then
     end
     if #chunk < roomiest then break end
   end
-  if #silent > 0 then redis.call('ZREM', KEYS[6], unpack(silent)) end
+  for i = 1, #silent, 1000 do  -- (unpack takes a few thousand at most)
+    redis.call('ZREM', KEYS[6], unpack(silent, i, math.min(i + 999, #silent)))
+  end
   if taken < roomiest then
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], ARGV[1], '+inf')) do add(id) end
   else
@@ -356,7 +360,8 @@ def snapshot(r: redis.Redis, *, model_id: str | None = None, ttl: float | None =
     roomiest other live workers (by the room their last heartbeat reported): whom placement plans over
     (``PLACE_ROOMIEST``), or every live worker where the room index gives fewer (a small network, an index
     not written yet); ``also`` here: live workers read as well, not counted among the roomiest (the workers
-    of the model's load orders)."""
+    of the model's load orders). Entries of workers not live by ``ttl`` at ``now`` leave the room index as
+    the read passes them: a read for placement takes the collector's TTL and the time as it is."""
     now = time.time() if now is None else now
     prefixes = keys.worker(""), keys.identity(""), keys.assigned("")
     among = keys.WORKERS if model_id is None else keys.holders(model_id)

@@ -205,11 +205,12 @@ def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequenc
 def placement_read(r: redis.Redis, model_id: str, *, also: Sequence[str] = (),
                    now: float | None = None) -> directory.Snapshot:
     """Whom placement plans ``model_id``'s loads over: its live holders and the ``directory.PLACE_ROOMIEST``
-    roomiest other live workers (every live worker where that is 0), and ``also`` these if live (the workers
-    of its load orders)."""
+    roomiest other live workers (every live worker where that is 0; at least 16 for each copy kept: a copy
+    takes 16 workers at most), and ``also`` these if live (the workers of its load orders)."""
     if directory.PLACE_ROOMIEST <= 0:
         return directory.snapshot(r, now=now)
-    return directory.snapshot(r, model_id=model_id, now=now, roomiest=directory.PLACE_ROOMIEST, also=also)
+    roomiest = max(directory.PLACE_ROOMIEST, 16 * get_settings().copies)
+    return directory.snapshot(r, model_id=model_id, now=now, roomiest=roomiest, also=also)
 
 
 def placement_routes(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequence[str] = (),

@@ -108,10 +108,10 @@ def _beat(r: redis.Redis, wid: str, free: int, *stages: tuple[str, Span], starte
 
 def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r, keep_model,
                                                                               monkeypatch) -> None:
-    """The first job of a model no route serves reads who could load it (its holders and the roomiest
-    others, not every live worker: test_units) and places it; while those loads are in flight, the next
-    jobs wait without reading that again or placing anything (each had read every live worker's record three
-    times); the load's report starts them all."""
+    """The first job of a model no route serves reads who could load it (placement's read: its holders and
+    the roomiest others, test_units; in a network this small, every live worker) and places it; while those
+    loads are in flight, the next jobs wait without reading that again or placing anything (each had read
+    every live worker's record three times); the load's report starts them all."""
     model_id = keep_model
     front, tail = Span(0, 2, True, False), Span(2, 4, False, True)
     _beat(r, "k1", 0, (model_id, front), started_at=time.time())
@@ -131,7 +131,7 @@ def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r
     try:
         submitted.append(submit())
         assert (model_id, "roomiest", False) in reads and placed == [model_id]  # who could load it; placed
-        assert all(m == model_id for m, _, _ in reads), reads  # never every live worker
+        assert all(m == model_id for m, _, _ in reads), reads  # placement's reads (two workers: all of them)
         assert rec.count(dispatch.LOAD) == 1  # k2: the tail
         assert r.exists(keys.loading(model_id))
         for _ in range(3):
