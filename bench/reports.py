@@ -13,8 +13,8 @@ report handling). Reports are signed pongs (each costs the collector an Ed25519 
   how long that one waited until the collector had handled it, and how many of the flood's were handled
   before it, in each layout;
 - **one report when idle**: push to handled, median of ``--idle`` reports a few ms apart, in each layout;
-- **the sweep**: a round that looks at the next 1000 enrolled workers' lists (``reports.SWEEP_MAX``; once a
-  second, for a hint lost), median.
+- **the sweep**: a round that looks at the next enrolled workers' lists (``reports.sweep_size``: 1000, or a
+  fifth of those enrolled, 5000 at most; once a second, for a hint lost), median.
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ def idle_wait(r: Any, signers: dict[str, Any], count: int, *, one_list: bool, n:
 
 
 def sweep_cost(r: Any, n: int, count: int = 50) -> float:
-    from azu.network.reports import SWEEP_MAX, ReportLists
+    from azu.network.reports import ReportLists, sweep_size
 
     lists = ReportLists(r, "bench:sweep")
-    ids = [f"rep-{i:05d}" for i in range(n)][:SWEEP_MAX]
+    ids = [f"rep-{i:05d}" for i in range(n)][:sweep_size(n)]
     times = []
     for _ in range(count):
         started = time.perf_counter()
@@ -173,7 +173,8 @@ def main() -> int:
     for n, (b_wait, b_before), (n_wait, n_before), *_ in rows:
         print(f"| {n} | {b_wait * 1e3:.0f} ms | {b_before} | {n_wait * 1e3:.1f} ms | {n_before} | "
               f"{b_wait / n_wait:.0f}x |")
-    print("\nOne report when the collector is idle (push to handled, median), and a sweep (up to 1000 lists)")
+    print("\nOne report when the collector is idle (push to handled, median), and a sweep round "
+          "(``reports.sweep_size`` lists: 1000 up to 5000 enrolled, a fifth of them beyond, 5000 at most)")
     print("| enrolled workers | one list (before) | own lists (now) | a sweep (once a second) |")
     print("|---|---|---|---|")
     for n, _, _, idle_before, idle_now, sweep in rows:

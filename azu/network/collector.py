@@ -476,6 +476,7 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
     collector = Collector(r, dispatch=dispatch)
     lists = reports.ReportLists(r, base)  # base: tests keep their lists (and lease) apart
     sweep_at = 0  # SSCAN's cursor over the enrolled workers
+    sweep = reports.SWEEP_MAX  # how many a round looks at (more as more are enrolled: ``reports.sweep_size``)
     lease = keys.COLLECTOR_LOCK if base == keys.REPORTS else f"{keys.COLLECTOR_LOCK}:{base}"
     me = uuid.uuid4().hex
     check_every = min(1.0, watchdog.step_timeout_s(settings) / 2)
@@ -491,8 +492,10 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
             if time.monotonic() >= held_until:
                 pipe = r.pipeline(transaction=False)
                 pipe.eval(_HOLD, 1, lease, me, LEASE_S)
-                pipe.sscan(keys.REPORTERS, sweep_at, count=reports.SWEEP_MAX)
-                held, (sweep_at, enrolled) = pipe.execute()
+                pipe.scard(keys.REPORTERS)
+                pipe.sscan(keys.REPORTERS, sweep_at, count=sweep)
+                held, total, (sweep_at, enrolled) = pipe.execute()
+                sweep = reports.sweep_size(total)
                 if not held:
                     stop_event.wait(1.0)  # another collector holds the lease
                     continue

@@ -11,7 +11,7 @@ A hint is only a hint: any worker may push any id, and a hint for an empty list 
 backlog of more hints than a round reads is dropped (a flood of hints must not queue the others' behind it).
 Lists are also found without their hint: each round looks first at the lists of the workers whose tokens
 the collector published in the last seconds (the last hops of running jobs: a job's next token does not
-wait behind anyone's hints), and about once a second at the next ``SWEEP_MAX`` enrolled workers' lists
+wait behind anyone's hints), and about once a second at the next ``sweep_size`` enrolled workers' lists
 (``azu:reporters``, written at enrollment, read with SSCAN; the sweep), for a hint lost (a connection cut
 between the two pushes, a dropped backlog).
 
@@ -22,6 +22,7 @@ Before this, every worker pushed to one list, ``azu:reports``: a worker that pus
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,22 @@ BATCH_MAX = 1024  # reports a round takes in all, shared among the lists that wa
 SHARE = 128  # ... from each list at most: a flooder delays the others by a round of this
 MIN_SHARE = 16  # ... and at least: a round serves BATCH_MAX // MIN_SHARE lists (the rest first next round)
 HINTS_MAX = 1024  # hints a round reads; more than this many left after them are dropped (only hints)
-SWEEP_MAX = 1000  # enrolled workers' lists a sweep looks at (SSCAN's count: the next ones the sweep after)
+# Enrolled workers' lists a sweep round looks at (SSCAN's count; the next ones the round after, about a second
+# later): at least SWEEP_MAX, and more where more are enrolled, so that every list is looked at within about
+# SWEEP_WHOLE_S rounds, well inside a heartbeat's life (15 s), up to SWEEP_CAP a round. A fixed 1000 took a
+# second for each 1000 enrolled: a report whose hint was lost waited longer than a heartbeat lives once more
+# than about 15,000 were enrolled. A round costs the collector's thread (and Redis, in one script) 1.9 ms for
+# 1000 lists, 4.0 ms for 3000, 6.8 ms for 5000 (bench/reports.py, 2026-12-05): the cap holds it under 1% of
+# a second, and a whole sweep stays within 15 s up to 75,000 enrolled.
+SWEEP_MAX = 1000
+SWEEP_WHOLE_S = 5
+SWEEP_CAP = 5000
+
+
+def sweep_size(enrolled: int) -> int:
+    """How many enrolled workers' lists a sweep round looks at, with ``enrolled`` workers enrolled."""
+    return min(SWEEP_CAP, max(SWEEP_MAX, math.ceil(enrolled / SWEEP_WHOLE_S)))
+
 
 # KEYS[1]: the hints. ARGV: the lists' names less the worker id (``keys.reports_from``: one place for the
 # name), BATCH_MAX, SHARE, MIN_SHARE, HINTS_MAX, the count of the ids that go first, those ids (the last hops

@@ -1946,6 +1946,45 @@ def test_the_collectors_loop_reads_hinted_and_unhinted_lists(any_redis) -> None:
         rr.delete(keys.identity("sweep-w"), swept, hinted, keys.reports_from("sweep-w", base))
 
 
+def test_the_sweep_reads_every_enrolled_list_within_a_few_rounds_however_many_are_enrolled(
+        any_redis, monkeypatch) -> None:
+    """A report whose hint was lost waits for the sweep. Each round (about a second apart) looks at more lists
+    the more workers are enrolled (``reports.sweep_size``), every one within about ``SWEEP_WHOLE_S`` rounds:
+    with 12,000 enrolled and a whole sweep in 2 rounds here, 50 reports in lists spread over them are all
+    read within 3 rounds; a fixed 1000 lists a round took 12 (past a heartbeat's 15 s life from about 15,000
+    enrolled). Redis 7 and 6.2."""
+    from azu.network import collector
+
+    monkeypatch.setattr(reports, "SWEEP_WHOLE_S", 2)
+    assert reports.sweep_size(10) == reports.SWEEP_MAX and reports.sweep_size(10**9) == reports.SWEEP_CAP
+    rr = any_redis
+    base = "azu:test:sweep-many"
+    crowd = [f"sweep-c-{i:05d}" for i in range(12000)]
+    rr.sadd(keys.REPORTERS, *crowd)
+    reporting = crowd[::240]  # 50 of them, wherever SSCAN's order puts them
+    markers = []
+    for wid in reporting:
+        signer = SigningKey.generate()
+        rr.set(keys.identity(wid), auth.public_hex(signer))
+        markers.append(f"{keys.PING_PREFIX}swept-{uuid.uuid4().hex[:8]}")
+        rr.rpush(keys.reports_from(wid, base),  # no hint
+                 reports.sign(signer, wid, "pong", {"key": markers[-1], "value": "1"}))
+    stop = threading.Event()
+    loop = threading.Thread(target=collector.run, kwargs={"r": rr, "base": base, "stop_event": stop,
+                                                          "wait_s": 0.2}, daemon=True)
+    started = time.monotonic()
+    loop.start()
+    try:
+        wait_for(lambda: all(rr.get(m) for m in markers), timeout=20, what="the sweep to read every list")
+        assert time.monotonic() - started < 3 * collector.LEASE_RENEW_S + 1.5
+    finally:
+        stop.set()
+        loop.join(10)
+        rr.srem(keys.REPORTERS, *crowd)
+        rr.delete(*markers, *(keys.identity(w) for w in reporting),
+                  *(keys.reports_from(w, base) for w in reporting))
+
+
 def test_a_report_in_one_workers_list_that_names_another_is_refused(r) -> None:
     """Its list says who pushed it (the login that may): a report there in another worker's name is refused,
     however well signed, before anything is written."""
