@@ -174,7 +174,6 @@ def reroute_once(r: Any, info: Any, names: list[str], dispatch: Counted, per_spa
 def first_job_once(r: Any, info: Any, names: list[str], dispatch: Counted) -> float:
     """Seconds the first job of a model nobody holds takes to submit (its placement read, the loads planned
     and recorded, the job put on the waiting list); then the model is as before it (nothing ordered)."""
-
     took, _trips = submit_once(r, info, names, dispatch)
     unplace(r, info.model_id)
     return took
@@ -201,11 +200,12 @@ def reroute_no_spare_once(r: Any, info: Any, names: list[str], dispatch: Counted
 
 def unplace(r: Any, model_id: str) -> None:
     """Forget the loads ordered for ``model_id`` and the jobs waiting for it (as if never placed)."""
+    from azu.engine.span import Span
     from azu.network import jobs, keys
 
     for raw in r.hkeys(keys.orders(model_id)):
         worker_id, *span = json.loads(raw)
-        r.srem(keys.assigned(worker_id), json.dumps([model_id, *span]))
+        r.srem(keys.assigned(worker_id), jobs.span_key(model_id, Span.from_list(span)))
     r.delete(keys.orders(model_id), keys.loading(model_id), keys.waiting(model_id))
     r.hdel(keys.model(model_id), jobs.PLACED)
 
@@ -213,22 +213,22 @@ def unplace(r: Any, model_id: str) -> None:
 def placing(directory: Any, roomiest: int, run: Any) -> Any:
     """``run()`` with placement reading the holders and ``roomiest`` roomiest others (0: every live worker,
     as before ``directory.PLACE_ROOMIEST``)."""
-    kept = directory.PLACE_ROOMIEST
-    directory.PLACE_ROOMIEST = roomiest
-    try:
-        return run()
-    finally:
-        directory.PLACE_ROOMIEST = kept
+    return patched(directory, "PLACE_ROOMIEST", roomiest, run)
 
 
 def reading(directory: Any, per_span: int, submit: Any) -> Any:
     """``submit()`` with submits reading ``per_span`` holders of each span of a model (0: every holder)."""
-    kept = directory.SUBMIT_PER_SPAN
-    directory.SUBMIT_PER_SPAN = per_span
+    return patched(directory, "SUBMIT_PER_SPAN", per_span, submit)
+
+
+def patched(module: Any, name: str, value: Any, run: Any) -> Any:
+    """``run()`` with ``module.name`` set to ``value``, as it was afterwards."""
+    kept = getattr(module, name)
+    setattr(module, name, value)
     try:
-        return submit()
+        return run()
     finally:
-        directory.SUBMIT_PER_SPAN = kept
+        setattr(module, name, kept)
 
 
 def loads_unseen(jobs: Any, submit: Any) -> Any:

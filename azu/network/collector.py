@@ -476,7 +476,7 @@ def run(settings: Settings | None = None, *, stop_event: threading.Event | None 
     collector = Collector(r, dispatch=dispatch)
     lists = reports.ReportLists(r, base)  # base: tests keep their lists (and lease) apart
     sweep_at = 0  # SSCAN's cursor over the enrolled workers
-    sweep = reports.SWEEP_MAX  # how many a round looks at (more as more are enrolled: ``reports.sweep_size``)
+    sweep = reports.SWEEP_MIN  # how many a round looks at (more as more are enrolled: ``reports.sweep_size``)
     lease = keys.COLLECTOR_LOCK if base == keys.REPORTS else f"{keys.COLLECTOR_LOCK}:{base}"
     me = uuid.uuid4().hex
     check_every = min(1.0, watchdog.step_timeout_s(settings) / 2)

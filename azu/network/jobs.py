@@ -188,8 +188,8 @@ def routes_for(r: redis.Redis, model_id: str, num_layers: int, *, avoid: Sequenc
     version before it; a key lost), and placement would not order loads for a model it sees served. A
     holder the index lacks is among them only if it is among the roomiest, or where the network is small
     enough to be read whole. So where there is no route, the snapshot returned is placement's: who could
-    load the model. ``whole=False``: the holders only (a submit
-    while the core's loads of the model are in flight: ``submit_job``)."""
+    load the model. ``whole=False``: the holders only (a submit while the core's loads of the model are in
+    flight: ``submit_job``)."""
     known = directory.snapshot(r, model_id=model_id, now=now, per_span=per_span, also=also)
     routes = placement.Routes(model_id, num_layers, known.workers, avoid=set(avoid))
     if routes.exists():
@@ -209,7 +209,7 @@ def placement_read(r: redis.Redis, model_id: str, *, also: Sequence[str] = (),
     takes 16 workers at most), and ``also`` these if live (the workers of its load orders)."""
     if directory.PLACE_ROOMIEST <= 0:
         return directory.snapshot(r, now=now)
-    roomiest = max(directory.PLACE_ROOMIEST, 16 * get_settings().copies)
+    roomiest = max(directory.PLACE_ROOMIEST, placement.MAX_HOPS * get_settings().copies)
     return directory.snapshot(r, model_id=model_id, now=now, roomiest=roomiest, also=also)
 
 
@@ -334,9 +334,9 @@ def _placed_enough(r: redis.Redis, model_id: str, copies: int) -> bool:
     """Whether the model's live holders already make a route and hold every layer ``copies`` times: what
     ``place`` would then plan is nothing, and it reads every holder and the roomiest other workers (it read
     every live worker's record, before ``placement_read``) to find that out, every ``KEEP_EVERY_S`` on the
-    collector's thread, which publishes the tokens. This reads
-    the windows of each span's holders a submit reads (a share of the holders: a route and copies there are
-    so among them all), and every holder only where those fall short."""
+    collector's thread, which publishes the tokens. This reads the windows of each span's holders a submit
+    reads (a share of the holders: a route and copies there are so among them all), and every holder only
+    where those fall short."""
     info = model_info(r, model_id)
     for per_span in (directory.SUBMIT_PER_SPAN, 0):
         known = directory.snapshot(r, model_id=model_id, per_span=per_span)

@@ -57,12 +57,15 @@ class LoadOrder:
 
 
 # --- routing over what workers hold -------------------------------------------------------------
+MAX_HOPS = 16  # a route's hops at most (routes, prefixes, and so a copy's workers)
+
+
 def _held(model_id: str, workers: list[WorkerInfo]) -> list[tuple[str, Span]]:
     """Each (worker, span) held, once (a record naming a span twice holds it once)."""
     return list(dict.fromkeys((w.worker_id, span) for w in workers for span in w.holds(model_id)))
 
 
-def _chains(model_id: str, workers: list[WorkerInfo], *, max_hops: int = 16) -> list[list[Hop]]:
+def _chains(model_id: str, workers: list[WorkerInfo], *, max_hops: int = MAX_HOPS) -> list[list[Hop]]:
     """Every chain of held stages that starts with the embeddings at layer 0 (complete or not)."""
     held = _held(model_id, workers)
     out: list[list[Hop]] = []
@@ -109,7 +112,7 @@ class Routes:
     routes in order had kept 500 jobs in a row on one first hop).
     ``avoid``: workers no route may use (the ones just lost)."""
 
-    def __init__(self, model_id: str, num_layers: int, workers: list[WorkerInfo], *, max_hops: int = 16,
+    def __init__(self, model_id: str, num_layers: int, workers: list[WorkerInfo], *, max_hops: int = MAX_HOPS,
                  avoid: frozenset[str] | set[str] = frozenset()) -> None:
         self.num_layers, self.max_hops = num_layers, max_hops
         live = [w for w in workers if w.worker_id not in avoid]
@@ -168,7 +171,7 @@ def fewest_copies(model_id: str, num_layers: int, workers: list[WorkerInfo]) -> 
     return min(counts, default=0)
 
 
-def longest_prefix(model_id: str, workers: list[WorkerInfo], *, max_hops: int = 16) -> list[Hop]:
+def longest_prefix(model_id: str, workers: list[WorkerInfo], *, max_hops: int = MAX_HOPS) -> list[Hop]:
     """The held chain from the embeddings that reaches furthest without the head (of those, one with the
     fewest hops), or []. Walked over layer boundaries, nearest first, not listed: c copies of each of h spans
     make c ** h chains (a model with no head held, say, and hundreds of copies of the rest)."""

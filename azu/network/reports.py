@@ -40,20 +40,20 @@ SHARE = 128  # ... from each list at most: a flooder delays the others by a roun
 MIN_SHARE = 16  # ... and at least: a round serves BATCH_MAX // MIN_SHARE lists (the rest first next round)
 HINTS_MAX = 1024  # hints a round reads; more than this many left after them are dropped (only hints)
 # Enrolled workers' lists a sweep round looks at (SSCAN's count; the next ones the round after, about a second
-# later): at least SWEEP_MAX, and more where more are enrolled, so that every list is looked at within about
+# later): at least SWEEP_MIN, and more where more are enrolled, so that every list is looked at within about
 # SWEEP_WHOLE_S rounds, well inside a heartbeat's life (15 s), up to SWEEP_CAP a round. A fixed 1000 took a
 # second for each 1000 enrolled: a report whose hint was lost waited longer than a heartbeat lives once more
 # than about 15,000 were enrolled. A round costs the collector's thread (and Redis, in one script) 1.9 ms for
 # 1000 lists, 4.0 ms for 3000, 6.8 ms for 5000 (bench/reports.py, 2026-12-05): the cap holds it under 1% of
 # a second, and a whole sweep stays within 15 s up to 75,000 enrolled.
-SWEEP_MAX = 1000
+SWEEP_MIN = 1000
 SWEEP_WHOLE_S = 5
 SWEEP_CAP = 5000
 
 
 def sweep_size(enrolled: int) -> int:
     """How many enrolled workers' lists a sweep round looks at, with ``enrolled`` workers enrolled."""
-    return min(SWEEP_CAP, max(SWEEP_MAX, math.ceil(enrolled / SWEEP_WHOLE_S)))
+    return min(SWEEP_CAP, max(SWEEP_MIN, math.ceil(enrolled / SWEEP_WHOLE_S)))
 
 
 # KEYS[1]: the hints. ARGV: the lists' names less the worker id (``keys.reports_from``: one place for the

@@ -1956,7 +1956,7 @@ def test_the_sweep_reads_every_enrolled_list_within_a_few_rounds_however_many_ar
     from azu.network import collector
 
     monkeypatch.setattr(reports, "SWEEP_WHOLE_S", 2)
-    assert reports.sweep_size(10) == reports.SWEEP_MAX and reports.sweep_size(10**9) == reports.SWEEP_CAP
+    assert reports.sweep_size(10) == reports.SWEEP_MIN and reports.sweep_size(10**9) == reports.SWEEP_CAP
     rr = any_redis
     base = "azu:test:sweep-many"
     crowd = [f"sweep-c-{i:05d}" for i in range(12000)]
