@@ -60,8 +60,15 @@ class Conflict(AzuError):
 
 
 class NoCapacity(AzuError):
+    """No live worker serves the model and none can load it now; ``retry_after`` (seconds), where known, is
+    when that may change (the API's ``Retry-After``)."""
+
     status = 503
     code = "no_capacity"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
 
 
 class IntegrityFailure(AzuError):

@@ -20,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -232,9 +233,35 @@ def loading_in_flight(r: redis.Redis, model_id: str) -> bool:
 
 
 def _could_load(info: ModelInfo, workers: list[directory.WorkerInfo]) -> bool:
-    """Whether ``workers`` (whom placement plans over: ``placement_read``) have room to load the model
-    (``placement.plan_loads``)."""
+    """Whether ``workers`` (whom placement plans over: ``placement_read``, less the room of those whose load
+    of the model failed lately: ``_usable``) have room to load the model (``placement.plan_loads``)."""
     return bool(placement.plan_loads(info.shape, workers, max_copies=get_settings().copies))
+
+
+def _usable(workers: Sequence[directory.WorkerInfo],
+            failed: Mapping[str, float]) -> list[directory.WorkerInfo]:
+    """``workers`` as placement plans over them: no room at those whose load failed lately (``failed``, from
+    ``orders_in_flight``), so no order goes to them again before their back-off ends."""
+    return [replace(w, free_memory=0) if w.worker_id in failed else w for w in workers]
+
+
+def _no_capacity(model_id: str, info: ModelInfo, workers: Sequence[directory.WorkerInfo],
+                 failed: Mapping[str, float], now: float) -> NoCapacity:
+    """Why no job of ``model_id`` can wait for a load: nobody read has room for it, or those with room failed
+    to load it lately (then ``Retry-After`` is when the first of them may be ordered it again)."""
+    need = placement.needed_bytes(info.shape)
+    roomy = [w for w in workers if w.worker_id in failed]
+    if roomy and _could_load(info, list(workers)):
+        names = ", ".join(sorted(w.worker_id for w in roomy)[:5])
+        wait = min(failed[w.worker_id] for w in roomy) - now
+        return NoCapacity(f"no live worker holds {model_id}, and the workers with room for it ({names}) "
+                          f"failed to load it in the last {FAILED_LOAD_BACKOFF_S:.0f} s; they are asked "
+                          f"again after it: retry after the time in Retry-After", param="model",
+                          retry_after=max(1, math.ceil(wait)))
+    roomiest = max((w.free_memory for w in workers), default=0)
+    return NoCapacity(f"no live worker holds {model_id} and the live workers cannot load it (it needs about "
+                      f"{need} bytes; the roomiest of the {len(workers)} read has {roomiest} free)",
+                      param="model")
 
 
 def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None = None,
@@ -265,12 +292,14 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
     if not servable and not loading:
         known, routes = placement_routes(r, req.model_id, info.num_layers)
         servable = routes.exists()
-        if not servable and not _could_load(info, known.workers):
-            need = placement.needed_bytes(info.shape)
-            roomiest = max((w.free_memory for w in known.workers), default=0)
-            raise NoCapacity(f"no live worker holds {req.model_id} and the live workers cannot load it (it "
-                             f"needs about {need} bytes; the roomiest of the {len(known.workers)} read has "
-                             f"{roomiest} free)", param="model")
+        if not servable:
+            # As placement will plan: a worker whose load of the model failed lately is not ordered it again
+            # before its back-off ends, so it cannot be what the job waits for (it waited the load deadline,
+            # 10 minutes, for orders nobody would send).
+            now = time.time()
+            _pending, failed = orders_in_flight(r, req.model_id, known.workers, now=now)
+            if not _could_load(info, _usable(known.workers, failed)):
+                raise _no_capacity(req.model_id, info, known.workers, failed, now)
     sampling = Sampling(
         max_tokens=req.max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
         top_k=int(req.top_k), seed=req.seed if req.seed is not None else secrets.randbits(62),
@@ -363,8 +392,9 @@ def _ordered_worker(field_raw: Any) -> str:
 
 
 def orders_in_flight(r: redis.Redis, model_id: str, workers: Sequence[directory.WorkerInfo], *,
-                     now: float | None = None) -> tuple[list[placement.LoadOrder], set[str]]:
-    """The load orders of ``model_id`` still in flight, and the workers whose load of it failed lately.
+                     now: float | None = None) -> tuple[list[placement.LoadOrder], dict[str, float]]:
+    """The load orders of ``model_id`` still in flight, and the workers whose load of it failed lately, each
+    with when its back-off ends.
 
     An order is in flight until its worker holds the span; it is over when the worker is not live, was
     restarted after the order (a killed process may have taken the message with it), or the load deadline
@@ -374,7 +404,7 @@ def orders_in_flight(r: redis.Redis, model_id: str, workers: Sequence[directory.
     now = time.time() if now is None else now
     raw: dict[Any, Any] = r.hgetall(keys.orders(model_id))  # type: ignore[assignment]
     if not raw:
-        return [], set()
+        return [], {}
     live = {w.worker_id: w for w in workers}
     parsed = []
     for field_raw, at_raw in raw.items():
@@ -386,17 +416,18 @@ def orders_in_flight(r: redis.Redis, model_id: str, workers: Sequence[directory.
     still_assigned = pipe.execute()
     deadline = get_settings().load_deadline_s
     pending: list[placement.LoadOrder] = []
-    failed: set[str] = set()
+    failed: dict[str, float] = {}
     over: list[str] = []
     for (field_name, worker_id, span, at_text), assigned in zip(parsed, still_assigned, strict=True):
         failed_at = at_text.startswith("failed:")
         at = float(at_text.removeprefix("failed:"))
         w = live.get(worker_id)
         if failed_at or not assigned:
+            if not failed_at:  # seen failed now: the back-off starts now
+                at = now
+                r.hset(keys.orders(model_id), field_name, f"failed:{now}")
             if now - at < FAILED_LOAD_BACKOFF_S:
-                failed.add(worker_id)
-                if not failed_at:
-                    r.hset(keys.orders(model_id), field_name, f"failed:{now}")
+                failed[worker_id] = max(failed.get(worker_id, 0.0), at + FAILED_LOAD_BACKOFF_S)
             else:
                 over.append(field_name)
         elif w is None or span in w.holds(model_id) or now - at > deadline or w.started_at > at:
@@ -427,9 +458,8 @@ def place(r: redis.Redis, model_id: str, *, spares: bool, copies: int | None = N
         if servable and not spares:
             return []
         pending, failed = orders_in_flight(r, model_id, workers, now=now)
-        usable = [replace(w, free_memory=0) if w.worker_id in failed else w for w in workers]
-        orders = placement.plan_loads(info.shape, usable, max_copies=copies or settings.copies,
-                                      pending=pending)
+        orders = placement.plan_loads(info.shape, _usable(workers, failed),
+                                      max_copies=copies or settings.copies, pending=pending)
         r.hset(keys.model(model_id), PLACED, str(settings.copies))
         if not servable and (orders or pending):
             # What submit and the watchdog read as "the model is being loaded": jobs wait instead of a 503.

@@ -313,3 +313,35 @@ def test_shard_status_routes(client, r):
     assert resp.status_code == 200 and resp.get_json()["state"] == "ready"
     models = client.get("/v1/models").get_json()
     assert [m["id"] for m in models["data"]] == [MODEL_ID]
+
+
+def test_a_model_whose_roomy_workers_failed_to_load_it_is_503_until_their_back_off_ends(client, r):
+    """The only worker with room for the model failed to load it a moment ago (the collector took the span
+    off its ``assigned`` set): placement orders it nothing until its back-off ends, so a submit is refused
+    with the time to wait, and stores nothing. (It used to be stored waiting for orders nobody would send,
+    and failed by the load deadline ten minutes later.) After the back-off the job waits for the load,
+    ordered again."""
+    import time
+
+    from azu.engine.span import Span
+    from azu.network import jobs, keys
+    from azu.registry.status import model_info
+
+    _fake_worker(r, "failed-loader")
+    whole = Span(0, model_info(r, MODEL_ID).num_layers, True, True)
+    field = jobs._order_field("failed-loader", whole)
+    r.hset(keys.orders(MODEL_ID), field, str(time.time() - 5))  # ordered 5 s ago; its load failed since
+    resp = client.post("/submit", json=OK_SUBMIT)
+    assert resp.status_code == 503, resp.get_json()
+    err = _error(resp)
+    assert err["code"] == "no_capacity" and err["param"] == "model"
+    assert "failed-loader" in err["message"] and "failed to load it" in err["message"]
+    assert 55 <= int(resp.headers["Retry-After"]) <= jobs.FAILED_LOAD_BACKOFF_S  # its back-off, begun now
+    assert not r.keys("azu:job:*") and not r.zcard(keys.waiting(MODEL_ID))
+    assert not r.sismember(keys.assigned("failed-loader"), jobs.span_key(MODEL_ID, whole))  # no new order
+    # Its back-off ended: the job waits, and the worker is ordered the model again.
+    r.hset(keys.orders(MODEL_ID), field, f"failed:{time.time() - jobs.FAILED_LOAD_BACKOFF_S - 1}")
+    resp = client.post("/submit", json=OK_SUBMIT)
+    assert resp.status_code == 202, resp.get_json()
+    assert r.zcard(keys.waiting(MODEL_ID)) == 1
+    assert r.sismember(keys.assigned("failed-loader"), jobs.span_key(MODEL_ID, whole))

@@ -180,7 +180,8 @@ def test_a_worker_that_restarted_empty_is_ordered_its_span_again(r, keep_model) 
     # so no order is sent to it again at once.
     r.srem(keys.assigned("k2"), jobs.span_key(model_id, tail))
     pending, failed = jobs.orders_in_flight(r, model_id, directory.live_workers(r))
-    assert failed == {"k2"} and not [o for o in pending if o.worker_id == "k2"]
+    assert set(failed) == {"k2"} and not [o for o in pending if o.worker_id == "k2"]
+    assert time.time() < failed["k2"] <= time.time() + jobs.FAILED_LOAD_BACKOFF_S  # its back-off's end
     assert all(o.worker_id != "k2" for o in jobs.place(r, model_id, spares=True, dispatch=rec))
 
 
