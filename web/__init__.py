@@ -24,6 +24,11 @@ ROLES = ("api", "registry")
 MAX_BODY_BYTES = {"api": 8 * 1024 * 1024, "registry": 1024 * 1024}
 
 REDIS = "azu.redis"
+# The most Redis connections one process's pool opens. Each answer in flight holds one while it waits for
+# its job's events (XREAD BLOCK): redis-py 8 caps a pool at 100 unless told, which answered the 101st
+# concurrent stream 503 (MaxConnectionsError). Above any thread count an API process runs
+# (azu.cli.processes.API_THREADS); Redis itself takes 10,000 clients.
+REDIS_CONNECTIONS = 2048
 LEDGER = "azu.ledger"
 BILLING = "azu.billing"
 
@@ -47,7 +52,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if app.config.get("REDIS_URL"):
         settings = dataclasses.replace(settings, redis_url=app.config["REDIS_URL"])
     # Nothing connects here: redis-py connects on the first command, SQLAlchemy and the chain on first use.
-    app.extensions[REDIS] = redis.Redis.from_url(settings.redis_url)
+    app.extensions[REDIS] = redis.Redis.from_url(settings.redis_url, max_connections=REDIS_CONNECTIONS)
     ledger = app.extensions[LEDGER] = Ledger(settings, engine=app.config.get("AZU_LEDGER_ENGINE"),
                                              provider=app.config.get("AZU_PAYMENT_PROVIDER"))
     chosen = app.config.get("AZU_BILLING")

@@ -46,7 +46,16 @@ DEFAULT_REGISTRY_PORT = 8002
 
 
 # --- command lines ------------------------------------------------------------------------------------------
-def gunicorn_argv(app_spec: str, *, host: str, port: int, workers: int = 2, threads: int = 16,
+# Threads of an API process. Every answer in flight holds one (a streamed answer for as long as it streams, a
+# plain one until its job ends: both wait on the job's events), so this is how many answers one process serves
+# at once; the next requests wait in the socket's queue, their time to first token growing by whole answers.
+# At 16 (before the forty-first session), 64 streams at once through `azu up` got their first tokens after a
+# median 4.7 s, 1.4 s at 128 (bench/api_streams.py). A waiting thread costs its stack and a Redis connection
+# (web.REDIS_CONNECTIONS).
+API_THREADS = 128
+
+
+def gunicorn_argv(app_spec: str, *, host: str, port: int, workers: int = 2, threads: int = API_THREADS,
                   loglevel: str = "INFO") -> list[str]:
     # web.server.JsonErrorsWorker is gthread whose own 400/414/431 answers are JSON in the API's error shape.
     return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--worker-class",
@@ -87,7 +96,7 @@ def beat_argv(*, loglevel: str = "INFO") -> list[str]:
 def registry_port() -> int:
     url = os.environ.get("REGISTRY_URL") or ""
     port = urlparse(url).port if url else None
-    return _env_int("AZU_REGISTRY_PORT", port or DEFAULT_REGISTRY_PORT)
+    return env_int("AZU_REGISTRY_PORT", port or DEFAULT_REGISTRY_PORT)
 
 
 # --- a small supervisor -------------------------------------------------------------------------------------
@@ -301,7 +310,7 @@ def _exec(argv: list[str]) -> int:
 
 
 # --- entry points -------------------------------------------------------------------------------------------
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     """An integer default from the environment; a malformed value stops the command with its name."""
     raw = (os.environ.get(name) or "").strip()
     if not raw:
@@ -329,13 +338,13 @@ def _api_args(p: argparse.ArgumentParser) -> None:
     # A server: all interfaces by default.
     p.add_argument("--host", default=os.environ.get("AZU_API_HOST", "0.0.0.0"),
                    help=env_help("interface the API listens on", "AZU_API_HOST"))
-    p.add_argument("--port", type=int, default=_env_int("AZU_API_PORT", DEFAULT_API_PORT),
+    p.add_argument("--port", type=int, default=env_int("AZU_API_PORT", DEFAULT_API_PORT),
                    help=env_help("port the API listens on", "AZU_API_PORT"))
-    p.add_argument("--web-workers", type=int, default=_env_int("AZU_WEB_WORKERS", 2),
+    p.add_argument("--web-workers", type=int, default=env_int("AZU_WEB_WORKERS", 2),
                    help=env_help("gunicorn worker processes of the API", "AZU_WEB_WORKERS"))
-    p.add_argument("--threads", type=int, default=_env_int("AZU_WEB_THREADS", 16),
-                   help=env_help("threads per API process (each streamed answer holds one)",
-                                 "AZU_WEB_THREADS"))
+    p.add_argument("--threads", type=int, default=env_int("AZU_WEB_THREADS", API_THREADS),
+                   help=env_help("threads per API process: each answer in flight holds one, so this is how "
+                                 "many it serves at once", "AZU_WEB_THREADS"))
 
 
 def metrics_dir(folder: str | os.PathLike[str]) -> dict[str, str]:
@@ -374,7 +383,7 @@ def _scheduler_children(group: ProcessGroup, a: argparse.Namespace) -> None:
 def _scheduler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", default=os.environ.get("AZU_CORE_POOL", "prefork"),
                    help=env_help("Celery pool of the core queue (prefork, solo, threads)", "AZU_CORE_POOL"))
-    p.add_argument("--concurrency", type=int, default=_env_int("AZU_CORE_CONCURRENCY", 2),
+    p.add_argument("--concurrency", type=int, default=env_int("AZU_CORE_CONCURRENCY", 2),
                    help=env_help("Celery processes of the core queue", "AZU_CORE_CONCURRENCY"))
 
 

@@ -42,12 +42,14 @@ from typing import Any, TypeVar
 
 from azu.cli import logs as logs_module
 from azu.cli.processes import (
+    API_THREADS,
     RESTART_POLICY,
     STOP_SIGNALS,
     ProcessGroup,
     beat_argv,
     celery_argv,
     collector_argv,
+    env_int,
     gunicorn_argv,
     metrics_dir,
     verifier_argv,
@@ -91,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "memory budget fits K copies only across all of them; the core plans spare copies "
                         "up to K: AZU_COPIES in its environment)")
     parser.add_argument("--host", default="127.0.0.1", help="interface the API serves on")
+    parser.add_argument("--threads", type=int, default=env_int("AZU_WEB_THREADS", API_THREADS),
+                        help="threads of the API process: each answer in flight holds one, so this is how "
+                        f"many it serves at once (default {API_THREADS}; AZU_WEB_THREADS)")
     parser.add_argument("--state-dir", default=".azu",
                         help="where state (ledger, registry, caches, keys), logs and local.json go")
     parser.add_argument("--fresh", action="store_true",
@@ -374,10 +379,11 @@ def running_elsewhere(root: Path) -> int | None:
 
 class LocalNetwork:
     def __init__(self, *, root: Path, host: str, port: int, workers: int, timeout: float,
-                 copies: int = 1) -> None:
+                 copies: int = 1, threads: int = API_THREADS) -> None:
         self.root = root
         self.host = host
         self.port = port
+        self.threads = threads
         self.n_workers = workers
         self.copies = copies
         self.timeout = timeout
@@ -591,7 +597,7 @@ class LocalNetwork:
             info["detail"] = self.registry_url
         with _step("starting the API") as info:
             self._start("api", gunicorn_argv("web:create_app()", host=self.host, port=self.port, workers=1,
-                                             threads=16),
+                                             threads=self.threads),
                         env={**self.env, **metrics_dir(self.root / "prometheus" / "api")})
             _wait(lambda: self._up(self.base_url), timeout=self.timeout, what="the API",
                   alive=self._children_alive)
@@ -791,7 +797,7 @@ def _run_locked(args: argparse.Namespace, root: Path) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
     net = LocalNetwork(root=root, host=args.host, port=args.port, workers=args.workers,
-                       timeout=args.startup_timeout, copies=args.copies)
+                       timeout=args.startup_timeout, copies=args.copies, threads=args.threads)
 
     def _on_stop(signum: int, _frame: Any) -> None:
         net.group.interrupt(KeyboardInterrupt() if signum == signal.SIGINT else _Stop())

@@ -74,7 +74,7 @@ def start_network(n_workers: int, *, redis_url: str, registry_dir: Path, root: P
     budget = split_budget(registry_dir / MODEL_ID, n_workers)
     worker_ids = [f"w{n_workers}-{i}" for i in range(n_workers)]
     try:
-        start("api", gunicorn_argv("web:create_app()", host="127.0.0.1", port=port, workers=1, threads=16))
+        start("api", gunicorn_argv("web:create_app()", host="127.0.0.1", port=port, workers=1))
         start("scheduler", celery_argv("core", name="scheduler", pool="solo", beat=True))
         for wid in worker_ids:
             # A stranger: azu-worker enrolls at the API and runs with the broker login it gets there; it

@@ -464,8 +464,7 @@ def start_host_network(hosts: Hosts, *, registry_dir: Path, root: Path, public_a
                         f"dir {root / 'redis'}\nrequirepass {password}\n")
         start("redis", hosts.core, [binary, str(conf)])
         wait_port(core, REDIS_PORT)
-        start("api", hosts.core, gunicorn_argv("web:create_app()", host=core, port=API_PORT, workers=1,
-                                               threads=16))
+        start("api", hosts.core, gunicorn_argv("web:create_app()", host=core, port=API_PORT, workers=1))
         start("scheduler", hosts.core, celery_argv("core", name="scheduler", pool="solo", beat=True))
         for i, (wid, namespace) in enumerate(zip(worker_ids, hosts.workers, strict=True)):
             start(f"worker-{wid}", namespace, [sys.executable, "-m", "azu.cli.processes", "worker",
