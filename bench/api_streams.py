@@ -1,5 +1,5 @@
 """Many users at once through the API: streamed chat completions sent together to `azu up`, its API process
-run with 16 threads (the default before the forty-first session) and with the default now.
+run with 16 threads (the default before the fortieth session) and with the default now.
 
     python bench/api_streams.py [--streams 1,16,64,128] [--tokens 32] [--threads 16,128]
 

@@ -49,9 +49,9 @@ DEFAULT_REGISTRY_PORT = 8002
 # Threads of an API process. Every answer in flight holds one (a streamed answer for as long as it streams, a
 # plain one until its job ends: both wait on the job's events), so this is how many answers one process serves
 # at once; the next requests wait in the socket's queue, their time to first token growing by whole answers.
-# At 16 (before the forty-first session), 64 streams at once through `azu up` got their first tokens after a
-# median 4.7 s, 1.4 s at 128 (bench/api_streams.py). A waiting thread costs its stack and a Redis connection
-# (web.REDIS_CONNECTIONS).
+# At 16 (before the fortieth session), 64 streams at once through `azu up` got their first tokens after a
+# median 6.0-6.5 s, 2.2-2.6 s at 128 (bench/api_streams.py). A waiting thread costs its stack and a Redis
+# connection (web.REDIS_CONNECTIONS).
 API_THREADS = 128
 
 
