@@ -236,12 +236,15 @@ def loads_unseen(jobs: Any, submit: Any) -> Any:
     route, placement asked, every live worker read for the waiting jobs; whether the workers could load the
     model not asked (it was not while loads were in flight). Its ``EXISTS`` of the loads (a round trip) is
     not made: a hair faster than it was."""
-    kept = jobs.loading_in_flight, jobs._could_load
+    kept = jobs.loading_in_flight, jobs._could_load, jobs.orders_in_flight
     jobs.loading_in_flight, jobs._could_load = (lambda r, model_id: False), (lambda info, workers: True)
+    look = kept[2]  # nor the failed loads (the submit's read-only look, since the fortieth session)
+    jobs.orders_in_flight = lambda r, m, w, *, now=None, record=True: (
+        look(r, m, w, now=now) if record else ([], {}))
     try:
         return submit()
     finally:
-        jobs.loading_in_flight, jobs._could_load = kept
+        jobs.loading_in_flight, jobs._could_load, jobs.orders_in_flight = kept
 
 
 def span_of(i: int) -> Any:

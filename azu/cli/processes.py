@@ -347,6 +347,12 @@ def _api_args(p: argparse.ArgumentParser) -> None:
                                  "many it serves at once", "AZU_WEB_THREADS"))
 
 
+def _check_api_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Stop (exit 2, with the reason) on API sizes gunicorn would fail to boot with."""
+    if a.web_workers < 1 or a.threads < 1:
+        p.error("--web-workers and --threads must be at least 1 (each answer in flight holds a thread)")
+
+
 def metrics_dir(folder: str | os.PathLike[str]) -> dict[str, str]:
     """The environment of a gunicorn service whose processes count Prometheus metrics into ``folder``.
 
@@ -368,6 +374,7 @@ def api_main(argv: Sequence[str] | None = None) -> int:
     p = _parser("azu-api", "the HTTP API (REST + OpenAI-compatible)")
     _api_args(p)
     a = p.parse_args(argv)
+    _check_api_args(p, a)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ.update(_service_metrics("api") or {})
     return _exec(gunicorn_argv("web:create_app()", host=a.host, port=a.port, workers=a.web_workers,
@@ -476,6 +483,7 @@ def core_main(argv: Sequence[str] | None = None) -> int:
     _scheduler_args(p)
     _registry_args(p)
     a = p.parse_args(argv)
+    _check_api_args(p, a)
     _logging(a.loglevel, "azu-core")
     group = ProcessGroup()
     _scheduler_children(group, a)

@@ -750,6 +750,9 @@ def run(args: argparse.Namespace) -> int:
     if args.keep_logs < 0 or args.max_log_bytes < 0:
         print("azu up: --keep-logs and --max-log-bytes must be >= 0", file=sys.stderr)
         return 2
+    if args.threads < 1:
+        print("azu up: --threads must be at least 1 (each answer in flight holds one)", file=sys.stderr)
+        return 2
     # Nothing of an earlier or a running network is touched before these checks pass: a second azu up on a
     # taken port or a state dir in use leaves the first's local.json, logs, Redis config and ledger alone.
     if not _port_free(args.host, args.port):

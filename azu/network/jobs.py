@@ -247,17 +247,18 @@ def _usable(workers: Sequence[directory.WorkerInfo],
 
 def _no_capacity(model_id: str, info: ModelInfo, workers: Sequence[directory.WorkerInfo],
                  failed: Mapping[str, float], now: float) -> NoCapacity:
-    """Why no job of ``model_id`` can wait for a load: nobody read has room for it, or those with room failed
-    to load it lately (then ``Retry-After`` is when the first of them may be ordered it again)."""
+    """Why no job of ``model_id`` can wait for a load: nobody read has room for it, or it needs workers whose
+    load of it failed lately (then ``Retry-After`` is when enough of their back-offs have ended for
+    placement to order the load: the earliest end at which the workers read could load it)."""
     need = placement.needed_bytes(info.shape)
-    roomy = [w for w in workers if w.worker_id in failed]
-    if roomy and _could_load(info, list(workers)):
-        names = ", ".join(sorted(w.worker_id for w in roomy)[:5])
-        wait = min(failed[w.worker_id] for w in roomy) - now
-        return NoCapacity(f"no live worker holds {model_id}, and the workers with room for it ({names}) "
-                          f"failed to load it in the last {FAILED_LOAD_BACKOFF_S:.0f} s; they are asked "
-                          f"again after it: retry after the time in Retry-After", param="model",
-                          retry_after=max(1, math.ceil(wait)))
+    read = {w.worker_id for w in workers}
+    for end in sorted({e for worker_id, e in failed.items() if worker_id in read}):
+        if _could_load(info, _usable(workers, {w: e for w, e in failed.items() if e > end})):
+            names = ", ".join(sorted(w for w, e in failed.items() if e <= end and w in read)[:5])
+            return NoCapacity(f"no live worker holds {model_id}, and loading it needs workers whose load of "
+                              f"it failed in the last {FAILED_LOAD_BACKOFF_S:.0f} s ({names}); they are "
+                              f"asked again after that: retry after the time in Retry-After", param="model",
+                              retry_after=max(1, math.ceil(end - now)))
     roomiest = max((w.free_memory for w in workers), default=0)
     return NoCapacity(f"no live worker holds {model_id} and the live workers cannot load it (it needs about "
                       f"{need} bytes; the roomiest of the {len(workers)} read has {roomiest} free)",
@@ -294,10 +295,12 @@ def submit_job(r: redis.Redis, req: JobRequest, *, dispatch: Dispatcher | None =
         servable = routes.exists()
         if not servable:
             # As placement will plan: a worker whose load of the model failed lately is not ordered it again
-            # before its back-off ends, so it cannot be what the job waits for (it waited the load deadline,
-            # 10 minutes, for orders nobody would send).
+            # before its back-off ends, so where only such workers could load it the job is refused now,
+            # with the time to wait (it waited out the back-off, holding its request, until the collector's
+            # placement check ordered the load again). Read only: the orders' bookkeeping is placement's,
+            # under the model's lock.
             now = time.time()
-            _pending, failed = orders_in_flight(r, req.model_id, known.workers, now=now)
+            _pending, failed = orders_in_flight(r, req.model_id, known.workers, now=now, record=False)
             if not _could_load(info, _usable(known.workers, failed)):
                 raise _no_capacity(req.model_id, info, known.workers, failed, now)
     sampling = Sampling(
@@ -392,14 +395,18 @@ def _ordered_worker(field_raw: Any) -> str:
 
 
 def orders_in_flight(r: redis.Redis, model_id: str, workers: Sequence[directory.WorkerInfo], *,
-                     now: float | None = None) -> tuple[list[placement.LoadOrder], dict[str, float]]:
+                     now: float | None = None,
+                     record: bool = True) -> tuple[list[placement.LoadOrder], dict[str, float]]:
     """The load orders of ``model_id`` still in flight, and the workers whose load of it failed lately, each
     with when its back-off ends.
 
     An order is in flight until its worker holds the span; it is over when the worker is not live, was
     restarted after the order (a killed process may have taken the message with it), or the load deadline
     passed. An order whose span left the worker's ``assigned`` set failed (the collector removes it on a
-    ``load_failed`` report): that worker is left out of this model's plans for ``FAILED_LOAD_BACKOFF_S``.
+    ``load_failed`` report): that worker is left out of this model's plans for ``FAILED_LOAD_BACKOFF_S`` from
+    when the failure is first seen. ``record``: mark failures first seen and delete orders that are over
+    (placement, under the model's lock); without it nothing is written (a submit's look: it reads fewer
+    workers than placement, and must not race placement's orders).
     """
     now = time.time() if now is None else now
     raw: dict[Any, Any] = r.hgetall(keys.orders(model_id))  # type: ignore[assignment]
@@ -425,7 +432,8 @@ def orders_in_flight(r: redis.Redis, model_id: str, workers: Sequence[directory.
         if failed_at or not assigned:
             if not failed_at:  # seen failed now: the back-off starts now
                 at = now
-                r.hset(keys.orders(model_id), field_name, f"failed:{now}")
+                if record:
+                    r.hset(keys.orders(model_id), field_name, f"failed:{now}")
             if now - at < FAILED_LOAD_BACKOFF_S:
                 failed[worker_id] = max(failed.get(worker_id, 0.0), at + FAILED_LOAD_BACKOFF_S)
             else:
@@ -434,7 +442,7 @@ def orders_in_flight(r: redis.Redis, model_id: str, workers: Sequence[directory.
             over.append(field_name)
         else:
             pending.append(placement.LoadOrder(worker_id, model_id, span))
-    if over:
+    if over and record:
         r.hdel(keys.orders(model_id), *over)
     return pending, failed
 

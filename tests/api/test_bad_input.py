@@ -335,7 +335,7 @@ def test_a_model_whose_roomy_workers_failed_to_load_it_is_503_until_their_back_o
     assert resp.status_code == 503, resp.get_json()
     err = _error(resp)
     assert err["code"] == "no_capacity" and err["param"] == "model"
-    assert "failed-loader" in err["message"] and "failed to load it" in err["message"]
+    assert "failed-loader" in err["message"] and "load of it failed" in err["message"]
     assert 55 <= int(resp.headers["Retry-After"]) <= jobs.FAILED_LOAD_BACKOFF_S  # its back-off, begun now
     assert not r.keys("azu:job:*") and not r.zcard(keys.waiting(MODEL_ID))
     assert not r.sismember(keys.assigned("failed-loader"), jobs.span_key(MODEL_ID, whole))  # no new order
@@ -345,3 +345,27 @@ def test_a_model_whose_roomy_workers_failed_to_load_it_is_503_until_their_back_o
     assert resp.status_code == 202, resp.get_json()
     assert r.zcard(keys.waiting(MODEL_ID)) == 1
     assert r.sismember(keys.assigned("failed-loader"), jobs.span_key(MODEL_ID, whole))
+
+
+def test_a_submit_leaves_the_load_orders_of_workers_it_did_not_read_in_flight(client, r, monkeypatch):
+    """A submit that finds the model unserved looks at its load orders for failed loads, reading the holders
+    and the 64 roomiest workers. A worker loading the model reports less room and may not be among them;
+    its order is still in flight. The look writes nothing (the orders' bookkeeping is placement's, under the
+    model's lock, and placement reads the ordered workers too): the order stays, and the span is not ordered
+    a second time elsewhere."""
+    from azu.engine.span import Span
+    from azu.network import directory, jobs, keys
+    from azu.registry.status import model_info
+
+    monkeypatch.setenv("AZU_COPIES", "1")  # one copy: any other order would be that span ordered twice
+    for i in range(70):
+        _fake_worker(r, f"roomy-{i:02d}")
+    # Its room is being filled by the load: the least of all.
+    directory.register(r, directory.WorkerInfo(worker_id="loading", queue="gpu.loading", device="cpu",
+                                               total_memory=1 << 34, free_memory=0))
+    whole = Span(0, model_info(r, MODEL_ID).num_layers, True, True)
+    jobs.order_load(r, "loading", MODEL_ID, whole, dispatch=jobs.get_dispatcher())
+    r.delete(keys.loading(MODEL_ID))  # as after another load of the model failed
+    resp = client.post("/submit", json=OK_SUBMIT)
+    assert resp.status_code == 202, resp.get_json()
+    assert [keys.as_str(f) for f in r.hkeys(keys.orders(MODEL_ID))] == [jobs._order_field("loading", whole)]

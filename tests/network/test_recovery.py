@@ -106,6 +106,27 @@ def _beat(r: redis.Redis, wid: str, free: int, *stages: tuple[str, Span], starte
     directory.register(r, info)
 
 
+def test_a_refusal_for_failed_loads_retries_when_enough_back_offs_have_ended(monkeypatch) -> None:
+    """A submit that only workers in a failed load's back-off could serve is refused until the earliest end
+    after which the workers read could load the model: not the first back-off's end where that one worker
+    is not enough, and naming only the workers whose back-off must end."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("AZU_COPIES", "1")
+    info: Any = SimpleNamespace(shape=SHAPE)  # 1100 bytes on one worker, 600 on each of two
+    now = 1000.0
+    a, b, c = _worker("a", 600), _worker("b", 600), _worker("c", 1200)
+    # a and b are both needed: the later of their ends.
+    err = jobs._no_capacity("m", info, [a, b], {"a": now + 10, "b": now + 50}, now)
+    assert err.retry_after == 50 and "(a, b)" in err.message
+    # c alone is enough once its back-off ends (30 s), before b's.
+    err = jobs._no_capacity("m", info, [a, b, c], {"a": now + 10, "b": now + 50, "c": now + 30}, now)
+    assert err.retry_after == 30 and "(a, c)" in err.message
+    # A failed worker not read (lost since) sets nothing; without room enough, no Retry-After of its own.
+    err = jobs._no_capacity("m", info, [a], {"a": now + 10, "z": now + 5}, now)
+    assert err.retry_after is None and "cannot load it" in err.message
+
+
 def test_jobs_of_a_model_being_loaded_wait_without_reading_the_whole_directory(r, keep_model,
                                                                               monkeypatch) -> None:
     """The first job of a model no route serves reads who could load it (placement's read: its holders and
