@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface the API serves on")
     parser.add_argument("--threads", type=int, default=env_int("AZU_WEB_THREADS", API_THREADS),
                         help="threads of the API process: each answer in flight holds one, so this is how "
-                        f"many it serves at once (default {API_THREADS}; AZU_WEB_THREADS)")
+                        "many it serves at once (AZU_WEB_THREADS)")
     parser.add_argument("--state-dir", default=".azu",
                         help="where state (ledger, registry, caches, keys), logs and local.json go")
     parser.add_argument("--fresh", action="store_true",
