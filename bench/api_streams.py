@@ -116,7 +116,7 @@ def main() -> int:
     print(f"\nStreamed chat completions sent at once through `azu up --workers 2` (demo model, ledger on, "
           f"max_tokens {args.tokens}; times from sending, medians (max); one burst a row)\n")
     print("| streams | API threads | accepted s | first token s | end s | completion tokens/s | "
-          "API CPU ms a request | refused | first token vs " f"{first_threads} threads |")
+          f"API CPU ms a request | refused | first token vs {first_threads} threads |")
     print("|---:|---:|---|---|---:|---:|---:|---:|---:|")
     for i, k in enumerate(counts):
         base = results[first_threads][i]["first"]
